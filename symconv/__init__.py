@@ -1,0 +1,34 @@
+"""symconv: N-D convolutions compiled from SymPy index sums, with derived gradients.
+
+    spec = symconv.ConvSpec(input_shape=(2, 3, 16, 16, 16), weight_shape=(8, 3, 3, 3, 3),
+                            stride=2, padding=1)
+    k = symconv.compile_conv(spec)          # derive -> emit C -> build -> load (cached)
+    y = k.forward(x, w, b)
+    gx, gw, gb = k.backward(x, w, gy)
+    print(k.formulas["grad_input"])
+    k2 = symconv.load("generated/<name>")   # an ahead-of-time package
+
+``import symconv`` and ``symconv.load`` need only NumPy and cffi; the
+compiler's symbolic stages import SymPy when first used.
+"""
+
+__version__ = "0.1.0"
+
+from .kernel import Kernel, PackageError, load  # noqa: E402
+from .spec import ConvSpec  # noqa: E402
+
+_LAZY = {
+    "compile_conv": "compiler",
+    "explain_conv": "compiler",
+    "Compilation": "compiler",
+    "BuildError": "build",
+}
+
+__all__ = ["ConvSpec", "Kernel", "PackageError", "load", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'symconv' has no attribute {name!r}")

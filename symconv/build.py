@@ -1,0 +1,261 @@
+"""C -> a cffi extension module inside a self-contained package directory.
+
+A package is named ``<slug>_<key>``; the key hashes everything that decides
+the built binary: the op's own key, the fingerprint of symconv's compiler
+sources (code generation is deterministic, so these fix the C text), the
+target ISA and flags, the C compiler's version, the Python ABI and cffi's
+version.  The key is known before any derivation runs, so a cache hit costs
+one manifest check and no SymPy at all.
+
+Publishing is safe under concurrency: a per-package file lock, a build in a
+staging directory beside the target, and an atomic rename.  A package that
+fails verification is moved aside and rebuilt.  This module never imports
+SymPy; the C text arrives as a string.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import io
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import cffi
+
+from . import __version__
+from .kernel import FORMAT, MANIFEST, PackageError, cpu_features, file_digest, manifest_digest, read_manifest
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: locking falls back to exclusive creation
+    fcntl = None
+
+SOURCE = "kernels.c"
+RUNTIME = "_symconv_kernel.py"
+CACHE_ENV = "SYMCONV_CACHE_DIR"
+
+# Features each -march level promises, as /proc/cpuinfo names them (abm = lzcnt).
+TARGET_FEATURES = {
+    "x86-64-v3": ("avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "movbe", "xsave", "abm"),
+    "x86-64-v2": ("sse4_1", "sse4_2", "ssse3", "popcnt", "cx16"),
+    "x86-64": (),
+    "generic": (),
+}
+_ISA_FLAG = re.compile(r"^(sse|ssse|avx|fma|bmi|f16c|movbe|abm|popcnt|adx|sha|vaes|vpclmul|gfni|aes"
+                       r"|pclmul|amx|lzcnt|asimd|sve|neon|fp|vsx|altivec)")
+BASE_FLAGS = ("-O3", "-std=c99", "-fPIC", "-shared", "-fno-math-errno")
+
+# The modules whose source decides what a package contains.
+_FINGERPRINTED = ("spec.py", "ir.py", "define.py", "derive.py", "codegen.py", "build.py",
+                  "kernel.py")
+
+
+class BuildError(RuntimeError):
+    """The C compiler failed; the message holds the command and its output."""
+
+
+def default_cache_dir() -> Path:
+    """``$SYMCONV_CACHE_DIR``, else ``$XDG_CACHE_HOME/symconv``, else ``~/.cache/symconv``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "symconv"
+
+
+def default_target() -> str:
+    """x86-64-v3 where the CPU has it (it reaches the same FMA peak as native), else the
+    portable baseline of the architecture."""
+    if platform.machine() in ("x86_64", "AMD64"):
+        have = cpu_features() or set()
+        return "x86-64-v3" if set(TARGET_FEATURES["x86-64-v3"]) <= have else "x86-64"
+    return "generic"
+
+
+def target_flags(target: str) -> tuple[list[str], list[str]]:
+    """(compiler flags, CPU features the binary needs) for a target name."""
+    if target == "native":
+        have = cpu_features() or set()
+        return ["-march=native"], sorted(f for f in have if _ISA_FLAG.match(f))
+    if target not in TARGET_FEATURES:
+        raise ValueError(f"unknown target {target!r}; expected native or one of "
+                         f"{', '.join(TARGET_FEATURES)}")
+    flags = [] if target == "generic" else [f"-march={target}"]
+    return flags, list(TARGET_FEATURES[target])
+
+
+@functools.lru_cache(maxsize=None)
+def compiler_version(cc: str) -> str:
+    try:
+        result = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise BuildError(f"C compiler {cc!r} cannot be run: {error}; install gcc or set CC") from None
+    return (result.stdout or result.stderr).splitlines()[0].strip() if result.returncode == 0 \
+        else f"{cc} (version unknown)"
+
+
+def c_compiler() -> str:
+    return os.environ.get("CC", "cc")
+
+
+@functools.lru_cache(maxsize=None)
+def fingerprint() -> str:
+    """Hash of symconv's compiler sources: any change to them makes new package keys."""
+    here = Path(__file__).parent
+    digest = hashlib.sha256(__version__.encode())
+    for name in _FINGERPRINTED:
+        digest.update((here / name).read_bytes())
+    return digest.hexdigest()
+
+
+def build_config(target: str | None = None) -> dict[str, Any]:
+    """Everything besides the op that decides the binary."""
+    target = target or default_target()
+    flags, features = target_flags(target)
+    cc = c_compiler()
+    return {
+        "target": target,
+        "cpu_features": features,
+        "compiler": cc,
+        "compiler_version": compiler_version(cc),
+        "flags": [*BASE_FLAGS, *flags],
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "ext_suffix": sysconfig.get_config_var("EXT_SUFFIX"),
+        "cffi": cffi.__version__,
+        "symconv": __version__,
+        "fingerprint": fingerprint(),
+    }
+
+
+def package_name(slug: str, op_key: str, config: Mapping[str, Any]) -> str:
+    text = json.dumps({"op": op_key, "config": dict(config)}, sort_keys=True)
+    return f"{slug}_{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
+def compile_extension(directory: Path, module: str, cdef: str, config: Mapping[str, Any]) -> Path:
+    """Compile ``directory/kernels.c`` with cffi's API-mode wrapper into ``module``."""
+    ffi = cffi.FFI()
+    ffi.cdef(cdef)
+    ffi.set_source(module, f'#include "{SOURCE}"')
+    wrapper = directory / f"{module}.c"
+    with contextlib.redirect_stdout(io.StringIO()):  # cffi announces the file it writes
+        ffi.emit_c_code(str(wrapper))
+    target = directory / (module + config["ext_suffix"])
+    command = [config["compiler"], *config["flags"], f"-I{sysconfig.get_paths()['include']}",
+               f"-I{directory}", str(wrapper), "-o", str(target), "-lm"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    wrapper.unlink()
+    if result.returncode != 0:
+        raise BuildError(f"C compilation failed ({' '.join(command)}):\n{result.stderr[-4000:]}")
+    return target
+
+
+_INIT = '''"""symconv package {name}: {description}
+
+Generated by symconv {version}; imports with numpy and cffi alone.  ``kernel``
+is the loaded Kernel; the names below are its functions.
+"""
+
+from pathlib import Path as _Path
+
+from .{runtime} import Kernel as _Kernel
+
+kernel = _Kernel(_Path(__file__).resolve().parent)
+forward = kernel.forward
+backward = kernel.backward
+formulas = kernel.formulas
+{functions}
+'''
+
+
+def write_package(directory: Path, name: str, source: str, cdef: str,
+                  manifest: Mapping[str, Any], config: Mapping[str, Any]) -> None:
+    """Fill an empty directory with a complete package."""
+    module = f"_{name}"
+    (directory / SOURCE).write_text(source)
+    start = time.perf_counter()
+    binary = compile_extension(directory, module, cdef, config)
+    seconds = time.perf_counter() - start
+    shutil.copyfile(Path(__file__).with_name("kernel.py"), directory / RUNTIME)
+    functions = "\n".join(f"{f} = kernel.functions[{f!r}]" for f in manifest["functions"]
+                          if f != "forward")
+    (directory / "__init__.py").write_text(_INIT.format(
+        name=name, description=manifest["description"], version=__version__,
+        runtime=RUNTIME[:-3], functions=functions))
+    files = (SOURCE, binary.name, "__init__.py", RUNTIME)
+    full = {
+        **manifest,
+        "format": FORMAT,
+        "name": name,
+        "module": module,
+        "source": SOURCE,
+        "build": dict(config),
+        "files": {f: file_digest(directory / f) for f in files},
+    }
+    full.setdefault("timings", {})["compile_c"] = round(seconds, 4)
+    full["digest"] = manifest_digest(full)
+    (directory / MANIFEST).write_text(json.dumps(full, indent=1, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def is_valid(directory: Path) -> bool:
+    try:
+        read_manifest(directory)
+    except PackageError:
+        return False
+    return True
+
+
+def publish(root: Path, name: str, write: Callable[[Path], None]) -> Path:
+    """``root/name``, built by ``write(staging_dir)`` unless a valid one is already there.
+
+    Concurrent callers serialise on a lock file; the package appears by an
+    atomic rename, so readers never see a half-written one.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / name
+    with _locked(root / ".locks" / f"{name}.lock"):
+        if final.exists():
+            if is_valid(final):
+                return final
+            _discard(final)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+        try:
+            write(staging)
+            staging.chmod(0o755)
+            os.rename(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return final
+
+
+def _discard(directory: Path) -> None:
+    """Move a broken package out of the way, then delete it."""
+    trash = Path(tempfile.mkdtemp(prefix=f".{directory.name}.broken.", dir=directory.parent))
+    os.rename(directory, trash / directory.name)
+    shutil.rmtree(trash, ignore_errors=True)

@@ -1,0 +1,261 @@
+"""The symconv command: demo, compile, explain, gradcheck, list.
+
+Specs come from flags (``--input 2,3,16,16,16 --weight 8,3,3,3,3 --stride 2
+--padding 1``) or from JSON/TOML files (``--spec FILE``, several allowed; a
+file holds one spec, a list of specs, or ``{"specs": [...]}``).
+Bad arguments print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from .kernel import Kernel, PackageError
+from .spec import ConvSpec
+
+DEMO_SPEC = dict(input_shape=(2, 3, 16, 16, 16), weight_shape=(8, 3, 3, 3, 3), stride=2,
+                 padding=1)
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported in one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _int_or_ints(text: str):
+    values = _ints(text)
+    return values[0] if len(values) == 1 else values
+
+
+def _padding(text: str):
+    """'1', '1,2', '1:2,0:1' (lo:hi per dim), 'same' or 'valid'."""
+    if text in ("same", "valid"):
+        return text
+    try:
+        if ":" in text:
+            return tuple(tuple(int(v) for v in part.split(":")) if ":" in part else int(part)
+                         for part in text.split(","))
+        return _int_or_ints(text)
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f"expected 'same', 'valid', ints or lo:hi pairs, got "
+                                         f"{text!r}") from None
+
+
+def _add_spec_flags(parser: argparse.ArgumentParser, files: bool = True) -> None:
+    group = parser.add_argument_group("the convolution (PyTorch layout)")
+    group.add_argument("--input", type=_ints, metavar="N,C,D1,...", help="input shape")
+    group.add_argument("--weight", type=_ints, metavar="O,C/G,K1,...", help="weight shape")
+    group.add_argument("--stride", type=_int_or_ints, default=1, metavar="S")
+    group.add_argument("--padding", type=_padding, default=0, metavar="P",
+                       help="int, per-dim ints, lo:hi pairs, 'same' or 'valid'")
+    group.add_argument("--dilation", type=_int_or_ints, default=1, metavar="D")
+    group.add_argument("--groups", type=int, default=1)
+    group.add_argument("--no-bias", dest="bias", action="store_false", help="no bias term")
+    group.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    if files:
+        group.add_argument("--spec", action="append", default=[], metavar="FILE",
+                           help="JSON or TOML spec file (repeatable); replaces the flags above")
+
+
+def _read_spec_file(path: str) -> list[dict[str, Any]]:
+    file = Path(path)
+    try:
+        text = file.read_text()
+    except OSError as error:
+        raise UsageError(f"cannot read spec file {path}: {error.strerror}") from None
+    try:
+        if file.suffix == ".toml":
+            import tomllib
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except ValueError as error:
+        raise UsageError(f"spec file {path} is not valid {file.suffix[1:] or 'JSON'}: {error}") \
+            from None
+    if isinstance(data, dict) and "specs" in data:
+        data = data["specs"]
+    entries = data if isinstance(data, list) else [data]
+    if not entries or not all(isinstance(e, dict) for e in entries):
+        raise UsageError(f"spec file {path}: expected a spec table, a list of them, or 'specs'")
+    return entries
+
+
+def _specs(args: argparse.Namespace) -> list[ConvSpec]:
+    entries = [e for path in getattr(args, "spec", []) for e in _read_spec_file(path)]
+    if not entries:
+        if args.input is None or args.weight is None:
+            raise UsageError("give --input and --weight shapes (or --spec FILE)")
+        entries = [dict(input_shape=args.input, weight_shape=args.weight, stride=args.stride,
+                        padding=args.padding, dilation=args.dilation, groups=args.groups,
+                        bias=args.bias, dtype=args.dtype)]
+    specs = []
+    for entry in entries:
+        try:
+            specs.append(ConvSpec.from_dict(entry))
+        except (TypeError, ValueError) as error:
+            raise UsageError(str(error)) from None
+    return specs
+
+
+def _print_formulas(compilation, latex: bool, scatter: bool, out) -> None:
+    for name, entry in compilation.formulas().items():
+        print(f"\n== {name} ==", file=out)
+        if scatter and "scatter" in entry:
+            print("chain rule (scatter form):", file=out)
+            print(entry["scatter_latex" if latex else "scatter"], file=out)
+            print("solved over the integers (gather form):", file=out)
+        print(entry["latex"] if latex else entry["text"], file=out)
+
+
+def cmd_compile(args, out) -> int:
+    from .compiler import compile_conv
+    for spec in _specs(args):
+        start = time.perf_counter()
+        kernel = compile_conv(spec, cache_dir=args.out, target=args.target)
+        print(f"{kernel.path}  ({time.perf_counter() - start:.2f} s)  {spec.describe()}", file=out)
+    return 0
+
+
+def cmd_explain(args, out) -> int:
+    from .compiler import explain_conv
+    for spec in _specs(args):
+        compilation = explain_conv(spec)
+        print(spec.describe(), file=out)
+        _print_formulas(compilation, args.latex, args.scatter, out)
+        if args.c:
+            print("\n== C ==", file=out)
+            print(compilation.source.text, file=out)
+    return 0
+
+
+def _run_gradcheck(spec: ConvSpec, args, out) -> bool:
+    from .compiler import compile_conv
+    from .gradcheck import check_kernel
+    checked = ConvSpec.from_dict({**spec.to_dict(), "dtype": "float64"})
+    kernel = compile_conv(checked, cache_dir=args.cache_dir)
+    results = check_kernel(kernel, seed=args.seed)
+    for result in results:
+        print(result, file=out)
+    return all(r.passed for r in results)
+
+
+def cmd_gradcheck(args, out) -> int:
+    ok = True
+    for spec in _specs(args):
+        print(f"{spec.describe()} (checked in float64)", file=out)
+        ok &= _run_gradcheck(spec, args, out)
+    return 0 if ok else 1
+
+
+def cmd_demo(args, out) -> int:
+    from .compiler import compile_conv, explain_conv
+    spec = ConvSpec(**DEMO_SPEC)
+    print(f"symconv demo: {spec.describe()}", file=out)
+    start = time.perf_counter()
+    compilation = explain_conv(spec)
+    print(f"\n[1/3] derived the gradients and emitted C in {time.perf_counter() - start:.2f} s",
+          file=out)
+    _print_formulas(compilation, latex=False, scatter=True, out=out)
+    start = time.perf_counter()
+    kernel = compile_conv(spec, cache_dir=args.cache_dir)
+    print(f"\n[2/3] compiled and loaded in {time.perf_counter() - start:.2f} s: {kernel.path}",
+          file=out)
+    print("\n[3/3] gradients against central finite differences (float64 build):", file=out)
+    ok = _run_gradcheck(spec, args, out)
+    print("\nall gradients agree" if ok else "\nGRADIENT CHECK FAILED", file=out)
+    return 0 if ok else 1
+
+
+def cmd_list(args, out) -> int:
+    root = Path(args.directory)
+    if not root.is_dir():
+        raise UsageError(f"no such directory: {root}")
+    found = 0
+    for path in sorted(p for p in root.iterdir() if (p / "manifest.json").is_file()):
+        try:
+            kernel = Kernel(path)
+            print(f"{path.name}\n    {kernel.manifest['description']}", file=out)
+        except PackageError as error:
+            print(f"{path.name}\n    unusable: {error}", file=out)
+        found += 1
+    if not found:
+        print(f"no symconv packages in {root}", file=out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .build import default_cache_dir
+    parser = _Parser(prog="symconv", description="N-D convolutions compiled from SymPy index "
+                     "sums, with symbolically derived gradients.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    demo = commands.add_parser("demo", help="derive, compile and gradient-check a default 3-D "
+                               "convolution")
+    demo.add_argument("--cache-dir", default=None, help=f"default {default_cache_dir()}")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(run=cmd_demo)
+
+    compile_ = commands.add_parser("compile", help="build kernel packages ahead of time")
+    _add_spec_flags(compile_)
+    compile_.add_argument("--out", default="generated", help="directory for the packages "
+                          "(default: generated)")
+    compile_.add_argument("--target", default=None, help="x86-64-v3 (default where supported), "
+                          "x86-64, native or generic")
+    compile_.set_defaults(run=cmd_compile)
+
+    explain = commands.add_parser("explain", help="print the forward sum and derived gradients")
+    _add_spec_flags(explain)
+    explain.add_argument("--latex", action="store_true", help="LaTeX instead of text")
+    explain.add_argument("--c", action="store_true", help="also print the generated C")
+    explain.add_argument("--scatter", action="store_true",
+                         help="also print each gradient's chain-rule (scatter) form")
+    explain.set_defaults(run=cmd_explain)
+
+    check = commands.add_parser("gradcheck", help="check a spec's gradients by finite "
+                                "differences (float64)")
+    _add_spec_flags(check)
+    check.add_argument("--cache-dir", default=None)
+    check.add_argument("--seed", type=int, default=0)
+    check.set_defaults(run=cmd_gradcheck)
+
+    list_ = commands.add_parser("list", help="list the packages in a directory")
+    list_.add_argument("directory", nargs="?", default="generated")
+    list_.set_defaults(run=cmd_list)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, out=None) -> int:
+    out = out or sys.stdout
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command is None:
+            raise UsageError("symconv: choose a command: demo, compile, explain, gradcheck, list "
+                             "(symconv --help)")
+        return args.run(args, out)
+    except UsageError as error:
+        print(f"{error}" if str(error).startswith("symconv") else f"symconv: {error}",
+              file=sys.stderr)
+        return 2
+    except (PackageError, RuntimeError) as error:  # BuildError is a RuntimeError
+        print(f"symconv: error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

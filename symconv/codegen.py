@@ -1,0 +1,240 @@
+"""IR -> C: one function per index sum, loops with every extent a constant of the spec.
+
+Each output element is computed by its own gather: the free indices are the
+outer loops, each term adds its loop nest into a register accumulator, and
+the element is written once.  Loop bounds are the lowered ``max(ceil)`` /
+``min(floor)`` expressions, evaluated with floor division that is correct
+for negative numerators; strided loops start on their residue.  The text is
+deterministic: the same sums give byte-identical C.
+"""
+
+from __future__ import annotations
+
+import keyword
+import math
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+import sympy
+from sympy.codegen.ast import float32, float64, real
+from sympy.printing.c import C99CodePrinter
+
+from .ir import Array, Bound, Condition, IndexSum, IRError, LoopNest, integer_form, loop_nests, to_text
+
+C_TYPES = {"float32": "float", "float64": "double"}
+
+PRELUDE = """\
+#include <stdint.h>
+#include <math.h>
+
+/* Integer helpers for loop bounds: b > 0, a may be negative. */
+static inline int64_t sc_floordiv(int64_t a, int64_t b) { int64_t q = a / b; return q - ((a % b) < 0); }
+static inline int64_t sc_ceildiv(int64_t a, int64_t b) { return -sc_floordiv(-a, b); }
+static inline int64_t sc_mod(int64_t a, int64_t b) { int64_t r = a % b; return r < 0 ? r + b : r; }
+static inline int64_t sc_max(int64_t a, int64_t b) { return a > b ? a : b; }
+static inline int64_t sc_min(int64_t a, int64_t b) { return a < b ? a : b; }
+"""
+
+_C_RESERVED = {
+    "auto", "break", "case", "char", "const", "continue", "default", "do", "double", "else", "enum",
+    "extern", "float", "for", "goto", "if", "inline", "int", "long", "register", "restrict",
+    "return", "short", "signed", "sizeof", "static", "struct", "switch", "typedef", "union",
+    "unsigned", "void", "volatile", "while", "int64_t", "bool",
+}
+
+
+@dataclass(frozen=True)
+class CFunction:
+    """A generated C function: ``symbol(inputs..., output)``, all arrays of one dtype."""
+
+    name: str
+    symbol: str
+    inputs: tuple[Array, ...]
+    output: Array
+    declaration: str
+
+
+@dataclass(frozen=True)
+class CSource:
+    text: str
+    functions: tuple[CFunction, ...]
+
+    @property
+    def cdef(self) -> str:
+        """Declarations for cffi."""
+        return "\n".join(f.declaration for f in self.functions) + "\n"
+
+
+def _check_name(name: str, what: str) -> str:
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name) or name in _C_RESERVED \
+            or keyword.iskeyword(name) or name.startswith("sc_"):
+        raise IRError(f"{what} name {name!r} cannot be used in C (letters, digits and _, starting "
+                      f"with a letter; not a C keyword; not starting with sc_)")
+    return name
+
+
+def c_affine(expr) -> str:
+    """An integer-valued affine expression; a quotient is exact, so C's division is right."""
+    num, den = integer_form(expr)
+    text = _IntPrinter().doprint(num)
+    return text if den == 1 else f"({text}) / {den}"
+
+
+class _IntPrinter(C99CodePrinter):
+    def _print_Idx(self, expr):
+        return str(expr.label)
+
+
+def flat_offset(access: sympy.Indexed) -> str:
+    """C-order offset of an access, its integer parts folded into one affine expression."""
+    shape = [int(s) for s in access.base.shape]
+    strides = [math.prod(shape[t + 1:]) for t in range(len(shape))]
+    whole, quotients = sympy.Integer(0), []
+    for stride, position in zip(strides, access.indices):
+        num, den = integer_form(position)
+        if den == 1:
+            whole += stride * num
+        else:
+            quotients.append(f"{stride}*({c_affine(position)})" if stride != 1 else
+                             c_affine(position))
+    parts = [] if whole == 0 and quotients else [c_affine(sympy.expand(whole))]
+    return " + ".join(parts + quotients)
+
+
+class _BodyPrinter(C99CodePrinter):
+    """Array reads as flat loads; small integer powers as products."""
+
+    def __init__(self, dtype: str):
+        super().__init__({"type_aliases": {real: float32 if dtype == "float32" else float64}})
+
+    def _print_Idx(self, expr):
+        return str(expr.label)
+
+    def _print_Indexed(self, expr):
+        return f"{expr.base.label}[{flat_offset(expr)}]"
+
+    def _print_Pow(self, expr):
+        base, exponent = expr.args
+        if exponent.is_Integer and 2 <= int(exponent) <= 4:
+            factor = self.parenthesize(base, sympy.printing.precedence.PRECEDENCE["Mul"])
+            return "(" + "*".join([factor] * int(exponent)) + ")"
+        return super()._print_Pow(expr)
+
+
+def _fold(parts: list[str], name: str) -> str:
+    text = parts[0]
+    for part in parts[1:]:
+        text = f"{name}({text}, {part})"
+    return text
+
+
+def _bound(bounds: Sequence[Bound], is_lower: bool) -> str:
+    parts = []
+    for b in bounds:
+        num = c_affine(b.num)
+        if b.den == 1:
+            parts.append(num)
+        else:
+            parts.append(f"sc_{'ceildiv' if is_lower else 'floordiv'}({num}, {b.den})")
+    return _fold(parts, "sc_max" if is_lower else "sc_min")
+
+
+def _condition(condition: Condition) -> str:
+    expr = c_affine(condition.expr)
+    if condition.modulus == 0:
+        return f"{expr} >= 0"
+    return f"sc_mod({expr}, {condition.modulus}) == 0"
+
+
+class _Writer:
+    def __init__(self):
+        self.lines: list[str] = []
+        self.depth = 0
+
+    def line(self, text: str = "") -> None:
+        self.lines.append("    " * self.depth + text if text else "")
+
+    def open(self, text: str = "") -> None:
+        self.line(f"{text} {{" if text else "{")
+        self.depth += 1
+
+    def close(self) -> None:
+        self.depth -= 1
+        self.line("}")
+
+
+def _emit_nest(out: _Writer, nest: LoopNest, body: str) -> None:
+    opened = 0
+    if nest.guards:
+        out.open(f"if ({' && '.join(f'({_condition(g)})' for g in nest.guards)})")
+        opened += 1
+    for loop in nest.loops:
+        var = _check_name(str(loop.index.label), "index")
+        low, high = _bound(loop.lower, True), _bound(loop.upper, False)
+        if loop.step == 1:
+            out.open(f"for (int64_t {var} = {low}; {var} <= {high}; ++{var})")
+        else:
+            out.open()  # a scope for the first value on the lattice
+            out.line(f"const int64_t sc_lo_{var} = {low};")
+            out.line(f"const int64_t sc_start_{var} = sc_lo_{var} + "
+                     f"sc_mod({c_affine(loop.residue)} - sc_lo_{var}, {loop.step});")
+            out.open(f"for (int64_t {var} = sc_start_{var}; {var} <= {high}; {var} += {loop.step})")
+            opened += 1
+        opened += 1
+        if loop.checks:
+            out.open(f"if ({' && '.join(f'({_condition(c)})' for c in loop.checks)})")
+            opened += 1
+    out.line(f"sc_acc += {body};")
+    for _ in range(opened):
+        out.close()
+
+
+def emit_function(name: str, fn: IndexSum, inputs: Sequence[Array], dtype: str) -> tuple[str, CFunction]:
+    """C text of one index sum as ``void symconv_<name>(inputs..., output)``."""
+    ctype = C_TYPES[dtype]
+    symbol = f"symconv_{_check_name(name, 'function')}"
+    for array in (*inputs, fn.output):
+        _check_name(array.name, "array")
+    read = {a.name for a in fn.inputs}
+    missing = read - {a.name for a in inputs}
+    if missing:
+        raise IRError(f"{name}: reads {sorted(missing)} which are not among its arguments")
+    params = [f"const {ctype} *restrict {a.name}" for a in inputs] + \
+             [f"{ctype} *restrict {fn.output.name}"]
+    plain = [f"const {ctype} *{a.name}" for a in inputs] + [f"{ctype} *{fn.output.name}"]
+    printer = _BodyPrinter(dtype)
+
+    out = _Writer()
+    formula = to_text(fn).replace("*/", "* /")
+    out.line("/*")
+    for text in formula.splitlines():
+        out.line(f" * {text}")
+    out.line(" */")
+    out.open(f"void {symbol}({', '.join(params)})")
+    for idx, extent in zip(fn.indices, fn.output.shape):
+        var = _check_name(str(idx.label), "index")
+        out.open(f"for (int64_t {var} = 0; {var} < {extent}; ++{var})")
+    out.line(f"{ctype} sc_acc = 0;")
+    for nest in loop_nests(fn):
+        _emit_nest(out, nest, printer.doprint(nest.body))
+    out.line(f"{fn.output.name}[{flat_offset(fn.output[fn.indices])}] = sc_acc;")
+    for _ in fn.indices:
+        out.close()
+    out.close()
+    declaration = f"void {symbol}({', '.join(plain)});"
+    return "\n".join(out.lines) + "\n", CFunction(name, symbol, tuple(inputs), fn.output, declaration)
+
+
+def emit(functions: Sequence[tuple[str, IndexSum, Sequence[Array]]], dtype: str,
+         title: str) -> CSource:
+    """One C translation unit holding every function of an op."""
+    if dtype not in C_TYPES:
+        raise IRError(f"unsupported dtype {dtype!r}; expected one of {sorted(C_TYPES)}")
+    parts = [f"/* symconv: {title.replace('*/', '* /')} */\n", PRELUDE]
+    declared = []
+    for name, fn, inputs in functions:
+        text, function = emit_function(name, fn, inputs, dtype)
+        parts += ["\n", text]
+        declared.append(function)
+    return CSource("".join(parts), tuple(declared))

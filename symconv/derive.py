@@ -1,0 +1,202 @@
+"""Reverse-mode derivation of index sums: the VJP as another index sum.
+
+For ``y[F] = Σ_R body`` and a cotangent ``gy``, the gradient with respect to
+an array ``x`` read in the body is, by the chain rule,
+
+    grad_x[J] = Σ_F Σ_R gy[F] · ∂body/∂x[e(F, R)] · Π_t δ(J_t, e_t(F, R))
+
+(one such *scatter* term per occurrence of ``x`` in the body).  Each
+Kronecker delta is an affine equation ``J_t = e_t(F, R)`` in the summation
+indices.  :func:`vjp` eliminates them exactly over the integers:
+
+* a summation index with coefficient ±1 is substituted away;
+* a common factor ``g`` of the coefficients becomes the congruence
+  ``J-part ≡ 0 (mod g)``;
+* otherwise an index ``u`` with coefficient ``a`` is solved as an exact
+  quotient, ``u = (rest)/a``, under the congruence ``rest ≡ 0 (mod |a|)``;
+* the ranges of eliminated indices become constraints on the ones left.
+
+The result is an ordinary :class:`~symconv.ir.IndexSum` in *gather* form:
+one output element at a time, no scatter, no delta left; lowering turns its
+constraints into loop bounds and its congruences into loop steps.  Because
+the result is again an index sum it can be differentiated again.  Nothing
+here knows about convolution.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import reduce
+
+import sympy
+
+from .ir import (Array, IndexSum, IRError, Term, accesses, index_range, linear_parts,
+                 normalize_congruence, normalize_constraint)
+
+
+@dataclass(frozen=True)
+class Derivation:
+    """One VJP with its intermediate forms kept for inspection."""
+
+    wrt: Array
+    scatter: IndexSum   # the chain rule's result, Kronecker deltas still in the body
+    gather: IndexSum    # the deltas eliminated: the form that is compiled
+
+
+def partial(body: sympy.Expr, access: sympy.Indexed) -> sympy.Expr:
+    """∂body/∂access, treating that one array element as a scalar variable."""
+    scalar = sympy.Dummy("scalar")
+    return sympy.diff(body.xreplace({access: scalar}), scalar).xreplace({scalar: access})
+
+
+def vjp(fn: IndexSum, wrt: Array, cotangent: Array | None = None,
+        name: str | None = None) -> Derivation:
+    """The gradient of ``Σ cotangent · fn`` with respect to the array ``wrt``."""
+    cotangent = cotangent or Array(f"grad_{fn.output.name}", fn.output.shape)
+    if cotangent.shape != fn.output.shape:
+        raise IRError(f"cotangent {cotangent.name}{cotangent.shape} does not match "
+                      f"{fn.output.name}{fn.output.shape}")
+    result = Array(name or f"grad_{wrt.name}", wrt.shape)
+    occurrences = [[a for a in accesses(term.body) if str(a.base.label) == wrt.name]
+                   for term in fn.terms]
+    # Provisional names that cannot clash with the sum's own indices; renamed at the end.
+    free = tuple(sympy.Idx(f"_J{t}_", (0, n - 1)) for t, n in enumerate(wrt.shape))
+
+    scatter_terms, gather_terms = [], []
+    for term, found in zip(fn.terms, occurrences):
+        unknowns = (*fn.indices, *term.indices)
+        for access in found:
+            factor = cotangent[fn.indices] * partial(term.body, access)
+            if factor == 0:
+                continue
+            equations = [j - e for j, e in zip(free, access.indices)]
+            deltas = sympy.Mul(*(sympy.KroneckerDelta(j, e, evaluate=False)
+                                 for j, e in zip(free, access.indices)), evaluate=False)
+            scatter_terms.append(Term(unknowns, factor * deltas, term.constraints,
+                                      term.congruences))
+            solved = eliminate(unknowns, equations, factor, term.constraints, term.congruences)
+            if solved is not None:
+                gather_terms.append(solved)
+
+    first = next((a for found in occurrences for a in found), None)
+    names = _free_names(first, wrt)
+    scatter = _renamed(IndexSum(result, free, tuple(scatter_terms)), names, prime=True)
+    gather = _renamed(IndexSum(result, free, tuple(gather_terms)), names, prime=False)
+    return Derivation(wrt, scatter, gather)
+
+
+def eliminate(unknowns, equations, body, constraints=(), congruences=()) -> Term | None:
+    """Solve ``equations`` (each an affine expression = 0) for summation indices.
+
+    Returns the gather-form term over the indices left, or None when the
+    equations have no integer solution at all.
+    """
+    remaining = list(unknowns)
+    constraints = [sympy.sympify(c) for c in constraints]
+    congruences = [(sympy.sympify(e), m) for e, m in congruences]
+    pending = [sympy.expand(e) for e in equations]
+    while pending:
+        equation = pending.pop(0)
+        coefficients, _ = linear_parts(equation)
+        scale = reduce(math.lcm, (int(c.q) for c in coefficients.values()), 1)
+        scale = math.lcm(scale, int(linear_parts(equation)[1].q))
+        equation = sympy.expand(equation * scale)
+        coefficients, _ = linear_parts(equation)
+        involved = {u: int(coefficients[u]) for u in remaining if u in coefficients}
+        rest = sympy.expand(equation - sum(a * u for u, a in involved.items()))
+        if not involved:
+            if rest.is_Number:
+                if rest != 0:
+                    return None
+                continue
+            constraints += [rest, -rest]        # an equality between free indices
+            continue
+        g = reduce(math.gcd, involved.values())
+        if g > 1:
+            congruences.append((rest, g))
+            involved = {u: a // g for u, a in involved.items()}
+            rest = rest / g
+        u = _pick(involved, remaining)
+        a = involved[u]
+        others = rest + sum(c * v for v, c in involved.items() if v != u)
+        if abs(a) != 1:
+            congruences.append((others, abs(a)))
+        value = sympy.expand(-others / a)
+        lo, hi = index_range(u)
+        constraints += [value - lo, hi - value]
+        remaining.remove(u)
+        replace = {u: value}
+        body = body.xreplace(replace)
+        constraints = [sympy.expand(c.xreplace(replace)) for c in constraints]
+        congruences = [(sympy.expand(e.xreplace(replace)), m) for e, m in congruences]
+        pending = [sympy.expand(e.xreplace(replace)) for e in pending]
+    return Term(tuple(remaining), body, *_simplified(constraints, congruences))
+
+
+def _pick(involved: dict, order: list):
+    """The index to eliminate: a unit coefficient if any (exact substitution), then the
+    largest range (so the loops left run over the small extents), then the innermost."""
+    def preference(u):
+        lo, hi = index_range(u)
+        return (abs(involved[u]) == 1, hi - lo, order.index(u))
+    return max(involved, key=preference)
+
+
+def _simplified(constraints, congruences):
+    """Normalised, de-duplicated constraints and congruences; trivially true ones dropped."""
+    kept_constraints = []
+    for c in constraints:
+        c = normalize_constraint(c)
+        if c.is_Number and c >= 0:
+            continue
+        if c not in kept_constraints:
+            kept_constraints.append(c)
+    kept_congruences = []
+    for e, m in congruences:
+        e, m = normalize_congruence(e, m)
+        if m != 1 and (e, m) not in kept_congruences:
+            kept_congruences.append((e, m))
+    return tuple(kept_constraints), tuple(kept_congruences)
+
+
+def _free_names(access, wrt: Array) -> list[str]:
+    """Names for the gradient's indices: the forward's own name where the access uses a bare
+    index there, ``j0, j1, ...`` elsewhere."""
+    names, counter = [], 0
+    for t in range(len(wrt.shape)):
+        position = access.indices[t] if access is not None else None
+        if isinstance(position, sympy.Idx) and str(position.label) not in names:
+            names.append(str(position.label))
+            continue
+        while f"j{counter}" in names:
+            counter += 1
+        names.append(f"j{counter}")
+        counter += 1
+    return names
+
+
+def _renamed(fn: IndexSum, names: list[str], prime: bool) -> IndexSum:
+    """Give the provisional free indices their final names; summation indices whose name is
+    taken get a prime (for display) or a numeric suffix (for C)."""
+    mapping = {j: sympy.Idx(name, (j.lower, j.upper)) for j, name in zip(fn.indices, names)}
+    terms = []
+    for term in fn.terms:
+        taken = set(names)
+        local = dict(mapping)
+        for idx in term.indices:
+            base = new = str(idx.label)
+            suffix = 0
+            while new in taken:
+                suffix += 1
+                new = base + "'" * suffix if prime else f"{base}_{suffix}"
+            taken.add(new)
+            if new != base:
+                local[idx] = sympy.Idx(new, (idx.lower, idx.upper))
+        terms.append(Term(
+            tuple(local.get(i, i) for i in term.indices),
+            term.body.xreplace(local),
+            tuple(sympy.sympify(c).xreplace(local) for c in term.constraints),
+            tuple((sympy.sympify(e).xreplace(local), m) for e, m in term.congruences),
+        ))
+    return IndexSum(fn.output, tuple(mapping[j] for j in fn.indices), tuple(terms))

@@ -1,0 +1,261 @@
+"""Kernel: load a compiled symconv package and call it on NumPy arrays.
+
+This module is the deploy-time runtime.  It imports only the standard
+library and NumPy (the built extension brings cffi's backend), so a copy of
+it ships inside every generated package as ``_symconv_kernel.py`` and the
+package imports with no SymPy, no compiler and no symconv installed.
+
+Loading verifies the package before running any of its code: the manifest's
+own digest, the hash of every file it lists, the Python ABI and the CPU
+features the binary was built for.  Calling checks every array's type,
+dtype, shape, contiguity and alignment and raises a clear error otherwise;
+inputs are passed zero-copy and never written, outputs are fresh arrays
+unless ``out=`` is given.  cffi releases the GIL during each call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import importlib.util
+import json
+import os
+import platform
+import sysconfig
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+C_TYPES = {"float32": "float", "float64": "double"}
+
+
+class PackageError(RuntimeError):
+    """A package that is missing, corrupt, or built for another Python or CPU."""
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def manifest_digest(manifest: Mapping[str, Any]) -> str:
+    """Digest of the manifest's content, its own ``digest`` field left out."""
+    body = {k: v for k, v in manifest.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def cpu_features() -> set[str] | None:
+    """The CPU's feature flags, or None where they cannot be read (then nothing is checked)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        return None
+    return None
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    """The verified manifest of a package; PackageError if anything does not match."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise PackageError(f"{directory} is not a symconv package: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise PackageError(f"{path} is unreadable or truncated: {error}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise PackageError(f"{path}: not a format-{FORMAT} symconv manifest")
+    if manifest.get("digest") != manifest_digest(manifest):
+        raise PackageError(f"{path} was modified after the build (digest mismatch)")
+    for name, digest in manifest["files"].items():
+        file = directory / name
+        if not file.is_file():
+            raise PackageError(f"{directory}: {name} is missing")
+        if file_digest(file) != digest:
+            raise PackageError(f"{directory}: {name} does not match its hash in the manifest "
+                               f"(tampered or truncated); rebuild the package")
+    build = manifest["build"]
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    if build["ext_suffix"] != suffix:
+        raise PackageError(f"{directory} was built for another Python ({build['ext_suffix']}); "
+                           f"this one needs {suffix}: rebuild it here")
+    if build["machine"] != platform.machine():
+        raise PackageError(f"{directory} was built for {build['machine']}, this is "
+                           f"{platform.machine()}")
+    have = cpu_features()
+    missing = sorted(set(build["cpu_features"]) - have) if have is not None else []
+    if missing:
+        raise PackageError(f"{directory} was built for target {build['target']} and needs CPU "
+                           f"features this CPU lacks: {', '.join(missing)}; rebuild it here")
+    return manifest
+
+
+def _import_extension(directory: Path, manifest: Mapping[str, Any]):
+    module = manifest["module"]
+    path = directory / (module + manifest["build"]["ext_suffix"])
+    loader = importlib.machinery.ExtensionFileLoader(module, str(path))
+    spec = importlib.util.spec_from_file_location(module, str(path), loader=loader)
+    extension = importlib.util.module_from_spec(spec)
+    loader.exec_module(extension)
+    return extension
+
+
+class Function:
+    """One compiled function: ``f(*inputs, out=None) -> output``."""
+
+    def __init__(self, name: str, entry: Mapping[str, Any], shapes: Mapping[str, Sequence[int]],
+                 dtype: str, extension):
+        self.name = name
+        self.args = tuple(entry["args"])
+        self.output = entry["output"]
+        self.dtype = np.dtype(dtype)
+        self.shapes = {a: tuple(shapes[a]) for a in (*self.args, self.output)}
+        self._c = getattr(extension.lib, entry["symbol"])
+        self._ffi = extension.ffi
+        self._ctype = C_TYPES[dtype] + "[]"
+
+    def __repr__(self) -> str:
+        return f"<symconv function {self.name}({', '.join(self.args)}) -> {self.output}>"
+
+    def _checked(self, label: str, array: Any, shape: tuple[int, ...],
+                 writable: bool = False) -> np.ndarray:
+        if not isinstance(array, np.ndarray):
+            raise TypeError(f"{self.name}: {label} must be a numpy.ndarray, got {type(array).__name__}")
+        if array.dtype != self.dtype:
+            raise TypeError(f"{self.name}: {label} has dtype {array.dtype}, expected {self.dtype}")
+        if array.shape != shape:
+            raise ValueError(f"{self.name}: {label} has shape {array.shape}, expected {shape}")
+        if not array.flags.c_contiguous:
+            raise ValueError(f"{self.name}: {label} is not C-contiguous; pass "
+                             f"numpy.ascontiguousarray(...)")
+        if not array.flags.aligned:
+            raise ValueError(f"{self.name}: {label} is not aligned to its {self.dtype} items; "
+                             f"pass a copy")
+        if writable and not array.flags.writeable:
+            raise ValueError(f"{self.name}: {label} is read-only")
+        return array
+
+    def __call__(self, *arrays: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        if len(arrays) != len(self.args):
+            raise TypeError(f"{self.name} takes {len(self.args)} arrays ({', '.join(self.args)}), "
+                            f"got {len(arrays)}")
+        inputs = [self._checked(name, a, self.shapes[name]) for name, a in zip(self.args, arrays)]
+        if out is None:
+            out = np.empty(self.shapes[self.output], self.dtype)
+        else:
+            out = self._checked(f"out ({self.output})", out, self.shapes[self.output], True)
+            for name, array in zip(self.args, inputs):
+                if np.may_share_memory(out, array):
+                    raise ValueError(f"{self.name}: out overlaps the input {name}")
+        buffer = self._ffi.from_buffer
+        self._c(*(buffer(self._ctype, a) for a in inputs),
+                buffer(self._ctype, out, require_writable=True))
+        return out
+
+
+class Kernel:
+    """A loaded package: ``forward``, ``backward`` and every compiled function by name."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.path = Path(directory).resolve()
+        self.manifest = read_manifest(self.path)
+        extension = _import_extension(self.path, self.manifest)
+        shapes = {name: entry["shape"] for name, entry in self.manifest["arrays"].items()}
+        self.functions = {
+            name: Function(name, entry, shapes, self.manifest["dtype"], extension)
+            for name, entry in self.manifest["functions"].items()
+        }
+
+    # --- what the package is --------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def spec(self) -> dict[str, Any] | None:
+        """The normalised ConvSpec fields (None for other ops)."""
+        return self.manifest.get("spec")
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return tuple(self.manifest["inputs"])
+
+    @property
+    def differentiable(self) -> tuple[str, ...]:
+        return tuple(self.manifest["differentiable"])
+
+    @property
+    def formulas(self) -> dict[str, str]:
+        """Each function's index sum as text: the forward sum, each gradient in gather form."""
+        return {name: f["text"] for name, f in self.manifest["formulas"].items()}
+
+    @property
+    def latex(self) -> dict[str, str]:
+        return {name: f["latex"] for name, f in self.manifest["formulas"].items()}
+
+    @property
+    def source(self) -> str:
+        """The generated C."""
+        return (self.path / self.manifest["source"]).read_text()
+
+    def __repr__(self) -> str:
+        return f"<symconv Kernel {self.name}: {self.manifest['description']}>"
+
+    def __getattr__(self, name: str) -> Function:
+        functions = self.__dict__.get("functions", {})
+        if name in functions:
+            return functions[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute or function {name!r}")
+
+    # --- calling ---------------------------------------------------------------------------------
+    def forward(self, *inputs: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The op's output for ``inputs`` (in the order of ``self.inputs``)."""
+        return self.functions["forward"](*inputs, out=out)
+
+    __call__ = forward
+
+    def backward(self, *arrays: np.ndarray | None, wrt: Sequence[str] | None = None,
+                 out: Mapping[str, np.ndarray] | None = None) -> tuple[np.ndarray | None, ...]:
+        """Gradients of ``Σ grad_output · forward(...)`` for the differentiable inputs.
+
+        ``arrays`` are ``manifest['backward_args']``: the inputs some gradient
+        reads, then ``grad_output`` (for a convolution: input, weight,
+        grad_output).  ``wrt`` selects a subset by name; the result always has
+        one entry per differentiable input, None where not requested.  An
+        array that no requested gradient reads may be None.
+        """
+        names = self.manifest["backward_args"]
+        if len(arrays) != len(names):
+            raise TypeError(f"backward takes {len(names)} arrays ({', '.join(names)}), got "
+                            f"{len(arrays)}")
+        given = dict(zip(names, arrays))
+        wanted = self.differentiable if wrt is None else tuple(wrt)
+        unknown = [w for w in wanted if w not in self.differentiable]
+        if unknown or isinstance(wrt, str):
+            raise ValueError(f"backward: wrt must be a sequence of names from "
+                             f"{self.differentiable}, got {wrt!r}")
+        out = dict(out or {})
+        extra = set(out) - set(wanted)
+        if extra:
+            raise ValueError(f"backward: out given for {sorted(extra)} which are not requested")
+        results = []
+        for name in self.differentiable:
+            if name not in wanted:
+                results.append(None)
+                continue
+            function = self.functions[f"grad_{name}"]
+            missing = [a for a in function.args if given[a] is None]
+            if missing:
+                raise TypeError(f"backward: the gradient for {name} needs {', '.join(missing)}")
+            results.append(function(*(given[a] for a in function.args), out=out.get(name)))
+        return tuple(results)
+
+
+def load(directory: str | os.PathLike) -> Kernel:
+    """Load a compiled package (a directory holding ``manifest.json``)."""
+    return Kernel(directory)

@@ -1,0 +1,237 @@
+"""ConvSpec: a frozen, validated, normalised description of one convolution.
+
+Layout and semantics follow PyTorch so users can switch: input
+``(N, C_in, *spatial)``, weight ``(C_out, C_in // groups, *kernel)``, bias
+``(C_out,)``, output ``(N, C_out, *out_spatial)``, cross-correlation, zero
+padding.  Any number of spatial dimensions is allowed.
+
+Every field is normalised to per-dimension tuples on construction, so two
+specs that describe the same computation (``padding="same"`` and the
+explicit pads it stands for) compare equal and share one key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+DTYPES = ("float32", "float64")
+
+
+def _fail(field_name: str, message: str, value: Any) -> ValueError:
+    return ValueError(f"ConvSpec.{field_name}: {message}, got {value!r}")
+
+
+def _is_int(value: Any) -> bool:
+    """True for Python and NumPy integers, False for bools, floats and strings."""
+    return not isinstance(value, bool) and hasattr(type(value), "__index__")
+
+
+def _shape(field_name: str, value: Any) -> tuple[int, ...]:
+    try:
+        shape = tuple(value)
+    except TypeError:
+        raise _fail(field_name, "expected a sequence of positive ints", value) from None
+    if not all(_is_int(v) for v in shape):
+        raise _fail(field_name, "expected a sequence of positive ints", value)
+    shape = tuple(int(v) for v in shape)
+    if len(shape) < 3:
+        raise _fail(field_name, "expected at least 3 dims (batch/channels, channels, one spatial dim)",
+                    value)
+    if any(v <= 0 for v in shape):
+        raise _fail(field_name, "every size must be positive", value)
+    return shape
+
+
+def _per_dim(field_name: str, value: Any, rank: int, minimum: int) -> tuple[int, ...]:
+    """An int applied to every spatial dim, or one int per spatial dim."""
+    values = (value,) * rank if _is_int(value) else value
+    try:
+        values = tuple(values)
+    except TypeError:
+        raise _fail(field_name, f"expected an int or {rank} ints", value) from None
+    if len(values) != rank or not all(_is_int(v) for v in values):
+        raise _fail(field_name, f"expected an int or {rank} ints", value)
+    values = tuple(int(v) for v in values)
+    if any(v < minimum for v in values):
+        raise _fail(field_name, f"every entry must be >= {minimum}", value)
+    return values
+
+
+def _padding(value: Any, rank: int, spatial, kernel, stride, dilation) -> tuple[tuple[int, int], ...]:
+    """Normalise padding to one (lo, hi) pair per spatial dim."""
+    if isinstance(value, str):
+        if value == "valid":
+            return ((0, 0),) * rank
+        if value == "same":
+            pairs = []
+            for size, k, s, d in zip(spatial, kernel, stride, dilation):
+                out = -(-size // s)
+                total = max((out - 1) * s + d * (k - 1) + 1 - size, 0)
+                pairs.append((total // 2, total - total // 2))
+            return tuple(pairs)
+        raise _fail("padding", "expected 'valid', 'same', an int, ints or (lo, hi) pairs", value)
+    if _is_int(value):
+        pairs = ((int(value), int(value)),) * rank
+    else:
+        try:
+            entries = tuple(value)
+        except TypeError:
+            raise _fail("padding", "expected 'valid', 'same', an int, ints or (lo, hi) pairs",
+                        value) from None
+        if len(entries) != rank:
+            raise _fail("padding", f"expected {rank} entries (one per spatial dim)", value)
+        pairs = []
+        for entry in entries:
+            if _is_int(entry):
+                pairs.append((int(entry), int(entry)))
+                continue
+            try:
+                lo, hi = entry
+            except (TypeError, ValueError):
+                raise _fail("padding", "each entry must be an int or a (lo, hi) pair", value) from None
+            if not (_is_int(lo) and _is_int(hi)):
+                raise _fail("padding", "each entry must be an int or a (lo, hi) pair", value)
+            pairs.append((int(lo), int(hi)))
+        pairs = tuple(pairs)
+    if any(lo < 0 or hi < 0 for lo, hi in pairs):
+        raise _fail("padding", "padding must be non-negative", value)
+    return pairs
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """One N-D convolution, specialised to exact shapes.
+
+    ``stride``, ``dilation`` and ``padding`` accept an int or one value per
+    spatial dim; ``padding`` also accepts (lo, hi) pairs, ``"valid"`` and
+    ``"same"`` (output size ceil(in / stride), extra pad on the high side).
+    After construction they are tuples; ``padding`` is a tuple of pairs.
+    """
+
+    input_shape: tuple[int, ...]
+    weight_shape: tuple[int, ...]
+    stride: Any = 1
+    padding: Any = 0
+    dilation: Any = 1
+    groups: int = 1
+    bias: bool = True
+    dtype: str = "float32"
+    output_shape: tuple[int, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        input_shape = _shape("input_shape", self.input_shape)
+        weight_shape = _shape("weight_shape", self.weight_shape)
+        if len(weight_shape) != len(input_shape):
+            raise _fail("weight_shape", f"expected {len(input_shape)} dims like input_shape "
+                        f"{input_shape}", weight_shape)
+        rank = len(input_shape) - 2
+        if not _is_int(self.groups) or int(self.groups) < 1:
+            raise _fail("groups", "expected a positive int", self.groups)
+        groups = int(self.groups)
+        c_in, c_out = input_shape[1], weight_shape[0]
+        if c_in % groups:
+            raise _fail("groups", f"input channels {c_in} are not divisible by groups", groups)
+        if c_out % groups:
+            raise _fail("groups", f"output channels {c_out} are not divisible by groups", groups)
+        if weight_shape[1] != c_in // groups:
+            raise _fail("weight_shape", f"dim 1 must be input channels // groups = "
+                        f"{c_in} // {groups} = {c_in // groups}", weight_shape)
+        if not isinstance(self.bias, bool):
+            raise _fail("bias", "expected True or False", self.bias)
+        if self.dtype not in DTYPES:
+            raise _fail("dtype", f"expected one of {DTYPES}", self.dtype)
+        stride = _per_dim("stride", self.stride, rank, 1)
+        dilation = _per_dim("dilation", self.dilation, rank, 1)
+        spatial, kernel = input_shape[2:], weight_shape[2:]
+        padding = _padding(self.padding, rank, spatial, kernel, stride, dilation)
+        out_spatial = []
+        for dim, (size, k, s, d, (lo, hi)) in enumerate(zip(spatial, kernel, stride, dilation, padding)):
+            reach = d * (k - 1) + 1
+            if size + lo + hi < reach:
+                raise _fail("weight_shape", f"kernel reach {reach} (dilation {d} x (size {k} - 1) + 1) "
+                            f"is larger than the padded input {size} + {lo} + {hi} in spatial dim {dim}",
+                            weight_shape)
+            out_spatial.append((size + lo + hi - reach) // s + 1)
+        for name, value in (("input_shape", input_shape), ("weight_shape", weight_shape),
+                            ("stride", stride), ("padding", padding), ("dilation", dilation),
+                            ("groups", groups)):
+            set_(self, name, value)
+        set_(self, "output_shape", (input_shape[0], c_out, *out_spatial))
+
+    # --- derived facts -------------------------------------------------
+    @property
+    def rank(self) -> int:
+        """Number of spatial dimensions."""
+        return len(self.input_shape) - 2
+
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        return self.weight_shape[2:]
+
+    @property
+    def bias_shape(self) -> tuple[int, ...] | None:
+        return (self.weight_shape[0],) if self.bias else None
+
+    @property
+    def macs(self) -> int:
+        """Multiply-accumulates of the dense forward pass (grad_input and grad_weight match)."""
+        n, c_out, *out_spatial = self.output_shape
+        return n * c_out * math.prod(out_spatial) * self.weight_shape[1] * math.prod(self.kernel_size)
+
+    @property
+    def flops(self) -> int:
+        """Floating-point operations of the forward pass: two per multiply-accumulate."""
+        return 2 * self.macs
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready normalised form; ``ConvSpec.from_dict`` inverts it."""
+        return {
+            "input_shape": list(self.input_shape),
+            "weight_shape": list(self.weight_shape),
+            "stride": list(self.stride),
+            "padding": [list(p) for p in self.padding],
+            "dilation": list(self.dilation),
+            "groups": self.groups,
+            "bias": self.bias,
+            "dtype": self.dtype,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ConvSpec":
+        """Build a spec from a mapping (a JSON/TOML table); unknown keys are an error."""
+        known = {"input_shape", "weight_shape", "stride", "padding", "dilation", "groups", "bias",
+                 "dtype"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"ConvSpec: unknown field(s) {', '.join(unknown)}; "
+                             f"expected some of {', '.join(sorted(known))}")
+        for required in ("input_shape", "weight_shape"):
+            if required not in data:
+                raise ValueError(f"ConvSpec.{required}: missing")
+        return cls(**dict(data))
+
+    @property
+    def key(self) -> str:
+        """A stable hash of the normalised spec (hex sha256)."""
+        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    @property
+    def slug(self) -> str:
+        """A short readable identifier (not unique: the key tells specs apart)."""
+        def dims(values):
+            return "x".join(map(str, values))
+        return (f"conv{self.rank}d_{dims(self.input_shape)}_w{dims(self.weight_shape)}"
+                f"_{'f32' if self.dtype == 'float32' else 'f64'}")
+
+    def describe(self) -> str:
+        """One line for humans."""
+        pads = ", ".join(f"{lo}" if lo == hi else f"({lo}, {hi})" for lo, hi in self.padding)
+        return (f"conv{self.rank}d input {self.input_shape} weight {self.weight_shape} -> output "
+                f"{self.output_shape}; stride {self.stride}, padding ({pads}), dilation "
+                f"{self.dilation}, groups {self.groups}, bias {self.bias}, {self.dtype}")

@@ -1,0 +1,113 @@
+"""The emitted C: deterministic, specialised, typed; its integer helpers checked in C."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import re
+import subprocess
+import sys
+
+import pytest
+import sympy
+
+from symconv import ConvSpec, build, codegen, compiler, define
+from symconv.ir import Array, IndexSum, IRError, Term, index
+
+SPEC = dict(input_shape=(2, 3, 9, 8), weight_shape=(4, 3, 3, 2), stride=(2, 3), dilation=(1, 2),
+            padding=((1, 0), 2))
+
+
+def c_text(**fields):
+    return compiler.explain_conv(ConvSpec(**fields)).source.text
+
+
+def test_same_spec_gives_byte_identical_c_across_processes():
+    code = ("import hashlib; from symconv import ConvSpec, compiler; "
+            f"print(hashlib.sha256(compiler.explain_conv(ConvSpec(**{SPEC!r})).source.text"
+            ".encode()).hexdigest())")
+    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              check=True, env={"PYTHONHASHSEED": seed, "PATH": ""}).stdout.strip()
+               for seed in ("0", "7")}
+    digests.add(hashlib.sha256(c_text(**SPEC).encode()).hexdigest())
+    assert len(digests) == 1
+
+
+def test_every_loop_bound_is_a_constant_or_an_outer_index():
+    text = c_text(**SPEC)
+    names = {"n", "o", "c", "i0", "i1", "k0", "k1", "j0", "j1"}
+    for line in text.splitlines():
+        match = re.search(r"for \(int64_t (\w+) = (.*?); \1 (<=|<) (.*?); ", line)
+        if not match:
+            continue
+        used = set(re.findall(r"[A-Za-z_]\w*", match.group(2) + match.group(4)))
+        helpers = {u for u in used if re.fullmatch(r"sc_(max|min|ceildiv|floordiv|start_\w+)", u)}
+        assert used - helpers <= names, line
+
+
+def test_float32_code_uses_float_arithmetic():
+    x, y = Array("x", (4,)), Array("y", (4,))
+    i = index("i", 4)
+    fn = IndexSum(y, (i,), (Term((), sympy.exp(x[i]) / 3 + x[i] ** 2),))
+    f32 = codegen.emit([("forward", fn, (x,))], "float32", "test").text
+    f64 = codegen.emit([("forward", fn, (x,))], "float64", "test").text
+    assert "expf(" in f32 and "1.0F/3.0F" in f32 and "float sc_acc" in f32
+    assert "exp(" in f64 and "expf" not in f64 and "double sc_acc" in f64
+    assert "(x[i]*x[i])" in f32  # small powers become products
+
+
+def test_pointers_are_restrict_qualified_and_inputs_const():
+    text = c_text(**SPEC)
+    assert ("void symconv_grad_input(const float *restrict weight, const float *restrict "
+            "grad_output, float *restrict grad_input)") in text
+
+
+def test_every_function_has_its_formula_as_a_comment():
+    text = c_text(**SPEC)
+    for name in ("output[n, o, i0, i1] =", "grad_input[n, c, j0, j1] =",
+                 "grad_weight[o, c, k0, k1] =", "grad_bias[o] ="):
+        assert f" * {name}" in text
+
+
+@pytest.mark.parametrize("name", ["int", "for", "sc_acc", "1x", "a-b"])
+def test_names_that_cannot_be_c_identifiers_are_refused(name):
+    x, y = Array("x", (4,)), Array("y", (4,))
+    i = index(name, 4) if name.isidentifier() else index("i", 4)
+    target = y if name.isidentifier() else Array(name, (4,))
+    fn = IndexSum(target, (i,), (Term((), x[i]),))
+    with pytest.raises(IRError, match="cannot be used in C"):
+        codegen.emit([("forward", fn, (x,))], "float32", "test")
+
+
+def test_floor_helpers_are_correct_for_negative_numerators(tmp_path):
+    """sc_floordiv / sc_ceildiv / sc_mod against Python's integer arithmetic."""
+    source = codegen.PRELUDE + """
+int64_t floordiv(int64_t a, int64_t b) { return sc_floordiv(a, b); }
+int64_t ceildiv(int64_t a, int64_t b) { return sc_ceildiv(a, b); }
+int64_t mod(int64_t a, int64_t b) { return sc_mod(a, b); }
+"""
+    (tmp_path / build.SOURCE).write_text(source)
+    cdef = "\n".join(f"int64_t {f}(int64_t a, int64_t b);" for f in ("floordiv", "ceildiv", "mod"))
+    path = build.compile_extension(tmp_path, "_helpers", cdef, build.build_config())
+    spec = importlib.util.spec_from_file_location("_helpers", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for a in range(-23, 24):
+        for b in (1, 2, 3, 5, 7):
+            assert module.lib.floordiv(a, b) == a // b
+            assert module.lib.ceildiv(a, b) == -((-a) // b)
+            assert module.lib.mod(a, b) == a % b
+
+
+def test_rational_index_is_emitted_as_exact_division():
+    op = define.conv(ConvSpec((1, 1, 13), (1, 1, 3), stride=2, dilation=3, padding=1))
+    text = compiler.lower(op).source.text
+    assert "/ 2]" in text and "k0 += 2" in text
+
+
+def test_zero_gradient_sum_writes_zeros():
+    x, y = Array("x", (3,)), Array("y", (3,))
+    i = index("i", 3)
+    fn = IndexSum(y, (i,), ())
+    text = codegen.emit([("zero", fn, ())], "float64", "test").text
+    assert "double sc_acc = 0;" in text and "y[i] = sc_acc;" in text

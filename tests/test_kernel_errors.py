@@ -1,0 +1,119 @@
+"""Bad arrays and bad calls: a clear Python exception naming the problem, never a crash."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from symconv import ConvSpec
+
+SPEC = ConvSpec((2, 3, 6, 5), (4, 3, 3, 3), padding=1)
+
+
+@pytest.fixture(scope="module")
+def kernel(compile_spec):
+    return compile_spec(SPEC)
+
+
+@pytest.fixture
+def arrays(rng):
+    x = rng.standard_normal(SPEC.input_shape).astype(np.float32)
+    w = rng.standard_normal(SPEC.weight_shape).astype(np.float32)
+    b = rng.standard_normal(SPEC.bias_shape).astype(np.float32)
+    gy = rng.standard_normal(SPEC.output_shape).astype(np.float32)
+    return x, w, b, gy
+
+
+def misaligned(shape, dtype=np.float32):
+    raw = np.zeros(int(np.prod(shape)) * np.dtype(dtype).itemsize + 1, np.uint8)
+    array = raw[1:].view(dtype).reshape(shape)
+    assert not array.flags.aligned
+    return array
+
+
+@pytest.mark.parametrize("make, error, fragment", [
+    (lambda x: x[:1], ValueError, "input has shape (1, 3, 6, 5), expected (2, 3, 6, 5)"),
+    (lambda x: x[0], ValueError, "input has shape (3, 6, 5)"),
+    (lambda x: x.astype(np.float64), TypeError, "input has dtype float64, expected float32"),
+    (lambda x: x.astype(np.int32), TypeError, "dtype int32"),
+    (lambda x: x.tolist(), TypeError, "input must be a numpy.ndarray, got list"),
+    (lambda x: np.asfortranarray(x), ValueError, "not C-contiguous"),
+    (lambda x: np.concatenate([x, x], axis=3)[..., ::2], ValueError, "not C-contiguous"),
+    (lambda x: x[:, :, ::-1, :], ValueError, "not C-contiguous"),
+    (lambda x: misaligned(x.shape), ValueError, "not aligned"),
+    (lambda x: None, TypeError, "input must be a numpy.ndarray, got NoneType"),
+])
+def test_bad_input_array(kernel, arrays, make, error, fragment):
+    x, w, b, _ = arrays
+    with pytest.raises(error) as info:
+        kernel.forward(make(x), w, b)
+    assert fragment in str(info.value) and str(info.value).startswith("forward:")
+
+
+def test_read_only_inputs_are_fine(kernel, arrays):
+    x, w, b, _ = arrays
+    expected = kernel.forward(x, w, b)
+    for a in (x, w, b):
+        a.flags.writeable = False
+    np.testing.assert_array_equal(kernel.forward(x, w, b), expected)
+
+
+@pytest.mark.parametrize("make, error, fragment", [
+    (lambda y: y[:1], ValueError, "out (output) has shape"),
+    (lambda y: y.astype(np.float64), TypeError, "out (output) has dtype float64"),
+    (lambda y: np.asfortranarray(y), ValueError, "out (output) is not C-contiguous"),
+    (lambda y: misaligned(y.shape), ValueError, "out (output) is not aligned"),
+    (lambda y: np.frombuffer(y.tobytes(), np.float32).reshape(y.shape), ValueError, "read-only"),
+])
+def test_bad_out_array(kernel, arrays, make, error, fragment):
+    x, w, b, gy = arrays
+    with pytest.raises(error) as info:
+        kernel.forward(x, w, b, out=make(np.empty(SPEC.output_shape, np.float32)))
+    assert fragment in str(info.value)
+
+
+def test_out_overlapping_an_input_is_refused(compile_spec, rng):
+    spec = ConvSpec((1, 2, 5), (2, 2, 1), bias=False)       # output shape == input shape
+    kernel = compile_spec(spec)
+    x = rng.standard_normal(spec.input_shape).astype(np.float32)
+    w = rng.standard_normal(spec.weight_shape).astype(np.float32)
+    with pytest.raises(ValueError, match="out overlaps the input input"):
+        kernel.forward(x, w, out=x)
+
+
+def test_wrong_number_of_arrays(kernel, arrays):
+    x, w, b, gy = arrays
+    with pytest.raises(TypeError, match=r"forward takes 3 arrays \(input, weight, bias\), got 2"):
+        kernel.forward(x, w)
+    with pytest.raises(TypeError, match=r"backward takes 3 arrays \(input, weight, grad_output\)"):
+        kernel.backward(x, gy)
+
+
+def test_backward_argument_errors(kernel, arrays):
+    x, w, b, gy = arrays
+    with pytest.raises(ValueError, match="wrt must be a sequence of names"):
+        kernel.backward(x, w, gy, wrt=("inputs",))
+    with pytest.raises(ValueError, match="wrt must be a sequence of names"):
+        kernel.backward(x, w, gy, wrt="input")
+    with pytest.raises(TypeError, match="the gradient for weight needs input"):
+        kernel.backward(None, w, gy, wrt=("weight",))
+    with pytest.raises(ValueError, match="out given for"):
+        kernel.backward(x, w, gy, wrt=("input",), out={"weight": np.empty_like(w)})
+    with pytest.raises(ValueError, match="grad_output has shape"):
+        kernel.backward(x, w, gy[:, :2])
+
+
+def test_unknown_function_attribute(kernel):
+    with pytest.raises(AttributeError, match="no attribute or function 'grad_foo'"):
+        kernel.grad_foo
+
+
+def test_nan_and_inf_propagate(kernel, arrays):
+    x, w, b, _ = arrays
+    x = x.copy()
+    x[0, 0, 2, 2] = np.nan
+    x[1, 1, 0, 0] = np.inf
+    y = kernel.forward(x, w, b)
+    assert np.isnan(y[0, :, 1:4, 1:4]).all()          # every output that reads the NaN
+    assert not np.isnan(y[0, :, 5, :]).any()
+    assert not np.isfinite(y[1, :, 0:2, 0:2]).any()

@@ -1,0 +1,155 @@
+"""Compiled kernels against the independent NumPy oracle (and PyTorch where installed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cases import CASES, make_spec
+from oracle import conv_backward, conv_forward
+
+TOLERANCE = {"float32": 2e-5, "float64": 1e-12}
+
+
+def assert_close(got, expected, dtype, what):
+    expected = np.asarray(expected, np.float64)
+    scale = max(1.0, float(np.abs(expected).max(initial=0.0)))
+    err = float(np.abs(np.asarray(got, np.float64) - expected).max(initial=0.0)) / scale
+    assert err <= TOLERANCE[dtype] * 10, f"{what}: relative error {err:.3g}"
+
+
+def random_arrays(spec, rng):
+    dtype = spec.dtype
+    x = rng.standard_normal(spec.input_shape).astype(dtype)
+    w = rng.standard_normal(spec.weight_shape).astype(dtype)
+    b = rng.standard_normal(spec.bias_shape).astype(dtype) if spec.bias else None
+    gy = rng.standard_normal(spec.output_shape).astype(dtype)
+    return x, w, b, gy
+
+
+def oracle_args(spec):
+    return spec.stride, spec.padding, spec.dilation, spec.groups
+
+
+@pytest.mark.parametrize("fields", CASES)
+def test_against_numpy_oracle(fields, compile_spec, rng):
+    spec = make_spec(fields)
+    kernel = compile_spec(spec)
+    x, w, b, gy = random_arrays(spec, rng)
+    inputs = [x, w] + ([b] if b is not None else [])
+    copies = [a.copy() for a in (*inputs, gy)]
+
+    y = kernel.forward(*inputs)
+    assert y.shape == spec.output_shape and y.dtype == np.dtype(spec.dtype)
+    assert_close(y, conv_forward(x, w, b, *oracle_args(spec)), spec.dtype, "forward")
+
+    grads = kernel.backward(x, w, gy)
+    expected = conv_backward(x, w, gy, *oracle_args(spec))
+    names = ("input", "weight", "bias")
+    assert len(grads) == (3 if spec.bias else 2)
+    for name, got, ref in zip(names, grads, expected):
+        assert got.dtype == np.dtype(spec.dtype)
+        assert_close(got, ref, spec.dtype, f"grad_{name}")
+    for before, after in zip(copies, (*inputs, gy)):
+        np.testing.assert_array_equal(before, after)  # inputs are never written
+
+
+@pytest.mark.parametrize("fields", [c for c in CASES if len(c.values[0]["input_shape"]) <= 5])
+def test_against_torch(fields, compile_spec, rng):
+    torch = pytest.importorskip("torch")
+    functional = torch.nn.functional
+    spec = make_spec(fields)
+    kernel = compile_spec(spec)
+    x, w, b, gy = random_arrays(spec, rng)
+
+    tx = torch.tensor(x, requires_grad=True)
+    tw = torch.tensor(w, requires_grad=True)
+    tb = torch.tensor(b, requires_grad=True) if b is not None else None
+    pads = [p for lo_hi in reversed(spec.padding) for p in lo_hi]   # F.pad: last dim first
+    conv = getattr(functional, f"conv{spec.rank}d")
+    ty = conv(functional.pad(tx, pads), tw, tb, stride=spec.stride, dilation=spec.dilation,
+              groups=spec.groups)
+    ty.backward(torch.tensor(gy))
+
+    assert_close(kernel.forward(*[a for a in (x, w, b) if a is not None]),
+                 ty.detach().numpy(), spec.dtype, "forward vs torch")
+    grads = kernel.backward(x, w, gy)
+    for got, tensor, name in zip(grads, (tx, tw, tb), ("input", "weight", "bias")):
+        assert_close(got, tensor.grad.numpy(), spec.dtype, f"grad_{name} vs torch")
+
+
+F64_CASES = [c for c in CASES if c.values[0].get("dtype") == "float64"]
+
+
+@pytest.mark.parametrize("fields", F64_CASES)
+def test_adjoint_identity(fields, compile_spec, rng):
+    """<J v, u> = <v, Jᵀ u> for each input, J applied by the forward kernel (it is linear in
+    each input), Jᵀ by the gradient kernels."""
+    spec = make_spec(fields)
+    kernel = compile_spec(spec)
+    x, w, b, _ = random_arrays(spec, rng)
+    u = rng.standard_normal(spec.output_shape)
+    zero_b = [np.zeros(spec.bias_shape)] if spec.bias else []
+
+    v = rng.standard_normal(spec.input_shape)
+    lhs = np.vdot(kernel.forward(v, w, *zero_b), u)
+    rhs = np.vdot(v, kernel.grad_input(w, u))
+    assert abs(lhs - rhs) <= 1e-10 * max(1.0, abs(lhs))
+
+    v = rng.standard_normal(spec.weight_shape)
+    lhs = np.vdot(kernel.forward(x, v, *zero_b), u)
+    rhs = np.vdot(v, kernel.grad_weight(x, u))
+    assert abs(lhs - rhs) <= 1e-10 * max(1.0, abs(lhs))
+
+    if spec.bias:
+        v = rng.standard_normal(spec.bias_shape)
+        lhs = np.vdot(kernel.forward(np.zeros(spec.input_shape), w, v), u)
+        rhs = np.vdot(v, kernel.grad_bias(u))
+        assert abs(lhs - rhs) <= 1e-10 * max(1.0, abs(lhs))
+
+
+@pytest.mark.parametrize("fields", F64_CASES)
+def test_finite_differences(fields, compile_spec, rng):
+    """Each gradient element against a central difference of L = Σ gy · forward."""
+    spec = make_spec(fields)
+    kernel = compile_spec(spec)
+    x, w, b, gy = random_arrays(spec, rng)
+    inputs = {"input": x, "weight": w, **({"bias": b} if spec.bias else {})}
+    grads = dict(zip(inputs, kernel.backward(x, w, gy)))
+    eps = 1e-5
+    for name, array in inputs.items():
+        for flat in rng.choice(array.size, size=min(5, array.size), replace=False):
+            at = np.unravel_index(flat, array.shape)
+            shifted = []
+            for sign in (1, -1):
+                moved = {k: v.copy() for k, v in inputs.items()}
+                moved[name][at] += sign * eps
+                shifted.append(np.vdot(gy, kernel.forward(*moved.values())))
+            numeric = (shifted[0] - shifted[1]) / (2 * eps)
+            assert abs(numeric - grads[name][at]) <= 1e-6 * max(1.0, abs(numeric)), (name, at)
+
+
+def test_backward_subsets(compile_spec, rng):
+    spec = make_spec(CASES[0].values[0])
+    kernel = compile_spec(spec)
+    x, w, b, gy = random_arrays(spec, rng)
+    full = kernel.backward(x, w, gy)
+    only_w = kernel.backward(None, w, gy, wrt=("input",))
+    assert only_w[1] is None and only_w[2] is None
+    np.testing.assert_array_equal(only_w[0], full[0])
+    gw, gb = kernel.backward(x, None, gy, wrt=("weight", "bias"))[1:]
+    np.testing.assert_array_equal(gw, full[1])
+    np.testing.assert_array_equal(gb, full[2])
+    out = np.full(spec.weight_shape, np.nan, np.float32)
+    result = kernel.backward(x, w, gy, wrt=("weight",), out={"weight": out})
+    assert result[1] is out
+    np.testing.assert_array_equal(out, full[1])
+
+
+def test_out_argument(compile_spec, rng):
+    spec = make_spec(CASES[0].values[0])
+    kernel = compile_spec(spec)
+    x, w, b, _ = random_arrays(spec, rng)
+    out = np.full(spec.output_shape, np.nan, np.float32)
+    assert kernel.forward(x, w, b, out=out) is out
+    np.testing.assert_array_equal(out, kernel.forward(x, w, b))
