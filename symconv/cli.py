@@ -146,7 +146,7 @@ def cmd_explain(args, out) -> int:
 
 def _run_gradcheck(spec: ConvSpec, args, out) -> bool:
     from .compiler import compile_conv
-    from .gradcheck import check_kernel
+    from .check import check_kernel
     checked = ConvSpec.from_dict({**spec.to_dict(), "dtype": "float64"})
     kernel = compile_conv(checked, cache_dir=args.cache_dir)
     results = check_kernel(kernel, seed=args.seed)

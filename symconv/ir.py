@@ -29,7 +29,7 @@ import itertools
 import math
 from dataclasses import dataclass
 from functools import reduce
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import sympy
@@ -387,9 +387,75 @@ class _AffineEval:
         return value // self.den
 
 
-def _satisfied(condition: Condition, env) -> bool:
-    value = _AffineEval(condition.expr)(env)
-    return value >= 0 if condition.modulus == 0 else value % condition.modulus == 0
+class _Test:
+    """A compiled Condition."""
+
+    def __init__(self, condition: Condition):
+        self.value, self.modulus = _AffineEval(condition.expr), condition.modulus
+
+    def __call__(self, env) -> bool:
+        value = self.value(env)
+        return value >= 0 if self.modulus == 0 else value % self.modulus == 0
+
+
+class _CompiledLoop:
+    def __init__(self, loop: Loop):
+        self.index, self.step = loop.index, loop.step
+        self.lower = [(_AffineEval(b.num), b.den) for b in loop.lower]
+        self.upper = [(_AffineEval(b.num), b.den) for b in loop.upper]
+        self.residue = _AffineEval(loop.residue)
+        self.checks = [_Test(c) for c in loop.checks]
+
+    def values(self, env) -> range:
+        low = max(_ceil_div(num(env), den) for num, den in self.lower)
+        high = min(num(env) // den for num, den in self.upper)
+        if self.step > 1:
+            low += (self.residue(env) - low) % self.step
+        return range(low, high + 1, self.step)
+
+
+_DELTA = {"KroneckerDelta": lambda a, b: 1.0 if a == b else 0.0}
+
+
+class _CompiledNest:
+    """A loop nest ready to run: the body as a Python function of (array values..., indices...)."""
+
+    def __init__(self, nest: LoopNest):
+        placeholders = {a: sympy.Dummy(f"a{i}") for i, a in enumerate(accesses(nest.body))}
+        self.indices = sorted((s for s in nest.body.free_symbols if isinstance(s, sympy.Idx)),
+                              key=sympy.default_sort_key)
+        names = {i: sympy.Dummy(str(i.label)) for i in self.indices}
+        self.body = sympy.lambdify([*placeholders.values(), *names.values()],
+                                   nest.body.xreplace({**placeholders, **names}), [_DELTA, "math"])
+        self.reads = [(str(a.base.label), tuple(_AffineEval(e) for e in a.indices),
+                       tuple(int(n) for n in a.base.shape)) for a in placeholders]
+        self.guards = [_Test(g) for g in nest.guards]
+        self.loops = [_CompiledLoop(loop) for loop in nest.loops]
+
+    def run(self, env, arrays) -> float:
+        if not all(guard(env) for guard in self.guards):
+            return 0.0
+        total = 0.0
+        for point in self._points(0, dict(env)):
+            values = []
+            for name, positions, shape in self.reads:
+                at = tuple(p(point) for p in positions)
+                if not all(0 <= i < n for i, n in zip(at, shape)):
+                    raise IRError(f"access {name}{list(at)} is out of bounds for shape {shape}")
+                values.append(float(arrays[name][at]))
+            total += self.body(*values, *(point[i] for i in self.indices))
+        return total
+
+    def _points(self, depth: int, env):
+        if depth == len(self.loops):
+            yield env
+            return
+        loop = self.loops[depth]
+        for value in loop.values(env):
+            env[loop.index] = value
+            if all(check(env) for check in loop.checks):
+                yield from self._points(depth + 1, env)
+        env.pop(loop.index, None)
 
 
 def evaluate(fn: IndexSum, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -400,60 +466,11 @@ def evaluate(fn: IndexSum, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
     error, not as a silently wrong number.
     """
     out = np.zeros(fn.output.shape)
-    compiled = [_compile_nest(nest) for nest in loop_nests(fn)]
+    nests = [_CompiledNest(nest) for nest in loop_nests(fn)]
     for point in itertools.product(*(range(n) for n in fn.output.shape)):
         env = dict(zip(fn.indices, point))
-        out[point] = sum(_run(nest, env, arrays) for nest in compiled)
+        out[point] = sum(nest.run(env, arrays) for nest in nests)
     return out
-
-
-_DELTA = {"KroneckerDelta": lambda a, b: 1.0 if a == b else 0.0}
-
-
-def _compile_nest(nest: LoopNest):
-    """The body as a Python function of (array values..., index values...)."""
-    placeholders = {a: sympy.Dummy(f"a{i}") for i, a in enumerate(accesses(nest.body))}
-    indices = sorted((s for s in nest.body.free_symbols if isinstance(s, sympy.Idx)),
-                     key=sympy.default_sort_key)
-    names = {i: sympy.Dummy(str(i.label)) for i in indices}
-    body = sympy.lambdify([*placeholders.values(), *names.values()],
-                          nest.body.xreplace({**placeholders, **names}), [_DELTA, "math"])
-    reads = [(str(a.base.label), tuple(_AffineEval(e) for e in a.indices), a.base.shape)
-             for a in placeholders]
-    return nest, body, reads, indices
-
-
-def _run(compiled, env, arrays) -> float:
-    nest, body, reads, indices = compiled
-    if not all(_satisfied(g, env) for g in nest.guards):
-        return 0.0
-    total = 0.0
-    for point in _iterate(nest.loops, dict(env)):
-        values = []
-        for name, positions, shape in reads:
-            at = tuple(p(point) for p in positions)
-            if not all(0 <= i < int(n) for i, n in zip(at, shape)):
-                raise IRError(f"access {name}{list(at)} is out of bounds for shape {shape}")
-            values.append(float(arrays[name][at]))
-        total += body(*values, *(point[i] for i in indices))
-    return total
-
-
-def _iterate(loops: Sequence[Loop], env):
-    """All index environments of a loop nest, in loop order."""
-    if not loops:
-        yield env
-        return
-    loop, inner = loops[0], loops[1:]
-    low = max(_ceil_div(_AffineEval(b.num)(env), b.den) for b in loop.lower)
-    high = min(_AffineEval(b.num)(env) // b.den for b in loop.upper)
-    if loop.step > 1:
-        low += (_AffineEval(loop.residue)(env) - low) % loop.step
-    for value in range(low, high + 1, loop.step):
-        env[loop.index] = value
-        if all(_satisfied(c, env) for c in loop.checks):
-            yield from _iterate(inner, env)
-    env.pop(loop.index, None)
 
 
 # --- printing ------------------------------------------------------------------------------------
@@ -569,14 +586,3 @@ def to_text(fn: IndexSum, latex: bool = False) -> str:
 
 def to_latex(fn: IndexSum) -> str:
     return to_text(fn, latex=True)
-
-
-def expression_text(expr, latex: bool = False) -> str:
-    """Print any IR expression the way the formulas are printed."""
-    return _latex(expr) if latex else _text(expr)
-
-
-def iter_accesses(fns: Iterable[IndexSum]) -> Iterable[sympy.Indexed]:
-    for fn in fns:
-        for term in fn.terms:
-            yield from accesses(term.body)

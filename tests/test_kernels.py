@@ -153,3 +153,19 @@ def test_out_argument(compile_spec, rng):
     out = np.full(spec.output_shape, np.nan, np.float32)
     assert kernel.forward(x, w, b, out=out) is out
     np.testing.assert_array_equal(out, kernel.forward(x, w, b))
+
+
+def test_calls_from_several_threads_at_once(compile_spec, rng):
+    """Kernels keep no state between calls: concurrent calls (the GIL is released inside cffi
+    calls) give the results of sequential ones."""
+    from concurrent.futures import ThreadPoolExecutor
+    spec = make_spec(CASES[11].values[0])
+    kernel = compile_spec(spec)
+    batches = [random_arrays(spec, np.random.default_rng(seed)) for seed in range(8)]
+    expected = [(kernel.forward(x, w, b), *kernel.backward(x, w, gy)) for x, w, b, gy in batches]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda a: (kernel.forward(*a[:3]), *kernel.backward(a[0], a[1], a[3])),
+                            batches))
+    for g, e in zip(got, expected):
+        for a, b in zip(g, e):
+            np.testing.assert_array_equal(a, b)
