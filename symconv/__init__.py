@@ -15,16 +15,17 @@ compiler's symbolic stages import SymPy when first used.
 __version__ = "0.1.0"
 
 from .kernel import Kernel, PackageError, load  # noqa: E402
-from .spec import ConvSpec  # noqa: E402
+from .spec import AvgPoolSpec, ConvSpec  # noqa: E402
 
 _LAZY = {
     "compile_conv": "compiler",
-    "explain_conv": "compiler",
+    "compile_op": "compiler",
+    "explain": "compiler",
     "Compilation": "compiler",
     "BuildError": "build",
 }
 
-__all__ = ["ConvSpec", "Kernel", "PackageError", "load", *_LAZY]
+__all__ = ["AvgPoolSpec", "ConvSpec", "Kernel", "PackageError", "load", *_LAZY]
 
 
 def __getattr__(name):

@@ -133,9 +133,9 @@ def cmd_compile(args, out) -> int:
 
 
 def cmd_explain(args, out) -> int:
-    from .compiler import explain_conv
+    from .compiler import explain
     for spec in _specs(args):
-        compilation = explain_conv(spec)
+        compilation = explain(spec)
         print(spec.describe(), file=out)
         _print_formulas(compilation, args.latex, args.scatter, out)
         if args.c:
@@ -164,11 +164,11 @@ def cmd_gradcheck(args, out) -> int:
 
 
 def cmd_demo(args, out) -> int:
-    from .compiler import compile_conv, explain_conv
+    from .compiler import compile_conv, explain
     spec = ConvSpec(**DEMO_SPEC)
     print(f"symconv demo: {spec.describe()}", file=out)
     start = time.perf_counter()
-    compilation = explain_conv(spec)
+    compilation = explain(spec)
     print(f"\n[1/3] derived the gradients and emitted C in {time.perf_counter() - start:.2f} s",
           file=out)
     _print_formulas(compilation, latex=False, scatter=True, out=out)

@@ -111,12 +111,12 @@ def lower(op: "OpDefinition") -> Compilation:
     return Compilation(op, derivations, functions, source, timings)
 
 
-def explain_conv(spec: ConvSpec) -> Compilation:
-    """The full derivation of a convolution, without building it."""
+def explain(spec) -> Compilation:
+    """The full derivation of a spec's op, without building it."""
     from . import define
 
     start = time.perf_counter()
-    op = define.conv(spec)
+    op = define.definition(spec)
     elapsed = time.perf_counter() - start
     compilation = lower(op)
     compilation.timings = {"define": elapsed, **compilation.timings}
@@ -126,15 +126,15 @@ def explain_conv(spec: ConvSpec) -> Compilation:
 _loaded: dict[Path, Kernel] = {}
 
 
-def compile_conv(spec: ConvSpec, cache_dir: str | os.PathLike | None = None,
-                 target: str | None = None) -> Kernel:
-    """Compile (or fetch from the cache) the kernels of one convolution and load them.
+def compile_op(spec, cache_dir: str | os.PathLike | None = None,
+               target: str | None = None) -> Kernel:
+    """Compile (or fetch from the cache) the kernels of a spec's op and load them.
 
-    ``cache_dir`` defaults to ``$SYMCONV_CACHE_DIR`` or ``~/.cache/symconv``;
-    ``target`` to x86-64-v3 where the CPU has it (see build.default_target).
+    ``spec`` is any spec symconv defines (ConvSpec, AvgPoolSpec).  ``cache_dir``
+    defaults to ``$SYMCONV_CACHE_DIR`` or ``~/.cache/symconv``; ``target`` to
+    x86-64-v3 where the CPU has it (see build.default_target).  The package
+    name is known from the spec alone, so a cache hit runs no symbolic stage.
     """
-    if not isinstance(spec, ConvSpec):
-        raise TypeError(f"compile_conv takes a ConvSpec, got {type(spec).__name__}")
     config = build.build_config(target)
     root = Path(cache_dir) if cache_dir is not None else build.default_cache_dir()
     path = (root / build.package_name(spec.slug, spec.key, config)).resolve()
@@ -144,9 +144,17 @@ def compile_conv(spec: ConvSpec, cache_dir: str | os.PathLike | None = None,
         kernel = Kernel(path)
     except PackageError:
         def write(staging: Path) -> None:
-            compilation = explain_conv(spec)
+            compilation = explain(spec)
             build.write_package(staging, path.name, compilation.source.text,
                                 compilation.source.cdef, compilation.manifest(), config)
         kernel = Kernel(build.publish(root, path.name, write))
     _loaded[path] = kernel
     return kernel
+
+
+def compile_conv(spec: ConvSpec, cache_dir: str | os.PathLike | None = None,
+                 target: str | None = None) -> Kernel:
+    """Compile one convolution: ``compile_op`` for a ConvSpec."""
+    if not isinstance(spec, ConvSpec):
+        raise TypeError(f"compile_conv takes a ConvSpec, got {type(spec).__name__}")
+    return compile_op(spec, cache_dir, target)

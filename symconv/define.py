@@ -19,8 +19,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Mapping
 
+import sympy
+
 from .ir import Array, IndexSum, Term, index
-from .spec import ConvSpec
+from .spec import AvgPoolSpec, ConvSpec
 
 
 @dataclass(frozen=True)
@@ -50,11 +52,22 @@ class OpDefinition:
                                  f"not match its IR shape {array.shape}")
 
 
+def _windows(spatial, out_spatial, kernel, stride, dilation, padding):
+    """Output indices i, window indices k, the input positions s·i + d·k - lo they read, and
+    the guards keeping those positions inside the (unpadded) input."""
+    i = [index(f"i{t}", size) for t, size in enumerate(out_spatial)]
+    k = [index(f"k{t}", size) for t, size in enumerate(kernel)]
+    positions = [s * it + d * kt - lo
+                 for it, kt, s, d, (lo, _) in zip(i, k, stride, dilation, padding)]
+    inside = tuple(bound for position, size in zip(positions, spatial)
+                   for bound in (position, size - 1 - position))
+    return i, k, positions, inside
+
+
 def conv(spec: ConvSpec) -> OpDefinition:
     """The forward convolution of a spec as an index sum."""
     n_batch, c_in, *spatial = spec.input_shape
     c_out, c_group, *kernel = spec.weight_shape
-    out_spatial = spec.output_shape[2:]
     groups = spec.groups
     grouped = groups > 1
 
@@ -62,20 +75,16 @@ def conv(spec: ConvSpec) -> OpDefinition:
     g = (index("g", groups),) if grouped else ()
     o = index("o", c_out // groups)
     c = index("c", c_group)
-    i = [index(f"i{t}", size) for t, size in enumerate(out_spatial)]
-    k = [index(f"k{t}", size) for t, size in enumerate(kernel)]
+    i, k, positions, inside = _windows(spatial, spec.output_shape[2:], kernel, spec.stride,
+                                       spec.dilation, spec.padding)
     group_axis = (groups,) if grouped else ()
 
     x = Array("input", (n_batch, *group_axis, c_group, *spatial))
     w = Array("weight", (*group_axis, c_out // groups, c_group, *kernel))
-    y = Array("output", (n_batch, *group_axis, c_out // groups, *out_spatial))
+    y = Array("output", (n_batch, *group_axis, c_out // groups, *spec.output_shape[2:]))
 
-    positions = [s * it + d * kt - lo
-                 for it, kt, s, d, (lo, _) in zip(i, k, spec.stride, spec.dilation, spec.padding)]
     body = w[(*g, o, c, *k)] * x[(n, *g, c, *positions)]
-    inside_input = [bound for position, size in zip(positions, spatial)
-                    for bound in (position, size - 1 - position)]
-    terms = [Term((c, *k), body, tuple(inside_input))]
+    terms = [Term((c, *k), body, inside)]
     inputs = [x, w]
     shapes = {"input": spec.input_shape, "weight": spec.weight_shape, "output": spec.output_shape}
     if spec.bias:
@@ -96,3 +105,35 @@ def conv(spec: ConvSpec) -> OpDefinition:
         description=spec.describe(),
         details={"spec": spec.to_dict(), "flops": spec.flops},
     )
+
+
+def avg_pool(spec: AvgPoolSpec) -> OpDefinition:
+    """output[n, c, i] = Σ_k input[n, c, s·i + k - lo] / |window|, zero outside the input."""
+    n_batch, channels, *spatial = spec.input_shape
+    n, c = index("n", n_batch), index("c", channels)
+    i, k, positions, inside = _windows(spatial, spec.output_shape[2:], spec.kernel_size,
+                                       spec.stride, (1,) * spec.rank, spec.padding)
+    x = Array("input", spec.input_shape)
+    y = Array("output", spec.output_shape)
+    body = x[(n, c, *positions)] * sympy.Rational(1, math.prod(spec.kernel_size))
+    forward = IndexSum(y, (n, c, *i), (Term(tuple(k), body, inside),))
+    return OpDefinition(
+        kind="avg_pool",
+        forward=forward,
+        inputs=(x,),
+        differentiable=("input",),
+        shapes={"input": spec.input_shape, "output": spec.output_shape},
+        dtype=spec.dtype,
+        key=spec.key,
+        description=spec.describe(),
+        details={"spec": spec.to_dict()},
+    )
+
+
+def definition(spec) -> OpDefinition:
+    """The forward definition of any spec symconv compiles."""
+    builders = {ConvSpec: conv, AvgPoolSpec: avg_pool}
+    if type(spec) not in builders:
+        raise TypeError(f"cannot define {type(spec).__name__}; expected one of "
+                        f"{', '.join(t.__name__ for t in builders)}")
+    return builders[type(spec)](spec)

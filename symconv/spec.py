@@ -1,5 +1,6 @@
-"""ConvSpec: a frozen, validated, normalised description of one convolution.
+"""Specs: frozen, validated, normalised descriptions of the ops symconv compiles.
 
+``ConvSpec`` is one N-D convolution; ``AvgPoolSpec`` one N-D average pooling.
 Layout and semantics follow PyTorch so users can switch: input
 ``(N, C_in, *spatial)``, weight ``(C_out, C_in // groups, *kernel)``, bias
 ``(C_out,)``, output ``(N, C_out, *out_spatial)``, cross-correlation, zero
@@ -7,7 +8,8 @@ padding.  Any number of spatial dimensions is allowed.
 
 Every field is normalised to per-dimension tuples on construction, so two
 specs that describe the same computation (``padding="same"`` and the
-explicit pads it stands for) compare equal and share one key.
+explicit pads it stands for) compare equal and share one key.  An invalid
+field raises ValueError naming ``Class.field`` and the value.
 """
 
 from __future__ import annotations
@@ -15,14 +17,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
-from typing import Any, Mapping
+from dataclasses import MISSING as dataclasses_missing
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Mapping
 
 DTYPES = ("float32", "float64")
 
 
-def _fail(field_name: str, message: str, value: Any) -> ValueError:
-    return ValueError(f"ConvSpec.{field_name}: {message}, got {value!r}")
+def _fail(where: str, message: str, value: Any) -> ValueError:
+    """A ValueError naming the field (``where`` is ``Class.field``) and the bad value."""
+    return ValueError(f"{where}: {message}, got {value!r}")
 
 
 def _is_int(value: Any) -> bool:
@@ -31,6 +35,7 @@ def _is_int(value: Any) -> bool:
 
 
 def _shape(field_name: str, value: Any) -> tuple[int, ...]:
+    """At least (N, C, one spatial dim), every size positive."""
     try:
         shape = tuple(value)
     except TypeError:
@@ -61,7 +66,8 @@ def _per_dim(field_name: str, value: Any, rank: int, minimum: int) -> tuple[int,
     return values
 
 
-def _padding(value: Any, rank: int, spatial, kernel, stride, dilation) -> tuple[tuple[int, int], ...]:
+def _padding(where: str, value: Any, rank: int, spatial, kernel, stride,
+             dilation) -> tuple[tuple[int, int], ...]:
     """Normalise padding to one (lo, hi) pair per spatial dim."""
     if isinstance(value, str):
         if value == "valid":
@@ -73,17 +79,17 @@ def _padding(value: Any, rank: int, spatial, kernel, stride, dilation) -> tuple[
                 total = max((out - 1) * s + d * (k - 1) + 1 - size, 0)
                 pairs.append((total // 2, total - total // 2))
             return tuple(pairs)
-        raise _fail("padding", "expected 'valid', 'same', an int, ints or (lo, hi) pairs", value)
+        raise _fail(where, "expected 'valid', 'same', an int, ints or (lo, hi) pairs", value)
     if _is_int(value):
         pairs = ((int(value), int(value)),) * rank
     else:
         try:
             entries = tuple(value)
         except TypeError:
-            raise _fail("padding", "expected 'valid', 'same', an int, ints or (lo, hi) pairs",
+            raise _fail(where, "expected 'valid', 'same', an int, ints or (lo, hi) pairs",
                         value) from None
         if len(entries) != rank:
-            raise _fail("padding", f"expected {rank} entries (one per spatial dim)", value)
+            raise _fail(where, f"expected {rank} entries (one per spatial dim)", value)
         pairs = []
         for entry in entries:
             if _is_int(entry):
@@ -92,18 +98,88 @@ def _padding(value: Any, rank: int, spatial, kernel, stride, dilation) -> tuple[
             try:
                 lo, hi = entry
             except (TypeError, ValueError):
-                raise _fail("padding", "each entry must be an int or a (lo, hi) pair", value) from None
+                raise _fail(where, "each entry must be an int or a (lo, hi) pair", value) from None
             if not (_is_int(lo) and _is_int(hi)):
-                raise _fail("padding", "each entry must be an int or a (lo, hi) pair", value)
+                raise _fail(where, "each entry must be an int or a (lo, hi) pair", value)
             pairs.append((int(lo), int(hi)))
         pairs = tuple(pairs)
     if any(lo < 0 or hi < 0 for lo, hi in pairs):
-        raise _fail("padding", "padding must be non-negative", value)
+        raise _fail(where, "padding must be non-negative", value)
     return pairs
 
 
+def _dims(values) -> str:
+    return "x".join(map(str, values))
+
+
+def _out_spatial(where: str, spatial, kernel, stride, dilation, padding) -> tuple[int, ...]:
+    """Output sizes; a kernel reaching beyond the padded input is an error."""
+    out = []
+    for dim, (size, k, s, d, (lo, hi)) in enumerate(zip(spatial, kernel, stride, dilation, padding)):
+        reach = d * (k - 1) + 1
+        if size + lo + hi < reach:
+            raise _fail(where, f"kernel reach {reach} (dilation {d} x (size {k} - 1) + 1) is "
+                        f"larger than the padded input {size} + {lo} + {hi} in spatial dim {dim}",
+                        kernel)
+        out.append((size + lo + hi - reach) // s + 1)
+    return tuple(out)
+
+
+class _Spec:
+    """What every spec shares: dict round trip, a stable key, a slug."""
+
+    KIND: ClassVar[str]
+
+    def _where(self, name: str) -> str:
+        return f"{type(self).__name__}.{name}"
+
+    def _set(self, **values) -> None:
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    @property
+    def rank(self) -> int:
+        """Number of spatial dimensions."""
+        return len(self.input_shape) - 2
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready normalised form; ``from_dict`` inverts it."""
+        def plain(value):
+            return [plain(v) for v in value] if isinstance(value, tuple) else value
+        return {f.name: plain(getattr(self, f.name)) for f in fields(self) if f.init}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]):
+        """Build a spec from a mapping (a JSON/TOML table); unknown keys are an error."""
+        known = {f.name for f in fields(cls) if f.init}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; "
+                             f"expected some of {', '.join(sorted(known))}")
+        required = [f.name for f in fields(cls) if f.init and f.default is dataclasses_missing]
+        for name in required:
+            if name not in data:
+                raise ValueError(f"{cls.__name__}.{name}: missing")
+        return cls(**dict(data))
+
+    @property
+    def key(self) -> str:
+        """A stable hash of the kind and the normalised fields (hex sha256)."""
+        text = json.dumps({"kind": self.KIND, **self.to_dict()}, sort_keys=True,
+                          separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    @property
+    def _dtype_tag(self) -> str:
+        return "f32" if self.dtype == "float32" else "f64"
+
+    def _check_dtype(self) -> None:
+        if self.dtype not in DTYPES:
+            raise _fail(self._where("dtype"), f"expected one of {DTYPES}", self.dtype)
+
+
 @dataclass(frozen=True)
-class ConvSpec:
+class ConvSpec(_Spec):
     """One N-D convolution, specialised to exact shapes.
 
     ``stride``, ``dilation`` and ``padding`` accept an int or one value per
@@ -111,6 +187,8 @@ class ConvSpec:
     ``"same"`` (output size ceil(in / stride), extra pad on the high side).
     After construction they are tuples; ``padding`` is a tuple of pairs.
     """
+
+    KIND: ClassVar[str] = "conv"
 
     input_shape: tuple[int, ...]
     weight_shape: tuple[int, ...]
@@ -123,51 +201,37 @@ class ConvSpec:
     output_shape: tuple[int, ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        set_ = object.__setattr__
-        input_shape = _shape("input_shape", self.input_shape)
-        weight_shape = _shape("weight_shape", self.weight_shape)
+        where = self._where
+        input_shape = _shape(where("input_shape"), self.input_shape)
+        weight_shape = _shape(where("weight_shape"), self.weight_shape)
         if len(weight_shape) != len(input_shape):
-            raise _fail("weight_shape", f"expected {len(input_shape)} dims like input_shape "
+            raise _fail(where("weight_shape"), f"expected {len(input_shape)} dims like input_shape "
                         f"{input_shape}", weight_shape)
         rank = len(input_shape) - 2
         if not _is_int(self.groups) or int(self.groups) < 1:
-            raise _fail("groups", "expected a positive int", self.groups)
+            raise _fail(where("groups"), "expected a positive int", self.groups)
         groups = int(self.groups)
         c_in, c_out = input_shape[1], weight_shape[0]
         if c_in % groups:
-            raise _fail("groups", f"input channels {c_in} are not divisible by groups", groups)
+            raise _fail(where("groups"), f"input channels {c_in} are not divisible by groups",
+                        groups)
         if c_out % groups:
-            raise _fail("groups", f"output channels {c_out} are not divisible by groups", groups)
+            raise _fail(where("groups"), f"output channels {c_out} are not divisible by groups",
+                        groups)
         if weight_shape[1] != c_in // groups:
-            raise _fail("weight_shape", f"dim 1 must be input channels // groups = "
+            raise _fail(where("weight_shape"), f"dim 1 must be input channels // groups = "
                         f"{c_in} // {groups} = {c_in // groups}", weight_shape)
         if not isinstance(self.bias, bool):
-            raise _fail("bias", "expected True or False", self.bias)
-        if self.dtype not in DTYPES:
-            raise _fail("dtype", f"expected one of {DTYPES}", self.dtype)
-        stride = _per_dim("stride", self.stride, rank, 1)
-        dilation = _per_dim("dilation", self.dilation, rank, 1)
+            raise _fail(where("bias"), "expected True or False", self.bias)
+        self._check_dtype()
+        stride = _per_dim(where("stride"), self.stride, rank, 1)
+        dilation = _per_dim(where("dilation"), self.dilation, rank, 1)
         spatial, kernel = input_shape[2:], weight_shape[2:]
-        padding = _padding(self.padding, rank, spatial, kernel, stride, dilation)
-        out_spatial = []
-        for dim, (size, k, s, d, (lo, hi)) in enumerate(zip(spatial, kernel, stride, dilation, padding)):
-            reach = d * (k - 1) + 1
-            if size + lo + hi < reach:
-                raise _fail("weight_shape", f"kernel reach {reach} (dilation {d} x (size {k} - 1) + 1) "
-                            f"is larger than the padded input {size} + {lo} + {hi} in spatial dim {dim}",
-                            weight_shape)
-            out_spatial.append((size + lo + hi - reach) // s + 1)
-        for name, value in (("input_shape", input_shape), ("weight_shape", weight_shape),
-                            ("stride", stride), ("padding", padding), ("dilation", dilation),
-                            ("groups", groups)):
-            set_(self, name, value)
-        set_(self, "output_shape", (input_shape[0], c_out, *out_spatial))
-
-    # --- derived facts -------------------------------------------------
-    @property
-    def rank(self) -> int:
-        """Number of spatial dimensions."""
-        return len(self.input_shape) - 2
+        padding = _padding(where("padding"), self.padding, rank, spatial, kernel, stride, dilation)
+        out = _out_spatial(where("weight_shape"), spatial, kernel, stride, dilation, padding)
+        self._set(input_shape=input_shape, weight_shape=weight_shape, stride=stride,
+                  padding=padding, dilation=dilation, groups=groups,
+                  output_shape=(input_shape[0], c_out, *out))
 
     @property
     def kernel_size(self) -> tuple[int, ...]:
@@ -188,46 +252,11 @@ class ConvSpec:
         """Floating-point operations of the forward pass: two per multiply-accumulate."""
         return 2 * self.macs
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready normalised form; ``ConvSpec.from_dict`` inverts it."""
-        return {
-            "input_shape": list(self.input_shape),
-            "weight_shape": list(self.weight_shape),
-            "stride": list(self.stride),
-            "padding": [list(p) for p in self.padding],
-            "dilation": list(self.dilation),
-            "groups": self.groups,
-            "bias": self.bias,
-            "dtype": self.dtype,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ConvSpec":
-        """Build a spec from a mapping (a JSON/TOML table); unknown keys are an error."""
-        known = {"input_shape", "weight_shape", "stride", "padding", "dilation", "groups", "bias",
-                 "dtype"}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"ConvSpec: unknown field(s) {', '.join(unknown)}; "
-                             f"expected some of {', '.join(sorted(known))}")
-        for required in ("input_shape", "weight_shape"):
-            if required not in data:
-                raise ValueError(f"ConvSpec.{required}: missing")
-        return cls(**dict(data))
-
-    @property
-    def key(self) -> str:
-        """A stable hash of the normalised spec (hex sha256)."""
-        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()
-
     @property
     def slug(self) -> str:
         """A short readable identifier (not unique: the key tells specs apart)."""
-        def dims(values):
-            return "x".join(map(str, values))
-        return (f"conv{self.rank}d_{dims(self.input_shape)}_w{dims(self.weight_shape)}"
-                f"_{'f32' if self.dtype == 'float32' else 'f64'}")
+        return (f"conv{self.rank}d_{_dims(self.input_shape)}_w{_dims(self.weight_shape)}"
+                f"_{self._dtype_tag}")
 
     def describe(self) -> str:
         """One line for humans."""
@@ -235,3 +264,43 @@ class ConvSpec:
         return (f"conv{self.rank}d input {self.input_shape} weight {self.weight_shape} -> output "
                 f"{self.output_shape}; stride {self.stride}, padding ({pads}), dilation "
                 f"{self.dilation}, groups {self.groups}, bias {self.bias}, {self.dtype}")
+
+
+@dataclass(frozen=True)
+class AvgPoolSpec(_Spec):
+    """N-D average pooling: the mean of each (zero-padded) window, divided by the window size
+    like PyTorch's ``avg_pool`` with ``count_include_pad=True``.  ``stride`` defaults to the
+    window size; ``padding`` takes the same forms as ConvSpec's."""
+
+    KIND: ClassVar[str] = "avg_pool"
+
+    input_shape: tuple[int, ...]
+    kernel_size: Any
+    stride: Any = None
+    padding: Any = 0
+    dtype: str = "float32"
+    output_shape: tuple[int, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        where = self._where
+        input_shape = _shape(where("input_shape"), self.input_shape)
+        rank = len(input_shape) - 2
+        kernel = _per_dim(where("kernel_size"), self.kernel_size, rank, 1)
+        stride = kernel if self.stride is None else _per_dim(where("stride"), self.stride, rank, 1)
+        self._check_dtype()
+        dilation = (1,) * rank
+        padding = _padding(where("padding"), self.padding, rank, input_shape[2:], kernel, stride,
+                           dilation)
+        out = _out_spatial(where("kernel_size"), input_shape[2:], kernel, stride, dilation, padding)
+        self._set(input_shape=input_shape, kernel_size=kernel, stride=stride, padding=padding,
+                  output_shape=input_shape[:2] + out)
+
+    @property
+    def slug(self) -> str:
+        return (f"avgpool{self.rank}d_{_dims(self.input_shape)}_k{_dims(self.kernel_size)}"
+                f"_{self._dtype_tag}")
+
+    def describe(self) -> str:
+        return (f"avg_pool{self.rank}d input {self.input_shape} window {self.kernel_size} -> "
+                f"output {self.output_shape}; stride {self.stride}, padding {self.padding}, "
+                f"{self.dtype}")

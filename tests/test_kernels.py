@@ -169,3 +169,26 @@ def test_calls_from_several_threads_at_once(compile_spec, rng):
     for g, e in zip(got, expected):
         for a, b in zip(g, e):
             np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("fields", [
+    dict(input_shape=(2, 3, 9), kernel_size=3),
+    dict(input_shape=(2, 2, 7, 6), kernel_size=(3, 2), stride=(2, 1), padding=1),
+    dict(input_shape=(1, 2, 5, 6, 7), kernel_size=2, padding=((1, 0), 0, (0, 1)), dtype="float64"),
+])
+def test_average_pooling_against_torch(fields, cache_dir, rng):
+    """Average pooling (count_include_pad) compiled through the same pipeline."""
+    torch = pytest.importorskip("torch")
+    from symconv import AvgPoolSpec, compile_op
+    spec = AvgPoolSpec(**fields)
+    kernel = compile_op(spec, cache_dir=cache_dir)
+    x = rng.standard_normal(spec.input_shape).astype(spec.dtype)
+    gy = rng.standard_normal(spec.output_shape).astype(spec.dtype)
+    tx = torch.tensor(x, requires_grad=True)
+    pads = [p for lo_hi in reversed(spec.padding) for p in lo_hi]
+    pool = getattr(torch.nn.functional, f"avg_pool{spec.rank}d")
+    ty = pool(torch.nn.functional.pad(tx, pads), spec.kernel_size, spec.stride)
+    ty.backward(torch.tensor(gy))
+    assert_close(kernel.forward(x), ty.detach().numpy(), spec.dtype, "avg_pool forward")
+    (gx,) = kernel.backward(gy)
+    assert_close(gx, tx.grad.numpy(), spec.dtype, "avg_pool grad_input")
