@@ -57,7 +57,8 @@ _ISA_FLAG = re.compile(r"^(sse|ssse|avx|fma|bmi|f16c|movbe|abm|popcnt|adx|sha|va
 # -fno-tree-loop-vectorize: GCC 12.2's loop vectorizer miscompiles reductions over strided
 # load groups (tests/test_codegen.py::test_build_flags_avoid_gcc_vectorizer_miscompile has the
 # reproducer); symconv's schedule vectorises explicitly instead.
-BASE_FLAGS = ("-O3", "-std=c99", "-fPIC", "-shared", "-fno-math-errno", "-fno-tree-loop-vectorize")
+BASE_FLAGS = ("-O3", "-std=c99", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno",
+              "-fno-tree-loop-vectorize")
 
 # The modules whose source decides what a package contains.
 _FINGERPRINTED = ("spec.py", "ir.py", "define.py", "derive.py", "codegen.py", "build.py",

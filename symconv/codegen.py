@@ -20,7 +20,8 @@ import sympy
 from sympy.codegen.ast import float32, float64, real
 from sympy.printing.c import C99CodePrinter
 
-from .ir import Array, Bound, Condition, IndexSum, IRError, LoopNest, integer_form, loop_nests, to_text
+from .ir import (Array, Bound, Condition, IndexSum, IRError, LoopNest, index_range,
+                 integer_form, loop_nests, to_text)
 
 C_TYPES = {"float32": "float", "float64": "double"}
 
@@ -190,8 +191,21 @@ def _emit_nest(out: _Writer, nest: LoopNest, body: str) -> None:
         out.close()
 
 
+PARALLEL_WORK = 1 << 16  # loop iterations below which threads cost more than they save
+
+
+def _work(fn: IndexSum) -> int:
+    """Loop iterations of the whole sum, counting every term over its full index box."""
+    per_element = sum(math.prod(hi - lo + 1 for lo, hi in map(index_range, term.indices))
+                      for term in fn.terms)
+    return math.prod(fn.output.shape) * max(per_element, 1)
+
+
 def emit_function(name: str, fn: IndexSum, inputs: Sequence[Array], dtype: str) -> tuple[str, CFunction]:
-    """C text of one index sum as ``void symconv_<name>(inputs..., output)``."""
+    """C text of one index sum as ``void symconv_<name>(inputs..., output, threads)``.
+
+    Every output element is computed by one thread in a fixed order, so results do
+    not depend on the number of threads."""
     ctype = C_TYPES[dtype]
     symbol = f"symconv_{_check_name(name, 'function')}"
     for array in (*inputs, fn.output):
@@ -201,8 +215,9 @@ def emit_function(name: str, fn: IndexSum, inputs: Sequence[Array], dtype: str) 
     if missing:
         raise IRError(f"{name}: reads {sorted(missing)} which are not among its arguments")
     params = [f"const {ctype} *restrict {a.name}" for a in inputs] + \
-             [f"{ctype} *restrict {fn.output.name}"]
-    plain = [f"const {ctype} *{a.name}" for a in inputs] + [f"{ctype} *{fn.output.name}"]
+             [f"{ctype} *restrict {fn.output.name}", "int sc_threads"]
+    plain = [f"const {ctype} *{a.name}" for a in inputs] + [f"{ctype} *{fn.output.name}",
+                                                            "int sc_threads"]
     printer = _BodyPrinter(dtype)
 
     out = _Writer()
@@ -212,6 +227,9 @@ def emit_function(name: str, fn: IndexSum, inputs: Sequence[Array], dtype: str) 
         out.line(f" * {text}")
     out.line(" */")
     out.open(f"void {symbol}({', '.join(params)})")
+    if _work(fn) >= PARALLEL_WORK:
+        out.line(f"#pragma omp parallel for collapse({len(fn.indices)}) schedule(static) "
+                 f"num_threads(sc_threads)")
     for idx, extent in zip(fn.indices, fn.output.shape):
         var = _check_name(str(idx.label), "index")
         out.open(f"for (int64_t {var} = 0; {var} < {extent}; ++{var})")

@@ -28,6 +28,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 MANIFEST = "manifest.json"
+THREADS_ENV = "SYMCONV_NUM_THREADS"
 FORMAT = 1
 C_TYPES = {"float32": "float", "float64": "double"}
 
@@ -95,6 +96,23 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
+def default_threads() -> int:
+    """``$SYMCONV_NUM_THREADS``, else every core this process may run on."""
+    value = os.environ.get(THREADS_ENV)
+    if value:
+        try:
+            threads = int(value)
+        except ValueError:
+            threads = 0
+        if threads < 1:
+            raise ValueError(f"{THREADS_ENV} must be a positive integer, got {value!r}")
+        return threads
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def _import_extension(directory: Path, manifest: Mapping[str, Any]):
     module = manifest["module"]
     path = directory / (module + manifest["build"]["ext_suffix"])
@@ -140,7 +158,14 @@ class Function:
             raise ValueError(f"{self.name}: {label} is read-only")
         return array
 
-    def __call__(self, *arrays: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    def __call__(self, *arrays: np.ndarray, out: np.ndarray | None = None,
+                 threads: int | None = None) -> np.ndarray:
+        """Run on ``arrays`` (in ``self.args`` order) with ``threads`` threads (default:
+        ``$SYMCONV_NUM_THREADS`` or all cores); results do not depend on ``threads``."""
+        if threads is None:
+            threads = default_threads()
+        elif isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"{self.name}: threads must be a positive int, got {threads!r}")
         if len(arrays) != len(self.args):
             raise TypeError(f"{self.name} takes {len(self.args)} arrays ({', '.join(self.args)}), "
                             f"got {len(arrays)}")
@@ -154,7 +179,7 @@ class Function:
                     raise ValueError(f"{self.name}: out overlaps the input {name}")
         buffer = self._ffi.from_buffer
         self._c(*(buffer(self._ctype, a) for a in inputs),
-                buffer(self._ctype, out, require_writable=True))
+                buffer(self._ctype, out, require_writable=True), threads)
         return out
 
 
@@ -213,14 +238,16 @@ class Kernel:
         raise AttributeError(f"{type(self).__name__} has no attribute or function {name!r}")
 
     # --- calling ---------------------------------------------------------------------------------
-    def forward(self, *inputs: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    def forward(self, *inputs: np.ndarray, out: np.ndarray | None = None,
+                threads: int | None = None) -> np.ndarray:
         """The op's output for ``inputs`` (in the order of ``self.inputs``)."""
-        return self.functions["forward"](*inputs, out=out)
+        return self.functions["forward"](*inputs, out=out, threads=threads)
 
     __call__ = forward
 
     def backward(self, *arrays: np.ndarray | None, wrt: Sequence[str] | None = None,
-                 out: Mapping[str, np.ndarray] | None = None) -> tuple[np.ndarray | None, ...]:
+                 out: Mapping[str, np.ndarray] | None = None,
+                 threads: int | None = None) -> tuple[np.ndarray | None, ...]:
         """Gradients of ``Σ grad_output · forward(...)`` for the differentiable inputs.
 
         ``arrays`` are ``manifest['backward_args']``: the inputs some gradient
@@ -252,7 +279,8 @@ class Kernel:
             missing = [a for a in function.args if given[a] is None]
             if missing:
                 raise TypeError(f"backward: the gradient for {name} needs {', '.join(missing)}")
-            results.append(function(*(given[a] for a in function.args), out=out.get(name)))
+            results.append(function(*(given[a] for a in function.args), out=out.get(name),
+                                    threads=threads))
         return tuple(results)
 
 

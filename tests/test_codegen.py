@@ -59,7 +59,7 @@ def test_float32_code_uses_float_arithmetic():
 def test_pointers_are_restrict_qualified_and_inputs_const():
     text = c_text(**SPEC)
     assert ("void symconv_grad_input(const float *restrict weight, const float *restrict "
-            "grad_output, float *restrict grad_input)") in text
+            "grad_output, float *restrict grad_input, int sc_threads)") in text
 
 
 def test_every_function_has_its_formula_as_a_comment():

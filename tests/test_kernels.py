@@ -192,3 +192,34 @@ def test_average_pooling_against_torch(fields, cache_dir, rng):
     assert_close(kernel.forward(x), ty.detach().numpy(), spec.dtype, "avg_pool forward")
     (gx,) = kernel.backward(gy)
     assert_close(gx, tx.grad.numpy(), spec.dtype, "avg_pool grad_input")
+
+
+THREADED = [  # large enough that every pass runs in parallel
+    dict(input_shape=(2, 8, 20, 21), weight_shape=(8, 8, 3, 3), padding=1),
+    dict(input_shape=(2, 4, 19, 18), weight_shape=(6, 2, 3, 2), stride=(2, 3), dilation=(2, 1),
+         padding=((1, 2), 1), groups=2),
+    dict(input_shape=(1, 4, 9, 10, 11), weight_shape=(4, 4, 3, 3, 3), stride=2, padding=1,
+         dtype="float64"),
+]
+
+
+@pytest.mark.parametrize("fields", THREADED)
+def test_results_do_not_depend_on_the_thread_count(fields, compile_spec, rng, monkeypatch):
+    """Bit-identical outputs for 1, 2 and 3 threads, and with SYMCONV_NUM_THREADS."""
+    spec = make_spec(fields)
+    kernel = compile_spec(spec)
+    x, w, b, gy = random_arrays(spec, rng)
+    inputs = [a for a in (x, w, b) if a is not None]
+    reference = [kernel.forward(*inputs, threads=1), *kernel.backward(x, w, gy, threads=1)]
+    for threads in (2, 3):
+        got = [kernel.forward(*inputs, threads=threads),
+               *kernel.backward(x, w, gy, threads=threads)]
+        for a, e in zip(got, reference):
+            np.testing.assert_array_equal(a, e)
+    monkeypatch.setenv("SYMCONV_NUM_THREADS", "2")
+    np.testing.assert_array_equal(kernel.forward(*inputs), reference[0])
+    monkeypatch.setenv("SYMCONV_NUM_THREADS", "zero")
+    with pytest.raises(ValueError, match="SYMCONV_NUM_THREADS must be a positive integer"):
+        kernel.forward(*inputs)
+    with pytest.raises(ValueError, match="threads must be a positive int"):
+        kernel.forward(*inputs, threads=0)
