@@ -20,8 +20,8 @@ import sympy
 from sympy.codegen.ast import float32, float64, real
 from sympy.printing.c import C99CodePrinter
 
-from .ir import (Array, Bound, Condition, IndexSum, IRError, LoopNest, index_range,
-                 integer_form, loop_nests, to_text)
+from .ir import (Array, Bound, Condition, IndexSum, IRError, LoopNest, accesses, index_range,
+                 integer_form, loop_nests, nest_box, to_text, value_range)
 
 C_TYPES = {"float32": "float", "float64": "double"}
 
@@ -103,17 +103,32 @@ def flat_offset(access: sympy.Indexed) -> str:
     return " + ".join(parts + quotients)
 
 
-class _BodyPrinter(C99CodePrinter):
-    """Array reads as flat loads; small integer powers as products."""
+def outside_checks(access: sympy.Indexed, box) -> list[str]:
+    """C conditions keeping each index of an access inside its extent, for the indices that
+    can leave it somewhere in the box."""
+    checks = []
+    for position, extent in zip(access.indices, access.base.shape):
+        low, high = value_range(position, box)
+        if low < 0 or high > int(extent) - 1:
+            index = c_affine(position)
+            checks.append(f"(uint64_t)({index}) < {int(extent)}u")
+    return checks
 
-    def __init__(self, dtype: str):
+
+class _BodyPrinter(C99CodePrinter):
+    """Array reads as flat loads (zero-padded arrays guarded); small powers as products."""
+
+    def __init__(self, dtype: str, padded: dict | None = None):
         super().__init__({"type_aliases": {real: float32 if dtype == "float32" else float64}})
+        self.padded = padded or {}
 
     def _print_Idx(self, expr):
         return str(expr.label)
 
     def _print_Indexed(self, expr):
-        return f"{expr.base.label}[{flat_offset(expr)}]"
+        load = f"{expr.base.label}[{flat_offset(expr)}]"
+        checks = self.padded.get(expr)
+        return f"({' && '.join(checks)} ? {load} : 0)" if checks else load
 
     def _print_Pow(self, expr):
         base, exponent = expr.args
@@ -218,8 +233,6 @@ def emit_function(name: str, fn: IndexSum, inputs: Sequence[Array], dtype: str) 
              [f"{ctype} *restrict {fn.output.name}", "int sc_threads"]
     plain = [f"const {ctype} *{a.name}" for a in inputs] + [f"{ctype} *{fn.output.name}",
                                                             "int sc_threads"]
-    printer = _BodyPrinter(dtype)
-
     out = _Writer()
     formula = to_text(fn).replace("*/", "* /")
     out.line("/*")
@@ -235,7 +248,10 @@ def emit_function(name: str, fn: IndexSum, inputs: Sequence[Array], dtype: str) 
         out.open(f"for (int64_t {var} = 0; {var} < {extent}; ++{var})")
     out.line(f"{ctype} sc_acc = 0;")
     for nest in loop_nests(fn):
-        _emit_nest(out, nest, printer.doprint(nest.body))
+        box = nest_box(nest, fn.indices)
+        padded = {a: outside_checks(a, box) for a in accesses(nest.body)
+                  if str(a.base.label) in nest.zero_outside}
+        _emit_nest(out, nest, _BodyPrinter(dtype, padded).doprint(nest.body))
     out.line(f"{fn.output.name}[{flat_offset(fn.output[fn.indices])}] = sc_acc;")
     for _ in fn.indices:
         out.close()

@@ -5,8 +5,7 @@ written exactly as its definition reads::
 
     output[n, o, i] = bias[o] + Σ_c Σ_k weight[o, c, k] · input[n, c, s·i + d·k - p]
 
-with the padding expressed as a guard ``0 <= s·i + d·k - p <= W - 1`` (the
-input is zero outside its range).  Groups are an explicit axis: the arrays
+with the input marked zero outside its shape: that is the padding.  Groups are an explicit axis: the arrays
 are viewed as ``input[n, g, c, ...]``, ``weight[g, o, c, ...]``,
 ``output[n, g, o, ...]``: the same memory in C order, and every index stays
 affine, so the derivation needs no special case for grouped or depthwise
@@ -52,16 +51,15 @@ class OpDefinition:
                                  f"not match its IR shape {array.shape}")
 
 
-def _windows(spatial, out_spatial, kernel, stride, dilation, padding):
-    """Output indices i, window indices k, the input positions s·i + d·k - lo they read, and
-    the guards keeping those positions inside the (unpadded) input."""
+def _windows(out_spatial, kernel, stride, dilation, padding):
+    """Output indices i, window indices k, and the input positions s·i + d·k - lo they read;
+    with padding, some positions fall outside the input, which reads as zero there."""
     i = [index(f"i{t}", size) for t, size in enumerate(out_spatial)]
     k = [index(f"k{t}", size) for t, size in enumerate(kernel)]
     positions = [s * it + d * kt - lo
                  for it, kt, s, d, (lo, _) in zip(i, k, stride, dilation, padding)]
-    inside = tuple(bound for position, size in zip(positions, spatial)
-                   for bound in (position, size - 1 - position))
-    return i, k, positions, inside
+    padded = ("input",) if any(lo or hi for lo, hi in padding) else ()
+    return i, k, positions, padded
 
 
 def conv(spec: ConvSpec) -> OpDefinition:
@@ -75,7 +73,7 @@ def conv(spec: ConvSpec) -> OpDefinition:
     g = (index("g", groups),) if grouped else ()
     o = index("o", c_out // groups)
     c = index("c", c_group)
-    i, k, positions, inside = _windows(spatial, spec.output_shape[2:], kernel, spec.stride,
+    i, k, positions, padded = _windows(spec.output_shape[2:], kernel, spec.stride,
                                        spec.dilation, spec.padding)
     group_axis = (groups,) if grouped else ()
 
@@ -84,7 +82,7 @@ def conv(spec: ConvSpec) -> OpDefinition:
     y = Array("output", (n_batch, *group_axis, c_out // groups, *spec.output_shape[2:]))
 
     body = w[(*g, o, c, *k)] * x[(n, *g, c, *positions)]
-    terms = [Term((c, *k), body, inside)]
+    terms = [Term((c, *k), body, zero_outside=padded)]
     inputs = [x, w]
     shapes = {"input": spec.input_shape, "weight": spec.weight_shape, "output": spec.output_shape}
     if spec.bias:
@@ -111,12 +109,12 @@ def avg_pool(spec: AvgPoolSpec) -> OpDefinition:
     """output[n, c, i] = Σ_k input[n, c, s·i + k - lo] / |window|, zero outside the input."""
     n_batch, channels, *spatial = spec.input_shape
     n, c = index("n", n_batch), index("c", channels)
-    i, k, positions, inside = _windows(spatial, spec.output_shape[2:], spec.kernel_size,
-                                       spec.stride, (1,) * spec.rank, spec.padding)
+    i, k, positions, padded = _windows(spec.output_shape[2:], spec.kernel_size, spec.stride,
+                                       (1,) * spec.rank, spec.padding)
     x = Array("input", spec.input_shape)
     y = Array("output", spec.output_shape)
     body = x[(n, c, *positions)] * sympy.Rational(1, math.prod(spec.kernel_size))
-    forward = IndexSum(y, (n, c, *i), (Term(tuple(k), body, inside),))
+    forward = IndexSum(y, (n, c, *i), (Term(tuple(k), body, zero_outside=padded),))
     return OpDefinition(
         kind="avg_pool",
         forward=forward,

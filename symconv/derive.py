@@ -73,11 +73,15 @@ def vjp(fn: IndexSum, wrt: Array, cotangent: Array | None = None,
             equations = [j - e for j, e in zip(free, access.indices)]
             deltas = sympy.Mul(*(sympy.KroneckerDelta(j, e, evaluate=False)
                                  for j, e in zip(free, access.indices)), evaluate=False)
+            # Reads of wrt itself are exact after elimination (its index equals an element's);
+            # other zero-padded arrays stay zero-padded.
+            padded = tuple(n for n in term.zero_outside if n != wrt.name)
             scatter_terms.append(Term(unknowns, factor * deltas, term.constraints,
-                                      term.congruences))
+                                      term.congruences, padded))
             solved = eliminate(unknowns, equations, factor, term.constraints, term.congruences)
             if solved is not None:
-                gather_terms.append(solved)
+                gather_terms.append(Term(solved.indices, solved.body, solved.constraints,
+                                         solved.congruences, padded))
 
     first = next((a for found in occurrences for a in found), None)
     names = _free_names(first, wrt)
@@ -198,5 +202,6 @@ def _renamed(fn: IndexSum, names: list[str], prime: bool) -> IndexSum:
             term.body.xreplace(local),
             tuple(sympy.sympify(c).xreplace(local) for c in term.constraints),
             tuple((sympy.sympify(e).xreplace(local), m) for e, m in term.congruences),
+            term.zero_outside,
         ))
     return IndexSum(fn.output, tuple(mapping[j] for j in fn.indices), tuple(terms))

@@ -7,10 +7,13 @@ An :class:`IndexSum` defines one output array element by element::
 Each :class:`Term` sums a SymPy body over its own summation indices (SymPy
 ``Idx`` objects with constant ranges), restricted to a domain:
 
-* ``constraints``: affine expressions that must be ``>= 0`` (padding guards,
-  bounds left by the derivation);
+* ``constraints``: affine expressions that must be ``>= 0`` (the bounds a
+  derivation leaves);
 * ``congruences``: pairs ``(e, m)`` meaning ``e ≡ 0 (mod m)`` (the stride
-  conditions a derivation produces).
+  conditions a derivation produces);
+* ``zero_outside``: arrays that read as 0 outside their shape (zero padding):
+  such a read still takes part in the sum, as a zero, exactly like a padded
+  array in the textbook definition (so ``inf * 0`` gives ``nan`` there).
 
 Array accesses in the body are SymPy ``Indexed`` objects whose indices are
 affine in the index variables, with rational coefficients allowed where the
@@ -147,6 +150,7 @@ class Term:
     body: sympy.Expr
     constraints: tuple[sympy.Expr, ...] = ()
     congruences: tuple[tuple[sympy.Expr, int], ...] = ()
+    zero_outside: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -201,6 +205,10 @@ def check_index_sum(fn: IndexSum) -> None:
                     linear_parts(position)
                 except IRError as error:
                     raise IRError(f"{where}: in {access}: {error}") from None
+        read = {str(a.base.label) for a in accesses(term.body)}
+        if not set(term.zero_outside) <= read:
+            raise IRError(f"{where}: zero_outside names {sorted(set(term.zero_outside) - read)} "
+                          f"which the term does not read")
         for expr in (*term.constraints, *(e for e, _ in term.congruences)):
             if not sympy.sympify(expr).free_symbols <= bound:
                 raise IRError(f"{where}: condition {expr} uses an unbound index")
@@ -240,11 +248,25 @@ class Loop:
 
 @dataclass(frozen=True)
 class LoopNest:
-    """A lowered term: guards on the free indices, loops outermost first, then the body."""
+    """A lowered term: guards on the free indices, loops outermost first, then the body,
+    whose reads of the ``zero_outside`` arrays give 0 outside their shape."""
 
     guards: tuple[Condition, ...]
     loops: tuple[Loop, ...]
     body: sympy.Expr
+    zero_outside: tuple[str, ...] = ()
+
+
+def value_range(expr, box: Mapping[sympy.Expr, tuple[int, int]]) -> tuple[int, int]:
+    """Range of an integer-valued affine expression (exact quotients allowed) over a box."""
+    num, den = integer_form(expr)
+    low, high = _interval(num, box)
+    return _ceil_div(low, den), high // den
+
+
+def nest_box(nest: LoopNest, free: Sequence[sympy.Idx]) -> dict[sympy.Expr, tuple[int, int]]:
+    """Every index of a loop nest with its declared range: a box containing its domain."""
+    return {v: index_range(v) for v in (*free, *(loop.index for loop in nest.loops))}
 
 
 def _interval(expr, box: Mapping[sympy.Expr, tuple[int, int]]) -> tuple[int, int]:
@@ -344,7 +366,7 @@ def lower(term: Term, free: Sequence[sympy.Idx]) -> LoopNest | None:
             return None
         step, residue = steps.get(v, (1, sympy.Integer(0)))
         loops.append(Loop(v, lows, highs, step, residue, tuple(checks[v])))
-    return LoopNest(tuple(dict.fromkeys(guards)), tuple(loops), body)
+    return LoopNest(tuple(dict.fromkeys(guards)), tuple(loops), body, term.zero_outside)
 
 
 def _prune(bounds: list[Bound], box, is_lower: bool) -> tuple[Bound, ...]:
@@ -428,7 +450,8 @@ class _CompiledNest:
         self.body = sympy.lambdify([*placeholders.values(), *names.values()],
                                    nest.body.xreplace({**placeholders, **names}), [_DELTA, "math"])
         self.reads = [(str(a.base.label), tuple(_AffineEval(e) for e in a.indices),
-                       tuple(int(n) for n in a.base.shape)) for a in placeholders]
+                       tuple(int(n) for n in a.base.shape),
+                       str(a.base.label) in nest.zero_outside) for a in placeholders]
         self.guards = [_Test(g) for g in nest.guards]
         self.loops = [_CompiledLoop(loop) for loop in nest.loops]
 
@@ -438,11 +461,14 @@ class _CompiledNest:
         total = 0.0
         for point in self._points(0, dict(env)):
             values = []
-            for name, positions, shape in self.reads:
+            for name, positions, shape, zero_outside in self.reads:
                 at = tuple(p(point) for p in positions)
-                if not all(0 <= i < n for i, n in zip(at, shape)):
+                if all(0 <= i < n for i, n in zip(at, shape)):
+                    values.append(float(arrays[name][at]))
+                elif zero_outside:
+                    values.append(0.0)
+                else:
                     raise IRError(f"access {name}{list(at)} is out of bounds for shape {shape}")
-                values.append(float(arrays[name][at]))
             total += self.body(*values, *(point[i] for i in self.indices))
         return total
 
@@ -561,6 +587,9 @@ def nest_text(nest: LoopNest, latex: bool = False) -> str:
             notes.append(_condition_text(Condition(loop.index - loop.residue, loop.step), latex))
         notes += [_condition_text(c, latex) for c in loop.checks]
     notes = [_condition_text(g, latex) for g in nest.guards] + notes
+    for name in nest.zero_outside:
+        notes.append(rf"\mathrm{{{name}}} = 0 \text{{ outside its shape}}".replace("_", r"\_")
+                     if latex else f"{name} = 0 outside its shape")
     body = show(nest.body)
     if latex:
         text = " ".join(sums + [body])

@@ -117,3 +117,20 @@ def test_nan_and_inf_propagate(kernel, arrays):
     assert np.isnan(y[0, :, 1:4, 1:4]).all()          # every output that reads the NaN
     assert not np.isnan(y[0, :, 5, :]).any()
     assert not np.isfinite(y[1, :, 0:2, 0:2]).any()
+
+
+def test_inf_weights_meet_padding_like_the_definition(kernel, arrays):
+    """Zero padding takes part in the sum: an infinite weight times a padded zero is NaN, as in
+    the textbook definition (the oracle) and in PyTorch."""
+    from oracle import conv_forward, conv_backward
+    x, w, b, gy = arrays
+    w = w.copy()
+    w[1, 2, 0, 0] = np.inf
+    args = (SPEC.stride, SPEC.padding, SPEC.dilation, SPEC.groups)
+    with np.errstate(invalid="ignore"):
+        expected = conv_forward(x, w, b, *args)
+        expected_gx = conv_backward(x, w, gy, *args)[0]
+    y = kernel.forward(x, w, b)
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(expected))
+    assert np.isnan(y[:, 1, 0, :]).all() and np.isnan(y[:, 1, :, 0]).all()
+    np.testing.assert_array_equal(np.isnan(kernel.grad_input(w, gy)), np.isnan(expected_gx))
