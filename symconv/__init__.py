@@ -8,6 +8,10 @@
     print(k.formulas["grad_input"])
     k2 = symconv.load("generated/<name>")   # an ahead-of-time package
 
+    x = symconv.Tensor(x); w = symconv.Tensor(w, requires_grad=True)
+    loss = (symconv.conv(x, w, padding=1).relu() ** 2).mean()   # the autodiff graph
+    loss.backward()                                              # w.grad
+
 ``import symconv`` and ``symconv.load`` need only NumPy and cffi; the
 compiler's symbolic stages import SymPy when first used.
 """
@@ -16,6 +20,9 @@ __version__ = "0.1.0"
 
 from .kernel import Kernel, PackageError, load  # noqa: E402
 from .spec import AvgPoolSpec, ConvSpec  # noqa: E402
+from . import nn, optim  # noqa: E402  (NumPy only)
+from .graph import (Tensor, avg_pool, concatenate, conv, cross_entropy, is_grad_enabled,  # noqa: E402
+                    linear, log_softmax, matmul, max_pool, no_grad, stack)
 
 _LAZY = {
     "compile_conv": "compiler",
@@ -23,9 +30,13 @@ _LAZY = {
     "explain": "compiler",
     "Compilation": "compiler",
     "BuildError": "build",
+    "gradcheck": "check",
+    "GradcheckError": "check",
 }
 
-__all__ = ["AvgPoolSpec", "ConvSpec", "Kernel", "PackageError", "load", *_LAZY]
+__all__ = ["AvgPoolSpec", "ConvSpec", "Kernel", "PackageError", "load", "nn", "optim", "Tensor",
+           "avg_pool", "concatenate", "conv", "cross_entropy", "is_grad_enabled", "linear",
+           "log_softmax", "matmul", "max_pool", "no_grad", "stack", *_LAZY]
 
 
 def __getattr__(name):

@@ -1,0 +1,878 @@
+"""Runtime autodiff: a reverse-mode graph on NumPy arrays whose convolutions call compiled kernels.
+
+A :class:`Tensor` wraps a NumPy array.  Every op computes its output with
+NumPy (or, for ``conv`` and ``avg_pool``, with the kernels symconv compiles
+from index sums) and returns it together with a ``backward`` closure: the
+op's vector-Jacobian product, written beside the forward it differentiates.
+``Tensor.backward`` orders the graph once, iteratively (no recursion, the
+same order every time), and runs the closures from the output back to the
+leaves, summing the contributions of a tensor used several times.
+
+    x = Tensor(np.random.rand(8, 1, 28, 28).astype("float32"))
+    w = Tensor(np.random.randn(16, 1, 3, 3).astype("float32") * 0.1, requires_grad=True)
+    b = Tensor(np.zeros(16, "float32"), requires_grad=True)
+    loss = (conv(x, w, b, padding=1).relu() ** 2).mean()
+    loss.backward()                    # w.grad, b.grad: NumPy arrays
+
+Rules the ops keep:
+
+* A ``backward`` closure captures arrays (never tensors), computed at forward
+  time, and returns one gradient per input (None where there is none).
+  Broadcasting is undone by one helper, :func:`unbroadcast`.
+* After ``backward()`` each node drops its closure and its inputs, so the
+  saved arrays and intermediate results are freed even while the output is
+  still referenced; ``backward(retain_graph=True)`` keeps them for another
+  pass.  A second pass through a freed graph raises RuntimeError.
+* Gradients of leaves (tensors created by the user with
+  ``requires_grad=True``) accumulate in ``.grad`` across passes, like
+  PyTorch; set ``.grad = None`` (or use an optimiser's ``zero_grad``) to reset.
+* Results follow NumPy's type promotion; a Python number next to a tensor
+  takes the tensor's dtype.  Gradients have the dtype of their tensor.
+
+Convolution and average-pooling kernels are specialised to exact shapes: the
+first call with new shapes compiles them (``symconv.compiler``, imported on
+first use so ``import symconv`` stays free of SymPy) into the kernel cache
+(``$SYMCONV_CACHE_DIR`` or ``~/.cache/symconv``), and later calls reuse them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+__all__ = [
+    "Tensor", "no_grad", "is_grad_enabled", "unbroadcast",
+    "add", "sub", "mul", "div", "neg", "pow", "exp", "log", "sqrt", "tanh", "sigmoid", "relu",
+    "leaky_relu", "abs", "sum", "mean", "max", "min", "reshape", "transpose", "getitem",
+    "concatenate", "stack", "matmul", "linear", "log_softmax", "softmax", "cross_entropy",
+    "mse_loss", "conv", "avg_pool", "max_pool",
+]
+
+Backward = Callable[[np.ndarray], Sequence["np.ndarray | None"]]
+
+
+# ------------------------------------------------------------------------------------------------
+# Gradient mode
+# ------------------------------------------------------------------------------------------------
+
+class _GradMode(threading.local):
+    enabled = True
+
+
+_mode = _GradMode()
+
+
+def is_grad_enabled() -> bool:
+    """False inside ``no_grad()`` (in this thread)."""
+    return _mode.enabled
+
+
+class no_grad(contextlib.ContextDecorator):
+    """Record no graph inside: results have ``requires_grad=False``.  Works as a decorator."""
+
+    def __init__(self) -> None:
+        self._saved: list[bool] = []
+
+    def __enter__(self) -> "no_grad":
+        self._saved.append(_mode.enabled)
+        _mode.enabled = False
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _mode.enabled = self._saved.pop()
+
+
+# ------------------------------------------------------------------------------------------------
+# Tensor and the backward pass
+# ------------------------------------------------------------------------------------------------
+
+class Node:
+    """How a tensor was made: the op's name, its inputs and its backward closure."""
+
+    __slots__ = ("op", "inputs", "backward")
+
+    def __init__(self, op: str, inputs: tuple["Tensor", ...], backward: Backward):
+        self.op = op
+        self.inputs = inputs
+        self.backward: Backward | None = backward
+
+    def __repr__(self) -> str:
+        state = "freed" if self.backward is None else f"{len(self.inputs)} inputs"
+        return f"<Node {self.op}: {state}>"
+
+
+class Tensor:
+    """A NumPy array in the autodiff graph.
+
+    ``Tensor(data, requires_grad=False, dtype=None)`` wraps ``data`` without
+    copying it when it already is an array of the dtype (like
+    ``torch.from_numpy``): optimisers update parameters in place.
+    """
+
+    __slots__ = ("data", "grad", "requires_grad", "node", "_retains_grad", "__weakref__")
+    __array_ufunc__ = None  # ndarray <op> Tensor defers to Tensor's reflected operators
+
+    def __init__(self, data: Any, requires_grad: bool = False, dtype: Any = None):
+        if isinstance(data, Tensor):
+            data = data.data
+        array = np.asarray(data, dtype=dtype)
+        if requires_grad and array.dtype.kind != "f":
+            raise TypeError(f"only floating-point tensors can require gradients, got dtype "
+                            f"{array.dtype}")
+        self.data: np.ndarray = array
+        self.grad: np.ndarray | None = None
+        self.requires_grad = bool(requires_grad)
+        self.node: Node | None = None
+        self._retains_grad = False
+
+    # --- what it is ------------------------------------------------------------------------------
+    shape = property(lambda self: self.data.shape)
+    ndim = property(lambda self: self.data.ndim)
+    size = property(lambda self: self.data.size)
+    dtype = property(lambda self: self.data.dtype)
+
+    @property
+    def is_leaf(self) -> bool:
+        return self.node is None
+
+    def __repr__(self) -> str:
+        flag = f", op={self.node.op}" if self.node else (", requires_grad=True"
+                                                          if self.requires_grad else "")
+        return f"Tensor({np.array2string(self.data, precision=4, threshold=20)}{flag})"
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def numpy(self) -> np.ndarray:
+        """The array itself (not a copy)."""
+        return self.data
+
+    def item(self) -> float:
+        return self.data.item()
+
+    def detach(self) -> "Tensor":
+        """The same data, outside the graph."""
+        return Tensor(self.data)
+
+    def requires_grad_(self, flag: bool = True) -> "Tensor":
+        if not self.is_leaf:
+            raise RuntimeError("requires_grad_ can only change leaf tensors; use detach()")
+        if flag and self.dtype.kind != "f":
+            raise TypeError(f"only floating-point tensors can require gradients, got {self.dtype}")
+        self.requires_grad = bool(flag)
+        return self
+
+    def retain_grad(self) -> "Tensor":
+        """Also store this non-leaf tensor's gradient in ``.grad`` during backward."""
+        if not self.requires_grad:
+            raise RuntimeError("retain_grad() on a tensor that does not require grad")
+        self._retains_grad = True
+        return self
+
+    # --- backward --------------------------------------------------------------------------------
+    def backward(self, gradient: Any = None, retain_graph: bool = False) -> None:
+        """Accumulate d(self)/d(leaf) · gradient into every leaf's ``.grad``.
+
+        ``gradient`` defaults to 1 for a one-element tensor and is required
+        otherwise.  Without ``retain_graph`` the graph's saved arrays are freed.
+        """
+        if not self.requires_grad:
+            raise RuntimeError("backward() on a tensor that does not require grad: none of the "
+                               "tensors it was computed from has requires_grad=True, or it was "
+                               "computed under no_grad()")
+        if gradient is None:
+            if self.size != 1:
+                raise RuntimeError(f"backward() without a gradient needs a one-element (scalar) "
+                                   f"tensor, this one has shape {self.shape}; pass "
+                                   f"gradient= with that shape")
+            seed = np.ones_like(self.data)
+        else:
+            seed = np.asarray(gradient.data if isinstance(gradient, Tensor) else gradient)
+            if seed.shape != self.shape:
+                raise ValueError(f"backward(): gradient has shape {seed.shape}, but the tensor "
+                                 f"has shape {self.shape}")
+            seed = seed.astype(self.dtype, copy=False)
+        _run_backward(self, seed, retain_graph)
+
+    # --- operators -------------------------------------------------------------------------------
+    def __add__(self, other): return add(self, other)
+    def __radd__(self, other): return add(other, self)
+    def __sub__(self, other): return sub(self, other)
+    def __rsub__(self, other): return sub(other, self)
+    def __mul__(self, other): return mul(self, other)
+    def __rmul__(self, other): return mul(other, self)
+    def __truediv__(self, other): return div(self, other)
+    def __rtruediv__(self, other): return div(other, self)
+    def __pow__(self, other): return pow(self, other)
+    def __rpow__(self, other): return pow(other, self)
+    def __matmul__(self, other): return matmul(self, other)
+    def __rmatmul__(self, other): return matmul(other, self)
+    def __neg__(self): return neg(self)
+    def __getitem__(self, index): return getitem(self, index)
+
+    # --- methods ---------------------------------------------------------------------------------
+    def exp(self): return exp(self)
+    def log(self): return log(self)
+    def sqrt(self): return sqrt(self)
+    def tanh(self): return tanh(self)
+    def sigmoid(self): return sigmoid(self)
+    def relu(self): return relu(self)
+    def leaky_relu(self, slope: float = 0.01): return leaky_relu(self, slope)
+    def abs(self): return abs(self)
+    def sum(self, axis=None, keepdims=False): return sum(self, axis, keepdims)
+    def mean(self, axis=None, keepdims=False): return mean(self, axis, keepdims)
+    def max(self, axis=None, keepdims=False): return max(self, axis, keepdims)
+    def min(self, axis=None, keepdims=False): return min(self, axis, keepdims)
+    def log_softmax(self, axis=-1): return log_softmax(self, axis)
+    def softmax(self, axis=-1): return softmax(self, axis)
+
+    def reshape(self, *shape):
+        return reshape(self, shape[0] if len(shape) == 1 and not _is_int(shape[0]) else shape)
+
+    def flatten(self, start: int = 0) -> "Tensor":
+        """Merge the axes from ``start`` on into one."""
+        start = _axis(start, self.ndim)
+        return reshape(self, self.shape[:start] + (-1,))
+
+    def transpose(self, *axes):
+        return transpose(self, axes[0] if len(axes) == 1 and not _is_int(axes[0])
+                         else (axes or None))
+
+    permute = transpose
+
+    @property
+    def T(self) -> "Tensor":
+        return transpose(self)
+
+
+def _run_backward(root: Tensor, seed: np.ndarray, retain_graph: bool) -> None:
+    if root.node is None:  # a leaf: its gradient is the seed
+        _accumulate_leaf(root, seed)
+        return
+    order = _topological_order(root)
+    pending: dict[int, np.ndarray] = {id(root): seed}
+    for position, tensor in enumerate(order):
+        order[position] = None  # let each intermediate go as soon as it is done
+        node = tensor.node
+        grad = pending.pop(id(tensor), None)
+        if node.backward is None:
+            raise RuntimeError(f"backward through the graph a second time: the saved arrays of "
+                               f"'{node.op}' were freed by the first backward(); pass "
+                               f"retain_graph=True to the first call to keep them")
+        if grad is None:  # no path carried a gradient here (every contribution was None)
+            if not retain_graph:
+                node.backward, node.inputs = None, ()
+            continue
+        if tensor._retains_grad:
+            _accumulate_leaf(tensor, grad)
+        grads = node.backward(grad)
+        if len(grads) != len(node.inputs):
+            raise RuntimeError(f"'{node.op}' backward returned {len(grads)} gradients for "
+                               f"{len(node.inputs)} inputs")
+        for parent, g in zip(node.inputs, grads):
+            if g is None or not parent.requires_grad:
+                continue
+            g = np.asarray(g)
+            if g.shape != parent.shape:
+                raise RuntimeError(f"'{node.op}' backward returned a gradient of shape {g.shape} "
+                                   f"for an input of shape {parent.shape}")
+            g = g.astype(parent.dtype, copy=False)
+            if parent.node is None:
+                _accumulate_leaf(parent, g)
+            else:
+                key = id(parent)
+                pending[key] = g if key not in pending else pending[key] + g
+        if not retain_graph:
+            node.backward, node.inputs = None, ()
+
+
+def _accumulate_leaf(tensor: Tensor, grad: np.ndarray) -> None:
+    if tensor.grad is None:
+        tensor.grad = np.array(grad, dtype=tensor.dtype, copy=True)  # owned, writable
+    else:
+        tensor.grad += grad
+
+
+def _topological_order(root: Tensor) -> list[Tensor]:
+    """Non-leaf tensors that lead to ``root``, each after every tensor computed from it.
+
+    Iterative depth-first search (inputs in order), reversed post-order: no
+    recursion, and the same graph always gives the same order.
+    """
+    post: list[Tensor] = []
+    seen: set[int] = set()
+    stack: list[tuple[Tensor, bool]] = [(root, False)]
+    while stack:
+        tensor, expanded = stack.pop()
+        if expanded:
+            post.append(tensor)
+            continue
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        stack.append((tensor, True))
+        for parent in reversed(tensor.node.inputs):
+            if parent.node is not None and parent.requires_grad and id(parent) not in seen:
+                stack.append((parent, False))
+    post.reverse()
+    return post
+
+
+def _result(op: str, data: np.ndarray, inputs: tuple[Tensor, ...], backward: Backward) -> Tensor:
+    """The output tensor of an op; records a node when gradients are enabled and needed."""
+    out = Tensor(data)
+    if _mode.enabled and any(t.requires_grad for t in inputs):
+        out.requires_grad = True
+        out.node = Node(op, inputs, backward)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers
+# ------------------------------------------------------------------------------------------------
+
+def _is_int(value: Any) -> bool:
+    """A Python or NumPy integer (not a bool, not an array)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _tensor(value: Any, like: Tensor | None = None) -> Tensor:
+    """``value`` as a Tensor; a Python number takes the dtype of ``like``."""
+    if isinstance(value, Tensor):
+        return value
+    if like is not None and isinstance(value, (int, float)) and like.dtype.kind == "f":
+        return Tensor(np.asarray(value, like.dtype))
+    return Tensor(value)
+
+
+def _pair(a: Any, b: Any) -> tuple[Tensor, Tensor]:
+    a = _tensor(a, b if isinstance(b, Tensor) else None)
+    return a, _tensor(b, a)
+
+
+def _axis(axis: int, ndim: int) -> int:
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis} is out of range for {ndim} dimensions")
+    return axis % ndim
+
+
+def _axes(axis: Any, ndim: int) -> tuple[int, ...]:
+    """Normalise None / an int / ints to sorted non-negative axes."""
+    if axis is None:
+        return tuple(range(ndim))
+    axes = (axis,) if _is_int(axis) else tuple(axis)
+    normal = tuple(sorted(_axis(int(a), ndim) for a in axes))
+    if len(set(normal)) != len(normal):
+        raise ValueError(f"repeated axis in {axis!r}")
+    return normal
+
+
+def unbroadcast(grad: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Sum ``grad`` over the axes NumPy broadcasting added or stretched to reach ``shape``."""
+    if grad.shape == shape:
+        return grad
+    extra = grad.ndim - len(shape)
+    if extra < 0:
+        raise ValueError(f"cannot reduce a gradient of shape {grad.shape} to {shape}")
+    stretched = tuple(extra + i for i, n in enumerate(shape) if n == 1 and grad.shape[extra + i] != 1)
+    return grad.sum(axis=tuple(range(extra)) + stretched, keepdims=True).reshape(shape)
+
+
+def _expand_reduced(grad: np.ndarray, shape: tuple[int, ...], axes: tuple[int, ...],
+                    keepdims: bool) -> np.ndarray:
+    """A reduction's output gradient put back in the input's shape (a broadcast view)."""
+    if not keepdims:
+        grad = np.expand_dims(grad, axes)
+    return np.broadcast_to(grad, shape)
+
+
+# ------------------------------------------------------------------------------------------------
+# Elementwise arithmetic (NumPy broadcasting; gradients reduced by unbroadcast)
+# ------------------------------------------------------------------------------------------------
+
+def add(a, b) -> Tensor:
+    a, b = _pair(a, b)
+    sa, sb = a.shape, b.shape
+
+    def backward(g):
+        return unbroadcast(g, sa), unbroadcast(g, sb)
+    return _result("add", a.data + b.data, (a, b), backward)
+
+
+def sub(a, b) -> Tensor:
+    a, b = _pair(a, b)
+    sa, sb = a.shape, b.shape
+
+    def backward(g):
+        return unbroadcast(g, sa), unbroadcast(-g, sb)
+    return _result("sub", a.data - b.data, (a, b), backward)
+
+
+def mul(a, b) -> Tensor:
+    a, b = _pair(a, b)
+    ad, bd = a.data, b.data
+
+    def backward(g):
+        return unbroadcast(g * bd, ad.shape), unbroadcast(g * ad, bd.shape)
+    return _result("mul", ad * bd, (a, b), backward)
+
+
+def div(a, b) -> Tensor:
+    a, b = _pair(a, b)
+    ad, bd = a.data, b.data
+    out = ad / bd
+
+    def backward(g):
+        ga = g / bd
+        return unbroadcast(ga, ad.shape), unbroadcast(-ga * out, bd.shape)
+    return _result("div", out, (a, b), backward)
+
+
+def neg(a) -> Tensor:
+    a = _tensor(a)
+    return _result("neg", -a.data, (a,), lambda g: (-g,))
+
+
+def pow(a, b) -> Tensor:
+    """``a ** b``: either may be a tensor; a number exponent is a constant."""
+    if not isinstance(b, Tensor) and np.ndim(b) == 0 and isinstance(a, Tensor):
+        ad, p = a.data, b.item() if isinstance(b, np.generic) else b  # a number keeps a's dtype
+        out = ad ** p
+
+        def backward(g):
+            if p == 0:
+                return (np.zeros_like(g),)
+            return (g * (p * ad ** (p - 1)),)
+        return _result("pow", out, (a,), backward)
+    a, b = _pair(a, b)
+    ad, bd = a.data, b.data
+    out = ad ** bd
+
+    def backward(g):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ga = g * bd * ad ** (bd - 1)
+            # d(a^b)/db = a^b log a; at a = 0 (where a^b = 0 or 1) it is taken as 0, like PyTorch
+            gb = np.where(ad == 0, 0, g * out * np.log(np.where(ad == 0, 1, ad)))
+        return unbroadcast(ga, ad.shape), unbroadcast(gb.astype(out.dtype, copy=False), bd.shape)
+    return _result("pow", out, (a, b), backward)
+
+
+# ------------------------------------------------------------------------------------------------
+# Elementwise functions
+# ------------------------------------------------------------------------------------------------
+
+def exp(a) -> Tensor:
+    a = _tensor(a)
+    out = np.exp(a.data)
+    return _result("exp", out, (a,), lambda g: (g * out,))
+
+
+def log(a) -> Tensor:
+    a = _tensor(a)
+    ad = a.data
+    return _result("log", np.log(ad), (a,), lambda g: (g / ad,))
+
+
+def sqrt(a) -> Tensor:
+    a = _tensor(a)
+    out = np.sqrt(a.data)
+    return _result("sqrt", out, (a,), lambda g: (g / (2 * out),))
+
+
+def tanh(a) -> Tensor:
+    a = _tensor(a)
+    out = np.tanh(a.data)
+    return _result("tanh", out, (a,), lambda g: (g * (1 - out * out),))
+
+
+def sigmoid(a) -> Tensor:
+    a = _tensor(a)
+    out = np.exp(-np.logaddexp(0, -a.data)).astype(a.dtype, copy=False)  # no overflow
+    return _result("sigmoid", out, (a,), lambda g: (g * out * (1 - out),))
+
+
+def relu(a) -> Tensor:
+    a = _tensor(a)
+    positive = a.data > 0
+    return _result("relu", np.maximum(a.data, 0), (a,), lambda g: (g * positive,))
+
+
+def leaky_relu(a, slope: float = 0.01) -> Tensor:
+    a = _tensor(a)
+    factor = np.where(a.data > 0, 1, slope).astype(a.dtype)
+    return _result("leaky_relu", a.data * factor, (a,), lambda g: (g * factor,))
+
+
+def abs(a) -> Tensor:
+    a = _tensor(a)
+    sign = np.sign(a.data)
+    return _result("abs", np.abs(a.data), (a,), lambda g: (g * sign,))
+
+
+# ------------------------------------------------------------------------------------------------
+# Reductions
+# ------------------------------------------------------------------------------------------------
+
+def sum(a, axis=None, keepdims: bool = False) -> Tensor:
+    a = _tensor(a)
+    axes, shape = _axes(axis, a.ndim), a.shape
+    out = np.asarray(a.data.sum(axis=axes, keepdims=keepdims))
+    return _result("sum", out, (a,), lambda g: (_expand_reduced(g, shape, axes, keepdims),))
+
+
+def mean(a, axis=None, keepdims: bool = False) -> Tensor:
+    a = _tensor(a)
+    axes, shape = _axes(axis, a.ndim), a.shape
+    count = int(np.prod([shape[i] for i in axes], dtype=np.int64))
+    out = np.asarray(a.data.mean(axis=axes, keepdims=keepdims))
+
+    def backward(g):
+        return (_expand_reduced(g / count, shape, axes, keepdims),)
+    return _result("mean", out, (a,), backward)
+
+
+def _extreme(op: str, reduce, a, axis, keepdims: bool) -> Tensor:
+    a = _tensor(a)
+    axes, shape = _axes(axis, a.ndim), a.shape
+    kept = reduce(a.data, axis=axes, keepdims=True)
+    hits = a.data == kept
+    share = (hits / hits.sum(axis=axes, keepdims=True)).astype(a.dtype)  # ties split evenly
+    out = kept if keepdims else np.squeeze(kept, axis=axes)
+
+    def backward(g):
+        return (_expand_reduced(g, shape, axes, keepdims) * share,)
+    return _result(op, out, (a,), backward)
+
+
+def max(a, axis=None, keepdims: bool = False) -> Tensor:
+    """Maximum over axes; where several elements tie, each gets an equal share of the gradient."""
+    return _extreme("max", np.max, a, axis, keepdims)
+
+
+def min(a, axis=None, keepdims: bool = False) -> Tensor:
+    """Minimum over axes; ties share the gradient like :func:`max`."""
+    return _extreme("min", np.min, a, axis, keepdims)
+
+
+# ------------------------------------------------------------------------------------------------
+# Shape and indexing
+# ------------------------------------------------------------------------------------------------
+
+def reshape(a, shape) -> Tensor:
+    a = _tensor(a)
+    before = a.shape
+    shape = (shape,) if _is_int(shape) else tuple(shape)
+    return _result("reshape", a.data.reshape(shape), (a,), lambda g: (g.reshape(before),))
+
+
+def transpose(a, axes=None) -> Tensor:
+    """Permute axes (reverse them when ``axes`` is None), like ``numpy.transpose``."""
+    a = _tensor(a)
+    axes = tuple(reversed(range(a.ndim))) if axes is None else tuple(_axis(int(i), a.ndim)
+                                                                     for i in axes)
+    if sorted(axes) != list(range(a.ndim)):
+        raise ValueError(f"transpose: {axes} is not a permutation of {a.ndim} axes")
+    inverse = tuple(np.argsort(axes))
+    return _result("transpose", a.data.transpose(axes), (a,), lambda g: (g.transpose(inverse),))
+
+
+def _basic_index(index) -> bool:
+    parts = index if isinstance(index, tuple) else (index,)
+    return all(p is None or p is Ellipsis or isinstance(p, slice) or _is_int(p) for p in parts)
+
+
+def getitem(a, index) -> Tensor:
+    """``a[index]``: slices, ints, None, Ellipsis, integer and boolean arrays."""
+    a = _tensor(a)
+    if isinstance(index, Tensor):
+        index = index.data
+    elif isinstance(index, tuple):
+        index = tuple(i.data if isinstance(i, Tensor) else i for i in index)
+    shape, dtype, basic = a.shape, a.dtype, _basic_index(index)
+
+    def backward(g):
+        grad = np.zeros(shape, dtype)
+        if basic:  # a view: every element is selected at most once
+            grad[index] = g
+        else:      # integer arrays may select an element several times
+            np.add.at(grad, index, g)
+        return (grad,)
+    return _result("getitem", np.asarray(a.data[index]), (a,), backward)
+
+
+def concatenate(tensors: Sequence, axis: int = 0) -> Tensor:
+    tensors = tuple(_tensor(t) for t in tensors)
+    if not tensors:
+        raise ValueError("concatenate needs at least one tensor")
+    out = np.concatenate([t.data for t in tensors], axis=axis)
+    axis = _axis(axis, out.ndim)
+    bounds = np.cumsum([t.shape[axis] for t in tensors])[:-1]
+    return _result("concatenate", out, tensors, lambda g: tuple(np.split(g, bounds, axis=axis)))
+
+
+def stack(tensors: Sequence, axis: int = 0) -> Tensor:
+    tensors = tuple(_tensor(t) for t in tensors)
+    if not tensors:
+        raise ValueError("stack needs at least one tensor")
+    out = np.stack([t.data for t in tensors], axis=axis)
+    axis = _axis(axis, out.ndim)
+    return _result("stack", out, tensors,
+                   lambda g: tuple(np.take(g, i, axis=axis) for i in range(len(tensors))))
+
+
+# ------------------------------------------------------------------------------------------------
+# Linear algebra
+# ------------------------------------------------------------------------------------------------
+
+def matmul(a, b) -> Tensor:
+    """``a @ b`` with NumPy's rules: 1-D operands, batched and broadcast stacks of matrices."""
+    a, b = _pair(a, b)
+    ad, bd = a.data, b.data
+    need_a, need_b = a.requires_grad, b.requires_grad
+
+    def backward(g):
+        # Make both operands matrices again: a (k,) is a (1, k) row, b (k,) a (k, 1) column.
+        a2 = ad[None, :] if ad.ndim == 1 else ad
+        b2 = bd[:, None] if bd.ndim == 1 else bd
+        g2 = g[..., None] if bd.ndim == 1 else g
+        g2 = g2[..., None, :] if ad.ndim == 1 else g2
+        ga = gb = None
+        if need_a:
+            ga = g2 @ np.swapaxes(b2, -1, -2)
+            ga = unbroadcast(ga[..., 0, :] if ad.ndim == 1 else ga, ad.shape)
+        if need_b:
+            gb = np.swapaxes(a2, -1, -2) @ g2
+            gb = unbroadcast(gb[..., 0] if bd.ndim == 1 else gb, bd.shape)
+        return ga, gb
+    return _result("matmul", np.asarray(ad @ bd), (a, b), backward)
+
+
+def linear(x, weight, bias=None) -> Tensor:
+    """``x @ weight.T + bias`` with ``weight`` of shape (out, in), like ``torch.nn.functional.linear``."""
+    x, weight = _pair(x, weight)
+    xd, wd = x.data, weight.data
+    if wd.ndim != 2 or xd.ndim < 1 or xd.shape[-1] != wd.shape[1]:
+        raise ValueError(f"linear: input of shape {xd.shape} does not fit a weight of shape "
+                         f"{wd.shape} (expected (..., {wd.shape[-1] if wd.ndim else '?'}) "
+                         f"and (out, in))")
+    out = xd @ wd.T
+    inputs: tuple[Tensor, ...] = (x, weight)
+    if bias is not None:
+        bias = _tensor(bias, x)
+        if bias.shape != (wd.shape[0],):
+            raise ValueError(f"linear: bias has shape {bias.shape}, expected ({wd.shape[0]},)")
+        out = out + bias.data
+        inputs += (bias,)
+    need = [t.requires_grad for t in inputs]
+
+    def backward(g):
+        g2 = g.reshape(-1, wd.shape[0])
+        gx = (g @ wd) if need[0] else None
+        gw = (g2.T @ xd.reshape(-1, wd.shape[1])) if need[1] else None
+        return (gx, gw) + ((g2.sum(axis=0),) if len(need) == 3 else ())
+    return _result("linear", out, inputs, backward)
+
+
+# ------------------------------------------------------------------------------------------------
+# Softmax and losses
+# ------------------------------------------------------------------------------------------------
+
+def _log_softmax(values: np.ndarray, axis: int) -> np.ndarray:
+    shifted = values - values.max(axis=axis, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
+
+
+def log_softmax(a, axis: int = -1) -> Tensor:
+    a = _tensor(a)
+    out = _log_softmax(a.data, axis)
+
+    def backward(g):
+        return (g - np.exp(out) * g.sum(axis=axis, keepdims=True),)
+    return _result("log_softmax", out, (a,), backward)
+
+
+def softmax(a, axis: int = -1) -> Tensor:
+    return exp(log_softmax(a, axis))
+
+
+def cross_entropy(logits, target, reduction: str = "mean") -> Tensor:
+    """Softmax cross-entropy of ``logits`` (N, C, *d) against class indices ``target`` (N, *d).
+
+    Like ``torch.nn.functional.cross_entropy``: ``reduction`` is "mean",
+    "sum" or "none".
+    """
+    logits = _tensor(logits)
+    target = np.asarray(target.data if isinstance(target, Tensor) else target)
+    if logits.ndim < 2:
+        raise ValueError(f"cross_entropy: logits need shape (N, C, ...), got {logits.shape}")
+    if target.dtype.kind not in "iu":
+        raise TypeError(f"cross_entropy: target must hold integer class indices, got dtype "
+                        f"{target.dtype}")
+    expected = logits.shape[:1] + logits.shape[2:]
+    if target.shape != expected:
+        raise ValueError(f"cross_entropy: target has shape {target.shape}, expected {expected} "
+                         f"for logits of shape {logits.shape}")
+    classes = logits.shape[1]
+    if target.size and (target.min() < 0 or target.max() >= classes):
+        raise ValueError(f"cross_entropy: target values must lie in [0, {classes})")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"cross_entropy: reduction must be 'mean', 'sum' or 'none', got "
+                         f"{reduction!r}")
+    logp = _log_softmax(logits.data, axis=1)
+    picked = np.expand_dims(target, 1)
+    losses = -np.take_along_axis(logp, picked, axis=1)[:, 0]
+    count = losses.size
+    out = {"mean": losses.mean(), "sum": losses.sum(), "none": losses}[reduction]
+
+    def backward(g):
+        weight = g if reduction == "none" else np.broadcast_to(g / count if reduction == "mean"
+                                                               else g, losses.shape)
+        grad = np.exp(logp)
+        np.put_along_axis(grad, picked, np.take_along_axis(grad, picked, axis=1) - 1, axis=1)
+        return (grad * np.expand_dims(weight, 1),)
+    return _result("cross_entropy", np.asarray(out, logits.dtype), (logits,), backward)
+
+
+def mse_loss(a, b) -> Tensor:
+    """Mean squared difference."""
+    return mean((_tensor(a) - b) ** 2)
+
+
+# ------------------------------------------------------------------------------------------------
+# Compiled ops: convolution and average pooling
+# ------------------------------------------------------------------------------------------------
+
+_KERNELS: dict[tuple, Any] = {}
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    return int(value) if _is_int(value) else value
+
+
+def _compiled(kind: str, **fields) -> Any:
+    """The loaded kernel of a spec, compiled on first use and memoised per process.
+
+    The key is the raw fields, so repeated calls skip building and hashing
+    the spec; a new ``$SYMCONV_CACHE_DIR`` gets its own entry.
+    """
+    key = (kind, os.environ.get("SYMCONV_CACHE_DIR"), tuple(sorted(
+        (name, _freeze(value)) for name, value in fields.items())))
+    kernel = _KERNELS.get(key)
+    if kernel is None:
+        from . import compiler  # noqa: PLC0415  (imports SymPy's stages only on a cache miss)
+        from .spec import AvgPoolSpec, ConvSpec
+        spec = (ConvSpec if kind == "conv" else AvgPoolSpec)(**fields)
+        kernel = _KERNELS[key] = compiler.compile_op(spec)
+    return kernel
+
+
+def _float_dtype(op: str, *tensors: Tensor) -> np.dtype:
+    dtype = np.result_type(*(t.dtype for t in tensors))
+    if dtype not in (np.float32, np.float64):
+        raise TypeError(f"{op}: compiled kernels take float32 or float64 arrays, got "
+                        f"{', '.join(str(t.dtype) for t in tensors)}")
+    return dtype
+
+
+def conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups: int = 1) -> Tensor:
+    """N-D convolution (cross-correlation, channels first) like ``torch.nn.functional.conv{n}d``.
+
+    ``x`` is (N, C_in, *spatial), ``weight`` (C_out, C_in // groups, *kernel),
+    ``bias`` (C_out,) or None; any number of spatial dims.  ``stride``,
+    ``padding`` and ``dilation`` take every form ``ConvSpec`` accepts.
+    The compiled kernel is chosen by shapes and arguments and built once.
+    """
+    x, weight = _tensor(x), _tensor(weight)
+    inputs = (x, weight) if bias is None else (x, weight, _tensor(bias))
+    dtype = _float_dtype("conv", *inputs)
+    if x.ndim != weight.ndim:
+        raise ValueError(f"conv: input of shape {x.shape} and weight of shape {weight.shape} "
+                         f"must have the same number of dims")
+    kernel = _compiled("conv", input_shape=x.shape, weight_shape=weight.shape, stride=stride,
+                       padding=padding, dilation=dilation, groups=groups,
+                       bias=bias is not None, dtype=dtype.name)
+    arrays = [np.ascontiguousarray(t.data, dtype) for t in inputs]
+    out = kernel.forward(*arrays)
+    names = ("input", "weight", "bias")[:len(inputs)]
+    wrt = tuple(name for name, t in zip(names, inputs) if t.requires_grad)
+    xd = arrays[0] if "weight" in wrt else None  # keep only what the wanted gradients read
+    wd = arrays[1] if "input" in wrt else None
+
+    def backward(g):
+        grads = kernel.backward(xd, wd, np.ascontiguousarray(g, dtype), wrt=wrt)
+        return grads[:len(inputs)]
+    return _result("conv", out, inputs, backward)
+
+
+def avg_pool(x, kernel_size, stride=None, padding=0) -> Tensor:
+    """N-D average pooling over (N, C, *spatial), zero padding counted in the window like
+    PyTorch's ``count_include_pad=True``; compiled from its index sum like ``conv``."""
+    x = _tensor(x)
+    dtype = _float_dtype("avg_pool", x)
+    kernel = _compiled("avg_pool", input_shape=x.shape, kernel_size=kernel_size, stride=stride,
+                       padding=padding, dtype=dtype.name)
+    out = kernel.forward(np.ascontiguousarray(x.data, dtype))
+    return _result("avg_pool", out, (x,),
+                   lambda g: kernel.backward(np.ascontiguousarray(g, dtype)))
+
+
+def _per_dim(name: str, value: Any, rank: int) -> tuple[int, ...]:
+    values = (value,) * rank if _is_int(value) else tuple(value)
+    if len(values) != rank or not all(_is_int(v) and v >= 1 for v in values):
+        raise ValueError(f"max_pool: {name} must be a positive int or {rank} of them, got "
+                         f"{value!r}")
+    return tuple(int(v) for v in values)
+
+
+def max_pool(x, kernel_size, stride=None, padding=0) -> Tensor:
+    """N-D max pooling over (N, C, *spatial) like ``torch.nn.functional.max_pool{n}d``.
+
+    Padding is -inf; ``stride`` defaults to the window.  The gradient goes to
+    the first maximum of each window.  A maximum is not an index sum, so
+    this op is NumPy (a strided window view and an argmax), not compiled.
+    """
+    x = _tensor(x)
+    if x.ndim < 3:
+        raise ValueError(f"max_pool: input needs shape (N, C, *spatial), got {x.shape}")
+    rank = x.ndim - 2
+    window = _per_dim("kernel_size", kernel_size, rank)
+    step = window if stride is None else _per_dim("stride", stride, rank)
+    pads = (padding,) * rank if _is_int(padding) else tuple(padding)
+    pads = tuple((p, p) if _is_int(p) else tuple(p) for p in pads)
+    if len(pads) != rank or any(lo < 0 or hi < 0 for lo, hi in pads):
+        raise ValueError(f"max_pool: padding must be a non-negative int, {rank} ints or (lo, hi) "
+                         f"pairs, got {padding!r}")
+    spatial_axes = tuple(range(2, 2 + rank))
+    padded = x.data
+    if any(lo or hi for lo, hi in pads):
+        padded = np.pad(padded, ((0, 0), (0, 0), *pads), constant_values=-np.inf)
+    if any(n < k for n, k in zip(padded.shape[2:], window)):
+        raise ValueError(f"max_pool: window {window} is larger than the padded input "
+                         f"{padded.shape[2:]}")
+    views = np.lib.stride_tricks.sliding_window_view(padded, window, axis=spatial_axes)
+    views = views[(slice(None), slice(None), *(slice(None, None, s) for s in step))]
+    out_spatial = views.shape[2:2 + rank]
+    flat = views.reshape(*views.shape[:2 + rank], -1)
+    best = flat.argmax(axis=-1)
+    out = np.take_along_axis(flat, best[..., None], axis=-1)[..., 0]
+    padded_shape, shape, dtype = padded.shape, x.shape, x.dtype
+
+    def backward(g):
+        # Flat index, in the padded input, of each window's maximum: channel-plane offset
+        # plus, per spatial dim, (output position * stride + offset in the window).
+        offsets = np.unravel_index(best, window)
+        where = np.arange(shape[0] * shape[1]).reshape(shape[0], shape[1], *(1,) * rank)
+        for dim in range(rank):
+            grid = np.arange(out_spatial[dim]).reshape((-1,) + (1,) * (rank - 1 - dim))
+            where = where * padded_shape[2 + dim] + (grid * step[dim] + offsets[dim])
+        grad = np.bincount(where.ravel(), weights=g.ravel(), minlength=int(np.prod(padded_shape)))
+        grad = grad.reshape(padded_shape)
+        inner = tuple(slice(lo, lo + n) for (lo, _), n in zip(pads, shape[2:]))
+        return (grad[(slice(None), slice(None), *inner)].astype(dtype),)
+    return _result("max_pool", np.ascontiguousarray(out), (x,), backward)
