@@ -98,6 +98,12 @@ def target_flags(target: str) -> tuple[list[str], list[str]]:
     return flags, list(TARGET_FEATURES[target])
 
 
+def has_simd(target: str | None = None) -> bool:
+    """Whether a target (default: this machine's default) has AVX2 and FMA, which symconv's
+    vector code uses."""
+    return {"avx2", "fma"} <= set(target_flags(target or default_target())[1])
+
+
 @functools.lru_cache(maxsize=None)
 def compiler_version(cc: str) -> str:
     try:

@@ -20,8 +20,9 @@ import sympy
 from sympy.codegen.ast import float32, float64, real
 from sympy.printing.c import C99CodePrinter
 
+from . import schedule
 from .ir import (Array, Bound, Condition, IndexSum, IRError, LoopNest, accesses, index_range,
-                 integer_form, loop_nests, nest_box, to_text, value_range)
+                 integer_form, linear_parts, nest_box, to_text, value_range)
 
 C_TYPES = {"float32": "float", "float64": "double"}
 
@@ -209,18 +210,605 @@ def _emit_nest(out: _Writer, nest: LoopNest, body: str) -> None:
 PARALLEL_WORK = 1 << 16  # loop iterations below which threads cost more than they save
 
 
-def _work(fn: IndexSum) -> int:
-    """Loop iterations of the whole sum, counting every term over its full index box."""
-    per_element = sum(math.prod(hi - lo + 1 for lo, hi in map(index_range, term.indices))
-                      for term in fn.terms)
-    return math.prod(fn.output.shape) * max(per_element, 1)
+def _work(nests: Sequence[LoopNest], indices: Sequence[sympy.Idx]) -> int:
+    """Loop iterations of a piece, counting every loop over its full index range."""
+    per_element = sum(math.prod(hi - lo + 1 for lo, hi in
+                                (index_range(loop.index) for loop in nest.loops))
+                      for nest in nests)
+    return math.prod(hi - lo + 1 for lo, hi in map(index_range, indices)) * max(per_element, 1)
 
 
-def emit_function(name: str, fn: IndexSum, inputs: Sequence[Array], dtype: str) -> tuple[str, CFunction]:
+def _parallel(out: _Writer, loops: int, work: int) -> None:
+    if work >= PARALLEL_WORK and loops:
+        out.line(f"#pragma omp parallel for collapse({loops}) schedule(static) "
+                 f"num_threads(sc_threads)")
+
+
+def _output_offset(fn: IndexSum, piece: schedule.Piece) -> sympy.Expr:
+    """C-order offset of the output element a piece computes, in the piece's indices."""
+    shape = fn.output.shape
+    return sympy.expand(sum(math.prod(shape[t + 1:]) * p for t, p in enumerate(piece.position)))
+
+
+def _emit_scalar_piece(out: _Writer, fn: IndexSum, piece: schedule.Piece, dtype: str) -> None:
+    """The plain nest: one accumulator per output element, terms added in order."""
+    _parallel(out, len(piece.indices), _work(piece.nests, piece.indices))
+    for idx in piece.indices:
+        var = _check_name(str(idx.label), "index")
+        lo, hi = index_range(idx)
+        out.open(f"for (int64_t {var} = {lo}; {var} <= {hi}; ++{var})")
+    out.line(f"{C_TYPES[dtype]} sc_acc = 0;")
+    for nest in piece.nests:
+        box = nest_box(nest, piece.indices)
+        padded = {a: outside_checks(a, box) for a in accesses(nest.body)
+                  if str(a.base.label) in nest.zero_outside}
+        _emit_nest(out, nest, _BodyPrinter(dtype, padded).doprint(nest.body))
+    out.line(f"{fn.output.name}[{c_affine(_output_offset(fn, piece))}] = sc_acc;")
+    for _ in piece.indices:
+        out.close()
+
+
+# --- vector code (AVX2 + FMA intrinsics) -----------------------------------------------------------
+
+SIMD_PRELUDE = """\
+#include <immintrin.h>
+
+static inline float sc_hsum_ps(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+}
+static inline double sc_hsum_pd(__m256d v) {
+    __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+}
+"""
+
+
+@dataclass(frozen=True)
+class Simd:
+    """AVX2 spellings for one element type: 8 floats or 4 doubles per vector, masks as
+    integer vectors with all bits set in the active lanes."""
+
+    dtype: str
+
+    @property
+    def width(self) -> int:
+        return 8 if self.dtype == "float32" else 4
+
+    @property
+    def vec(self) -> str:
+        return "__m256" if self.dtype == "float32" else "__m256d"
+
+    @property
+    def sfx(self) -> str:
+        return "ps" if self.dtype == "float32" else "pd"
+
+    @property
+    def _epi(self) -> str:
+        return "epi32" if self.dtype == "float32" else "epi64"
+
+    def zero(self) -> str:
+        return f"_mm256_setzero_{self.sfx}()"
+
+    def set1(self, x: str) -> str:
+        return f"_mm256_set1_{self.sfx}({x})"
+
+    def load(self, pointer: str, stride: int, mask: str | None) -> str:
+        """Lanes at pointer[0], pointer[stride], ...; masked lanes read as 0 (not read)."""
+        if stride == 1:
+            return (f"_mm256_loadu_{self.sfx}({pointer})" if mask is None else
+                    f"_mm256_maskload_{self.sfx}({pointer}, {mask})")
+        scale = 4 if self.dtype == "float32" else 8
+        index = self.ramp32(stride)
+        if mask is None:
+            return f"_mm256_i32gather_{self.sfx}({pointer}, {index}, {scale})"
+        return (f"_mm256_mask_i32gather_{self.sfx}({self.zero()}, {pointer}, {index}, "
+                f"_mm256_castsi256_{self.sfx}({mask}), {scale})")
+
+    def ramp32(self, stride: int) -> str:
+        values = ", ".join(str(stride * i) for i in range(self.width))
+        return (f"_mm256_setr_epi32({values})" if self.dtype == "float32"
+                else f"_mm_setr_epi32({values})")
+
+    def fma(self, a: str, b: str, c: str) -> str:
+        return f"_mm256_fmadd_{self.sfx}({a}, {b}, {c})"
+
+    def mul(self, a: str, b: str) -> str:
+        return f"_mm256_mul_{self.sfx}({a}, {b})"
+
+    def add_masked(self, acc: str, value: str, mask: str) -> str:
+        return (f"_mm256_add_{self.sfx}({acc}, _mm256_and_{self.sfx}({value}, "
+                f"_mm256_castsi256_{self.sfx}({mask})))")
+
+    def store(self, pointer: str, value: str, mask: str | None) -> str:
+        if mask is None:
+            return f"_mm256_storeu_{self.sfx}({pointer}, {value});"
+        return f"_mm256_maskstore_{self.sfx}({pointer}, {mask}, {value});"
+
+    def hsum(self, value: str) -> str:
+        return f"sc_hsum_{self.sfx}({value})"
+
+    # integer lane vectors, for masks
+    def iset1(self, x: str) -> str:
+        return (f"_mm256_set1_epi32((int32_t)({x}))" if self.dtype == "float32"
+                else f"_mm256_set1_epi64x((int64_t)({x}))")
+
+    def iramp(self, step: int) -> str:
+        values = ", ".join(str(step * i) for i in range(self.width))
+        return (f"_mm256_setr_epi32({values})" if self.dtype == "float32"
+                else f"_mm256_setr_epi64x({values})")
+
+    def nonnegative(self, base: str, step: int) -> str:
+        """Mask of lanes l where base + step·l >= 0."""
+        lanes = self.iset1(base) if step == 0 else \
+            f"_mm256_add_{self._epi}({self.iset1(base)}, {self.iramp(step)})"
+        return f"_mm256_cmpgt_{self._epi}({lanes}, {self.iset1('-1')})"
+
+    def all_set(self) -> str:
+        return "_mm256_set1_epi32(-1)"
+
+    def both(self, a: str, b: str) -> str:
+        return f"_mm256_and_si256({a}, {b})"
+
+    def any(self, mask: str) -> str:
+        return f"!_mm256_testz_si256({mask}, {mask})"
+
+
+def _min_over(expr, ranges: dict) -> str:
+    """C expression for the minimum of an integer affine ``expr`` when each symbol ranges over
+    ``ranges[symbol] = (low C expr, high C expr)``; other symbols keep their C value."""
+    coefficients, constant = linear_parts(expr)
+    parts = [str(int(constant))]
+    for v, c in sorted(coefficients.items(), key=lambda vc: str(vc[0])):
+        c = int(c)
+        low, high = ranges.get(v, (str(v.label), str(v.label)) if isinstance(v, sympy.Idx)
+                               else (str(v), str(v)))
+        parts.append(f"{c}*({low if c > 0 else high})")
+    return " + ".join(parts)
+
+
+def _nonnegative_everywhere(exprs, ranges) -> list[str]:
+    return [f"({_min_over(e, ranges)}) >= 0" for e in exprs]
+
+
+def _depends(expr, symbol) -> bool:
+    return symbol in sympy.sympify(expr).free_symbols
+
+
+class _Reads:
+    """The accesses of one nest: constant factor, and per access its offset and flags."""
+
+    def __init__(self, nest: LoopNest):
+        self.constant, reads = schedule.factors(nest.body)
+        self.items = []
+        for access in reads:
+            offset = sympy.expand(sum(
+                math.prod(int(n) for n in access.base.shape[t + 1:]) * integer_form(p)[0]
+                for t, p in enumerate(access.indices)))
+            self.items.append((access, offset, str(access.base.label) in nest.zero_outside))
+
+
+def _in_range_exprs(access: sympy.Indexed, box=None) -> list[sympy.Expr]:
+    """Affine expressions, all >= 0 exactly when every index of the access is in range
+    (with a box: only those that can fail somewhere in it)."""
+    exprs = []
+    for position, extent in zip(access.indices, access.base.shape):
+        num = integer_form(position)[0]
+        for expr in (num, int(extent) - 1 - num):
+            if box is None or value_range(expr, box)[0] < 0:
+                exprs.append(expr)
+    return exprs
+
+
+def _padded_mask(simd: "Simd", exprs, lane, lane_value, replace, base: str) -> str:
+    """``base`` narrowed to the lanes where every ``expr >= 0``: lane-dependent ones as vector
+    compares, the others as one scalar test."""
+    vector, scalar = [], []
+    for expr in exprs:
+        local = sympy.expand(expr.xreplace(replace))
+        if _depends(expr, lane):
+            vector.append(_lane_condition(simd, local, lane, lane_value))
+        else:
+            scalar.append(f"({c_affine(local)}) >= 0")
+    masks = [base] + vector
+    if scalar:
+        masks.append(f"_mm256_set1_epi32(-(int)({' && '.join(scalar)}))")
+    return _and_all(simd, masks)
+
+
+def _emit_output_lanes(out: _Writer, fn: IndexSum, piece: schedule.Piece,
+                       chosen: schedule.OutputLanes, simd: Simd) -> None:
+    """Register blocks of rows x vectors of consecutive outputs.  Blocks fully inside the
+    output, whose lanes all share the loop bounds and read only inside the arrays, take the
+    plain path; the others mask lanes (bounds, array edges, the end of the lane range)."""
+    lane, block, rows, vectors = chosen.lane, chosen.block, chosen.rows, chosen.vectors
+    width, ctype = simd.width, C_TYPES[simd.dtype]
+    span = width * vectors
+    lane_name = str(lane.label)
+    lane_hi = index_range(lane)[1]
+    block_hi = index_range(block)[1] if block is not None else 0
+    block_name = str(block.label) if block is not None else None
+    outer = [i for i in piece.indices if i != lane and i != block]
+
+    _parallel(out, len(piece.indices), _work(piece.nests, piece.indices))
+    for idx in outer:
+        lo, hi = index_range(idx)
+        out.open(f"for (int64_t {_check_name(str(idx.label), 'index')} = {lo}; "
+                 f"{idx.label} <= {hi}; ++{idx.label})")
+    if block is not None:
+        out.open(f"for (int64_t {block_name} = 0; {block_name} <= {block_hi}; "
+                 f"{block_name} += {rows})")
+    out.open(f"for (int64_t {lane_name} = 0; {lane_name} <= {lane_hi}; {lane_name} += {span})")
+    accs = [[f"sc_a{r}_{q}" for q in range(vectors)] for r in range(rows)]
+    out.line(f"{simd.vec} " + ", ".join(f"{a} = {simd.zero()}" for row in accs for a in row) + ";")
+
+    # The block box: lanes over the whole span, rows over the block, loops over their ranges.
+    ranges = {lane: (lane_name, f"{lane_name} + {span - 1}")}
+    if block is not None:
+        ranges[block] = (block_name, f"{block_name} + {rows - 1}")
+    fast = [f"{lane_name} + {span - 1} <= {lane_hi}"]
+    if block is not None:
+        fast.append(f"{block_name} + {rows - 1} <= {block_hi}")
+    for nest in piece.nests:
+        nest_ranges = {**ranges, **{loop.index: tuple(map(str, index_range(loop.index)))
+                                    for loop in nest.loops}}
+        exprs = []
+        for loop in nest.loops:
+            low_c, high_c = loop.lower[0], loop.upper[0]
+            for b in loop.lower[1:]:
+                if _depends(b.num, lane):
+                    exprs.append(b.den * _ceil_const(low_c) - b.num)
+            for b in loop.upper[1:]:
+                if _depends(b.num, lane):
+                    exprs.append(b.num - b.den * (int(high_c.num) // high_c.den))
+        exprs += [g.expr for g in nest.guards if _depends(g.expr, lane)]
+        box = nest_box(nest, piece.indices)
+        for access, _, padded in _Reads(nest).items:
+            if padded:
+                exprs += _in_range_exprs(access, box)
+        fast += _nonnegative_everywhere(exprs, nest_ranges)
+    out.open(f"if ({' && '.join(fast)})")
+    _output_lane_block(out, fn, piece, chosen, simd, accs, masked=False)
+    out.close()
+    out.open("else")
+    _output_lane_block(out, fn, piece, chosen, simd, accs, masked=True)
+    out.close()
+    out.close()  # lane blocks
+    if block is not None:
+        out.close()
+    for _ in outer:
+        out.close()
+
+
+def _ceil_const(bound: Bound) -> int:
+    return -((-int(bound.num)) // bound.den)
+
+
+def _output_lane_block(out, fn, piece, chosen, simd, accs, masked: bool) -> None:
+    lane, block, rows, vectors = chosen.lane, chosen.block, chosen.rows, chosen.vectors
+    width, ctype = simd.width, C_TYPES[simd.dtype]
+    lane_name, lane_hi = str(lane.label), index_range(lane)[1]
+    row_vars = []
+    if block is not None:
+        block_hi = index_range(block)[1]
+        for r in range(rows):
+            value = f"sc_min({block.label} + {r}, {block_hi})" if masked else f"{block.label} + {r}"
+            out.line(f"const int64_t sc_row{r} = {value};")
+            row_vars.append(sympy.Symbol(f"sc_row{r}"))
+    lane_at = [sympy.Symbol(f"sc_lane{q}") for q in range(vectors)]
+    for q in range(vectors):
+        out.line(f"const int64_t sc_lane{q} = {lane_name} + {q * width};")
+    if masked:
+        for q in range(vectors):
+            out.line(f"const __m256i sc_valid{q} = "
+                     f"{simd.nonnegative(f'{lane_hi} - sc_lane{q}', -1)};")
+
+    for number, nest in enumerate(piece.nests):
+        reads = _Reads(nest)
+        opened = 0
+        scalar_guards = [g for g in nest.guards if not _depends(g.expr, lane)]
+        lane_guards = [g for g in nest.guards if _depends(g.expr, lane)]
+        if scalar_guards:
+            out.open(f"if ({' && '.join(f'({_condition(g)})' for g in scalar_guards)})")
+            opened += 1
+        masks = [f"sc_valid{q}" for q in range(vectors)] if masked else None
+        if masked:
+            out.open()
+            opened += 1
+            for q in range(vectors):
+                conds = [masks[q]] + [_lane_condition(simd, g.expr, lane, lane_at[q])
+                                      for g in lane_guards]
+                out.line(f"__m256i sc_m{number}_0_{q} = {_and_all(simd, conds)};")
+            masks = [f"sc_m{number}_0_{q}" for q in range(vectors)]
+        for depth, loop in enumerate(nest.loops, start=1):
+            var = _check_name(str(loop.index.label), "index")
+            keep_low = [b for b in loop.lower if not _depends(b.num, lane)]
+            keep_high = [b for b in loop.upper if not _depends(b.num, lane)]
+            out.open(f"for (int64_t {var} = {_bound(keep_low, True)}; {var} <= "
+                     f"{_bound(keep_high, False)}; ++{var})")
+            opened += 1
+            if masked:
+                lane_bounds = [(b, True) for b in loop.lower if _depends(b.num, lane)] + \
+                              [(b, False) for b in loop.upper if _depends(b.num, lane)]
+                if lane_bounds:
+                    new = []
+                    for q in range(vectors):
+                        conds = [masks[q]]
+                        for b, is_lower in lane_bounds:
+                            expr = b.den * loop.index - b.num if is_lower else b.num - b.den * loop.index
+                            conds.append(_lane_condition(simd, expr, lane, lane_at[q]))
+                        name = f"sc_m{number}_{depth}_{q}"
+                        out.line(f"const __m256i {name} = {_and_all(simd, conds)};")
+                        new.append(name)
+                    masks = new
+                    out.open(f"if ({' || '.join(simd.any(m) for m in masks)})")
+                    opened += 1
+        _accumulate_output_lanes(out, reads, chosen, simd, accs, row_vars, lane_at, masks,
+                                 nest_box(nest, piece.indices))
+        for _ in range(opened):
+            out.close()
+
+    # store the block
+    offset = _output_offset(fn, piece)
+    out_stride = int(linear_parts(offset)[0].get(lane, 0))
+    for r in range(rows):
+        row_offset = offset.xreplace({block: row_vars[r]}) if block is not None else offset
+        if masked and block is not None:
+            out.open(f"if ({block.label} + {r} <= {index_range(block)[1]})")
+        for q in range(vectors):
+            at = c_affine(row_offset.xreplace({lane: lane_at[q]}))
+            pointer = f"{fn.output.name} + {at}"
+            if out_stride == 1:
+                out.line(simd.store(pointer, accs[r][q], f"sc_valid{q}" if masked else None))
+            else:
+                out.open()
+                out.line(f"{ctype} sc_t[{width}];")
+                out.line(simd.store("sc_t", accs[r][q], None))
+                limit = f"sc_l <= {lane_hi} - sc_lane{q}" if masked else None
+                loop = f"for (int sc_l = 0; sc_l < {width}; ++sc_l)"
+                out.line(f"{loop} {{ if ({limit}) {fn.output.name}[{at} + {out_stride}*sc_l] = "
+                         f"sc_t[sc_l]; }}" if limit else
+                         f"{loop} {fn.output.name}[{at} + {out_stride}*sc_l] = sc_t[sc_l];")
+                out.close()
+        if masked and block is not None:
+            out.close()
+
+
+def _lane_condition(simd: Simd, expr, lane, lane_symbol) -> str:
+    """Mask of lanes where ``expr >= 0``, the lane index running lane_symbol + 0, 1, ..."""
+    coefficients, _ = linear_parts(expr)
+    step = int(coefficients.get(lane, 0))
+    base = c_affine(sympy.expand(sympy.sympify(expr).xreplace({lane: lane_symbol})))
+    return simd.nonnegative(base, step)
+
+
+def _and_all(simd: Simd, masks: list[str]) -> str:
+    text = masks[0]
+    for m in masks[1:]:
+        text = simd.both(text, m)
+    return text
+
+
+def _accumulate_output_lanes(out, reads: _Reads, chosen, simd: Simd, accs, row_vars, lane_at,
+                             masks, box) -> None:
+    """Load each read once per row or per vector and add the products into the block."""
+    lane, block, rows, vectors = chosen.lane, chosen.block, chosen.rows, chosen.vectors
+    ctype = C_TYPES[simd.dtype]
+    per_row: list[list[str]] = [[] for _ in range(rows)]   # factor vectors per row
+    per_vector: list[list[str]] = [[] for _ in range(vectors)]
+    shared: list[str] = []
+    constant = reads.constant      # folded into the first broadcast read, if there is one
+    for number, (access, offset, padded) in enumerate(reads.items):
+        name = str(access.base.label)
+        stride = int(linear_parts(offset)[0].get(lane, 0))
+        if stride == 0:
+            targets = range(rows) if block is not None and _depends(offset, block) else [None]
+            for r in targets:
+                at = offset.xreplace({block: row_vars[r]}) if r is not None else offset
+                local = access if r is None else access.xreplace({block: row_vars[r]})
+                load = f"{name}[{c_affine(at)}]"
+                if padded:
+                    checks = [f"(uint64_t)({c_affine(p)}) < {int(n)}u"
+                              for p, n in zip(local.indices, access.base.shape)]
+                    load = f"({' && '.join(checks)} ? {load} : 0)"
+                if constant != 1:
+                    load = f"{_number(constant, ctype)}*{load}"
+                vector = f"sc_v{number}_{r if r is not None else 'x'}"
+                out.line(f"const {simd.vec} {vector} = {simd.set1(load)};")
+                (per_row[r] if r is not None else shared).append(vector)
+            constant = sympy.Integer(1)
+        else:
+            for q in range(vectors):
+                at = c_affine(offset.xreplace({lane: lane_at[q]}))
+                mask = None
+                if masks is not None:
+                    mask = masks[q]
+                    if padded:
+                        mask = _padded_mask(simd, _in_range_exprs(access, box), lane, lane_at[q],
+                                            {}, mask)
+                vector = f"sc_w{number}_{q}"
+                out.line(f"const {simd.vec} {vector} = {simd.load(f'{name} + {at}', stride, mask)};")
+                per_vector[q].append(vector)
+    scale = None
+    if constant != 1:
+        scale = "sc_scale"
+        out.line(f"const {simd.vec} sc_scale = {simd.set1(_number(constant, ctype))};")
+    for r in range(rows):
+        for q in range(vectors):
+            factors = shared + per_row[r] + per_vector[q] + ([scale] if scale else [])
+            product = factors[0]
+            for f in factors[1:-1]:
+                product = simd.mul(product, f)
+            acc = accs[r][q]
+            if masks is None:
+                if len(factors) == 1:
+                    out.line(f"{acc} = _mm256_add_{simd.sfx}({acc}, {product});")
+                else:
+                    out.line(f"{acc} = {simd.fma(product, factors[-1], acc)};")
+            else:
+                value = product if len(factors) == 1 else simd.mul(product, factors[-1])
+                out.line(f"{acc} = {simd.add_masked(acc, value, masks[q])};")
+
+
+def _number(value, ctype: str) -> str:
+    suffix = "f" if ctype == "float" else ""
+    return f"(({ctype})({float(value)!r}{suffix}))" if not value.is_Integer else f"(({ctype}){int(value)})"
+
+
+def _emit_reduction_lanes(out: _Writer, fn: IndexSum, piece: schedule.Piece,
+                          chosen: schedule.ReductionLanes, simd: Simd) -> None:
+    """Per output block, lane-wise partial sums along the innermost loop, added up once at
+    the end; vectors that could read outside a zero-padded array or past the loop's end are
+    masked, the others take the plain path."""
+    (nest,) = piece.nests
+    reads = _Reads(nest)
+    lane = chosen.lane
+    width, ctype = simd.width, C_TYPES[simd.dtype]
+    blocks = list(chosen.blocks)
+    block_indices = [u for u, _ in blocks]
+    outer = [i for i in piece.indices if i not in block_indices]
+    _parallel(out, len(piece.indices), _work(piece.nests, piece.indices))
+    for idx in outer:
+        lo, hi = index_range(idx)
+        out.open(f"for (int64_t {_check_name(str(idx.label), 'index')} = {lo}; "
+                 f"{idx.label} <= {hi}; ++{idx.label})")
+    for u, rows in blocks:
+        out.open(f"for (int64_t {_check_name(str(u.label), 'index')} = 0; {u.label} <= "
+                 f"{index_range(u)[1]}; {u.label} += {rows})")
+    row_vars = {}
+    for u, rows in blocks:
+        row_vars[u] = []
+        for r in range(rows):
+            name = f"sc_{u.label}{r}"
+            out.line(f"const int64_t {name} = sc_min({u.label} + {r}, {index_range(u)[1]});")
+            row_vars[u].append(sympy.Symbol(name))
+    combos = _product_rows(blocks)
+    accs = {combo: "sc_a" + "_".join(map(str, combo)) for combo in combos}
+    out.line(f"{simd.vec} " + ", ".join(f"{a} = {simd.zero()}" for a in accs.values()) + ";")
+    opened = 0
+    if nest.guards:
+        out.open(f"if ({' && '.join(f'({_condition(g)})' for g in nest.guards)})")
+        opened += 1
+    for loop in nest.loops[:-1]:
+        var = _check_name(str(loop.index.label), "index")
+        out.open(f"for (int64_t {var} = {_bound(loop.lower, True)}; {var} <= "
+                 f"{_bound(loop.upper, False)}; ++{var})")
+        opened += 1
+    last = nest.loops[-1]
+    lane_name = _check_name(str(lane.label), "index")
+    out.line(f"const int64_t sc_lo = {_bound(last.lower, True)}, sc_hi = "
+             f"{_bound(last.upper, False)};")
+    # the lane range in which every zero-padded read stays inside its array
+    lows, highs, always = ["sc_lo"], ["sc_hi"], []
+    box = nest_box(nest, piece.indices)
+    for access, offset, padded in reads.items:
+        if not padded:
+            continue
+        for expr in _in_range_exprs(access, box):
+            coefficients, _ = linear_parts(expr)
+            c = int(coefficients.get(lane, 0))
+            rows = [u for u in block_indices if u in coefficients]
+            # every row of the block must read inside: the first and last rows bound it
+            for replace in ([{}] if not rows else
+                            [{rows[0]: row_vars[rows[0]][0]}, {rows[0]: row_vars[rows[0]][-1]}]):
+                rest = c_affine(sympy.expand((expr - c * lane).xreplace(replace)))
+                if c > 0:
+                    lows.append(f"sc_ceildiv(-({rest}), {c})")
+                elif c < 0:
+                    highs.append(f"sc_floordiv({rest}, {-c})")
+                else:
+                    always.append(f"({rest}) >= 0")
+    out.line(f"const int64_t sc_flo = {_fold(lows, 'sc_max')}, sc_fhi = "
+             f"{_fold(highs, 'sc_min')};")
+    inside = " && ".join(always) if always else "1"
+    out.open(f"for (int64_t {lane_name} = sc_lo; {lane_name} <= sc_hi; {lane_name} += {width})")
+    out.open(f"if (({inside}) && {lane_name} >= sc_flo && {lane_name} + {width - 1} <= sc_fhi)")
+    _accumulate_reduction(out, reads, chosen, simd, accs, row_vars, None, box)
+    out.close()
+    out.open("else")
+    out.line(f"const __m256i sc_valid = {simd.nonnegative(f'sc_hi - {lane_name}', -1)};")
+    _accumulate_reduction(out, reads, chosen, simd, accs, row_vars, "sc_valid", box)
+    out.close()
+    out.close()
+    for _ in range(opened):
+        out.close()
+    offset = _output_offset(fn, piece)
+    for combo, acc in accs.items():
+        conds = [f"{u.label} + {r} <= {index_range(u)[1]}" for (u, _), r in zip(blocks, combo)]
+        at = offset.xreplace({u: row_vars[u][r] for (u, _), r in zip(blocks, combo)})
+        store = f"{fn.output.name}[{c_affine(at)}] = {simd.hsum(acc)};"
+        out.line(f"if ({' && '.join(conds)}) {store}")
+    for _ in (*outer, *blocks):
+        out.close()
+
+
+def _product_rows(blocks):
+    combos = [()]
+    for _, rows in blocks:
+        combos = [c + (r,) for c in combos for r in range(rows)]
+    return combos
+
+
+def _accumulate_reduction(out, reads: _Reads, chosen, simd: Simd, accs, row_vars, mask,
+                          box) -> None:
+    lane = chosen.lane
+    blocks = [u for u, _ in chosen.blocks]
+    ctype = C_TYPES[simd.dtype]
+    loaded = []   # per read: {row-combo-key: vector name}
+    for number, (access, offset, padded) in enumerate(reads.items):
+        stride = int(linear_parts(offset)[0].get(lane, 0))
+        mine = [u for u in blocks if _depends(offset, u)]
+        names = {}
+        for r in (range(len(row_vars[mine[0]])) if mine else [None]):
+            at = offset.xreplace({mine[0]: row_vars[mine[0]][r]}) if mine else offset
+            local = access.xreplace({mine[0]: row_vars[mine[0]][r]}) if mine else access
+            vector = f"sc_v{number}_{r if r is not None else 'x'}"
+            name = str(access.base.label)
+            if stride == 0:
+                load = f"{name}[{c_affine(at)}]"
+                if padded:
+                    checks = [f"(uint64_t)({c_affine(p)}) < {int(n)}u"
+                              for p, n in zip(local.indices, access.base.shape)]
+                    load = f"({' && '.join(checks)} ? {load} : 0)"
+                out.line(f"const {simd.vec} {vector} = {simd.set1(load)};")
+            else:
+                m = mask
+                if mask is not None and padded:
+                    replace = {mine[0]: row_vars[mine[0]][r]} if mine else {}
+                    m = _padded_mask(simd, _in_range_exprs(access, box), lane, lane, replace, mask)
+                out.line(f"const {simd.vec} {vector} = "
+                         f"{simd.load(f'{name} + {c_affine(at)}', stride, m)};")
+            names[(mine[0], r) if mine else None] = vector
+        loaded.append((mine[0] if mine else None, names))
+    scale = None
+    if reads.constant != 1:
+        scale = "sc_scale"
+        out.line(f"const {simd.vec} sc_scale = {simd.set1(_number(reads.constant, ctype))};")
+    for combo, acc in accs.items():
+        rows = dict(zip(blocks, combo))
+        factors = [names[(u, rows[u])] if u is not None else names[None] for u, names in loaded]
+        if scale:
+            factors.append(scale)
+        product = factors[0]
+        for f in factors[1:-1]:
+            product = simd.mul(product, f)
+        if mask is None:
+            line = (f"_mm256_add_{simd.sfx}({acc}, {product})" if len(factors) == 1 else
+                    simd.fma(product, factors[-1], acc))
+        else:
+            value = product if len(factors) == 1 else simd.mul(product, factors[-1])
+            line = simd.add_masked(acc, value, mask)
+        out.line(f"{acc} = {line};")
+
+
+def emit_function(name: str, fn: IndexSum, inputs: Sequence[Array], dtype: str,
+                  simd: bool = False) -> tuple[str, CFunction]:
     """C text of one index sum as ``void symconv_<name>(inputs..., output, threads)``.
 
-    Every output element is computed by one thread in a fixed order, so results do
-    not depend on the number of threads."""
+    The output is computed piece by piece (see schedule.py), each piece by its plan;
+    with ``simd`` the vector plans use AVX2/FMA.  Every output element is computed by
+    one thread in a fixed order, so results do not depend on the number of threads."""
     ctype = C_TYPES[dtype]
     symbol = f"symconv_{_check_name(name, 'function')}"
     for array in (*inputs, fn.output):
@@ -240,20 +828,17 @@ def emit_function(name: str, fn: IndexSum, inputs: Sequence[Array], dtype: str) 
         out.line(f" * {text}")
     out.line(" */")
     out.open(f"void {symbol}({', '.join(params)})")
-    if _work(fn) >= PARALLEL_WORK:
-        out.line(f"#pragma omp parallel for collapse({len(fn.indices)}) schedule(static) "
-                 f"num_threads(sc_threads)")
-    for idx, extent in zip(fn.indices, fn.output.shape):
-        var = _check_name(str(idx.label), "index")
-        out.open(f"for (int64_t {var} = 0; {var} < {extent}; ++{var})")
-    out.line(f"{ctype} sc_acc = 0;")
-    for nest in loop_nests(fn):
-        box = nest_box(nest, fn.indices)
-        padded = {a: outside_checks(a, box) for a in accesses(nest.body)
-                  if str(a.base.label) in nest.zero_outside}
-        _emit_nest(out, nest, _BodyPrinter(dtype, padded).doprint(nest.body))
-    out.line(f"{fn.output.name}[{flat_offset(fn.output[fn.indices])}] = sc_acc;")
-    for _ in fn.indices:
+    vector = Simd(dtype) if simd else None
+    for piece in schedule.pieces(fn):
+        chosen = schedule.plan(piece, vector.width if vector else None)
+        out.open()
+        out.line(f"/* {schedule.describe(piece, chosen).replace('*/', '* /')} */")
+        if isinstance(chosen, schedule.OutputLanes):
+            _emit_output_lanes(out, fn, piece, chosen, vector)
+        elif isinstance(chosen, schedule.ReductionLanes):
+            _emit_reduction_lanes(out, fn, piece, chosen, vector)
+        else:
+            _emit_scalar_piece(out, fn, piece, dtype)
         out.close()
     out.close()
     declaration = f"void {symbol}({', '.join(plain)});"
@@ -261,14 +846,16 @@ def emit_function(name: str, fn: IndexSum, inputs: Sequence[Array], dtype: str) 
 
 
 def emit(functions: Sequence[tuple[str, IndexSum, Sequence[Array]]], dtype: str,
-         title: str) -> CSource:
-    """One C translation unit holding every function of an op."""
+         title: str, simd: bool = False) -> CSource:
+    """One C translation unit holding every function of an op (``simd``: AVX2 + FMA)."""
     if dtype not in C_TYPES:
         raise IRError(f"unsupported dtype {dtype!r}; expected one of {sorted(C_TYPES)}")
     parts = [f"/* symconv: {title.replace('*/', '* /')} */\n", PRELUDE]
+    if simd:
+        parts.append(SIMD_PRELUDE)
     declared = []
     for name, fn, inputs in functions:
-        text, function = emit_function(name, fn, inputs, dtype)
+        text, function = emit_function(name, fn, inputs, dtype, simd)
         parts += ["\n", text]
         declared.append(function)
     return CSource("".join(parts), tuple(declared))

@@ -88,8 +88,8 @@ class Compilation:
         return f"grad_{self.op.forward.output.name}"
 
 
-def lower(op: "OpDefinition") -> Compilation:
-    """Derive every gradient of an op and emit its C (no build)."""
+def lower(op: "OpDefinition", simd: bool = False) -> Compilation:
+    """Derive every gradient of an op and emit its C (no build); ``simd`` uses AVX2/FMA."""
     from . import codegen, derive, ir
 
     timings = {}
@@ -106,19 +106,19 @@ def lower(op: "OpDefinition") -> Compilation:
         read = {a.name for a in derivation.gather.inputs}
         args = tuple(a for a in (*op.inputs, cotangent) if a.name in read)
         functions.append((name, derivation.gather, args))
-    source = codegen.emit(functions, op.dtype, op.description)
+    source = codegen.emit(functions, op.dtype, op.description, simd=simd)
     timings["codegen"] = time.perf_counter() - start
     return Compilation(op, derivations, functions, source, timings)
 
 
-def explain(spec) -> Compilation:
-    """The full derivation of a spec's op, without building it."""
+def explain(spec, target: str | None = None) -> Compilation:
+    """The full derivation of a spec's op and its C for ``target``, without building it."""
     from . import define
 
     start = time.perf_counter()
     op = define.definition(spec)
     elapsed = time.perf_counter() - start
-    compilation = lower(op)
+    compilation = lower(op, simd=build.has_simd(target))
     compilation.timings = {"define": elapsed, **compilation.timings}
     return compilation
 
@@ -144,7 +144,7 @@ def compile_op(spec, cache_dir: str | os.PathLike | None = None,
         kernel = Kernel(path)
     except PackageError:
         def write(staging: Path) -> None:
-            compilation = explain(spec)
+            compilation = explain(spec, target)
             build.write_package(staging, path.name, compilation.source.text,
                                 compilation.source.cdef, compilation.manifest(), config)
         kernel = Kernel(build.publish(root, path.name, write))

@@ -491,11 +491,17 @@ def evaluate(fn: IndexSum, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
     is checked to lie inside its array, so a wrong derivation shows up as an
     error, not as a silently wrong number.
     """
-    out = np.zeros(fn.output.shape)
-    nests = [_CompiledNest(nest) for nest in loop_nests(fn)]
-    for point in itertools.product(*(range(n) for n in fn.output.shape)):
-        env = dict(zip(fn.indices, point))
-        out[point] = sum(nest.run(env, arrays) for nest in nests)
+    return evaluate_nests(loop_nests(fn), fn.indices, arrays)
+
+
+def evaluate_nests(nests: Sequence[LoopNest], indices: Sequence[sympy.Idx],
+                   arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The sum of loop nests at every point of the box of ``indices`` (ranges from 0)."""
+    out = np.zeros([index_range(i)[1] + 1 for i in indices])
+    compiled = [_CompiledNest(nest) for nest in nests]
+    for point in itertools.product(*(range(n) for n in out.shape)):
+        env = dict(zip(indices, point))
+        out[point] = sum(nest.run(env, arrays) for nest in compiled)
     return out
 
 

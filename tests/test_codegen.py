@@ -34,15 +34,18 @@ def test_same_spec_gives_byte_identical_c_across_processes():
 
 
 def test_every_loop_bound_is_a_constant_or_an_outer_index():
+    """No loop bound reads memory or a runtime size: only literals, indices of enclosing
+    loops and symconv's integer helpers."""
     text = c_text(**SPEC)
-    names = {"n", "o", "c", "i0", "i1", "k0", "k1", "j0", "j1"}
+    declared = set(re.findall(r"int64_t (\w+) =", text))
+    assert {"n", "o", "c", "k0"} <= declared
     for line in text.splitlines():
         match = re.search(r"for \(int64_t (\w+) = (.*?); \1 (<=|<) (.*?); ", line)
         if not match:
             continue
         used = set(re.findall(r"[A-Za-z_]\w*", match.group(2) + match.group(4)))
-        helpers = {u for u in used if re.fullmatch(r"sc_(max|min|ceildiv|floordiv|start_\w+)", u)}
-        assert used - helpers <= names, line
+        helpers = {u for u in used if re.fullmatch(r"sc_\w+", u)}
+        assert used - helpers <= declared, line
 
 
 def test_float32_code_uses_float_arithmetic():
@@ -99,10 +102,21 @@ int64_t mod(int64_t a, int64_t b) { return sc_mod(a, b); }
             assert module.lib.mod(a, b) == a % b
 
 
-def test_rational_index_is_emitted_as_exact_division():
+def test_stride_phases_leave_no_quotient_and_no_divisibility_test():
+    """Stride 2, dilation 3: grad_input is split into the two phases of j0; in each the
+    quotient index becomes exact and the congruence a unit-step change of variable."""
     op = define.conv(ConvSpec((1, 1, 13), (1, 1, 3), stride=2, dilation=3, padding=1))
-    text = compiler.lower(op).source.text
-    assert "/ 2]" in text and "k0 += 2" in text
+    for simd in (False, True):
+        text = compiler.lower(op, simd=simd).source.text
+        grad_input = text[text.index("void symconv_grad_input"):text.index("void symconv_grad_w")]
+        assert "phase j0 = 2·j0_:" in grad_input and "phase j0 = 2·j0_ + 1:" in grad_input
+        assert "sc_mod(" not in grad_input and ") / " not in grad_input
+
+
+def test_quotients_are_emitted_as_exact_division():
+    j, k = index("j", 9), index("k", 3)
+    assert codegen.c_affine((j - 3 * k + 1) / 2) == "(j - 3*k + 1) / 2"
+    assert codegen.c_affine(2 * j - k) == "2*j - k"
 
 
 def test_zero_gradient_sum_writes_zeros():

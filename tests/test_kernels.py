@@ -223,3 +223,21 @@ def test_results_do_not_depend_on_the_thread_count(fields, compile_spec, rng, mo
         kernel.forward(*inputs)
     with pytest.raises(ValueError, match="threads must be a positive int"):
         kernel.forward(*inputs, threads=0)
+
+
+@pytest.mark.parametrize("fields", [c for c in CASES if c.id in (
+    "1d-stride3-dil2-coprime", "2d-mixed-stride-dil-asym", "2d-depthwise", "3d-groups-mixed",
+    "4d-strided-dilated", "2d-same-stride2-f64")])
+def test_portable_target_without_vector_code(fields, cache_dir, rng):
+    """The x86-64 baseline target (no AVX2) builds the scalar schedule: same results."""
+    from symconv.compiler import compile_op
+    spec = make_spec(fields)
+    kernel = compile_op(spec, cache_dir=cache_dir, target="x86-64")
+    assert "__m256" not in kernel.source and kernel.manifest["build"]["target"] == "x86-64"
+    x, w, b, gy = random_arrays(spec, rng)
+    args = oracle_args(spec)
+    assert_close(kernel.forward(*[a for a in (x, w, b) if a is not None]),
+                 conv_forward(x, w, b, *args), spec.dtype, "forward")
+    for name, got, ref in zip(("input", "weight", "bias"), kernel.backward(x, w, gy),
+                              conv_backward(x, w, gy, *args)):
+        assert_close(got, ref, spec.dtype, f"grad_{name}")

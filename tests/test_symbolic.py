@@ -255,3 +255,54 @@ def test_text_and_latex_printing():
     assert "/2]" in text  # the exact quotient index (…)/2
     assert latex.startswith(r"\mathrm{grad\_input}_{n, c, j_{0}}") and r"\pmod{2}" in latex
     assert r"\left\lceil" in latex and r"\sum_" in latex
+
+
+# --- schedules: pieces and plans, still without C --------------------------------------------------
+
+@pytest.mark.parametrize("fields", SMALL + [
+    pytest.param(dict(input_shape=(1, 2, 13, 7), weight_shape=(3, 2, 3, 2), stride=(2, 3),
+                      dilation=(3, 2), padding=1), id="2d-coprime-phases"),
+    pytest.param(dict(input_shape=(1, 1, 12), weight_shape=(1, 1, 4), stride=4, dilation=2,
+                      padding=((3, 1),)), id="1d-stride4-dil2"),
+])
+def test_pieces_cover_the_output_and_sum_to_the_gradient(fields, rng):
+    """Splitting into stride phases, unit steps and shifted bands changes no value: every
+    output element is computed by exactly one piece, and equals the unsplit sum."""
+    from symconv import schedule
+    spec = make_spec(fields)
+    op = define.conv(spec)
+    arrays = {a.name: rng.standard_normal(a.shape) for a in op.inputs}
+    arrays["grad_output"] = rng.standard_normal(op.forward.output.shape)
+    for fn in (op.forward, *(derive.vjp(op.forward, a).gather for a in op.inputs)):
+        expected = ir.evaluate(fn, arrays)
+        got = np.full(expected.shape, np.nan)
+        for piece in schedule.pieces(fn):
+            for nest in piece.nests:
+                assert all(loop.step == 1 for loop in nest.loops) or len(schedule.pieces(fn)) == 1
+            values = ir.evaluate_nests(piece.nests, piece.indices, arrays)
+            for point in itertools.product(*(range(n) for n in values.shape)):
+                env = dict(zip(piece.indices, point))
+                at = tuple(int(p.subs(env)) if not isinstance(p, int) else p for p in piece.position)
+                assert np.isnan(got[at]), f"{fn.output.name}{at} computed twice"
+                got[at] = values[point]
+        np.testing.assert_allclose(got, expected, atol=1e-10, err_msg=fn.output.name)
+
+
+def test_plans_for_a_strided_convolution():
+    """Forward and grad_input vectorise along output rows with a block of channels; the
+    weight gradient keeps partial sums along the rows of the image."""
+    from symconv import schedule
+    op = define.conv(make_spec(dict(input_shape=(2, 8, 20, 20), weight_shape=(16, 8, 3, 3),
+                                    stride=2, padding=1)))
+    forward = schedule.pieces(op.forward)
+    assert len(forward) == 1
+    plan = schedule.plan(forward[0], 8)
+    assert isinstance(plan, schedule.OutputLanes) and str(plan.lane) == "i1"
+    assert str(plan.block) == "o"
+    grad_input = schedule.pieces(derive.vjp(op.forward, op.inputs[0]).gather)
+    assert len(grad_input) == 4                              # 2 x 2 stride phases
+    assert all(isinstance(schedule.plan(p, 8), schedule.OutputLanes) for p in grad_input)
+    grad_weight = schedule.pieces(derive.vjp(op.forward, op.inputs[1]).gather)
+    plan = schedule.plan(grad_weight[0], 8)
+    assert isinstance(plan, schedule.ReductionLanes) and str(plan.lane) == "i1"
+    assert {str(u) for u, _ in plan.blocks} == {"o", "c"}
