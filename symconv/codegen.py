@@ -419,54 +419,54 @@ def _padded_mask(simd: "Simd", exprs, lane, lane_value, replace, base: str) -> s
 
 def _emit_output_lanes(out: _Writer, fn: IndexSum, piece: schedule.Piece,
                        chosen: schedule.OutputLanes, simd: Simd) -> None:
-    """Register blocks of rows x vectors of consecutive outputs.  Blocks fully inside the
-    output, whose lanes all share the loop bounds and read only inside the arrays, take the
-    plain path; the others mask lanes (bounds, array edges, the end of the lane range)."""
+    """Register blocks of rows x vectors of consecutive outputs.  Blocks inside the output
+    whose lanes all share the loop bounds and read inside the zero-padded arrays take the
+    plain path; edge blocks mask lanes: reads past an array's edge load zeros (padding, and
+    the lanes past the end of the output, which are not stored), and only lanes outside a
+    loop's bounds are blended out of the sums."""
     lane, block, rows, vectors = chosen.lane, chosen.block, chosen.rows, chosen.vectors
-    width, ctype = simd.width, C_TYPES[simd.dtype]
+    width = simd.width
     span = width * vectors
     lane_name = str(lane.label)
     lane_hi = index_range(lane)[1]
     block_hi = index_range(block)[1] if block is not None else 0
-    block_name = str(block.label) if block is not None else None
     outer = [i for i in piece.indices if i != lane and i != block]
 
-    _parallel(out, len(piece.indices), _work(piece.nests, piece.indices))
+    _parallel(out, len(piece.indices), _work(chosen.nests, piece.indices))
     for idx in outer:
         lo, hi = index_range(idx)
         out.open(f"for (int64_t {_check_name(str(idx.label), 'index')} = {lo}; "
                  f"{idx.label} <= {hi}; ++{idx.label})")
     if block is not None:
-        out.open(f"for (int64_t {block_name} = 0; {block_name} <= {block_hi}; "
-                 f"{block_name} += {rows})")
+        out.open(f"for (int64_t {block.label} = 0; {block.label} <= {block_hi}; "
+                 f"{block.label} += {rows})")
     out.open(f"for (int64_t {lane_name} = 0; {lane_name} <= {lane_hi}; {lane_name} += {span})")
     accs = [[f"sc_a{r}_{q}" for q in range(vectors)] for r in range(rows)]
     out.line(f"{simd.vec} " + ", ".join(f"{a} = {simd.zero()}" for row in accs for a in row) + ";")
 
-    # The block box: lanes over the whole span, rows over the block, loops over their ranges.
+    # The fast path needs every lane-dependent condition to hold over the whole block box.
     ranges = {lane: (lane_name, f"{lane_name} + {span - 1}")}
     if block is not None:
-        ranges[block] = (block_name, f"{block_name} + {rows - 1}")
+        ranges[block] = (str(block.label), f"{block.label} + {rows - 1}")
     fast = [f"{lane_name} + {span - 1} <= {lane_hi}"]
     if block is not None:
-        fast.append(f"{block_name} + {rows - 1} <= {block_hi}")
-    for nest in piece.nests:
+        fast.append(f"{block.label} + {rows - 1} <= {block_hi}")
+    for nest in chosen.nests:
         nest_ranges = {**ranges, **{loop.index: tuple(map(str, index_range(loop.index)))
                                     for loop in nest.loops}}
         exprs = []
         for loop in nest.loops:
-            low_c, high_c = loop.lower[0], loop.upper[0]
             for b in loop.lower[1:]:
                 if _depends(b.num, lane):
-                    exprs.append(b.den * _ceil_const(low_c) - b.num)
+                    exprs.append(b.den * _ceil_const(loop.lower[0]) - b.num)
             for b in loop.upper[1:]:
                 if _depends(b.num, lane):
-                    exprs.append(b.num - b.den * (int(high_c.num) // high_c.den))
+                    exprs.append(b.num - b.den * (int(loop.upper[0].num) // loop.upper[0].den))
         exprs += [g.expr for g in nest.guards if _depends(g.expr, lane)]
         box = nest_box(nest, piece.indices)
         for access, _, padded in _Reads(nest).items:
             if padded:
-                exprs += _in_range_exprs(access, box)
+                exprs += [e for e in _in_range_exprs(access, box) if _depends(e, lane)]
         fast += _nonnegative_everywhere(exprs, nest_ranges)
     out.open(f"if ({' && '.join(fast)})")
     _output_lane_block(out, fn, piece, chosen, simd, accs, masked=False)
@@ -504,23 +504,34 @@ def _output_lane_block(out, fn, piece, chosen, simd, accs, masked: bool) -> None
             out.line(f"const __m256i sc_valid{q} = "
                      f"{simd.nonnegative(f'{lane_hi} - sc_lane{q}', -1)};")
 
-    for number, nest in enumerate(piece.nests):
+    for number, nest in enumerate(chosen.nests):
         reads = _Reads(nest)
+        box = nest_box(nest, piece.indices)
         opened = 0
         scalar_guards = [g for g in nest.guards if not _depends(g.expr, lane)]
         lane_guards = [g for g in nest.guards if _depends(g.expr, lane)]
         if scalar_guards:
             out.open(f"if ({' && '.join(f'({_condition(g)})' for g in scalar_guards)})")
             opened += 1
-        masks = [f"sc_valid{q}" for q in range(vectors)] if masked else None
+        out.open()
+        opened += 1
+        # masks (edge path only): domain = lanes inside the bounds so far (blended);
+        # loads[a] = lanes that may read access a (valid, in the domain, inside padding)
+        domain: list[str] | None = None
+        lane_padding = {a: [e for e in _in_range_exprs(access, box) if _depends(e, lane)]
+                        for a, (access, _, padded) in enumerate(reads.items) if padded}
+        loads = {}
+        depth_of = {loop.index: d for d, loop in enumerate(nest.loops, start=1)}
         if masked:
-            out.open()
-            opened += 1
-            for q in range(vectors):
-                conds = [masks[q]] + [_lane_condition(simd, g.expr, lane, lane_at[q])
-                                      for g in lane_guards]
-                out.line(f"__m256i sc_m{number}_0_{q} = {_and_all(simd, conds)};")
-            masks = [f"sc_m{number}_0_{q}" for q in range(vectors)]
+            if lane_guards:
+                domain = []
+                for q in range(vectors):
+                    name = f"sc_d{number}_0_{q}"
+                    conds = [_lane_condition(simd, g.expr, lane, lane_at[q]) for g in lane_guards]
+                    out.line(f"const __m256i {name} = {_and_all(simd, conds)};")
+                    domain.append(name)
+            _define_load_masks(out, simd, reads, lane, lane_at, vectors, lane_padding, domain,
+                               loads, number, 0, depth_of, False)
         for depth, loop in enumerate(nest.loops, start=1):
             var = _check_name(str(loop.index.label), "index")
             keep_low = [b for b in loop.lower if not _depends(b.num, lane)]
@@ -528,24 +539,29 @@ def _output_lane_block(out, fn, piece, chosen, simd, accs, masked: bool) -> None
             out.open(f"for (int64_t {var} = {_bound(keep_low, True)}; {var} <= "
                      f"{_bound(keep_high, False)}; ++{var})")
             opened += 1
-            if masked:
-                lane_bounds = [(b, True) for b in loop.lower if _depends(b.num, lane)] + \
-                              [(b, False) for b in loop.upper if _depends(b.num, lane)]
-                if lane_bounds:
-                    new = []
-                    for q in range(vectors):
-                        conds = [masks[q]]
-                        for b, is_lower in lane_bounds:
-                            expr = b.den * loop.index - b.num if is_lower else b.num - b.den * loop.index
-                            conds.append(_lane_condition(simd, expr, lane, lane_at[q]))
-                        name = f"sc_m{number}_{depth}_{q}"
-                        out.line(f"const __m256i {name} = {_and_all(simd, conds)};")
-                        new.append(name)
-                    masks = new
-                    out.open(f"if ({' || '.join(simd.any(m) for m in masks)})")
-                    opened += 1
-        _accumulate_output_lanes(out, reads, chosen, simd, accs, row_vars, lane_at, masks,
-                                 nest_box(nest, piece.indices))
+            if not masked:
+                continue
+            lane_bounds = [(b, True) for b in loop.lower if _depends(b.num, lane)] + \
+                          [(b, False) for b in loop.upper if _depends(b.num, lane)]
+            changed = False
+            if lane_bounds:
+                new = []
+                for q in range(vectors):
+                    conds = [domain[q]] if domain else []
+                    for b, is_lower in lane_bounds:
+                        expr = b.den * loop.index - b.num if is_lower else b.num - b.den * loop.index
+                        conds.append(_lane_condition(simd, expr, lane, lane_at[q]))
+                    name = f"sc_d{number}_{depth}_{q}"
+                    out.line(f"const __m256i {name} = {_and_all(simd, conds)};")
+                    new.append(name)
+                domain = new
+                changed = True
+                out.open(f"if ({' || '.join(simd.any(m) for m in domain)})")
+                opened += 1
+            _define_load_masks(out, simd, reads, lane, lane_at, vectors, lane_padding, domain,
+                               loads, number, depth, depth_of, changed)
+        _accumulate_output_lanes(out, reads, chosen, simd, accs, row_vars, lane_at,
+                                 loads if masked else None, domain, box)
         for _ in range(opened):
             out.close()
 
@@ -575,6 +591,30 @@ def _output_lane_block(out, fn, piece, chosen, simd, accs, masked: bool) -> None
             out.close()
 
 
+def _define_load_masks(out, simd, reads, lane, lane_at, vectors, lane_padding, domain, loads,
+                       number, depth, depth_of, domain_changed) -> None:
+    """(Re)define, at this loop depth, the masks of the vector reads that change here: lanes
+    that exist, lie in the domain, and read inside a zero-padded array.  A read's mask is
+    defined at the depth of the innermost loop its padding conditions use, and again where
+    the domain narrows below that."""
+    for a, (access, offset, padded) in enumerate(reads.items):
+        if not _depends(offset, lane):
+            continue
+        exprs = lane_padding.get(a, [])
+        symbols = set().union(set(), *(sympy.sympify(e).free_symbols for e in exprs))
+        level = max((depth_of[v] for v in symbols if v in depth_of), default=0)
+        if not (depth == level or (domain_changed and depth > level)):
+            continue
+        names = []
+        for q in range(vectors):
+            conds = [f"sc_valid{q}"] + ([domain[q]] if domain else []) + \
+                    [_lane_condition(simd, e, lane, lane_at[q]) for e in exprs]
+            name = f"sc_l{number}_{a}_{depth}_{q}"
+            out.line(f"const __m256i {name} = {_and_all(simd, conds)};")
+            names.append(name)
+        loads[a] = names
+
+
 def _lane_condition(simd: Simd, expr, lane, lane_symbol) -> str:
     """Mask of lanes where ``expr >= 0``, the lane index running lane_symbol + 0, 1, ..."""
     coefficients, _ = linear_parts(expr)
@@ -591,7 +631,7 @@ def _and_all(simd: Simd, masks: list[str]) -> str:
 
 
 def _accumulate_output_lanes(out, reads: _Reads, chosen, simd: Simd, accs, row_vars, lane_at,
-                             masks, box) -> None:
+                             loads, domain, box) -> None:
     """Load each read once per row or per vector and add the products into the block."""
     lane, block, rows, vectors = chosen.lane, chosen.block, chosen.rows, chosen.vectors
     ctype = C_TYPES[simd.dtype]
@@ -602,16 +642,19 @@ def _accumulate_output_lanes(out, reads: _Reads, chosen, simd: Simd, accs, row_v
     for number, (access, offset, padded) in enumerate(reads.items):
         name = str(access.base.label)
         stride = int(linear_parts(offset)[0].get(lane, 0))
+        # index conditions of a zero-padded read that do not depend on the lane: one test
+        scalar_checks = [e for e in _in_range_exprs(access, box) if not _depends(e, lane)] \
+            if padded else []
         if stride == 0:
             targets = range(rows) if block is not None and _depends(offset, block) else [None]
             for r in targets:
                 at = offset.xreplace({block: row_vars[r]}) if r is not None else offset
-                local = access if r is None else access.xreplace({block: row_vars[r]})
+                replace = {block: row_vars[r]} if r is not None else {}
                 load = f"{name}[{c_affine(at)}]"
-                if padded:
-                    checks = [f"(uint64_t)({c_affine(p)}) < {int(n)}u"
-                              for p, n in zip(local.indices, access.base.shape)]
-                    load = f"({' && '.join(checks)} ? {load} : 0)"
+                if scalar_checks:
+                    test = " && ".join(f"({c_affine(sympy.expand(e.xreplace(replace)))}) >= 0"
+                                       for e in scalar_checks)
+                    load = f"(({test}) ? {load} : 0)"
                 if constant != 1:
                     load = f"{_number(constant, ctype)}*{load}"
                 vector = f"sc_v{number}_{r if r is not None else 'x'}"
@@ -619,16 +662,15 @@ def _accumulate_output_lanes(out, reads: _Reads, chosen, simd: Simd, accs, row_v
                 (per_row[r] if r is not None else shared).append(vector)
             constant = sympy.Integer(1)
         else:
+            test = " && ".join(f"({c_affine(e)}) >= 0" for e in scalar_checks)
             for q in range(vectors):
                 at = c_affine(offset.xreplace({lane: lane_at[q]}))
-                mask = None
-                if masks is not None:
-                    mask = masks[q]
-                    if padded:
-                        mask = _padded_mask(simd, _in_range_exprs(access, box), lane, lane_at[q],
-                                            {}, mask)
+                mask = loads[number][q] if loads is not None else None
+                load = simd.load(f"{name} + {at}", stride, mask)
+                if test:
+                    load = f"({test}) ? {load} : {simd.zero()}"
                 vector = f"sc_w{number}_{q}"
-                out.line(f"const {simd.vec} {vector} = {simd.load(f'{name} + {at}', stride, mask)};")
+                out.line(f"const {simd.vec} {vector} = {load};")
                 per_vector[q].append(vector)
     scale = None
     if constant != 1:
@@ -641,14 +683,14 @@ def _accumulate_output_lanes(out, reads: _Reads, chosen, simd: Simd, accs, row_v
             for f in factors[1:-1]:
                 product = simd.mul(product, f)
             acc = accs[r][q]
-            if masks is None:
+            if domain is None:
                 if len(factors) == 1:
                     out.line(f"{acc} = _mm256_add_{simd.sfx}({acc}, {product});")
                 else:
                     out.line(f"{acc} = {simd.fma(product, factors[-1], acc)};")
             else:
                 value = product if len(factors) == 1 else simd.mul(product, factors[-1])
-                out.line(f"{acc} = {simd.add_masked(acc, value, masks[q])};")
+                out.line(f"{acc} = {simd.add_masked(acc, value, domain[q])};")
 
 
 def _number(value, ctype: str) -> str:

@@ -64,12 +64,15 @@ class Scalar:
 @dataclass(frozen=True)
 class OutputLanes:
     """Lanes along ``lane`` (a piece index), ``rows`` values of ``block`` per register block,
-    ``vectors`` vectors of lanes per block."""
+    ``vectors`` vectors of lanes per block; ``nests`` are the piece's nests with the loops
+    that decide which lanes read inside a zero-padded array moved outermost, so their lane
+    masks are computed once for all inner iterations."""
 
     lane: sympy.Idx
     block: sympy.Idx | None
     rows: int
     vectors: int
+    nests: tuple[LoopNest, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -363,10 +366,31 @@ def _output_lanes(piece: Piece, width: int) -> OutputLanes | None:
             candidates.append(u)
     block = max(candidates, key=lambda u: index_range(u)[1], default=None)
     vectors_max = -(-extent // width)
+    nests = tuple(_lane_conditions_outermost(n, lane) for n in piece.nests)
     if block is None:
-        return OutputLanes(lane, None, 1, min(vectors_max, 4))
+        return OutputLanes(lane, None, 1, min(vectors_max, 4), nests)
     rows = min(index_range(block)[1] + 1, 4 if vectors_max >= 3 else 6)
-    return OutputLanes(lane, block, rows, max(1, min(vectors_max, 12 // rows)))
+    return OutputLanes(lane, block, rows, max(1, min(vectors_max, 12 // rows)), nests)
+
+
+def _lane_conditions_outermost(nest: LoopNest, lane) -> LoopNest:
+    """Move the loops that appear beside the lane index in a zero-padded read outermost
+    (the summation order changes, not the sum), where no bound forbids it."""
+    padded = [a for a in accesses(nest.body) if str(a.base.label) in nest.zero_outside]
+    wanted = set()
+    for access in padded:
+        for position in access.indices:
+            symbols = sympy.sympify(position).free_symbols
+            if lane in symbols:
+                wanted |= symbols
+    order = sorted(nest.loops, key=lambda loop: loop.index not in wanted)
+    seen = set()
+    for loop in order:
+        used = set().union(*(b.num.free_symbols for b in (*loop.lower, *loop.upper)))
+        if used & ({l.index for l in nest.loops} - seen - {loop.index}):
+            return nest
+        seen.add(loop.index)
+    return LoopNest(nest.guards, tuple(order), nest.body, nest.zero_outside)
 
 
 def _reduction_lanes(piece: Piece, width: int) -> ReductionLanes | None:
