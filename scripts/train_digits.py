@@ -197,7 +197,8 @@ def main(argv=None) -> None:
     seconds = result["epoch_seconds"]
     print(f"digits: {result['train_size']} training / {result['test_size']} held-out images, "
           f"{args.epochs} epochs of batch {args.batch_size}")
-    print(f"test accuracy  {100 * result['accuracy']:.2f}%  (train {100 * result['train_accuracy']:.2f}%)")
+    print(f"test accuracy  {100 * result['accuracy']:.2f}%  "
+          f"(train {100 * result['train_accuracy']:.2f}%)")
     print(f"time per epoch {np.median(seconds[1:] or seconds):.3f} s median "
           f"(first epoch {seconds[0]:.3f} s, includes compiling on a cold cache); "
           f"{total:.1f} s in all")

@@ -90,7 +90,12 @@ def check_kernel(kernel: Kernel, seed: int = 0, samples: int = 6, eps: float = 1
 
 @dataclass(frozen=True)
 class InputReport:
-    """How one input's backward gradient compares with central differences."""
+    """How one input's backward gradient compares with central differences.
+
+    The absolute error of an element is ``|backward - numeric|``, its relative error
+    that divided by ``max(|numeric|, atol)``; an element passes when its absolute error
+    is at most ``atol + rtol |numeric|``.
+    """
 
     index: int
     shape: tuple[int, ...]

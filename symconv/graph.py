@@ -40,7 +40,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -84,6 +84,9 @@ class no_grad(contextlib.ContextDecorator):
 
     def __exit__(self, *exc) -> None:
         _mode.enabled = self._saved.pop()
+
+    def _recreate_cm(self) -> "no_grad":  # a fresh context per decorated call (threads, recursion)
+        return type(self)()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -146,6 +149,12 @@ class Tensor:
 
     def __len__(self) -> int:
         return len(self.data)
+
+    def __bool__(self) -> bool:
+        return bool(self.data)      # like NumPy: an error for more than one element
+
+    def __float__(self) -> float:
+        return float(self.data)
 
     def numpy(self) -> np.ndarray:
         """The array itself (not a copy)."""
@@ -378,7 +387,8 @@ def unbroadcast(grad: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     extra = grad.ndim - len(shape)
     if extra < 0:
         raise ValueError(f"cannot reduce a gradient of shape {grad.shape} to {shape}")
-    stretched = tuple(extra + i for i, n in enumerate(shape) if n == 1 and grad.shape[extra + i] != 1)
+    stretched = tuple(extra + i for i, n in enumerate(shape)
+                      if n == 1 and grad.shape[extra + i] != 1)
     return grad.sum(axis=tuple(range(extra)) + stretched, keepdims=True).reshape(shape)
 
 
@@ -652,7 +662,7 @@ def matmul(a, b) -> Tensor:
 
 
 def linear(x, weight, bias=None) -> Tensor:
-    """``x @ weight.T + bias`` with ``weight`` of shape (out, in), like ``torch.nn.functional.linear``."""
+    """``x @ weight.T + bias`` with ``weight`` (out, in), like ``torch.nn.functional.linear``."""
     x, weight = _pair(x, weight)
     xd, wd = x.data, weight.data
     if wd.ndim != 2 or xd.ndim < 1 or xd.shape[-1] != wd.shape[1]:

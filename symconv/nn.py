@@ -167,9 +167,9 @@ class Conv(Module):
 
     def __repr__(self) -> str:
         out, c, *kernel = self.weight.shape
-        return (f"Conv({c * self.groups}, {out}, kernel_size={tuple(kernel)}, stride={self.stride}, "
-                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
-                f"bias={self.bias is not None})")
+        return (f"Conv({c * self.groups}, {out}, kernel_size={tuple(kernel)}, "
+                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+                f"groups={self.groups}, bias={self.bias is not None})")
 
 
 class Linear(Module):

@@ -236,6 +236,13 @@ def test_conv_accepts_non_contiguous_and_mixed_inputs(cache_dir):
     assert w.grad.dtype == np.float32 and w.grad.shape == w.shape
 
 
+def test_scalar_conversions():
+    assert float(leaf(2.5).sum()) == 2.5 and leaf(1.5).sum().item() == 1.5
+    assert not Tensor(np.array(0.0)) and Tensor(np.array(3.0))
+    with pytest.raises(ValueError):
+        bool(leaf(1.0, 2.0))             # ambiguous, like NumPy
+
+
 def test_arrays_on_the_left_and_numbers_keep_the_tensor():
     x = leaf(1.0, 2.0)
     y = np.array([2.0, 3.0]) * x + 1

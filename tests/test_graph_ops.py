@@ -159,7 +159,7 @@ def test_backward_matches_finite_differences(fn, arrays):
     assert_backward_matches(fn, *arrays)
 
 
-# --- compiled and pooling ops ---------------------------------------------------------------------
+# --- compiled and pooling ops ------------------------------------------------------------------
 
 CONVS = [
     ("conv1d-stride-dilation", dict(stride=2, dilation=2, padding=2), (2, 2, 9), (3, 2, 3), True),
@@ -189,7 +189,8 @@ def test_conv_composed_with_other_ops(cache_dir):
 
 @pytest.mark.parametrize("kwargs, shape", [
     pytest.param(dict(kernel_size=2), (2, 2, 4, 4), id="2d"),
-    pytest.param(dict(kernel_size=(2, 3), stride=1, padding=(1, 0)), (1, 2, 3, 5), id="2d-overlap-pad"),
+    pytest.param(dict(kernel_size=(2, 3), stride=1, padding=(1, 0)), (1, 2, 3, 5),
+                 id="2d-overlap-pad"),
     pytest.param(dict(kernel_size=2, stride=1, padding=((1, 0), 0, (0, 1))), (1, 1, 3, 3, 2),
                  id="3d-asym-pad"),
 ])
@@ -281,7 +282,7 @@ def test_dtype_is_kept_in_float32():
     assert a.grad.dtype == np.float32 and b.grad.dtype == np.float64
 
 
-# --- symconv.gradcheck itself ----------------------------------------------------------------------
+# --- symconv.gradcheck itself ------------------------------------------------------------------
 
 def broken_square(x):
     """x ** 2 with a backward that is wrong at one element."""
