@@ -417,65 +417,104 @@ def _padded_mask(simd: "Simd", exprs, lane, lane_value, replace, base: str) -> s
     return _and_all(simd, masks)
 
 
+@dataclass(frozen=True)
+class _Variant:
+    """One shape of output-lane block: rows x vectors accumulators, masked at the edges."""
+
+    rows: int
+    vectors: int
+    masked: bool
+
+
+def _lane_interior(chosen: schedule.OutputLanes, piece: schedule.Piece) -> tuple[int, int]:
+    """The lanes whose every lane-dependent condition (loop bounds, guards, padded reads)
+    holds for all values of every other index: there, blocks need no masks."""
+    lane = chosen.lane
+    low, high = 0, index_range(lane)[1]
+    for nest in chosen.nests:
+        box = nest_box(nest, piece.indices)
+        exprs = []
+        for loop in nest.loops:
+            exprs += [b.den * _ceil_const(loop.lower[0]) - b.num
+                      for b in loop.lower[1:] if _depends(b.num, lane)]
+            exprs += [b.num - b.den * (int(loop.upper[0].num) // loop.upper[0].den)
+                      for b in loop.upper[1:] if _depends(b.num, lane)]
+        exprs += [g.expr for g in nest.guards if _depends(g.expr, lane)]
+        for access, _, padded in _Reads(nest).items:
+            if padded:
+                exprs += [e for e in _in_range_exprs(access, box) if _depends(e, lane)]
+        for expr in exprs:
+            num, _ = integer_form(expr)
+            coefficients, _ = linear_parts(num)
+            a = int(coefficients[lane])
+            rest_low = value_range(sympy.expand(num - a * lane), box)[0]
+            if a > 0:
+                low = max(low, -(rest_low // a))
+            else:
+                high = min(high, rest_low // -a)
+    return low, high
+
+
+def _lane_segments(extent: int, width: int, wide: int, interior) -> list[tuple[int, int, bool]]:
+    """Cover lanes 0..extent-1 with (start, vectors, masked) blocks: wide unmasked blocks where
+    they fit inside the interior, single unmasked vectors where those fit, masked vectors
+    elsewhere."""
+    low, high = interior
+    segments, start = [], 0
+    while start < extent:
+        if wide > 1 and start >= low and start + wide * width - 1 <= high:
+            segments.append((start, wide, False))
+            start += wide * width
+        elif start >= low and start + width - 1 <= high:
+            segments.append((start, 1, False))
+            start += width
+        else:
+            segments.append((start, 1, True))
+            start += width
+    return segments
+
+
 def _emit_output_lanes(out: _Writer, fn: IndexSum, piece: schedule.Piece,
                        chosen: schedule.OutputLanes, simd: Simd) -> None:
-    """Register blocks of rows x vectors of consecutive outputs.  Blocks inside the output
-    whose lanes all share the loop bounds and read inside the zero-padded arrays take the
-    plain path; edge blocks mask lanes: reads past an array's edge load zeros (padding, and
-    the lanes past the end of the output, which are not stored), and only lanes outside a
-    loop's bounds are blended out of the sums."""
-    lane, block, rows, vectors = chosen.lane, chosen.block, chosen.rows, chosen.vectors
-    width = simd.width
-    span = width * vectors
+    """Blocks of consecutive outputs along the lane index, cut once for all rows: wide
+    register blocks (rows x vectors) inside the interior, single vectors with more rows
+    where a wide block does not fit, masked single vectors at the edges.  Masked lanes read
+    zeros past an array's edge (padding, and the lanes past the end, which are not stored);
+    only lanes outside a loop's bounds are blended out of the sums."""
+    lane, block = chosen.lane, chosen.block
     lane_name = str(lane.label)
-    lane_hi = index_range(lane)[1]
-    block_hi = index_range(block)[1] if block is not None else 0
     outer = [i for i in piece.indices if i != lane and i != block]
+    block_extent = index_range(block)[1] + 1 if block is not None else 1
+    single_rows = min(block_extent, 8) if block is not None else 1
+    variants = {(chosen.vectors, False): _Variant(chosen.rows, chosen.vectors, False),
+                (1, False): _Variant(single_rows, 1, False),
+                (1, True): _Variant(single_rows, 1, True)}
+    segments = _lane_segments(index_range(lane)[1] + 1, simd.width, chosen.vectors,
+                              _lane_interior(chosen, piece))
 
-    _parallel(out, len(piece.indices), _work(chosen.nests, piece.indices))
+    _parallel(out, len(outer), _work(chosen.nests, piece.indices))
     for idx in outer:
         lo, hi = index_range(idx)
         out.open(f"for (int64_t {_check_name(str(idx.label), 'index')} = {lo}; "
                  f"{idx.label} <= {hi}; ++{idx.label})")
-    if block is not None:
-        out.open(f"for (int64_t {block.label} = 0; {block.label} <= {block_hi}; "
-                 f"{block.label} += {rows})")
-    out.open(f"for (int64_t {lane_name} = 0; {lane_name} <= {lane_hi}; {lane_name} += {span})")
-    accs = [[f"sc_a{r}_{q}" for q in range(vectors)] for r in range(rows)]
-    out.line(f"{simd.vec} " + ", ".join(f"{a} = {simd.zero()}" for row in accs for a in row) + ";")
-
-    # The fast path needs every lane-dependent condition to hold over the whole block box.
-    ranges = {lane: (lane_name, f"{lane_name} + {span - 1}")}
-    if block is not None:
-        ranges[block] = (str(block.label), f"{block.label} + {rows - 1}")
-    fast = [f"{lane_name} + {span - 1} <= {lane_hi}"]
-    if block is not None:
-        fast.append(f"{block.label} + {rows - 1} <= {block_hi}")
-    for nest in chosen.nests:
-        nest_ranges = {**ranges, **{loop.index: tuple(map(str, index_range(loop.index)))
-                                    for loop in nest.loops}}
-        exprs = []
-        for loop in nest.loops:
-            for b in loop.lower[1:]:
-                if _depends(b.num, lane):
-                    exprs.append(b.den * _ceil_const(loop.lower[0]) - b.num)
-            for b in loop.upper[1:]:
-                if _depends(b.num, lane):
-                    exprs.append(b.num - b.den * (int(loop.upper[0].num) // loop.upper[0].den))
-        exprs += [g.expr for g in nest.guards if _depends(g.expr, lane)]
-        box = nest_box(nest, piece.indices)
-        for access, _, padded in _Reads(nest).items:
-            if padded:
-                exprs += [e for e in _in_range_exprs(access, box) if _depends(e, lane)]
-        fast += _nonnegative_everywhere(exprs, nest_ranges)
-    out.open(f"if ({' && '.join(fast)})")
-    _output_lane_block(out, fn, piece, chosen, simd, accs, masked=False)
-    out.close()
-    out.open("else")
-    _output_lane_block(out, fn, piece, chosen, simd, accs, masked=True)
-    out.close()
-    out.close()  # lane blocks
-    if block is not None:
+    runs: list[list[tuple[int, int, bool]]] = []
+    for segment in segments:
+        if runs and runs[-1][-1][1:] == segment[1:] and \
+                runs[-1][-1][0] + segment[1] * simd.width == segment[0]:
+            runs[-1].append(segment)
+        else:
+            runs.append([segment])
+    for run in runs:
+        variant = variants[run[0][1:]]
+        step = variant.vectors * simd.width
+        out.open(f"for (int64_t {lane_name} = {run[0][0]}; {lane_name} <= {run[-1][0]}; "
+                 f"{lane_name} += {step})")
+        if block is not None:
+            out.open(f"for (int64_t {block.label} = 0; {block.label} < {block_extent}; "
+                     f"{block.label} += {variant.rows})")
+        _output_lane_block(out, fn, piece, chosen, simd, variant)
+        if block is not None:
+            out.close()
         out.close()
     for _ in outer:
         out.close()
@@ -485,15 +524,20 @@ def _ceil_const(bound: Bound) -> int:
     return -((-int(bound.num)) // bound.den)
 
 
-def _output_lane_block(out, fn, piece, chosen, simd, accs, masked: bool) -> None:
-    lane, block, rows, vectors = chosen.lane, chosen.block, chosen.rows, chosen.vectors
+def _output_lane_block(out, fn, piece, chosen, simd, variant: _Variant) -> None:
+    lane, block = chosen.lane, chosen.block
+    rows, vectors, masked = variant.rows, variant.vectors, variant.masked
     width, ctype = simd.width, C_TYPES[simd.dtype]
     lane_name, lane_hi = str(lane.label), index_range(lane)[1]
+    accs = [[f"sc_a{r}_{q}" for q in range(vectors)] for r in range(rows)]
+    out.line(f"{simd.vec} " + ", ".join(f"{a} = {simd.zero()}" for row in accs for a in row) + ";")
     row_vars = []
+    partial_rows = block is not None and (index_range(block)[1] + 1) % rows != 0
     if block is not None:
         block_hi = index_range(block)[1]
         for r in range(rows):
-            value = f"sc_min({block.label} + {r}, {block_hi})" if masked else f"{block.label} + {r}"
+            value = f"sc_min({block.label} + {r}, {block_hi})" if partial_rows else \
+                f"{block.label} + {r}"
             out.line(f"const int64_t sc_row{r} = {value};")
             row_vars.append(sympy.Symbol(f"sc_row{r}"))
     lane_at = [sympy.Symbol(f"sc_lane{q}") for q in range(vectors)]
@@ -561,7 +605,7 @@ def _output_lane_block(out, fn, piece, chosen, simd, accs, masked: bool) -> None
             _define_load_masks(out, simd, reads, lane, lane_at, vectors, lane_padding, domain,
                                loads, number, depth, depth_of, changed)
         _accumulate_output_lanes(out, reads, chosen, simd, accs, row_vars, lane_at,
-                                 loads if masked else None, domain, box)
+                                 loads if masked else None, domain, box, variant)
         for _ in range(opened):
             out.close()
 
@@ -570,7 +614,7 @@ def _output_lane_block(out, fn, piece, chosen, simd, accs, masked: bool) -> None
     out_stride = int(linear_parts(offset)[0].get(lane, 0))
     for r in range(rows):
         row_offset = offset.xreplace({block: row_vars[r]}) if block is not None else offset
-        if masked and block is not None:
+        if partial_rows:
             out.open(f"if ({block.label} + {r} <= {index_range(block)[1]})")
         for q in range(vectors):
             at = c_affine(row_offset.xreplace({lane: lane_at[q]}))
@@ -587,7 +631,7 @@ def _output_lane_block(out, fn, piece, chosen, simd, accs, masked: bool) -> None
                          f"sc_t[sc_l]; }}" if limit else
                          f"{loop} {fn.output.name}[{at} + {out_stride}*sc_l] = sc_t[sc_l];")
                 out.close()
-        if masked and block is not None:
+        if partial_rows:
             out.close()
 
 
@@ -631,9 +675,9 @@ def _and_all(simd: Simd, masks: list[str]) -> str:
 
 
 def _accumulate_output_lanes(out, reads: _Reads, chosen, simd: Simd, accs, row_vars, lane_at,
-                             loads, domain, box) -> None:
+                             loads, domain, box, variant: _Variant) -> None:
     """Load each read once per row or per vector and add the products into the block."""
-    lane, block, rows, vectors = chosen.lane, chosen.block, chosen.rows, chosen.vectors
+    lane, block, rows, vectors = chosen.lane, chosen.block, variant.rows, variant.vectors
     ctype = C_TYPES[simd.dtype]
     per_row: list[list[str]] = [[] for _ in range(rows)]   # factor vectors per row
     per_vector: list[list[str]] = [[] for _ in range(vectors)]
