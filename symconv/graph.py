@@ -775,10 +775,13 @@ def _compiled(kind: str, **fields) -> Any:
         (name, _freeze(value)) for name, value in fields.items())))
     kernel = _KERNELS.get(key)
     if kernel is None:
-        from . import compiler  # noqa: PLC0415  (imports SymPy's stages only on a cache miss)
+        from . import compiler  # here, not at import: SymPy loads only if a build is needed
         from .spec import AvgPoolSpec, ConvSpec
-        spec = (ConvSpec if kind == "conv" else AvgPoolSpec)(**fields)
-        kernel = _KERNELS[key] = compiler.compile_op(spec)
+        if kind == "conv":
+            kernel = compiler.compile_conv(ConvSpec(**fields))
+        else:
+            kernel = compiler.compile_op(AvgPoolSpec(**fields))
+        _KERNELS[key] = kernel
     return kernel
 
 
