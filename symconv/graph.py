@@ -629,9 +629,9 @@ def stack(tensors: Sequence, axis: int = 0) -> Tensor:
     if not tensors:
         raise ValueError("stack needs at least one tensor")
     out = np.stack([t.data for t in tensors], axis=axis)
-    axis = _axis(axis, out.ndim)
+    axis, count = _axis(axis, out.ndim), len(tensors)
     return _result("stack", out, tensors,
-                   lambda g: tuple(np.take(g, i, axis=axis) for i in range(len(tensors))))
+                   lambda g: tuple(np.take(g, i, axis=axis) for i in range(count)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -738,9 +738,11 @@ def cross_entropy(logits, target, reduction: str = "mean") -> Tensor:
     count = losses.size
     out = {"mean": losses.mean(), "sum": losses.sum(), "none": losses}[reduction]
 
+    shape = losses.shape
+
     def backward(g):
         weight = g if reduction == "none" else np.broadcast_to(g / count if reduction == "mean"
-                                                               else g, losses.shape)
+                                                               else g, shape)
         grad = np.exp(logp)
         np.put_along_axis(grad, picked, np.take_along_axis(grad, picked, axis=1) - 1, axis=1)
         return (grad * np.expand_dims(weight, 1),)
