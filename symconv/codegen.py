@@ -754,7 +754,19 @@ def _emit_reduction_lanes(out: _Writer, fn: IndexSum, piece: schedule.Piece,
     blocks = list(chosen.blocks)
     block_indices = [u for u, _ in blocks]
     outer = [i for i in piece.indices if i not in block_indices]
-    _parallel(out, len(piece.indices), _work(piece.nests, piece.indices))
+    chunks = _reduction_chunks(nest, width)
+    parallel = _work(piece.nests, piece.indices) >= PARALLEL_WORK
+    if parallel:
+        out.line("#pragma omp parallel num_threads(sc_threads)")
+    out.open()
+    out.open(f"for (int64_t sc_chunk = 0; sc_chunk < {chunks.count}; ++sc_chunk)")
+    out.line(f"const int64_t sc_r0 = (sc_chunk / {chunks.segments}) * {chunks.rows}, "
+             f"sc_r1 = sc_min(sc_r0 + {chunks.rows}, {chunks.total_rows});")
+    out.line(f"const int64_t sc_s0 = {chunks.lane_lo} + (sc_chunk % {chunks.segments}) * "
+             f"{chunks.segment}, sc_s1 = sc_s0 + {chunks.segment - 1};")
+    if parallel:
+        loops = len(outer) + len(blocks)
+        out.line(f"#pragma omp for{f' collapse({loops})' if loops > 1 else ''} schedule(static)")
     for idx in outer:
         lo, hi = index_range(idx)
         out.open(f"for (int64_t {_check_name(str(idx.label), 'index')} = {lo}; "
@@ -776,15 +788,18 @@ def _emit_reduction_lanes(out: _Writer, fn: IndexSum, piece: schedule.Piece,
     if nest.guards:
         out.open(f"if ({' && '.join(f'({_condition(g)})' for g in nest.guards)})")
         opened += 1
-    for loop in nest.loops[:-1]:
+    out.open("for (int64_t sc_r = sc_r0; sc_r < sc_r1; ++sc_r)")
+    opened += 1
+    radix = 1
+    for loop in reversed(nest.loops[:-1]):
         var = _check_name(str(loop.index.label), "index")
-        out.open(f"for (int64_t {var} = {_bound(loop.lower, True)}; {var} <= "
-                 f"{_bound(loop.upper, False)}; ++{var})")
-        opened += 1
+        low, high = chunks.ranges[loop.index]
+        out.line(f"const int64_t {var} = {low} + (sc_r / {radix}) % {high - low + 1};")
+        radix *= high - low + 1
     last = nest.loops[-1]
     lane_name = _check_name(str(lane.label), "index")
-    out.line(f"const int64_t sc_lo = {_bound(last.lower, True)}, sc_hi = "
-             f"{_bound(last.upper, False)};")
+    out.line(f"const int64_t sc_lo = sc_max({_bound(last.lower, True)}, sc_s0), sc_hi = "
+             f"sc_min({_bound(last.upper, False)}, sc_s1);")
     # the lane range in which every zero-padded read stays inside its array
     lows, highs, always = ["sc_lo"], ["sc_hi"], []
     box = nest_box(nest, piece.indices)
@@ -807,15 +822,28 @@ def _emit_reduction_lanes(out: _Writer, fn: IndexSum, piece: schedule.Piece,
                     always.append(f"({rest}) >= 0")
     out.line(f"const int64_t sc_flo = {_fold(lows, 'sc_max')}, sc_fhi = "
              f"{_fold(highs, 'sc_min')};")
+    # one base pointer per read and block row: the loads below only add lane offsets
+    for number, (access, offset, _) in enumerate(reads.items):
+        mine = [u for u in block_indices if _depends(offset, u)]
+        for r in (range(len(row_vars[mine[0]])) if mine else [None]):
+            at = offset.xreplace({mine[0]: row_vars[mine[0]][r]}) if mine else offset
+            at = sympy.expand(at.xreplace({lane: 0}))
+            out.line(f"const {ctype} *restrict sc_b{number}_{r if r is not None else 'x'} = "
+                     f"{access.base.label} + {c_affine(at)};")
+    # vectors start at sc_lo + W·k: masked ones before sc_first, plain ones up to sc_last
     inside = " && ".join(always) if always else "1"
-    out.open(f"for (int64_t {lane_name} = sc_lo; {lane_name} <= sc_hi; {lane_name} += {width})")
-    out.open(f"if (({inside}) && {lane_name} >= sc_flo && {lane_name} + {width - 1} <= sc_fhi)")
+    out.line(f"const int64_t sc_first = ({inside}) ? sc_max(0, sc_ceildiv(sc_flo - sc_lo, "
+             f"{width})) : INT64_MAX / 2;")
+    out.line(f"const int64_t sc_last = sc_floordiv(sc_fhi - {width - 1} - sc_lo, {width});")
+    out.open(f"for (int64_t {lane_name} = sc_lo + {width} * sc_first; "
+             f"{lane_name} <= sc_lo + {width} * sc_last; {lane_name} += {width})")
     _accumulate_reduction(out, reads, chosen, simd, accs, row_vars, None, box)
     out.close()
-    out.open("else")
+    out.open(f"for (int64_t {lane_name} = sc_lo; {lane_name} <= sc_hi; {lane_name} += {width})")
+    out.line(f"if ({lane_name} >= sc_lo + {width} * sc_first && "
+             f"{lane_name} <= sc_lo + {width} * sc_last) continue;")
     out.line(f"const __m256i sc_valid = {simd.nonnegative(f'sc_hi - {lane_name}', -1)};")
     _accumulate_reduction(out, reads, chosen, simd, accs, row_vars, "sc_valid", box)
-    out.close()
     out.close()
     for _ in range(opened):
         out.close()
@@ -823,10 +851,54 @@ def _emit_reduction_lanes(out: _Writer, fn: IndexSum, piece: schedule.Piece,
     for combo, acc in accs.items():
         conds = [f"{u.label} + {r} <= {index_range(u)[1]}" for (u, _), r in zip(blocks, combo)]
         at = offset.xreplace({u: row_vars[u][r] for (u, _), r in zip(blocks, combo)})
-        store = f"{fn.output.name}[{c_affine(at)}] = {simd.hsum(acc)};"
+        element = f"{fn.output.name}[{c_affine(at)}]"
+        store = (f"{element} = {simd.hsum(acc)};" if chunks.count == 1 else
+                 f"{{ if (sc_chunk == 0) {element} = {simd.hsum(acc)}; "
+                 f"else {element} += {simd.hsum(acc)}; }}")
         out.line(f"if ({' && '.join(conds)}) {store}")
     for _ in (*outer, *blocks):
         out.close()
+    out.close()   # chunks
+    out.close()   # parallel region
+
+
+CHUNK_ELEMENTS = 2048   # summed elements per chunk and task: what each block reads stays in cache
+
+
+@dataclass(frozen=True)
+class _Chunks:
+    """The reduction split into ``count`` chunks summed in order: ``rows`` consecutive values
+    of the flattened outer loops times one ``segment`` of the lane loop."""
+
+    ranges: dict
+    total_rows: int
+    rows: int
+    lane_lo: int
+    segment: int
+    segments: int
+
+    @property
+    def count(self) -> int:
+        return -(-self.total_rows // self.rows) * self.segments
+
+
+def _reduction_chunks(nest: LoopNest, width: int) -> _Chunks:
+    """Chunks of the summation so that one chunk's data, for all blocks, fits in cache.  Each
+    output element adds its chunk sums in chunk order: the thread count cannot change it."""
+    ranges = {}
+    for loop in nest.loops[:-1]:
+        low = max(_ceil_const(b) for b in loop.lower if b.num.is_Integer)
+        high = min(int(b.num) // b.den for b in loop.upper if b.num.is_Integer)
+        ranges[loop.index] = (low, high)
+    total_rows = math.prod(high - low + 1 for low, high in ranges.values())
+    lane = nest.loops[-1]
+    lane_lo, lane_hi = _ceil_const(lane.lower[0]), int(lane.upper[0].num) // lane.upper[0].den
+    extent = lane_hi - lane_lo + 1
+    if extent >= CHUNK_ELEMENTS:
+        segment = -(-CHUNK_ELEMENTS // width) * width
+        return _Chunks(ranges, total_rows, 1, lane_lo, segment, -(-extent // segment))
+    rows = max(1, CHUNK_ELEMENTS // extent)
+    return _Chunks(ranges, total_rows, rows, lane_lo, extent, 1)
 
 
 def _product_rows(blocks):
@@ -863,8 +935,9 @@ def _accumulate_reduction(out, reads: _Reads, chosen, simd: Simd, accs, row_vars
                 if mask is not None and padded:
                     replace = {mine[0]: row_vars[mine[0]][r]} if mine else {}
                     m = _padded_mask(simd, _in_range_exprs(access, box), lane, lane, replace, mask)
-                out.line(f"const {simd.vec} {vector} = "
-                         f"{simd.load(f'{name} + {c_affine(at)}', stride, m)};")
+                base = f"sc_b{number}_{r if r is not None else 'x'}"
+                pointer = f"{base} + {lane}" if stride == 1 else f"{base} + {stride}*{lane}"
+                out.line(f"const {simd.vec} {vector} = {simd.load(pointer, stride, m)};")
             names[(mine[0], r) if mine else None] = vector
         loaded.append((mine[0] if mine else None, names))
     scale = None

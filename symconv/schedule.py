@@ -403,6 +403,8 @@ def _reduction_lanes(piece: Piece, width: int) -> ReductionLanes | None:
     lane = nest.loops[-1].index
     lo, hi = index_range(lane)
     (_, reads_, coefficients), = reads
+    if any(len(loop.lower) > 1 or len(loop.upper) > 1 for loop in nest.loops[:-1]):
+        return None    # the outer summation loops must be a box, to be cut into chunks
     if hi - lo + 1 < width or any(not 0 <= c.get(lane, 0) <= MAX_LANE_STRIDE
                                   for c in coefficients):
         return None
@@ -418,7 +420,7 @@ def _reduction_lanes(piece: Piece, width: int) -> ReductionLanes | None:
     if not blocks:
         return None
     sizes = [index_range(u)[1] + 1 for u in blocks]
-    rows = [min(sizes[0], 8)] if len(blocks) == 1 else [min(sizes[0], 4), min(sizes[1], 3)]
+    rows = [min(sizes[0], 8)] if len(blocks) == 1 else [min(sizes[0], 3), min(sizes[1], 3)]
     return ReductionLanes(lane, tuple(zip(blocks, rows)))
 
 
