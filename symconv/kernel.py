@@ -96,21 +96,32 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
-def default_threads() -> int:
-    """``$SYMCONV_NUM_THREADS``, else every core this process may run on."""
-    value = os.environ.get(THREADS_ENV)
-    if value:
-        try:
-            threads = int(value)
-        except ValueError:
-            threads = 0
-        if threads < 1:
-            raise ValueError(f"{THREADS_ENV} must be a positive integer, got {value!r}")
-        return threads
+def _cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+_CORES = _cores()
+# os.environ decodes on every read (~0.5 µs); its bytes mapping answers in ~40 ns and is kept
+# in step by os.environ's own assignments.
+_ENVIRON = getattr(os.environ, "_data", None)
+_THREADS_KEY = os.fsencode(THREADS_ENV) if isinstance(_ENVIRON, dict) else THREADS_ENV
+
+
+def default_threads() -> int:
+    """``$SYMCONV_NUM_THREADS``, else every core this process may run on."""
+    value = (_ENVIRON if isinstance(_ENVIRON, dict) else os.environ).get(_THREADS_KEY)
+    if not value:
+        return _CORES
+    try:
+        threads = int(value)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise ValueError(f"{THREADS_ENV} must be a positive integer, got {value!r}")
+    return threads
 
 
 def _import_extension(directory: Path, manifest: Mapping[str, Any]):
@@ -134,8 +145,9 @@ class Function:
         self.dtype = np.dtype(dtype)
         self.shapes = {a: tuple(shapes[a]) for a in (*self.args, self.output)}
         self._c = getattr(extension.lib, entry["symbol"])
-        self._ffi = extension.ffi
+        self._buffer = extension.ffi.from_buffer
         self._ctype = C_TYPES[dtype] + "[]"
+        self._expected = tuple(self.shapes[a] for a in self.args)
 
     def __repr__(self) -> str:
         return f"<symconv function {self.name}({', '.join(self.args)}) -> {self.output}>"
@@ -164,22 +176,27 @@ class Function:
         ``$SYMCONV_NUM_THREADS`` or all cores); results do not depend on ``threads``."""
         if threads is None:
             threads = default_threads()
-        elif isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        elif threads.__class__ is not int or threads < 1:
             raise ValueError(f"{self.name}: threads must be a positive int, got {threads!r}")
-        if len(arrays) != len(self.args):
+        if len(arrays) != len(self._expected):
             raise TypeError(f"{self.name} takes {len(self.args)} arrays ({', '.join(self.args)}), "
                             f"got {len(arrays)}")
-        inputs = [self._checked(name, a, self.shapes[name]) for name, a in zip(self.args, arrays)]
+        dtype, ctype, buffer = self.dtype, self._ctype, self._buffer
+        pointers = []
+        for name, array, shape in zip(self.args, arrays, self._expected):
+            # the common case in one expression; anything else gets the detailed checks
+            if array.__class__ is not np.ndarray or array.dtype is not dtype or \
+                    array.shape != shape or not (array.flags.c_contiguous and array.flags.aligned):
+                self._checked(name, array, shape)
+            pointers.append(buffer(ctype, array))
         if out is None:
-            out = np.empty(self.shapes[self.output], self.dtype)
+            out = np.empty(self.shapes[self.output], dtype)
         else:
             out = self._checked(f"out ({self.output})", out, self.shapes[self.output], True)
-            for name, array in zip(self.args, inputs):
+            for name, array in zip(self.args, arrays):
                 if np.may_share_memory(out, array):
                     raise ValueError(f"{self.name}: out overlaps the input {name}")
-        buffer = self._ffi.from_buffer
-        self._c(*(buffer(self._ctype, a) for a in inputs),
-                buffer(self._ctype, out, require_writable=True), threads)
+        self._c(*pointers, buffer(ctype, out, require_writable=True), threads)
         return out
 
 
