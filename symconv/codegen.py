@@ -219,8 +219,11 @@ def _work(nests: Sequence[LoopNest], indices: Sequence[sympy.Idx]) -> int:
 
 
 def _parallel(out: _Writer, loops: int, work: int) -> None:
+    """Threads over the outer loops.  Dynamic scheduling: when another process holds a core,
+    the other thread takes over the remaining iterations instead of waiting for it; which
+    thread computes an element never changes its value."""
     if work >= PARALLEL_WORK and loops:
-        out.line(f"#pragma omp parallel for collapse({loops}) schedule(static) "
+        out.line(f"#pragma omp parallel for collapse({loops}) schedule(dynamic) "
                  f"num_threads(sc_threads)")
 
 
@@ -262,6 +265,20 @@ static inline double sc_hsum_pd(__m256d v) {
     __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
     return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
 }
+/* Every other element, p[0], p[2], ...: two loads and a shuffle instead of a gather; the
+   second load stops at the last element used, so nothing past it is read. */
+static inline __m256 sc_load2_ps(const float *p) {
+    const __m256i even = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+    const __m256 a = _mm256_permutevar8x32_ps(_mm256_loadu_ps(p), even);
+    const __m256 b = _mm256_permutevar8x32_ps(
+        _mm256_maskload_ps(p + 8, _mm256_setr_epi32(-1, -1, -1, -1, -1, -1, -1, 0)), even);
+    return _mm256_permute2f128_ps(a, b, 0x20);
+}
+static inline __m256d sc_load2_pd(const double *p) {
+    const __m256d a = _mm256_loadu_pd(p);
+    const __m256d b = _mm256_maskload_pd(p + 4, _mm256_setr_epi64x(-1, -1, -1, 0));
+    return _mm256_permute4x64_pd(_mm256_unpacklo_pd(a, b), 0xD8);
+}
 """
 
 
@@ -299,6 +316,8 @@ class Simd:
         if stride == 1:
             return (f"_mm256_loadu_{self.sfx}({pointer})" if mask is None else
                     f"_mm256_maskload_{self.sfx}({pointer}, {mask})")
+        if stride == 2 and mask is None:
+            return f"sc_load2_{self.sfx}({pointer})"
         scale = 4 if self.dtype == "float32" else 8
         index = self.ramp32(stride)
         if mask is None:
@@ -766,7 +785,7 @@ def _emit_reduction_lanes(out: _Writer, fn: IndexSum, piece: schedule.Piece,
              f"{chunks.segment}, sc_s1 = sc_s0 + {chunks.segment - 1};")
     if parallel:
         loops = len(outer) + len(blocks)
-        out.line(f"#pragma omp for{f' collapse({loops})' if loops > 1 else ''} schedule(static)")
+        out.line(f"#pragma omp for{f' collapse({loops})' if loops > 1 else ''} schedule(dynamic)")
     for idx in outer:
         lo, hi = index_range(idx)
         out.open(f"for (int64_t {_check_name(str(idx.label), 'index')} = {lo}; "

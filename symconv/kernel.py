@@ -15,6 +15,7 @@ unless ``out=`` is given.  cffi releases the GIL during each call.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.machinery
 import importlib.util
@@ -47,13 +48,14 @@ def manifest_digest(manifest: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def cpu_features() -> set[str] | None:
+@functools.lru_cache(maxsize=None)
+def cpu_features() -> frozenset[str] | None:
     """The CPU's feature flags, or None where they cannot be read (then nothing is checked)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
                 if line.startswith(("flags", "Features")):
-                    return set(line.split(":", 1)[1].split())
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         return None
     return None

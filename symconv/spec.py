@@ -17,9 +17,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 from dataclasses import MISSING as dataclasses_missing
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Mapping
+
+import numpy as np
 
 DTYPES = ("float32", "float64")
 
@@ -30,8 +33,8 @@ def _fail(where: str, message: str, value: Any) -> ValueError:
 
 
 def _is_int(value: Any) -> bool:
-    """True for Python and NumPy integers, False for bools, floats and strings."""
-    return not isinstance(value, bool) and hasattr(type(value), "__index__")
+    """True for Python and NumPy integers; False for bools, floats, strings and arrays."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
 def _shape(field_name: str, value: Any) -> tuple[int, ...]:

@@ -46,6 +46,8 @@ CASES = [
     case("2d-pad-gt-reach", input_shape=(1, 1, 3, 3), weight_shape=(2, 1, 2, 2),
          padding=((4, 3), (3, 4)), stride=(1, 2)),
     case("2d-out-1x1", input_shape=(2, 2, 4, 5), weight_shape=(3, 2, 4, 5), dtype="float64"),
+    case("2d-groups-same-f64", input_shape=(1, 4, 5, 4), weight_shape=(4, 2, 3, 2), groups=2,
+         padding="same", dtype="float64"),
     # rank 3
     case("3d-basic", input_shape=(2, 2, 5, 6, 4), weight_shape=(3, 2, 3, 3, 3), padding=1),
     case("3d-stride2-pad1", input_shape=(1, 3, 7, 6, 6), weight_shape=(4, 3, 3, 3, 3), stride=2,

@@ -54,6 +54,11 @@ def test_key_is_stable_across_processes():
     assert len(keys) == 1
 
 
+def test_numpy_arrays_are_sequences_not_ints():
+    spec = ConvSpec((1, 2, 9, 9), (2, 2, 3, 3), stride=np.array([2, 1]), padding=np.array([1, 0]))
+    assert spec.stride == (2, 1) and spec.padding == ((1, 1), (0, 0))
+
+
 def test_numpy_integers_are_accepted():
     spec = ConvSpec(np.array([1, 2, 5]), (np.int64(3), 2, 3), stride=np.int32(2))
     assert spec.input_shape == (1, 2, 5) and spec.stride == (2,)
