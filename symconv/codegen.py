@@ -207,7 +207,8 @@ def _emit_nest(out: _Writer, nest: LoopNest, body: str) -> None:
         out.close()
 
 
-PARALLEL_WORK = 1 << 16  # loop iterations below which threads cost more than they save
+PARALLEL_WORK = 1 << 19  # loop iterations below which threads cost more than they save
+PARALLEL_GRAIN = 64      # dynamic-schedule chunks per parallel loop, about
 
 
 def _work(nests: Sequence[LoopNest], indices: Sequence[sympy.Idx]) -> int:
@@ -218,12 +219,18 @@ def _work(nests: Sequence[LoopNest], indices: Sequence[sympy.Idx]) -> int:
     return math.prod(hi - lo + 1 for lo, hi in map(index_range, indices)) * max(per_element, 1)
 
 
-def _parallel(out: _Writer, loops: int, work: int) -> None:
-    """Threads over the outer loops.  Dynamic scheduling: when another process holds a core,
-    the other thread takes over the remaining iterations instead of waiting for it; which
-    thread computes an element never changes its value."""
+def _schedule(iterations: int) -> str:
+    """Dynamic scheduling in about PARALLEL_GRAIN chunks: when another process holds a core,
+    the other thread takes over the remaining chunks instead of waiting for it.  Which thread
+    computes an element never changes its value."""
+    return f"schedule(dynamic, {max(1, iterations // PARALLEL_GRAIN)})"
+
+
+def _parallel(out: _Writer, loops: Sequence[sympy.Idx], work: int) -> None:
+    """Threads over ``loops``, the outermost loops of a piece."""
     if work >= PARALLEL_WORK and loops:
-        out.line(f"#pragma omp parallel for collapse({loops}) schedule(dynamic) "
+        iterations = math.prod(index_range(i)[1] - index_range(i)[0] + 1 for i in loops)
+        out.line(f"#pragma omp parallel for collapse({len(loops)}) {_schedule(iterations)} "
                  f"num_threads(sc_threads)")
 
 
@@ -235,7 +242,7 @@ def _output_offset(fn: IndexSum, piece: schedule.Piece) -> sympy.Expr:
 
 def _emit_scalar_piece(out: _Writer, fn: IndexSum, piece: schedule.Piece, dtype: str) -> None:
     """The plain nest: one accumulator per output element, terms added in order."""
-    _parallel(out, len(piece.indices), _work(piece.nests, piece.indices))
+    _parallel(out, piece.indices, _work(piece.nests, piece.indices))
     for idx in piece.indices:
         var = _check_name(str(idx.label), "index")
         lo, hi = index_range(idx)
@@ -511,7 +518,7 @@ def _emit_output_lanes(out: _Writer, fn: IndexSum, piece: schedule.Piece,
     segments = _lane_segments(index_range(lane)[1] + 1, simd.width, chosen.vectors,
                               _lane_interior(chosen, piece))
 
-    _parallel(out, len(outer), _work(chosen.nests, piece.indices))
+    _parallel(out, outer, _work(chosen.nests, piece.indices))
     for idx in outer:
         lo, hi = index_range(idx)
         out.open(f"for (int64_t {_check_name(str(idx.label), 'index')} = {lo}; "
@@ -785,7 +792,10 @@ def _emit_reduction_lanes(out: _Writer, fn: IndexSum, piece: schedule.Piece,
              f"{chunks.segment}, sc_s1 = sc_s0 + {chunks.segment - 1};")
     if parallel:
         loops = len(outer) + len(blocks)
-        out.line(f"#pragma omp for{f' collapse({loops})' if loops > 1 else ''} schedule(dynamic)")
+        tasks = math.prod(index_range(i)[1] - index_range(i)[0] + 1 for i in outer) * \
+            math.prod(-(-(index_range(u)[1] + 1) // rows) for u, rows in blocks)
+        out.line(f"#pragma omp for{f' collapse({loops})' if loops > 1 else ''} "
+                 f"{_schedule(tasks)}")
     for idx in outer:
         lo, hi = index_range(idx)
         out.open(f"for (int64_t {_check_name(str(idx.label), 'index')} = {lo}; "
