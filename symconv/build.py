@@ -47,6 +47,8 @@ CACHE_ENV = "SYMCONV_CACHE_DIR"
 
 # Features each -march level promises, as /proc/cpuinfo names them (abm = lzcnt).
 TARGET_FEATURES = {
+    "x86-64-v4": ("avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "movbe", "xsave", "abm",
+                  "avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"),
     "x86-64-v3": ("avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "movbe", "xsave", "abm"),
     "x86-64-v2": ("sse4_1", "sse4_2", "ssse3", "popcnt", "cx16"),
     "x86-64": (),
@@ -98,10 +100,13 @@ def target_flags(target: str) -> tuple[list[str], list[str]]:
     return flags, list(TARGET_FEATURES[target])
 
 
-def has_simd(target: str | None = None) -> bool:
-    """Whether a target (default: this machine's default) has AVX2 and FMA, which symconv's
-    vector code uses."""
-    return {"avx2", "fma"} <= set(target_flags(target or default_target())[1])
+def vector_isa(target: str | None = None) -> str | None:
+    """The vector instructions symconv's code uses on a target (default: this machine's
+    default target): "avx512", "avx2" (with FMA), or None for plain C."""
+    features = set(target_flags(target or default_target())[1])
+    if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= features:
+        return "avx512"
+    return "avx2" if {"avx2", "fma"} <= features else None
 
 
 @functools.lru_cache(maxsize=None)

@@ -258,9 +258,10 @@ def _emit_scalar_piece(out: _Writer, fn: IndexSum, piece: schedule.Piece, dtype:
         out.close()
 
 
-# --- vector code (AVX2 + FMA intrinsics) -----------------------------------------------------------
+# --- vector code (AVX2 + FMA, or AVX-512) ------------------------------------------------------
 
-SIMD_PRELUDE = """\
+SIMD_PRELUDE = {
+    "avx2": """\
 #include <immintrin.h>
 
 static inline float sc_hsum_ps(__m256 v) {
@@ -286,23 +287,62 @@ static inline __m256d sc_load2_pd(const double *p) {
     const __m256d b = _mm256_maskload_pd(p + 4, _mm256_setr_epi64x(-1, -1, -1, 0));
     return _mm256_permute4x64_pd(_mm256_unpacklo_pd(a, b), 0xD8);
 }
-"""
+""",
+    "avx512": """\
+#include <immintrin.h>
+
+/* Every other element, p[0], p[2], ...: two loads and one two-source permute; the second
+   load stops at the last element used, so nothing past it is read. */
+static inline __m512 sc_load2_ps(const float *p) {
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
+                                           28, 30);
+    return _mm512_permutex2var_ps(_mm512_loadu_ps(p), even,
+                                  _mm512_maskz_loadu_ps((__mmask16)0x7FFF, p + 16));
+}
+static inline __m512d sc_load2_pd(const double *p) {
+    const __m512i even = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14);
+    return _mm512_permutex2var_pd(_mm512_loadu_pd(p), even,
+                                  _mm512_maskz_loadu_pd((__mmask8)0x7F, p + 8));
+}
+""",
+}
 
 
 @dataclass(frozen=True)
 class Simd:
-    """AVX2 spellings for one element type: 8 floats or 4 doubles per vector, masks as
-    integer vectors with all bits set in the active lanes."""
+    """Vector spellings for one instruction set and element type.  AVX2: 8 floats or 4
+    doubles, masks are integer vectors with all bits set in active lanes.  AVX-512: 16 floats
+    or 8 doubles, masks are k-registers (one bit per lane)."""
 
+    isa: str      # "avx2" or "avx512"
     dtype: str
 
     @property
+    def wide(self) -> bool:
+        return self.isa == "avx512"
+
+    @property
     def width(self) -> int:
-        return 8 if self.dtype == "float32" else 4
+        return (16 if self.wide else 8) if self.dtype == "float32" else (8 if self.wide else 4)
+
+    @property
+    def registers(self) -> int:
+        return 32 if self.wide else 16
+
+    @property
+    def _p(self) -> str:
+        return "_mm512" if self.wide else "_mm256"
 
     @property
     def vec(self) -> str:
-        return "__m256" if self.dtype == "float32" else "__m256d"
+        base = "__m512" if self.wide else "__m256"
+        return base if self.dtype == "float32" else base + "d"
+
+    @property
+    def mask(self) -> str:
+        if self.wide:
+            return "__mmask16" if self.dtype == "float32" else "__mmask8"
+        return "__m256i"
 
     @property
     def sfx(self) -> str:
@@ -313,72 +353,107 @@ class Simd:
         return "epi32" if self.dtype == "float32" else "epi64"
 
     def zero(self) -> str:
-        return f"_mm256_setzero_{self.sfx}()"
+        return f"{self._p}_setzero_{self.sfx}()"
 
     def set1(self, x: str) -> str:
-        return f"_mm256_set1_{self.sfx}({x})"
+        return f"{self._p}_set1_{self.sfx}({x})"
 
     def load(self, pointer: str, stride: int, mask: str | None) -> str:
         """Lanes at pointer[0], pointer[stride], ...; masked lanes read as 0 (not read)."""
+        p, sfx = self._p, self.sfx
         if stride == 1:
-            return (f"_mm256_loadu_{self.sfx}({pointer})" if mask is None else
-                    f"_mm256_maskload_{self.sfx}({pointer}, {mask})")
+            if mask is None:
+                return f"{p}_loadu_{sfx}({pointer})"
+            return (f"{p}_maskz_loadu_{sfx}({mask}, {pointer})" if self.wide else
+                    f"{p}_maskload_{sfx}({pointer}, {mask})")
         if stride == 2 and mask is None:
-            return f"sc_load2_{self.sfx}({pointer})"
+            return f"sc_load2_{sfx}({pointer})"
         scale = 4 if self.dtype == "float32" else 8
-        index = self.ramp32(stride)
+        index = self._offsets(stride)
+        if self.wide:
+            return (f"{p}_i32gather_{sfx}({index}, {pointer}, {scale})" if mask is None else
+                    f"{p}_mask_i32gather_{sfx}({self.zero()}, {mask}, {index}, {pointer}, "
+                    f"{scale})")
         if mask is None:
-            return f"_mm256_i32gather_{self.sfx}({pointer}, {index}, {scale})"
-        return (f"_mm256_mask_i32gather_{self.sfx}({self.zero()}, {pointer}, {index}, "
-                f"_mm256_castsi256_{self.sfx}({mask}), {scale})")
+            return f"{p}_i32gather_{sfx}({pointer}, {index}, {scale})"
+        return (f"{p}_mask_i32gather_{sfx}({self.zero()}, {pointer}, {index}, "
+                f"_mm256_castsi256_{sfx}({mask}), {scale})")
 
-    def ramp32(self, stride: int) -> str:
+    def _offsets(self, stride: int) -> str:
+        """32-bit element offsets 0, stride, 2·stride, ... for a gather."""
         values = ", ".join(str(stride * i) for i in range(self.width))
-        return (f"_mm256_setr_epi32({values})" if self.dtype == "float32"
-                else f"_mm_setr_epi32({values})")
+        if self.width == 16:
+            return f"_mm512_setr_epi32({values})"
+        return f"_mm256_setr_epi32({values})" if self.width == 8 else f"_mm_setr_epi32({values})"
 
     def fma(self, a: str, b: str, c: str) -> str:
-        return f"_mm256_fmadd_{self.sfx}({a}, {b}, {c})"
+        return f"{self._p}_fmadd_{self.sfx}({a}, {b}, {c})"
 
     def mul(self, a: str, b: str) -> str:
-        return f"_mm256_mul_{self.sfx}({a}, {b})"
+        return f"{self._p}_mul_{self.sfx}({a}, {b})"
 
-    def add_masked(self, acc: str, value: str, mask: str) -> str:
-        return (f"_mm256_add_{self.sfx}({acc}, _mm256_and_{self.sfx}({value}, "
-                f"_mm256_castsi256_{self.sfx}({mask})))")
+    def add(self, a: str, b: str) -> str:
+        return f"{self._p}_add_{self.sfx}({a}, {b})"
+
+    def accumulate(self, acc: str, factors: Sequence[str], mask: str | None) -> str:
+        """acc + the product of ``factors``, in the lanes of ``mask`` only (inactive lanes keep
+        acc exactly, whatever the factors hold there)."""
+        p, sfx = self._p, self.sfx
+        product = factors[0]
+        for f in factors[1:-1]:
+            product = self.mul(product, f)
+        if len(factors) == 1:
+            if mask is None:
+                return self.add(acc, product)
+            if self.wide:
+                return f"{p}_mask_add_{sfx}({acc}, {mask}, {acc}, {product})"
+            return (f"_mm256_add_{sfx}({acc}, _mm256_and_{sfx}({product}, "
+                    f"_mm256_castsi256_{sfx}({mask})))")
+        if mask is None:
+            return self.fma(product, factors[-1], acc)
+        if self.wide:
+            return f"{p}_mask3_fmadd_{sfx}({product}, {factors[-1]}, {acc}, {mask})"
+        return (f"_mm256_add_{sfx}({acc}, _mm256_and_{sfx}({self.mul(product, factors[-1])}, "
+                f"_mm256_castsi256_{sfx}({mask})))")
 
     def store(self, pointer: str, value: str, mask: str | None) -> str:
+        p, sfx = self._p, self.sfx
         if mask is None:
-            return f"_mm256_storeu_{self.sfx}({pointer}, {value});"
-        return f"_mm256_maskstore_{self.sfx}({pointer}, {mask}, {value});"
+            return f"{p}_storeu_{sfx}({pointer}, {value});"
+        if self.wide:
+            return f"{p}_mask_storeu_{sfx}({pointer}, {mask}, {value});"
+        return f"{p}_maskstore_{sfx}({pointer}, {mask}, {value});"
 
     def hsum(self, value: str) -> str:
-        return f"sc_hsum_{self.sfx}({value})"
-
-    # integer lane vectors, for masks
-    def iset1(self, x: str) -> str:
-        return (f"_mm256_set1_epi32((int32_t)({x}))" if self.dtype == "float32"
-                else f"_mm256_set1_epi64x((int64_t)({x}))")
-
-    def iramp(self, step: int) -> str:
-        values = ", ".join(str(step * i) for i in range(self.width))
-        return (f"_mm256_setr_epi32({values})" if self.dtype == "float32"
-                else f"_mm256_setr_epi64x({values})")
+        return f"_mm512_reduce_add_{self.sfx}({value})" if self.wide else \
+            f"sc_hsum_{self.sfx}({value})"
 
     def nonnegative(self, base: str, step: int) -> str:
         """Mask of lanes l where base + step·l >= 0."""
-        lanes = self.iset1(base) if step == 0 else \
-            f"_mm256_add_{self._epi}({self.iset1(base)}, {self.iramp(step)})"
-        return f"_mm256_cmpgt_{self._epi}({lanes}, {self.iset1('-1')})"
+        p, epi = self._p, self._epi
+        cast = "int32_t" if self.dtype == "float32" else "int64_t"
+        set1 = f"{p}_set1_{epi}" if (self.wide or self.dtype == "float32") else "_mm256_set1_epi64x"
+        lanes = f"{set1}(({cast})({base}))"
+        if step:
+            values = ", ".join(str(step * i) for i in range(self.width))
+            setr = f"{p}_setr_{epi}" if (self.wide or self.dtype == "float32") else \
+                "_mm256_setr_epi64x"
+            lanes = f"{p}_add_{epi}({lanes}, {setr}({values}))"
+        if self.wide:
+            return f"{p}_cmpgt_{epi}_mask({lanes}, {set1}(-1))"
+        return f"{p}_cmpgt_{epi}({lanes}, {set1}(-1))"
 
-    def all_set(self) -> str:
-        return "_mm256_set1_epi32(-1)"
+    def from_bool(self, condition: str) -> str:
+        """All lanes if the scalar condition holds, none otherwise."""
+        if self.wide:
+            return f"(({self.mask})(-(int)({condition})))"
+        return f"_mm256_set1_epi32(-(int)({condition}))"
 
     def both(self, a: str, b: str) -> str:
-        return f"_mm256_and_si256({a}, {b})"
+        return f"(({self.mask})(({a}) & ({b})))" if self.wide else f"_mm256_and_si256({a}, {b})"
 
     def any(self, mask: str) -> str:
-        return f"!_mm256_testz_si256({mask}, {mask})"
+        return f"(({mask}) != 0)" if self.wide else f"!_mm256_testz_si256({mask}, {mask})"
 
 
 def _min_over(expr, ranges: dict) -> str:
@@ -439,7 +514,7 @@ def _padded_mask(simd: "Simd", exprs, lane, lane_value, replace, base: str) -> s
             scalar.append(f"({c_affine(local)}) >= 0")
     masks = [base] + vector
     if scalar:
-        masks.append(f"_mm256_set1_epi32(-(int)({' && '.join(scalar)}))")
+        masks.append(simd.from_bool(" && ".join(scalar)))
     return _and_all(simd, masks)
 
 
@@ -511,7 +586,7 @@ def _emit_output_lanes(out: _Writer, fn: IndexSum, piece: schedule.Piece,
     lane_name = str(lane.label)
     outer = [i for i in piece.indices if i != lane and i != block]
     block_extent = index_range(block)[1] + 1 if block is not None else 1
-    single_rows = min(block_extent, 8) if block is not None else 1
+    single_rows = min(block_extent, (simd.registers - 4) // 2) if block is not None else 1
     variants = {(chosen.vectors, False): _Variant(chosen.rows, chosen.vectors, False),
                 (1, False): _Variant(single_rows, 1, False),
                 (1, True): _Variant(single_rows, 1, True)}
@@ -571,7 +646,7 @@ def _output_lane_block(out, fn, piece, chosen, simd, variant: _Variant) -> None:
         out.line(f"const int64_t sc_lane{q} = {lane_name} + {q * width};")
     if masked:
         for q in range(vectors):
-            out.line(f"const __m256i sc_valid{q} = "
+            out.line(f"const {simd.mask} sc_valid{q} = "
                      f"{simd.nonnegative(f'{lane_hi} - sc_lane{q}', -1)};")
 
     for number, nest in enumerate(chosen.nests):
@@ -598,7 +673,7 @@ def _output_lane_block(out, fn, piece, chosen, simd, variant: _Variant) -> None:
                 for q in range(vectors):
                     name = f"sc_d{number}_0_{q}"
                     conds = [_lane_condition(simd, g.expr, lane, lane_at[q]) for g in lane_guards]
-                    out.line(f"const __m256i {name} = {_and_all(simd, conds)};")
+                    out.line(f"const {simd.mask} {name} = {_and_all(simd, conds)};")
                     domain.append(name)
             _define_load_masks(out, simd, reads, lane, lane_at, vectors, lane_padding, domain,
                                loads, number, 0, depth_of, False)
@@ -622,7 +697,7 @@ def _output_lane_block(out, fn, piece, chosen, simd, variant: _Variant) -> None:
                         expr = b.den * loop.index - b.num if is_lower else b.num - b.den * loop.index
                         conds.append(_lane_condition(simd, expr, lane, lane_at[q]))
                     name = f"sc_d{number}_{depth}_{q}"
-                    out.line(f"const __m256i {name} = {_and_all(simd, conds)};")
+                    out.line(f"const {simd.mask} {name} = {_and_all(simd, conds)};")
                     new.append(name)
                 domain = new
                 changed = True
@@ -680,7 +755,7 @@ def _define_load_masks(out, simd, reads, lane, lane_at, vectors, lane_padding, d
             conds = [f"sc_valid{q}"] + ([domain[q]] if domain else []) + \
                     [_lane_condition(simd, e, lane, lane_at[q]) for e in exprs]
             name = f"sc_l{number}_{a}_{depth}_{q}"
-            out.line(f"const __m256i {name} = {_and_all(simd, conds)};")
+            out.line(f"const {simd.mask} {name} = {_and_all(simd, conds)};")
             names.append(name)
         loads[a] = names
 
@@ -749,18 +824,8 @@ def _accumulate_output_lanes(out, reads: _Reads, chosen, simd: Simd, accs, row_v
     for r in range(rows):
         for q in range(vectors):
             factors = shared + per_row[r] + per_vector[q] + ([scale] if scale else [])
-            product = factors[0]
-            for f in factors[1:-1]:
-                product = simd.mul(product, f)
             acc = accs[r][q]
-            if domain is None:
-                if len(factors) == 1:
-                    out.line(f"{acc} = _mm256_add_{simd.sfx}({acc}, {product});")
-                else:
-                    out.line(f"{acc} = {simd.fma(product, factors[-1], acc)};")
-            else:
-                value = product if len(factors) == 1 else simd.mul(product, factors[-1])
-                out.line(f"{acc} = {simd.add_masked(acc, value, domain[q])};")
+            out.line(f"{acc} = {simd.accumulate(acc, factors, domain[q] if domain else None)};")
 
 
 def _number(value, ctype: str) -> str:
@@ -871,7 +936,7 @@ def _emit_reduction_lanes(out: _Writer, fn: IndexSum, piece: schedule.Piece,
     out.open(f"for (int64_t {lane_name} = sc_lo; {lane_name} <= sc_hi; {lane_name} += {width})")
     out.line(f"if ({lane_name} >= sc_lo + {width} * sc_first && "
              f"{lane_name} <= sc_lo + {width} * sc_last) continue;")
-    out.line(f"const __m256i sc_valid = {simd.nonnegative(f'sc_hi - {lane_name}', -1)};")
+    out.line(f"const {simd.mask} sc_valid = {simd.nonnegative(f'sc_hi - {lane_name}', -1)};")
     _accumulate_reduction(out, reads, chosen, simd, accs, row_vars, "sc_valid", box)
     out.close()
     for _ in range(opened):
@@ -978,24 +1043,15 @@ def _accumulate_reduction(out, reads: _Reads, chosen, simd: Simd, accs, row_vars
         factors = [names[(u, rows[u])] if u is not None else names[None] for u, names in loaded]
         if scale:
             factors.append(scale)
-        product = factors[0]
-        for f in factors[1:-1]:
-            product = simd.mul(product, f)
-        if mask is None:
-            line = (f"_mm256_add_{simd.sfx}({acc}, {product})" if len(factors) == 1 else
-                    simd.fma(product, factors[-1], acc))
-        else:
-            value = product if len(factors) == 1 else simd.mul(product, factors[-1])
-            line = simd.add_masked(acc, value, mask)
-        out.line(f"{acc} = {line};")
+        out.line(f"{acc} = {simd.accumulate(acc, factors, mask)};")
 
 
 def emit_function(name: str, fn: IndexSum, inputs: Sequence[Array], dtype: str,
-                  simd: bool = False) -> tuple[str, CFunction]:
+                  isa: str | None = None) -> tuple[str, CFunction]:
     """C text of one index sum as ``void symconv_<name>(inputs..., output, threads)``.
 
     The output is computed piece by piece (see schedule.py), each piece by its plan;
-    with ``simd`` the vector plans use AVX2/FMA.  Every output element is computed by
+    with ``isa`` ("avx2" or "avx512") the vector plans use that instruction set.  Every output element is computed by
     one thread in a fixed order, so results do not depend on the number of threads."""
     ctype = C_TYPES[dtype]
     symbol = f"symconv_{_check_name(name, 'function')}"
@@ -1016,9 +1072,10 @@ def emit_function(name: str, fn: IndexSum, inputs: Sequence[Array], dtype: str,
         out.line(f" * {text}")
     out.line(" */")
     out.open(f"void {symbol}({', '.join(params)})")
-    vector = Simd(dtype) if simd else None
+    vector = Simd(isa, dtype) if isa else None
     for piece in schedule.pieces(fn):
-        chosen = schedule.plan(piece, vector.width if vector else None)
+        chosen = schedule.plan(piece, vector.width if vector else None,
+                               vector.registers if vector else 0)
         out.open()
         out.line(f"/* {schedule.describe(piece, chosen).replace('*/', '* /')} */")
         if isinstance(chosen, schedule.OutputLanes):
@@ -1034,16 +1091,19 @@ def emit_function(name: str, fn: IndexSum, inputs: Sequence[Array], dtype: str,
 
 
 def emit(functions: Sequence[tuple[str, IndexSum, Sequence[Array]]], dtype: str,
-         title: str, simd: bool = False) -> CSource:
-    """One C translation unit holding every function of an op (``simd``: AVX2 + FMA)."""
+         title: str, isa: str | None = None) -> CSource:
+    """One C translation unit holding every function of an op; ``isa`` ("avx2", "avx512" or
+    None for plain C) picks the vector instructions."""
     if dtype not in C_TYPES:
         raise IRError(f"unsupported dtype {dtype!r}; expected one of {sorted(C_TYPES)}")
+    if isa not in (None, *SIMD_PRELUDE):
+        raise IRError(f"unknown vector instruction set {isa!r}")
     parts = [f"/* symconv: {title.replace('*/', '* /')} */\n", PRELUDE]
-    if simd:
-        parts.append(SIMD_PRELUDE)
+    if isa:
+        parts.append(SIMD_PRELUDE[isa])
     declared = []
     for name, fn, inputs in functions:
-        text, function = emit_function(name, fn, inputs, dtype, simd)
+        text, function = emit_function(name, fn, inputs, dtype, isa)
         parts += ["\n", text]
         declared.append(function)
     return CSource("".join(parts), tuple(declared))

@@ -88,8 +88,9 @@ class Compilation:
         return f"grad_{self.op.forward.output.name}"
 
 
-def lower(op: "OpDefinition", simd: bool = False) -> Compilation:
-    """Derive every gradient of an op and emit its C (no build); ``simd`` uses AVX2/FMA."""
+def lower(op: "OpDefinition", isa: str | None = None) -> Compilation:
+    """Derive every gradient of an op and emit its C (no build) for the vector instruction
+    set ``isa`` ("avx2", "avx512" or None)."""
     from . import codegen, derive, ir
 
     timings = {}
@@ -106,7 +107,7 @@ def lower(op: "OpDefinition", simd: bool = False) -> Compilation:
         read = {a.name for a in derivation.gather.inputs}
         args = tuple(a for a in (*op.inputs, cotangent) if a.name in read)
         functions.append((name, derivation.gather, args))
-    source = codegen.emit(functions, op.dtype, op.description, simd=simd)
+    source = codegen.emit(functions, op.dtype, op.description, isa=isa)
     timings["codegen"] = time.perf_counter() - start
     return Compilation(op, derivations, functions, source, timings)
 
@@ -118,7 +119,7 @@ def explain(spec, target: str | None = None) -> Compilation:
     start = time.perf_counter()
     op = define.definition(spec)
     elapsed = time.perf_counter() - start
-    compilation = lower(op, simd=build.has_simd(target))
+    compilation = lower(op, isa=build.vector_isa(target))
     compilation.timings = {"define": elapsed, **compilation.timings}
     return compilation
 

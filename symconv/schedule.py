@@ -319,11 +319,14 @@ def _bound_symbols(nest: LoopNest) -> set:
     return symbols
 
 
-def plan(piece: Piece, width: int | None) -> Plan:
-    """The plan for a piece, for vectors of ``width`` lanes (None: no vector unit)."""
+def plan(piece: Piece, width: int | None, registers: int = 16) -> Plan:
+    """The plan for a piece, for vectors of ``width`` lanes (None: no vector unit) and a
+    register file of ``registers`` vectors (accumulators get all but four of them)."""
     if width is None or not piece.nests or not piece.indices:
         return Scalar()
-    return _output_lanes(piece, width) or _reduction_lanes(piece, width) or Scalar()
+    budget = registers - 4
+    return (_output_lanes(piece, width, budget) or _reduction_lanes(piece, width, budget)
+            or Scalar())
 
 
 MAX_LANE_STRIDE = 4   # a lane stride beyond this reads one element per cache line: not a lane
@@ -344,7 +347,7 @@ def _reads(piece: Piece):
     return found
 
 
-def _output_lanes(piece: Piece, width: int) -> OutputLanes | None:
+def _output_lanes(piece: Piece, width: int, budget: int) -> OutputLanes | None:
     lane = piece.indices[-1]
     extent = index_range(lane)[1] + 1
     reads = _reads(piece)
@@ -368,9 +371,9 @@ def _output_lanes(piece: Piece, width: int) -> OutputLanes | None:
     vectors_max = -(-extent // width)
     nests = tuple(_lane_conditions_outermost(n, lane) for n in piece.nests)
     if block is None:
-        return OutputLanes(lane, None, 1, min(vectors_max, 4), nests)
+        return OutputLanes(lane, None, 1, min(vectors_max, budget // 3), nests)
     rows = min(index_range(block)[1] + 1, 4 if vectors_max >= 3 else 6)
-    return OutputLanes(lane, block, rows, max(1, min(vectors_max, 12 // rows)), nests)
+    return OutputLanes(lane, block, rows, max(1, min(vectors_max, budget // rows)), nests)
 
 
 def _lane_conditions_outermost(nest: LoopNest, lane) -> LoopNest:
@@ -393,7 +396,7 @@ def _lane_conditions_outermost(nest: LoopNest, lane) -> LoopNest:
     return LoopNest(nest.guards, tuple(order), nest.body, nest.zero_outside)
 
 
-def _reduction_lanes(piece: Piece, width: int) -> ReductionLanes | None:
+def _reduction_lanes(piece: Piece, width: int, budget: int) -> ReductionLanes | None:
     if len(piece.nests) != 1:
         return None
     nest = piece.nests[0]
@@ -420,7 +423,9 @@ def _reduction_lanes(piece: Piece, width: int) -> ReductionLanes | None:
     if not blocks:
         return None
     sizes = [index_range(u)[1] + 1 for u in blocks]
-    rows = [min(sizes[0], 8)] if len(blocks) == 1 else [min(sizes[0], 3), min(sizes[1], 3)]
+    side = 3 if budget < 16 else 4          # 3x3 fits 16 registers without spills, 4x4 32
+    rows = [min(sizes[0], 2 * side)] if len(blocks) == 1 else \
+        [min(sizes[0], side), min(sizes[1], side)]
     return ReductionLanes(lane, tuple(zip(blocks, rows)))
 
 

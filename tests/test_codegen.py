@@ -106,8 +106,8 @@ def test_stride_phases_leave_no_quotient_and_no_divisibility_test():
     """Stride 2, dilation 3: grad_input is split into the two phases of j0; in each the
     quotient index becomes exact and the congruence a unit-step change of variable."""
     op = define.conv(ConvSpec((1, 1, 13), (1, 1, 3), stride=2, dilation=3, padding=1))
-    for simd in (False, True):
-        text = compiler.lower(op, simd=simd).source.text
+    for isa in (None, "avx2", "avx512"):
+        text = compiler.lower(op, isa=isa).source.text
         grad_input = text[text.index("void symconv_grad_input"):text.index("void symconv_grad_w")]
         assert "phase j0 = 2·j0_:" in grad_input and "phase j0 = 2·j0_ + 1:" in grad_input
         assert "sc_mod(" not in grad_input and ") / " not in grad_input

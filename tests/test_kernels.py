@@ -225,15 +225,28 @@ def test_results_do_not_depend_on_the_thread_count(fields, compile_spec, rng, mo
         kernel.forward(*inputs, threads=0)
 
 
+def _targets():
+    """x86-64 (plain C) always; AVX-512 where this CPU has it (the default is AVX2)."""
+    from symconv.kernel import cpu_features
+    have = cpu_features() or set()
+    found = [pytest.param("x86-64", "__m256", id="x86-64")]
+    if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= have:
+        found.append(pytest.param("x86-64-v4", "__m512", id="x86-64-v4"))
+    return found
+
+
+@pytest.mark.parametrize("target, marker", _targets())
 @pytest.mark.parametrize("fields", [c for c in CASES if c.id in (
     "1d-stride3-dil2-coprime", "2d-mixed-stride-dil-asym", "2d-depthwise", "3d-groups-mixed",
-    "4d-strided-dilated", "2d-same-stride2-f64")])
-def test_portable_target_without_vector_code(fields, cache_dir, rng):
-    """The x86-64 baseline target (no AVX2) builds the scalar schedule: same results."""
+    "4d-strided-dilated", "2d-same-stride2-f64", "2d-stride2-pad1", "3d-basic",
+    "1d-depthwise-f64")])
+def test_other_targets(fields, target, marker, cache_dir, rng):
+    """The x86-64 baseline (no vector code) and AVX-512 give the same results as the oracle."""
     from symconv.compiler import compile_op
     spec = make_spec(fields)
-    kernel = compile_op(spec, cache_dir=cache_dir, target="x86-64")
-    assert "__m256" not in kernel.source and kernel.manifest["build"]["target"] == "x86-64"
+    kernel = compile_op(spec, cache_dir=cache_dir, target=target)
+    assert kernel.manifest["build"]["target"] == target
+    assert (marker in kernel.source) == (target == "x86-64-v4")
     x, w, b, gy = random_arrays(spec, rng)
     args = oracle_args(spec)
     assert_close(kernel.forward(*[a for a in (x, w, b) if a is not None]),
