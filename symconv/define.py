@@ -14,13 +14,14 @@ convolution.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Mapping
 
 import sympy
 
-from .ir import Array, IndexSum, Term, index
+from .ir import Array, IndexSum, Term, index, index_range, value_range
 from .spec import AvgPoolSpec, ConvSpec
 
 
@@ -62,6 +63,36 @@ def _windows(out_spatial, kernel, stride, dilation, padding):
     return i, k, positions, padded
 
 
+def _padding_regions(positions, i, k, spatial, spec):
+    """(input positions, constraints) per term.  Zero padding is one term that reads zeros
+    outside the input.  The other modes split each dim's position p into the regions
+    p < 0, 0 <= p < W and p >= W, where the read position is an affine map of p: reflect
+    -p and 2(W-1) - p, replicate 0 and W - 1, circular p + W and p - W.  Regions no output
+    reaches are dropped."""
+    mode = spec.padding_mode
+    if mode == "zeros":
+        return [(tuple(positions), ())]
+    box = {v: index_range(v) for v in (*i, *k)}
+    per_dim = []
+    for p, size in zip(positions, spatial):
+        low, high = value_range(p, box)
+        left = {"reflect": -p, "replicate": sympy.Integer(0), "circular": p + size}[mode]
+        right = {"reflect": 2 * (size - 1) - p, "replicate": sympy.Integer(size - 1),
+                 "circular": p - size}[mode]
+        options = [(p, (p, size - 1 - p))]
+        if low < 0:
+            options.append((left, (-1 - p,)))
+        if high > size - 1:
+            options.append((right, (p - size,)))
+        per_dim.append(options)
+    regions = []
+    for combination in itertools.product(*per_dim):
+        mapped = tuple(m for m, _ in combination)
+        constraints = tuple(c for _, cs in combination for c in cs)
+        regions.append((mapped, constraints))
+    return regions
+
+
 def conv(spec: ConvSpec) -> OpDefinition:
     """The forward convolution of a spec as an index sum."""
     n_batch, c_in, *spatial = spec.input_shape
@@ -81,8 +112,10 @@ def conv(spec: ConvSpec) -> OpDefinition:
     w = Array("weight", (*group_axis, c_out // groups, c_group, *kernel))
     y = Array("output", (n_batch, *group_axis, c_out // groups, *spec.output_shape[2:]))
 
-    body = w[(*g, o, c, *k)] * x[(n, *g, c, *positions)]
-    terms = [Term((c, *k), body, zero_outside=padded)]
+    if spec.padding_mode != "zeros":
+        padded = ()          # every read is mapped inside the input
+    terms = [Term((c, *k), w[(*g, o, c, *k)] * x[(n, *g, c, *mapped)], region, padded)
+             for mapped, region in _padding_regions(positions, i, k, spatial, spec)]
     inputs = [x, w]
     shapes = {"input": spec.input_shape, "weight": spec.weight_shape, "output": spec.output_shape}
     if spec.bias:

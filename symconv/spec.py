@@ -111,6 +111,23 @@ def _padding(where: str, value: Any, rank: int, spatial, kernel, stride,
     return pairs
 
 
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def _check_padding_mode(where: str, mode: Any, padding, spatial) -> None:
+    """What each mode can pad: reflect mirrors without repeating the edge (pad < size),
+    circular wraps around once (pad <= size), replicate repeats the edge (any pad)."""
+    if mode not in PADDING_MODES:
+        raise _fail(where, f"expected one of {PADDING_MODES}", mode)
+    for dim, ((lo, hi), size) in enumerate(zip(padding, spatial)):
+        if mode == "reflect" and max(lo, hi) >= size:
+            raise _fail(where, f"reflect padding {max(lo, hi)} must be less than the input size "
+                        f"{size} in spatial dim {dim}", mode)
+        if mode == "circular" and max(lo, hi) > size:
+            raise _fail(where, f"circular padding {max(lo, hi)} must be at most the input size "
+                        f"{size} in spatial dim {dim}", mode)
+
+
 def _dims(values) -> str:
     return "x".join(map(str, values))
 
@@ -201,6 +218,7 @@ class ConvSpec(_Spec):
     groups: int = 1
     bias: bool = True
     dtype: str = "float32"
+    padding_mode: str = "zeros"
     output_shape: tuple[int, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -231,6 +249,7 @@ class ConvSpec(_Spec):
         dilation = _per_dim(where("dilation"), self.dilation, rank, 1)
         spatial, kernel = input_shape[2:], weight_shape[2:]
         padding = _padding(where("padding"), self.padding, rank, spatial, kernel, stride, dilation)
+        _check_padding_mode(where("padding_mode"), self.padding_mode, padding, spatial)
         out = _out_spatial(where("weight_shape"), spatial, kernel, stride, dilation, padding)
         self._set(input_shape=input_shape, weight_shape=weight_shape, stride=stride,
                   padding=padding, dilation=dilation, groups=groups,
@@ -264,8 +283,9 @@ class ConvSpec(_Spec):
     def describe(self) -> str:
         """One line for humans."""
         pads = ", ".join(f"{lo}" if lo == hi else f"({lo}, {hi})" for lo, hi in self.padding)
+        mode = "" if self.padding_mode == "zeros" else f" {self.padding_mode}"
         return (f"conv{self.rank}d input {self.input_shape} weight {self.weight_shape} -> output "
-                f"{self.output_shape}; stride {self.stride}, padding ({pads}), dilation "
+                f"{self.output_shape}; stride {self.stride}, padding ({pads}){mode}, dilation "
                 f"{self.dilation}, groups {self.groups}, bias {self.bias}, {self.dtype}")
 
 

@@ -78,3 +78,36 @@ def same_padding(spatial, kernel, stride, dilation):
         total = max((out - 1) * s + d * (k - 1) + 1 - n, 0)
         pairs.append((total // 2, total - total // 2))
     return pairs
+
+
+NUMPY_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+
+
+def pad_input(x, padding, mode):
+    """The padded input a padding mode stands for (numpy.pad), for the zero-padding oracle."""
+    return np.pad(np.asarray(x, np.float64), [(0, 0), (0, 0), *padding], mode=NUMPY_MODES[mode])
+
+
+def conv_forward_mode(x, w, b, stride, padding, dilation, groups, mode):
+    """Any padding mode: pad with numpy.pad, then the zero-padding oracle without padding."""
+    valid = [(0, 0)] * len(padding)
+    return conv_forward(pad_input(x, padding, mode), w, b, stride, valid, dilation, groups)
+
+
+def conv_backward_mode(x, w, gy, stride, padding, dilation, groups, mode):
+    """Gradients through numpy.pad: the padded gradient folded back onto the input by
+    differentiating the pad itself (each padded element adds to the element it copies)."""
+    xp = pad_input(x, padding, mode)
+    valid = [(0, 0)] * len(padding)
+    gxp, gw, gb = conv_backward(xp, w, gy, stride, valid, dilation, groups)
+    # the pad is linear: its adjoint scatters every padded element back to its source
+    index = np.arange(np.prod(x.shape[2:])).reshape(x.shape[2:])
+    source = np.pad(index, padding, mode=NUMPY_MODES[mode]) if mode != "zeros" else None
+    gx = np.zeros(np.asarray(x).shape)
+    flat = gx.reshape(gx.shape[0], gx.shape[1], -1)
+    if source is None:
+        inner = tuple(slice(lo, lo + n) for (lo, _), n in zip(padding, x.shape[2:]))
+        return gxp[(slice(None), slice(None), *inner)], gw, gb
+    grads = gxp.reshape(gxp.shape[0], gxp.shape[1], -1)
+    np.add.at(flat, (slice(None), slice(None), source.reshape(-1)), grads)
+    return gx, gw, gb
