@@ -114,7 +114,8 @@ def conv(spec: ConvSpec) -> OpDefinition:
 
     if spec.padding_mode != "zeros":
         padded = ()          # every read is mapped inside the input
-    terms = [Term((c, *k), w[(*g, o, c, *k)] * x[(n, *g, c, *mapped)], region, padded)
+    terms = [Term((c, *k), w[(*g, o, c, *k)] * x[(n, *g, c, *mapped)], region,
+                  zero_outside=padded)
              for mapped, region in _padding_regions(positions, i, k, spatial, spec)]
     inputs = [x, w]
     shapes = {"input": spec.input_shape, "weight": spec.weight_shape, "output": spec.output_shape}
