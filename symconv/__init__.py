@@ -19,7 +19,7 @@ compiler's symbolic stages import SymPy when first used.
 __version__ = "0.1.0"
 
 from .kernel import Kernel, PackageError, load  # noqa: E402
-from .spec import AvgPoolSpec, ConvSpec  # noqa: E402
+from .spec import AvgPoolSpec, ConvSpec, ConvTransposeSpec  # noqa: E402
 from . import nn, optim  # noqa: E402  (NumPy only)
 from .graph import (Tensor, avg_pool, concatenate, conv, cross_entropy, is_grad_enabled,  # noqa: E402
                     linear, log_softmax, matmul, max_pool, no_grad, stack)
@@ -34,7 +34,7 @@ _LAZY = {
     "GradcheckError": "check",
 }
 
-__all__ = ["AvgPoolSpec", "ConvSpec", "Kernel", "PackageError", "load", "nn", "optim", "Tensor",
+__all__ = ["AvgPoolSpec", "ConvSpec", "ConvTransposeSpec", "Kernel", "PackageError", "load", "nn", "optim", "Tensor",
            "avg_pool", "concatenate", "conv", "cross_entropy", "is_grad_enabled", "linear",
            "log_softmax", "matmul", "max_pool", "no_grad", "stack", *_LAZY]
 

@@ -21,8 +21,9 @@ from typing import Mapping
 
 import sympy
 
+from .derive import vjp
 from .ir import Array, IndexSum, Term, index, index_range, value_range
-from .spec import AvgPoolSpec, ConvSpec
+from .spec import AvgPoolSpec, ConvSpec, ConvTransposeSpec
 
 
 @dataclass(frozen=True)
@@ -162,9 +163,50 @@ def avg_pool(spec: AvgPoolSpec) -> OpDefinition:
     )
 
 
+def conv_transpose(spec: ConvTransposeSpec) -> OpDefinition:
+    """A transposed convolution is the input gradient of its adjoint convolution, so its
+    forward sum is that gradient, derived (scatter solved into gather form), with the
+    cotangent read as the input; plus the bias."""
+    adjoint = conv(spec.adjoint)
+    gradient = vjp(adjoint.forward, adjoint.inputs[0]).gather
+    grouped = spec.groups > 1
+    x = Array("input", (spec.input_shape[0], *((spec.groups,) if grouped else ()),
+                        spec.input_shape[1] // spec.groups, *spec.input_shape[2:]))
+    w = adjoint.inputs[1]
+    y = Array("output", gradient.output.shape)
+    terms = [Term(t.indices, _rebased(t.body, {"grad_output": x}), t.constraints, t.congruences,
+                  t.zero_outside) for t in gradient.terms]
+    inputs = [x, w]
+    shapes = {"input": spec.input_shape, "weight": spec.weight_shape, "output": spec.output_shape}
+    if spec.bias:
+        channels = gradient.indices[1:3] if grouped else gradient.indices[1:2]
+        b = Array("bias", tuple(index_range(c)[1] + 1 for c in channels))
+        terms.insert(0, Term((), b[tuple(channels)]))
+        inputs.append(b)
+        shapes["bias"] = spec.bias_shape
+    return OpDefinition(
+        kind="conv_transpose",
+        forward=IndexSum(y, gradient.indices, tuple(terms)),
+        inputs=tuple(inputs),
+        differentiable=tuple(a.name for a in inputs),
+        shapes=shapes,
+        dtype=spec.dtype,
+        key=spec.key,
+        description=spec.describe(),
+        details={"spec": spec.to_dict(), "flops": spec.flops},
+    )
+
+
+def _rebased(expr, arrays: dict[str, Array]):
+    """``expr`` with the reads of the named arrays reading the given arrays instead."""
+    return expr.replace(
+        lambda e: isinstance(e, sympy.Indexed) and str(e.base.label) in arrays,
+        lambda e: arrays[str(e.base.label)][e.indices])
+
+
 def definition(spec) -> OpDefinition:
     """The forward definition of any spec symconv compiles."""
-    builders = {ConvSpec: conv, AvgPoolSpec: avg_pool}
+    builders = {ConvSpec: conv, AvgPoolSpec: avg_pool, ConvTransposeSpec: conv_transpose}
     if type(spec) not in builders:
         raise TypeError(f"cannot define {type(spec).__name__}; expected one of "
                         f"{', '.join(t.__name__ for t in builders)}")

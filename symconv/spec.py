@@ -327,3 +327,90 @@ class AvgPoolSpec(_Spec):
         return (f"avg_pool{self.rank}d input {self.input_shape} window {self.kernel_size} -> "
                 f"output {self.output_shape}; stride {self.stride}, padding {self.padding}, "
                 f"{self.dtype}")
+
+
+@dataclass(frozen=True)
+class ConvTransposeSpec(_Spec):
+    """N-D transposed convolution like ``torch.nn.functional.conv_transpose{n}d``: input
+    ``(N, C_in, *spatial)``, weight ``(C_in, C_out // groups, *kernel)``, output
+    ``(N, C_out, *out)`` with ``out = (in - 1)·stride - pad_lo - pad_hi + dilation·(kernel - 1)
+    + output_padding + 1``.  It is the input gradient of the convolution with the same
+    stride, padding, dilation and groups (``adjoint``), which is how it is derived."""
+
+    KIND: ClassVar[str] = "conv_transpose"
+
+    input_shape: tuple[int, ...]
+    weight_shape: tuple[int, ...]
+    stride: Any = 1
+    padding: Any = 0
+    output_padding: Any = 0
+    dilation: Any = 1
+    groups: int = 1
+    bias: bool = True
+    dtype: str = "float32"
+    output_shape: tuple[int, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        where = self._where
+        input_shape = _shape(where("input_shape"), self.input_shape)
+        weight_shape = _shape(where("weight_shape"), self.weight_shape)
+        if len(weight_shape) != len(input_shape):
+            raise _fail(where("weight_shape"), f"expected {len(input_shape)} dims like input_shape "
+                        f"{input_shape}", weight_shape)
+        rank = len(input_shape) - 2
+        if not _is_int(self.groups) or int(self.groups) < 1:
+            raise _fail(where("groups"), "expected a positive int", self.groups)
+        groups = int(self.groups)
+        if weight_shape[0] != input_shape[1]:
+            raise _fail(where("weight_shape"), f"dim 0 must be the input channels "
+                        f"{input_shape[1]}", weight_shape)
+        if input_shape[1] % groups:
+            raise _fail(where("groups"), f"input channels {input_shape[1]} are not divisible by "
+                        f"groups", groups)
+        if not isinstance(self.bias, bool):
+            raise _fail(where("bias"), "expected True or False", self.bias)
+        self._check_dtype()
+        stride = _per_dim(where("stride"), self.stride, rank, 1)
+        dilation = _per_dim(where("dilation"), self.dilation, rank, 1)
+        output_padding = _per_dim(where("output_padding"), self.output_padding, rank, 0)
+        if any(op >= s for op, s in zip(output_padding, stride)):
+            raise _fail(where("output_padding"), f"each entry must be smaller than the stride "
+                        f"{stride}", output_padding)
+        kernel = weight_shape[2:]
+        if isinstance(self.padding, str):
+            raise _fail(where("padding"), "expected an int, ints or (lo, hi) pairs", self.padding)
+        padding = _padding(where("padding"), self.padding, rank, input_shape[2:], kernel, stride,
+                           dilation)
+        out = tuple((n - 1) * s - lo - hi + d * (k - 1) + op + 1 for n, s, (lo, hi), d, k, op in
+                    zip(input_shape[2:], stride, padding, dilation, kernel, output_padding))
+        if any(o < 1 for o in out):
+            raise _fail(where("padding"), f"leaves no output (output size {out})", self.padding)
+        self._set(input_shape=input_shape, weight_shape=weight_shape, stride=stride,
+                  padding=padding, output_padding=output_padding, dilation=dilation,
+                  groups=groups, output_shape=(input_shape[0], weight_shape[1] * groups, *out))
+
+    @property
+    def bias_shape(self) -> tuple[int, ...] | None:
+        return (self.output_shape[1],) if self.bias else None
+
+    @property
+    def adjoint(self) -> ConvSpec:
+        """The convolution whose input gradient this is (no bias; same memory for weights)."""
+        return ConvSpec(self.output_shape, self.weight_shape, stride=self.stride,
+                        padding=self.padding, dilation=self.dilation, groups=self.groups,
+                        bias=False, dtype=self.dtype)
+
+    @property
+    def flops(self) -> int:
+        return self.adjoint.flops
+
+    @property
+    def slug(self) -> str:
+        return (f"convT{self.rank}d_{_dims(self.input_shape)}_w{_dims(self.weight_shape)}"
+                f"_{self._dtype_tag}")
+
+    def describe(self) -> str:
+        return (f"conv_transpose{self.rank}d input {self.input_shape} weight {self.weight_shape} "
+                f"-> output {self.output_shape}; stride {self.stride}, padding {self.padding}, "
+                f"output_padding {self.output_padding}, dilation {self.dilation}, groups "
+                f"{self.groups}, bias {self.bias}, {self.dtype}")
