@@ -58,9 +58,11 @@ _ISA_FLAG = re.compile(r"^(sse|ssse|avx|fma|bmi|f16c|movbe|abm|popcnt|adx|sha|va
                        r"|pclmul|amx|lzcnt|asimd|sve|neon|fp|vsx|altivec)")
 # -fno-tree-loop-vectorize: GCC 12.2's loop vectorizer miscompiles reductions over strided
 # load groups (tests/test_codegen.py::test_build_flags_avoid_gcc_vectorizer_miscompile has the
-# reproducer); symconv's schedule vectorises explicitly instead.
+# reproducer); -fno-tree-slp-vectorize: its SLP vectorizer at -march=x86-64-v4 miscompiles a
+# scalar gather loop (tests/cases.py REGRESSIONS "slp-avx512-grouped-f64").  symconv's
+# schedule vectorises explicitly instead.
 BASE_FLAGS = ("-O3", "-std=c99", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno",
-              "-fno-tree-loop-vectorize")
+              "-fno-tree-loop-vectorize", "-fno-tree-slp-vectorize")
 
 # The modules whose source decides what a package contains.
 _FINGERPRINTED = ("spec.py", "ir.py", "define.py", "derive.py", "codegen.py", "build.py",

@@ -69,6 +69,15 @@ CASES = [
          stride=(2, 1, 1, 2, 1), padding=1),
 ]
 
+# Cases the fuzzers (tests/test_property.py, scripts/fuzz.py) once failed, shrunk: each runs on
+# every build target inside guard regions (test_property.py::test_regressions_on_every_target).
+REGRESSIONS = [
+    # GCC 12.2's SLP vectorizer at -O3 -march=x86-64-v4 miscompiled this scalar input gradient
+    # (grad_input[0, 1, 0:2] wrong); the build turns it off (-fno-tree-slp-vectorize).
+    case("slp-avx512-grouped-f64", input_shape=(1, 4, 3), weight_shape=(2, 2, 3), groups=2,
+         padding=1, bias=False, dtype="float64"),
+]
+
 
 def make_spec(fields) -> ConvSpec:
     return ConvSpec(**fields)

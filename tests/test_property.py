@@ -1,49 +1,48 @@
-"""Property test: random specs of rank 1-3 against the NumPy oracle, forward and every gradient."""
+"""Differential fuzzing in CI: random specs, every build target, against the oracle and PyTorch.
+
+Hypothesis draws cases from the generator in tests/fuzzing.py (rank 1-4, sizes
+from 1, stride, dilation, asymmetric padding and padding modes, groups, bias,
+dtype, NaN/±Inf inputs, target x86-64 / x86-64-v3 / x86-64-v4) and shrinks a
+failure to a small one.  ``SYMCONV_FUZZ_EXAMPLES`` sets how many (default 60);
+``scripts/fuzz.py`` runs the same generator for as long as asked.  Every bug
+the fuzzers found is pinned in ``cases.REGRESSIONS`` and checked on every target.
+"""
 
 from __future__ import annotations
 
-import numpy as np
+import os
+
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from oracle import conv_backward, conv_forward
-from symconv import ConvSpec
+import fuzzing
+from cases import REGRESSIONS, make_spec
+
+EXAMPLES = int(os.environ.get("SYMCONV_FUZZ_EXAMPLES", "60"))
 
 
 @st.composite
-def specs(draw):
-    rank = draw(st.integers(1, 3))
-    groups = draw(st.integers(1, 3))
-    c_group, o_group = draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    kernel, stride, dilation, padding, spatial = [], [], [], [], []
-    for _ in range(rank):
-        k, d = draw(st.integers(1, 4)), draw(st.integers(1, 3))
-        lo, hi = draw(st.integers(0, 3)), draw(st.integers(0, 3))
-        reach = d * (k - 1) + 1
-        spatial.append(draw(st.integers(max(1, reach - lo - hi), reach + 5)))
-        kernel.append(k), dilation.append(d), padding.append((lo, hi))
-        stride.append(draw(st.integers(1, 4)))
-    return ConvSpec(
-        input_shape=(draw(st.integers(1, 2)), groups * c_group, *spatial),
-        weight_shape=(groups * o_group, c_group, *kernel),
-        stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation), groups=groups,
-        bias=draw(st.booleans()), dtype=draw(st.sampled_from(["float32", "float64"])))
+def cases(draw):
+    return fuzzing.draw_case(lambda lo, hi: draw(st.integers(lo, hi)))
 
 
-@settings(max_examples=30, deadline=None, derandomize=True, database=None,
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(spec=specs(), seed=st.integers(0, 2**32 - 1))
-def test_random_specs_match_the_oracle(spec, seed, compile_spec):
-    rng = np.random.default_rng(seed)
-    kernel = compile_spec(spec)
-    x = rng.standard_normal(spec.input_shape).astype(spec.dtype)
-    w = rng.standard_normal(spec.weight_shape).astype(spec.dtype)
-    b = rng.standard_normal(spec.bias_shape).astype(spec.dtype) if spec.bias else None
-    gy = rng.standard_normal(spec.output_shape).astype(spec.dtype)
-    args = (spec.stride, spec.padding, spec.dilation, spec.groups)
-    tolerance = 1e-4 if spec.dtype == "float32" else 1e-11
-    got = [kernel.forward(*[a for a in (x, w, b) if a is not None]), *kernel.backward(x, w, gy)]
-    expected = [conv_forward(x, w, b, *args), *conv_backward(x, w, gy, *args)[:len(got) - 1]]
-    for name, g, e in zip(("forward", "grad_input", "grad_weight", "grad_bias"), got, expected):
-        scale = max(1.0, float(np.abs(e).max()))
-        assert np.abs(g - e).max() <= tolerance * scale, (name, spec.describe())
+@given(case=cases())
+def test_random_cases_match_the_oracle_and_torch(case, cache_dir):
+    from symconv.compiler import compile_conv
+    kernel = compile_conv(case.spec, cache_dir=cache_dir, target=case.target)
+    assert kernel.manifest["build"]["target"] == case.target
+    fuzzing.check_case(kernel, case)
+
+
+@pytest.mark.parametrize("target", fuzzing.available_targets())
+@pytest.mark.parametrize("fields", REGRESSIONS)
+def test_regressions_on_every_target(fields, target, cache_dir):
+    """Each case a fuzzer once failed, in guard regions, on every target."""
+    from symconv.compiler import compile_conv
+    spec = make_spec(fields)
+    kernel = compile_conv(spec, cache_dir=cache_dir, target=target)
+    for seed in range(3):
+        fuzzing.check_case(kernel, fuzzing.Case(spec, target, seed, special=seed == 2))
