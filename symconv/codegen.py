@@ -925,9 +925,11 @@ def _emit_reduction_lanes(out: _Writer, fn: IndexSum, piece: schedule.Piece,
             out.line(f"const {ctype} *restrict sc_b{number}_{r if r is not None else 'x'} = "
                      f"{access.base.label} + {c_affine(at)};")
     # vectors start at sc_lo + W·k: masked ones before sc_first, plain ones up to sc_last
+    # (when a padded read is never inside, no vector is plain: sc_first lies past every lane,
+    # and W·sc_first must not overflow)
     inside = " && ".join(always) if always else "1"
     out.line(f"const int64_t sc_first = ({inside}) ? sc_max(0, sc_ceildiv(sc_flo - sc_lo, "
-             f"{width})) : INT64_MAX / 2;")
+             f"{width})) : INT64_MAX / {2 * width};")
     out.line(f"const int64_t sc_last = sc_floordiv(sc_fhi - {width - 1} - sc_lo, {width});")
     out.open(f"for (int64_t {lane_name} = sc_lo + {width} * sc_first; "
              f"{lane_name} <= sc_lo + {width} * sc_last; {lane_name} += {width})")

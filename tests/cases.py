@@ -76,6 +76,15 @@ REGRESSIONS = [
     # (grad_input[0, 1, 0:2] wrong); the build turns it off (-fno-tree-slp-vectorize).
     case("slp-avx512-grouped-f64", input_shape=(1, 4, 3), weight_shape=(2, 2, 3), groups=2,
          padding=1, bias=False, dtype="float64"),
+    # A weight tap whose input column lies wholly in the padding (k1 = 0 reads column -1): the
+    # reduction-lane code's "no plain vectors" sentinel INT64_MAX / 2 was multiplied by the
+    # vector width, overflowed, and ran one unmasked vector at i0 = -W, reading before both
+    # arrays (grad_weight NaN from the guard region; undefined behaviour).
+    case("reduction-lanes-tap-wholly-in-padding", input_shape=(1, 1, 3, 1),
+         weight_shape=(1, 1, 1, 1), stride=(1, 2), padding=((0, 1), (1, 0)), bias=False,
+         dtype="float64"),
+    case("reduction-lanes-tap-wholly-in-padding-f32", input_shape=(1, 1, 15, 1),
+         weight_shape=(1, 1, 1, 1), stride=(1, 2), padding=((0, 1), (1, 0)), bias=False),
 ]
 
 
