@@ -62,8 +62,11 @@ def conv_backward(x, w, gy, stride, padding, dilation, groups):
             oi = slice(g * o_group, (g + 1) * o_group)
             gyg = gy[:, oi]
             gxp[ci] += np.einsum("no...,oc->nc...", gyg, w[(oi, slice(None), *tap)])
-            summed = (0, *range(2, gy.ndim))
-            gw[(oi, slice(None), *tap)] += np.tensordot(gyg, xp[ci], axes=(summed, summed))
+            # einsum multiplies every pair: BLAS (tensordot) skips zeros, so an infinite
+            # gradient times a padded zero would give 0 instead of the definition's NaN
+            flat_gy = gyg.reshape(gyg.shape[0], gyg.shape[1], -1)
+            flat_x = xp[ci].reshape(gyg.shape[0], c_group, -1)
+            gw[(oi, slice(None), *tap)] += np.einsum("nop,ncp->oc", flat_gy, flat_x)
     inner = tuple(slice(lo, lo + n) for (lo, _), n in zip(padding, x.shape[2:]))
     gx = gxp[(slice(None), slice(None), *inner)]
     gb = gy.sum(axis=(0, *range(2, gy.ndim)))

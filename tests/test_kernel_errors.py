@@ -134,3 +134,20 @@ def test_inf_weights_meet_padding_like_the_definition(kernel, arrays):
     np.testing.assert_array_equal(np.isnan(y), np.isnan(expected))
     assert np.isnan(y[:, 1, 0, :]).all() and np.isnan(y[:, 1, :, 0]).all()
     np.testing.assert_array_equal(np.isnan(kernel.grad_input(w, gy)), np.isnan(expected_gx))
+
+
+def test_inf_grad_output_meets_padding_in_the_weight_gradient(compile_spec):
+    """grad_weight[o, c, 1] = grad_output · (padded zero) = inf · 0 = NaN by the definition.
+    (The oracle once computed this with BLAS, which skips zeros and gave 0; found by the
+    fuzzer, scripts/fuzz.py seed 2116.)"""
+    from oracle import conv_backward
+    spec = ConvSpec((1, 1, 2), (2, 1, 2), dilation=2, padding=((0, 1),), bias=False)
+    kernel = compile_spec(spec)
+    x = np.array([[[1.0, 2.0]]], np.float32)
+    gy = np.array([[[np.inf], [1.0]]], np.float32)
+    with np.errstate(invalid="ignore"):
+        expected = conv_backward(x, np.zeros(spec.weight_shape), gy, spec.stride, spec.padding,
+                                 spec.dilation, spec.groups)[1]
+    got = kernel.grad_weight(x, gy)
+    np.testing.assert_array_equal(expected.ravel(), [np.inf, np.nan, 1.0, 0.0])
+    np.testing.assert_array_equal(got, expected.astype(np.float32))
