@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import numbers
+import re
 from dataclasses import MISSING as dataclasses_missing
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Mapping
@@ -414,3 +415,120 @@ class ConvTransposeSpec(_Spec):
                 f"-> output {self.output_shape}; stride {self.stride}, padding {self.padding}, "
                 f"output_padding {self.output_padding}, dilation {self.dilation}, groups "
                 f"{self.groups}, bias {self.bias}, {self.dtype}")
+
+
+_ARRAY_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class ExprSpec(_Spec):
+    """A user-defined op written as an index sum, for example::
+
+        ExprSpec("Y[n, c, i] = sum(W[c, a] * X[n, c, 2*i + a], (a, 0, 2))",
+                 shapes={"X": (2, 3, 9), "W": (3, 3)})
+
+    ``shapes`` gives every input array's shape, in call order, and may give the output's;
+    otherwise the output's ranges are the largest that keep every read inside its array.
+    ``sum(body, (index, first, last), ...)`` sums over inclusive integer ranges; ``i // 2``
+    floors; SymPy functions (exp, tanh, ...) and integer powers of sums are allowed.
+    Arrays in ``zero_outside`` read as 0 outside their shape.  Parsing needs SymPy and
+    happens in define.py; this spec only normalises and keys the text.
+    """
+
+    KIND: ClassVar[str] = "expr"
+
+    expression: str
+    shapes: Any
+    dtype: str = "float32"
+    zero_outside: Any = ()
+
+    def __post_init__(self) -> None:
+        where = self._where
+        if not isinstance(self.expression, str) or "=" not in self.expression:
+            raise _fail(where("expression"), "expected a string 'Out[indices] = expression'",
+                        self.expression)
+        pairs = self.shapes.items() if isinstance(self.shapes, Mapping) else self.shapes
+        try:
+            pairs = tuple((str(name), tuple(shape)) for name, shape in pairs)
+        except (TypeError, ValueError):
+            raise _fail(where("shapes"), "expected a mapping of array name to shape",
+                        self.shapes) from None
+        for name, shape in pairs:
+            if not _ARRAY_NAME.match(name):
+                raise _fail(where("shapes"), f"array name {name!r} is not an identifier",
+                            self.shapes)
+            if not shape or not all(_is_int(n) and n > 0 for n in shape):
+                raise _fail(where("shapes"), f"shape of {name} must be positive ints", shape)
+        if len({name for name, _ in pairs}) != len(pairs):
+            raise _fail(where("shapes"), "an array is named twice", self.shapes)
+        outside = (self.zero_outside,) if isinstance(self.zero_outside, str) else \
+            tuple(self.zero_outside)
+        unknown = [n for n in outside if n not in dict(pairs)]
+        if unknown:
+            raise _fail(where("zero_outside"), f"{unknown} are not arrays in shapes",
+                        self.zero_outside)
+        self._check_dtype()
+        self._set(expression=" ".join(self.expression.split()),
+                  shapes=tuple((name, tuple(int(n) for n in shape)) for name, shape in pairs),
+                  zero_outside=tuple(sorted(outside)))
+
+    @property
+    def output_name(self) -> str:
+        return self.expression.split("[", 1)[0].strip()
+
+    @property
+    def slug(self) -> str:
+        name = re.sub(r"\W", "", self.output_name) or "op"
+        return f"op_{name}_{self._dtype_tag}"
+
+    def describe(self) -> str:
+        arrays = ", ".join(f"{name}{shape}" for name, shape in self.shapes)
+        return f"{self.expression}  [{arrays}; {self.dtype}]"
+
+
+@dataclass(frozen=True)
+class GradientSpec(_Spec):
+    """One gradient function of another spec's op, as an op of its own: its forward is that
+    derived gradient sum, and its own gradients are derived again (double backward)."""
+
+    KIND: ClassVar[str] = "gradient"
+
+    parent: Any
+    function: str
+
+    def __post_init__(self) -> None:
+        if isinstance(self.parent, Mapping):
+            object.__setattr__(self, "parent", spec_from_dict(self.parent))
+        if not isinstance(self.parent, _Spec):
+            raise _fail(self._where("parent"), "expected a spec", self.parent)
+        if not (isinstance(self.function, str) and self.function.startswith("grad_")):
+            raise _fail(self._where("function"), "expected a gradient function name "
+                        "'grad_<input>'", self.function)
+
+    @property
+    def dtype(self) -> str:
+        return self.parent.dtype
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"parent": {"kind": self.parent.KIND, **self.parent.to_dict()},
+                "function": self.function}
+
+    @property
+    def slug(self) -> str:
+        return f"{self.parent.slug}_{self.function}"
+
+    def describe(self) -> str:
+        return f"{self.function} of {self.parent.describe()}"
+
+
+SPECS = {cls.KIND: cls for cls in (ConvSpec, AvgPoolSpec, ConvTransposeSpec, ExprSpec,
+                                   GradientSpec)}
+
+
+def spec_from_dict(data: Mapping[str, Any]) -> _Spec:
+    """Any spec from ``{"kind": ..., **fields}`` (the kind defaults to conv)."""
+    data = dict(data)
+    kind = data.pop("kind", "conv")
+    if kind not in SPECS:
+        raise ValueError(f"unknown spec kind {kind!r}; expected one of {', '.join(SPECS)}")
+    return SPECS[kind].from_dict(data)
