@@ -19,10 +19,11 @@ compiler's symbolic stages import SymPy when first used.
 __version__ = "0.1.0"
 
 from .kernel import Kernel, PackageError, load  # noqa: E402
-from .spec import AvgPoolSpec, ConvSpec, ConvTransposeSpec  # noqa: E402
+from .spec import AvgPoolSpec, ConvSpec, ConvTransposeSpec, ExprSpec, GradientSpec  # noqa: E402
 from . import nn, optim  # noqa: E402  (NumPy only)
-from .graph import (Tensor, avg_pool, concatenate, conv, cross_entropy, is_grad_enabled,  # noqa: E402
-                    linear, log_softmax, matmul, max_pool, no_grad, stack)
+from .graph import (IndexOp, Tensor, avg_pool, concatenate, conv, conv_transpose,  # noqa: E402
+                    cross_entropy, grad, is_grad_enabled, linear, log_softmax, matmul, max_pool,
+                    no_grad, op, stack)
 
 _LAZY = {
     "compile_conv": "compiler",
@@ -34,9 +35,10 @@ _LAZY = {
     "GradcheckError": "check",
 }
 
-__all__ = ["AvgPoolSpec", "ConvSpec", "ConvTransposeSpec", "Kernel", "PackageError", "load", "nn", "optim", "Tensor",
-           "avg_pool", "concatenate", "conv", "cross_entropy", "is_grad_enabled", "linear",
-           "log_softmax", "matmul", "max_pool", "no_grad", "stack", *_LAZY]
+__all__ = ["AvgPoolSpec", "ConvSpec", "ConvTransposeSpec", "ExprSpec", "GradientSpec", "Kernel", "PackageError", "load", "nn", "optim", "Tensor",
+           "avg_pool", "concatenate", "conv", "conv_transpose", "cross_entropy", "grad",
+           "IndexOp", "is_grad_enabled", "linear", "log_softmax", "matmul", "max_pool", "no_grad",
+           "op", "stack", *_LAZY]
 
 
 def __getattr__(name):

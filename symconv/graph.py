@@ -49,10 +49,12 @@ __all__ = [
     "add", "sub", "mul", "div", "neg", "pow", "exp", "log", "sqrt", "tanh", "sigmoid", "relu",
     "leaky_relu", "abs", "sum", "mean", "max", "min", "reshape", "transpose", "getitem",
     "concatenate", "stack", "matmul", "linear", "log_softmax", "softmax", "cross_entropy",
-    "mse_loss", "conv", "avg_pool", "max_pool",
+    "mse_loss", "conv", "conv_transpose", "avg_pool", "max_pool", "broadcast_to", "grad", "op",
+    "IndexOp",
 ]
 
 Backward = Callable[[np.ndarray], Sequence["np.ndarray | None"]]
+GraphBackward = Callable[["Tensor"], Sequence["Tensor | None"]]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -94,14 +96,22 @@ class no_grad(contextlib.ContextDecorator):
 # ------------------------------------------------------------------------------------------------
 
 class Node:
-    """How a tensor was made: the op's name, its inputs and its backward closure."""
+    """How a tensor was made: the op's name, its inputs and its backward closures.
 
-    __slots__ = ("op", "inputs", "backward")
+    ``backward`` maps an output gradient array to input gradient arrays;
+    ``graph_backward``, where the op has one, maps an output gradient Tensor to
+    input gradient Tensors built from graph ops, so that ``create_graph=True``
+    records the backward pass itself and it can be differentiated again.
+    """
 
-    def __init__(self, op: str, inputs: tuple["Tensor", ...], backward: Backward):
+    __slots__ = ("op", "inputs", "backward", "graph_backward")
+
+    def __init__(self, op: str, inputs: tuple["Tensor", ...], backward: Backward,
+                 graph_backward: GraphBackward | None = None):
         self.op = op
         self.inputs = inputs
         self.backward: Backward | None = backward
+        self.graph_backward = graph_backward
 
     def __repr__(self) -> str:
         state = "freed" if self.backward is None else f"{len(self.inputs)} inputs"
@@ -183,29 +193,23 @@ class Tensor:
         return self
 
     # --- backward --------------------------------------------------------------------------------
-    def backward(self, gradient: Any = None, retain_graph: bool = False) -> None:
+    def backward(self, gradient: Any = None, retain_graph: bool = False,
+                 create_graph: bool = False) -> None:
         """Accumulate d(self)/d(leaf) · gradient into every leaf's ``.grad``.
 
         ``gradient`` defaults to 1 for a one-element tensor and is required
         otherwise.  Without ``retain_graph`` the graph's saved arrays are freed.
+        With ``create_graph`` the backward pass is itself recorded (and the graph
+        kept): ``.grad`` then holds Tensors that can be differentiated again.
         """
-        if not self.requires_grad:
-            raise RuntimeError("backward() on a tensor that does not require grad: none of the "
-                               "tensors it was computed from has requires_grad=True, or it was "
-                               "computed under no_grad()")
-        if gradient is None:
-            if self.size != 1:
-                raise RuntimeError(f"backward() without a gradient needs a one-element (scalar) "
-                                   f"tensor, this one has shape {self.shape}; pass "
-                                   f"gradient= with that shape")
-            seed = np.ones_like(self.data)
-        else:
-            seed = np.asarray(gradient.data if isinstance(gradient, Tensor) else gradient)
-            if seed.shape != self.shape:
-                raise ValueError(f"backward(): gradient has shape {seed.shape}, but the tensor "
-                                 f"has shape {self.shape}")
-            seed = seed.astype(self.dtype, copy=False)
-        _run_backward(self, seed, retain_graph)
+        seed = _seed(self, gradient)
+        grads = _run_backward([self], [seed], retain_graph or create_graph, create_graph)
+        for leaf, grad in grads.values():
+            if create_graph:
+                grad = grad if leaf.grad is None else add(leaf.grad, grad)
+                leaf.grad = grad
+            else:
+                _accumulate_leaf(leaf, grad)
 
     # --- operators -------------------------------------------------------------------------------
     def __add__(self, other): return add(self, other)
@@ -258,45 +262,133 @@ class Tensor:
         return transpose(self)
 
 
-def _run_backward(root: Tensor, seed: np.ndarray, retain_graph: bool) -> None:
-    if root.node is None:  # a leaf: its gradient is the seed
-        _accumulate_leaf(root, seed)
-        return
-    order = _topological_order(root)
-    pending: dict[int, np.ndarray] = {id(root): seed}
-    for position, tensor in enumerate(order):
-        order[position] = None  # let each intermediate go as soon as it is done
-        node = tensor.node
-        grad = pending.pop(id(tensor), None)
-        if node.backward is None:
-            raise RuntimeError(f"backward through the graph a second time: the saved arrays of "
-                               f"'{node.op}' were freed by the first backward(); pass "
-                               f"retain_graph=True to the first call to keep them")
-        if grad is None:  # no path carried a gradient here (every contribution was None)
-            if not retain_graph:
-                node.backward, node.inputs = None, ()
-            continue
-        if tensor._retains_grad:
-            _accumulate_leaf(tensor, grad)
-        grads = node.backward(grad)
-        if len(grads) != len(node.inputs):
-            raise RuntimeError(f"'{node.op}' backward returned {len(grads)} gradients for "
-                               f"{len(node.inputs)} inputs")
-        for parent, g in zip(node.inputs, grads):
-            if g is None or not parent.requires_grad:
+def _seed(output: "Tensor", gradient: Any) -> np.ndarray:
+    """The gradient that starts a backward pass from ``output``."""
+    if not output.requires_grad:
+        raise RuntimeError("backward() on a tensor that does not require grad: none of the "
+                           "tensors it was computed from has requires_grad=True, or it was "
+                           "computed under no_grad()")
+    if gradient is None:
+        if output.size != 1:
+            raise RuntimeError(f"backward() without a gradient needs a one-element (scalar) "
+                               f"tensor, this one has shape {output.shape}; pass "
+                               f"gradient= with that shape")
+        return np.ones_like(output.data)
+    seed = np.asarray(gradient.data if isinstance(gradient, Tensor) else gradient)
+    if seed.shape != output.shape:
+        raise ValueError(f"backward(): gradient has shape {seed.shape}, but the tensor "
+                         f"has shape {output.shape}")
+    return seed.astype(output.dtype, copy=False)
+
+
+def _run_backward(roots: Sequence["Tensor"], seeds: Sequence[np.ndarray], retain_graph: bool,
+                  create_graph: bool, capture: frozenset = frozenset()
+                  ) -> dict[int, tuple["Tensor", Any]]:
+    """One reverse pass from ``roots``: the gradient of every leaf it reaches and of every
+    tensor that retains its grad or whose id is in ``capture``, keyed by id.  With
+    ``create_graph`` the gradients are Tensors built by each node's graph_backward, so the
+    pass is recorded too."""
+    reached: dict[int, tuple[Tensor, Any]] = {}
+    pending: dict[int, Any] = {}
+
+    def deliver(tensor: "Tensor", g: Any) -> None:
+        key = id(tensor)
+        if tensor.node is None:
+            previous = reached.get(key)
+            reached[key] = (tensor, g if previous is None else _plus(previous[1], g,
+                                                                     create_graph))
+        else:
+            pending[key] = g if key not in pending else _plus(pending[key], g, create_graph)
+
+    for root, seed in zip(roots, seeds):
+        deliver(root, Tensor(seed) if create_graph else seed)
+    order = _topological_order(roots)
+    with _grad_enabled(create_graph):
+        for position, tensor in enumerate(order):
+            order[position] = None  # let each intermediate go as soon as it is done
+            node = tensor.node
+            grad = pending.pop(id(tensor), None)
+            if node.backward is None:
+                raise RuntimeError(f"backward through the graph a second time: the saved arrays "
+                                   f"of '{node.op}' were freed by the first backward(); pass "
+                                   f"retain_graph=True to the first call to keep them")
+            if grad is None:  # no path carried a gradient here (every contribution was None)
+                if not retain_graph:
+                    node.backward, node.graph_backward, node.inputs = None, None, ()
                 continue
-            g = np.asarray(g)
-            if g.shape != parent.shape:
-                raise RuntimeError(f"'{node.op}' backward returned a gradient of shape {g.shape} "
-                                   f"for an input of shape {parent.shape}")
-            g = g.astype(parent.dtype, copy=False)
-            if parent.node is None:
-                _accumulate_leaf(parent, g)
+            if tensor._retains_grad or id(tensor) in capture:
+                reached[id(tensor)] = (tensor, grad)
+            if create_graph:
+                if node.graph_backward is None:
+                    raise RuntimeError(f"create_graph: '{node.op}' has no differentiable "
+                                       f"backward, so its gradient cannot be differentiated "
+                                       f"again")
+                grads = node.graph_backward(grad)
             else:
-                key = id(parent)
-                pending[key] = g if key not in pending else pending[key] + g
-        if not retain_graph:
-            node.backward, node.inputs = None, ()
+                grads = node.backward(grad)
+            if len(grads) != len(node.inputs):
+                raise RuntimeError(f"'{node.op}' backward returned {len(grads)} gradients for "
+                                   f"{len(node.inputs)} inputs")
+            for parent, g in zip(node.inputs, grads):
+                if g is None or not parent.requires_grad:
+                    continue
+                if not create_graph:
+                    g = np.asarray(g)
+                if g.shape != parent.shape:
+                    raise RuntimeError(f"'{node.op}' backward returned a gradient of shape "
+                                       f"{g.shape} for an input of shape {parent.shape}")
+                if not create_graph:
+                    g = g.astype(parent.dtype, copy=False)
+                deliver(parent, g)
+            if not retain_graph:
+                node.backward, node.graph_backward, node.inputs = None, None, ()
+    return reached
+
+
+def _plus(a: Any, b: Any, tensors: bool) -> Any:
+    return add(a, b) if tensors else a + b
+
+
+@contextlib.contextmanager
+def _grad_enabled(enabled: bool):
+    saved = _mode.enabled
+    _mode.enabled = enabled
+    try:
+        yield
+    finally:
+        _mode.enabled = saved
+
+
+def grad(outputs, inputs, grad_outputs=None, retain_graph: bool | None = None,
+         create_graph: bool = False, allow_unused: bool = False) -> tuple["Tensor | None", ...]:
+    """The gradients of ``outputs`` (weighted by ``grad_outputs``) with respect to
+    ``inputs``, as Tensors, without touching any ``.grad``; like ``torch.autograd.grad``.
+
+    With ``create_graph`` the returned gradients are part of the graph, so they can be
+    differentiated again (gradient penalties, Hessian-vector products).
+    """
+    outputs = [outputs] if isinstance(outputs, Tensor) else list(outputs)
+    inputs = [inputs] if isinstance(inputs, Tensor) else list(inputs)
+    weights = [None] * len(outputs) if grad_outputs is None else (
+        [grad_outputs] if isinstance(grad_outputs, Tensor) or not isinstance(grad_outputs,
+                                                                           (list, tuple))
+        else list(grad_outputs))
+    if len(weights) != len(outputs):
+        raise ValueError(f"grad: {len(weights)} grad_outputs for {len(outputs)} outputs")
+    if not all(t.requires_grad for t in inputs):
+        raise RuntimeError("grad: an input does not require grad")
+    seeds = [_seed(o, g) for o, g in zip(outputs, weights)]
+    reached = _run_backward(outputs, seeds, create_graph if retain_graph is None else retain_graph,
+                            create_graph, frozenset(id(t) for t in inputs))
+    result = []
+    for tensor in inputs:
+        found = reached.get(id(tensor))
+        if found is None and not allow_unused:
+            raise RuntimeError("grad: an input is not reached from the outputs (pass "
+                               "allow_unused=True to get None for it)")
+        value = None if found is None else found[1]
+        result.append(value if value is None or isinstance(value, Tensor) else Tensor(value))
+    return tuple(result)
 
 
 def _accumulate_leaf(tensor: Tensor, grad: np.ndarray) -> None:
@@ -306,15 +398,16 @@ def _accumulate_leaf(tensor: Tensor, grad: np.ndarray) -> None:
         tensor.grad += grad
 
 
-def _topological_order(root: Tensor) -> list[Tensor]:
-    """Non-leaf tensors that lead to ``root``, each after every tensor computed from it.
+def _topological_order(roots: Sequence[Tensor]) -> list[Tensor]:
+    """Non-leaf tensors that lead to ``roots``, each after every tensor computed from it.
 
     Iterative depth-first search (inputs in order), reversed post-order: no
     recursion, and the same graph always gives the same order.
     """
     post: list[Tensor] = []
     seen: set[int] = set()
-    stack: list[tuple[Tensor, bool]] = [(root, False)]
+    stack: list[tuple[Tensor, bool]] = [(root, False) for root in reversed(roots)
+                                        if root.node is not None]
     while stack:
         tensor, expanded = stack.pop()
         if expanded:
@@ -331,12 +424,13 @@ def _topological_order(root: Tensor) -> list[Tensor]:
     return post
 
 
-def _result(op: str, data: np.ndarray, inputs: tuple[Tensor, ...], backward: Backward) -> Tensor:
+def _result(op: str, data: np.ndarray, inputs: tuple[Tensor, ...], backward: Backward,
+            graph_backward: GraphBackward | None = None) -> Tensor:
     """The output tensor of an op; records a node when gradients are enabled and needed."""
     out = Tensor(data)
     if _mode.enabled and any(t.requires_grad for t in inputs):
         out.requires_grad = True
-        out.node = Node(op, inputs, backward)
+        out.node = Node(op, inputs, backward, graph_backward)
     return out
 
 
@@ -400,6 +494,32 @@ def _expand_reduced(grad: np.ndarray, shape: tuple[int, ...], axes: tuple[int, .
     return np.broadcast_to(grad, shape)
 
 
+# The same two helpers on Tensors, for differentiable backward passes (create_graph).
+
+def _unbroadcast_t(grad: "Tensor", shape: tuple[int, ...]) -> "Tensor":
+    if grad.shape == shape:
+        return grad
+    extra = grad.ndim - len(shape)
+    stretched = tuple(extra + i for i, n in enumerate(shape)
+                      if n == 1 and grad.shape[extra + i] != 1)
+    return reshape(sum(grad, tuple(range(extra)) + stretched, keepdims=True), shape)
+
+
+def _expand_reduced_t(grad: "Tensor", shape, axes, keepdims: bool) -> "Tensor":
+    if not keepdims:
+        grad = reshape(grad, tuple(1 if i in axes else n for i, n in enumerate(shape)))
+    return broadcast_to(grad, shape)
+
+
+def broadcast_to(a, shape) -> Tensor:
+    """``a`` broadcast to ``shape`` (NumPy rules); the gradient sums over the copies."""
+    a = _tensor(a)
+    shape, before = tuple(shape), a.shape
+    return _result("broadcast_to", np.broadcast_to(a.data, shape), (a,),
+                   lambda g: (unbroadcast(g, before),),
+                   lambda g: (_unbroadcast_t(g, before),))
+
+
 # ------------------------------------------------------------------------------------------------
 # Elementwise arithmetic (NumPy broadcasting; gradients reduced by unbroadcast)
 # ------------------------------------------------------------------------------------------------
@@ -410,7 +530,10 @@ def add(a, b) -> Tensor:
 
     def backward(g):
         return unbroadcast(g, sa), unbroadcast(g, sb)
-    return _result("add", a.data + b.data, (a, b), backward)
+
+    def graph_backward(g):
+        return _unbroadcast_t(g, sa), _unbroadcast_t(g, sb)
+    return _result("add", a.data + b.data, (a, b), backward, graph_backward)
 
 
 def sub(a, b) -> Tensor:
@@ -419,7 +542,10 @@ def sub(a, b) -> Tensor:
 
     def backward(g):
         return unbroadcast(g, sa), unbroadcast(-g, sb)
-    return _result("sub", a.data - b.data, (a, b), backward)
+
+    def graph_backward(g):
+        return _unbroadcast_t(g, sa), _unbroadcast_t(neg(g), sb)
+    return _result("sub", a.data - b.data, (a, b), backward, graph_backward)
 
 
 def mul(a, b) -> Tensor:
@@ -428,7 +554,10 @@ def mul(a, b) -> Tensor:
 
     def backward(g):
         return unbroadcast(g * bd, ad.shape), unbroadcast(g * ad, bd.shape)
-    return _result("mul", ad * bd, (a, b), backward)
+
+    def graph_backward(g):
+        return _unbroadcast_t(mul(g, b), ad.shape), _unbroadcast_t(mul(g, a), bd.shape)
+    return _result("mul", ad * bd, (a, b), backward, graph_backward)
 
 
 def div(a, b) -> Tensor:
@@ -439,12 +568,17 @@ def div(a, b) -> Tensor:
     def backward(g):
         ga = g / bd
         return unbroadcast(ga, ad.shape), unbroadcast(-ga * out, bd.shape)
-    return _result("div", out, (a, b), backward)
+
+    def graph_backward(g):
+        ga = div(g, b)
+        return (_unbroadcast_t(ga, ad.shape),
+                _unbroadcast_t(neg(mul(ga, div(a, b))), bd.shape))
+    return _result("div", out, (a, b), backward, graph_backward)
 
 
 def neg(a) -> Tensor:
     a = _tensor(a)
-    return _result("neg", -a.data, (a,), lambda g: (-g,))
+    return _result("neg", -a.data, (a,), lambda g: (-g,), lambda g: (neg(g),))
 
 
 def pow(a, b) -> Tensor:
@@ -457,7 +591,12 @@ def pow(a, b) -> Tensor:
             if p == 0:
                 return (np.zeros_like(g),)
             return (g * (p * ad ** (p - 1)),)
-        return _result("pow", out, (a,), backward)
+
+        def graph_backward(g):
+            if p == 0:
+                return (mul(g, 0.0),)
+            return (mul(g, mul(pow(a, p - 1), p)),)
+        return _result("pow", out, (a,), backward, graph_backward)
     a, b = _pair(a, b)
     ad, bd = a.data, b.data
     out = ad ** bd
@@ -478,49 +617,57 @@ def pow(a, b) -> Tensor:
 def exp(a) -> Tensor:
     a = _tensor(a)
     out = np.exp(a.data)
-    return _result("exp", out, (a,), lambda g: (g * out,))
+    return _result("exp", out, (a,), lambda g: (g * out,), lambda g: (mul(g, exp(a)),))
 
 
 def log(a) -> Tensor:
     a = _tensor(a)
     ad = a.data
-    return _result("log", np.log(ad), (a,), lambda g: (g / ad,))
+    return _result("log", np.log(ad), (a,), lambda g: (g / ad,), lambda g: (div(g, a),))
 
 
 def sqrt(a) -> Tensor:
     a = _tensor(a)
     out = np.sqrt(a.data)
-    return _result("sqrt", out, (a,), lambda g: (g / (2 * out),))
+    return _result("sqrt", out, (a,), lambda g: (g / (2 * out),),
+                   lambda g: (div(g, mul(sqrt(a), 2.0)),))
 
 
 def tanh(a) -> Tensor:
     a = _tensor(a)
     out = np.tanh(a.data)
-    return _result("tanh", out, (a,), lambda g: (g * (1 - out * out),))
+    return _result("tanh", out, (a,), lambda g: (g * (1 - out * out),),
+                   lambda g: (mul(g, sub(1.0, pow(tanh(a), 2))),))
 
 
 def sigmoid(a) -> Tensor:
     a = _tensor(a)
     out = np.exp(-np.logaddexp(0, -a.data)).astype(a.dtype, copy=False)  # no overflow
-    return _result("sigmoid", out, (a,), lambda g: (g * out * (1 - out),))
+    def graph_backward(g):
+        s = sigmoid(a)
+        return (mul(g, mul(s, sub(1.0, s))),)
+    return _result("sigmoid", out, (a,), lambda g: (g * out * (1 - out),), graph_backward)
 
 
 def relu(a) -> Tensor:
     a = _tensor(a)
     positive = a.data > 0
-    return _result("relu", np.maximum(a.data, 0), (a,), lambda g: (g * positive,))
+    return _result("relu", np.maximum(a.data, 0), (a,), lambda g: (g * positive,),
+                   lambda g: (mul(g, Tensor(positive.astype(a.dtype))),))
 
 
 def leaky_relu(a, slope: float = 0.01) -> Tensor:
     a = _tensor(a)
     factor = np.where(a.data > 0, 1, slope).astype(a.dtype)
-    return _result("leaky_relu", a.data * factor, (a,), lambda g: (g * factor,))
+    return _result("leaky_relu", a.data * factor, (a,), lambda g: (g * factor,),
+                   lambda g: (mul(g, Tensor(factor)),))
 
 
 def abs(a) -> Tensor:
     a = _tensor(a)
     sign = np.sign(a.data)
-    return _result("abs", np.abs(a.data), (a,), lambda g: (g * sign,))
+    return _result("abs", np.abs(a.data), (a,), lambda g: (g * sign,),
+                   lambda g: (mul(g, Tensor(sign)),))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -531,7 +678,8 @@ def sum(a, axis=None, keepdims: bool = False) -> Tensor:
     a = _tensor(a)
     axes, shape = _axes(axis, a.ndim), a.shape
     out = np.asarray(a.data.sum(axis=axes, keepdims=keepdims))
-    return _result("sum", out, (a,), lambda g: (_expand_reduced(g, shape, axes, keepdims),))
+    return _result("sum", out, (a,), lambda g: (_expand_reduced(g, shape, axes, keepdims),),
+                   lambda g: (_expand_reduced_t(g, shape, axes, keepdims),))
 
 
 def mean(a, axis=None, keepdims: bool = False) -> Tensor:
@@ -542,7 +690,10 @@ def mean(a, axis=None, keepdims: bool = False) -> Tensor:
 
     def backward(g):
         return (_expand_reduced(g / count, shape, axes, keepdims),)
-    return _result("mean", out, (a,), backward)
+
+    def graph_backward(g):
+        return (_expand_reduced_t(div(g, float(count)), shape, axes, keepdims),)
+    return _result("mean", out, (a,), backward, graph_backward)
 
 
 def _extreme(op: str, reduce, a, axis, keepdims: bool) -> Tensor:
@@ -555,7 +706,10 @@ def _extreme(op: str, reduce, a, axis, keepdims: bool) -> Tensor:
 
     def backward(g):
         return (_expand_reduced(g, shape, axes, keepdims) * share,)
-    return _result(op, out, (a,), backward)
+
+    def graph_backward(g):
+        return (mul(_expand_reduced_t(g, shape, axes, keepdims), Tensor(share)),)
+    return _result(op, out, (a,), backward, graph_backward)
 
 
 def max(a, axis=None, keepdims: bool = False) -> Tensor:
@@ -576,7 +730,8 @@ def reshape(a, shape) -> Tensor:
     a = _tensor(a)
     before = a.shape
     shape = (shape,) if _is_int(shape) else tuple(shape)
-    return _result("reshape", a.data.reshape(shape), (a,), lambda g: (g.reshape(before),))
+    return _result("reshape", a.data.reshape(shape), (a,), lambda g: (g.reshape(before),),
+                   lambda g: (reshape(g, before),))
 
 
 def transpose(a, axes=None) -> Tensor:
@@ -587,7 +742,8 @@ def transpose(a, axes=None) -> Tensor:
     if sorted(axes) != list(range(a.ndim)):
         raise ValueError(f"transpose: {axes} is not a permutation of {a.ndim} axes")
     inverse = tuple(np.argsort(axes))
-    return _result("transpose", a.data.transpose(axes), (a,), lambda g: (g.transpose(inverse),))
+    return _result("transpose", a.data.transpose(axes), (a,), lambda g: (g.transpose(inverse),),
+                   lambda g: (transpose(g, inverse),))
 
 
 def _basic_index(index) -> bool:
@@ -658,7 +814,20 @@ def matmul(a, b) -> Tensor:
             gb = np.swapaxes(a2, -1, -2) @ g2
             gb = unbroadcast(gb[..., 0] if bd.ndim == 1 else gb, bd.shape)
         return ga, gb
-    return _result("matmul", np.asarray(ad @ bd), (a, b), backward)
+
+    def graph_backward(g):
+        if ad.ndim < 2 or bd.ndim < 2:
+            raise RuntimeError("create_graph: matmul of a 1-D operand has no differentiable "
+                               "backward; reshape it to a matrix")
+        return (_unbroadcast_t(matmul(g, _swap_last(b)), ad.shape),
+                _unbroadcast_t(matmul(_swap_last(a), g), bd.shape))
+    return _result("matmul", np.asarray(ad @ bd), (a, b), backward, graph_backward)
+
+
+def _swap_last(t: "Tensor") -> "Tensor":
+    axes = list(range(t.ndim))
+    axes[-1], axes[-2] = axes[-2], axes[-1]
+    return transpose(t, axes)
 
 
 def linear(x, weight, bias=None) -> Tensor:
@@ -684,7 +853,13 @@ def linear(x, weight, bias=None) -> Tensor:
         gx = (g @ wd) if need[0] else None
         gw = (g2.T @ xd.reshape(-1, wd.shape[1])) if need[1] else None
         return (gx, gw) + ((g2.sum(axis=0),) if len(need) == 3 else ())
-    return _result("linear", out, inputs, backward)
+
+    def graph_backward(g):
+        g2 = reshape(g, (-1, wd.shape[0]))
+        gx = matmul(g, weight)
+        gw = matmul(transpose(g2), reshape(x, (-1, wd.shape[1])))
+        return (gx, gw) + ((sum(g2, 0),) if len(need) == 3 else ())
+    return _result("linear", out, inputs, backward, graph_backward)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -702,7 +877,10 @@ def log_softmax(a, axis: int = -1) -> Tensor:
 
     def backward(g):
         return (g - np.exp(out) * g.sum(axis=axis, keepdims=True),)
-    return _result("log_softmax", out, (a,), backward)
+
+    def graph_backward(g):
+        return (sub(g, mul(exp(log_softmax(a, axis)), sum(g, axis, keepdims=True))),)
+    return _result("log_softmax", out, (a,), backward, graph_backward)
 
 
 def softmax(a, axis: int = -1) -> Tensor:
@@ -767,23 +945,29 @@ def _freeze(value: Any) -> Any:
     return int(value) if _is_int(value) else value
 
 
-def _compiled(kind: str, **fields) -> Any:
-    """The loaded kernel of a spec, compiled on first use and memoised per process.
+def _compiled(kind: type, **fields) -> tuple[Any, Any]:
+    """(spec, loaded kernel) of a spec class and its fields, compiled on first use and
+    memoised per process.
 
     The key is the raw fields, so repeated calls skip building and hashing
     the spec; a new ``$SYMCONV_CACHE_DIR`` gets its own entry.
     """
-    key = (kind, os.environ.get("SYMCONV_CACHE_DIR"), tuple(sorted(
+    key = (kind.__name__, os.environ.get("SYMCONV_CACHE_DIR"), tuple(sorted(
         (name, _freeze(value)) for name, value in fields.items())))
+    found = _KERNELS.get(key)
+    if found is None:
+        spec = kind(**fields)
+        found = _KERNELS[key] = (spec, _kernel_for(spec))
+    return found
+
+
+def _kernel_for(spec) -> Any:
+    """The loaded kernel of any spec, memoised per process (and cache directory)."""
+    key = (spec, os.environ.get("SYMCONV_CACHE_DIR"))
     kernel = _KERNELS.get(key)
     if kernel is None:
         from . import compiler  # here, not at import: SymPy loads only if a build is needed
-        from .spec import AvgPoolSpec, ConvSpec
-        if kind == "conv":
-            kernel = compiler.compile_conv(ConvSpec(**fields))
-        else:
-            kernel = compiler.compile_op(AvgPoolSpec(**fields))
-        _KERNELS[key] = kernel
+        kernel = _KERNELS[key] = compiler.compile_op(spec)
     return kernel
 
 
@@ -795,46 +979,133 @@ def _float_dtype(op: str, *tensors: Tensor) -> np.dtype:
     return dtype
 
 
-def conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups: int = 1) -> Tensor:
+def _kernel_op(name: str, spec: Any, kernel: Any, inputs: tuple[Tensor, ...],
+               dtype: np.dtype) -> Tensor:
+    """An op run by compiled kernels: the forward kernel now, the derived gradient kernels
+    in backward.  Its differentiable backward calls each gradient function as an op of its
+    own (a GradientSpec), whose gradients are derived in turn: any order of derivative."""
+    arrays = [np.ascontiguousarray(t.data, dtype) for t in inputs]
+    out = kernel.forward(*arrays)
+    names = kernel.inputs
+    wrt = tuple(n for n, t in zip(names, inputs) if t.requires_grad and n in kernel.differentiable)
+    args = kernel.manifest["backward_args"]
+    read = {a for n in wrt for a in kernel.functions[f"grad_{n}"].args}
+    saved = {n: a for n, a in zip(names, arrays) if n in read}   # only what backward reads
+
+    def backward(g):
+        given = {**saved, args[-1]: np.ascontiguousarray(g, dtype)}
+        grads = dict(zip(kernel.differentiable,
+                         kernel.backward(*(given.get(a) for a in args), wrt=wrt)))
+        return tuple(grads.get(n) for n in names)
+
+    def graph_backward(g):
+        from .spec import GradientSpec
+        operands = {**dict(zip(names, inputs)), args[-1]: g}
+        grads = []
+        for n in names:
+            if n not in wrt:
+                grads.append(None)
+                continue
+            gradient = GradientSpec(spec, f"grad_{n}")
+            gkernel = _kernel_for(gradient)
+            grads.append(_kernel_op(f"grad_{n}", gradient, gkernel,
+                                    tuple(operands[a] for a in gkernel.inputs), dtype))
+        return tuple(grads)
+    return _result(name, out, inputs, backward, graph_backward)
+
+
+def conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups: int = 1,
+         padding_mode: str = "zeros") -> Tensor:
     """N-D convolution (cross-correlation, channels first) like ``torch.nn.functional.conv{n}d``.
 
     ``x`` is (N, C_in, *spatial), ``weight`` (C_out, C_in // groups, *kernel),
     ``bias`` (C_out,) or None; any number of spatial dims.  ``stride``,
-    ``padding`` and ``dilation`` take every form ``ConvSpec`` accepts.
-    The compiled kernel is chosen by shapes and arguments and built once.
+    ``padding``, ``dilation`` and ``padding_mode`` take every form ``ConvSpec``
+    accepts.  The compiled kernel is chosen by shapes and arguments and built once.
     """
+    from .spec import ConvSpec
     x, weight = _tensor(x), _tensor(weight)
     inputs = (x, weight) if bias is None else (x, weight, _tensor(bias))
     dtype = _float_dtype("conv", *inputs)
     if x.ndim != weight.ndim:
         raise ValueError(f"conv: input of shape {x.shape} and weight of shape {weight.shape} "
                          f"must have the same number of dims")
-    kernel = _compiled("conv", input_shape=x.shape, weight_shape=weight.shape, stride=stride,
-                       padding=padding, dilation=dilation, groups=groups,
-                       bias=bias is not None, dtype=dtype.name)
-    arrays = [np.ascontiguousarray(t.data, dtype) for t in inputs]
-    out = kernel.forward(*arrays)
-    names = ("input", "weight", "bias")[:len(inputs)]
-    wrt = tuple(name for name, t in zip(names, inputs) if t.requires_grad)
-    xd = arrays[0] if "weight" in wrt else None  # keep only what the wanted gradients read
-    wd = arrays[1] if "input" in wrt else None
+    spec, kernel = _compiled(ConvSpec, input_shape=x.shape, weight_shape=weight.shape,
+                             stride=stride, padding=padding, dilation=dilation, groups=groups,
+                             bias=bias is not None, dtype=dtype.name, padding_mode=padding_mode)
+    return _kernel_op("conv", spec, kernel, inputs, dtype)
 
-    def backward(g):
-        grads = kernel.backward(xd, wd, np.ascontiguousarray(g, dtype), wrt=wrt)
-        return grads[:len(inputs)]
-    return _result("conv", out, inputs, backward)
+
+def conv_transpose(x, weight, bias=None, stride=1, padding=0, output_padding=0, dilation=1,
+                   groups: int = 1) -> Tensor:
+    """N-D transposed convolution like ``torch.nn.functional.conv_transpose{n}d``: ``weight``
+    is (C_in, C_out // groups, *kernel); derived as a convolution's input gradient."""
+    from .spec import ConvTransposeSpec
+    x, weight = _tensor(x), _tensor(weight)
+    inputs = (x, weight) if bias is None else (x, weight, _tensor(bias))
+    dtype = _float_dtype("conv_transpose", *inputs)
+    spec, kernel = _compiled(ConvTransposeSpec, input_shape=x.shape, weight_shape=weight.shape,
+                             stride=stride, padding=padding, output_padding=output_padding,
+                             dilation=dilation, groups=groups, bias=bias is not None,
+                             dtype=dtype.name)
+    return _kernel_op("conv_transpose", spec, kernel, inputs, dtype)
 
 
 def avg_pool(x, kernel_size, stride=None, padding=0) -> Tensor:
     """N-D average pooling over (N, C, *spatial), zero padding counted in the window like
     PyTorch's ``count_include_pad=True``; compiled from its index sum like ``conv``."""
+    from .spec import AvgPoolSpec
     x = _tensor(x)
     dtype = _float_dtype("avg_pool", x)
-    kernel = _compiled("avg_pool", input_shape=x.shape, kernel_size=kernel_size, stride=stride,
-                       padding=padding, dtype=dtype.name)
-    out = kernel.forward(np.ascontiguousarray(x.data, dtype))
-    return _result("avg_pool", out, (x,),
-                   lambda g: kernel.backward(np.ascontiguousarray(g, dtype)))
+    spec, kernel = _compiled(AvgPoolSpec, input_shape=x.shape, kernel_size=kernel_size,
+                             stride=stride, padding=padding, dtype=dtype.name)
+    return _kernel_op("avg_pool", spec, kernel, (x,), dtype)
+
+
+class IndexOp:
+    """A user-defined op: an index sum compiled with its derived gradients.
+
+    Call it on NumPy arrays for the output array, or on Tensors for a graph op whose
+    gradients (of any order) are the derived ones.  ``formulas`` shows the forward sum
+    and every gradient sum.
+    """
+
+    def __init__(self, spec: Any):
+        self.spec = spec
+
+    @property
+    def kernel(self) -> Any:
+        return _kernel_for(self.spec)
+
+    @property
+    def formulas(self) -> dict[str, str]:
+        return self.kernel.formulas
+
+    def __repr__(self) -> str:
+        return f"<symconv op {self.spec.describe()}>"
+
+    def __call__(self, *inputs):
+        kernel = self.kernel
+        dtype = np.dtype(self.spec.dtype)
+        if any(isinstance(t, Tensor) for t in inputs):
+            tensors = tuple(_tensor(t) for t in inputs)
+            return _kernel_op(self.spec.output_name, self.spec, kernel, tensors, dtype)
+        return kernel.forward(*(np.ascontiguousarray(a, dtype) for a in inputs))
+
+
+def op(expression: str, shapes, dtype: str = "float32", zero_outside=()) -> IndexOp:
+    """A user-defined op from an index sum, e.g.
+    ``op("Y[n, c, i] = sum(W[c, a] * X[n, c, 2*i + a], (a, 0, 2))", {"X": (2, 3, 9),
+    "W": (3, 3)})``; see ``symconv.ExprSpec`` for the notation.  Inputs are called in the
+    order of ``shapes``.  A SymPy ``Eq(Y[...], Sum(...))`` is accepted as well."""
+    from .spec import ExprSpec
+    if not isinstance(expression, str):
+        import sympy
+        if not isinstance(expression, sympy.Eq):
+            raise TypeError(f"op: expected a string or sympy.Eq, got "
+                            f"{type(expression).__name__}")
+        expression = f"{sympy.sstr(expression.lhs)} = {sympy.sstr(expression.rhs)}"
+    return IndexOp(ExprSpec(expression, shapes, dtype=dtype, zero_outside=zero_outside))
 
 
 def _per_dim(name: str, value: Any, rank: int) -> tuple[int, ...]:

@@ -120,7 +120,7 @@ def test_topological_order_is_deterministic():
         d = G.concatenate([c, b, a])
         return x, d.sum()
 
-    orders = [[t.node.op for t in G._topological_order(build()[1])] for _ in range(3)]
+    orders = [[t.node.op for t in G._topological_order([build()[1]])] for _ in range(3)]
     assert orders[0] == orders[1] == orders[2]
     assert orders[0][0] == "sum" and set(orders[0]) >= {"exp", "tanh", "mul", "add", "sigmoid"}
     grads = []
@@ -136,7 +136,7 @@ def test_order_puts_every_tensor_after_its_consumers():
     layer = [x * float(i) for i in range(1, 5)]
     for _ in range(6):                   # a dense, irregular DAG
         layer = [layer[i] * layer[(i + 1) % 4] + layer[(i + 3) % 4] for i in range(4)]
-    order = G._topological_order(sum(layer[1:], layer[0]))
+    order = G._topological_order([sum(layer[1:], layer[0])])
     position = {id(t): i for i, t in enumerate(order)}
     for t in order:
         for parent in t.node.inputs:
