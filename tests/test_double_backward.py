@@ -131,3 +131,17 @@ def test_create_graph_through_an_op_without_a_differentiable_backward(cache_dir,
     x = sc.Tensor(rng.standard_normal((1, 1, 4, 4)), requires_grad=True)
     with pytest.raises(RuntimeError, match="'max_pool' has no differentiable backward"):
         sc.grad(sc.max_pool(x, 2).sum(), [x], create_graph=True)
+
+
+def test_gradient_penalty_script_matches_torch(cache_dir):
+    """scripts/gradient_penalty.py: one WGAN-GP step against PyTorch, then a few steps."""
+    pytest.importorskip("torch")
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gradient_penalty.py"
+    result = subprocess.run([sys.executable, str(script), "--check-torch", "--steps", "5"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    line = next(l for l in result.stdout.splitlines() if "against PyTorch" in l)
+    assert float(line.rsplit(" ", 1)[1]) < 1e-10
