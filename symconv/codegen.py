@@ -931,16 +931,21 @@ def _emit_reduction_lanes(out: _Writer, fn: IndexSum, piece: schedule.Piece,
     out.line(f"const int64_t sc_first = ({inside}) ? sc_max(0, sc_ceildiv(sc_flo - sc_lo, "
              f"{width})) : INT64_MAX / {2 * width};")
     out.line(f"const int64_t sc_last = sc_floordiv(sc_fhi - {width - 1} - sc_lo, {width});")
-    out.open(f"for (int64_t {lane_name} = sc_lo + {width} * sc_first; "
-             f"{lane_name} <= sc_lo + {width} * sc_last; {lane_name} += {width})")
-    _accumulate_reduction(out, reads, chosen, simd, accs, row_vars, None, box)
-    out.close()
-    out.open(f"for (int64_t {lane_name} = sc_lo; {lane_name} <= sc_hi; {lane_name} += {width})")
-    out.line(f"if ({lane_name} >= sc_lo + {width} * sc_first && "
-             f"{lane_name} <= sc_lo + {width} * sc_last) continue;")
-    out.line(f"const {simd.mask} sc_valid = {simd.nonnegative(f'sc_hi - {lane_name}', -1)};")
-    _accumulate_reduction(out, reads, chosen, simd, accs, row_vars, "sc_valid", box)
-    out.close()
+    # vectors 0 .. sc_count-1: masked before sc_a, plain from sc_a to sc_b-1, masked after
+    out.line(f"const int64_t sc_count = (sc_hi - sc_lo + {width}) / {width};")
+    out.line("const int64_t sc_a = sc_min(sc_first, sc_count), "
+             "sc_b = sc_max(sc_a, sc_min(sc_last + 1, sc_count));")
+    for first, last, plain in (("0", "sc_a", False), ("sc_a", "sc_b", True),
+                               ("sc_b", "sc_count", False)):
+        out.open(f"for (int64_t sc_v = {first}; sc_v < {last}; ++sc_v)")
+        out.line(f"const int64_t {lane_name} = sc_lo + {width} * sc_v;")
+        if plain:
+            _accumulate_reduction(out, reads, chosen, simd, accs, row_vars, None, box)
+        else:
+            out.line(f"const {simd.mask} sc_valid = "
+                     f"{simd.nonnegative(f'sc_hi - {lane_name}', -1)};")
+            _accumulate_reduction(out, reads, chosen, simd, accs, row_vars, "sc_valid", box)
+        out.close()
     for _ in range(opened):
         out.close()
     offset = _output_offset(fn, piece)
