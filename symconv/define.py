@@ -66,6 +66,15 @@ def _windows(out_spatial, kernel, stride, dilation, padding):
     return i, k, positions, padded
 
 
+def _op(spec, forward: IndexSum, inputs, shapes, **details) -> OpDefinition:
+    """A spec's op: every input differentiable, the spec kept for the manifest."""
+    inputs = tuple(inputs)
+    return OpDefinition(kind=spec.KIND, forward=forward, inputs=inputs,
+                        differentiable=tuple(a.name for a in inputs), shapes=shapes,
+                        dtype=spec.dtype, key=spec.key, description=spec.describe(),
+                        details={"spec": spec.to_dict(), **details})
+
+
 def _padding_regions(positions, i, k, spatial, spec):
     """(input positions, constraints) per term.  Zero padding is one term that reads zeros
     outside the input.  The other modes split each dim's position p into the regions
@@ -129,17 +138,7 @@ def conv(spec: ConvSpec) -> OpDefinition:
         shapes["bias"] = spec.bias_shape
 
     forward = IndexSum(y, (n, *g, o, *i), tuple(terms))
-    return OpDefinition(
-        kind="conv",
-        forward=forward,
-        inputs=tuple(inputs),
-        differentiable=tuple(a.name for a in inputs),
-        shapes=shapes,
-        dtype=spec.dtype,
-        key=spec.key,
-        description=spec.describe(),
-        details={"spec": spec.to_dict(), "flops": spec.flops},
-    )
+    return _op(spec, forward, inputs, shapes, flops=spec.flops)
 
 
 def avg_pool(spec: AvgPoolSpec) -> OpDefinition:
@@ -152,17 +151,7 @@ def avg_pool(spec: AvgPoolSpec) -> OpDefinition:
     y = Array("output", spec.output_shape)
     body = x[(n, c, *positions)] * sympy.Rational(1, math.prod(spec.kernel_size))
     forward = IndexSum(y, (n, c, *i), (Term(tuple(k), body, zero_outside=padded),))
-    return OpDefinition(
-        kind="avg_pool",
-        forward=forward,
-        inputs=(x,),
-        differentiable=("input",),
-        shapes={"input": spec.input_shape, "output": spec.output_shape},
-        dtype=spec.dtype,
-        key=spec.key,
-        description=spec.describe(),
-        details={"spec": spec.to_dict()},
-    )
+    return _op(spec, forward, (x,), {"input": spec.input_shape, "output": spec.output_shape})
 
 
 def conv_transpose(spec: ConvTransposeSpec) -> OpDefinition:
@@ -186,17 +175,8 @@ def conv_transpose(spec: ConvTransposeSpec) -> OpDefinition:
         terms.insert(0, Term((), b[tuple(channels)]))
         inputs.append(b)
         shapes["bias"] = spec.bias_shape
-    return OpDefinition(
-        kind="conv_transpose",
-        forward=IndexSum(y, gradient.indices, tuple(terms)),
-        inputs=tuple(inputs),
-        differentiable=tuple(a.name for a in inputs),
-        shapes=shapes,
-        dtype=spec.dtype,
-        key=spec.key,
-        description=spec.describe(),
-        details={"spec": spec.to_dict(), "flops": spec.flops},
-    )
+    return _op(spec, IndexSum(y, gradient.indices, tuple(terms)), inputs, shapes,
+               flops=spec.flops)
 
 
 def _rebased(expr, arrays: dict[str, Array]):
@@ -221,17 +201,8 @@ def gradient(spec: GradientSpec) -> OpDefinition:
     inputs = tuple(a for a in (*parent.inputs, cotangent) if a.name in read)
     shapes = {**parent.shapes, cotangent.name: parent.shapes[output.name],
               fn.output.name: parent.shapes[wrt]}
-    return OpDefinition(
-        kind="gradient",
-        forward=fn,
-        inputs=inputs,
-        differentiable=tuple(a.name for a in inputs),
-        shapes={a: shapes[a] for a in (*(i.name for i in inputs), fn.output.name)},
-        dtype=parent.dtype,
-        key=spec.key,
-        description=spec.describe(),
-        details={"spec": {"kind": spec.KIND, **spec.to_dict()}},
-    )
+    return _op(spec, fn, inputs,
+               {a: shapes[a] for a in (*(i.name for i in inputs), fn.output.name)})
 
 
 def definition(spec) -> OpDefinition:
@@ -387,17 +358,7 @@ def expression(spec: ExprSpec) -> OpDefinition:
                               set(spec.zero_outside)))
         terms.append(Term(tuple(summed), body, tuple(constraints), (), padded))
     forward = IndexSum(Array(out_name, out_shape), tuple(free.values()), tuple(terms))
-    return OpDefinition(
-        kind="expr",
-        forward=forward,
-        inputs=tuple(inputs),
-        differentiable=tuple(a.name for a in inputs),
-        shapes={**{a.name: a.shape for a in inputs}, out_name: out_shape},
-        dtype=spec.dtype,
-        key=spec.key,
-        description=spec.describe(),
-        details={"spec": spec.to_dict()},
-    )
+    return _op(spec, forward, inputs, {**{a.name: a.shape for a in inputs}, out_name: out_shape})
 
 
 def _infer_output(out_name, free_names, terms, shapes) -> tuple[int, ...]:

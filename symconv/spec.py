@@ -198,6 +198,18 @@ class _Spec:
         if self.dtype not in DTYPES:
             raise _fail(self._where("dtype"), f"expected one of {DTYPES}", self.dtype)
 
+    def _shapes_and_groups(self) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+        """Input and weight shapes of equal rank, and a positive group count (convolutions)."""
+        where = self._where
+        input_shape = _shape(where("input_shape"), self.input_shape)
+        weight_shape = _shape(where("weight_shape"), self.weight_shape)
+        if len(weight_shape) != len(input_shape):
+            raise _fail(where("weight_shape"), f"expected {len(input_shape)} dims like input_shape "
+                        f"{input_shape}", weight_shape)
+        if not _is_int(self.groups) or int(self.groups) < 1:
+            raise _fail(where("groups"), "expected a positive int", self.groups)
+        return input_shape, weight_shape, int(self.groups)
+
 
 @dataclass(frozen=True)
 class ConvSpec(_Spec):
@@ -224,15 +236,8 @@ class ConvSpec(_Spec):
 
     def __post_init__(self) -> None:
         where = self._where
-        input_shape = _shape(where("input_shape"), self.input_shape)
-        weight_shape = _shape(where("weight_shape"), self.weight_shape)
-        if len(weight_shape) != len(input_shape):
-            raise _fail(where("weight_shape"), f"expected {len(input_shape)} dims like input_shape "
-                        f"{input_shape}", weight_shape)
+        input_shape, weight_shape, groups = self._shapes_and_groups()
         rank = len(input_shape) - 2
-        if not _is_int(self.groups) or int(self.groups) < 1:
-            raise _fail(where("groups"), "expected a positive int", self.groups)
-        groups = int(self.groups)
         c_in, c_out = input_shape[1], weight_shape[0]
         if c_in % groups:
             raise _fail(where("groups"), f"input channels {c_in} are not divisible by groups",
@@ -353,15 +358,8 @@ class ConvTransposeSpec(_Spec):
 
     def __post_init__(self) -> None:
         where = self._where
-        input_shape = _shape(where("input_shape"), self.input_shape)
-        weight_shape = _shape(where("weight_shape"), self.weight_shape)
-        if len(weight_shape) != len(input_shape):
-            raise _fail(where("weight_shape"), f"expected {len(input_shape)} dims like input_shape "
-                        f"{input_shape}", weight_shape)
+        input_shape, weight_shape, groups = self._shapes_and_groups()
         rank = len(input_shape) - 2
-        if not _is_int(self.groups) or int(self.groups) < 1:
-            raise _fail(where("groups"), "expected a positive int", self.groups)
-        groups = int(self.groups)
         if weight_shape[0] != input_shape[1]:
             raise _fail(where("weight_shape"), f"dim 0 must be the input channels "
                         f"{input_shape[1]}", weight_shape)
