@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
 import hashlib
 import io
 import json
@@ -64,6 +65,14 @@ _ISA_FLAG = re.compile(r"^(sse|ssse|avx|fma|bmi|f16c|movbe|abm|popcnt|adx|sha|va
 BASE_FLAGS = ("-O3", "-std=c99", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno",
               "-fno-tree-loop-vectorize", "-fno-tree-slp-vectorize")
 
+# "<target>+sanitize": the same code built with AddressSanitizer and UBSan, for tests.  Any
+# report aborts the process (no recovery); the frame pointer and debug info make the reports
+# readable.  Such a package loads only in a process started with the sanitizer runtime
+# preloaded (LD_PRELOAD, see sanitizer_runtime()).
+SANITIZE = "sanitize"
+SANITIZE_FLAGS = ("-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+                  "-fno-omit-frame-pointer", "-g")
+
 # The modules whose source decides what a package contains.
 _FINGERPRINTED = ("spec.py", "ir.py", "define.py", "derive.py", "codegen.py", "build.py",
                   "kernel.py")
@@ -90,16 +99,50 @@ def default_target() -> str:
     return "generic"
 
 
+def split_target(target: str | None) -> tuple[str, bool]:
+    """(instruction-set target, sanitize) from a target name such as ``x86-64-v3``,
+    ``native+sanitize`` or ``+sanitize`` (the default target, sanitized)."""
+    if target is not None and not isinstance(target, str):
+        raise ValueError(f"target must be a string such as 'x86-64-v3', got {target!r}")
+    base, *modifiers = (target or "").split("+")
+    unknown = [m for m in modifiers if m != SANITIZE]
+    if unknown or len(modifiers) > 1:
+        raise ValueError(f"unknown target modifier in {target!r}; the only one is "
+                         f"'+{SANITIZE}' (e.g. 'x86-64-v3+{SANITIZE}')")
+    return base or default_target(), bool(modifiers)
+
+
 def target_flags(target: str) -> tuple[list[str], list[str]]:
     """(compiler flags, CPU features the binary needs) for a target name."""
-    if target == "native":
+    base, sanitize = split_target(target)
+    extra = list(SANITIZE_FLAGS) if sanitize else []
+    if base == "native":
         have = cpu_features() or set()
-        return ["-march=native"], sorted(f for f in have if _ISA_FLAG.match(f))
-    if target not in TARGET_FEATURES:
-        raise ValueError(f"unknown target {target!r}; expected native or one of "
-                         f"{', '.join(TARGET_FEATURES)}")
-    flags = [] if target == "generic" else [f"-march={target}"]
-    return flags, list(TARGET_FEATURES[target])
+        return ["-march=native", *extra], sorted(f for f in have if _ISA_FLAG.match(f))
+    if base not in TARGET_FEATURES:
+        raise ValueError(f"unknown target {base!r}; expected native or one of "
+                         f"{', '.join(TARGET_FEATURES)}, optionally with '+{SANITIZE}'")
+    flags = [] if base == "generic" else [f"-march={base}"]
+    return flags + extra, list(TARGET_FEATURES[base])
+
+
+def sanitizer_runtime(cc: str | None = None) -> list[str]:
+    """The shared sanitizer runtimes a sanitized package needs preloaded (LD_PRELOAD), as the
+    compiler reports them; BuildError if it has none."""
+    cc = cc or c_compiler()
+    found = []
+    for library in ("libasan.so", "libubsan.so"):
+        try:
+            result = subprocess.run([cc, f"-print-file-name={library}"], capture_output=True,
+                                    text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            raise BuildError(f"C compiler {cc!r} cannot be run: {error}") from None
+        path = result.stdout.strip()
+        if result.returncode != 0 or not os.path.isabs(path) or not os.path.exists(path):
+            raise BuildError(f"{cc} has no {library}: install the compiler's sanitizer "
+                             f"runtimes (e.g. Debian's libasan8 and libubsan1)")
+        found.append(os.path.realpath(path))
+    return found
 
 
 def vector_isa(target: str | None = None) -> str | None:
@@ -137,11 +180,13 @@ def fingerprint() -> str:
 
 def build_config(target: str | None = None) -> dict[str, Any]:
     """Everything besides the op that decides the binary."""
-    target = target or default_target()
+    base, sanitize = split_target(target)
+    target = f"{base}+{SANITIZE}" if sanitize else base
     flags, features = target_flags(target)
     cc = c_compiler()
     return {
         "target": target,
+        "sanitize": sanitize,
         "cpu_features": features,
         "compiler": cc,
         "compiler_version": compiler_version(cc),
@@ -239,8 +284,9 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def is_valid(directory: Path) -> bool:
+    """Intact and built for this machine (a sanitized package need not load in this process)."""
     try:
-        read_manifest(directory)
+        read_manifest(directory, runtime=False)
     except PackageError:
         return False
     return True
@@ -250,12 +296,17 @@ def publish(root: Path, name: str, write: Callable[[Path], None]) -> Path:
     """``root/name``, built by ``write(staging_dir)`` unless a valid one is already there.
 
     Concurrent callers serialise on a lock file; the package appears by an
-    atomic rename, so readers never see a half-written one.
+    atomic rename, so readers never see a half-written one.  A build killed
+    before its rename leaves only a staging directory, removed by the next
+    build of the same package (staging directories of a name exist only while
+    its lock is held, so any found under the lock are dead).
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / name
     with _locked(root / ".locks" / f"{name}.lock"):
+        for stale in root.glob(f".{glob.escape(name)}.*"):
+            shutil.rmtree(stale, ignore_errors=True)
         if final.exists():
             if is_valid(final):
                 return final

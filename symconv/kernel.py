@@ -61,8 +61,11 @@ def cpu_features() -> frozenset[str] | None:
     return None
 
 
-def read_manifest(directory: Path) -> dict[str, Any]:
-    """The verified manifest of a package; PackageError if anything does not match."""
+def read_manifest(directory: Path, runtime: bool = True) -> dict[str, Any]:
+    """The verified manifest of a package; PackageError if anything does not match.
+
+    With ``runtime=False`` a sanitized package is not refused for want of the sanitizer
+    runtime in this process (the package itself is intact and built for this machine)."""
     directory = Path(directory)
     path = directory / MANIFEST
     if not path.is_file():
@@ -75,6 +78,11 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         raise PackageError(f"{path}: not a format-{FORMAT} symconv manifest")
     if manifest.get("digest") != manifest_digest(manifest):
         raise PackageError(f"{path} was modified after the build (digest mismatch)")
+    try:
+        _check_structure(manifest)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise PackageError(f"{path} is malformed ({type(error).__name__}: {error}); rebuild "
+                           f"the package") from None
     for name, digest in manifest["files"].items():
         file = directory / name
         if not file.is_file():
@@ -95,7 +103,53 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     if missing:
         raise PackageError(f"{directory} was built for target {build['target']} and needs CPU "
                            f"features this CPU lacks: {', '.join(missing)}; rebuild it here")
+    if runtime and build.get("sanitize") and not sanitizer_loaded():
+        raise PackageError(f"{directory} was built with AddressSanitizer (target "
+                           f"{build['target']}): it loads only in a process started with the "
+                           f"sanitizer runtime first, e.g. LD_PRELOAD=\"$({build['compiler']} "
+                           f"-print-file-name=libasan.so) $({build['compiler']} "
+                           f"-print-file-name=libubsan.so)\" ASAN_OPTIONS=detect_leaks=0")
     return manifest
+
+
+def _check_structure(manifest: Mapping[str, Any]) -> None:
+    """KeyError/TypeError/ValueError unless the fields the loader reads have their types."""
+    for name, digest in manifest["files"].items():
+        if not (isinstance(name, str) and isinstance(digest, str)) or "/" in name or \
+                name.startswith("."):
+            raise ValueError(f"bad file entry {name!r}")
+    build = manifest["build"]
+    for key in ("ext_suffix", "machine", "target", "compiler"):
+        if not isinstance(build[key], str):
+            raise TypeError(f"build.{key} is not a string")
+    if not all(isinstance(f, str) for f in build["cpu_features"]):
+        raise TypeError("build.cpu_features holds a non-string")
+    for key in ("module", "source", "dtype"):
+        if not isinstance(manifest[key], str):
+            raise TypeError(f"{key} is not a string")
+    if manifest["dtype"] not in C_TYPES:
+        raise ValueError(f"unknown dtype {manifest['dtype']!r}")
+    if not manifest["module"].isidentifier():
+        raise ValueError(f"bad module name {manifest['module']!r}")
+    shapes = {name: tuple(int(n) for n in entry["shape"])
+              for name, entry in manifest["arrays"].items()}
+    for name, entry in manifest["functions"].items():
+        for array in (*entry["args"], entry["output"]):
+            shapes[array]
+        if not str(entry["symbol"]).isidentifier():
+            raise ValueError(f"bad symbol {entry['symbol']!r}")
+    for key in ("inputs", "differentiable", "backward_args"):
+        list(manifest[key])
+
+
+def sanitizer_loaded() -> bool:
+    """True when AddressSanitizer's runtime is in this process (preloaded)."""
+    import ctypes
+    try:
+        ctypes.CDLL(None)["__asan_init"]
+    except (AttributeError, OSError):
+        return False
+    return True
 
 
 def _cores() -> int:
@@ -106,6 +160,9 @@ def _cores() -> int:
 
 
 _CORES = _cores()
+# More threads than this run as this many: no kernel splits its work into more parallel chunks,
+# results do not depend on the count, and OpenMP crashes when it cannot start the threads asked.
+MAX_THREADS = max(256, _CORES)
 # os.environ decodes on every read (~0.5 µs); its bytes mapping answers in ~40 ns and is kept
 # in step by os.environ's own assignments.
 _ENVIRON = getattr(os.environ, "_data", None)
@@ -158,6 +215,8 @@ class Function:
                  writable: bool = False) -> np.ndarray:
         if not isinstance(array, np.ndarray):
             raise TypeError(f"{self.name}: {label} must be a numpy.ndarray, got {type(array).__name__}")
+        if isinstance(array, np.ma.MaskedArray):     # its mask would be ignored
+            raise TypeError(f"{self.name}: {label} is a masked array; pass array.filled(value)")
         if array.dtype != self.dtype:
             raise TypeError(f"{self.name}: {label} has dtype {array.dtype}, expected {self.dtype}")
         if array.shape != shape:
@@ -180,6 +239,8 @@ class Function:
             threads = default_threads()
         elif threads.__class__ is not int or threads < 1:
             raise ValueError(f"{self.name}: threads must be a positive int, got {threads!r}")
+        if threads > MAX_THREADS:      # OpenMP would try to start them all (and crash)
+            threads = MAX_THREADS
         if len(arrays) != len(self._expected):
             raise TypeError(f"{self.name} takes {len(self.args)} arrays ({', '.join(self.args)}), "
                             f"got {len(arrays)}")

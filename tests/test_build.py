@@ -115,7 +115,7 @@ def test_concurrent_compiles_of_one_spec_make_one_package(tmp_path):
         print(k.path, float(k.forward(x, w, np.ones(3, np.float32)).sum()))
     """)
     workers = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True) for _ in range(6)]
+                                stderr=subprocess.PIPE, text=True) for _ in range(8)]
     results = []
     for worker in workers:
         stdout, stderr = worker.communicate(timeout=300)
@@ -167,6 +167,16 @@ def _binary(path: Path) -> Path:
     (lambda p: _rewrite_manifest(p, lambda m: m["build"]["cpu_features"].append("avx9000")),
      "lacks: avx9000"),
     (lambda p: (p / "manifest.json").unlink(), "not a symconv package"),
+    (lambda p: _rewrite_manifest(p, lambda m: m["build"].update(machine="sparc64")),
+     "built for sparc64"),
+    (lambda p: _rewrite_manifest(p, lambda m: m.pop("functions")), "malformed"),
+    (lambda p: _rewrite_manifest(p, lambda m: m["files"].update({"../escape.py": "0" * 64})),
+     "malformed"),
+    (lambda p: _rewrite_manifest(p, lambda m: m["arrays"]["input"].update(shape="big")),
+     "malformed"),
+    (lambda p: _rewrite_manifest(p, lambda m: m.update(module="_x; import os")), "malformed"),
+    (lambda p: _replace(p / "__init__.py", b"raise SystemExit"), "__init__.py does not match"),
+    (lambda p: _replace(p / "_symconv_kernel.py", b""), "_symconv_kernel.py does not match"),
 ])
 def test_damaged_packages_are_refused_and_rebuilt(tmp_path, damage, message):
     spec = ConvSpec((1, 2, 6), (2, 2, 3), padding=1)
@@ -191,6 +201,127 @@ def test_build_error_reports_the_compiler_output(tmp_path, monkeypatch):
 def test_unknown_target_is_refused():
     with pytest.raises(ValueError, match="unknown target"):
         build.build_config("pentium4")
+
+
+def test_different_specs_in_parallel_do_not_interfere(tmp_path):
+    """Four processes compile overlapping sets of specs into one cache at once; each checks its
+    results against the oracle, and every package is intact afterwards."""
+    specs = [ConvSpec((1, 2, 9), (3, 2, 3), padding=1),
+             ConvSpec((2, 2, 6, 5), (2, 1, 3, 2), groups=2, stride=(2, 1), dtype="float64"),
+             ConvSpec((1, 1, 5, 4, 4), (2, 1, 2, 2, 2), dilation=(1, 2, 1), padding=1, bias=False),
+             ConvSpec((1, 3, 11), (3, 1, 4), groups=3, stride=3, padding=((2, 0),))]
+    tests = str(Path(__file__).parent)
+    code = textwrap.dedent(f"""
+        import sys; sys.path.insert(0, {tests!r})
+        import numpy as np, symconv
+        from symconv import ConvSpec
+        from oracle import conv_forward
+        for fields in sys.argv[1:]:
+            spec = ConvSpec.from_dict(eval(fields))
+            k = symconv.compile_conv(spec, cache_dir={str(tmp_path)!r})
+            rng = np.random.default_rng(0)
+            x = rng.standard_normal(spec.input_shape).astype(spec.dtype)
+            w = rng.standard_normal(spec.weight_shape).astype(spec.dtype)
+            b = [rng.standard_normal(spec.bias_shape).astype(spec.dtype)] if spec.bias else []
+            expected = conv_forward(x, w, b[0] if b else None, spec.stride, spec.padding,
+                                    spec.dilation, spec.groups)
+            assert np.allclose(k.forward(x, w, *b), expected, atol=1e-4), spec
+            print(k.path)
+    """)
+    chosen = [(0, 1), (1, 2), (2, 3), (3, 0)]
+    workers = [subprocess.Popen([sys.executable, "-c", code,
+                                 *(repr(specs[i].to_dict()) for i in pair)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for pair in chosen]
+    paths = set()
+    for worker in workers:
+        stdout, stderr = worker.communicate(timeout=300)
+        assert worker.returncode == 0, stderr
+        paths |= set(stdout.split())
+    packages = {str(p) for p in tmp_path.iterdir() if not p.name.startswith(".")}
+    assert paths == packages and len(packages) == 4
+    for package in packages:
+        symconv.load(package)
+
+
+def _children(pid: int) -> list[tuple[int, list[str]]]:
+    """(pid, command line) of a process's children, from /proc."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            for child in (task / "children").read_text().split():
+                argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+                found.append((int(child), [a.decode(errors="replace") for a in argv]))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_build_killed_mid_compile_leaves_nothing_that_loads(tmp_path):
+    """SIGKILL the compiling process while the C compiler runs: no package appears (the
+    compiler, orphaned, finishes into the staging directory), the next compile of the spec
+    builds and loads it, and the dead build's staging directory is removed."""
+    import signal
+    spec = ConvSpec((2, 4, 9, 8, 7), (4, 2, 3, 2, 3), groups=2, stride=(2, 1, 1), padding=1)
+    code = (f"import symconv; from symconv import ConvSpec; symconv.compile_conv("
+            f"ConvSpec.from_dict({spec.to_dict()!r}), cache_dir={str(tmp_path)!r})")
+    victim = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
+    compiler_pids, deadline = [], time.monotonic() + 120
+    while not compiler_pids and victim.poll() is None and time.monotonic() < deadline:
+        compiler_pids = [pid for pid, argv in _children(victim.pid)   # not `cc --version`
+                         if "-shared" in argv and any(a.endswith(".c") for a in argv)]
+        time.sleep(0.002)
+    assert compiler_pids, "the compiler was never seen running"
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait(timeout=60)
+    assert victim.returncode == -signal.SIGKILL
+    for pid in compiler_pids:                   # let the orphaned compiler finish
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert [p for p in tmp_path.iterdir() if not p.name.startswith(".")] == []
+    staging = [p for p in tmp_path.iterdir() if p.name.startswith(".") and p.name != ".locks"]
+    assert staging, "the killed build left no staging directory (was it killed too late?)"
+    kernel = fresh_compile(spec, tmp_path)
+    assert kernel.path.parent == tmp_path.resolve()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [".locks"]
+    x = np.ones(spec.input_shape, np.float32)
+    w = np.ones(spec.weight_shape, np.float32)
+    assert kernel.forward(x, w, np.zeros(4, np.float32)).max() == 2 * 3 * 2 * 3
+
+
+def test_package_key_covers_versions_and_compiler(tmp_path, monkeypatch):
+    """symconv's, cffi's and Python's versions, the Python ABI and the compiler's version each
+    change the package name: a cache shared across upgrades never serves a stale binary."""
+    spec = ConvSpec((1, 1, 5), (1, 1, 3))
+
+    def name():
+        return build.package_name(spec.slug, spec.key, build.build_config("x86-64"))
+
+    names = {name()}
+    with monkeypatch.context() as m:
+        m.setattr(build, "__version__", "99.0")
+        names.add(name())
+    with monkeypatch.context() as m:
+        m.setattr(build.cffi, "__version__", "0.1")
+        names.add(name())
+    with monkeypatch.context() as m:
+        m.setattr(build.platform, "python_version", lambda: "3.99.0")
+        names.add(name())
+    with monkeypatch.context() as m:
+        real = build.sysconfig.get_config_var
+        m.setattr(build.sysconfig, "get_config_var",
+                  lambda key: ".cpython-399-x86_64-linux-gnu.so" if key == "EXT_SUFFIX" else real(key))
+        names.add(name())
+    fake = tmp_path / "cc"
+    fake.write_text('#!/bin/sh\nif [ "$1" = --version ]; then echo "fakecc 99.1"; exit 0; fi\n'
+                    'exec gcc "$@"\n')
+    fake.chmod(0o755)
+    with monkeypatch.context() as m:
+        m.setenv("CC", str(fake))
+        assert build.build_config("x86-64")["compiler_version"] == "fakecc 99.1"
+        names.add(name())
+    assert len(names) == 6
 
 
 def test_interrupted_build_leaves_nothing_that_loads(tmp_path):

@@ -151,3 +151,58 @@ def test_inf_grad_output_meets_padding_in_the_weight_gradient(compile_spec):
     got = kernel.grad_weight(x, gy)
     np.testing.assert_array_equal(expected.ravel(), [np.inf, np.nan, 1.0, 0.0])
     np.testing.assert_array_equal(got, expected.astype(np.float32))
+
+
+@pytest.mark.parametrize("make, error, fragment", [
+    (lambda x: np.empty((0,) + x.shape[1:], np.float32), ValueError,
+     "input has shape (0, 3, 6, 5), expected (2, 3, 6, 5)"),
+    (lambda x: np.empty((2, 3, 0, 5), np.float32), ValueError, "input has shape (2, 3, 0, 5)"),
+    (lambda x: np.empty(0, np.float32), ValueError, "input has shape (0,)"),
+    (lambda x: np.float32(1.0), TypeError, "must be a numpy.ndarray, got float32"),
+    (lambda x: np.broadcast_to(np.float32(0), (2**40, 3, 6, 5)), ValueError,
+     "input has shape (1099511627776, 3, 6, 5)"),
+    (lambda x: np.broadcast_to(np.float32(0), x.shape), ValueError, "not C-contiguous"),
+    (lambda x: np.ma.masked_less(x, 0), TypeError, "input is a masked array"),
+    (lambda x: x.view(np.int32), TypeError, "dtype int32"),
+    (lambda x: x.astype(np.complex64), TypeError, "dtype complex64"),
+    (lambda x: x.astype(">f4"), TypeError, "dtype >f4"),
+    (lambda x: np.lib.stride_tricks.as_strided(x, strides=(0,) + x.strides[1:]), ValueError,
+     "not C-contiguous"),
+])
+def test_degenerate_and_huge_inputs(kernel, arrays, make, error, fragment):
+    """Zero-size arrays (specs have positive sizes), huge ones (refused by their shape before
+    anything is allocated: a broadcast view of 2**40 rows costs nothing), masked and
+    byte-swapped arrays: each a clear error."""
+    x, w, b, _ = arrays
+    with pytest.raises(error) as info:
+        kernel.forward(make(x), w, b)
+    assert fragment in str(info.value)
+
+
+def test_out_that_is_not_an_array(kernel, arrays):
+    x, w, b, _ = arrays
+    with pytest.raises(TypeError, match=r"out \(output\) must be a numpy.ndarray, got list"):
+        kernel.forward(x, w, b, out=[0.0] * 10)
+
+
+def test_zero_size_specs_are_refused():
+    for fields in (dict(input_shape=(0, 3, 5), weight_shape=(2, 3, 3)),
+                   dict(input_shape=(1, 3, 0), weight_shape=(2, 3, 1)),
+                   dict(input_shape=(1, 3, 5), weight_shape=(0, 3, 3))):
+        with pytest.raises(ValueError, match="every size must be positive"):
+            ConvSpec(**fields)
+
+
+@pytest.mark.parametrize("threads", [256, 10**6, 2**40])
+def test_absurd_thread_counts_run_like_one_thread(compile_spec, rng, threads, monkeypatch):
+    """OpenMP crashes when asked for a million threads and cffi cannot pass 2**40 as an int:
+    counts above kernel.MAX_THREADS run with that many (results never depend on the count)."""
+    spec = ConvSpec((2, 8, 40, 41), (8, 8, 3, 3), padding=1)     # large enough to run threaded
+    kernel = compile_spec(spec)
+    x = rng.standard_normal(spec.input_shape).astype(np.float32)
+    w = rng.standard_normal(spec.weight_shape).astype(np.float32)
+    b = rng.standard_normal(spec.bias_shape).astype(np.float32)
+    expected = kernel.forward(x, w, b, threads=1)
+    np.testing.assert_array_equal(kernel.forward(x, w, b, threads=threads), expected)
+    monkeypatch.setenv("SYMCONV_NUM_THREADS", str(threads))
+    np.testing.assert_array_equal(kernel.forward(x, w, b), expected)

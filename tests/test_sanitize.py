@@ -1,0 +1,136 @@
+"""Memory safety: kernels built with AddressSanitizer and UBSan, run on fuzz cases.
+
+The build mode is the target modifier ``+sanitize`` (``x86-64+sanitize``,
+``x86-64-v3+sanitize``, ...).  The kernels run in a child Python with the
+sanitizer runtimes preloaded (tests/sanitize.py); any report fails the test
+with the sanitizer's output and the case that was running.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import fuzzing
+import sanitize
+from cases import CASES, REGRESSIONS, make_spec
+from symconv import ConvSpec, PackageError, build
+
+CASES_RUN = int(os.environ.get("SYMCONV_SANITIZE_CASES", "15"))
+
+
+def _have_runtime() -> bool:
+    try:
+        build.sanitizer_runtime()
+    except build.BuildError:
+        return False
+    return True
+
+
+pytestmark = pytest.mark.skipif(not _have_runtime(), reason="the compiler has no sanitizer runtime")
+
+
+def test_sanitize_is_a_target_modifier():
+    plain, sanitized = build.build_config("x86-64-v3"), build.build_config("x86-64-v3+sanitize")
+    assert not plain["sanitize"] and sanitized["sanitize"]
+    assert sanitized["target"] == "x86-64-v3+sanitize"
+    assert {"-fsanitize=address,undefined", "-fno-omit-frame-pointer",
+            "-fno-sanitize-recover=all"} <= set(sanitized["flags"])
+    assert sanitized["cpu_features"] == plain["cpu_features"]
+    assert build.vector_isa("x86-64-v4+sanitize") == build.vector_isa("x86-64-v4") == "avx512"
+    spec = ConvSpec((1, 1, 5), (1, 1, 3))
+    assert build.package_name(spec.slug, spec.key, plain) != \
+        build.package_name(spec.slug, spec.key, sanitized)
+    assert build.build_config("+sanitize")["target"] == f"{build.default_target()}+sanitize"
+    for bad in ("x86-64+asan", "x86-64+sanitize+sanitize", "pentium4+sanitize"):
+        with pytest.raises(ValueError, match="unknown target"):
+            build.build_config(bad)
+
+
+def test_sanitized_package_refuses_to_load_in_a_plain_process(tmp_path):
+    """Loading one here would make the sanitizer runtime abort the process; instead a clear
+    PackageError says how to run it, and the cache keeps the (intact) package."""
+    from symconv import compiler
+    spec = ConvSpec((1, 2, 6), (2, 2, 3), padding=1)
+    with pytest.raises(PackageError, match="built with AddressSanitizer.*LD_PRELOAD"):
+        compiler.compile_conv(spec, cache_dir=tmp_path, target="x86-64+sanitize")
+    (package,) = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
+    stamp = (package / "manifest.json").stat().st_mtime_ns
+    with pytest.raises(PackageError, match="AddressSanitizer"):
+        compiler.compile_conv(spec, cache_dir=tmp_path, target="x86-64+sanitize")
+    assert (package / "manifest.json").stat().st_mtime_ns == stamp      # not rebuilt
+    assert build.is_valid(package)
+
+
+PLANTED = r"""
+#include <stdint.h>
+void write_past_end(double *out, int64_t n) { for (int64_t i = 0; i <= n; ++i) out[i] = 1.0; }
+void read_before_start(const float *in, float *out, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) out[i] = in[i - 1];
+}
+int64_t overflow(int64_t a) { return a * 4; }
+"""
+
+
+@pytest.mark.parametrize("call, report", [
+    ("lib.write_past_end(ffi.from_buffer('double[]', np.zeros(5)), 5)", "heap-buffer-overflow"),
+    ("lib.read_before_start(ffi.from_buffer('float[]', np.ones(6, np.float32)), "
+     "ffi.from_buffer('float[]', np.zeros(6, np.float32)), 6)", "heap-buffer-overflow"),
+    ("print(lib.overflow(2**62))", "signed integer overflow"),
+])
+def test_the_sanitizer_run_catches_planted_errors(tmp_path, call, report):
+    """The harness is not vacuous: out-of-bounds accesses on NumPy buffers and signed overflow
+    in a library built the way sanitized packages are abort the child with a report."""
+    (tmp_path / build.SOURCE).write_text(PLANTED)
+    cdef = ("void write_past_end(double *out, int64_t n);\n"
+            "void read_before_start(const float *in, float *out, int64_t n);\n"
+            "int64_t overflow(int64_t a);")
+    path = build.compile_extension(tmp_path, "_planted", cdef,
+                                   build.build_config("x86-64+sanitize"))
+    code = textwrap.dedent(f"""
+        import importlib.util, numpy as np
+        spec = importlib.util.spec_from_file_location("_planted", {str(path)!r})
+        module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
+        ffi, lib = module.ffi, module.lib
+        {call}
+        print("no report")
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=sanitize.runtime_env(), timeout=120)
+    assert result.returncode in (sanitize.EXIT_ASAN, sanitize.EXIT_UBSAN), result.stdout
+    assert report in result.stderr and "no report" not in result.stdout
+
+
+def _fuzz_cases():
+    targets = fuzzing.available_targets()
+    found = []
+    for seed in range(CASES_RUN):   # round robin over the targets, every plan and padding mode
+        case = fuzzing.case_from_seed(7000 + seed, (targets[seed % len(targets)],))
+        found.append((f"fuzz seed {7000 + seed}", case))
+    for param in REGRESSIONS:
+        for target in targets:
+            found.append((f"regression {param.id} on {target}",
+                          fuzzing.Case(make_spec(param.values[0]), target, 0)))
+    for param in CASES:
+        if param.id in ("2d-stride2-pad1", "3d-groups-mixed", "1d-depthwise-f64",
+                        "2d-mixed-stride-dil-asym"):
+            found.append((f"case {param.id} on {targets[-1]}",
+                          fuzzing.Case(make_spec(param.values[0]), targets[-1], 1, True)))
+    return found
+
+
+def test_fuzz_cases_under_address_and_undefined_behaviour_sanitizers(cache_dir):
+    """Forward and every gradient of each case, built sanitized on every target, in exact
+    allocations and in guard regions: no sanitizer report, and results match the oracle."""
+    cases = _fuzz_cases()
+    report = sanitize.run_cases(cases, cache_dir / "sanitized", timeout=900)
+    problems = "\n\n".join(f"{label}:\n{message}" for label, message in report.failures)
+    assert not report.failures, problems
+    assert len(report.passed) == len(cases)
+    assert report.calls >= 2 * 3 * len(cases)
