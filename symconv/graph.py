@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 from typing import Any, Callable, Sequence
 
@@ -979,13 +980,40 @@ def _float_dtype(op: str, *tensors: Tensor) -> np.dtype:
     return dtype
 
 
+class _Buffers:
+    """Kernel outputs kept from one step to the next.  An array nothing else references any
+    more is written again instead of a fresh one: the first write to newly mapped pages
+    costs about ten times a write to reused memory."""
+
+    def __init__(self, per_shape: int = 4):
+        self.per_shape = per_shape
+        self._free: dict[tuple, list[np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        with self._lock:
+            pool = self._free.setdefault((shape, np.dtype(dtype).str), [])
+            for array in pool:
+                if sys.getrefcount(array) == 3:  # the pool, this loop and the call: no one else
+                    return array
+            array = np.empty(shape, dtype)
+            if len(pool) < self.per_shape:
+                pool.append(array)
+            return array
+
+
+_buffers = _Buffers()
+
+
 def _kernel_op(name: str, spec: Any, kernel: Any, inputs: tuple[Tensor, ...],
                dtype: np.dtype) -> Tensor:
     """An op run by compiled kernels: the forward kernel now, the derived gradient kernels
-    in backward.  Its differentiable backward calls each gradient function as an op of its
-    own (a GradientSpec), whose gradients are derived in turn: any order of derivative."""
+    in backward, writing into reused buffers.  Its differentiable backward calls each
+    gradient function as an op of its own (a GradientSpec), whose gradients are derived in
+    turn: any order of derivative."""
     arrays = [np.ascontiguousarray(t.data, dtype) for t in inputs]
-    out = kernel.forward(*arrays)
+    forward = kernel.functions["forward"]
+    out = forward(*arrays, out=_buffers.get(forward.shapes[forward.output], dtype))
     names = kernel.inputs
     wrt = tuple(n for n, t in zip(names, inputs) if t.requires_grad and n in kernel.differentiable)
     args = kernel.manifest["backward_args"]
@@ -994,8 +1022,10 @@ def _kernel_op(name: str, spec: Any, kernel: Any, inputs: tuple[Tensor, ...],
 
     def backward(g):
         given = {**saved, args[-1]: np.ascontiguousarray(g, dtype)}
+        functions = (kernel.functions[f"grad_{n}"] for n in wrt)
+        outs = {n: _buffers.get(f.shapes[f.output], dtype) for n, f in zip(wrt, functions)}
         grads = dict(zip(kernel.differentiable,
-                         kernel.backward(*(given.get(a) for a in args), wrt=wrt)))
+                         kernel.backward(*(given.get(a) for a in args), wrt=wrt, out=outs)))
         return tuple(grads.get(n) for n in names)
 
     def graph_backward(g):
