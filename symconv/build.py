@@ -74,8 +74,8 @@ SANITIZE_FLAGS = ("-fsanitize=address,undefined", "-fno-sanitize-recover=all",
                   "-fno-omit-frame-pointer", "-g")
 
 # The modules whose source decides what a package contains.
-_FINGERPRINTED = ("spec.py", "ir.py", "define.py", "derive.py", "codegen.py", "build.py",
-                  "kernel.py")
+_FINGERPRINTED = ("spec.py", "ir.py", "derive.py", "define.py", "schedule.py", "codegen.py",
+                  "build.py", "kernel.py")
 
 
 class BuildError(RuntimeError):

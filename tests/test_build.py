@@ -339,3 +339,12 @@ def test_cache_hit_in_process_is_instant(tmp_path):
     start = time.perf_counter()
     compiler.compile_conv(SPEC, cache_dir=tmp_path)
     assert time.perf_counter() - start < 1.0
+
+
+def test_fingerprint_covers_every_module_that_shapes_a_package():
+    """A change to any stage between a spec and its C makes new package keys."""
+    from pathlib import Path
+    stages = {"spec.py", "ir.py", "derive.py", "define.py", "schedule.py", "codegen.py",
+              "build.py", "kernel.py"}
+    assert stages <= set(build._FINGERPRINTED)
+    assert all((Path(build.__file__).parent / name).is_file() for name in build._FINGERPRINTED)
