@@ -33,3 +33,32 @@ def compile_spec(cache_dir):
     def compile_(spec):
         return compile_conv(spec, cache_dir=cache_dir)
     return compile_
+
+
+# --- slow subprocess checks started as soon as the session is collected --------------------------
+# A test module may define ``BACKGROUND = {test_name: start}``: when that test is selected,
+# ``start()`` (returning a subprocess.Popen) runs right after collection, so the job (e.g.
+# compiling 200 specs in one process) overlaps the rest of the suite on another core; the
+# test then waits for it via ``background_job(name)``.
+_jobs: dict[str, object] = {}
+
+
+def pytest_collection_finish(session):
+    for item in session.items:
+        module = getattr(item, "module", None)
+        starters = getattr(module, "BACKGROUND", {})
+        name = getattr(item, "originalname", item.name)
+        if name in starters and name not in _jobs:
+            _jobs[name] = starters[name]()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for job in _jobs.values():
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+
+
+def background_job(name: str):
+    """The Popen started for test ``name`` (started now if collection did not)."""
+    return _jobs[name]

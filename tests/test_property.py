@@ -46,3 +46,32 @@ def test_regressions_on_every_target(fields, target, cache_dir):
     kernel = compile_conv(spec, cache_dir=cache_dir, target=target)
     for seed in range(3):
         fuzzing.check_case(kernel, fuzzing.Case(spec, target, seed, special=seed == 2))
+
+
+# --- bad input: random garbage never gets past validation with anything but ValueError ----------
+
+_GARBAGE = st.one_of(
+    st.none(), st.booleans(), st.integers(-3, 6), st.integers(2**62, 2**70), st.floats(),
+    st.text(max_size=4), st.sampled_from(["same", "valid", "zeros", "reflect", "float32"]),
+    st.lists(st.integers(-2, 5), max_size=5).map(tuple),
+    st.lists(st.tuples(st.integers(-1, 3), st.integers(-1, 3)), max_size=4).map(tuple),
+    st.lists(st.one_of(st.integers(0, 4), st.text(max_size=1), st.none()), max_size=4),
+    st.dictionaries(st.text(max_size=2), st.integers(), max_size=2),
+)
+_FIELDS = ("input_shape", "weight_shape", "stride", "padding", "dilation", "groups", "bias",
+           "dtype", "padding_mode")
+
+
+@settings(max_examples=400, deadline=None, derandomize=True, database=None)
+@given(base=cases(), field=st.sampled_from(_FIELDS), value=_GARBAGE)
+def test_garbage_spec_fields_raise_value_error_naming_the_field(base, field, value):
+    """One field of a valid spec replaced by garbage: either a valid spec (the garbage happened
+    to mean something) or a ValueError that names ConvSpec.<field> — never another exception."""
+    from symconv import ConvSpec
+    fields = {**base.spec.to_dict(), field: value}
+    try:
+        spec = ConvSpec(**fields)
+    except ValueError as error:
+        assert str(error).startswith("ConvSpec."), error
+        return
+    assert all(n > 0 for n in (*spec.input_shape, *spec.output_shape))
