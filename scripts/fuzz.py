@@ -5,8 +5,8 @@ the NumPy oracle (and PyTorch for ranks 1-3).
     python scripts/fuzz.py --minutes 20            # seeds 0, 1, 2, ... until time is up
     python scripts/fuzz.py --start 5000 --cases 200
     python scripts/fuzz.py --seed 1234             # reproduce one case (its seed is printed)
-    python scripts/fuzz.py --sanitize --minutes 5  # kernels built with ASan+UBSan (re-runs
-                                                   # itself under the sanitizer runtime)
+    python scripts/fuzz.py --sanitize --minutes 5  # kernels built with ASan+UBSan here, run
+                                                   # in a child under the sanitizer runtime
 
 Each case prints one line: its seed, the target and the spec.  A failure prints the
 mismatch and the command that reproduces it; the run goes on and the exit status is 1.
@@ -117,7 +117,7 @@ def sanitized(args, argv) -> int:
         case = fuzzing.case_from_seed(seed, targets, args.max_rank)
         if not args.quiet:
             print(f"seed {seed}: {case.describe()}", flush=True)
-        batch.append((seed, case))
+        batch.append((str(seed), case))
         ran += 1
         if len(batch) == 20:
             flush()
