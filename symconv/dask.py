@@ -8,23 +8,24 @@
 The result equals the single-machine kernel's: every output element is
 computed by exactly one block, from exactly the input it reads.
 
-How the volume is cut (per spatial axis; everything in the coordinates of the
-zero-padded input, whose zero edges ``da.pad`` adds lazily):
+How the volume is cut (per spatial axis, in the coordinates of the
+zero-padded input; the padding itself is never materialised as dask chunks:
+the first and last blocks add their zeros when they run):
 
 * The chunk boundaries are the input's, moved onto multiples of the stride,
   so chunk ``[a, b)`` *owns* the outputs ``i`` whose window starts in it
-  (``s·i ∈ [a, b)``).  Chunks too small for the halos or owning no output are
-  merged into a neighbour.
-* **forward** (``map_overlap``): an owned output's window reaches at most
-  ``reach - stride`` past ``b`` (``reach = dilation·(kernel - 1) + 1``), so
-  each block gets that much from the next block (an asymmetric halo, none
+  (``s·i ∈ [a, b)``).  Chunks too small for the halos, owning no output or
+  holding no input element are merged into a neighbour.
+* **forward** (``map_overlap`` on the input): an owned output's window reaches
+  at most ``reach - stride`` past ``b`` (``reach = dilation·(kernel - 1) + 1``),
+  so each block gets that much from the next block (an asymmetric halo, none
   before it) and runs a "valid" convolution on exactly the region its outputs
   read.  The output's chunks are the owned outputs.
 * **grad_input** (``map_overlap`` on ``grad_output``): input position ``p``
   receives from outputs ``i`` with ``s·i ≤ p < s·i + reach``, so a block needs
   ``⌊(reach - 1)/s⌋`` outputs of the previous block (a halo before it, none
   after).  It runs the local convolution's ``grad_input`` on them and keeps
-  its own chunk; the padding is cropped at the end.
+  its own input chunk.
 * **grad_weight / grad_bias**: each block's local ``grad_weight`` (and
   ``grad_bias``) over its owned outputs is one partial sum; the partials are
   added in float64 by a tree reduction (``sum(split_every=...)``) and cast
@@ -102,6 +103,18 @@ class AxisPlan:
     def out_chunks(self) -> tuple[int, ...]:
         return tuple(b - a for a, b in zip(self.outputs, self.outputs[1:]))
 
+    @property
+    def input_bounds(self) -> tuple[int, ...]:
+        """The chunk boundaries in the (unpadded) input: chunk ``j`` holds input elements
+        ``[input_bounds[j], input_bounds[j + 1])``; the first and last also hold padding."""
+        lo = self.pad[0]
+        return (0, *(b - lo for b in self.bounds[1:-1]), self.size)
+
+    @property
+    def input_chunks(self) -> tuple[int, ...]:
+        bounds = self.input_bounds
+        return tuple(b - a for a, b in zip(bounds, bounds[1:]))
+
     def forward_length(self, j: int) -> int:
         """Length of the input region block ``j``'s outputs read (from ``bounds[j]``)."""
         return self.stride * (self.outputs[j + 1] - self.outputs[j] - 1) + self.reach
@@ -124,12 +137,12 @@ class AxisPlan:
         bounds = sorted({0} | {int(stride * round(e / stride)) for e in edges})
         bounds = [b for b in bounds if b < padded] + [padded]
         plan = cls(size, (lo, hi), stride, dilation, kernel, (), ())
-        need_in, need_out = plan.halo_in, max(plan.halo_out, 1)
+        need_in, need_out = max(plan.halo_in, 1), max(plan.halo_out, 1)
         while True:
             outputs = [min(-(-b // stride), out) for b in bounds[:-1]] + [out]
             counts = np.diff(outputs)
-            sizes = np.diff(bounds)
-            bad = [j for j in range(len(counts)) if counts[j] < need_out or sizes[j] < need_in]
+            inputs = np.diff([0, *(b - lo for b in bounds[1:-1]), size])
+            bad = [j for j in range(len(counts)) if counts[j] < need_out or inputs[j] < need_in]
             if not bad or len(bounds) == 2:
                 break
             j = bad[0]
@@ -160,18 +173,31 @@ def _ready(array: np.ndarray) -> np.ndarray:
     return np.array(array, order="C", copy=True)
 
 
-def _region(block: np.ndarray, lengths: Sequence[int], what: str) -> np.ndarray:
-    if any(n < length for n, length in zip(block.shape[2:], lengths)):
-        raise RuntimeError(f"symconv.dask: {what} block of shape {block.shape} is smaller than "
-                           f"the region {tuple(lengths)} it must hold (chunks were changed "
-                           f"behind the plan's back)")
-    return _ready(block[(slice(None), slice(None), *(slice(0, n) for n in lengths))])
+def _region(block: np.ndarray, plans: Sequence[AxisPlan], j: Sequence[int]) -> np.ndarray:
+    """The part of the padded input block ``j``'s outputs read, from its overlapped input
+    block: a view of it, with the padding's zeros added at the edges of the input."""
+    index, pads = [slice(None), slice(None)], [(0, 0), (0, 0)]
+    for d, plan in enumerate(plans):
+        start = plan.bounds[j[d]] - plan.pad[0]  # first position read, input coordinates
+        stop = start + plan.forward_length(j[d])
+        first = plan.input_bounds[j[d]]  # the block holds [first, first + its length)
+        take = (max(start, first), min(stop, first + block.shape[2 + d]))
+        before, after = take[0] - start, stop - take[1]
+        if before > max(-start, 0) or after > max(stop - plan.size, 0):
+            raise RuntimeError(f"symconv.dask: block {tuple(j)} of shape {block.shape} does not "
+                               f"hold the input its outputs read (chunks were changed behind "
+                               f"the plan's back)")
+        index.append(slice(take[0] - first, take[1] - first))
+        pads.append((before, after))
+    region = block[tuple(index)]
+    if any(p != (0, 0) for p in pads):
+        region = np.pad(region, pads)  # zeros outside the input: the padding
+    return _ready(region)
 
 
-def _forward_block(block, *, weight, bias, lengths, conv, cache_dir, target, threads,
+def _forward_block(block, *, weight, bias, plans, conv, cache_dir, target, threads,
                    block_id=None):
-    j = block_id[2:]
-    region = _region(block, [lengths[d][j[d]] for d in range(len(j))], "forward")
+    region = _region(block, plans, block_id[2:])
     kernel = _local_kernel(region.shape, weight.shape, conv, cache_dir, target)
     arrays = (region, _ready(weight)) if bias is None else (region, _ready(weight), _ready(bias))
     return kernel.forward(*arrays, threads=threads)
@@ -190,22 +216,23 @@ def _grad_input_block(block, *, weight, plans, conv, cache_dir, target, threads,
     shape = (block.shape[0], weight.shape[1] * conv["groups"], *lengths)
     kernel = _local_kernel(shape, weight.shape, conv, cache_dir, target)
     local = kernel.grad_input(_ready(weight), _ready(block), threads=threads)
-    sizes = [plans[d].chunks[j[d]] for d in range(rank)]
+    sizes = [plans[d].input_chunks[j[d]] for d in range(rank)]
     result = np.zeros(shape[:2] + tuple(sizes), local.dtype)
     source, target_ = [], []
     for d in range(rank):
-        offset = plans[d].bounds[j[d]] - plans[d].stride * starts[d]  # chunk start in local
-        count = max(min(sizes[d], lengths[d] - offset), 0)
+        plan = plans[d]
+        # the chunk's first input element, in the padded coordinates the local region starts at
+        offset = plan.input_bounds[j[d]] + plan.pad[0] - plan.stride * starts[d]
+        count = max(min(sizes[d], lengths[d] - offset), 0)  # beyond: read by no output
         source.append(slice(offset, offset + count))
         target_.append(slice(0, count))
     result[(slice(None), slice(None), *target_)] = local[(slice(None), slice(None), *source)]
     return result
 
 
-def _weight_block(block, gy, *, lengths, weight_shape, conv, cache_dir, target, threads,
+def _weight_block(block, gy, *, plans, weight_shape, conv, cache_dir, target, threads,
                   block_id=None):
-    j = block_id[2:block.ndim]  # the block's index; the last entry is the new axis
-    region = _region(block, [lengths[d][j[d]] for d in range(len(j))], "grad_weight")
+    region = _region(block, plans, block_id[2:block.ndim])  # the last index is the new axis
     kernel = _local_kernel(region.shape, weight_shape, conv, cache_dir, target)
     gy = _ready(gy)
     parts = [kernel.grad_weight(region, gy, threads=threads).ravel()]
@@ -248,8 +275,10 @@ class ChunkedConv:
         return len(self.plans)
 
     @property
-    def padded_chunks(self) -> tuple[tuple[int, ...], ...]:
-        return (self.batch_chunks, (self.spec.input_shape[1],), *(p.chunks for p in self.plans))
+    def input_chunks(self) -> tuple[tuple[int, ...], ...]:
+        """The chunks the input (and grad_input) take: channels whole, space as planned."""
+        return (self.batch_chunks, (self.spec.input_shape[1],),
+                *(p.input_chunks for p in self.plans))
 
     @property
     def output_chunks(self) -> tuple[tuple[int, ...], ...]:
@@ -277,13 +306,9 @@ class ChunkedConv:
         return kernels
 
     # --- the passes ------------------------------------------------------------------------------
-    def _padded_input(self, x) -> da.Array:
+    def _input(self, x) -> da.Array:
         x = _as_dask(x, self.spec.input_shape, self.spec.dtype, "input")
-        x = x.rechunk({1: -1})
-        pads = [(0, 0), (0, 0), *(p.pad for p in self.plans)]
-        if any(lo or hi for lo, hi in pads):
-            x = da.pad(x, pads, mode="constant")
-        return x.rechunk(self.padded_chunks)
+        return x.rechunk(self.input_chunks)
 
     def _grad_output(self, gy) -> da.Array:
         gy = _as_dask(gy, self.spec.output_shape, self.spec.dtype, "grad_output")
@@ -304,39 +329,33 @@ class ChunkedConv:
 
     def forward(self, x, weight, bias=None) -> da.Array:
         weight, bias = self._weights(weight, bias)
-        xp = self._padded_input(x)
-        lengths = tuple(tuple(p.forward_length(j) for j in range(len(p.out_chunks)))
-                        for p in self.plans)
-        function = functools.partial(_forward_block, weight=weight, bias=bias, lengths=lengths,
+        x = self._input(x)
+        function = functools.partial(_forward_block, weight=weight, bias=bias, plans=self.plans,
                                      **self._common())
-        return da.map_overlap(function, xp, depth=self._depth("input"), boundary="none",
+        return da.map_overlap(function, x, depth=self._depth("input"), boundary="none",
                               trim=False, allow_rechunk=False, chunks=self.output_chunks,
-                              dtype=self.spec.dtype, meta=np.empty((0,) * xp.ndim,
-                                                                   self.spec.dtype))
+                              dtype=self.spec.dtype,
+                              meta=np.empty((0,) * x.ndim, self.spec.dtype))
 
     def grad_input(self, weight, grad_output) -> da.Array:
         weight, _ = self._weights(weight, None, need_bias=False)
         gy = self._grad_output(grad_output)
         function = functools.partial(_grad_input_block, weight=weight, plans=self.plans,
                                      **self._common())
-        padded = da.map_overlap(function, gy, depth=self._depth("output"), boundary="none",
-                                trim=False, allow_rechunk=False, chunks=self.padded_chunks,
-                                dtype=self.spec.dtype,
-                                meta=np.empty((0,) * gy.ndim, self.spec.dtype))
-        inner = tuple(slice(p.pad[0], p.pad[0] + p.size) for p in self.plans)
-        return padded[(slice(None), slice(None), *inner)]
+        return da.map_overlap(function, gy, depth=self._depth("output"), boundary="none",
+                              trim=False, allow_rechunk=False, chunks=self.input_chunks,
+                              dtype=self.spec.dtype,
+                              meta=np.empty((0,) * gy.ndim, self.spec.dtype))
 
     def grad_weight_bias(self, x, grad_output, split_every: int = 4):
         """(grad_weight, grad_bias or None) as lazy dask arrays, tree-reduced."""
-        xp = self._padded_input(x)
+        x = self._input(x)
         gy = self._grad_output(grad_output)
-        xo = da.overlap.overlap(xp, depth=self._depth("input"), boundary="none",
+        xo = da.overlap.overlap(x, depth=self._depth("input"), boundary="none",
                                 allow_rechunk=False)
-        lengths = tuple(tuple(p.forward_length(j) for j in range(len(p.out_chunks)))
-                        for p in self.plans)
         w_size = math.prod(self.spec.weight_shape)
         size = w_size + (self.spec.weight_shape[0] if self.spec.bias else 0)
-        function = functools.partial(_weight_block, lengths=lengths,
+        function = functools.partial(_weight_block, plans=self.plans,
                                      weight_shape=self.spec.weight_shape, **self._common())
         chunks = tuple((1,) * len(c) for c in xo.chunks) + ((size,),)
         parts = da.map_blocks(function, xo, gy, chunks=chunks, new_axis=[xo.ndim],

@@ -42,32 +42,37 @@ def test_plan_owns_every_output_once_and_halos_cover_every_read(axis):
     padded = size + lo + hi
     out = (padded - reach) // stride + 1
     plan = sd.AxisPlan.make(size, (lo, hi), stride, dilation, kernel, out, chunks)
-    bounds, outputs = plan.bounds, plan.outputs
+    bounds, outputs, inputs = plan.bounds, plan.outputs, plan.input_bounds
     assert bounds[0] == 0 and bounds[-1] == padded and outputs[0] == 0 and outputs[-1] == out
-    assert all(a < b for a, b in zip(bounds, bounds[1:])), "chunks are not empty"
+    assert inputs[0] == 0 and inputs[-1] == size
     assert all(a < b for a, b in zip(outputs, outputs[1:])), "every chunk owns an output"
+    assert all(a < b for a, b in zip(inputs, inputs[1:])), "every chunk holds some input"
     assert all(b % stride == 0 for b in bounds[:-1])
     # dask's map_overlap needs every chunk at least as large as the halo it lends
     if len(plan.chunks) > 1:
-        assert min(plan.chunks) >= plan.halo_in and min(plan.out_chunks) >= plan.halo_out
-    for j in range(len(plan.chunks)):
-        a, b = bounds[j], bounds[j + 1]
+        assert min(plan.input_chunks) >= plan.halo_in and min(plan.out_chunks) >= plan.halo_out
+    last = len(plan.chunks) - 1
+    for j in range(last + 1):
         owned = range(outputs[j], outputs[j + 1])
-        # forward: the block (chunk plus the next chunk's halo) holds every position its outputs
-        # read, and the local region starts at the chunk start
-        block_end = min(b + plan.halo_in, padded)
-        region = (a, a + plan.forward_length(j))
-        assert stride * owned[0] == a or j == 0 and owned[0] == 0
-        assert region[1] <= block_end
+        assert all(bounds[j] <= stride * i < bounds[j + 1] for i in owned) or j == last
+        # forward: the block (its input chunk plus the next one's halo) holds every input
+        # position its outputs read; the rest of the region is outside the input (padding)
+        held = (inputs[j], min(inputs[j + 1] + (plan.halo_in if j < last else 0), size))
+        start = bounds[j] - lo  # the region, in input coordinates
+        stop = start + plan.forward_length(j)
         for i in owned:
-            assert region[0] <= stride * i and stride * i + reach <= region[1]
-        # grad_input: every output whose window touches the chunk is in the block's outputs
+            window = (stride * i - lo, stride * i - lo + reach)
+            assert start <= window[0] and window[1] <= stop
+        for p in range(start, stop):
+            assert held[0] <= p < held[1] or p < 0 or p >= size, (j, p, held)
+        # grad_input: every output whose window touches the chunk's input is in the block
         first = plan.first_gather_output(j)
-        touching = [i for i in range(out) if stride * i < b and stride * i + reach > a]
+        touching = [i for i in range(out) if stride * i - lo < inputs[j + 1]
+                    and stride * i - lo + reach > inputs[j]]
         assert all(first <= i < outputs[j + 1] for i in touching)
         if j > 0:  # the halo is exactly what the previous block lends
             assert outputs[j] - first == plan.halo_out
-        assert plan.gather_length(j) == stride * (outputs[j + 1] - 1 - first) + reach
+        assert stride * first <= inputs[j] + lo  # the local region starts at or before the chunk
 
 
 # --- against the single-machine kernel and the oracle ----------------------------------------
