@@ -4,6 +4,12 @@ Specs come from flags (``--input 2,3,16,16,16 --weight 8,3,3,3,3 --stride 2
 --padding 1``) or from JSON/TOML files (``--spec FILE``, several allowed; a
 file holds one spec, a list of specs, or ``{"specs": [...]}``).
 Bad arguments print one line and exit with status 2.
+
+``compile`` of several specs shows a progress bar on stderr when stderr is a
+terminal (``--progress``/``--no-progress`` force it on or off); every command
+takes ``-v``/``--verbose`` to log each pipeline stage with its time.
+``explain --html FILE`` writes the formula report (``symconv.report``),
+``--bench`` adds the compiled kernel's timings.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .kernel import Kernel, PackageError
+from .progress import Progress, configure as configure_logging, log
 from .spec import ConvSpec
 
 DEMO_SPEC = dict(input_shape=(2, 3, 16, 16, 16), weight_shape=(8, 3, 3, 3, 3), stride=2,
@@ -123,32 +130,107 @@ def _print_formulas(compilation, latex: bool, scatter: bool, out) -> None:
         print(entry["latex"] if latex else entry["text"], file=out)
 
 
-def cmd_compile(args, out) -> int:
+def _packages(root: Path) -> set[str]:
+    try:
+        return {p.name for p in root.iterdir()}
+    except OSError:
+        return set()
+
+
+def _log_compile(spec: ConvSpec, kernel: Kernel, seconds: float, hit: bool) -> None:
+    """--verbose: each stage of one compile with its time (a hit only loads)."""
+    if hit:
+        log.info("%s: cache hit, loaded in %.3f s", spec.slug, seconds)
+        return
+    timings = kernel.manifest.get("timings", {})
+    names = {"define": "define (index sum)", "derive": "derive (gradients)",
+             "codegen": "codegen (C)", "compile_c": "C compiler + cffi"}
+    staged = 0.0
+    for key, label in names.items():
+        if key in timings:
+            staged += timings[key]
+            log.info("%s: %s %.3f s", spec.slug, label, timings[key])
+    log.info("%s: imports, packaging and load %.3f s", spec.slug, max(seconds - staged, 0.0))
+    log.info("%s: total %.3f s -> %s", spec.slug, seconds, kernel.path)
+
+
+def _compile(spec: ConvSpec, cache_dir, target: str | None = None) -> tuple[Kernel, float]:
+    """compile_conv, timed, with its stages logged under --verbose."""
+    from .build import default_cache_dir
     from .compiler import compile_conv
-    for spec in _specs(args):
-        start = time.perf_counter()
-        kernel = compile_conv(spec, cache_dir=args.out, target=args.target)
-        print(f"{kernel.path}  ({time.perf_counter() - start:.2f} s)  {spec.describe()}", file=out)
+    before = _packages(Path(cache_dir) if cache_dir is not None else default_cache_dir())
+    start = time.perf_counter()
+    kernel = compile_conv(spec, cache_dir=cache_dir, target=target)
+    seconds = time.perf_counter() - start
+    _log_compile(spec, kernel, seconds, hit=kernel.path.name in before)
+    return kernel, seconds
+
+
+def cmd_compile(args, out) -> int:
+    specs = _specs(args)
+    with Progress(len(specs), "compiling", enabled=args.progress) as bar:
+        for spec in specs:
+            bar.set_note(spec.slug)
+            kernel, seconds = _compile(spec, args.out, args.target)
+            bar.write(f"{kernel.path}  ({seconds:.2f} s)  {spec.describe()}", file=out)
+            bar.advance()
+    return 0
+
+
+def _log_timings(spec: ConvSpec, timings) -> None:
+    for name, seconds in timings.items():
+        log.info("%s: %s %.3f s", spec.slug, name, seconds)
+
+
+def _print_bench(spec: ConvSpec, args, out) -> None:
+    from .report import benchmark
+    kernel, _ = _compile(spec, args.cache_dir)
+    print("\n== benchmark ==", file=out)
+    for t in benchmark(kernel, spec, repeat=args.repeat, threads=args.threads):
+        print(f"{t.function:>26}: median {t.median * 1e3:9.3f} ms  best {t.best * 1e3:9.3f} ms  "
+              f"{t.gflops:8.2f} GFLOP/s  ({t.runs} runs)", file=out)
+
+
+def _write_report(args, out) -> int:
+    try:
+        import matplotlib  # noqa: F401  (the report's typesetter)
+
+        from . import report
+    except ImportError as error:
+        raise RuntimeError(f"--html needs matplotlib and Pygments ({error}): "
+                           f"pip install 'symconv[report]'") from None
+    specs = _specs(args)
+    with Progress(len(specs), "report", enabled=args.progress) as bar:
+        path = report.write(args.html, specs, bench=args.bench, cache_dir=args.cache_dir,
+                            repeat=args.repeat, threads=args.threads,
+                            progress=lambda spec: bar.advance(spec.slug))
+    size = path.stat().st_size
+    print(f"wrote {path} ({size / 1024:.0f} KB, {len(specs)} spec{'s' * (len(specs) != 1)})",
+          file=out)
     return 0
 
 
 def cmd_explain(args, out) -> int:
     from .compiler import explain
+    if args.html:
+        return _write_report(args, out)
     for spec in _specs(args):
         compilation = explain(spec)
+        _log_timings(spec, compilation.timings)
         print(spec.describe(), file=out)
         _print_formulas(compilation, args.latex, args.scatter, out)
         if args.c:
             print("\n== C ==", file=out)
             print(compilation.source.text, file=out)
+        if args.bench:
+            _print_bench(spec, args, out)
     return 0
 
 
 def _run_gradcheck(spec: ConvSpec, args, out) -> bool:
-    from .compiler import compile_conv
     from .check import check_kernel
     checked = ConvSpec.from_dict({**spec.to_dict(), "dtype": "float64"})
-    kernel = compile_conv(checked, cache_dir=args.cache_dir)
+    kernel, _ = _compile(checked, args.cache_dir)
     results = check_kernel(kernel, seed=args.seed)
     for result in results:
         print(result, file=out)
@@ -164,17 +246,17 @@ def cmd_gradcheck(args, out) -> int:
 
 
 def cmd_demo(args, out) -> int:
-    from .compiler import compile_conv, explain
+    from .compiler import explain
     spec = ConvSpec(**DEMO_SPEC)
     print(f"symconv demo: {spec.describe()}", file=out)
     start = time.perf_counter()
     compilation = explain(spec)
+    _log_timings(spec, compilation.timings)
     print(f"\n[1/3] derived the gradients and emitted C in {time.perf_counter() - start:.2f} s",
           file=out)
     _print_formulas(compilation, latex=False, scatter=True, out=out)
-    start = time.perf_counter()
-    kernel = compile_conv(spec, cache_dir=args.cache_dir)
-    print(f"\n[2/3] compiled and loaded in {time.perf_counter() - start:.2f} s: {kernel.path}",
+    kernel, seconds = _compile(spec, args.cache_dir)
+    print(f"\n[2/3] compiled and loaded in {seconds:.2f} s: {kernel.path}",
           file=out)
     print("\n[3/3] gradients against central finite differences (float64 build):", file=out)
     ok = _run_gradcheck(spec, args, out)
@@ -199,42 +281,78 @@ def cmd_list(args, out) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _add_progress_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bar on stderr (default: only when stderr is a terminal)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .build import default_cache_dir
     parser = _Parser(prog="symconv", description="N-D convolutions compiled from SymPy index "
                      "sums, with symbolically derived gradients.")
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                         help="log each pipeline stage with its time (on stderr)")
+    parser.add_argument("-v", "--verbose", action="store_true", default=False,
+                        help="log each pipeline stage with its time (on stderr)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    demo = commands.add_parser("demo", help="derive, compile and gradient-check a default 3-D "
-                               "convolution")
+    demo = commands.add_parser("demo", parents=[verbose], help="derive, compile and "
+                               "gradient-check a default 3-D convolution")
     demo.add_argument("--cache-dir", default=None, help=f"default {default_cache_dir()}")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=cmd_demo)
 
-    compile_ = commands.add_parser("compile", help="build kernel packages ahead of time")
+    compile_ = commands.add_parser("compile", parents=[verbose],
+                                   help="build kernel packages ahead of time")
     _add_spec_flags(compile_)
     compile_.add_argument("--out", default="generated", help="directory for the packages "
                           "(default: generated)")
     compile_.add_argument("--target", default=None, help="x86-64-v3 (default where supported), "
                           "x86-64, native or generic")
+    _add_progress_flag(compile_)
     compile_.set_defaults(run=cmd_compile)
 
-    explain = commands.add_parser("explain", help="print the forward sum and derived gradients")
+    explain = commands.add_parser("explain", parents=[verbose],
+                                  help="print the forward sum and derived gradients")
     _add_spec_flags(explain)
     explain.add_argument("--latex", action="store_true", help="LaTeX instead of text")
     explain.add_argument("--c", action="store_true", help="also print the generated C")
     explain.add_argument("--scatter", action="store_true",
                          help="also print each gradient's chain-rule (scatter) form")
+    report = explain.add_argument_group("report and benchmark")
+    report.add_argument("--html", metavar="FILE", default=None,
+                        help="write a self-contained HTML page with the typeset formulas and the "
+                        "highlighted C (needs matplotlib and Pygments)")
+    report.add_argument("--bench", action="store_true",
+                        help="compile the kernel and time every function (in the page with --html)")
+    report.add_argument("--repeat", type=_positive, default=20, metavar="N",
+                        help="timed runs per function for --bench (default 20)")
+    report.add_argument("--threads", type=_positive, default=None, metavar="T",
+                        help="threads per kernel call for --bench (default: all cores)")
+    report.add_argument("--cache-dir", default=None, help="kernel cache for --bench")
+    _add_progress_flag(explain)
     explain.set_defaults(run=cmd_explain)
 
-    check = commands.add_parser("gradcheck", help="check a spec's gradients by finite "
-                                "differences (float64)")
+    check = commands.add_parser("gradcheck", parents=[verbose], help="check a spec's gradients "
+                                "by finite differences (float64)")
     _add_spec_flags(check)
     check.add_argument("--cache-dir", default=None)
     check.add_argument("--seed", type=int, default=0)
     check.set_defaults(run=cmd_gradcheck)
 
-    list_ = commands.add_parser("list", help="list the packages in a directory")
+    list_ = commands.add_parser("list", parents=[verbose],
+                                help="list the packages in a directory")
     list_.add_argument("directory", nargs="?", default="generated")
     list_.set_defaults(run=cmd_list)
     return parser
@@ -244,6 +362,7 @@ def main(argv: Sequence[str] | None = None, out=None) -> int:
     out = out or sys.stdout
     try:
         args = build_parser().parse_args(argv)
+        configure_logging(args.verbose)
         if args.command is None:
             raise UsageError("symconv: choose a command: demo, compile, explain, gradcheck, list "
                              "(symconv --help)")

@@ -1,10 +1,12 @@
-"""The symconv command: compile, explain, list, gradcheck, demo, and its one-line errors."""
+"""The symconv command: compile, explain, list, gradcheck, demo, and its one-line errors; the
+HTML report, benchmark, --verbose stage logging and the progress bar."""
 
 from __future__ import annotations
 
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -111,3 +113,103 @@ def test_help_and_module_entry_point():
     result = subprocess.run([sys.executable, "-m", "symconv", "compile", "--stride"],
                             capture_output=True, text=True)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+
+
+# --- report, benchmark, logging and progress ----------------------------------------------------
+
+def test_explain_html_report_with_benchmark(tmp_path):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("pygments")
+    page = tmp_path / "out" / "report.html"
+    code, out = run(["explain", *FLAGS, "--html", str(page), "--bench", "--repeat", "2",
+                     "--threads", "1", "--cache-dir", str(tmp_path / "cache")])
+    assert code == 0 and out.startswith(f"wrote {page}")
+    text = page.read_text()
+    for name in ("forward", "grad_input", "grad_weight", "grad_bias"):
+        assert f'data-function="{name}" data-form="gather"' in text
+    assert "<h3>Benchmark</h3>" in text and "GFLOP/s" in text
+    assert "void symconv_grad_input(" not in text  # highlighted: the C is split into spans
+    assert 'symconv_grad_input</span>' in text
+
+
+def test_explain_bench_prints_timings(tmp_path):
+    code, out = run(["explain", "--input", "1,2,9", "--weight", "2,2,3", "--bench", "--repeat",
+                     "2", "--cache-dir", str(tmp_path)])
+    assert code == 0
+    lines = out[out.index("== benchmark =="):].splitlines()[1:]
+    assert {line.split(":")[0].strip() for line in lines} >= {"forward", "grad_input",
+                                                              "grad_weight", "grad_bias"}
+    assert all("ms" in line and "GFLOP/s" in line for line in lines)
+
+
+def test_verbose_logs_every_stage_with_its_time(tmp_path, capsys):
+    argv = ["compile", "--input", "1,2,7", "--weight", "2,2,3", "--stride", "2", "--out",
+            str(tmp_path)]
+    assert main([*argv, "--verbose"]) == 0
+    err = capsys.readouterr().err
+    for stage in ("define (index sum)", "derive (gradients)", "codegen (C)",
+                  "C compiler + cffi", "imports, packaging and load", "total"):
+        assert re.search(rf"conv1d_1x2x7_w2x2x3_f32: {re.escape(stage)} \d+\.\d{{3}} s", err), \
+            (stage, err)
+    assert main(["-v", *argv]) == 0  # before the command works too
+    assert re.search(r"cache hit, loaded in \d+\.\d{3} s", capsys.readouterr().err)
+    assert main(argv) == 0
+    assert capsys.readouterr().err == ""  # quiet without --verbose
+
+
+def _compile_many(tmp_path, stderr, *flags):
+    specs = [ConvSpec((1, 1, 5 + i), (1, 1, 2)).to_dict() for i in range(3)]
+    (tmp_path / "many.json").write_text(json.dumps(specs))
+    return subprocess.run([sys.executable, "-m", "symconv", "compile", "--spec",
+                           str(tmp_path / "many.json"), "--out", str(tmp_path / "out"), *flags],
+                          stdout=subprocess.PIPE, stderr=stderr, timeout=300)
+
+
+def test_progress_bar_on_a_terminal_and_quiet_on_a_pipe(tmp_path):
+    import pty
+    master, slave = pty.openpty()
+    try:
+        result = _compile_many(tmp_path, slave)
+        os.close(slave)
+        chunks = []
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the terminal is closed and drained
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(master)
+    assert result.returncode == 0
+    assert len(result.stdout.decode().strip().splitlines()) == 3  # results still on stdout
+    terminal = b"".join(chunks).decode()
+    assert "compiling [" in terminal and "3/3" in terminal and "\r" in terminal
+    assert "eta" in terminal  # drawn between the specs, not only at the end
+    piped = _compile_many(tmp_path, subprocess.PIPE)
+    assert piped.returncode == 0 and piped.stderr == b""
+    forced = _compile_many(tmp_path, subprocess.PIPE, "--progress")
+    assert b"compiling [" in forced.stderr and b"3/3" in forced.stderr
+
+
+def test_progress_bar_and_log_lines_do_not_garble_each_other():
+    from symconv.progress import Progress, configure, log
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    stream = Terminal()
+    configure(True, stream)
+    try:
+        with Progress(2, "work", stream=stream) as bar:
+            log.info("first stage 0.100 s")
+            bar.advance("a")
+            bar.write("a result line")
+            bar.advance("b")
+    finally:
+        configure(False)
+    lines = [line.split("\r\x1b[2K")[-1] for line in stream.getvalue().split("\n")]
+    assert "symconv: first stage 0.100 s" in lines and "a result line" in lines
+    assert lines[-2].startswith("work [") and "2/2" in lines[-2]
+    assert Progress(3, stream=io.StringIO()).enabled is False
