@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -122,15 +123,35 @@ def _fuzz_cases():
                         "2d-mixed-stride-dil-asym"):
             found.append((f"case {param.id} on {targets[-1]}",
                           fuzzing.Case(make_spec(param.values[0]), targets[-1], 1, True)))
+    # large enough that every function runs on OpenMP threads
+    threaded = ConvSpec((2, 8, 24, 25), (8, 8, 3, 3), padding=1)
+    for target in targets:
+        found.append((f"threaded on {target}", fuzzing.Case(threaded, target, 3)))
     return found
 
 
 def test_fuzz_cases_under_address_and_undefined_behaviour_sanitizers(cache_dir):
     """Forward and every gradient of each case, built sanitized on every target, in exact
-    allocations and in guard regions: no sanitizer report, and results match the oracle."""
+    allocations and in guard regions: no sanitizer report, and results match the oracle.
+    The cases cover every plan of the schedule (output lanes, reduction lanes, scalar) in
+    each vector instruction set."""
     cases = _fuzz_cases()
-    report = sanitize.run_cases(cases, cache_dir / "sanitized", timeout=900)
+    jobs = sanitize.build_cases(cases, cache_dir / "sanitized")
+    report = sanitize.run_jobs(jobs, timeout=900)
     problems = "\n\n".join(f"{label}:\n{message}" for label, message in report.failures)
     assert not report.failures, problems
     assert len(report.passed) == len(cases)
     assert report.calls >= 2 * 3 * len(cases)
+    plans = set()
+    for job in jobs:
+        source = (Path(job["path"]) / build.SOURCE).read_text()
+        isa = "avx512" if "__m512" in source else "avx2" if "__m256" in source else "c"
+        plans |= {(isa, plan) for plan in ("vector lanes along", "partial sums in lanes",
+                                           "scalar loops", "omp parallel") if plan in source}
+    expected = {("c", "scalar loops"), ("c", "omp parallel")}
+    for isa in {"x86-64-v3": "avx2", "x86-64-v4": "avx512"}.values():
+        if any(job["target"] == {"avx2": "x86-64-v3", "avx512": "x86-64-v4"}[isa]
+               for job in jobs):
+            expected |= {(isa, "vector lanes along"), (isa, "partial sums in lanes"),
+                         (isa, "omp parallel")}
+    assert expected <= plans, sorted(expected - plans)
