@@ -194,11 +194,11 @@ def test_average_pooling_against_torch(fields, cache_dir, rng):
     assert_close(gx, tx.grad.numpy(), spec.dtype, "avg_pool grad_input")
 
 
-THREADED = [  # large enough that every pass runs in parallel
-    dict(input_shape=(2, 8, 20, 21), weight_shape=(8, 8, 3, 3), padding=1),
-    dict(input_shape=(2, 4, 19, 18), weight_shape=(6, 2, 3, 2), stride=(2, 3), dilation=(2, 1),
+THREADED = [  # large enough that forward and the input and weight gradients run on threads
+    dict(input_shape=(2, 8, 24, 24), weight_shape=(8, 8, 3, 3), padding=1),
+    dict(input_shape=(4, 8, 90, 90), weight_shape=(12, 4, 3, 2), stride=(2, 3), dilation=(2, 1),
          padding=((1, 2), 1), groups=2),
-    dict(input_shape=(1, 4, 9, 10, 11), weight_shape=(4, 4, 3, 3, 3), stride=2, padding=1,
+    dict(input_shape=(1, 8, 24, 25, 26), weight_shape=(8, 8, 3, 3, 3), stride=2, padding=1,
          dtype="float64"),
 ]
 
@@ -208,6 +208,10 @@ def test_results_do_not_depend_on_the_thread_count(fields, compile_spec, rng, mo
     """Bit-identical outputs for 1, 2 and 3 threads, and with SYMCONV_NUM_THREADS."""
     spec = make_spec(fields)
     kernel = compile_spec(spec)
+    functions = kernel.source.split("void symconv_")[1:]
+    for name in ("forward", "grad_input", "grad_weight"):   # else the test proves nothing
+        (text,) = [f for f in functions if f.startswith(name + "(")]
+        assert "#pragma omp parallel" in text, f"{name} does not run on threads"
     x, w, b, gy = random_arrays(spec, rng)
     inputs = [a for a in (x, w, b) if a is not None]
     reference = [kernel.forward(*inputs, threads=1), *kernel.backward(x, w, gy, threads=1)]

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import test_kernels
 from symconv import ConvSpec
 
 TESTS = str(Path(__file__).parent)
@@ -57,8 +58,7 @@ def test_kernel_calls_release_the_gil(cache_dir):
         f"the main thread stalled {gaps.max():.3f} s of a {duration:.3f} s call")
 
 
-THREADED = dict(input_shape=(2, 4, 19, 18), weight_shape=(6, 2, 3, 2), stride=(2, 3),
-                dilation=(2, 1), padding=((1, 2), 1), groups=2, dtype="float32")
+THREADED = test_kernels.THREADED[1]     # every function but grad_bias runs on threads
 
 
 def test_results_are_bit_identical_across_processes_and_thread_counts(cache_dir, tmp_path):
