@@ -75,3 +75,28 @@ def test_garbage_spec_fields_raise_value_error_naming_the_field(base, field, val
         assert str(error).startswith("ConvSpec."), error
         return
     assert all(n > 0 for n in (*spec.input_shape, *spec.output_shape))
+
+
+_TOKENS = ["--input", "--weight", "--stride", "--padding", "--dilation", "--groups", "--dtype",
+           "--bias", "--no-bias", "--latex", "--c", "--scatter", "--target", "--padding-mode",
+           "1,2,9", "2,2,3", "3,2,3", "1,1", "x", "-1", "0", "2", "1:2", "1:0", "3:3:3", "same",
+           "valid", "float16", "float64", "reflect", "circular", "x86-64", "pentium4", "", "--",
+           "1e9", "99999999999999999999", "1,,2", "\x00", "--spec", "/nonexistent.json"]
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # read out each time
+@given(argv=st.lists(st.sampled_from(_TOKENS), max_size=8))
+def test_random_explain_arguments_never_crash(argv, capsys):
+    """``symconv explain`` with random arguments: a result (0) or a one-line error (1, 2),
+    never a traceback."""
+    from symconv.cli import main
+    try:
+        code = main(["explain", *argv])
+    except SystemExit as exit_:           # argparse's own --help/usage exits
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code in (0, 1, 2), err
+    assert "Traceback" not in err
+    if code == 1 or (code == 2 and err):
+        assert len(err.strip().splitlines()) == 1, err
