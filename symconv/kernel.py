@@ -269,12 +269,16 @@ class Kernel:
     def __init__(self, directory: str | os.PathLike):
         self.path = Path(directory).resolve()
         self.manifest = read_manifest(self.path)
-        extension = _import_extension(self.path, self.manifest)
-        shapes = {name: entry["shape"] for name, entry in self.manifest["arrays"].items()}
-        self.functions = {
-            name: Function(name, entry, shapes, self.manifest["dtype"], extension)
-            for name, entry in self.manifest["functions"].items()
-        }
+        try:
+            extension = _import_extension(self.path, self.manifest)
+            shapes = {name: entry["shape"] for name, entry in self.manifest["arrays"].items()}
+            self.functions = {
+                name: Function(name, entry, shapes, self.manifest["dtype"], extension)
+                for name, entry in self.manifest["functions"].items()
+            }
+        except (ImportError, AttributeError) as error:   # a binary that is not this package's
+            raise PackageError(f"{self.path}: its extension does not provide what the manifest "
+                               f"lists ({error}); rebuild the package") from None
 
     # --- what the package is --------------------------------------------------------------------
     @property

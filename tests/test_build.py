@@ -191,6 +191,25 @@ def test_damaged_packages_are_refused_and_rebuilt(tmp_path, damage, message):
     np.testing.assert_allclose(rebuilt.forward(x, w, np.zeros(2, np.float32))[0, 0], [4, 6, 6, 6, 6, 4])
 
 
+def test_a_binary_swapped_in_from_another_package_is_refused(tmp_path):
+    """Even with every hash in the manifest recomputed to match, another package's binary
+    (other module name, other symbols) gives a PackageError, not an ImportError."""
+    one = fresh_compile(ConvSpec((1, 2, 6), (2, 2, 3), padding=1), tmp_path)
+    other = fresh_compile(ConvSpec((1, 1, 7), (1, 1, 2)), tmp_path)
+    binary = _binary(one.path)
+    _replace(binary, _binary(other.path).read_bytes())
+    _rewrite_manifest(one.path, lambda m: m["files"].update(
+        {binary.name: build.file_digest(binary)}))
+    out = run_python(f"""
+        import symconv
+        try:
+            symconv.load({str(one.path)!r})
+        except symconv.PackageError as error:
+            print("refused:", error)
+    """)      # a fresh process: this one has the original extension loaded already
+    assert out.startswith("refused:") and "extension does not provide" in out
+
+
 def test_build_error_reports_the_compiler_output(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", "cc")
     (tmp_path / build.SOURCE).write_text("this is not C;")
