@@ -295,14 +295,17 @@ class ChunkedConv:
                 shapes.add((n, c_in, *(p.gather_length(i) for p, i in zip(self.plans, j))))
         return shapes
 
-    def compile(self, progress=None) -> list:
-        """Build (or load) every block kernel in this process, into ``cache_dir``."""
+    def compile(self, progress: bool | None = None) -> list:
+        """Build (or load) every block kernel in this process, into ``cache_dir``, with a
+        progress bar on stderr when it is a terminal (``progress`` forces it on or off)."""
+        from .progress import Progress
         kernels = []
-        for shape in sorted(self.block_shapes()):
-            kernels.append(_local_kernel(shape, self.spec.weight_shape, self.conv,
-                                         self.cache_dir, self.target))
-            if progress is not None:
-                progress()
+        shapes = sorted(self.block_shapes())
+        with Progress(len(shapes), "symconv.dask block kernels", enabled=progress) as bar:
+            for shape in shapes:
+                kernels.append(_local_kernel(shape, self.spec.weight_shape, self.conv,
+                                             self.cache_dir, self.target))
+                bar.advance()
         return kernels
 
     # --- the passes ------------------------------------------------------------------------------
