@@ -160,7 +160,7 @@ def test_functional_pieces_and_errors(compile_spec, cache_dir):
 def client(cache_dir):
     distributed = pytest.importorskip("distributed")
     cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                       dashboard_address=None, memory_limit="1GiB")
+                                       dashboard_address=":0", memory_limit="1GiB")
     client = distributed.Client(cluster)
     try:
         yield client
