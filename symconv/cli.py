@@ -1,8 +1,12 @@
 """The symconv command: demo, compile, explain, gradcheck, list.
 
 Specs come from flags (``--input 2,3,16,16,16 --weight 8,3,3,3,3 --stride 2
---padding 1``) or from JSON/TOML files (``--spec FILE``, several allowed; a
-file holds one spec, a list of specs, or ``{"specs": [...]}``).
+--padding 1``; ``--transpose`` for a transposed convolution; ``--expr TEXT
+--shape X=2,3,9 ...`` for a user-defined index sum; ``--gradient grad_input``
+for one derived gradient as an op of its own, whose gradients are then second
+derivatives) or from JSON/TOML files (``--spec FILE``, several allowed; a file
+holds one spec, a list of specs, or ``{"specs": [...]}``; an entry's ``kind``
+picks the spec type, default conv).
 Bad arguments print one line and exit with status 2.
 
 ``compile`` of several specs shows a progress bar on stderr when stderr is a
@@ -21,9 +25,10 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from .ir import IRError
 from .kernel import Kernel, PackageError
 from .progress import Progress, configure as configure_logging, log
-from .spec import ConvSpec
+from .spec import PADDING_MODES, ConvSpec, ConvTransposeSpec, ExprSpec, GradientSpec, spec_from_dict
 
 DEMO_SPEC = dict(input_shape=(2, 3, 16, 16, 16), weight_shape=(8, 3, 3, 3, 3), stride=2,
                  padding=1)
@@ -64,6 +69,13 @@ def _padding(text: str):
                                          f"{text!r}") from None
 
 
+def _named_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    name, _, dims = text.partition("=")
+    if not name or not dims:
+        raise argparse.ArgumentTypeError(f"expected NAME=D1,D2,..., got {text!r}")
+    return name.strip(), _ints(dims)
+
+
 def _add_spec_flags(parser: argparse.ArgumentParser, files: bool = True) -> None:
     group = parser.add_argument_group("the convolution (PyTorch layout)")
     group.add_argument("--input", type=_ints, metavar="N,C,D1,...", help="input shape")
@@ -75,6 +87,21 @@ def _add_spec_flags(parser: argparse.ArgumentParser, files: bool = True) -> None
     group.add_argument("--groups", type=int, default=1)
     group.add_argument("--no-bias", dest="bias", action="store_false", help="no bias term")
     group.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    group.add_argument("--padding-mode", choices=PADDING_MODES, default="zeros")
+    group.add_argument("--transpose", action="store_true", help="a transposed convolution "
+                       "(weight C_in,C_out/G,K1,...)")
+    group.add_argument("--output-padding", type=_int_or_ints, default=0, metavar="OP",
+                       help="extra output size of a transposed convolution")
+    other = parser.add_argument_group("other index sums")
+    other.add_argument("--expr", metavar="TEXT", help="a user-defined op, e.g. "
+                       "'Y[n, i] = sum(W[k] * X[n, i + k], (k, 0, 2))'")
+    other.add_argument("--shape", action="append", default=[], type=_named_shape,
+                       metavar="NAME=D1,D2,...", help="an array's shape for --expr (repeatable; "
+                       "inputs in call order, the output optional)")
+    other.add_argument("--zero-outside", action="append", default=[], metavar="NAME",
+                       help="an --expr array that reads 0 outside its shape (repeatable)")
+    other.add_argument("--gradient", metavar="grad_NAME", help="the spec's gradient function "
+                       "as an op of its own: its derivations are second derivatives")
     if files:
         group.add_argument("--spec", action="append", default=[], metavar="FILE",
                            help="JSON or TOML spec file (repeatable); replaces the flags above")
@@ -103,20 +130,51 @@ def _read_spec_file(path: str) -> list[dict[str, Any]]:
     return entries
 
 
-def _specs(args: argparse.Namespace) -> list[ConvSpec]:
+def _check_flag_combinations(args: argparse.Namespace, from_files: bool) -> None:
+    """Refuse flags that the chosen way of describing the op would silently ignore."""
+    conv_flags = [flag for flag, given in (("--input", args.input is not None),
+                                           ("--weight", args.weight is not None),
+                                           ("--transpose", args.transpose)) if given]
+    expr_flags = [flag for flag, given in (("--shape", bool(args.shape)),
+                                           ("--zero-outside", bool(args.zero_outside))) if given]
+    if from_files and (conv_flags or expr_flags or args.expr is not None):
+        raise UsageError("--spec replaces the shape flags; give one or the other")
+    if args.expr is not None and conv_flags:
+        raise UsageError(f"--expr cannot be combined with {', '.join(conv_flags)}")
+    if args.expr is None and expr_flags:
+        raise UsageError(f"only --expr takes {', '.join(expr_flags)}")
+    if args.output_padding != 0 and not args.transpose:
+        raise UsageError("--output-padding only applies to --transpose")
+    if args.transpose and args.padding_mode != "zeros":
+        raise UsageError("a transposed convolution pads with zeros only (--padding-mode)")
+
+
+def _specs(args: argparse.Namespace) -> list:
+    """The specs the arguments describe (files, --expr, or the convolution flags), each
+    wrapped as a gradient op when --gradient is given."""
     entries = [e for path in getattr(args, "spec", []) for e in _read_spec_file(path)]
-    if not entries:
-        if args.input is None or args.weight is None:
-            raise UsageError("give --input and --weight shapes (or --spec FILE)")
-        entries = [dict(input_shape=args.input, weight_shape=args.weight, stride=args.stride,
-                        padding=args.padding, dilation=args.dilation, groups=args.groups,
-                        bias=args.bias, dtype=args.dtype)]
-    specs = []
-    for entry in entries:
-        try:
-            specs.append(ConvSpec.from_dict(entry))
-        except (TypeError, ValueError) as error:
-            raise UsageError(str(error)) from None
+    _check_flag_combinations(args, bool(entries))
+    try:
+        if entries:
+            specs = [spec_from_dict(entry) for entry in entries]
+        elif args.expr is not None:
+            specs = [ExprSpec(args.expr, dict(args.shape), dtype=args.dtype,
+                              zero_outside=tuple(args.zero_outside))]
+        elif args.input is None or args.weight is None:
+            raise UsageError("give --input and --weight shapes (or --expr TEXT, or --spec FILE)")
+        elif args.transpose:
+            specs = [ConvTransposeSpec(args.input, args.weight, stride=args.stride,
+                                       padding=args.padding, output_padding=args.output_padding,
+                                       dilation=args.dilation, groups=args.groups,
+                                       bias=args.bias, dtype=args.dtype)]
+        else:
+            specs = [ConvSpec(args.input, args.weight, stride=args.stride, padding=args.padding,
+                              dilation=args.dilation, groups=args.groups, bias=args.bias,
+                              dtype=args.dtype, padding_mode=args.padding_mode)]
+        if args.gradient:
+            specs = [GradientSpec(spec, args.gradient) for spec in specs]
+    except (TypeError, ValueError) as error:
+        raise UsageError(str(error)) from None
     return specs
 
 
@@ -137,7 +195,7 @@ def _packages(root: Path) -> set[str]:
         return set()
 
 
-def _log_compile(spec: ConvSpec, kernel: Kernel, seconds: float, hit: bool) -> None:
+def _log_compile(spec, kernel: Kernel, seconds: float, hit: bool) -> None:
     """--verbose: each stage of one compile with its time (a hit only loads)."""
     if hit:
         log.info("%s: cache hit, loaded in %.3f s", spec.slug, seconds)
@@ -154,13 +212,13 @@ def _log_compile(spec: ConvSpec, kernel: Kernel, seconds: float, hit: bool) -> N
     log.info("%s: total %.3f s -> %s", spec.slug, seconds, kernel.path)
 
 
-def _compile(spec: ConvSpec, cache_dir, target: str | None = None) -> tuple[Kernel, float]:
-    """compile_conv, timed, with its stages logged under --verbose."""
+def _compile(spec, cache_dir, target: str | None = None) -> tuple[Kernel, float]:
+    """compile_op, timed, with its stages logged under --verbose."""
     from .build import default_cache_dir
-    from .compiler import compile_conv
+    from .compiler import compile_op
     before = _packages(Path(cache_dir) if cache_dir is not None else default_cache_dir())
     start = time.perf_counter()
-    kernel = compile_conv(spec, cache_dir=cache_dir, target=target)
+    kernel = compile_op(spec, cache_dir=cache_dir, target=target)
     seconds = time.perf_counter() - start
     _log_compile(spec, kernel, seconds, hit=kernel.path.name in before)
     return kernel, seconds
@@ -177,12 +235,12 @@ def cmd_compile(args, out) -> int:
     return 0
 
 
-def _log_timings(spec: ConvSpec, timings) -> None:
+def _log_timings(spec, timings) -> None:
     for name, seconds in timings.items():
         log.info("%s: %s %.3f s", spec.slug, name, seconds)
 
 
-def _print_bench(spec: ConvSpec, args, out) -> None:
+def _print_bench(spec, args, out) -> None:
     from .report import benchmark
     kernel, _ = _compile(spec, args.cache_dir)
     print("\n== benchmark ==", file=out)
@@ -227,10 +285,16 @@ def cmd_explain(args, out) -> int:
     return 0
 
 
-def _run_gradcheck(spec: ConvSpec, args, out) -> bool:
+def _in_float64(spec):
+    """The same spec in float64 (for finite differences)."""
+    if isinstance(spec, GradientSpec):
+        return GradientSpec(_in_float64(spec.parent), spec.function)
+    return type(spec).from_dict({**spec.to_dict(), "dtype": "float64"})
+
+
+def _run_gradcheck(spec, args, out) -> bool:
     from .check import check_kernel
-    checked = ConvSpec.from_dict({**spec.to_dict(), "dtype": "float64"})
-    kernel, _ = _compile(checked, args.cache_dir)
+    kernel, _ = _compile(_in_float64(spec), args.cache_dir)
     results = check_kernel(kernel, seed=args.seed)
     for result in results:
         print(result, file=out)
@@ -367,7 +431,7 @@ def main(argv: Sequence[str] | None = None, out=None) -> int:
             raise UsageError("symconv: choose a command: demo, compile, explain, gradcheck, list "
                              "(symconv --help)")
         return args.run(args, out)
-    except UsageError as error:
+    except (UsageError, IRError) as error:  # IRError: the user's expression or gradient name
         print(f"{error}" if str(error).startswith("symconv") else f"symconv: {error}",
               file=sys.stderr)
         return 2

@@ -193,7 +193,9 @@ def gradient(spec: GradientSpec) -> OpDefinition:
     wrt = spec.function[len("grad_"):]
     array = next((a for a in parent.inputs if a.name == wrt), None)
     if array is None or wrt not in parent.differentiable:
-        raise IRError(f"{spec.parent.describe()} has no gradient {spec.function}")
+        names = ", ".join(f"grad_{name}" for name in parent.differentiable)
+        raise IRError(f"{spec.parent.describe()} has no gradient {spec.function} "
+                      f"(it has {names})")
     output = parent.forward.output
     cotangent = Array(f"grad_{output.name}", output.shape)
     fn = vjp(parent.forward, array, cotangent).gather

@@ -37,7 +37,7 @@ import statistics
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -214,23 +214,26 @@ def _time(call, repeat: int, budget: float) -> list[float]:
     return times
 
 
-def benchmark(kernel, spec: ConvSpec, repeat: int = 20, threads: int | None = None,
+def benchmark(kernel, spec, repeat: int = 20, threads: int | None = None,
               budget: float = 5.0, compare_torch: bool = True, seed: int = 0) -> list[Timing]:
     """Median and best wall time of every compiled function (into reused ``out=`` buffers),
-    and of PyTorch's forward for comparison where torch is installed and the rank is 1-3."""
+    and, for a convolution of rank 1-3 where torch is installed, PyTorch's forward.  FLOP
+    rates need a FLOP count, which convolution specs have (0 elsewhere)."""
     rng = np.random.default_rng(seed)
     shapes = {name: tuple(a["shape"]) for name, a in kernel.manifest["arrays"].items()}
     dtype = kernel.manifest["dtype"]
     arrays = {name: rng.standard_normal(shape).astype(dtype) for name, shape in shapes.items()}
-    outputs = int(np.prod(spec.output_shape))
+    outputs = int(np.prod(shapes[kernel.manifest["output"]]))
+    flops_of = getattr(spec, "flops", 0)
     results = []
     for name, function in kernel.functions.items():
         args = [arrays[a] for a in function.args]
         out = np.empty(shapes[function.output], dtype)
         times = _time(lambda: function(*args, out=out, threads=threads), repeat, budget)
-        flops = outputs if name == "grad_bias" else spec.flops
+        flops = outputs if name == "grad_bias" else flops_of
         results.append(Timing(name, statistics.median(times), min(times), len(times), flops))
-    if compare_torch and 1 <= spec.rank <= 3 and getattr(spec, "padding_mode", "zeros") == "zeros":
+    if compare_torch and isinstance(spec, ConvSpec) and 1 <= spec.rank <= 3 and \
+            spec.padding_mode == "zeros":
         try:
             import torch
         except ImportError:
@@ -337,15 +340,22 @@ def _formula_html(formula: Formula, strict: bool) -> str:
             f'data-form="{formula.form}"><table>{"".join(rows)}</table></figure>')
 
 
-def _fields_html(spec: ConvSpec) -> str:
-    rows = [("input", spec.input_shape), ("weight", spec.weight_shape),
-            ("output", spec.output_shape), ("stride", spec.stride),
-            ("padding", ", ".join(f"{lo}" if lo == hi else f"({lo}, {hi})"
-                                  for lo, hi in spec.padding)),
-            ("dilation", spec.dilation), ("groups", spec.groups), ("bias", spec.bias),
-            ("dtype", spec.dtype)]
-    if getattr(spec, "padding_mode", "zeros") != "zeros":
-        rows.append(("padding mode", spec.padding_mode))
+def _fields_html(spec) -> str:
+    """The spec's fields as a table (any spec: its normalised fields, then derived facts)."""
+    def shown(name, value):
+        if name == "padding" and isinstance(value, tuple) and all(
+                isinstance(p, tuple) for p in value):
+            return ", ".join(f"{lo}" if lo == hi else f"({lo}, {hi})" for lo, hi in value)
+        if name == "shapes":
+            return ", ".join(f"{a}{shape}" for a, shape in value)
+        if name == "parent":
+            return value.describe()
+        return value
+    rows = [(name.replace("_", " "), shown(name, value))
+            for name, value in ((f.name, getattr(spec, f.name)) for f in fields(spec) if f.init)
+            if not (name == "padding_mode" and value == "zeros")]
+    if hasattr(spec, "output_shape"):
+        rows.insert(2, ("output shape", spec.output_shape))
     flops = getattr(spec, "flops", None)
     if flops:
         rows.append(("forward FLOPs", f"{flops:,}"))
@@ -405,8 +415,8 @@ def spec_section(spec: ConvSpec, index: int, *, bench: bool = False, cache_dir=N
     for formula in cut_formulas:
         if formula.name == "forward":
             parts.append("<h3>Forward</h3>")
-            parts.append('<p class="step">The definition, as an index sum: the input reads as '
-                         'zero outside its shape (that is the padding)</p>')
+            parts.append('<p class="step">The definition, as an index sum (arrays marked zero '
+                         'outside their shape are the padding)</p>')
         else:
             if formula.form == "scatter":
                 if not any("<h3>Gradients</h3>" == p for p in parts):

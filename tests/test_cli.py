@@ -92,12 +92,89 @@ def test_demo(tmp_path):
      "ConvSpec.padding: each entry must be an int or a (lo, hi) pair"),
     (["compile", "--spec", "/nonexistent/spec.json"], "cannot read spec file"),
     (["frobnicate"], "invalid choice"),
+    (["explain", "--expr", "Y[i] = X[i]", "--shape", "X=5", "--input", "1,2,3"],
+     "--expr cannot be combined with --input"),
+    (["explain", "--input", "1,2,9", "--weight", "2,2,3", "--zero-outside", "X"],
+     "only --expr takes --zero-outside"),
+    (["explain", "--input", "1,2,9", "--weight", "2,2,3", "--output-padding", "1"],
+     "--output-padding only applies to --transpose"),
+    (["explain", "--input", "1,2,9", "--weight", "2,2,3", "--transpose", "--padding-mode",
+      "reflect"], "pads with zeros only"),
+    (["explain", "--input", "1,2,9", "--weight", "2,2,3", "--gradient", "grad_foo"],
+     "has no gradient grad_foo (it has grad_input, grad_weight, grad_bias)"),
+    (["explain", "--expr", "Y[i] = X[i", "--shape", "X=5"], "expression: cannot read"),
+    (["explain", "--expr", "Y[i] = X[i + k]", "--shape", "X=5"], "cannot infer the range of"),
     ([], "choose a command"),
 ])
 def test_bad_arguments_give_one_line_and_status_2(argv, fragment, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and fragment in err, err
+
+
+CORRELATE = "Y[n, i] = sum(W[k] * X[n, i + k - 1], (k, 0, 2))"
+
+
+def test_expr_explain_and_compile_then_import_without_sympy(tmp_path):
+    flags = ["--expr", CORRELATE, "--shape", "X=2,6", "--shape", "W=3", "--shape", "Y=2,6",
+             "--zero-outside", "X", "--dtype", "float64"]
+    code, out = run(["explain", *flags])
+    assert code == 0
+    assert "== grad_X ==" in out and "== grad_W ==" in out
+    code, out = run(["compile", *flags, "--out", str(tmp_path / "generated")])
+    assert code == 0
+    (package,) = [p for p in (tmp_path / "generated").iterdir() if not p.name.startswith(".")]
+    script = ("import sys; sys.modules['sympy'] = None\n"
+              f"import generated.{package.name} as k\n"
+              "import numpy as np\n"
+              "x = np.arange(12.0).reshape(2, 6); w = np.array([1.0, -2.0, 3.0])\n"
+              "padded = np.pad(x, ((0, 0), (1, 1)))\n"
+              "want = sum(w[j] * padded[:, j:j + 6] for j in range(3))\n"
+              "print(np.array_equal(k.forward(x, w), want) or k.forward(x, w).tolist())\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "True"
+
+
+@pytest.mark.parametrize("flags", [
+    ["--transpose", "--stride", "2", "--output-padding", "1", "--padding", "1"],
+    ["--padding-mode", "reflect", "--padding", "2"],
+    ["--padding-mode", "circular", "--padding", "1:2", "--stride", "2"],
+    ["--gradient", "grad_weight", "--stride", "2"],
+])
+def test_gradcheck_of_transposed_padded_and_gradient_ops(flags, tmp_path):
+    code, out = run(["gradcheck", "--input", "1,2,9", "--weight", "2,2,3", *flags,
+                     "--cache-dir", str(tmp_path)])
+    assert code == 0, out
+    checks = [line for line in out.splitlines() if "rel. error" in line]
+    assert len(checks) >= 2 and all(line.endswith("-> ok") for line in checks), out
+
+
+def test_explain_a_gradient_op_shows_second_derivatives():
+    code, out = run(["explain", "--input", "1,2,9", "--weight", "2,2,3", "--no-bias",
+                     "--gradient", "grad_input"])
+    assert code == 0
+    forward = out[out.index("== forward =="):].splitlines()[1]
+    assert forward.startswith("grad_input[n, c, j0] =")  # the op's forward: the derived gradient
+    assert "grad_output[n, o, j0 - k0]*weight[o, c, k0]" in forward
+    assert "== grad_grad_output ==" in out and "== grad_weight ==" in out
+
+
+def test_spec_file_with_kinds(tmp_path):
+    from symconv import ConvTransposeSpec, ExprSpec
+
+    specs = [{"kind": "conv_transpose", **ConvTransposeSpec((1, 2, 5), (2, 3, 3),
+                                                             stride=2).to_dict()},
+             {"kind": "expr", **ExprSpec(CORRELATE, {"X": (2, 6), "W": (3,), "Y": (2, 6)},
+                                         zero_outside=("X",)).to_dict()}]
+    (tmp_path / "specs.json").write_text(json.dumps(specs))
+    code, out = run(["explain", "--spec", str(tmp_path / "specs.json")])
+    assert code == 0
+    assert out.count("== grad_weight ==") == 1 and "== grad_X ==" in out
+    code, out = run(["gradcheck", "--spec", str(tmp_path / "specs.json"), "--cache-dir",
+                     str(tmp_path / "cache")])
+    assert code == 0 and out.count("-> ok") == 5, out
 
 
 def test_bad_spec_file(tmp_path, capsys):
