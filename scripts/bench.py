@@ -30,6 +30,7 @@ import numpy as np
 
 import symconv
 from symconv import ConvSpec, build
+from symconv.kernel import best_variant
 
 PASSES = ("forward", "grad_input", "grad_weight")
 
@@ -98,9 +99,10 @@ def measure_fma_peak(threads: int, target: str | None) -> float:
     uses on ``target`` (256-bit AVX2, or 512-bit where the target has AVX-512)."""
     import importlib.util
     directory = Path(tempfile.mkdtemp(prefix="symconv-peak-"))
-    width = 64 if build.vector_isa(target) == "avx512" else 32
+    variant = best_variant(build.variants(target))      # the code this machine runs
+    width = 64 if variant["isa"] == "avx512" else 32
     (directory / build.SOURCE).write_text(FMA_PEAK_C.replace("VECTOR_BYTES", str(width)))
-    config = build.build_config(target)
+    config = build.build_config(variant["target"])
     config = {**config, "flags": [*config["flags"], "-ffp-contract=fast"]}
     path = build.compile_extension(directory, "_fma_peak", "float fma_loop(long iterations);",
                                    config)

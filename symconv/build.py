@@ -35,7 +35,8 @@ from typing import Any, Callable, Iterator, Mapping
 import cffi
 
 from . import __version__
-from .kernel import FORMAT, MANIFEST, PackageError, cpu_features, file_digest, manifest_digest, read_manifest
+from .kernel import (FORMAT, MANIFEST, PackageError, best_variant, cpu_features, file_digest,
+                     manifest_digest, read_manifest)
 
 try:
     import fcntl
@@ -91,17 +92,22 @@ def default_cache_dir() -> Path:
 
 
 def default_target() -> str:
-    """x86-64-v3 where the CPU has it (it reaches the same FMA peak as native), else the
-    portable baseline of the architecture."""
+    """Where the CPU has x86-64-v3: code for both AVX-512 (x86-64-v4) and AVX2 (x86-64-v3) in
+    one package, the loader running the best its CPU has, so the package runs on any AVX2
+    machine and at full width where AVX-512 exists.  Elsewhere the architecture's portable
+    baseline."""
     if platform.machine() in ("x86_64", "AMD64"):
         have = cpu_features() or set()
-        return "x86-64-v3" if set(TARGET_FEATURES["x86-64-v3"]) <= have else "x86-64"
+        if set(TARGET_FEATURES["x86-64-v3"]) <= have:
+            return "x86-64-v4,x86-64-v3"
+        return "x86-64"
     return "generic"
 
 
-def split_target(target: str | None) -> tuple[str, bool]:
-    """(instruction-set target, sanitize) from a target name such as ``x86-64-v3``,
-    ``native+sanitize`` or ``+sanitize`` (the default target, sanitized)."""
+def split_target(target: str | None) -> tuple[tuple[str, ...], bool]:
+    """(instruction-set targets in order of preference, sanitize) from a target name such as
+    ``x86-64-v3``, ``x86-64-v4,x86-64-v3``, ``native+sanitize`` or ``+sanitize`` (the default
+    target, sanitized)."""
     if target is not None and not isinstance(target, str):
         raise ValueError(f"target must be a string such as 'x86-64-v3', got {target!r}")
     base, *modifiers = (target or "").split("+")
@@ -109,21 +115,51 @@ def split_target(target: str | None) -> tuple[str, bool]:
     if unknown or len(modifiers) > 1:
         raise ValueError(f"unknown target modifier in {target!r}; the only one is "
                          f"'+{SANITIZE}' (e.g. 'x86-64-v3+{SANITIZE}')")
-    return base or default_target(), bool(modifiers)
+    names = tuple((base or default_target()).split(","))
+    for name in names:
+        if name != "native" and name not in TARGET_FEATURES:
+            raise ValueError(f"unknown target {name!r}; expected native or one of "
+                             f"{', '.join(TARGET_FEATURES)}, or several joined by commas "
+                             f"(best first), optionally with '+{SANITIZE}'")
+    if len(set(names)) != len(names):
+        raise ValueError(f"target {target!r} names an instruction set twice")
+    return names, bool(modifiers)
 
 
-def target_flags(target: str) -> tuple[list[str], list[str]]:
-    """(compiler flags, CPU features the binary needs) for a target name."""
-    base, sanitize = split_target(target)
-    extra = list(SANITIZE_FLAGS) if sanitize else []
-    if base == "native":
-        have = cpu_features() or set()
-        return ["-march=native", *extra], sorted(f for f in have if _ISA_FLAG.match(f))
-    if base not in TARGET_FEATURES:
-        raise ValueError(f"unknown target {base!r}; expected native or one of "
-                         f"{', '.join(TARGET_FEATURES)}, optionally with '+{SANITIZE}'")
-    flags = [] if base == "generic" else [f"-march={base}"]
-    return flags + extra, list(TARGET_FEATURES[base])
+def _features(name: str) -> list[str]:
+    """The CPU features code built for one instruction-set target needs."""
+    if name == "native":
+        return sorted(f for f in cpu_features() or set() if _ISA_FLAG.match(f))
+    return list(TARGET_FEATURES[name])
+
+
+def _isa(features) -> str | None:
+    """The vector instructions symconv's code uses given these CPU features: "avx512",
+    "avx2" (with FMA), or None for plain C."""
+    features = set(features)
+    if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= features:
+        return "avx512"
+    return "avx2" if {"avx2", "fma"} <= features else None
+
+
+def variants(target: str | None = None) -> list[dict[str, Any]]:
+    """One entry per instruction set a package for ``target`` holds code for, best first:
+    its target name, vector ISA, compiler flags, the CPU features it needs, its C file and
+    the prefix of its function symbols.  A single-target package keeps the plain names."""
+    names, _ = split_target(target)
+    found = []
+    for name in names:
+        features = _features(name)
+        single = len(names) == 1
+        found.append({
+            "target": name,
+            "isa": _isa(features),
+            "flags": [] if name == "generic" else [f"-march={name}"],
+            "cpu_features": features,
+            "source": SOURCE if single else f"kernels-{name}.c",
+            "prefix": "symconv_" if single else f"symconv_{name.replace('-', '_')}_",
+        })
+    return found
 
 
 def sanitizer_runtime(cc: str | None = None) -> list[str]:
@@ -146,12 +182,9 @@ def sanitizer_runtime(cc: str | None = None) -> list[str]:
 
 
 def vector_isa(target: str | None = None) -> str | None:
-    """The vector instructions symconv's code uses on a target (default: this machine's
-    default target): "avx512", "avx2" (with FMA), or None for plain C."""
-    features = set(target_flags(target or default_target())[1])
-    if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= features:
-        return "avx512"
-    return "avx2" if {"avx2", "fma"} <= features else None
+    """The vector instructions of the code this machine runs from a package built for
+    ``target`` (default: the default target): "avx512", "avx2" (with FMA), or None."""
+    return best_variant(variants(target))["isa"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -180,17 +213,18 @@ def fingerprint() -> str:
 
 def build_config(target: str | None = None) -> dict[str, Any]:
     """Everything besides the op that decides the binary."""
-    base, sanitize = split_target(target)
-    target = f"{base}+{SANITIZE}" if sanitize else base
-    flags, features = target_flags(target)
+    names, sanitize = split_target(target)
+    target = ",".join(names) + (f"+{SANITIZE}" if sanitize else "")
+    entries = variants(target)
     cc = c_compiler()
     return {
         "target": target,
         "sanitize": sanitize,
-        "cpu_features": features,
+        "variants": entries,
+        "cpu_features": entries[-1]["cpu_features"],   # the baseline: what loading needs
         "compiler": cc,
         "compiler_version": compiler_version(cc),
-        "flags": [*BASE_FLAGS, *flags],
+        "flags": [*BASE_FLAGS, *(SANITIZE_FLAGS if sanitize else ())],
         "machine": platform.machine(),
         "python": platform.python_version(),
         "ext_suffix": sysconfig.get_config_var("EXT_SUFFIX"),
@@ -205,21 +239,40 @@ def package_name(slug: str, op_key: str, config: Mapping[str, Any]) -> str:
     return f"{slug}_{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
+def _run_all(commands: list[list[str]]) -> None:
+    """Run compiler commands side by side; BuildError with the first failure's output."""
+    running = [(command, subprocess.Popen(command, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True))
+               for command in commands]
+    failures = [(command, process.communicate()[0], process.returncode)
+                for command, process in running]
+    for command, output, code in failures:
+        if code != 0:
+            raise BuildError(f"C compilation failed ({' '.join(command)}):\n{output[-4000:]}")
+
+
 def compile_extension(directory: Path, module: str, cdef: str, config: Mapping[str, Any]) -> Path:
-    """Compile ``directory/kernels.c`` with cffi's API-mode wrapper into ``module``."""
+    """Compile each variant's C file in ``directory`` with its own flags (in parallel), and
+    link them with cffi's API-mode wrapper, compiled for the baseline, into ``module``."""
     ffi = cffi.FFI()
     ffi.cdef(cdef)
-    ffi.set_source(module, f'#include "{SOURCE}"')
+    ffi.set_source(module, cdef)    # the wrapper sees declarations only
     wrapper = directory / f"{module}.c"
     with contextlib.redirect_stdout(io.StringIO()):  # cffi announces the file it writes
         ffi.emit_c_code(str(wrapper))
     target = directory / (module + config["ext_suffix"])
-    command = [config["compiler"], *config["flags"], f"-I{sysconfig.get_paths()['include']}",
-               f"-I{directory}", str(wrapper), "-o", str(target), "-lm"]
-    result = subprocess.run(command, capture_output=True, text=True)
-    wrapper.unlink()
-    if result.returncode != 0:
-        raise BuildError(f"C compilation failed ({' '.join(command)}):\n{result.stderr[-4000:]}")
+    cc, flags = config["compiler"], config["flags"]
+    include = [f"-I{sysconfig.get_paths()['include']}", f"-I{directory}"]
+    entries = config["variants"]
+    objects = [directory / f"{module}.{i}.o" for i in range(len(entries))]
+    try:
+        _run_all([[cc, *flags, *entry["flags"], "-c", str(directory / entry["source"]), "-o",
+                   str(obj)] for entry, obj in zip(entries, objects)])
+        _run_all([[cc, *flags, *entries[-1]["flags"], *include, str(wrapper),
+                   *map(str, objects), "-o", str(target), "-lm"]])
+    finally:
+        for temporary in (wrapper, *objects):
+            temporary.unlink(missing_ok=True)
     return target
 
 
@@ -241,11 +294,13 @@ formulas = kernel.formulas
 '''
 
 
-def write_package(directory: Path, name: str, source: str, cdef: str,
+def write_package(directory: Path, name: str, sources: Mapping[str, str], cdef: str,
                   manifest: Mapping[str, Any], config: Mapping[str, Any]) -> None:
-    """Fill an empty directory with a complete package."""
+    """Fill an empty directory with a complete package; ``sources`` holds the C text of each
+    variant (by its target name) and ``cdef`` the declarations of them all."""
     module = f"_{name}"
-    (directory / SOURCE).write_text(source)
+    for entry in config["variants"]:
+        (directory / entry["source"]).write_text(sources[entry["target"]])
     start = time.perf_counter()
     binary = compile_extension(directory, module, cdef, config)
     seconds = time.perf_counter() - start
@@ -255,13 +310,13 @@ def write_package(directory: Path, name: str, source: str, cdef: str,
     (directory / "__init__.py").write_text(_INIT.format(
         name=name, description=manifest["description"], version=__version__,
         runtime=RUNTIME[:-3], functions=functions))
-    files = (SOURCE, binary.name, "__init__.py", RUNTIME)
+    files = (*(entry["source"] for entry in config["variants"]), binary.name, "__init__.py",
+             RUNTIME)
     full = {
         **manifest,
         "format": FORMAT,
         "name": name,
         "module": module,
-        "source": SOURCE,
         "build": dict(config),
         "files": {f: file_digest(directory / f) for f in files},
     }

@@ -25,8 +25,9 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from . import build
 from .ir import IRError
-from .kernel import Kernel, PackageError
+from .kernel import Kernel, PackageError, best_variant
 from .progress import Progress, configure as configure_logging, log
 from .spec import PADDING_MODES, ConvSpec, ConvTransposeSpec, ExprSpec, GradientSpec, spec_from_dict
 
@@ -242,8 +243,8 @@ def _log_timings(spec, timings) -> None:
 
 def _print_bench(spec, args, out) -> None:
     from .report import benchmark
-    kernel, _ = _compile(spec, args.cache_dir)
-    print("\n== benchmark ==", file=out)
+    kernel, _ = _compile(spec, args.cache_dir, args.target)
+    print(f"\n== benchmark ({kernel.variant['target']}) ==", file=out)
     for t in benchmark(kernel, spec, repeat=args.repeat, threads=args.threads):
         print(f"{t.function:>26}: median {t.median * 1e3:9.3f} ms  best {t.best * 1e3:9.3f} ms  "
               f"{t.gflops:8.2f} GFLOP/s  ({t.runs} runs)", file=out)
@@ -260,7 +261,7 @@ def _write_report(args, out) -> int:
     specs = _specs(args)
     with Progress(len(specs), "report", enabled=args.progress) as bar:
         path = report.write(args.html, specs, bench=args.bench, cache_dir=args.cache_dir,
-                            repeat=args.repeat, threads=args.threads,
+                            target=args.target, repeat=args.repeat, threads=args.threads,
                             progress=lambda spec: bar.advance(spec.slug))
     size = path.stat().st_size
     print(f"wrote {path} ({size / 1024:.0f} KB, {len(specs)} spec{'s' * (len(specs) != 1)})",
@@ -273,12 +274,13 @@ def cmd_explain(args, out) -> int:
     if args.html:
         return _write_report(args, out)
     for spec in _specs(args):
-        compilation = explain(spec)
+        compilation = explain(spec, args.target)
         _log_timings(spec, compilation.timings)
         print(spec.describe(), file=out)
         _print_formulas(compilation, args.latex, args.scatter, out)
         if args.c:
-            print("\n== C ==", file=out)
+            variant = best_variant(compilation.variants)["target"]
+            print(f"\n== C ({variant}, the variant this machine runs) ==", file=out)
             print(compilation.source.text, file=out)
         if args.bench:
             _print_bench(spec, args, out)
@@ -355,6 +357,22 @@ def _positive(text: str) -> int:
     return value
 
 
+def _target(text: str) -> str:
+    try:
+        build.split_target(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def _add_target_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", type=_target, default=None,
+                        help="instruction sets to build for, best first: x86-64-v4, x86-64-v3, "
+                             "x86-64, native or generic, joined by commas (default: "
+                             "x86-64-v4,x86-64-v3 where the CPU has AVX2; the loader runs the "
+                             "best the CPU has)")
+
+
 def _add_progress_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bar on stderr (default: only when stderr is a terminal)")
@@ -382,8 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec_flags(compile_)
     compile_.add_argument("--out", default="generated", help="directory for the packages "
                           "(default: generated)")
-    compile_.add_argument("--target", default=None, help="x86-64-v3 (default where supported), "
-                          "x86-64, native or generic")
+    _add_target_flag(compile_)
     _add_progress_flag(compile_)
     compile_.set_defaults(run=cmd_compile)
 
@@ -405,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--threads", type=_positive, default=None, metavar="T",
                         help="threads per kernel call for --bench (default: all cores)")
     report.add_argument("--cache-dir", default=None, help="kernel cache for --bench")
+    _add_target_flag(explain)
     _add_progress_flag(explain)
     explain.set_defaults(run=cmd_explain)
 

@@ -1054,14 +1054,14 @@ def _accumulate_reduction(out, reads: _Reads, chosen, simd: Simd, accs, row_vars
 
 
 def emit_function(name: str, fn: IndexSum, inputs: Sequence[Array], dtype: str,
-                  isa: str | None = None) -> tuple[str, CFunction]:
-    """C text of one index sum as ``void symconv_<name>(inputs..., output, threads)``.
+                  isa: str | None = None, prefix: str = "symconv_") -> tuple[str, CFunction]:
+    """C text of one index sum as ``void <prefix><name>(inputs..., output, threads)``.
 
     The output is computed piece by piece (see schedule.py), each piece by its plan;
     with ``isa`` ("avx2" or "avx512") the vector plans use that instruction set.  Every output element is computed by
     one thread in a fixed order, so results do not depend on the number of threads."""
     ctype = C_TYPES[dtype]
-    symbol = f"symconv_{_check_name(name, 'function')}"
+    symbol = f"{prefix}{_check_name(name, 'function')}"
     for array in (*inputs, fn.output):
         _check_name(array.name, "array")
     read = {a.name for a in fn.inputs}
@@ -1098,9 +1098,9 @@ def emit_function(name: str, fn: IndexSum, inputs: Sequence[Array], dtype: str,
 
 
 def emit(functions: Sequence[tuple[str, IndexSum, Sequence[Array]]], dtype: str,
-         title: str, isa: str | None = None) -> CSource:
-    """One C translation unit holding every function of an op; ``isa`` ("avx2", "avx512" or
-    None for plain C) picks the vector instructions."""
+         title: str, isa: str | None = None, prefix: str = "symconv_") -> CSource:
+    """One C translation unit holding every function of an op, named ``<prefix><name>``;
+    ``isa`` ("avx2", "avx512" or None for plain C) picks the vector instructions."""
     if dtype not in C_TYPES:
         raise IRError(f"unsupported dtype {dtype!r}; expected one of {sorted(C_TYPES)}")
     if isa not in (None, *SIMD_PRELUDE):
@@ -1110,7 +1110,7 @@ def emit(functions: Sequence[tuple[str, IndexSum, Sequence[Array]]], dtype: str,
         parts.append(SIMD_PRELUDE[isa])
     declared = []
     for name, fn, inputs in functions:
-        text, function = emit_function(name, fn, inputs, dtype, isa)
+        text, function = emit_function(name, fn, inputs, dtype, isa, prefix)
         parts += ["\n", text]
         declared.append(function)
     return CSource("".join(parts), tuple(declared))

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import build
-from .kernel import Kernel, PackageError
+from .kernel import Kernel, PackageError, best_variant
 from .spec import ConvSpec
 
 if TYPE_CHECKING:  # only for annotations; importing them pulls in SymPy
@@ -34,8 +34,19 @@ class Compilation:
     op: "OpDefinition"
     derivations: dict[str, "Derivation"]
     functions: list[tuple[str, "IndexSum", tuple["Array", ...]]]
-    source: "CSource"
+    variants: list[dict[str, Any]]        # build.variants(target): the instruction sets
+    sources: dict[str, "CSource"]         # the C of each variant, by its target name
     timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def source(self) -> "CSource":
+        """The C this machine would run (see kernel.best_variant)."""
+        return self.sources[best_variant(self.variants)["target"]]
+
+    @property
+    def cdef(self) -> str:
+        """Declarations of every variant's functions, for cffi."""
+        return "".join(source.cdef for source in self.sources.values())
 
     def formulas(self) -> dict[str, dict[str, str]]:
         """Per function: the gather-form sum as text and LaTeX, and for gradients the
@@ -54,11 +65,8 @@ class Compilation:
     def manifest(self) -> dict[str, Any]:
         """The op's part of a package manifest (build.py adds the rest)."""
         op = self.op
-        functions = {
-            name: {"symbol": f"symconv_{name}", "args": [a.name for a in args],
-                   "output": fn.output.name}
-            for name, fn, args in self.functions
-        }
+        functions = {name: {"args": [a.name for a in args], "output": fn.output.name}
+                     for name, fn, args in self.functions}
         read_by_gradients = {a for name, entry in functions.items() if name != "forward"
                              for a in entry["args"]}
         cotangent = self.cotangent_name
@@ -88,9 +96,9 @@ class Compilation:
         return f"grad_{self.op.forward.output.name}"
 
 
-def lower(op: "OpDefinition", isa: str | None = None) -> Compilation:
-    """Derive every gradient of an op and emit its C (no build) for the vector instruction
-    set ``isa`` ("avx2", "avx512" or None)."""
+def lower(op: "OpDefinition", target: str | None = None) -> Compilation:
+    """Derive every gradient of an op and emit its C (no build), once for each instruction
+    set a package for ``target`` holds (see build.variants)."""
     from . import codegen, derive, ir
 
     timings = {}
@@ -107,9 +115,12 @@ def lower(op: "OpDefinition", isa: str | None = None) -> Compilation:
         read = {a.name for a in derivation.gather.inputs}
         args = tuple(a for a in (*op.inputs, cotangent) if a.name in read)
         functions.append((name, derivation.gather, args))
-    source = codegen.emit(functions, op.dtype, op.description, isa=isa)
+    variants = build.variants(target)
+    sources = {v["target"]: codegen.emit(functions, op.dtype, op.description, isa=v["isa"],
+                                         prefix=v["prefix"])
+               for v in variants}
     timings["codegen"] = time.perf_counter() - start
-    return Compilation(op, derivations, functions, source, timings)
+    return Compilation(op, derivations, functions, variants, sources, timings)
 
 
 def explain(spec, target: str | None = None) -> Compilation:
@@ -119,7 +130,7 @@ def explain(spec, target: str | None = None) -> Compilation:
     start = time.perf_counter()
     op = define.definition(spec)
     elapsed = time.perf_counter() - start
-    compilation = lower(op, isa=build.vector_isa(target))
+    compilation = lower(op, target)
     compilation.timings = {"define": elapsed, **compilation.timings}
     return compilation
 
@@ -133,7 +144,7 @@ def compile_op(spec, cache_dir: str | os.PathLike | None = None,
 
     ``spec`` is any spec symconv defines (ConvSpec, AvgPoolSpec).  ``cache_dir``
     defaults to ``$SYMCONV_CACHE_DIR`` or ``~/.cache/symconv``; ``target`` to
-    x86-64-v3 where the CPU has it (see build.default_target).  The package
+    AVX-512 and AVX2 code, the best run, where the CPU has AVX2 (see build.default_target).  The package
     name is known from the spec alone, so a cache hit runs no symbolic stage.
     """
     config = build.build_config(target)
@@ -146,8 +157,9 @@ def compile_op(spec, cache_dir: str | os.PathLike | None = None,
     except PackageError:
         def write(staging: Path) -> None:
             compilation = explain(spec, target)
-            build.write_package(staging, path.name, compilation.source.text,
-                                compilation.source.cdef, compilation.manifest(), config)
+            sources = {name: source.text for name, source in compilation.sources.items()}
+            build.write_package(staging, path.name, sources, compilation.cdef,
+                                compilation.manifest(), config)
         kernel = Kernel(build.publish(root, path.name, write))
     _loaded[path] = kernel
     return kernel

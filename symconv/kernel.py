@@ -30,7 +30,7 @@ import numpy as np
 
 MANIFEST = "manifest.json"
 THREADS_ENV = "SYMCONV_NUM_THREADS"
-FORMAT = 1
+FORMAT = 2
 C_TYPES = {"float32": "float", "float64": "double"}
 
 
@@ -100,7 +100,7 @@ def read_manifest(directory: Path, runtime: bool = True) -> dict[str, Any]:
                            f"{platform.machine()}")
     have = cpu_features()
     missing = sorted(set(build["cpu_features"]) - have) if have is not None else []
-    if missing:
+    if missing:    # the baseline variant's needs: then no variant can run
         raise PackageError(f"{directory} was built for target {build['target']} and needs CPU "
                            f"features this CPU lacks: {', '.join(missing)}; rebuild it here")
     if runtime and build.get("sanitize") and not sanitizer_loaded():
@@ -124,7 +124,14 @@ def _check_structure(manifest: Mapping[str, Any]) -> None:
             raise TypeError(f"build.{key} is not a string")
     if not all(isinstance(f, str) for f in build["cpu_features"]):
         raise TypeError("build.cpu_features holds a non-string")
-    for key in ("module", "source", "dtype"):
+    if not build["variants"]:
+        raise ValueError("build.variants is empty")
+    for variant in build["variants"]:
+        if not all(isinstance(f, str) for f in variant["cpu_features"]):
+            raise TypeError("a variant's cpu_features holds a non-string")
+        if variant["source"] not in manifest["files"] or not variant["prefix"].isidentifier():
+            raise ValueError(f"bad variant {variant.get('target')!r}")
+    for key in ("module", "dtype"):
         if not isinstance(manifest[key], str):
             raise TypeError(f"{key} is not a string")
     if manifest["dtype"] not in C_TYPES:
@@ -136,8 +143,8 @@ def _check_structure(manifest: Mapping[str, Any]) -> None:
     for name, entry in manifest["functions"].items():
         for array in (*entry["args"], entry["output"]):
             shapes[array]
-        if not str(entry["symbol"]).isidentifier():
-            raise ValueError(f"bad symbol {entry['symbol']!r}")
+        if not str(name).isidentifier():
+            raise ValueError(f"bad function name {name!r}")
     for key in ("inputs", "differentiable", "backward_args"):
         list(manifest[key])
 
@@ -183,6 +190,32 @@ def default_threads() -> int:
     return threads
 
 
+def best_variant(entries: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+    """The first (best) variant whose CPU features this machine has; the last, the baseline,
+    where none fits or the features cannot be read (loading checks the baseline)."""
+    have = cpu_features()
+    return next((v for v in entries if have is None or set(v["cpu_features"]) <= have),
+                entries[-1])
+
+
+def choose_variant(manifest: Mapping[str, Any], name: str | None = None) -> Mapping[str, Any]:
+    """The variant of a package to run: ``name`` (a target the package was built for, which
+    this CPU must support), else the best one this CPU has."""
+    entries = manifest["build"]["variants"]
+    if name is None:
+        return best_variant(entries)
+    have = cpu_features()
+    for entry in entries:
+        if entry["target"] == name:
+            missing = sorted(set(entry["cpu_features"]) - (have or set(entry["cpu_features"])))
+            if missing:
+                raise PackageError(f"variant {name} needs CPU features this CPU lacks: "
+                                   f"{', '.join(missing)}")
+            return entry
+    raise PackageError(f"{manifest['name']} has no variant {name!r}; it was built for "
+                       f"{', '.join(v['target'] for v in entries)}")
+
+
 def _import_extension(directory: Path, manifest: Mapping[str, Any]):
     module = manifest["module"]
     path = directory / (module + manifest["build"]["ext_suffix"])
@@ -197,13 +230,13 @@ class Function:
     """One compiled function: ``f(*inputs, out=None) -> output``."""
 
     def __init__(self, name: str, entry: Mapping[str, Any], shapes: Mapping[str, Sequence[int]],
-                 dtype: str, extension):
+                 dtype: str, extension, prefix: str):
         self.name = name
         self.args = tuple(entry["args"])
         self.output = entry["output"]
         self.dtype = np.dtype(dtype)
         self.shapes = {a: tuple(shapes[a]) for a in (*self.args, self.output)}
-        self._c = getattr(extension.lib, entry["symbol"])
+        self._c = getattr(extension.lib, prefix + name)
         self._buffer = extension.ffi.from_buffer
         self._ctype = C_TYPES[dtype] + "[]"
         self._expected = tuple(self.shapes[a] for a in self.args)
@@ -264,16 +297,21 @@ class Function:
 
 
 class Kernel:
-    """A loaded package: ``forward``, ``backward`` and every compiled function by name."""
+    """A loaded package: ``forward``, ``backward`` and every compiled function by name.
 
-    def __init__(self, directory: str | os.PathLike):
+    A package may hold code for several instruction sets (``manifest['build']['variants']``);
+    the kernel runs the best one this CPU has, or the one named by ``variant``."""
+
+    def __init__(self, directory: str | os.PathLike, variant: str | None = None):
         self.path = Path(directory).resolve()
         self.manifest = read_manifest(self.path)
+        self.variant = choose_variant(self.manifest, variant)
         try:
             extension = _import_extension(self.path, self.manifest)
             shapes = {name: entry["shape"] for name, entry in self.manifest["arrays"].items()}
             self.functions = {
-                name: Function(name, entry, shapes, self.manifest["dtype"], extension)
+                name: Function(name, entry, shapes, self.manifest["dtype"], extension,
+                               self.variant["prefix"])
                 for name, entry in self.manifest["functions"].items()
             }
         except (ImportError, AttributeError) as error:   # a binary that is not this package's
@@ -309,8 +347,8 @@ class Kernel:
 
     @property
     def source(self) -> str:
-        """The generated C."""
-        return (self.path / self.manifest["source"]).read_text()
+        """The generated C of the variant this kernel runs."""
+        return (self.path / self.variant["source"]).read_text()
 
     def __repr__(self) -> str:
         return f"<symconv Kernel {self.name}: {self.manifest['description']}>"
@@ -368,6 +406,7 @@ class Kernel:
         return tuple(results)
 
 
-def load(directory: str | os.PathLike) -> Kernel:
-    """Load a compiled package (a directory holding ``manifest.json``)."""
-    return Kernel(directory)
+def load(directory: str | os.PathLike, variant: str | None = None) -> Kernel:
+    """Load a compiled package (a directory holding ``manifest.json``), running the best
+    variant this CPU has or the one named."""
+    return Kernel(directory, variant)

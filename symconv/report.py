@@ -44,6 +44,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from . import __version__
+from .kernel import best_variant
 from .spec import ConvSpec
 
 log = logging.getLogger("symconv.report")
@@ -443,8 +444,10 @@ def spec_section(spec: ConvSpec, index: int, *, bench: bool = False, cache_dir=N
     start = time.perf_counter()
     source_html, source_css = _highlight(compilation.source.text)
     lines = compilation.source.text.count("\n")
-    parts.append(f'<h3>Generated C</h3><p class="muted">{lines} lines; each function is headed '
-                 f'by the formula it computes</p>')
+    variant = best_variant(compilation.variants)["target"]
+    parts.append(f'<h3>Generated C</h3><p class="muted">{lines} lines for {variant}, the '
+                 f'instruction set this machine runs; each function is headed by the formula '
+                 f'it computes</p>')
     parts.append(source_html)
     parts.append("</section>")
     log.info("%s: highlighted the C in %.3f s", spec.slug, time.perf_counter() - start)

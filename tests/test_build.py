@@ -38,7 +38,9 @@ def test_package_layout_and_manifest(compile_spec):
     kernel = compile_spec(SPEC)
     files = {p.name for p in kernel.path.iterdir()}
     module = kernel.manifest["module"]
-    assert {"__init__.py", "_symconv_kernel.py", "kernels.c", "manifest.json"} <= files
+    variants = kernel.manifest["build"]["variants"]
+    sources = {v["source"] for v in variants}
+    assert {"__init__.py", "_symconv_kernel.py", "manifest.json", *sources} <= files
     assert any(f.startswith(module) and f.endswith(".so") for f in files)
     assert not any(f.endswith((".o", ".tmp")) for f in files)
     manifest = kernel.manifest
@@ -50,7 +52,9 @@ def test_package_layout_and_manifest(compile_spec):
     config = manifest["build"]
     assert "-O3" in config["flags"] and config["compiler_version"]
     assert {"python", "cffi", "symconv", "ext_suffix", "target"} <= set(config)
-    assert manifest["files"]["kernels.c"] == build.file_digest(kernel.path / "kernels.c")
+    for source in sources:
+        assert manifest["files"][source] == build.file_digest(kernel.path / source)
+    assert config["cpu_features"] == variants[-1]["cpu_features"]   # the baseline's
     assert kernel.formulas["grad_input"] == manifest["formulas"]["grad_input"]["text"]
     assert kernel.source.startswith("/* symconv: conv3d")
 
@@ -156,7 +160,7 @@ def _binary(path: Path) -> Path:
 
 
 @pytest.mark.parametrize("damage, message", [
-    (lambda p: _replace(p / "kernels.c", b"/* edited */"), "kernels.c does not match"),
+    (lambda p: _replace(next(p.glob("kernels*.c")), b"/* edited */"), r"kernels\S*\.c does not match"),
     (lambda p: _replace(_binary(p), _binary(p).read_bytes()[:1000]), "does not match its hash"),
     (lambda p: _replace(p / "manifest.json", (p / "manifest.json").read_bytes()[:200]),
      "unreadable or truncated"),
@@ -210,16 +214,37 @@ def test_a_binary_swapped_in_from_another_package_is_refused(tmp_path):
     assert out.startswith("refused:") and "extension does not provide" in out
 
 
-def test_build_error_reports_the_compiler_output(tmp_path, monkeypatch):
+def test_build_error_reports_the_compiler_output(tmp_path, monkeypatch, one_target_config):
     monkeypatch.setenv("CC", "cc")
     (tmp_path / build.SOURCE).write_text("this is not C;")
     with pytest.raises(build.BuildError, match="C compilation failed"):
-        build.compile_extension(tmp_path, "_broken", "void f(void);", build.build_config())
+        build.compile_extension(tmp_path, "_broken", "void f(void);", one_target_config)
 
 
-def test_unknown_target_is_refused():
-    with pytest.raises(ValueError, match="unknown target"):
-        build.build_config("pentium4")
+@pytest.mark.parametrize("target, message", [
+    ("pentium4", "unknown target 'pentium4'"),
+    ("x86-64-v4,avx9", "unknown target 'avx9'"),
+    ("x86-64-v3,x86-64-v3", "names an instruction set twice"),
+    ("x86-64-v3+fast", "unknown target modifier"),
+])
+def test_unknown_target_is_refused(target, message):
+    with pytest.raises(ValueError, match=message):
+        build.build_config(target)
+
+
+def test_target_lists_give_one_variant_each_best_first():
+    entries = build.variants("x86-64-v4,x86-64-v3,x86-64+sanitize")
+    assert [v["target"] for v in entries] == ["x86-64-v4", "x86-64-v3", "x86-64"]
+    assert [v["isa"] for v in entries] == ["avx512", "avx2", None]
+    assert [v["flags"] for v in entries] == [["-march=x86-64-v4"], ["-march=x86-64-v3"],
+                                             ["-march=x86-64"]]
+    assert len({v["source"] for v in entries}) == len({v["prefix"] for v in entries}) == 3
+    config = build.build_config("x86-64-v4,x86-64-v3,x86-64+sanitize")
+    assert config["sanitize"] and config["cpu_features"] == []   # the baseline's: none
+    assert build.variants("x86-64-v3") == [{
+        "target": "x86-64-v3", "isa": "avx2", "flags": ["-march=x86-64-v3"],
+        "cpu_features": list(build.TARGET_FEATURES["x86-64-v3"]), "source": "kernels.c",
+        "prefix": "symconv_"}]
 
 
 def test_different_specs_in_parallel_do_not_interfere(tmp_path):

@@ -66,7 +66,7 @@ def test_explain_text_latex_c_and_scatter():
     assert "== grad_input ==" in out and "grad_input[n, c, j0, j1] =" in out and "⌈" in out
     code, out = run(["explain", *FLAGS, "--latex", "--c", "--scatter"])
     assert code == 0
-    assert r"\mathrm{grad\_weight}" in out and "void symconv_grad_weight(" in out
+    assert r"\mathrm{grad\_weight}" in out and re.search(r"void symconv_\w*grad_weight\(", out)
     assert "chain rule (scatter form):" in out and r"\delta" in out
 
 
@@ -205,15 +205,15 @@ def test_explain_html_report_with_benchmark(tmp_path):
     for name in ("forward", "grad_input", "grad_weight", "grad_bias"):
         assert f'data-function="{name}" data-form="gather"' in text
     assert "<h3>Benchmark</h3>" in text and "GFLOP/s" in text
-    assert "void symconv_grad_input(" not in text  # highlighted: the C is split into spans
-    assert 'symconv_grad_input</span>' in text
+    assert not re.search(r"void symconv_\w*grad_input\(", text)  # highlighted: in spans
+    assert re.search(r"symconv_\w*grad_input</span>", text)
 
 
 def test_explain_bench_prints_timings(tmp_path):
     code, out = run(["explain", "--input", "1,2,9", "--weight", "2,2,3", "--bench", "--repeat",
                      "2", "--cache-dir", str(tmp_path)])
     assert code == 0
-    lines = out[out.index("== benchmark =="):].splitlines()[1:]
+    lines = out[out.index("== benchmark ("):].splitlines()[1:]
     assert {line.split(":")[0].strip() for line in lines} >= {"forward", "grad_input",
                                                               "grad_weight", "grad_bias"}
     assert all("ms" in line and "GFLOP/s" in line for line in lines)

@@ -19,12 +19,13 @@ SPEC = dict(input_shape=(2, 3, 9, 8), weight_shape=(4, 3, 3, 2), stride=(2, 3), 
 
 
 def c_text(**fields):
-    return compiler.explain(ConvSpec(**fields)).source.text
+    """The AVX2 C of a convolution (a single-target package: functions keep plain names)."""
+    return compiler.explain(ConvSpec(**fields), "x86-64-v3").source.text
 
 
 def test_same_spec_gives_byte_identical_c_across_processes():
     code = ("import hashlib; from symconv import ConvSpec, compiler; "
-            f"print(hashlib.sha256(compiler.explain(ConvSpec(**{SPEC!r})).source.text"
+            f"print(hashlib.sha256(compiler.explain(ConvSpec(**{SPEC!r}), 'x86-64-v3').source.text"
             ".encode()).hexdigest())")
     digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                               check=True, env={"PYTHONHASHSEED": seed, "PATH": ""}).stdout.strip()
@@ -82,7 +83,7 @@ def test_names_that_cannot_be_c_identifiers_are_refused(name):
         codegen.emit([("forward", fn, (x,))], "float32", "test")
 
 
-def test_floor_helpers_are_correct_for_negative_numerators(tmp_path):
+def test_floor_helpers_are_correct_for_negative_numerators(tmp_path, one_target_config):
     """sc_floordiv / sc_ceildiv / sc_mod against Python's integer arithmetic."""
     source = codegen.PRELUDE + """
 int64_t floordiv(int64_t a, int64_t b) { return sc_floordiv(a, b); }
@@ -91,7 +92,7 @@ int64_t mod(int64_t a, int64_t b) { return sc_mod(a, b); }
 """
     (tmp_path / build.SOURCE).write_text(source)
     cdef = "\n".join(f"int64_t {f}(int64_t a, int64_t b);" for f in ("floordiv", "ceildiv", "mod"))
-    path = build.compile_extension(tmp_path, "_helpers", cdef, build.build_config())
+    path = build.compile_extension(tmp_path, "_helpers", cdef, one_target_config)
     spec = importlib.util.spec_from_file_location("_helpers", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -106,8 +107,8 @@ def test_stride_phases_leave_no_quotient_and_no_divisibility_test():
     """Stride 2, dilation 3: grad_input is split into the two phases of j0; in each the
     quotient index becomes exact and the congruence a unit-step change of variable."""
     op = define.conv(ConvSpec((1, 1, 13), (1, 1, 3), stride=2, dilation=3, padding=1))
-    for isa in (None, "avx2", "avx512"):
-        text = compiler.lower(op, isa=isa).source.text
+    for target in ("x86-64", "x86-64-v3", "x86-64-v4"):
+        text = compiler.lower(op, target).source.text
         grad_input = text[text.index("void symconv_grad_input"):text.index("void symconv_grad_w")]
         assert "phase j0 = 2·j0_:" in grad_input and "phase j0 = 2·j0_ + 1:" in grad_input
         assert "sc_mod(" not in grad_input and ") / " not in grad_input
@@ -145,13 +146,13 @@ void reduce(const double *restrict g, double *restrict out, int64_t lo0, int64_t
 """
 
 
-def test_build_flags_avoid_gcc_vectorizer_miscompile(tmp_path):
+def test_build_flags_avoid_gcc_vectorizer_miscompile(tmp_path, one_target_config):
     """GCC 12.2 at -O3 returns 2 instead of 1 for out[3..] here (its loop vectorizer mishandles
     the strided pair of loads in the reduction); symconv's flags must give the right answer."""
     (tmp_path / build.SOURCE).write_text(REPRODUCER)
     cdef = ("double *data(void);\n"
             "void reduce(const double *g, double *out, int64_t lo0, int64_t hi0);")
-    path = build.compile_extension(tmp_path, "_repro", cdef, build.build_config())
+    path = build.compile_extension(tmp_path, "_repro", cdef, one_target_config)
     spec = importlib.util.spec_from_file_location("_repro", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -7,6 +7,7 @@ import pytest
 
 from cases import CASES, make_spec
 from oracle import conv_backward, conv_forward
+from symconv import build
 
 TOLERANCE = {"float32": 2e-5, "float64": 1e-12}
 
@@ -31,27 +32,35 @@ def oracle_args(spec):
     return spec.stride, spec.padding, spec.dilation, spec.groups
 
 
+def runnable_variants(kernel):
+    """The kernel's package loaded once per instruction-set variant this CPU can run (the
+    default package holds AVX-512 and AVX2 code; the loader alone would run only the best)."""
+    from symconv.kernel import cpu_features, load
+    have = cpu_features()
+    return [load(kernel.path, v["target"]) for v in kernel.manifest["build"]["variants"]
+            if have is None or set(v["cpu_features"]) <= have]
+
+
 @pytest.mark.parametrize("fields", CASES)
 def test_against_numpy_oracle(fields, compile_spec, rng):
     spec = make_spec(fields)
-    kernel = compile_spec(spec)
     x, w, b, gy = random_arrays(spec, rng)
     inputs = [x, w] + ([b] if b is not None else [])
     copies = [a.copy() for a in (*inputs, gy)]
-
-    y = kernel.forward(*inputs)
-    assert y.shape == spec.output_shape and y.dtype == np.dtype(spec.dtype)
-    assert_close(y, conv_forward(x, w, b, *oracle_args(spec)), spec.dtype, "forward")
-
-    grads = kernel.backward(x, w, gy)
+    expected_y = conv_forward(x, w, b, *oracle_args(spec))
     expected = conv_backward(x, w, gy, *oracle_args(spec))
-    names = ("input", "weight", "bias")
-    assert len(grads) == (3 if spec.bias else 2)
-    for name, got, ref in zip(names, grads, expected):
-        assert got.dtype == np.dtype(spec.dtype)
-        assert_close(got, ref, spec.dtype, f"grad_{name}")
-    for before, after in zip(copies, (*inputs, gy)):
-        np.testing.assert_array_equal(before, after)  # inputs are never written
+    for kernel in runnable_variants(compile_spec(spec)):
+        where = kernel.variant["target"]
+        y = kernel.forward(*inputs)
+        assert y.shape == spec.output_shape and y.dtype == np.dtype(spec.dtype)
+        assert_close(y, expected_y, spec.dtype, f"{where} forward")
+        grads = kernel.backward(x, w, gy)
+        assert len(grads) == (3 if spec.bias else 2)
+        for name, got, ref in zip(("input", "weight", "bias"), grads, expected):
+            assert got.dtype == np.dtype(spec.dtype)
+            assert_close(got, ref, spec.dtype, f"{where} grad_{name}")
+        for before, after in zip(copies, (*inputs, gy)):
+            np.testing.assert_array_equal(before, after)  # inputs are never written
 
 
 @pytest.mark.parametrize("fields", [c for c in CASES if len(c.values[0]["input_shape"]) <= 5])
@@ -208,7 +217,7 @@ def test_results_do_not_depend_on_the_thread_count(fields, compile_spec, rng, mo
     """Bit-identical outputs for 1, 2 and 3 threads, and with SYMCONV_NUM_THREADS."""
     spec = make_spec(fields)
     kernel = compile_spec(spec)
-    functions = kernel.source.split("void symconv_")[1:]
+    functions = kernel.source.split("void " + kernel.variant["prefix"])[1:]
     for name in ("forward", "grad_input", "grad_weight"):   # else the test proves nothing
         (text,) = [f for f in functions if f.startswith(name + "(")]
         assert "#pragma omp parallel" in text, f"{name} does not run on threads"
@@ -230,10 +239,13 @@ def test_results_do_not_depend_on_the_thread_count(fields, compile_spec, rng, mo
 
 
 def _targets():
-    """x86-64 (plain C) always; AVX-512 where this CPU has it (the default is AVX2)."""
+    """Single-target packages: x86-64 (plain C) always, AVX2 and AVX-512 where this CPU has
+    them, each with the vector type its C must (or must not) use."""
     from symconv.kernel import cpu_features
     have = cpu_features() or set()
-    found = [pytest.param("x86-64", "__m256", id="x86-64")]
+    found = [pytest.param("x86-64", None, id="x86-64")]
+    if {"avx2", "fma"} <= have:
+        found.append(pytest.param("x86-64-v3", "__m256", id="x86-64-v3"))
     if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= have:
         found.append(pytest.param("x86-64-v4", "__m512", id="x86-64-v4"))
     return found
@@ -245,12 +257,14 @@ def _targets():
     "4d-strided-dilated", "2d-same-stride2-f64", "2d-stride2-pad1", "3d-basic",
     "1d-depthwise-f64")])
 def test_other_targets(fields, target, marker, cache_dir, rng):
-    """The x86-64 baseline (no vector code) and AVX-512 give the same results as the oracle."""
+    """Packages built for one instruction set give the oracle's results."""
     from symconv.compiler import compile_op
     spec = make_spec(fields)
     kernel = compile_op(spec, cache_dir=cache_dir, target=target)
     assert kernel.manifest["build"]["target"] == target
-    assert (marker in kernel.source) == (target == "x86-64-v4")
+    assert [v["source"] for v in kernel.manifest["build"]["variants"]] == ["kernels.c"]
+    for vector in ("__m256", "__m512"):
+        assert (vector in kernel.source) == (vector == marker)
     x, w, b, gy = random_arrays(spec, rng)
     args = oracle_args(spec)
     assert_close(kernel.forward(*[a for a in (x, w, b) if a is not None]),
@@ -258,3 +272,37 @@ def test_other_targets(fields, target, marker, cache_dir, rng):
     for name, got, ref in zip(("input", "weight", "bias"), kernel.backward(x, w, gy),
                               conv_backward(x, w, gy, *args)):
         assert_close(got, ref, spec.dtype, f"grad_{name}")
+
+
+@pytest.mark.skipif(not build.default_target().startswith("x86-64-v4,"),
+                    reason="the default target holds two variants on x86-64 with AVX2 only")
+def test_default_package_runs_the_best_variant_the_cpu_has(compile_spec, monkeypatch, rng):
+    """AVX-512 and AVX2 code in one package: the loader picks AVX-512 where the CPU has it
+    and AVX2 where it does not; a named variant loads if the CPU can run it."""
+    from symconv import kernel as runtime
+    from symconv.kernel import PackageError, load
+    spec = make_spec(CASES[0].values[0])
+    kernel = compile_spec(spec)
+    variants = kernel.manifest["build"]["variants"]
+    assert [v["target"] for v in variants] == ["x86-64-v4", "x86-64-v3"]
+    assert [v["isa"] for v in variants] == ["avx512", "avx2"]
+    assert kernel.manifest["build"]["cpu_features"] == variants[-1]["cpu_features"]
+    have = runtime.cpu_features()
+    best = "x86-64-v4" if set(variants[0]["cpu_features"]) <= have else "x86-64-v3"
+    assert kernel.variant["target"] == best
+    assert ("__m512" in kernel.source) == (best == "x86-64-v4")
+
+    avx2_only = frozenset(have - {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd"})
+    monkeypatch.setattr(runtime, "cpu_features", lambda: avx2_only)
+    older = load(kernel.path)
+    assert older.variant["target"] == "x86-64-v3" and "__m512" not in older.source
+    x, w, b, gy = random_arrays(spec, rng)
+    inputs = [a for a in (x, w, b) if a is not None]
+    assert_close(older.forward(*inputs), conv_forward(x, w, b, *oracle_args(spec)), spec.dtype,
+                 "forward")
+    with pytest.raises(PackageError, match="variant x86-64-v4 needs CPU features this CPU "
+                                           "lacks: avx512"):
+        load(kernel.path, variant="x86-64-v4")
+    with pytest.raises(PackageError, match="has no variant 'x86-64'; it was built for "
+                                           "x86-64-v4, x86-64-v3"):
+        load(kernel.path, variant="x86-64")
