@@ -287,6 +287,27 @@ static inline __m256d sc_load2_pd(const double *p) {
     const __m256d b = _mm256_maskload_pd(p + 4, _mm256_setr_epi64x(-1, -1, -1, 0));
     return _mm256_permute4x64_pd(_mm256_unpacklo_pd(a, b), 0xD8);
 }
+/* The same under a lane mask: each lane's mask is spread onto the element it reads, so
+   masked lanes read nothing and come out 0. */
+static inline __m256 sc_load2m_ps(const float *p, __m256i mask) {
+    const __m256i even = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+    const __m256i odd_off = _mm256_setr_epi32(-1, 0, -1, 0, -1, 0, -1, 0);
+    const __m256i lo = _mm256_and_si256(odd_off, _mm256_permutevar8x32_epi32(
+        mask, _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3)));
+    const __m256i hi = _mm256_and_si256(odd_off, _mm256_permutevar8x32_epi32(
+        mask, _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7)));
+    const __m256 a = _mm256_permutevar8x32_ps(_mm256_maskload_ps(p, lo), even);
+    const __m256 b = _mm256_permutevar8x32_ps(_mm256_maskload_ps(p + 8, hi), even);
+    return _mm256_permute2f128_ps(a, b, 0x20);
+}
+static inline __m256d sc_load2m_pd(const double *p, __m256i mask) {
+    const __m256i odd_off = _mm256_setr_epi64x(-1, 0, -1, 0);
+    const __m256i lo = _mm256_and_si256(odd_off, _mm256_permute4x64_epi64(mask, 0x50));
+    const __m256i hi = _mm256_and_si256(odd_off, _mm256_permute4x64_epi64(mask, 0xFA));
+    const __m256d a = _mm256_maskload_pd(p, lo);
+    const __m256d b = _mm256_maskload_pd(p + 4, hi);
+    return _mm256_permute4x64_pd(_mm256_unpacklo_pd(a, b), 0xD8);
+}
 """,
     "avx512": """\
 #include <immintrin.h>
@@ -303,6 +324,21 @@ static inline __m512d sc_load2_pd(const double *p) {
     const __m512i even = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14);
     return _mm512_permutex2var_pd(_mm512_loadu_pd(p), even,
                                   _mm512_maskz_loadu_pd((__mmask8)0x7F, p + 8));
+}
+/* The same under a lane mask: bit q of the mask moves to bit 2q of the elements' mask
+   (pdep), so masked lanes read nothing and come out 0. */
+static inline __m512 sc_load2m_ps(const float *p, __mmask16 mask) {
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
+                                           28, 30);
+    const uint32_t spread = _pdep_u32(mask, 0x55555555u);
+    return _mm512_permutex2var_ps(_mm512_maskz_loadu_ps((__mmask16)spread, p), even,
+                                  _mm512_maskz_loadu_ps((__mmask16)(spread >> 16), p + 16));
+}
+static inline __m512d sc_load2m_pd(const double *p, __mmask8 mask) {
+    const __m512i even = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14);
+    const uint32_t spread = _pdep_u32(mask, 0x5555u);
+    return _mm512_permutex2var_pd(_mm512_maskz_loadu_pd((__mmask8)spread, p), even,
+                                  _mm512_maskz_loadu_pd((__mmask8)(spread >> 8), p + 8));
 }
 """,
 }
@@ -366,8 +402,9 @@ class Simd:
                 return f"{p}_loadu_{sfx}({pointer})"
             return (f"{p}_maskz_loadu_{sfx}({mask}, {pointer})" if self.wide else
                     f"{p}_maskload_{sfx}({pointer}, {mask})")
-        if stride == 2 and mask is None:
-            return f"sc_load2_{sfx}({pointer})"
+        if stride == 2:
+            return (f"sc_load2_{sfx}({pointer})" if mask is None else
+                    f"sc_load2m_{sfx}({pointer}, {mask})")
         scale = 4 if self.dtype == "float32" else 8
         index = self._offsets(stride)
         if self.wide:
@@ -423,6 +460,17 @@ class Simd:
         if self.wide:
             return f"{p}_mask_storeu_{sfx}({pointer}, {mask}, {value});"
         return f"{p}_maskstore_{sfx}({pointer}, {mask}, {value});"
+
+    def scatter(self, pointer: str, stride: int, value: str, mask: str | None) -> str | None:
+        """Lanes to pointer[0], pointer[stride], ... (masked lanes not written) in one AVX-512
+        scatter; None for AVX2, which has none (the caller stores lane by lane)."""
+        if not self.wide:
+            return None
+        scale = 4 if self.dtype == "float32" else 8
+        index, sfx = self._offsets(stride), self.sfx
+        if mask is None:
+            return f"_mm512_i32scatter_{sfx}({pointer}, {index}, {value}, {scale});"
+        return f"_mm512_mask_i32scatter_{sfx}({pointer}, {mask}, {index}, {value}, {scale});"
 
     def hsum(self, value: str) -> str:
         return f"_mm512_reduce_add_{self.sfx}({value})" if self.wide else \
@@ -586,7 +634,8 @@ def _emit_output_lanes(out: _Writer, fn: IndexSum, piece: schedule.Piece,
     lane_name = str(lane.label)
     outer = [i for i in piece.indices if i != lane and i != block]
     block_extent = index_range(block)[1] + 1 if block is not None else 1
-    single_rows = min(block_extent, (simd.registers - 4) // 2) if block is not None else 1
+    single_rows = schedule.balanced(block_extent, (simd.registers - 4) // 2) \
+        if block is not None else 1
     variants = {(chosen.vectors, False): _Variant(chosen.rows, chosen.vectors, False),
                 (1, False): _Variant(single_rows, 1, False),
                 (1, True): _Variant(single_rows, 1, True)}
@@ -720,8 +769,12 @@ def _output_lane_block(out, fn, piece, chosen, simd, variant: _Variant) -> None:
         for q in range(vectors):
             at = c_affine(row_offset.xreplace({lane: lane_at[q]}))
             pointer = f"{fn.output.name} + {at}"
+            scatter = simd.scatter(pointer, out_stride, accs[r][q],
+                                   f"sc_valid{q}" if masked else None)
             if out_stride == 1:
                 out.line(simd.store(pointer, accs[r][q], f"sc_valid{q}" if masked else None))
+            elif scatter:
+                out.line(scatter)
             else:
                 out.open()
                 out.line(f"{ctype} sc_t[{width}];")

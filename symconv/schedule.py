@@ -347,11 +347,18 @@ def _reads(piece: Piece):
     return found
 
 
+def balanced(extent: int, most: int) -> int:
+    """The block size, at most ``most``, that cuts 0..extent-1 into the fewest blocks of
+    nearly equal size (64 rows in blocks of at most 14: 5 blocks of 13, not 14+14+14+14+8)."""
+    blocks = -(-extent // most)
+    return -(-extent // blocks)
+
+
 def _output_lanes(piece: Piece, width: int, budget: int) -> OutputLanes | None:
     lane = piece.indices[-1]
     extent = index_range(lane)[1] + 1
     reads = _reads(piece)
-    if extent < width or reads is None:
+    if 2 * extent < width or reads is None:    # at least half the lanes of a vector used
         return None
     if any(not 0 <= c.get(lane, 0) <= MAX_LANE_STRIDE
            for _, _, coefficients in reads for c in coefficients):
@@ -372,7 +379,7 @@ def _output_lanes(piece: Piece, width: int, budget: int) -> OutputLanes | None:
     nests = tuple(_lane_conditions_outermost(n, lane) for n in piece.nests)
     if block is None:
         return OutputLanes(lane, None, 1, min(vectors_max, budget // 3), nests)
-    rows = min(index_range(block)[1] + 1, 4 if vectors_max >= 3 else 6)
+    rows = balanced(index_range(block)[1] + 1, 4 if vectors_max >= 3 else 6)
     return OutputLanes(lane, block, rows, max(1, min(vectors_max, budget // rows)), nests)
 
 
@@ -408,7 +415,7 @@ def _reduction_lanes(piece: Piece, width: int, budget: int) -> ReductionLanes | 
     (_, reads_, coefficients), = reads
     if any(len(loop.lower) > 1 or len(loop.upper) > 1 for loop in nest.loops[:-1]):
         return None    # the outer summation loops must be a box, to be cut into chunks
-    if hi - lo + 1 < width or any(not 0 <= c.get(lane, 0) <= MAX_LANE_STRIDE
+    if 2 * (hi - lo + 1) < width or any(not 0 <= c.get(lane, 0) <= MAX_LANE_STRIDE
                                   for c in coefficients):
         return None
     in_bounds = _bound_symbols(nest)
@@ -424,8 +431,8 @@ def _reduction_lanes(piece: Piece, width: int, budget: int) -> ReductionLanes | 
         return None
     sizes = [index_range(u)[1] + 1 for u in blocks]
     side = 3 if budget < 16 else 4          # 3x3 fits 16 registers without spills, 4x4 32
-    rows = [min(sizes[0], 2 * side)] if len(blocks) == 1 else \
-        [min(sizes[0], side), min(sizes[1], side)]
+    rows = [balanced(sizes[0], 2 * side)] if len(blocks) == 1 else \
+        [balanced(sizes[0], side), balanced(sizes[1], side)]
     return ReductionLanes(lane, tuple(zip(blocks, rows)))
 
 

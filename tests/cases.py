@@ -85,6 +85,11 @@ REGRESSIONS = [
          dtype="float64"),
     case("reduction-lanes-tap-wholly-in-padding-f32", input_shape=(1, 1, 15, 1),
          weight_shape=(1, 1, 1, 1), stride=(1, 2), padding=((0, 1), (1, 0)), bias=False),
+    # Output lanes stored with a stride (grad_input of a dilated kernel): AVX-512 code went
+    # through a stack array that GCC stored with an aligned vmovapd it had not aligned, which
+    # ASan caught as a fault; such stores are now one AVX-512 scatter.
+    case("strided-output-lanes-avx512", input_shape=(2, 3, 7), weight_shape=(3, 3, 3),
+         dilation=2, padding_mode="circular", dtype="float64"),
 ]
 
 
