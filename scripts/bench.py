@@ -309,7 +309,7 @@ def main() -> None:
     parser.add_argument("--json", default="bench.json")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--target", default=None, help="symconv build target (default: "
-                        "x86-64-v3 where supported; 'native' uses AVX-512 where the CPU has it)")
+                        "AVX-512 and AVX2 code, the best run; 'x86-64-v3' for AVX2 alone)")
     args = parser.parse_args()
     try:
         import torch

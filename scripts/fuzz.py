@@ -16,7 +16,7 @@ The same generator drives the Hypothesis suite in tests/test_property.py.
 from __future__ import annotations
 
 import argparse
-import os
+import itertools
 import sys
 import tempfile
 import time
@@ -31,7 +31,7 @@ import fuzzing  # noqa: E402
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=None, help="stop after this long")
     parser.add_argument("--cases", type=int, default=None, help="stop after this many cases")
     parser.add_argument("--start", type=int, default=0, help="first seed (default 0)")
@@ -56,16 +56,8 @@ def main(argv=None) -> int:
 
     from symconv import compiler
     cache = args.cache_dir or tempfile.mkdtemp(prefix="symconv-fuzz-")
-    seeds = args.seed or _count(args.start)
-    deadline = time.monotonic() + 60 * args.minutes if args.minutes is not None else None
     started, ran, calls, failed = time.monotonic(), 0, 0, []
-    for seed in seeds:
-        if (deadline is not None and time.monotonic() > deadline) or \
-                (args.cases is not None and ran >= args.cases):
-            break
-        case = fuzzing.case_from_seed(seed, targets, args.max_rank)
-        if not args.quiet:
-            print(f"seed {seed}: {case.describe()}", flush=True)
+    for seed, case in _cases(args, targets):
         try:
             kernel = compiler.compile_conv(case.spec, cache_dir=cache, target=case.target)
             calls += fuzzing.check_case(kernel, case)
@@ -83,10 +75,18 @@ def main(argv=None) -> int:
     return 1 if failed else 0
 
 
-def _count(start):
-    while True:
-        yield start
-        start += 1
+def _cases(args, targets):
+    """(seed, case) for the asked seeds, until the time or the case count is up."""
+    seeds = args.seed or itertools.count(args.start)
+    deadline = time.monotonic() + 60 * args.minutes if args.minutes is not None else None
+    for ran, seed in enumerate(seeds):
+        if (deadline is not None and time.monotonic() > deadline) or \
+                (args.cases is not None and ran >= args.cases):
+            return
+        case = fuzzing.case_from_seed(seed, targets, args.max_rank)
+        if not args.quiet:
+            print(f"seed {seed}: {case.describe()}", flush=True)
+        yield seed, case
 
 
 def sanitized(args, argv) -> int:
@@ -95,8 +95,6 @@ def sanitized(args, argv) -> int:
     import sanitize
     cache = args.cache_dir or tempfile.mkdtemp(prefix="symconv-fuzz-asan-")
     targets = tuple(args.target) or fuzzing.available_targets()
-    seeds = args.seed or _count(args.start)
-    deadline = time.monotonic() + 60 * args.minutes if args.minutes is not None else None
     started, ran, failed = time.monotonic(), 0, []
     batch = []
 
@@ -110,13 +108,7 @@ def sanitized(args, argv) -> int:
                       f"scripts/fuzz.py --sanitize --seed {seed}", flush=True)
         batch = []
 
-    for seed in seeds:
-        if (deadline is not None and time.monotonic() > deadline) or \
-                (args.cases is not None and ran >= args.cases):
-            break
-        case = fuzzing.case_from_seed(seed, targets, args.max_rank)
-        if not args.quiet:
-            print(f"seed {seed}: {case.describe()}", flush=True)
+    for seed, case in _cases(args, targets):
         batch.append((str(seed), case))
         ran += 1
         if len(batch) == 20:

@@ -45,6 +45,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .spec import (AvgPoolSpec, ConvSpec, ConvTransposeSpec, ExprSpec, GradientSpec, is_int,
+                   per_dim)
+
 __all__ = [
     "Tensor", "no_grad", "is_grad_enabled", "unbroadcast",
     "add", "sub", "mul", "div", "neg", "pow", "exp", "log", "sqrt", "tanh", "sigmoid", "relu",
@@ -245,7 +248,7 @@ class Tensor:
     def softmax(self, axis=-1): return softmax(self, axis)
 
     def reshape(self, *shape):
-        return reshape(self, shape[0] if len(shape) == 1 and not _is_int(shape[0]) else shape)
+        return reshape(self, shape[0] if len(shape) == 1 and not is_int(shape[0]) else shape)
 
     def flatten(self, start: int = 0) -> "Tensor":
         """Merge the axes from ``start`` on into one."""
@@ -253,7 +256,7 @@ class Tensor:
         return reshape(self, self.shape[:start] + (-1,))
 
     def transpose(self, *axes):
-        return transpose(self, axes[0] if len(axes) == 1 and not _is_int(axes[0])
+        return transpose(self, axes[0] if len(axes) == 1 and not is_int(axes[0])
                          else (axes or None))
 
     permute = transpose
@@ -439,11 +442,6 @@ def _result(op: str, data: np.ndarray, inputs: tuple[Tensor, ...], backward: Bac
 # Helpers
 # ------------------------------------------------------------------------------------------------
 
-def _is_int(value: Any) -> bool:
-    """A Python or NumPy integer (not a bool, not an array)."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 def _tensor(value: Any, like: Tensor | None = None) -> Tensor:
     """``value`` as a Tensor; a Python number takes the dtype of ``like``."""
     if isinstance(value, Tensor):
@@ -468,7 +466,7 @@ def _axes(axis: Any, ndim: int) -> tuple[int, ...]:
     """Normalise None / an int / ints to sorted non-negative axes."""
     if axis is None:
         return tuple(range(ndim))
-    axes = (axis,) if _is_int(axis) else tuple(axis)
+    axes = (axis,) if is_int(axis) else tuple(axis)
     normal = tuple(sorted(_axis(int(a), ndim) for a in axes))
     if len(set(normal)) != len(normal):
         raise ValueError(f"repeated axis in {axis!r}")
@@ -730,7 +728,7 @@ def min(a, axis=None, keepdims: bool = False) -> Tensor:
 def reshape(a, shape) -> Tensor:
     a = _tensor(a)
     before = a.shape
-    shape = (shape,) if _is_int(shape) else tuple(shape)
+    shape = (shape,) if is_int(shape) else tuple(shape)
     return _result("reshape", a.data.reshape(shape), (a,), lambda g: (g.reshape(before),),
                    lambda g: (reshape(g, before),))
 
@@ -749,7 +747,7 @@ def transpose(a, axes=None) -> Tensor:
 
 def _basic_index(index) -> bool:
     parts = index if isinstance(index, tuple) else (index,)
-    return all(p is None or p is Ellipsis or isinstance(p, slice) or _is_int(p) for p in parts)
+    return all(p is None or p is Ellipsis or isinstance(p, slice) or is_int(p) for p in parts)
 
 
 def getitem(a, index) -> Tensor:
@@ -943,7 +941,7 @@ _KERNELS: dict[tuple, Any] = {}
 def _freeze(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return tuple(_freeze(v) for v in value)
-    return int(value) if _is_int(value) else value
+    return int(value) if is_int(value) else value
 
 
 def _compiled(kind: type, **fields) -> tuple[Any, Any]:
@@ -1029,7 +1027,6 @@ def _kernel_op(name: str, spec: Any, kernel: Any, inputs: tuple[Tensor, ...],
         return tuple(grads.get(n) for n in names)
 
     def graph_backward(g):
-        from .spec import GradientSpec
         operands = {**dict(zip(names, inputs)), args[-1]: g}
         grads = []
         for n in names:
@@ -1053,7 +1050,6 @@ def conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups: int = 1,
     ``padding``, ``dilation`` and ``padding_mode`` take every form ``ConvSpec``
     accepts.  The compiled kernel is chosen by shapes and arguments and built once.
     """
-    from .spec import ConvSpec
     x, weight = _tensor(x), _tensor(weight)
     inputs = (x, weight) if bias is None else (x, weight, _tensor(bias))
     dtype = _float_dtype("conv", *inputs)
@@ -1070,7 +1066,6 @@ def conv_transpose(x, weight, bias=None, stride=1, padding=0, output_padding=0, 
                    groups: int = 1) -> Tensor:
     """N-D transposed convolution like ``torch.nn.functional.conv_transpose{n}d``: ``weight``
     is (C_in, C_out // groups, *kernel); derived as a convolution's input gradient."""
-    from .spec import ConvTransposeSpec
     x, weight = _tensor(x), _tensor(weight)
     inputs = (x, weight) if bias is None else (x, weight, _tensor(bias))
     dtype = _float_dtype("conv_transpose", *inputs)
@@ -1084,7 +1079,6 @@ def conv_transpose(x, weight, bias=None, stride=1, padding=0, output_padding=0, 
 def avg_pool(x, kernel_size, stride=None, padding=0) -> Tensor:
     """N-D average pooling over (N, C, *spatial), zero padding counted in the window like
     PyTorch's ``count_include_pad=True``; compiled from its index sum like ``conv``."""
-    from .spec import AvgPoolSpec
     x = _tensor(x)
     dtype = _float_dtype("avg_pool", x)
     spec, kernel = _compiled(AvgPoolSpec, input_shape=x.shape, kernel_size=kernel_size,
@@ -1128,7 +1122,6 @@ def op(expression: str, shapes, dtype: str = "float32", zero_outside=()) -> Inde
     ``op("Y[n, c, i] = sum(W[c, a] * X[n, c, 2*i + a], (a, 0, 2))", {"X": (2, 3, 9),
     "W": (3, 3)})``; see ``symconv.ExprSpec`` for the notation.  Inputs are called in the
     order of ``shapes``.  A SymPy ``Eq(Y[...], Sum(...))`` is accepted as well."""
-    from .spec import ExprSpec
     if not isinstance(expression, str):
         import sympy
         if not isinstance(expression, sympy.Eq):
@@ -1136,14 +1129,6 @@ def op(expression: str, shapes, dtype: str = "float32", zero_outside=()) -> Inde
                             f"{type(expression).__name__}")
         expression = f"{sympy.sstr(expression.lhs)} = {sympy.sstr(expression.rhs)}"
     return IndexOp(ExprSpec(expression, shapes, dtype=dtype, zero_outside=zero_outside))
-
-
-def _per_dim(name: str, value: Any, rank: int) -> tuple[int, ...]:
-    values = (value,) * rank if _is_int(value) else tuple(value)
-    if len(values) != rank or not all(_is_int(v) and v >= 1 for v in values):
-        raise ValueError(f"max_pool: {name} must be a positive int or {rank} of them, got "
-                         f"{value!r}")
-    return tuple(int(v) for v in values)
 
 
 def max_pool(x, kernel_size, stride=None, padding=0) -> Tensor:
@@ -1157,10 +1142,10 @@ def max_pool(x, kernel_size, stride=None, padding=0) -> Tensor:
     if x.ndim < 3:
         raise ValueError(f"max_pool: input needs shape (N, C, *spatial), got {x.shape}")
     rank = x.ndim - 2
-    window = _per_dim("kernel_size", kernel_size, rank)
-    step = window if stride is None else _per_dim("stride", stride, rank)
-    pads = (padding,) * rank if _is_int(padding) else tuple(padding)
-    pads = tuple((p, p) if _is_int(p) else tuple(p) for p in pads)
+    window = per_dim("max_pool.kernel_size", kernel_size, rank, 1)
+    step = window if stride is None else per_dim("max_pool.stride", stride, rank, 1)
+    pads = (padding,) * rank if is_int(padding) else tuple(padding)
+    pads = tuple((p, p) if is_int(p) else tuple(p) for p in pads)
     if len(pads) != rank or any(lo < 0 or hi < 0 for lo, hi in pads):
         raise ValueError(f"max_pool: padding must be a non-negative int, {rank} ints or (lo, hi) "
                          f"pairs, got {padding!r}")

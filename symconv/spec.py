@@ -33,7 +33,7 @@ def _fail(where: str, message: str, value: Any) -> ValueError:
     return ValueError(f"{where}: {message}, got {value!r}")
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
     """True for Python and NumPy integers; False for bools, floats, strings and arrays."""
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
@@ -44,7 +44,7 @@ def _shape(field_name: str, value: Any) -> tuple[int, ...]:
         shape = tuple(value)
     except TypeError:
         raise _fail(field_name, "expected a sequence of positive ints", value) from None
-    if not all(_is_int(v) for v in shape):
+    if not all(is_int(v) for v in shape):
         raise _fail(field_name, "expected a sequence of positive ints", value)
     shape = tuple(int(v) for v in shape)
     if len(shape) < 3:
@@ -55,14 +55,14 @@ def _shape(field_name: str, value: Any) -> tuple[int, ...]:
     return shape
 
 
-def _per_dim(field_name: str, value: Any, rank: int, minimum: int) -> tuple[int, ...]:
+def per_dim(field_name: str, value: Any, rank: int, minimum: int) -> tuple[int, ...]:
     """An int applied to every spatial dim, or one int per spatial dim."""
-    values = (value,) * rank if _is_int(value) else value
+    values = (value,) * rank if is_int(value) else value
     try:
         values = tuple(values)
     except TypeError:
         raise _fail(field_name, f"expected an int or {rank} ints", value) from None
-    if len(values) != rank or not all(_is_int(v) for v in values):
+    if len(values) != rank or not all(is_int(v) for v in values):
         raise _fail(field_name, f"expected an int or {rank} ints", value)
     values = tuple(int(v) for v in values)
     if any(v < minimum for v in values):
@@ -84,7 +84,7 @@ def _padding(where: str, value: Any, rank: int, spatial, kernel, stride,
                 pairs.append((total // 2, total - total // 2))
             return tuple(pairs)
         raise _fail(where, "expected 'valid', 'same', an int, ints or (lo, hi) pairs", value)
-    if _is_int(value):
+    if is_int(value):
         pairs = ((int(value), int(value)),) * rank
     else:
         try:
@@ -96,14 +96,14 @@ def _padding(where: str, value: Any, rank: int, spatial, kernel, stride,
             raise _fail(where, f"expected {rank} entries (one per spatial dim)", value)
         pairs = []
         for entry in entries:
-            if _is_int(entry):
+            if is_int(entry):
                 pairs.append((int(entry), int(entry)))
                 continue
             try:
                 lo, hi = entry
             except (TypeError, ValueError):
                 raise _fail(where, "each entry must be an int or a (lo, hi) pair", value) from None
-            if not (_is_int(lo) and _is_int(hi)):
+            if not (is_int(lo) and is_int(hi)):
                 raise _fail(where, "each entry must be an int or a (lo, hi) pair", value)
             pairs.append((int(lo), int(hi)))
         pairs = tuple(pairs)
@@ -206,7 +206,7 @@ class _Spec:
         if len(weight_shape) != len(input_shape):
             raise _fail(where("weight_shape"), f"expected {len(input_shape)} dims like input_shape "
                         f"{input_shape}", weight_shape)
-        if not _is_int(self.groups) or int(self.groups) < 1:
+        if not is_int(self.groups) or int(self.groups) < 1:
             raise _fail(where("groups"), "expected a positive int", self.groups)
         return input_shape, weight_shape, int(self.groups)
 
@@ -251,8 +251,8 @@ class ConvSpec(_Spec):
         if not isinstance(self.bias, bool):
             raise _fail(where("bias"), "expected True or False", self.bias)
         self._check_dtype()
-        stride = _per_dim(where("stride"), self.stride, rank, 1)
-        dilation = _per_dim(where("dilation"), self.dilation, rank, 1)
+        stride = per_dim(where("stride"), self.stride, rank, 1)
+        dilation = per_dim(where("dilation"), self.dilation, rank, 1)
         spatial, kernel = input_shape[2:], weight_shape[2:]
         padding = _padding(where("padding"), self.padding, rank, spatial, kernel, stride, dilation)
         _check_padding_mode(where("padding_mode"), self.padding_mode, padding, spatial)
@@ -314,8 +314,8 @@ class AvgPoolSpec(_Spec):
         where = self._where
         input_shape = _shape(where("input_shape"), self.input_shape)
         rank = len(input_shape) - 2
-        kernel = _per_dim(where("kernel_size"), self.kernel_size, rank, 1)
-        stride = kernel if self.stride is None else _per_dim(where("stride"), self.stride, rank, 1)
+        kernel = per_dim(where("kernel_size"), self.kernel_size, rank, 1)
+        stride = kernel if self.stride is None else per_dim(where("stride"), self.stride, rank, 1)
         self._check_dtype()
         dilation = (1,) * rank
         padding = _padding(where("padding"), self.padding, rank, input_shape[2:], kernel, stride,
@@ -369,9 +369,9 @@ class ConvTransposeSpec(_Spec):
         if not isinstance(self.bias, bool):
             raise _fail(where("bias"), "expected True or False", self.bias)
         self._check_dtype()
-        stride = _per_dim(where("stride"), self.stride, rank, 1)
-        dilation = _per_dim(where("dilation"), self.dilation, rank, 1)
-        output_padding = _per_dim(where("output_padding"), self.output_padding, rank, 0)
+        stride = per_dim(where("stride"), self.stride, rank, 1)
+        dilation = per_dim(where("dilation"), self.dilation, rank, 1)
+        output_padding = per_dim(where("output_padding"), self.output_padding, rank, 0)
         if any(op >= s for op, s in zip(output_padding, stride)):
             raise _fail(where("output_padding"), f"each entry must be smaller than the stride "
                         f"{stride}", output_padding)
@@ -455,7 +455,7 @@ class ExprSpec(_Spec):
             if not _ARRAY_NAME.match(name):
                 raise _fail(where("shapes"), f"array name {name!r} is not an identifier",
                             self.shapes)
-            if not shape or not all(_is_int(n) and n > 0 for n in shape):
+            if not shape or not all(is_int(n) and n > 0 for n in shape):
                 raise _fail(where("shapes"), f"shape of {name} must be positive ints", shape)
         if len({name for name, _ in pairs}) != len(pairs):
             raise _fail(where("shapes"), "an array is named twice", self.shapes)

@@ -24,22 +24,32 @@ def run(argv):
     return code, out.getvalue()
 
 
+def only_package(generated):
+    (package,) = [p for p in generated.iterdir() if not p.name.startswith(".")]
+    return package
+
+
+def run_with_package(generated, code: str) -> str:
+    """Run ``code`` in a fresh Python without SymPy, the package under ``generated`` imported
+    as ``k`` and NumPy as ``np``; its stdout."""
+    script = ("import sys; sys.modules['sympy'] = None\n"
+              f"import {generated.name}.{only_package(generated).name} as k\n"
+              f"import numpy as np\n{code}\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=generated.parent,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
 def test_compile_from_flags_then_import_the_package(tmp_path):
     generated = tmp_path / "generated"
     code, out = run(["compile", *FLAGS, "--out", str(generated)])
     assert code == 0
-    (package,) = [p for p in generated.iterdir() if not p.name.startswith(".")]
-    assert str(package) in out
-    script = ("import sys; sys.modules['sympy'] = None\n"
-              f"import generated.{package.name} as k\n"
-              "import numpy as np\n"
-              "y = k.forward(np.ones((2, 3, 9, 8), np.float32), np.ones((4, 3, 3, 3), np.float32),"
-              " np.zeros(4, np.float32))\n"
-              "print(y.shape, float(y.max()))\n")
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "(2, 4, 4, 4) 27.0"
+    assert str(only_package(generated)) in out
+    assert run_with_package(generated, "y = k.forward(np.ones((2, 3, 9, 8), np.float32), "
+                            "np.ones((4, 3, 3, 3), np.float32), np.zeros(4, np.float32))\n"
+                            "print(y.shape, float(y.max()))") == "(2, 4, 4, 4) 27.0"
+
 
 
 def test_compile_several_specs_from_json_and_toml(tmp_path):
@@ -123,18 +133,11 @@ def test_expr_explain_and_compile_then_import_without_sympy(tmp_path):
     assert "== grad_X ==" in out and "== grad_W ==" in out
     code, out = run(["compile", *flags, "--out", str(tmp_path / "generated")])
     assert code == 0
-    (package,) = [p for p in (tmp_path / "generated").iterdir() if not p.name.startswith(".")]
-    script = ("import sys; sys.modules['sympy'] = None\n"
-              f"import generated.{package.name} as k\n"
-              "import numpy as np\n"
-              "x = np.arange(12.0).reshape(2, 6); w = np.array([1.0, -2.0, 3.0])\n"
-              "padded = np.pad(x, ((0, 0), (1, 1)))\n"
-              "want = sum(w[j] * padded[:, j:j + 6] for j in range(3))\n"
-              "print(np.array_equal(k.forward(x, w), want) or k.forward(x, w).tolist())\n")
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "True"
+    assert run_with_package(tmp_path / "generated", (
+        "x = np.arange(12.0).reshape(2, 6); w = np.array([1.0, -2.0, 3.0])\n"
+        "padded = np.pad(x, ((0, 0), (1, 1)))\n"
+        "want = sum(w[j] * padded[:, j:j + 6] for j in range(3))\n"
+        "print(np.array_equal(k.forward(x, w), want) or k.forward(x, w).tolist())")) == "True"
 
 
 @pytest.mark.parametrize("flags", [
