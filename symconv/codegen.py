@@ -935,14 +935,38 @@ def _emit_reduction_lanes(out: _Writer, fn: IndexSum, piece: schedule.Piece,
     if nest.guards:
         out.open(f"if ({' && '.join(f'({_condition(g)})' for g in nest.guards)})")
         opened += 1
-    out.open("for (int64_t sc_r = sc_r0; sc_r < sc_r1; ++sc_r)")
+    # rows in runs along the innermost row index: the indices are divided out of sc_r once
+    # per run, and within it the index and the base pointers just step
+    out.open("for (int64_t sc_r = sc_r0; sc_r < sc_r1; )")
     opened += 1
-    radix = 1
+    radix, stepping = 1, None
     for loop in reversed(nest.loops[:-1]):
         var = _check_name(str(loop.index.label), "index")
         low, high = chunks.ranges[loop.index]
-        out.line(f"const int64_t {var} = {low} + (sc_r / {radix}) % {high - low + 1};")
+        value = f"{low} + (sc_r / {radix}) % {high - low + 1}"
+        if stepping is None:
+            stepping = loop.index
+            out.line(f"int64_t {var} = {value};")
+            out.line(f"const int64_t sc_run = sc_min(sc_r1 - sc_r, {high + 1} - {var});")
+        else:
+            out.line(f"const int64_t {var} = {value};")
         radix *= high - low + 1
+    # one base pointer per read and block row: the loads below only add lane offsets
+    steps = []
+    for number, (access, offset, _) in enumerate(reads.items):
+        mine = [u for u in block_indices if _depends(offset, u)]
+        for r in (range(len(row_vars[mine[0]])) if mine else [None]):
+            at = offset.xreplace({mine[0]: row_vars[mine[0]][r]}) if mine else offset
+            at = sympy.expand(at.xreplace({lane: 0}))
+            pointer = f"sc_b{number}_{r if r is not None else 'x'}"
+            out.line(f"const {ctype} *restrict {pointer} = {access.base.label} + {c_affine(at)};")
+            step = int(linear_parts(at)[0].get(stepping, 0)) if stepping is not None else 0
+            if step:
+                steps.append(f"{pointer} += {step};")
+    if stepping is not None:
+        steps.append(f"++{_check_name(str(stepping.label), 'index')};")
+    out.open("for (int64_t sc_k = 0; sc_k < sc_run; ++sc_k)" if stepping is not None else "")
+    opened += 1
     last = nest.loops[-1]
     lane_name = _check_name(str(lane.label), "index")
     out.line(f"const int64_t sc_lo = sc_max({_bound(last.lower, True)}, sc_s0), sc_hi = "
@@ -969,14 +993,6 @@ def _emit_reduction_lanes(out: _Writer, fn: IndexSum, piece: schedule.Piece,
                     always.append(f"({rest}) >= 0")
     out.line(f"const int64_t sc_flo = {_fold(lows, 'sc_max')}, sc_fhi = "
              f"{_fold(highs, 'sc_min')};")
-    # one base pointer per read and block row: the loads below only add lane offsets
-    for number, (access, offset, _) in enumerate(reads.items):
-        mine = [u for u in block_indices if _depends(offset, u)]
-        for r in (range(len(row_vars[mine[0]])) if mine else [None]):
-            at = offset.xreplace({mine[0]: row_vars[mine[0]][r]}) if mine else offset
-            at = sympy.expand(at.xreplace({lane: 0}))
-            out.line(f"const {ctype} *restrict sc_b{number}_{r if r is not None else 'x'} = "
-                     f"{access.base.label} + {c_affine(at)};")
     # vectors start at sc_lo + W·k: masked ones before sc_first, plain ones up to sc_last
     # (when a padded read is never inside, no vector is plain: sc_first lies past every lane,
     # and W·sc_first must not overflow)
@@ -999,7 +1015,11 @@ def _emit_reduction_lanes(out: _Writer, fn: IndexSum, piece: schedule.Piece,
                      f"{simd.nonnegative(f'sc_hi - {lane_name}', -1)};")
             _accumulate_reduction(out, reads, chosen, simd, accs, row_vars, "sc_valid", box)
         out.close()
-    for _ in range(opened):
+    for line in steps:
+        out.line(line)
+    out.close()    # one row
+    out.line("sc_r += sc_run;" if stepping is not None else "++sc_r;")
+    for _ in range(opened - 1):
         out.close()
     offset = _output_offset(fn, piece)
     for combo, acc in accs.items():
