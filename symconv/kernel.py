@@ -285,12 +285,18 @@ class Function:
                     array.shape != shape or not (array.flags.c_contiguous and array.flags.aligned):
                 self._checked(name, array, shape)
             pointers.append(buffer(ctype, array))
+        shape = self.shapes[self.output]
         if out is None:
-            out = np.empty(self.shapes[self.output], dtype)
+            out = np.empty(shape, dtype)
         else:
-            out = self._checked(f"out ({self.output})", out, self.shapes[self.output], True)
+            flags = out.flags if out.__class__ is np.ndarray else None
+            if flags is None or out.dtype is not dtype or out.shape != shape or \
+                    not (flags.c_contiguous and flags.aligned and flags.writeable):
+                self._checked(f"out ({self.output})", out, shape, True)
             for name, array in zip(self.args, arrays):
-                if np.may_share_memory(out, array):
+                # two arrays that each own their memory cannot overlap unless they are one
+                if (array is out or out.base is not None or array.base is not None) and \
+                        np.may_share_memory(out, array):
                     raise ValueError(f"{self.name}: out overlaps the input {name}")
         self._c(*pointers, buffer(ctype, out, require_writable=True), threads)
         return out

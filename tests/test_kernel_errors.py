@@ -79,6 +79,21 @@ def test_out_overlapping_an_input_is_refused(compile_spec, rng):
     w = rng.standard_normal(spec.weight_shape).astype(np.float32)
     with pytest.raises(ValueError, match="out overlaps the input input"):
         kernel.forward(x, w, out=x)
+    # views of one buffer: the input and out each a slice, partly overlapping
+    shared = np.zeros(2 * x.size, np.float32)
+    view_x = shared[:x.size].reshape(x.shape)
+    view_x[...] = x
+    with pytest.raises(ValueError, match="out overlaps the input input"):
+        kernel.forward(view_x, w, out=shared[x.size // 2:x.size // 2 + x.size].reshape(x.shape))
+    # out sharing one element with the weight
+    w_buffer = np.zeros(w.size + x.size, np.float32)
+    view_w = w_buffer[:w.size].reshape(w.shape)
+    view_w[...] = w
+    with pytest.raises(ValueError, match="out overlaps the input weight"):
+        kernel.forward(x, view_w, out=w_buffer[w.size - 1:w.size - 1 + x.size].reshape(x.shape))
+    # an owned input and a view out of another buffer do not overlap: accepted
+    other = np.zeros(2 * x.size, np.float32)
+    kernel.forward(x, w, out=other[x.size:].reshape(x.shape))
 
 
 def test_wrong_number_of_arrays(kernel, arrays):
