@@ -419,7 +419,7 @@ def _reduction_lanes(piece: Piece, width: int, budget: int) -> ReductionLanes | 
                                   for c in coefficients):
         return None
     in_bounds = _bound_symbols(nest)
-    blocks, taken = [], set()
+    blocks, taken, strided = [], set(), []
     for read, c in sorted(zip(reads_, coefficients), key=lambda rc: -len(rc[1])):
         options = [u for u in piece.indices if u in c and u not in in_bounds and u not in taken
                    and not any(u in other for other in coefficients if other is not c)]
@@ -427,12 +427,20 @@ def _reduction_lanes(piece: Piece, width: int, budget: int) -> ReductionLanes | 
             u = max(options, key=lambda v: index_range(v)[1])
             blocks.append(u)
             taken.add(u)
+            strided.append(c.get(lane, 0) > 1)
     if not blocks:
         return None
     sizes = [index_range(u)[1] + 1 for u in blocks]
     side = 3 if budget < 16 else 4          # 3x3 fits 16 registers without spills, 4x4 32
-    rows = [balanced(sizes[0], 2 * side)] if len(blocks) == 1 else \
-        [balanced(sizes[0], side), balanced(sizes[1], side)]
+    if len(blocks) == 1:
+        rows = [balanced(sizes[0], 2 * side)]
+    else:
+        # a strided read costs two loads and a permute per vector: with 32 registers, its
+        # vectors each feed 6 accumulators (4x6), the unit-stride operand's 4
+        most = [side, side]
+        if budget >= 28 and strided[0] != strided[1]:
+            most[strided.index(False)] = side + 2
+        rows = [balanced(size, m) for size, m in zip(sizes, most)]
     return ReductionLanes(lane, tuple(zip(blocks, rows)))
 
 
