@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import functools
 import importlib.machinery
 import importlib.util
 import json
@@ -49,8 +50,10 @@ def manifest_digest(manifest: Mapping[str, Any]) -> str:
 
 
 @functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=None)
 def cpu_features() -> frozenset[str] | None:
-    """The CPU's feature flags, or None where they cannot be read (then nothing is checked)."""
+    """The CPU's feature flags, or None where they cannot be read (then nothing is checked);
+    read once per process."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
@@ -59,6 +62,12 @@ def cpu_features() -> frozenset[str] | None:
     except OSError:
         return None
     return None
+
+
+def missing_features(needed) -> list[str]:
+    """The features in ``needed`` this CPU lacks (none where its flags cannot be read)."""
+    have = cpu_features()
+    return sorted(set(needed) - have) if have is not None else []
 
 
 def read_manifest(directory: Path, runtime: bool = True) -> dict[str, Any]:
@@ -98,8 +107,7 @@ def read_manifest(directory: Path, runtime: bool = True) -> dict[str, Any]:
     if build["machine"] != platform.machine():
         raise PackageError(f"{directory} was built for {build['machine']}, this is "
                            f"{platform.machine()}")
-    have = cpu_features()
-    missing = sorted(set(build["cpu_features"]) - have) if have is not None else []
+    missing = missing_features(build["cpu_features"])
     if missing:    # the baseline variant's needs: then no variant can run
         raise PackageError(f"{directory} was built for target {build['target']} and needs CPU "
                            f"features this CPU lacks: {', '.join(missing)}; rebuild it here")
@@ -193,9 +201,7 @@ def default_threads() -> int:
 def best_variant(entries: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
     """The first (best) variant whose CPU features this machine has; the last, the baseline,
     where none fits or the features cannot be read (loading checks the baseline)."""
-    have = cpu_features()
-    return next((v for v in entries if have is None or set(v["cpu_features"]) <= have),
-                entries[-1])
+    return next((v for v in entries if not missing_features(v["cpu_features"])), entries[-1])
 
 
 def choose_variant(manifest: Mapping[str, Any], name: str | None = None) -> Mapping[str, Any]:
@@ -204,10 +210,9 @@ def choose_variant(manifest: Mapping[str, Any], name: str | None = None) -> Mapp
     entries = manifest["build"]["variants"]
     if name is None:
         return best_variant(entries)
-    have = cpu_features()
     for entry in entries:
         if entry["target"] == name:
-            missing = sorted(set(entry["cpu_features"]) - (have or set(entry["cpu_features"])))
+            missing = missing_features(entry["cpu_features"])
             if missing:
                 raise PackageError(f"variant {name} needs CPU features this CPU lacks: "
                                    f"{', '.join(missing)}")
