@@ -20,16 +20,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 from . import build
-from .ir import IRError
 from .kernel import Kernel, PackageError, best_variant
 from .progress import Progress, configure as configure_logging, log
-from .spec import PADDING_MODES, ConvSpec, ConvTransposeSpec, ExprSpec, GradientSpec, spec_from_dict
+from .spec import (PADDING_MODES, ConvSpec, ConvTransposeSpec, ExprSpec, GradientSpec, IRError,
+                   spec_from_dict)
 
 DEMO_SPEC = dict(input_shape=(2, 3, 16, 16, 16), weight_shape=(8, 3, 3, 3, 3), stride=2,
                  padding=1)
@@ -217,11 +218,14 @@ def _compile(spec, cache_dir, target: str | None = None) -> tuple[Kernel, float]
     """compile_op, timed, with its stages logged under --verbose."""
     from .build import default_cache_dir
     from .compiler import compile_op
-    before = _packages(Path(cache_dir) if cache_dir is not None else default_cache_dir())
+    verbose = log.isEnabledFor(logging.INFO)     # only then is the cache listed, to tell a hit
+    if verbose:
+        before = _packages(Path(cache_dir) if cache_dir is not None else default_cache_dir())
     start = time.perf_counter()
     kernel = compile_op(spec, cache_dir=cache_dir, target=target)
     seconds = time.perf_counter() - start
-    _log_compile(spec, kernel, seconds, hit=kernel.path.name in before)
+    if verbose:
+        _log_compile(spec, kernel, seconds, hit=kernel.path.name in before)
     return kernel, seconds
 
 

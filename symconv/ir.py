@@ -39,9 +39,7 @@ import sympy
 from sympy.printing.latex import LatexPrinter
 from sympy.printing.str import StrPrinter
 
-
-class IRError(ValueError):
-    """An index sum that is not well formed; the message names the offending part."""
+from .spec import IRError  # noqa: F401  (re-exported: the IR's errors)
 
 
 # --- arrays and indices --------------------------------------------------------------------------

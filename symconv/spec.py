@@ -28,6 +28,11 @@ import numpy as np
 DTYPES = ("float32", "float64")
 
 
+class IRError(ValueError):
+    """An index sum that is not well formed; the message names the offending part.  (Defined
+    here, not in ir.py, so the command line can catch it without importing SymPy.)"""
+
+
 def _fail(where: str, message: str, value: Any) -> ValueError:
     """A ValueError naming the field (``where`` is ``Class.field``) and the bad value."""
     return ValueError(f"{where}: {message}, got {value!r}")
