@@ -244,9 +244,9 @@ def _run_all(commands: list[list[str]]) -> None:
     running = [(command, subprocess.Popen(command, stdout=subprocess.PIPE,
                                           stderr=subprocess.STDOUT, text=True))
                for command in commands]
-    failures = [(command, process.communicate()[0], process.returncode)
+    results = [(command, process.communicate()[0], process.returncode)
                 for command, process in running]
-    for command, output, code in failures:
+    for command, output, code in results:
         if code != 0:
             raise BuildError(f"C compilation failed ({' '.join(command)}):\n{output[-4000:]}")
 

@@ -405,8 +405,7 @@ class Simd:
         if stride == 2:
             return (f"sc_load2_{sfx}({pointer})" if mask is None else
                     f"sc_load2m_{sfx}({pointer}, {mask})")
-        scale = 4 if self.dtype == "float32" else 8
-        index = self._offsets(stride)
+        scale, index = self._scale, self._offsets(stride)
         if self.wide:
             return (f"{p}_i32gather_{sfx}({index}, {pointer}, {scale})" if mask is None else
                     f"{p}_mask_i32gather_{sfx}({self.zero()}, {mask}, {index}, {pointer}, "
@@ -415,6 +414,11 @@ class Simd:
             return f"{p}_i32gather_{sfx}({pointer}, {index}, {scale})"
         return (f"{p}_mask_i32gather_{sfx}({self.zero()}, {pointer}, {index}, "
                 f"_mm256_castsi256_{sfx}({mask}), {scale})")
+
+    @property
+    def _scale(self) -> int:
+        """Bytes per element, the scale of gathers and scatters."""
+        return 4 if self.dtype == "float32" else 8
 
     def _offsets(self, stride: int) -> str:
         """32-bit element offsets 0, stride, 2·stride, ... for a gather."""
@@ -461,13 +465,10 @@ class Simd:
             return f"{p}_mask_storeu_{sfx}({pointer}, {mask}, {value});"
         return f"{p}_maskstore_{sfx}({pointer}, {mask}, {value});"
 
-    def scatter(self, pointer: str, stride: int, value: str, mask: str | None) -> str | None:
-        """Lanes to pointer[0], pointer[stride], ... (masked lanes not written) in one AVX-512
-        scatter; None for AVX2, which has none (the caller stores lane by lane)."""
-        if not self.wide:
-            return None
-        scale = 4 if self.dtype == "float32" else 8
-        index, sfx = self._offsets(stride), self.sfx
+    def scatter(self, pointer: str, stride: int, value: str, mask: str | None) -> str:
+        """Lanes to pointer[0], pointer[stride], ... (masked lanes not written) in one
+        scatter; AVX-512 only (AVX2 has none: its callers store lane by lane)."""
+        index, sfx, scale = self._offsets(stride), self.sfx, self._scale
         if mask is None:
             return f"_mm512_i32scatter_{sfx}({pointer}, {index}, {value}, {scale});"
         return f"_mm512_mask_i32scatter_{sfx}({pointer}, {mask}, {index}, {value}, {scale});"
@@ -769,12 +770,11 @@ def _output_lane_block(out, fn, piece, chosen, simd, variant: _Variant) -> None:
         for q in range(vectors):
             at = c_affine(row_offset.xreplace({lane: lane_at[q]}))
             pointer = f"{fn.output.name} + {at}"
-            scatter = simd.scatter(pointer, out_stride, accs[r][q],
-                                   f"sc_valid{q}" if masked else None)
+            mask = f"sc_valid{q}" if masked else None
             if out_stride == 1:
-                out.line(simd.store(pointer, accs[r][q], f"sc_valid{q}" if masked else None))
-            elif scatter:
-                out.line(scatter)
+                out.line(simd.store(pointer, accs[r][q], mask))
+            elif simd.wide:
+                out.line(simd.scatter(pointer, out_stride, accs[r][q], mask))
             else:
                 out.open()
                 out.line(f"{ctype} sc_t[{width}];")
