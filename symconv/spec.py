@@ -14,6 +14,7 @@ field raises ValueError naming ``Class.field`` and the value.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -25,12 +26,8 @@ from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
+
 DTYPES = ("float32", "float64")
-
-
-class IRError(ValueError):
-    """An index sum that is not well formed; the message names the offending part.  (Defined
-    here, not in ir.py, so the command line can catch it without importing SymPy.)"""
 
 
 def _fail(where: str, message: str, value: Any) -> ValueError:
@@ -188,9 +185,9 @@ class _Spec:
                 raise ValueError(f"{cls.__name__}.{name}: missing")
         return cls(**dict(data))
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
-        """A stable hash of the kind and the normalised fields (hex sha256)."""
+        """A stable hash of the kind and the normalised fields (hex sha256), computed once."""
         text = json.dumps({"kind": self.KIND, **self.to_dict()}, sort_keys=True,
                           separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
@@ -535,3 +532,22 @@ def spec_from_dict(data: Mapping[str, Any]) -> _Spec:
     if kind not in SPECS:
         raise ValueError(f"unknown spec kind {kind!r}; expected one of {', '.join(SPECS)}")
     return SPECS[kind].from_dict(data)
+
+
+def _frozen(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    return int(value) if is_int(value) else value
+
+
+_SPECS: dict[tuple, _Spec] = {}
+
+
+def spec_of(kind: type, **fields) -> _Spec:
+    """The validated spec of a spec class and its fields, built once per distinct fields: a
+    layer called every step skips validating and hashing its spec again."""
+    key = (kind, tuple(sorted((name, _frozen(value)) for name, value in fields.items())))
+    spec = _SPECS.get(key)
+    if spec is None:
+        spec = _SPECS[key] = kind(**fields)
+    return spec

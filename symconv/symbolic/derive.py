@@ -31,8 +31,9 @@ from functools import reduce
 
 import sympy
 
-from .ir import (Array, IndexSum, IRError, Term, accesses, index_range, linear_parts,
-                 normalize_congruence, normalize_constraint)
+from ..errors import IRError
+from .affine import linear_parts, normalize_congruence, normalize_constraint, substitute
+from .ir import Array, IndexSum, Term, accesses, index_range
 
 
 @dataclass(frozen=True)
@@ -131,9 +132,7 @@ def eliminate(unknowns, equations, body, constraints=(), congruences=()) -> Term
         constraints += [value - lo, hi - value]
         remaining.remove(u)
         replace = {u: value}
-        body = body.xreplace(replace)
-        constraints = [sympy.expand(c.xreplace(replace)) for c in constraints]
-        congruences = [(sympy.expand(e.xreplace(replace)), m) for e, m in congruences]
+        body, constraints, congruences = substitute(replace, body, constraints, congruences)
         pending = [sympy.expand(e.xreplace(replace)) for e in pending]
     return Term(tuple(remaining), body, *_simplified(constraints, congruences))
 
@@ -197,11 +196,7 @@ def _renamed(fn: IndexSum, names: list[str], prime: bool) -> IndexSum:
             taken.add(new)
             if new != base:
                 local[idx] = sympy.Idx(new, (idx.lower, idx.upper))
-        terms.append(Term(
-            tuple(local.get(i, i) for i in term.indices),
-            term.body.xreplace(local),
-            tuple(sympy.sympify(c).xreplace(local) for c in term.constraints),
-            tuple((sympy.sympify(e).xreplace(local), m) for e, m in term.congruences),
-            term.zero_outside,
-        ))
+        renamed = term.substituted(local)
+        terms.append(Term(tuple(local.get(i, i) for i in term.indices), renamed.body,
+                          renamed.constraints, renamed.congruences, term.zero_outside))
     return IndexSum(fn.output, tuple(mapping[j] for j in fn.indices), tuple(terms))

@@ -1,0 +1,18 @@
+"""The errors symconv raises beyond ValueError/TypeError, importable without SymPy or a compiler.
+
+``PackageError`` is defined in ``kernel.py`` (which ships alone inside every
+package) and re-exported here so that every error has one home to import from.
+"""
+
+from .kernel import PackageError
+
+
+class IRError(ValueError):
+    """An index sum that is not well formed; the message names the offending part."""
+
+
+class BuildError(RuntimeError):
+    """The C compiler failed; the message holds the command and its output."""
+
+
+__all__ = ["BuildError", "IRError", "PackageError"]

@@ -1,0 +1,32 @@
+"""Forward definitions: every spec kind as an index sum, one builder per kind.
+
+``definition(spec)`` is the entry point: convolutions, transposed
+convolutions and pooling (``conv``), user text (``expression``) and derived
+gradients as ops of their own (``gradient``) each return an
+:class:`OpDefinition`.
+"""
+
+from __future__ import annotations
+
+from ...spec import AvgPoolSpec, ConvSpec, ConvTransposeSpec, ExprSpec, GradientSpec
+from .conv import avg_pool, conv, conv_transpose
+from .expression import expression
+from .gradient import gradient
+from .op import OpDefinition
+
+BUILDERS = {ConvSpec: conv, AvgPoolSpec: avg_pool, ConvTransposeSpec: conv_transpose,
+            ExprSpec: expression}
+
+
+def definition(spec) -> OpDefinition:
+    """The forward definition of any spec symconv compiles."""
+    if isinstance(spec, GradientSpec):
+        return gradient(spec, definition(spec.parent))
+    builder = BUILDERS.get(type(spec))
+    if builder is None:
+        kinds = ", ".join(t.__name__ for t in (*BUILDERS, GradientSpec))
+        raise TypeError(f"cannot define {type(spec).__name__}; expected one of {kinds}")
+    return builder(spec)
+
+
+__all__ = ["BUILDERS", "OpDefinition", "definition"]

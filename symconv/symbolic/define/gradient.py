@@ -1,0 +1,30 @@
+"""A derived gradient as an op of its own, so that it can be differentiated again."""
+
+from __future__ import annotations
+
+from ...errors import IRError
+from ...spec import GradientSpec
+from ..derive import vjp
+from ..ir import Array
+from .op import OpDefinition, spec_op
+
+
+def gradient(spec: GradientSpec, parent: OpDefinition) -> OpDefinition:
+    """One derived gradient of another op, as an op: its inputs are what the gradient reads
+    (the parent's inputs and its cotangent), and its own gradients are derived again.
+    ``parent`` is the definition of ``spec.parent``."""
+    wrt = spec.function[len("grad_"):]
+    array = next((a for a in parent.inputs if a.name == wrt), None)
+    if array is None or wrt not in parent.differentiable:
+        names = ", ".join(f"grad_{name}" for name in parent.differentiable)
+        raise IRError(f"{spec.parent.describe()} has no gradient {spec.function} "
+                      f"(it has {names})")
+    output = parent.forward.output
+    cotangent = Array(f"grad_{output.name}", output.shape)
+    fn = vjp(parent.forward, array, cotangent).gather
+    read = {a.name for a in fn.inputs}
+    inputs = tuple(a for a in (*parent.inputs, cotangent) if a.name in read)
+    shapes = {**parent.shapes, cotangent.name: parent.shapes[output.name],
+              fn.output.name: parent.shapes[wrt]}
+    return spec_op(spec, fn, inputs,
+               {a: shapes[a] for a in (*(i.name for i in inputs), fn.output.name)})

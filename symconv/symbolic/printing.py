@@ -1,0 +1,130 @@
+"""Printing index sums as text and LaTeX, from their lowered loop nests."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from sympy.printing.latex import LatexPrinter
+from sympy.printing.str import StrPrinter
+
+from .affine import integer_form
+from .ir import IndexSum
+from .lowering import Bound, Condition, LoopNest, loop_nests
+
+# --- printing ------------------------------------------------------------------------------------
+
+class _TextPrinter(StrPrinter):
+    """Indices by name, quotients of indices as (num)/den, deltas as δ."""
+
+    printmethod = "_symconv_text"  # not Indexed._sympystr: the methods below decide
+
+    def _print_Idx(self, expr):
+        return str(expr.label)
+
+    def _print_Indexed(self, expr):
+        return f"{expr.base.label}[{', '.join(self._index(i) for i in expr.indices)}]"
+
+    def _print_KroneckerDelta(self, expr):
+        return f"δ({self._print(expr.args[0])}, {self._print(expr.args[1])})"
+
+    def _index(self, position):
+        num, den = integer_form(position)
+        return self._print(num) if den == 1 else f"({self._print(num)})/{den}"
+
+
+class _LatexPrinter(LatexPrinter):
+    def _print_Idx(self, expr):
+        return self._print(expr.label)
+
+    def _print_Indexed(self, expr):
+        name = str(expr.base.label).replace("_", r"\_")
+        return rf"\mathrm{{{name}}}_{{{', '.join(self._index(i) for i in expr.indices)}}}"
+
+    def _index(self, position):
+        num, den = integer_form(position)
+        return self._print(num) if den == 1 else rf"\frac{{{self._print(num)}}}{{{den}}}"
+
+
+def _text(expr) -> str:
+    return _TextPrinter().doprint(expr)
+
+
+def _latex(expr) -> str:
+    return _LatexPrinter().doprint(expr)
+
+
+def _bound_text(bound: Bound, is_lower: bool, latex: bool) -> str:
+    show = _latex if latex else _text
+    if bound.den == 1:
+        return show(bound.num)
+    if latex:
+        fence = (r"\left\lceil", r"\right\rceil") if is_lower else (r"\left\lfloor", r"\right\rfloor")
+        return rf"{fence[0]}\frac{{{show(bound.num)}}}{{{bound.den}}}{fence[1]}"
+    fence = ("⌈", "⌉") if is_lower else ("⌊", "⌋")
+    return f"{fence[0]}({show(bound.num)})/{bound.den}{fence[1]}"
+
+
+def _bounds_text(bounds: Sequence[Bound], is_lower: bool, latex: bool) -> str:
+    parts = [_bound_text(b, is_lower, latex) for b in bounds]
+    if len(parts) == 1:
+        return parts[0]
+    name = ("max" if is_lower else "min")
+    if latex:
+        return rf"\{name}\left({', '.join(parts)}\right)"
+    return f"{name}({', '.join(parts)})"
+
+
+def _condition_text(condition: Condition, latex: bool) -> str:
+    show = _latex if latex else _text
+    if condition.modulus == 0:
+        return f"{show(condition.expr)} \\geq 0" if latex else f"{show(condition.expr)} >= 0"
+    if latex:
+        return rf"{show(condition.expr)} \equiv 0 \pmod{{{condition.modulus}}}"
+    return f"{show(condition.expr)} ≡ 0 (mod {condition.modulus})"
+
+
+def nest_text(nest: LoopNest, latex: bool = False) -> str:
+    """One lowered term as a nested sum with its bounds and conditions."""
+    show = _latex if latex else _text
+    sums, notes = [], []
+    for loop in nest.loops:
+        low = _bounds_text(loop.lower, True, latex)
+        high = _bounds_text(loop.upper, False, latex)
+        var = show(loop.index)
+        if latex:
+            sums.append(rf"\sum_{{{var}={low}}}^{{{high}}}")
+        else:
+            sums.append(f"Σ_{{{var}={low}..{high}}}")
+        if loop.step > 1:
+            notes.append(_condition_text(Condition(loop.index - loop.residue, loop.step), latex))
+        notes += [_condition_text(c, latex) for c in loop.checks]
+    notes = [_condition_text(g, latex) for g in nest.guards] + notes
+    for name in nest.zero_outside:
+        notes.append(rf"\mathrm{{{name}}} = 0 \text{{ outside its shape}}".replace("_", r"\_")
+                     if latex else f"{name} = 0 outside its shape")
+    body = show(nest.body)
+    if latex:
+        text = " ".join(sums + [body])
+        separator = r",\ "
+        return text + (rf" \quad [{separator.join(notes)}]" if notes else "")
+    text = " ".join(sums + [body])
+    return text + (f"   where {', '.join(notes)}" if notes else "")
+
+
+def to_text(fn: IndexSum, latex: bool = False) -> str:
+    """The sum in gather form: each term with loop bounds, steps and conditions."""
+    show = _latex if latex else _text
+    lhs = show(fn.output[fn.indices])
+    terms = [nest_text(nest, latex) for nest in loop_nests(fn)]
+    if latex:
+        return f"{lhs} = " + (" + ".join(terms) if terms else "0")
+    if not terms:
+        return f"{lhs} = 0"
+    if len(terms) == 1 and len(terms[0]) < 100:
+        return f"{lhs} = {terms[0]}"
+    return f"{lhs} =\n    " + "\n  + ".join(terms)
+
+
+def to_latex(fn: IndexSum) -> str:
+    return to_text(fn, latex=True)
+
