@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import reduce
 from typing import Sequence
 
 import sympy
 
-from .ir import (Bound, IndexSum, LoopNest, Term, accesses, index_range, integer_form,
-                 linear_parts, lower, normalize_constraint)
+from ..symbolic.affine import (ceil_div, linear_parts, integer_form, normalize_congruence,
+                               normalize_constraint, solve_congruence, substitute)
+from ..symbolic.ir import IndexSum, Term, accesses, index_range
+from ..symbolic.lowering import Bound, LoopNest, lower
 
 MAX_PHASES = 64       # pieces per sum; beyond this the plain nest is used
 MAX_MODULUS = 16      # phases per index
@@ -116,7 +117,7 @@ def pieces(fn: IndexSum) -> list[Piece]:
             continue
         nests = []
         for term in fn.terms:
-            term = _unit_steps(_substituted(term, mapping))
+            term = _unit_steps(term.substituted(mapping))
             if term is None:
                 continue
             nest = lower(_shift_bands(term, indices), indices)
@@ -176,7 +177,7 @@ def _bands(loop) -> list[tuple[Bound, Bound]]:
     """Pairs of bounds of a loop that confine it to a band narrower than its constant range:
     the band's ends move together with the free indices."""
     constant_width = int(loop.upper[0].num) // loop.upper[0].den - \
-        -(-int(loop.lower[0].num) // loop.lower[0].den)
+        ceil_div(int(loop.lower[0].num), loop.lower[0].den)
     pairs = []
     for low in loop.lower[1:]:
         for high in loop.upper[1:]:
@@ -186,19 +187,9 @@ def _bands(loop) -> list[tuple[Bound, Bound]]:
     return pairs
 
 
-def _substituted(term: Term, mapping) -> Term:
-    if not mapping:
-        return term
-    return Term(term.indices, term.body.xreplace(mapping),
-                tuple(sympy.expand(sympy.sympify(c).xreplace(mapping)) for c in term.constraints),
-                tuple((sympy.expand(sympy.sympify(e).xreplace(mapping)), m)
-                      for e, m in term.congruences), term.zero_outside)
-
-
 def _unit_steps(term: Term) -> Term | None:
     """Congruences on a single summation index alone become a change of variable
     ``u = m·u' + R`` (unit step); None if a congruence can never hold."""
-    from .ir import normalize_congruence
     indices = list(term.indices)
     body, constraints, congruences = term.body, list(term.constraints), []
     pending = [normalize_congruence(e, m) for e, m in term.congruences]
@@ -216,11 +207,10 @@ def _unit_steps(term: Term) -> Term | None:
             continue
         (u, a), = coefficients.items()
         a, constant = int(a), int(constant)
-        g = math.gcd(a, modulus)
+        g, step, factor = solve_congruence(a, modulus)
         if constant % g:
             return None
-        step = modulus // g
-        residue = (-(constant // g) * pow(a // g, -1, step)) % step
+        residue = (factor * (constant // g)) % step
         lo, hi = index_range(u)
         count_lo, count_hi = -((residue - lo) // step), (hi - residue) // step
         if count_lo > count_hi:
@@ -228,10 +218,8 @@ def _unit_steps(term: Term) -> Term | None:
         new = sympy.Idx(str(u.label), (count_lo, count_hi))
         value = step * new + residue
         indices[indices.index(u)] = new
-        body = body.xreplace({u: value})
-        constraints = [sympy.expand(sympy.sympify(c).xreplace({u: value})) for c in constraints]
+        body, constraints, congruences = substitute({u: value}, body, constraints, congruences)
         pending = [(sympy.expand(e.xreplace({u: value})), m) for e, m in pending]
-        congruences = [(sympy.expand(e.xreplace({u: value})), m) for e, m in congruences]
     return Term(tuple(indices), body, tuple(constraints), tuple(congruences), term.zero_outside)
 
 
@@ -268,10 +256,8 @@ def _shift_bands(term: Term, free: Sequence[sympy.Idx]) -> Term:
         new = sympy.Idx(str(u.label), (offset, offset + best[0]))
         value = shift + new
         indices[position] = new
-        body = body.xreplace({u: value})
-        constraints = [normalize_constraint(sympy.expand(c.xreplace({u: value})))
-                       for c in constraints] + [value - lo, hi - value]
-        congruences = [(sympy.expand(e.xreplace({u: value})), m) for e, m in congruences]
+        body, constraints, congruences = substitute({u: value}, body, constraints, congruences)
+        constraints = [normalize_constraint(c) for c in constraints] + [value - lo, hi - value]
     return Term(tuple(indices), body, tuple(constraints), tuple(congruences), term.zero_outside)
 
 
@@ -350,8 +336,8 @@ def _reads(piece: Piece):
 def balanced(extent: int, most: int) -> int:
     """The block size, at most ``most``, that cuts 0..extent-1 into the fewest blocks of
     nearly equal size (64 rows in blocks of at most 14: 5 blocks of 13, not 14+14+14+14+8)."""
-    blocks = -(-extent // most)
-    return -(-extent // blocks)
+    blocks = ceil_div(extent, most)
+    return ceil_div(extent, blocks)
 
 
 def _output_lanes(piece: Piece, width: int, budget: int) -> OutputLanes | None:
@@ -375,7 +361,7 @@ def _output_lanes(piece: Piece, width: int, budget: int) -> OutputLanes | None:
         if uses and all(lane not in c for c in uses):
             candidates.append(u)
     block = max(candidates, key=lambda u: index_range(u)[1], default=None)
-    vectors_max = -(-extent // width)
+    vectors_max = ceil_div(extent, width)
     nests = tuple(_lane_conditions_outermost(n, lane) for n in piece.nests)
     if block is None:
         return OutputLanes(lane, None, 1, min(vectors_max, budget // 3), nests)

@@ -1,0 +1,7 @@
+"""The code-generation stage: how a sum runs (``schedule``) and its C (``c`` scalar code,
+``isa`` vector instruction sets, ``vector`` the lane plans, ``emit`` whole translation units)."""
+
+from .c import PRELUDE, CSource, c_affine
+from .emit import emit, emit_function
+
+__all__ = ["PRELUDE", "CSource", "c_affine", "emit", "emit_function"]

@@ -1,0 +1,621 @@
+"""Vector code for the lane plans of codegen.schedule: output lanes (vectors along an output
+row, register blocks of rows x vectors) and reduction lanes (partial sums in lanes, reduced
+once per output element)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import sympy
+
+from ..symbolic.affine import c_order_strides, ceil_div, integer_form, linear_parts
+from ..symbolic.ir import IndexSum, index_range
+from ..symbolic.lowering import Bound, LoopNest, nest_box, value_range
+from . import schedule
+from .c import (C_TYPES, PARALLEL_WORK, Writer, bound_text, c_affine, check_name, condition_text,
+                fold, omp_schedule, output_offset, parallel, work)
+from .isa import Simd
+
+def _depends(expr, symbol) -> bool:
+    return symbol in sympy.sympify(expr).free_symbols
+
+
+class _Reads:
+    """The accesses of one nest: constant factor, and per access its offset and flags."""
+
+    def __init__(self, nest: LoopNest):
+        self.constant, reads = schedule.factors(nest.body)
+        self.items = []
+        for access in reads:
+            strides = c_order_strides([int(n) for n in access.base.shape])
+            offset = sympy.expand(sum(stride * integer_form(p)[0]
+                                      for stride, p in zip(strides, access.indices)))
+            self.items.append((access, offset, str(access.base.label) in nest.zero_outside))
+
+
+def _in_range_exprs(access: sympy.Indexed, box=None) -> list[sympy.Expr]:
+    """Affine expressions, all >= 0 exactly when every index of the access is in range
+    (with a box: only those that can fail somewhere in it)."""
+    exprs = []
+    for position, extent in zip(access.indices, access.base.shape):
+        num = integer_form(position)[0]
+        for expr in (num, int(extent) - 1 - num):
+            if box is None or value_range(expr, box)[0] < 0:
+                exprs.append(expr)
+    return exprs
+
+
+def _padded_mask(simd: "Simd", exprs, lane, lane_value, replace, base: str) -> str:
+    """``base`` narrowed to the lanes where every ``expr >= 0``: lane-dependent ones as vector
+    compares, the others as one scalar test."""
+    vector, scalar = [], []
+    for expr in exprs:
+        local = sympy.expand(expr.xreplace(replace))
+        if _depends(expr, lane):
+            vector.append(_lane_condition(simd, local, lane, lane_value))
+        else:
+            scalar.append(f"({c_affine(local)}) >= 0")
+    masks = [base] + vector
+    if scalar:
+        masks.append(simd.from_bool(" && ".join(scalar)))
+    return _and_all(simd, masks)
+
+
+@dataclass(frozen=True)
+class _BlockShape:
+    """One shape of output-lane block: rows x vectors accumulators, masked at the edges."""
+
+    rows: int
+    vectors: int
+    masked: bool
+
+
+def _lane_interior(chosen: schedule.OutputLanes, piece: schedule.Piece) -> tuple[int, int]:
+    """The lanes whose every lane-dependent condition (loop bounds, guards, padded reads)
+    holds for all values of every other index: there, blocks need no masks."""
+    lane = chosen.lane
+    low, high = 0, index_range(lane)[1]
+    for nest in chosen.nests:
+        box = nest_box(nest, piece.indices)
+        exprs = []
+        for loop in nest.loops:
+            exprs += [b.den * _ceil_const(loop.lower[0]) - b.num
+                      for b in loop.lower[1:] if _depends(b.num, lane)]
+            exprs += [b.num - b.den * (int(loop.upper[0].num) // loop.upper[0].den)
+                      for b in loop.upper[1:] if _depends(b.num, lane)]
+        exprs += [g.expr for g in nest.guards if _depends(g.expr, lane)]
+        for access, _, padded in _Reads(nest).items:
+            if padded:
+                exprs += [e for e in _in_range_exprs(access, box) if _depends(e, lane)]
+        for expr in exprs:
+            num, _ = integer_form(expr)
+            coefficients, _ = linear_parts(num)
+            a = int(coefficients[lane])
+            rest_low = value_range(sympy.expand(num - a * lane), box)[0]
+            if a > 0:
+                low = max(low, -(rest_low // a))
+            else:
+                high = min(high, rest_low // -a)
+    return low, high
+
+
+def _lane_segments(extent: int, width: int, wide: int, interior) -> list[tuple[int, int, bool]]:
+    """Cover lanes 0..extent-1 with (start, vectors, masked) blocks: wide unmasked blocks where
+    they fit inside the interior, single unmasked vectors where those fit, masked vectors
+    elsewhere."""
+    low, high = interior
+    segments, start = [], 0
+    while start < extent:
+        if wide > 1 and start >= low and start + wide * width - 1 <= high:
+            segments.append((start, wide, False))
+            start += wide * width
+        elif start >= low and start + width - 1 <= high:
+            segments.append((start, 1, False))
+            start += width
+        else:
+            segments.append((start, 1, True))
+            start += width
+    return segments
+
+
+def emit_output_lanes(out: Writer, fn: IndexSum, piece: schedule.Piece,
+                       chosen: schedule.OutputLanes, simd: Simd) -> None:
+    """Blocks of consecutive outputs along the lane index, cut once for all rows: wide
+    register blocks (rows x vectors) inside the interior, single vectors with more rows
+    where a wide block does not fit, masked single vectors at the edges.  Masked lanes read
+    zeros past an array's edge (padding, and the lanes past the end, which are not stored);
+    only lanes outside a loop's bounds are blended out of the sums."""
+    lane, block = chosen.lane, chosen.block
+    lane_name = str(lane.label)
+    outer = [i for i in piece.indices if i != lane and i != block]
+    block_extent = index_range(block)[1] + 1 if block is not None else 1
+    single_rows = schedule.balanced(block_extent, (simd.registers - 4) // 2) \
+        if block is not None else 1
+    block_shapes = {(chosen.vectors, False): _BlockShape(chosen.rows, chosen.vectors, False),
+                (1, False): _BlockShape(single_rows, 1, False),
+                (1, True): _BlockShape(single_rows, 1, True)}
+    segments = _lane_segments(index_range(lane)[1] + 1, simd.width, chosen.vectors,
+                              _lane_interior(chosen, piece))
+
+    parallel(out, outer, work(chosen.nests, piece.indices))
+    for idx in outer:
+        lo, hi = index_range(idx)
+        out.open(f"for (int64_t {check_name(str(idx.label), 'index')} = {lo}; "
+                 f"{idx.label} <= {hi}; ++{idx.label})")
+    runs: list[list[tuple[int, int, bool]]] = []
+    for segment in segments:
+        if runs and runs[-1][-1][1:] == segment[1:] and \
+                runs[-1][-1][0] + segment[1] * simd.width == segment[0]:
+            runs[-1].append(segment)
+        else:
+            runs.append([segment])
+    for run in runs:
+        block_shape = block_shapes[run[0][1:]]
+        step = block_shape.vectors * simd.width
+        out.open(f"for (int64_t {lane_name} = {run[0][0]}; {lane_name} <= {run[-1][0]}; "
+                 f"{lane_name} += {step})")
+        if block is not None:
+            out.open(f"for (int64_t {block.label} = 0; {block.label} < {block_extent}; "
+                     f"{block.label} += {block_shape.rows})")
+        _output_lane_block(out, fn, piece, chosen, simd, block_shape)
+        if block is not None:
+            out.close()
+        out.close()
+    for _ in outer:
+        out.close()
+
+
+def _ceil_const(bound: Bound) -> int:
+    return ceil_div(int(bound.num), bound.den)
+
+
+def _output_lane_block(out, fn, piece, chosen, simd, block_shape: _BlockShape) -> None:
+    lane, block = chosen.lane, chosen.block
+    rows, vectors, masked = block_shape.rows, block_shape.vectors, block_shape.masked
+    width, ctype = simd.width, C_TYPES[simd.dtype]
+    lane_name, lane_hi = str(lane.label), index_range(lane)[1]
+    accs = [[f"sc_a{r}_{q}" for q in range(vectors)] for r in range(rows)]
+    out.line(f"{simd.vec} " + ", ".join(f"{a} = {simd.zero()}" for row in accs for a in row) + ";")
+    row_vars = []
+    partial_rows = block is not None and (index_range(block)[1] + 1) % rows != 0
+    if block is not None:
+        block_hi = index_range(block)[1]
+        for r in range(rows):
+            value = f"sc_min({block.label} + {r}, {block_hi})" if partial_rows else \
+                f"{block.label} + {r}"
+            out.line(f"const int64_t sc_row{r} = {value};")
+            row_vars.append(sympy.Symbol(f"sc_row{r}"))
+    lane_at = [sympy.Symbol(f"sc_lane{q}") for q in range(vectors)]
+    for q in range(vectors):
+        out.line(f"const int64_t sc_lane{q} = {lane_name} + {q * width};")
+    if masked:
+        for q in range(vectors):
+            out.line(f"const {simd.mask} sc_valid{q} = "
+                     f"{simd.nonnegative(f'{lane_hi} - sc_lane{q}', -1)};")
+
+    for number, nest in enumerate(chosen.nests):
+        reads = _Reads(nest)
+        box = nest_box(nest, piece.indices)
+        opened = 0
+        scalar_guards = [g for g in nest.guards if not _depends(g.expr, lane)]
+        lane_guards = [g for g in nest.guards if _depends(g.expr, lane)]
+        if scalar_guards:
+            out.open(f"if ({' && '.join(f'({condition_text(g)})' for g in scalar_guards)})")
+            opened += 1
+        out.open()
+        opened += 1
+        # masks (edge path only): domain = lanes inside the bounds so far (blended);
+        # loads[a] = lanes that may read access a (valid, in the domain, inside padding)
+        domain: list[str] | None = None
+        lane_padding = {a: [e for e in _in_range_exprs(access, box) if _depends(e, lane)]
+                        for a, (access, _, padded) in enumerate(reads.items) if padded}
+        loads = {}
+        depth_of = {loop.index: d for d, loop in enumerate(nest.loops, start=1)}
+        if masked:
+            if lane_guards:
+                domain = []
+                for q in range(vectors):
+                    name = f"sc_d{number}_0_{q}"
+                    conds = [_lane_condition(simd, g.expr, lane, lane_at[q]) for g in lane_guards]
+                    out.line(f"const {simd.mask} {name} = {_and_all(simd, conds)};")
+                    domain.append(name)
+            _define_load_masks(out, simd, reads, lane, lane_at, vectors, lane_padding, domain,
+                               loads, number, 0, depth_of, False)
+        for depth, loop in enumerate(nest.loops, start=1):
+            var = check_name(str(loop.index.label), "index")
+            keep_low = [b for b in loop.lower if not _depends(b.num, lane)]
+            keep_high = [b for b in loop.upper if not _depends(b.num, lane)]
+            out.open(f"for (int64_t {var} = {bound_text(keep_low, True)}; {var} <= "
+                     f"{bound_text(keep_high, False)}; ++{var})")
+            opened += 1
+            if not masked:
+                continue
+            lane_bounds = [(b, True) for b in loop.lower if _depends(b.num, lane)] + \
+                          [(b, False) for b in loop.upper if _depends(b.num, lane)]
+            changed = False
+            if lane_bounds:
+                new = []
+                for q in range(vectors):
+                    conds = [domain[q]] if domain else []
+                    for b, is_lower in lane_bounds:
+                        expr = b.den * loop.index - b.num if is_lower else b.num - b.den * loop.index
+                        conds.append(_lane_condition(simd, expr, lane, lane_at[q]))
+                    name = f"sc_d{number}_{depth}_{q}"
+                    out.line(f"const {simd.mask} {name} = {_and_all(simd, conds)};")
+                    new.append(name)
+                domain = new
+                changed = True
+                out.open(f"if ({' || '.join(simd.any(m) for m in domain)})")
+                opened += 1
+            _define_load_masks(out, simd, reads, lane, lane_at, vectors, lane_padding, domain,
+                               loads, number, depth, depth_of, changed)
+        _accumulate_output_lanes(out, reads, chosen, simd, accs, row_vars, lane_at,
+                                 loads if masked else None, domain, box, block_shape)
+        for _ in range(opened):
+            out.close()
+
+    # store the block
+    offset = output_offset(fn, piece)
+    out_stride = int(linear_parts(offset)[0].get(lane, 0))
+    for r in range(rows):
+        row_offset = offset.xreplace({block: row_vars[r]}) if block is not None else offset
+        if partial_rows:
+            out.open(f"if ({block.label} + {r} <= {index_range(block)[1]})")
+        for q in range(vectors):
+            at = c_affine(row_offset.xreplace({lane: lane_at[q]}))
+            pointer = f"{fn.output.name} + {at}"
+            mask = f"sc_valid{q}" if masked else None
+            if out_stride == 1:
+                out.line(simd.store(pointer, accs[r][q], mask))
+            elif simd.wide:
+                out.line(simd.scatter(pointer, out_stride, accs[r][q], mask))
+            else:
+                out.open()
+                out.line(f"{ctype} sc_t[{width}];")
+                out.line(simd.store("sc_t", accs[r][q], None))
+                limit = f"sc_l <= {lane_hi} - sc_lane{q}" if masked else None
+                loop = f"for (int sc_l = 0; sc_l < {width}; ++sc_l)"
+                out.line(f"{loop} {{ if ({limit}) {fn.output.name}[{at} + {out_stride}*sc_l] = "
+                         f"sc_t[sc_l]; }}" if limit else
+                         f"{loop} {fn.output.name}[{at} + {out_stride}*sc_l] = sc_t[sc_l];")
+                out.close()
+        if partial_rows:
+            out.close()
+
+
+def _define_load_masks(out, simd, reads, lane, lane_at, vectors, lane_padding, domain, loads,
+                       number, depth, depth_of, domain_changed) -> None:
+    """(Re)define, at this loop depth, the masks of the vector reads that change here: lanes
+    that exist, lie in the domain, and read inside a zero-padded array.  A read's mask is
+    defined at the depth of the innermost loop its padding conditions use, and again where
+    the domain narrows below that."""
+    for a, (access, offset, padded) in enumerate(reads.items):
+        if not _depends(offset, lane):
+            continue
+        exprs = lane_padding.get(a, [])
+        symbols = set().union(set(), *(sympy.sympify(e).free_symbols for e in exprs))
+        level = max((depth_of[v] for v in symbols if v in depth_of), default=0)
+        if not (depth == level or (domain_changed and depth > level)):
+            continue
+        names = []
+        for q in range(vectors):
+            conds = [f"sc_valid{q}"] + ([domain[q]] if domain else []) + \
+                    [_lane_condition(simd, e, lane, lane_at[q]) for e in exprs]
+            name = f"sc_l{number}_{a}_{depth}_{q}"
+            out.line(f"const {simd.mask} {name} = {_and_all(simd, conds)};")
+            names.append(name)
+        loads[a] = names
+
+
+def _lane_condition(simd: Simd, expr, lane, lane_symbol) -> str:
+    """Mask of lanes where ``expr >= 0``, the lane index running lane_symbol + 0, 1, ..."""
+    coefficients, _ = linear_parts(expr)
+    step = int(coefficients.get(lane, 0))
+    base = c_affine(sympy.expand(sympy.sympify(expr).xreplace({lane: lane_symbol})))
+    return simd.nonnegative(base, step)
+
+
+def _and_all(simd: Simd, masks: list[str]) -> str:
+    text = masks[0]
+    for m in masks[1:]:
+        text = simd.both(text, m)
+    return text
+
+
+def _accumulate_output_lanes(out, reads: _Reads, chosen, simd: Simd, accs, row_vars, lane_at,
+                             loads, domain, box, block_shape: _BlockShape) -> None:
+    """Load each read once per row or per vector and add the products into the block."""
+    lane, block, rows, vectors = chosen.lane, chosen.block, block_shape.rows, block_shape.vectors
+    ctype = C_TYPES[simd.dtype]
+    per_row: list[list[str]] = [[] for _ in range(rows)]   # factor vectors per row
+    per_vector: list[list[str]] = [[] for _ in range(vectors)]
+    shared: list[str] = []
+    constant = reads.constant      # folded into the first broadcast read, if there is one
+    for number, (access, offset, padded) in enumerate(reads.items):
+        name = str(access.base.label)
+        stride = int(linear_parts(offset)[0].get(lane, 0))
+        # index conditions of a zero-padded read that do not depend on the lane: one test
+        scalar_checks = [e for e in _in_range_exprs(access, box) if not _depends(e, lane)] \
+            if padded else []
+        if stride == 0:
+            targets = range(rows) if block is not None and _depends(offset, block) else [None]
+            for r in targets:
+                at = offset.xreplace({block: row_vars[r]}) if r is not None else offset
+                replace = {block: row_vars[r]} if r is not None else {}
+                load = f"{name}[{c_affine(at)}]"
+                if scalar_checks:
+                    test = " && ".join(f"({c_affine(sympy.expand(e.xreplace(replace)))}) >= 0"
+                                       for e in scalar_checks)
+                    load = f"(({test}) ? {load} : 0)"
+                if constant != 1:
+                    load = f"{_number(constant, ctype)}*{load}"
+                vector = f"sc_v{number}_{r if r is not None else 'x'}"
+                out.line(f"const {simd.vec} {vector} = {simd.set1(load)};")
+                (per_row[r] if r is not None else shared).append(vector)
+            constant = sympy.Integer(1)
+        else:
+            test = " && ".join(f"({c_affine(e)}) >= 0" for e in scalar_checks)
+            for q in range(vectors):
+                at = c_affine(offset.xreplace({lane: lane_at[q]}))
+                mask = loads[number][q] if loads is not None else None
+                load = simd.load(f"{name} + {at}", stride, mask)
+                if test:
+                    load = f"({test}) ? {load} : {simd.zero()}"
+                vector = f"sc_w{number}_{q}"
+                out.line(f"const {simd.vec} {vector} = {load};")
+                per_vector[q].append(vector)
+    scale = None
+    if constant != 1:
+        scale = "sc_scale"
+        out.line(f"const {simd.vec} sc_scale = {simd.set1(_number(constant, ctype))};")
+    for r in range(rows):
+        for q in range(vectors):
+            factors = shared + per_row[r] + per_vector[q] + ([scale] if scale else [])
+            acc = accs[r][q]
+            out.line(f"{acc} = {simd.accumulate(acc, factors, domain[q] if domain else None)};")
+
+
+def _number(value, ctype: str) -> str:
+    suffix = "f" if ctype == "float" else ""
+    return f"(({ctype})({float(value)!r}{suffix}))" if not value.is_Integer else f"(({ctype}){int(value)})"
+
+
+def emit_reduction_lanes(out: Writer, fn: IndexSum, piece: schedule.Piece,
+                          chosen: schedule.ReductionLanes, simd: Simd) -> None:
+    """Per output block, lane-wise partial sums along the innermost loop, added up once at
+    the end; vectors that could read outside a zero-padded array or past the loop's end are
+    masked, the others take the plain path."""
+    (nest,) = piece.nests
+    reads = _Reads(nest)
+    lane = chosen.lane
+    width, ctype = simd.width, C_TYPES[simd.dtype]
+    blocks = list(chosen.blocks)
+    block_indices = [u for u, _ in blocks]
+    outer = [i for i in piece.indices if i not in block_indices]
+    chunks = _reduction_chunks(nest, width)
+    parallel = work(piece.nests, piece.indices) >= PARALLEL_WORK
+    if parallel:
+        out.line("#pragma omp parallel num_threads(sc_threads)")
+    out.open()
+    out.open(f"for (int64_t sc_chunk = 0; sc_chunk < {chunks.count}; ++sc_chunk)")
+    out.line(f"const int64_t sc_r0 = (sc_chunk / {chunks.segments}) * {chunks.rows}, "
+             f"sc_r1 = sc_min(sc_r0 + {chunks.rows}, {chunks.total_rows});")
+    out.line(f"const int64_t sc_s0 = {chunks.lane_lo} + (sc_chunk % {chunks.segments}) * "
+             f"{chunks.segment}, sc_s1 = sc_s0 + {chunks.segment - 1};")
+    if parallel:
+        loops = len(outer) + len(blocks)
+        tasks = math.prod(index_range(i)[1] - index_range(i)[0] + 1 for i in outer) * \
+            math.prod(ceil_div(index_range(u)[1] + 1, rows) for u, rows in blocks)
+        out.line(f"#pragma omp for{f' collapse({loops})' if loops > 1 else ''} "
+                 f"{omp_schedule(tasks)}")
+    for idx in outer:
+        lo, hi = index_range(idx)
+        out.open(f"for (int64_t {check_name(str(idx.label), 'index')} = {lo}; "
+                 f"{idx.label} <= {hi}; ++{idx.label})")
+    for u, rows in blocks:
+        out.open(f"for (int64_t {check_name(str(u.label), 'index')} = 0; {u.label} <= "
+                 f"{index_range(u)[1]}; {u.label} += {rows})")
+    row_vars = {}
+    for u, rows in blocks:
+        row_vars[u] = []
+        for r in range(rows):
+            name = f"sc_row_{u.label}_{r}"    # apart from sc_a<r>..., whatever the index's name
+            out.line(f"const int64_t {name} = sc_min({u.label} + {r}, {index_range(u)[1]});")
+            row_vars[u].append(sympy.Symbol(name))
+    combos = _product_rows(blocks)
+    accs = {combo: "sc_a" + "_".join(map(str, combo)) for combo in combos}
+    out.line(f"{simd.vec} " + ", ".join(f"{a} = {simd.zero()}" for a in accs.values()) + ";")
+    opened = 0
+    if nest.guards:
+        out.open(f"if ({' && '.join(f'({condition_text(g)})' for g in nest.guards)})")
+        opened += 1
+    # rows in runs along the innermost row index: the indices are divided out of sc_r once
+    # per run, and within it the index and the base pointers just step
+    out.open("for (int64_t sc_r = sc_r0; sc_r < sc_r1; )")
+    opened += 1
+    radix, stepping = 1, None
+    for loop in reversed(nest.loops[:-1]):
+        var = check_name(str(loop.index.label), "index")
+        low, high = chunks.ranges[loop.index]
+        value = f"{low} + (sc_r / {radix}) % {high - low + 1}"
+        if stepping is None:
+            stepping = loop.index
+            out.line(f"int64_t {var} = {value};")
+            out.line(f"const int64_t sc_run = sc_min(sc_r1 - sc_r, {high + 1} - {var});")
+        else:
+            out.line(f"const int64_t {var} = {value};")
+        radix *= high - low + 1
+    # one base pointer per read and block row: the loads below only add lane offsets
+    steps = []
+    for number, (access, offset, _) in enumerate(reads.items):
+        mine = [u for u in block_indices if _depends(offset, u)]
+        for r in (range(len(row_vars[mine[0]])) if mine else [None]):
+            at = offset.xreplace({mine[0]: row_vars[mine[0]][r]}) if mine else offset
+            at = sympy.expand(at.xreplace({lane: 0}))
+            pointer = f"sc_b{number}_{r if r is not None else 'x'}"
+            out.line(f"const {ctype} *restrict {pointer} = {access.base.label} + {c_affine(at)};")
+            step = int(linear_parts(at)[0].get(stepping, 0)) if stepping is not None else 0
+            if step:
+                steps.append(f"{pointer} += {step};")
+    if stepping is not None:
+        steps.append(f"++{check_name(str(stepping.label), 'index')};")
+    out.open("for (int64_t sc_k = 0; sc_k < sc_run; ++sc_k)" if stepping is not None else "")
+    opened += 1
+    last = nest.loops[-1]
+    lane_name = check_name(str(lane.label), "index")
+    out.line(f"const int64_t sc_lo = sc_max({bound_text(last.lower, True)}, sc_s0), sc_hi = "
+             f"sc_min({bound_text(last.upper, False)}, sc_s1);")
+    # the lane range in which every zero-padded read stays inside its array
+    lows, highs, always = ["sc_lo"], ["sc_hi"], []
+    box = nest_box(nest, piece.indices)
+    for access, offset, padded in reads.items:
+        if not padded:
+            continue
+        for expr in _in_range_exprs(access, box):
+            coefficients, _ = linear_parts(expr)
+            c = int(coefficients.get(lane, 0))
+            rows = [u for u in block_indices if u in coefficients]
+            # every row of the block must read inside: the first and last rows bound it
+            for replace in ([{}] if not rows else
+                            [{rows[0]: row_vars[rows[0]][0]}, {rows[0]: row_vars[rows[0]][-1]}]):
+                rest = c_affine(sympy.expand((expr - c * lane).xreplace(replace)))
+                if c > 0:
+                    lows.append(f"sc_ceildiv(-({rest}), {c})")
+                elif c < 0:
+                    highs.append(f"sc_floordiv({rest}, {-c})")
+                else:
+                    always.append(f"({rest}) >= 0")
+    out.line(f"const int64_t sc_flo = {fold(lows, 'sc_max')}, sc_fhi = "
+             f"{fold(highs, 'sc_min')};")
+    # vectors start at sc_lo + W·k: masked ones before sc_first, plain ones up to sc_last
+    # (when a padded read is never inside, no vector is plain: sc_first lies past every lane,
+    # and W·sc_first must not overflow)
+    inside = " && ".join(always) if always else "1"
+    out.line(f"const int64_t sc_first = ({inside}) ? sc_max(0, sc_ceildiv(sc_flo - sc_lo, "
+             f"{width})) : INT64_MAX / {2 * width};")
+    out.line(f"const int64_t sc_last = sc_floordiv(sc_fhi - {width - 1} - sc_lo, {width});")
+    # vectors 0 .. sc_count-1: masked before sc_a, plain from sc_a to sc_b-1, masked after
+    out.line(f"const int64_t sc_count = (sc_hi - sc_lo + {width}) / {width};")
+    out.line("const int64_t sc_a = sc_min(sc_first, sc_count), "
+             "sc_b = sc_max(sc_a, sc_min(sc_last + 1, sc_count));")
+    for first, last, plain in (("0", "sc_a", False), ("sc_a", "sc_b", True),
+                               ("sc_b", "sc_count", False)):
+        out.open(f"for (int64_t sc_v = {first}; sc_v < {last}; ++sc_v)")
+        out.line(f"const int64_t {lane_name} = sc_lo + {width} * sc_v;")
+        if plain:
+            _accumulate_reduction(out, reads, chosen, simd, accs, row_vars, None, box)
+        else:
+            out.line(f"const {simd.mask} sc_valid = "
+                     f"{simd.nonnegative(f'sc_hi - {lane_name}', -1)};")
+            _accumulate_reduction(out, reads, chosen, simd, accs, row_vars, "sc_valid", box)
+        out.close()
+    for line in steps:
+        out.line(line)
+    out.close()    # one row
+    out.line("sc_r += sc_run;" if stepping is not None else "++sc_r;")
+    for _ in range(opened - 1):
+        out.close()
+    offset = output_offset(fn, piece)
+    for combo, acc in accs.items():
+        conds = [f"{u.label} + {r} <= {index_range(u)[1]}" for (u, _), r in zip(blocks, combo)]
+        at = offset.xreplace({u: row_vars[u][r] for (u, _), r in zip(blocks, combo)})
+        element = f"{fn.output.name}[{c_affine(at)}]"
+        store = (f"{element} = {simd.hsum(acc)};" if chunks.count == 1 else
+                 f"{{ if (sc_chunk == 0) {element} = {simd.hsum(acc)}; "
+                 f"else {element} += {simd.hsum(acc)}; }}")
+        out.line(f"if ({' && '.join(conds)}) {store}")
+    for _ in (*outer, *blocks):
+        out.close()
+    out.close()   # chunks
+    out.close()   # parallel region
+
+
+CHUNK_ELEMENTS = 2048   # summed elements per chunk and task: what each block reads stays in cache
+
+
+@dataclass(frozen=True)
+class _Chunks:
+    """The reduction split into ``count`` chunks summed in order: ``rows`` consecutive values
+    of the flattened outer loops times one ``segment`` of the lane loop."""
+
+    ranges: dict
+    total_rows: int
+    rows: int
+    lane_lo: int
+    segment: int
+    segments: int
+
+    @property
+    def count(self) -> int:
+        return ceil_div(self.total_rows, self.rows) * self.segments
+
+
+def _reduction_chunks(nest: LoopNest, width: int) -> _Chunks:
+    """Chunks of the summation so that one chunk's data, for all blocks, fits in cache.  Each
+    output element adds its chunk sums in chunk order: the thread count cannot change it."""
+    ranges = {}
+    for loop in nest.loops[:-1]:
+        low = max(_ceil_const(b) for b in loop.lower if b.num.is_Integer)
+        high = min(int(b.num) // b.den for b in loop.upper if b.num.is_Integer)
+        ranges[loop.index] = (low, high)
+    total_rows = math.prod(high - low + 1 for low, high in ranges.values())
+    lane = nest.loops[-1]
+    lane_lo, lane_hi = _ceil_const(lane.lower[0]), int(lane.upper[0].num) // lane.upper[0].den
+    extent = lane_hi - lane_lo + 1
+    if extent >= CHUNK_ELEMENTS:
+        segment = ceil_div(CHUNK_ELEMENTS, width) * width
+        return _Chunks(ranges, total_rows, 1, lane_lo, segment, ceil_div(extent, segment))
+    rows = max(1, CHUNK_ELEMENTS // extent)
+    return _Chunks(ranges, total_rows, rows, lane_lo, extent, 1)
+
+
+def _product_rows(blocks):
+    combos = [()]
+    for _, rows in blocks:
+        combos = [c + (r,) for c in combos for r in range(rows)]
+    return combos
+
+
+def _accumulate_reduction(out, reads: _Reads, chosen, simd: Simd, accs, row_vars, mask,
+                          box) -> None:
+    lane = chosen.lane
+    blocks = [u for u, _ in chosen.blocks]
+    ctype = C_TYPES[simd.dtype]
+    loaded = []   # per read: {row-combo-key: vector name}
+    for number, (access, offset, padded) in enumerate(reads.items):
+        stride = int(linear_parts(offset)[0].get(lane, 0))
+        mine = [u for u in blocks if _depends(offset, u)]
+        names = {}
+        for r in (range(len(row_vars[mine[0]])) if mine else [None]):
+            at = offset.xreplace({mine[0]: row_vars[mine[0]][r]}) if mine else offset
+            local = access.xreplace({mine[0]: row_vars[mine[0]][r]}) if mine else access
+            vector = f"sc_v{number}_{r if r is not None else 'x'}"
+            name = str(access.base.label)
+            if stride == 0:
+                load = f"{name}[{c_affine(at)}]"
+                if padded:
+                    checks = [f"(uint64_t)({c_affine(p)}) < {int(n)}u"
+                              for p, n in zip(local.indices, access.base.shape)]
+                    load = f"({' && '.join(checks)} ? {load} : 0)"
+                out.line(f"const {simd.vec} {vector} = {simd.set1(load)};")
+            else:
+                m = mask
+                if mask is not None and padded:
+                    replace = {mine[0]: row_vars[mine[0]][r]} if mine else {}
+                    m = _padded_mask(simd, _in_range_exprs(access, box), lane, lane, replace, mask)
+                base = f"sc_b{number}_{r if r is not None else 'x'}"
+                pointer = f"{base} + {lane}" if stride == 1 else f"{base} + {stride}*{lane}"
+                out.line(f"const {simd.vec} {vector} = {simd.load(pointer, stride, m)};")
+            names[(mine[0], r) if mine else None] = vector
+        loaded.append((mine[0] if mine else None, names))
+    scale = None
+    if reads.constant != 1:
+        scale = "sc_scale"
+        out.line(f"const {simd.vec} sc_scale = {simd.set1(_number(reads.constant, ctype))};")
+    for combo, acc in accs.items():
+        rows = dict(zip(blocks, combo))
+        factors = [names[(u, rows[u])] if u is not None else names[None] for u, names in loaded]
+        if scale:
+            factors.append(scale)
+        out.line(f"{acc} = {simd.accumulate(acc, factors, mask)};")
