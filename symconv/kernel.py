@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import functools
 import importlib.machinery
 import importlib.util
 import json
 import os
 import platform
 import sysconfig
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -39,6 +39,128 @@ class PackageError(RuntimeError):
     """A package that is missing, corrupt, or built for another Python or CPU."""
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One instruction-set build of a package's C: its target name (``x86-64-v3``), the
+    vector ISA its code uses (``avx512``, ``avx2`` or None), its compiler flags, the CPU
+    features it needs, its C file and the prefix of its function symbols.  Stored in the
+    manifest as ``build.variants``, best first."""
+
+    target: str
+    isa: str | None
+    flags: tuple[str, ...]
+    cpu_features: tuple[str, ...]
+    source: str
+    prefix: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "flags": list(self.flags), "cpu_features": list(self.cpu_features)}
+
+    @classmethod
+    def from_json(cls, entry: Mapping[str, Any]) -> "Variant":
+        return cls(str(entry["target"]), entry["isa"], tuple(entry["flags"]),
+                   tuple(entry["cpu_features"]), str(entry["source"]), str(entry["prefix"]))
+
+
+@dataclass(frozen=True)
+class KernelFunction:
+    """One compiled function as the manifest lists it: the arrays it reads, in call order,
+    and the array it writes."""
+
+    name: str
+    args: tuple[str, ...]
+    output: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"args": list(self.args), "output": self.output}
+
+    @classmethod
+    def from_json(cls, name: str, entry: Mapping[str, Any]) -> "KernelFunction":
+        return cls(str(name), tuple(entry["args"]), str(entry["output"]))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The schema of ``manifest.json``, shared by its writer (the compiler's op fields, then
+    the packager's) and its reader (this loader).  ``from_json`` checks a parsed file field
+    by field and raises KeyError/TypeError/ValueError on anything the loader could trip on;
+    the packager runs it on what it writes.  Kind-specific fields (a convolution's ``spec``
+    and ``flops``) and timings are kept as they are in ``extra``."""
+
+    name: str
+    module: str
+    kind: str
+    description: str
+    key: str
+    dtype: str
+    inputs: tuple[str, ...]
+    output: str
+    differentiable: tuple[str, ...]
+    backward_args: tuple[str, ...]     # what ``Kernel.backward`` takes: inputs read, cotangent
+    shapes: Mapping[str, tuple[int, ...]]
+    functions: Mapping[str, KernelFunction]
+    formulas: Mapping[str, Mapping[str, str]]
+    build: Mapping[str, Any]           # target, compiler, flags, versions, CPU features...
+    variants: tuple[Variant, ...]      # build.variants, best first
+    files: Mapping[str, str]           # file name -> sha256
+    extra: Mapping[str, Any]
+
+    OP_FIELDS = ("kind", "description", "key", "dtype", "inputs", "output", "differentiable",
+                 "backward_args", "arrays", "functions", "formulas")
+    PACKAGE_FIELDS = ("format", "name", "module", "build", "files", "digest")
+
+    @property
+    def cotangent(self) -> str:
+        """The name of the output's gradient, the last argument of every gradient."""
+        return self.backward_args[-1]
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "Manifest":
+        for name, digest in data["files"].items():
+            if not (isinstance(name, str) and isinstance(digest, str)) or "/" in name or \
+                    name.startswith("."):
+                raise ValueError(f"bad file entry {name!r}")
+        build = data["build"]
+        for key in ("ext_suffix", "machine", "target", "compiler"):
+            if not isinstance(build[key], str):
+                raise TypeError(f"build.{key} is not a string")
+        if not all(isinstance(f, str) for f in build["cpu_features"]):
+            raise TypeError("build.cpu_features holds a non-string")
+        variants = tuple(map(Variant.from_json, build["variants"]))
+        if not variants:
+            raise ValueError("build.variants is empty")
+        for variant in variants:
+            if not all(isinstance(f, str) for f in variant.cpu_features):
+                raise TypeError("a variant's cpu_features holds a non-string")
+            if variant.source not in data["files"] or not variant.prefix.isidentifier():
+                raise ValueError(f"bad variant {variant.target!r}")
+        for key in ("name", "module", "kind", "description", "key", "dtype", "output"):
+            if not isinstance(data[key], str):
+                raise TypeError(f"{key} is not a string")
+        if data["dtype"] not in C_TYPES:
+            raise ValueError(f"unknown dtype {data['dtype']!r}")
+        if not data["module"].isidentifier():
+            raise ValueError(f"bad module name {data['module']!r}")
+        shapes = {str(name): tuple(int(n) for n in entry["shape"])
+                  for name, entry in data["arrays"].items()}
+        functions = {}
+        for name, entry in data["functions"].items():
+            function = functions[name] = KernelFunction.from_json(name, entry)
+            for array in (*function.args, function.output):
+                shapes[array]
+            if not str(name).isidentifier():
+                raise ValueError(f"bad function name {name!r}")
+        names = {key: tuple(str(n) for n in data[key])
+                 for key in ("inputs", "differentiable", "backward_args")}
+        known = {*cls.OP_FIELDS, *cls.PACKAGE_FIELDS}
+        return cls(name=data["name"], module=data["module"], kind=data["kind"],
+                   description=data["description"], key=data["key"], dtype=data["dtype"],
+                   output=data["output"],
+                   shapes=shapes, functions=functions, formulas=dict(data["formulas"]),
+                   build=dict(build), variants=variants, files=dict(data["files"]),
+                   extra={k: v for k, v in data.items() if k not in known}, **names)
+
+
 def file_digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -49,7 +171,6 @@ def manifest_digest(manifest: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-@functools.lru_cache(maxsize=None)
 @functools.lru_cache(maxsize=None)
 def cpu_features() -> frozenset[str] | None:
     """The CPU's feature flags, or None where they cannot be read (then nothing is checked);
@@ -88,7 +209,7 @@ def read_manifest(directory: Path, runtime: bool = True) -> dict[str, Any]:
     if manifest.get("digest") != manifest_digest(manifest):
         raise PackageError(f"{path} was modified after the build (digest mismatch)")
     try:
-        _check_structure(manifest)
+        Manifest.from_json(manifest)
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise PackageError(f"{path} is malformed ({type(error).__name__}: {error}); rebuild "
                            f"the package") from None
@@ -120,41 +241,6 @@ def read_manifest(directory: Path, runtime: bool = True) -> dict[str, Any]:
     return manifest
 
 
-def _check_structure(manifest: Mapping[str, Any]) -> None:
-    """KeyError/TypeError/ValueError unless the fields the loader reads have their types."""
-    for name, digest in manifest["files"].items():
-        if not (isinstance(name, str) and isinstance(digest, str)) or "/" in name or \
-                name.startswith("."):
-            raise ValueError(f"bad file entry {name!r}")
-    build = manifest["build"]
-    for key in ("ext_suffix", "machine", "target", "compiler"):
-        if not isinstance(build[key], str):
-            raise TypeError(f"build.{key} is not a string")
-    if not all(isinstance(f, str) for f in build["cpu_features"]):
-        raise TypeError("build.cpu_features holds a non-string")
-    if not build["variants"]:
-        raise ValueError("build.variants is empty")
-    for variant in build["variants"]:
-        if not all(isinstance(f, str) for f in variant["cpu_features"]):
-            raise TypeError("a variant's cpu_features holds a non-string")
-        if variant["source"] not in manifest["files"] or not variant["prefix"].isidentifier():
-            raise ValueError(f"bad variant {variant.get('target')!r}")
-    for key in ("module", "dtype"):
-        if not isinstance(manifest[key], str):
-            raise TypeError(f"{key} is not a string")
-    if manifest["dtype"] not in C_TYPES:
-        raise ValueError(f"unknown dtype {manifest['dtype']!r}")
-    if not manifest["module"].isidentifier():
-        raise ValueError(f"bad module name {manifest['module']!r}")
-    shapes = {name: tuple(int(n) for n in entry["shape"])
-              for name, entry in manifest["arrays"].items()}
-    for name, entry in manifest["functions"].items():
-        for array in (*entry["args"], entry["output"]):
-            shapes[array]
-        if not str(name).isidentifier():
-            raise ValueError(f"bad function name {name!r}")
-    for key in ("inputs", "differentiable", "backward_args"):
-        list(manifest[key])
 
 
 def sanitizer_loaded() -> bool:
@@ -198,32 +284,32 @@ def default_threads() -> int:
     return threads
 
 
-def best_variant(entries: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+def best_variant(entries: Sequence[Variant]) -> Variant:
     """The first (best) variant whose CPU features this machine has; the last, the baseline,
     where none fits or the features cannot be read (loading checks the baseline)."""
-    return next((v for v in entries if not missing_features(v["cpu_features"])), entries[-1])
+    return next((v for v in entries if not missing_features(v.cpu_features)), entries[-1])
 
 
-def choose_variant(manifest: Mapping[str, Any], name: str | None = None) -> Mapping[str, Any]:
+def choose_variant(manifest: Manifest, name: str | None = None) -> Variant:
     """The variant of a package to run: ``name`` (a target the package was built for, which
     this CPU must support), else the best one this CPU has."""
-    entries = manifest["build"]["variants"]
+    entries = manifest.variants
     if name is None:
         return best_variant(entries)
     for entry in entries:
-        if entry["target"] == name:
-            missing = missing_features(entry["cpu_features"])
+        if entry.target == name:
+            missing = missing_features(entry.cpu_features)
             if missing:
                 raise PackageError(f"variant {name} needs CPU features this CPU lacks: "
                                    f"{', '.join(missing)}")
             return entry
-    raise PackageError(f"{manifest['name']} has no variant {name!r}; it was built for "
-                       f"{', '.join(v['target'] for v in entries)}")
+    raise PackageError(f"{manifest.name} has no variant {name!r}; it was built for "
+                       f"{', '.join(v.target for v in entries)}")
 
 
-def _import_extension(directory: Path, manifest: Mapping[str, Any]):
-    module = manifest["module"]
-    path = directory / (module + manifest["build"]["ext_suffix"])
+def _import_extension(directory: Path, manifest: Manifest):
+    module = manifest.module
+    path = directory / (module + manifest.build["ext_suffix"])
     loader = importlib.machinery.ExtensionFileLoader(module, str(path))
     spec = importlib.util.spec_from_file_location(module, str(path), loader=loader)
     extension = importlib.util.module_from_spec(spec)
@@ -234,11 +320,11 @@ def _import_extension(directory: Path, manifest: Mapping[str, Any]):
 class Function:
     """One compiled function: ``f(*inputs, out=None) -> output``."""
 
-    def __init__(self, name: str, entry: Mapping[str, Any], shapes: Mapping[str, Sequence[int]],
+    def __init__(self, signature: KernelFunction, shapes: Mapping[str, Sequence[int]],
                  dtype: str, extension, prefix: str):
-        self.name = name
-        self.args = tuple(entry["args"])
-        self.output = entry["output"]
+        name = self.name = signature.name
+        self.args = signature.args
+        self.output = signature.output
         self.dtype = np.dtype(dtype)
         self.shapes = {a: tuple(shapes[a]) for a in (*self.args, self.output)}
         self._c = getattr(extension.lib, prefix + name)
@@ -315,15 +401,15 @@ class Kernel:
 
     def __init__(self, directory: str | os.PathLike, variant: str | None = None):
         self.path = Path(directory).resolve()
-        self.manifest = read_manifest(self.path)
-        self.variant = choose_variant(self.manifest, variant)
+        self.manifest = read_manifest(self.path)           # the file as JSON
+        self.record = Manifest.from_json(self.manifest)     # the same, as typed fields
+        self.variant = choose_variant(self.record, variant)
         try:
-            extension = _import_extension(self.path, self.manifest)
-            shapes = {name: entry["shape"] for name, entry in self.manifest["arrays"].items()}
+            extension = _import_extension(self.path, self.record)
             self.functions = {
-                name: Function(name, entry, shapes, self.manifest["dtype"], extension,
-                               self.variant["prefix"])
-                for name, entry in self.manifest["functions"].items()
+                name: Function(signature, self.record.shapes, self.record.dtype, extension,
+                               self.variant.prefix)
+                for name, signature in self.record.functions.items()
             }
         except (ImportError, AttributeError) as error:   # a binary that is not this package's
             raise PackageError(f"{self.path}: its extension does not provide what the manifest "
@@ -332,37 +418,37 @@ class Kernel:
     # --- what the package is --------------------------------------------------------------------
     @property
     def name(self) -> str:
-        return self.manifest["name"]
+        return self.record.name
 
     @property
     def spec(self) -> dict[str, Any] | None:
         """The normalised ConvSpec fields (None for other ops)."""
-        return self.manifest.get("spec")
+        return self.record.extra.get("spec")
 
     @property
     def inputs(self) -> tuple[str, ...]:
-        return tuple(self.manifest["inputs"])
+        return self.record.inputs
 
     @property
     def differentiable(self) -> tuple[str, ...]:
-        return tuple(self.manifest["differentiable"])
+        return self.record.differentiable
 
     @property
     def formulas(self) -> dict[str, str]:
         """Each function's index sum as text: the forward sum, each gradient in gather form."""
-        return {name: f["text"] for name, f in self.manifest["formulas"].items()}
+        return {name: f["text"] for name, f in self.record.formulas.items()}
 
     @property
     def latex(self) -> dict[str, str]:
-        return {name: f["latex"] for name, f in self.manifest["formulas"].items()}
+        return {name: f["latex"] for name, f in self.record.formulas.items()}
 
     @property
     def source(self) -> str:
         """The generated C of the variant this kernel runs."""
-        return (self.path / self.variant["source"]).read_text()
+        return (self.path / self.variant.source).read_text()
 
     def __repr__(self) -> str:
-        return f"<symconv Kernel {self.name}: {self.manifest['description']}>"
+        return f"<symconv Kernel {self.name}: {self.record.description}>"
 
     def __getattr__(self, name: str) -> Function:
         functions = self.__dict__.get("functions", {})
@@ -389,7 +475,7 @@ class Kernel:
         one entry per differentiable input, None where not requested.  An
         array that no requested gradient reads may be None.
         """
-        names = self.manifest["backward_args"]
+        names = self.record.backward_args
         if len(arrays) != len(names):
             raise TypeError(f"backward takes {len(names)} arrays ({', '.join(names)}), got "
                             f"{len(arrays)}")

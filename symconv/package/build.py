@@ -23,7 +23,6 @@ import io
 import json
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sysconfig
@@ -34,30 +33,21 @@ from typing import Any, Callable, Iterator, Mapping
 
 import cffi
 
-from . import __version__
-from .kernel import (FORMAT, MANIFEST, PackageError, best_variant, cpu_features, file_digest,
-                     manifest_digest, read_manifest)
+from .._version import __version__
+from ..errors import BuildError
+from .. import kernel as runtime
+from ..kernel import (FORMAT, MANIFEST, Manifest, PackageError, Variant, file_digest,
+                      manifest_digest, read_manifest)
+from .targets import SANITIZE, split_target, variants
 
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows: locking falls back to exclusive creation
     fcntl = None
 
-SOURCE = "kernels.c"
 RUNTIME = "_symconv_kernel.py"
 CACHE_ENV = "SYMCONV_CACHE_DIR"
 
-# Features each -march level promises, as /proc/cpuinfo names them (abm = lzcnt).
-TARGET_FEATURES = {
-    "x86-64-v4": ("avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "movbe", "xsave", "abm",
-                  "avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"),
-    "x86-64-v3": ("avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "movbe", "xsave", "abm"),
-    "x86-64-v2": ("sse4_1", "sse4_2", "ssse3", "popcnt", "cx16"),
-    "x86-64": (),
-    "generic": (),
-}
-_ISA_FLAG = re.compile(r"^(sse|ssse|avx|fma|bmi|f16c|movbe|abm|popcnt|adx|sha|vaes|vpclmul|gfni|aes"
-                       r"|pclmul|amx|lzcnt|asimd|sve|neon|fp|vsx|altivec)")
 # -fno-tree-loop-vectorize: GCC 12.2's loop vectorizer miscompiles reductions over strided
 # load groups (tests/test_codegen.py::test_build_flags_avoid_gcc_vectorizer_miscompile has the
 # reproducer); -fno-tree-slp-vectorize: its SLP vectorizer at -march=x86-64-v4 miscompiles a
@@ -70,17 +60,14 @@ BASE_FLAGS = ("-O3", "-std=c99", "-fPIC", "-shared", "-fopenmp", "-fno-math-errn
 # report aborts the process (no recovery); the frame pointer and debug info make the reports
 # readable.  Such a package loads only in a process started with the sanitizer runtime
 # preloaded (LD_PRELOAD, see sanitizer_runtime()).
-SANITIZE = "sanitize"
 SANITIZE_FLAGS = ("-fsanitize=address,undefined", "-fno-sanitize-recover=all",
                   "-fno-omit-frame-pointer", "-g")
 
-# The modules whose source decides what a package contains.
-_FINGERPRINTED = ("spec.py", "ir.py", "derive.py", "define.py", "schedule.py", "codegen.py",
-                  "build.py", "kernel.py")
-
-
-class BuildError(RuntimeError):
-    """The C compiler failed; the message holds the command and its output."""
+# What decides a package's content: every source file of the compiler's stages, found by
+# walking these folders (a new or split file is included without editing this), and the
+# modules they build on.
+_COMPILER_STAGES = ("symbolic", "codegen", "package")
+_COMPILER_BASE = ("spec.py", "errors.py", "kernel.py")
 
 
 def default_cache_dir() -> Path:
@@ -90,76 +77,6 @@ def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "symconv"
 
-
-def default_target() -> str:
-    """Where the CPU has x86-64-v3: code for both AVX-512 (x86-64-v4) and AVX2 (x86-64-v3) in
-    one package, the loader running the best its CPU has, so the package runs on any AVX2
-    machine and at full width where AVX-512 exists.  Elsewhere the architecture's portable
-    baseline."""
-    if platform.machine() in ("x86_64", "AMD64"):
-        have = cpu_features() or set()
-        if set(TARGET_FEATURES["x86-64-v3"]) <= have:
-            return "x86-64-v4,x86-64-v3"
-        return "x86-64"
-    return "generic"
-
-
-def split_target(target: str | None) -> tuple[tuple[str, ...], bool]:
-    """(instruction-set targets in order of preference, sanitize) from a target name such as
-    ``x86-64-v3``, ``x86-64-v4,x86-64-v3``, ``native+sanitize`` or ``+sanitize`` (the default
-    target, sanitized)."""
-    if target is not None and not isinstance(target, str):
-        raise ValueError(f"target must be a string such as 'x86-64-v3', got {target!r}")
-    base, *modifiers = (target or "").split("+")
-    unknown = [m for m in modifiers if m != SANITIZE]
-    if unknown or len(modifiers) > 1:
-        raise ValueError(f"unknown target modifier in {target!r}; the only one is "
-                         f"'+{SANITIZE}' (e.g. 'x86-64-v3+{SANITIZE}')")
-    names = tuple((base or default_target()).split(","))
-    for name in names:
-        if name != "native" and name not in TARGET_FEATURES:
-            raise ValueError(f"unknown target {name!r}; expected native or one of "
-                             f"{', '.join(TARGET_FEATURES)}, or several joined by commas "
-                             f"(best first), optionally with '+{SANITIZE}'")
-    if len(set(names)) != len(names):
-        raise ValueError(f"target {target!r} names an instruction set twice")
-    return names, bool(modifiers)
-
-
-def _features(name: str) -> list[str]:
-    """The CPU features code built for one instruction-set target needs."""
-    if name == "native":
-        return sorted(f for f in cpu_features() or set() if _ISA_FLAG.match(f))
-    return list(TARGET_FEATURES[name])
-
-
-def _isa(features) -> str | None:
-    """The vector instructions symconv's code uses given these CPU features: "avx512",
-    "avx2" (with FMA), or None for plain C."""
-    features = set(features)
-    if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= features:
-        return "avx512"
-    return "avx2" if {"avx2", "fma"} <= features else None
-
-
-def variants(target: str | None = None) -> list[dict[str, Any]]:
-    """One entry per instruction set a package for ``target`` holds code for, best first:
-    its target name, vector ISA, compiler flags, the CPU features it needs, its C file and
-    the prefix of its function symbols.  A single-target package keeps the plain names."""
-    names, _ = split_target(target)
-    found = []
-    for name in names:
-        features = _features(name)
-        single = len(names) == 1
-        found.append({
-            "target": name,
-            "isa": _isa(features),
-            "flags": [] if name == "generic" else [f"-march={name}"],
-            "cpu_features": features,
-            "source": SOURCE if single else f"kernels-{name}.c",
-            "prefix": "symconv_" if single else f"symconv_{name.replace('-', '_')}_",
-        })
-    return found
 
 
 def sanitizer_runtime(cc: str | None = None) -> list[str]:
@@ -181,12 +98,6 @@ def sanitizer_runtime(cc: str | None = None) -> list[str]:
     return found
 
 
-def vector_isa(target: str | None = None) -> str | None:
-    """The vector instructions of the code this machine runs from a package built for
-    ``target`` (default: the default target): "avx512", "avx2" (with FMA), or None."""
-    return best_variant(variants(target))["isa"]
-
-
 @functools.lru_cache(maxsize=None)
 def compiler_version(cc: str) -> str:
     try:
@@ -201,14 +112,30 @@ def c_compiler() -> str:
     return os.environ.get("CC", "cc")
 
 
+def compiler_sources(root: Path | None = None) -> list[Path]:
+    """The source files of symconv's compiler under ``root`` (this symconv by default), in a
+    fixed order: every ``*.py`` in the stage folders, and the modules they build on."""
+    root = Path(root) if root is not None else Path(__file__).resolve().parent.parent
+    found = [root / name for name in _COMPILER_BASE]
+    for stage in _COMPILER_STAGES:
+        found += sorted((root / stage).rglob("*.py"))
+    return found
+
+
+def fingerprint_of(root: Path | None = None) -> str:
+    """Hash of the version and of the compiler's sources (paths and contents) under ``root``."""
+    root = Path(root) if root is not None else Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256(__version__.encode())
+    for path in compiler_sources(root):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 @functools.lru_cache(maxsize=None)
 def fingerprint() -> str:
-    """Hash of symconv's compiler sources: any change to them makes new package keys."""
-    here = Path(__file__).parent
-    digest = hashlib.sha256(__version__.encode())
-    for name in _FINGERPRINTED:
-        digest.update((here / name).read_bytes())
-    return digest.hexdigest()
+    """This symconv's compiler fingerprint: any change to its sources makes new package keys."""
+    return fingerprint_of()
 
 
 def build_config(target: str | None = None) -> dict[str, Any]:
@@ -220,8 +147,8 @@ def build_config(target: str | None = None) -> dict[str, Any]:
     return {
         "target": target,
         "sanitize": sanitize,
-        "variants": entries,
-        "cpu_features": entries[-1]["cpu_features"],   # the baseline: what loading needs
+        "variants": [v.to_json() for v in entries],
+        "cpu_features": list(entries[-1].cpu_features),   # the baseline: what loading needs
         "compiler": cc,
         "compiler_version": compiler_version(cc),
         "flags": [*BASE_FLAGS, *(SANITIZE_FLAGS if sanitize else ())],
@@ -263,12 +190,12 @@ def compile_extension(directory: Path, module: str, cdef: str, config: Mapping[s
     target = directory / (module + config["ext_suffix"])
     cc, flags = config["compiler"], config["flags"]
     include = [f"-I{sysconfig.get_paths()['include']}", f"-I{directory}"]
-    entries = config["variants"]
+    entries = [Variant.from_json(entry) for entry in config["variants"]]
     objects = [directory / f"{module}.{i}.o" for i in range(len(entries))]
     try:
-        _run_all([[cc, *flags, *entry["flags"], "-c", str(directory / entry["source"]), "-o",
+        _run_all([[cc, *flags, *entry.flags, "-c", str(directory / entry.source), "-o",
                    str(obj)] for entry, obj in zip(entries, objects)])
-        _run_all([[cc, *flags, *entries[-1]["flags"], *include, str(wrapper),
+        _run_all([[cc, *flags, *entries[-1].flags, *include, str(wrapper),
                    *map(str, objects), "-o", str(target), "-lm"]])
     finally:
         for temporary in (wrapper, *objects):
@@ -299,18 +226,19 @@ def write_package(directory: Path, name: str, sources: Mapping[str, str], cdef: 
     """Fill an empty directory with a complete package; ``sources`` holds the C text of each
     variant (by its target name) and ``cdef`` the declarations of them all."""
     module = f"_{name}"
-    for entry in config["variants"]:
-        (directory / entry["source"]).write_text(sources[entry["target"]])
+    entries = [Variant.from_json(entry) for entry in config["variants"]]
+    for entry in entries:
+        (directory / entry.source).write_text(sources[entry.target])
     start = time.perf_counter()
     binary = compile_extension(directory, module, cdef, config)
     seconds = time.perf_counter() - start
-    shutil.copyfile(Path(__file__).with_name("kernel.py"), directory / RUNTIME)
+    shutil.copyfile(runtime.__file__, directory / RUNTIME)
     functions = "\n".join(f"{f} = kernel.functions[{f!r}]" for f in manifest["functions"]
                           if f != "forward")
     (directory / "__init__.py").write_text(_INIT.format(
         name=name, description=manifest["description"], version=__version__,
         runtime=RUNTIME[:-3], functions=functions))
-    files = (*(entry["source"] for entry in config["variants"]), binary.name, "__init__.py",
+    files = (*(entry.source for entry in entries), binary.name, "__init__.py",
              RUNTIME)
     full = {
         **manifest,
@@ -322,6 +250,7 @@ def write_package(directory: Path, name: str, sources: Mapping[str, str], cdef: 
     }
     full.setdefault("timings", {})["compile_c"] = round(seconds, 4)
     full["digest"] = manifest_digest(full)
+    Manifest.from_json(full)    # the loader's schema: a package it would refuse is never written
     (directory / MANIFEST).write_text(json.dumps(full, indent=1, sort_keys=True) + "\n")
 
 
