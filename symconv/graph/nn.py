@@ -21,8 +21,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from . import graph
-from .graph import Tensor
+from . import compiled, ops
+from .engine import Tensor
 
 __all__ = ["Parameter", "Module", "Sequential", "Conv", "Linear", "ReLU", "LeakyReLU", "Tanh",
            "Sigmoid", "MaxPool", "AvgPool", "Flatten"]
@@ -134,7 +134,7 @@ class Sequential(Module):
 
 
 class Conv(Module):
-    """N-D convolution layer: ``graph.conv`` with a weight (out, in // groups, *kernel) and bias.
+    """N-D convolution layer: ``compiled.conv`` with a weight (out, in // groups, *kernel) and bias.
 
     The rank comes from ``kernel_size`` when it is a sequence, else from
     ``rank`` (e.g. ``Conv(1, 8, 3, rank=4)`` for 3-D + time).
@@ -162,7 +162,7 @@ class Conv(Module):
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
 
     def forward(self, x: Tensor) -> Tensor:
-        return graph.conv(x, self.weight, self.bias, stride=self.stride, padding=self.padding,
+        return compiled.conv(x, self.weight, self.bias, stride=self.stride, padding=self.padding,
                           dilation=self.dilation, groups=self.groups)
 
     def __repr__(self) -> str:
@@ -183,7 +183,7 @@ class Linear(Module):
         self.bias = _uniform(rng, (out_features,), bound, dtype) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        return graph.linear(x, self.weight, self.bias)
+        return ops.linear(x, self.weight, self.bias)
 
     def __repr__(self) -> str:
         out, inp = self.weight.shape
@@ -192,7 +192,7 @@ class Linear(Module):
 
 class ReLU(Module):
     def forward(self, x: Tensor) -> Tensor:
-        return graph.relu(x)
+        return ops.relu(x)
 
 
 class LeakyReLU(Module):
@@ -200,17 +200,17 @@ class LeakyReLU(Module):
         self.slope = slope
 
     def forward(self, x: Tensor) -> Tensor:
-        return graph.leaky_relu(x, self.slope)
+        return ops.leaky_relu(x, self.slope)
 
 
 class Tanh(Module):
     def forward(self, x: Tensor) -> Tensor:
-        return graph.tanh(x)
+        return ops.tanh(x)
 
 
 class Sigmoid(Module):
     def forward(self, x: Tensor) -> Tensor:
-        return graph.sigmoid(x)
+        return ops.sigmoid(x)
 
 
 class MaxPool(Module):
@@ -220,7 +220,7 @@ class MaxPool(Module):
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
 
     def forward(self, x: Tensor) -> Tensor:
-        return graph.max_pool(x, self.kernel_size, self.stride, self.padding)
+        return ops.max_pool(x, self.kernel_size, self.stride, self.padding)
 
     def __repr__(self) -> str:
         return f"MaxPool({self.kernel_size}, stride={self.stride}, padding={self.padding})"
@@ -233,7 +233,7 @@ class AvgPool(Module):
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
 
     def forward(self, x: Tensor) -> Tensor:
-        return graph.avg_pool(x, self.kernel_size, self.stride, self.padding)
+        return compiled.avg_pool(x, self.kernel_size, self.stride, self.padding)
 
     def __repr__(self) -> str:
         return f"AvgPool({self.kernel_size}, stride={self.stride}, padding={self.padding})"

@@ -1,479 +1,38 @@
-"""Runtime autodiff: a reverse-mode graph on NumPy arrays whose convolutions call compiled kernels.
+"""The NumPy ops of the graph, each with its one backward rule beside it.
 
-A :class:`Tensor` wraps a NumPy array.  Every op computes its output with
-NumPy (or, for ``conv`` and ``avg_pool``, with the kernels symconv compiles
-from index sums) and returns it together with a ``backward`` closure: the
-op's vector-Jacobian product, written beside the forward it differentiates.
-``Tensor.backward`` orders the graph once, iteratively (no recursion, the
-same order every time), and runs the closures from the output back to the
-leaves, summing the contributions of a tensor used several times.
+Every op computes its output with NumPy and passes :func:`record` a rule
+``backward(grad, out)`` written with these same ops, so the rule runs as
+plain array arithmetic in an ordinary backward pass and is recorded, and can
+be differentiated again, under ``create_graph``.  Broadcasting is undone by
+one helper, :func:`unbroadcast`.  Results follow NumPy's type promotion; a
+Python number next to a tensor takes the tensor's dtype.
 
-    x = Tensor(np.random.rand(8, 1, 28, 28).astype("float32"))
-    w = Tensor(np.random.randn(16, 1, 3, 3).astype("float32") * 0.1, requires_grad=True)
-    b = Tensor(np.zeros(16, "float32"), requires_grad=True)
-    loss = (conv(x, w, b, padding=1).relu() ** 2).mean()
-    loss.backward()                    # w.grad, b.grad: NumPy arrays
-
-Rules the ops keep:
-
-* A ``backward`` closure captures arrays (never tensors), computed at forward
-  time, and returns one gradient per input (None where there is none).
-  Broadcasting is undone by one helper, :func:`unbroadcast`.
-* After ``backward()`` each node drops its closure and its inputs, so the
-  saved arrays and intermediate results are freed even while the output is
-  still referenced; ``backward(retain_graph=True)`` keeps them for another
-  pass.  A second pass through a freed graph raises RuntimeError.
-* Gradients of leaves (tensors created by the user with
-  ``requires_grad=True``) accumulate in ``.grad`` across passes, like
-  PyTorch; set ``.grad = None`` (or use an optimiser's ``zero_grad``) to reset.
-* Results follow NumPy's type promotion; a Python number next to a tensor
-  takes the tensor's dtype.  Gradients have the dtype of their tensor.
-
-Convolution and average-pooling kernels are specialised to exact shapes: the
-first call with new shapes compiles them (``symconv.compiler``, imported on
-first use so ``import symconv`` stays free of SymPy) into the kernel cache
-(``$SYMCONV_CACHE_DIR`` or ``~/.cache/symconv``), and later calls reuse them.
+Names that would shadow Python builtins carry a trailing underscore here
+(``sum_``, ``max_``, ``min_``, ``abs_``, ``pow_``); ``symconv.graph`` exports
+them under their plain names.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import sys
-import threading
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from .spec import (AvgPoolSpec, ConvSpec, ConvTransposeSpec, ExprSpec, GradientSpec, is_int,
-                   per_dim)
+from ..spec import is_int, per_dim
+from .engine import Tensor, as_tensor, normal_axes, normal_axis, record
 
-__all__ = [
-    "Tensor", "no_grad", "is_grad_enabled", "unbroadcast",
-    "add", "sub", "mul", "div", "neg", "pow", "exp", "log", "sqrt", "tanh", "sigmoid", "relu",
-    "leaky_relu", "abs", "sum", "mean", "max", "min", "reshape", "transpose", "getitem",
-    "concatenate", "stack", "matmul", "linear", "log_softmax", "softmax", "cross_entropy",
-    "mse_loss", "conv", "conv_transpose", "avg_pool", "max_pool", "broadcast_to", "grad", "op",
-    "IndexOp",
-]
 
-Backward = Callable[[np.ndarray], Sequence["np.ndarray | None"]]
-GraphBackward = Callable[["Tensor"], Sequence["Tensor | None"]]
+def _pair(a, b) -> tuple[Tensor, Tensor]:
+    a = as_tensor(a, b if isinstance(b, Tensor) else None)
+    return a, as_tensor(b, a)
 
 
-# ------------------------------------------------------------------------------------------------
-# Gradient mode
-# ------------------------------------------------------------------------------------------------
+def _constant(array: np.ndarray) -> Tensor:
+    """An array the rule multiplies by but does not differentiate (a mask, a share)."""
+    return Tensor(array)
 
-class _GradMode(threading.local):
-    enabled = True
 
-
-_mode = _GradMode()
-
-
-def is_grad_enabled() -> bool:
-    """False inside ``no_grad()`` (in this thread)."""
-    return _mode.enabled
-
-
-class no_grad(contextlib.ContextDecorator):
-    """Record no graph inside: results have ``requires_grad=False``.  Works as a decorator."""
-
-    def __init__(self) -> None:
-        self._saved: list[bool] = []
-
-    def __enter__(self) -> "no_grad":
-        self._saved.append(_mode.enabled)
-        _mode.enabled = False
-        return self
-
-    def __exit__(self, *exc) -> None:
-        _mode.enabled = self._saved.pop()
-
-    def _recreate_cm(self) -> "no_grad":  # a fresh context per decorated call (threads, recursion)
-        return type(self)()
-
-
-# ------------------------------------------------------------------------------------------------
-# Tensor and the backward pass
-# ------------------------------------------------------------------------------------------------
-
-class Node:
-    """How a tensor was made: the op's name, its inputs and its backward closures.
-
-    ``backward`` maps an output gradient array to input gradient arrays;
-    ``graph_backward``, where the op has one, maps an output gradient Tensor to
-    input gradient Tensors built from graph ops, so that ``create_graph=True``
-    records the backward pass itself and it can be differentiated again.
-    """
-
-    __slots__ = ("op", "inputs", "backward", "graph_backward")
-
-    def __init__(self, op: str, inputs: tuple["Tensor", ...], backward: Backward,
-                 graph_backward: GraphBackward | None = None):
-        self.op = op
-        self.inputs = inputs
-        self.backward: Backward | None = backward
-        self.graph_backward = graph_backward
-
-    def __repr__(self) -> str:
-        state = "freed" if self.backward is None else f"{len(self.inputs)} inputs"
-        return f"<Node {self.op}: {state}>"
-
-
-class Tensor:
-    """A NumPy array in the autodiff graph.
-
-    ``Tensor(data, requires_grad=False, dtype=None)`` wraps ``data`` without
-    copying it when it already is an array of the dtype (like
-    ``torch.from_numpy``): optimisers update parameters in place.
-    """
-
-    __slots__ = ("data", "grad", "requires_grad", "node", "_retains_grad", "__weakref__")
-    __array_ufunc__ = None  # ndarray <op> Tensor defers to Tensor's reflected operators
-
-    def __init__(self, data: Any, requires_grad: bool = False, dtype: Any = None):
-        if isinstance(data, Tensor):
-            data = data.data
-        array = np.asarray(data, dtype=dtype)
-        if requires_grad and array.dtype.kind != "f":
-            raise TypeError(f"only floating-point tensors can require gradients, got dtype "
-                            f"{array.dtype}")
-        self.data: np.ndarray = array
-        self.grad: np.ndarray | None = None
-        self.requires_grad = bool(requires_grad)
-        self.node: Node | None = None
-        self._retains_grad = False
-
-    # --- what it is ------------------------------------------------------------------------------
-    shape = property(lambda self: self.data.shape)
-    ndim = property(lambda self: self.data.ndim)
-    size = property(lambda self: self.data.size)
-    dtype = property(lambda self: self.data.dtype)
-
-    @property
-    def is_leaf(self) -> bool:
-        return self.node is None
-
-    def __repr__(self) -> str:
-        flag = f", op={self.node.op}" if self.node else (", requires_grad=True"
-                                                          if self.requires_grad else "")
-        return f"Tensor({np.array2string(self.data, precision=4, threshold=20)}{flag})"
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __bool__(self) -> bool:
-        return bool(self.data)      # like NumPy: an error for more than one element
-
-    def __float__(self) -> float:
-        return float(self.data)
-
-    def numpy(self) -> np.ndarray:
-        """The array itself (not a copy)."""
-        return self.data
-
-    def item(self) -> float:
-        return self.data.item()
-
-    def detach(self) -> "Tensor":
-        """The same data, outside the graph."""
-        return Tensor(self.data)
-
-    def requires_grad_(self, flag: bool = True) -> "Tensor":
-        if not self.is_leaf:
-            raise RuntimeError("requires_grad_ can only change leaf tensors; use detach()")
-        if flag and self.dtype.kind != "f":
-            raise TypeError(f"only floating-point tensors can require gradients, got {self.dtype}")
-        self.requires_grad = bool(flag)
-        return self
-
-    def retain_grad(self) -> "Tensor":
-        """Also store this non-leaf tensor's gradient in ``.grad`` during backward."""
-        if not self.requires_grad:
-            raise RuntimeError("retain_grad() on a tensor that does not require grad")
-        self._retains_grad = True
-        return self
-
-    # --- backward --------------------------------------------------------------------------------
-    def backward(self, gradient: Any = None, retain_graph: bool = False,
-                 create_graph: bool = False) -> None:
-        """Accumulate d(self)/d(leaf) · gradient into every leaf's ``.grad``.
-
-        ``gradient`` defaults to 1 for a one-element tensor and is required
-        otherwise.  Without ``retain_graph`` the graph's saved arrays are freed.
-        With ``create_graph`` the backward pass is itself recorded (and the graph
-        kept): ``.grad`` then holds Tensors that can be differentiated again.
-        """
-        seed = _seed(self, gradient)
-        grads = _run_backward([self], [seed], retain_graph or create_graph, create_graph)
-        for leaf, grad in grads.values():
-            if create_graph:
-                grad = grad if leaf.grad is None else add(leaf.grad, grad)
-                leaf.grad = grad
-            else:
-                _accumulate_leaf(leaf, grad)
-
-    # --- operators -------------------------------------------------------------------------------
-    def __add__(self, other): return add(self, other)
-    def __radd__(self, other): return add(other, self)
-    def __sub__(self, other): return sub(self, other)
-    def __rsub__(self, other): return sub(other, self)
-    def __mul__(self, other): return mul(self, other)
-    def __rmul__(self, other): return mul(other, self)
-    def __truediv__(self, other): return div(self, other)
-    def __rtruediv__(self, other): return div(other, self)
-    def __pow__(self, other): return pow(self, other)
-    def __rpow__(self, other): return pow(other, self)
-    def __matmul__(self, other): return matmul(self, other)
-    def __rmatmul__(self, other): return matmul(other, self)
-    def __neg__(self): return neg(self)
-    def __getitem__(self, index): return getitem(self, index)
-
-    # --- methods ---------------------------------------------------------------------------------
-    def exp(self): return exp(self)
-    def log(self): return log(self)
-    def sqrt(self): return sqrt(self)
-    def tanh(self): return tanh(self)
-    def sigmoid(self): return sigmoid(self)
-    def relu(self): return relu(self)
-    def leaky_relu(self, slope: float = 0.01): return leaky_relu(self, slope)
-    def abs(self): return abs(self)
-    def sum(self, axis=None, keepdims=False): return sum(self, axis, keepdims)
-    def mean(self, axis=None, keepdims=False): return mean(self, axis, keepdims)
-    def max(self, axis=None, keepdims=False): return max(self, axis, keepdims)
-    def min(self, axis=None, keepdims=False): return min(self, axis, keepdims)
-    def log_softmax(self, axis=-1): return log_softmax(self, axis)
-    def softmax(self, axis=-1): return softmax(self, axis)
-
-    def reshape(self, *shape):
-        return reshape(self, shape[0] if len(shape) == 1 and not is_int(shape[0]) else shape)
-
-    def flatten(self, start: int = 0) -> "Tensor":
-        """Merge the axes from ``start`` on into one."""
-        start = _axis(start, self.ndim)
-        return reshape(self, self.shape[:start] + (-1,))
-
-    def transpose(self, *axes):
-        return transpose(self, axes[0] if len(axes) == 1 and not is_int(axes[0])
-                         else (axes or None))
-
-    permute = transpose
-
-    @property
-    def T(self) -> "Tensor":
-        return transpose(self)
-
-
-def _seed(output: "Tensor", gradient: Any) -> np.ndarray:
-    """The gradient that starts a backward pass from ``output``."""
-    if not output.requires_grad:
-        raise RuntimeError("backward() on a tensor that does not require grad: none of the "
-                           "tensors it was computed from has requires_grad=True, or it was "
-                           "computed under no_grad()")
-    if gradient is None:
-        if output.size != 1:
-            raise RuntimeError(f"backward() without a gradient needs a one-element (scalar) "
-                               f"tensor, this one has shape {output.shape}; pass "
-                               f"gradient= with that shape")
-        return np.ones_like(output.data)
-    seed = np.asarray(gradient.data if isinstance(gradient, Tensor) else gradient)
-    if seed.shape != output.shape:
-        raise ValueError(f"backward(): gradient has shape {seed.shape}, but the tensor "
-                         f"has shape {output.shape}")
-    return seed.astype(output.dtype, copy=False)
-
-
-def _run_backward(roots: Sequence["Tensor"], seeds: Sequence[np.ndarray], retain_graph: bool,
-                  create_graph: bool, capture: frozenset = frozenset()
-                  ) -> dict[int, tuple["Tensor", Any]]:
-    """One reverse pass from ``roots``: the gradient of every leaf it reaches and of every
-    tensor that retains its grad or whose id is in ``capture``, keyed by id.  With
-    ``create_graph`` the gradients are Tensors built by each node's graph_backward, so the
-    pass is recorded too."""
-    reached: dict[int, tuple[Tensor, Any]] = {}
-    pending: dict[int, Any] = {}
-
-    def deliver(tensor: "Tensor", g: Any) -> None:
-        key = id(tensor)
-        if tensor.node is None:
-            previous = reached.get(key)
-            reached[key] = (tensor, g if previous is None else _plus(previous[1], g,
-                                                                     create_graph))
-        else:
-            pending[key] = g if key not in pending else _plus(pending[key], g, create_graph)
-
-    for root, seed in zip(roots, seeds):
-        deliver(root, Tensor(seed) if create_graph else seed)
-    order = _topological_order(roots)
-    with _grad_enabled(create_graph):
-        for position, tensor in enumerate(order):
-            order[position] = None  # let each intermediate go as soon as it is done
-            node = tensor.node
-            grad = pending.pop(id(tensor), None)
-            if node.backward is None:
-                raise RuntimeError(f"backward through the graph a second time: the saved arrays "
-                                   f"of '{node.op}' were freed by the first backward(); pass "
-                                   f"retain_graph=True to the first call to keep them")
-            if grad is None:  # no path carried a gradient here (every contribution was None)
-                if not retain_graph:
-                    node.backward, node.graph_backward, node.inputs = None, None, ()
-                continue
-            if tensor._retains_grad or id(tensor) in capture:
-                reached[id(tensor)] = (tensor, grad)
-            if create_graph:
-                if node.graph_backward is None:
-                    raise RuntimeError(f"create_graph: '{node.op}' has no differentiable "
-                                       f"backward, so its gradient cannot be differentiated "
-                                       f"again")
-                grads = node.graph_backward(grad)
-            else:
-                grads = node.backward(grad)
-            if len(grads) != len(node.inputs):
-                raise RuntimeError(f"'{node.op}' backward returned {len(grads)} gradients for "
-                                   f"{len(node.inputs)} inputs")
-            for parent, g in zip(node.inputs, grads):
-                if g is None or not parent.requires_grad:
-                    continue
-                if not create_graph:
-                    g = np.asarray(g)
-                if g.shape != parent.shape:
-                    raise RuntimeError(f"'{node.op}' backward returned a gradient of shape "
-                                       f"{g.shape} for an input of shape {parent.shape}")
-                if not create_graph:
-                    g = g.astype(parent.dtype, copy=False)
-                deliver(parent, g)
-            if not retain_graph:
-                node.backward, node.graph_backward, node.inputs = None, None, ()
-    return reached
-
-
-def _plus(a: Any, b: Any, tensors: bool) -> Any:
-    return add(a, b) if tensors else a + b
-
-
-@contextlib.contextmanager
-def _grad_enabled(enabled: bool):
-    saved = _mode.enabled
-    _mode.enabled = enabled
-    try:
-        yield
-    finally:
-        _mode.enabled = saved
-
-
-def grad(outputs, inputs, grad_outputs=None, retain_graph: bool | None = None,
-         create_graph: bool = False, allow_unused: bool = False) -> tuple["Tensor | None", ...]:
-    """The gradients of ``outputs`` (weighted by ``grad_outputs``) with respect to
-    ``inputs``, as Tensors, without touching any ``.grad``; like ``torch.autograd.grad``.
-
-    With ``create_graph`` the returned gradients are part of the graph, so they can be
-    differentiated again (gradient penalties, Hessian-vector products).
-    """
-    outputs = [outputs] if isinstance(outputs, Tensor) else list(outputs)
-    inputs = [inputs] if isinstance(inputs, Tensor) else list(inputs)
-    weights = [None] * len(outputs) if grad_outputs is None else (
-        [grad_outputs] if isinstance(grad_outputs, Tensor) or not isinstance(grad_outputs,
-                                                                           (list, tuple))
-        else list(grad_outputs))
-    if len(weights) != len(outputs):
-        raise ValueError(f"grad: {len(weights)} grad_outputs for {len(outputs)} outputs")
-    if not all(t.requires_grad for t in inputs):
-        raise RuntimeError("grad: an input does not require grad")
-    seeds = [_seed(o, g) for o, g in zip(outputs, weights)]
-    reached = _run_backward(outputs, seeds, create_graph if retain_graph is None else retain_graph,
-                            create_graph, frozenset(id(t) for t in inputs))
-    result = []
-    for tensor in inputs:
-        found = reached.get(id(tensor))
-        if found is None and not allow_unused:
-            raise RuntimeError("grad: an input is not reached from the outputs (pass "
-                               "allow_unused=True to get None for it)")
-        value = None if found is None else found[1]
-        result.append(value if value is None or isinstance(value, Tensor) else Tensor(value))
-    return tuple(result)
-
-
-def _accumulate_leaf(tensor: Tensor, grad: np.ndarray) -> None:
-    if tensor.grad is None:
-        tensor.grad = np.array(grad, dtype=tensor.dtype, copy=True)  # owned, writable
-    else:
-        tensor.grad += grad
-
-
-def _topological_order(roots: Sequence[Tensor]) -> list[Tensor]:
-    """Non-leaf tensors that lead to ``roots``, each after every tensor computed from it.
-
-    Iterative depth-first search (inputs in order), reversed post-order: no
-    recursion, and the same graph always gives the same order.
-    """
-    post: list[Tensor] = []
-    seen: set[int] = set()
-    stack: list[tuple[Tensor, bool]] = [(root, False) for root in reversed(roots)
-                                        if root.node is not None]
-    while stack:
-        tensor, expanded = stack.pop()
-        if expanded:
-            post.append(tensor)
-            continue
-        if id(tensor) in seen:
-            continue
-        seen.add(id(tensor))
-        stack.append((tensor, True))
-        for parent in reversed(tensor.node.inputs):
-            if parent.node is not None and parent.requires_grad and id(parent) not in seen:
-                stack.append((parent, False))
-    post.reverse()
-    return post
-
-
-def _result(op: str, data: np.ndarray, inputs: tuple[Tensor, ...], backward: Backward,
-            graph_backward: GraphBackward | None = None) -> Tensor:
-    """The output tensor of an op; records a node when gradients are enabled and needed."""
-    out = Tensor(data)
-    if _mode.enabled and any(t.requires_grad for t in inputs):
-        out.requires_grad = True
-        out.node = Node(op, inputs, backward, graph_backward)
-    return out
-
-
-# ------------------------------------------------------------------------------------------------
-# Helpers
-# ------------------------------------------------------------------------------------------------
-
-def _tensor(value: Any, like: Tensor | None = None) -> Tensor:
-    """``value`` as a Tensor; a Python number takes the dtype of ``like``."""
-    if isinstance(value, Tensor):
-        return value
-    if like is not None and isinstance(value, (int, float)) and like.dtype.kind == "f":
-        return Tensor(np.asarray(value, like.dtype))
-    return Tensor(value)
-
-
-def _pair(a: Any, b: Any) -> tuple[Tensor, Tensor]:
-    a = _tensor(a, b if isinstance(b, Tensor) else None)
-    return a, _tensor(b, a)
-
-
-def _axis(axis: int, ndim: int) -> int:
-    if not -ndim <= axis < ndim:
-        raise ValueError(f"axis {axis} is out of range for {ndim} dimensions")
-    return axis % ndim
-
-
-def _axes(axis: Any, ndim: int) -> tuple[int, ...]:
-    """Normalise None / an int / ints to sorted non-negative axes."""
-    if axis is None:
-        return tuple(range(ndim))
-    axes = (axis,) if is_int(axis) else tuple(axis)
-    normal = tuple(sorted(_axis(int(a), ndim) for a in axes))
-    if len(set(normal)) != len(normal):
-        raise ValueError(f"repeated axis in {axis!r}")
-    return normal
-
-
-def unbroadcast(grad: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def unbroadcast(grad: Tensor, shape: tuple[int, ...]) -> Tensor:
     """Sum ``grad`` over the axes NumPy broadcasting added or stretched to reach ``shape``."""
     if grad.shape == shape:
         return grad
@@ -482,29 +41,12 @@ def unbroadcast(grad: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         raise ValueError(f"cannot reduce a gradient of shape {grad.shape} to {shape}")
     stretched = tuple(extra + i for i, n in enumerate(shape)
                       if n == 1 and grad.shape[extra + i] != 1)
-    return grad.sum(axis=tuple(range(extra)) + stretched, keepdims=True).reshape(shape)
+    return reshape(sum_(grad, tuple(range(extra)) + stretched, keepdims=True), shape)
 
 
-def _expand_reduced(grad: np.ndarray, shape: tuple[int, ...], axes: tuple[int, ...],
-                    keepdims: bool) -> np.ndarray:
-    """A reduction's output gradient put back in the input's shape (a broadcast view)."""
-    if not keepdims:
-        grad = np.expand_dims(grad, axes)
-    return np.broadcast_to(grad, shape)
-
-
-# The same two helpers on Tensors, for differentiable backward passes (create_graph).
-
-def _unbroadcast_t(grad: "Tensor", shape: tuple[int, ...]) -> "Tensor":
-    if grad.shape == shape:
-        return grad
-    extra = grad.ndim - len(shape)
-    stretched = tuple(extra + i for i, n in enumerate(shape)
-                      if n == 1 and grad.shape[extra + i] != 1)
-    return reshape(sum(grad, tuple(range(extra)) + stretched, keepdims=True), shape)
-
-
-def _expand_reduced_t(grad: "Tensor", shape, axes, keepdims: bool) -> "Tensor":
+def _expand_reduced(grad: Tensor, shape: tuple[int, ...], axes: tuple[int, ...],
+                    keepdims: bool) -> Tensor:
+    """A reduction's output gradient put back in the input's shape (a broadcast)."""
     if not keepdims:
         grad = reshape(grad, tuple(1 if i in axes else n for i, n in enumerate(shape)))
     return broadcast_to(grad, shape)
@@ -512,237 +54,178 @@ def _expand_reduced_t(grad: "Tensor", shape, axes, keepdims: bool) -> "Tensor":
 
 def broadcast_to(a, shape) -> Tensor:
     """``a`` broadcast to ``shape`` (NumPy rules); the gradient sums over the copies."""
-    a = _tensor(a)
+    a = as_tensor(a)
     shape, before = tuple(shape), a.shape
-    return _result("broadcast_to", np.broadcast_to(a.data, shape), (a,),
-                   lambda g: (unbroadcast(g, before),),
-                   lambda g: (_unbroadcast_t(g, before),))
+    return record("broadcast_to", np.broadcast_to(a.data, shape), (a,),
+                  lambda g, out: (unbroadcast(g, before),))
 
 
-# ------------------------------------------------------------------------------------------------
-# Elementwise arithmetic (NumPy broadcasting; gradients reduced by unbroadcast)
-# ------------------------------------------------------------------------------------------------
+# --- elementwise arithmetic (NumPy broadcasting; gradients reduced by unbroadcast) ----------------
 
 def add(a, b) -> Tensor:
     a, b = _pair(a, b)
     sa, sb = a.shape, b.shape
-
-    def backward(g):
-        return unbroadcast(g, sa), unbroadcast(g, sb)
-
-    def graph_backward(g):
-        return _unbroadcast_t(g, sa), _unbroadcast_t(g, sb)
-    return _result("add", a.data + b.data, (a, b), backward, graph_backward)
+    return record("add", a.data + b.data, (a, b),
+                  lambda g, out: (unbroadcast(g, sa), unbroadcast(g, sb)))
 
 
 def sub(a, b) -> Tensor:
     a, b = _pair(a, b)
     sa, sb = a.shape, b.shape
-
-    def backward(g):
-        return unbroadcast(g, sa), unbroadcast(-g, sb)
-
-    def graph_backward(g):
-        return _unbroadcast_t(g, sa), _unbroadcast_t(neg(g), sb)
-    return _result("sub", a.data - b.data, (a, b), backward, graph_backward)
+    return record("sub", a.data - b.data, (a, b),
+                  lambda g, out: (unbroadcast(g, sa), unbroadcast(neg(g), sb)))
 
 
 def mul(a, b) -> Tensor:
     a, b = _pair(a, b)
-    ad, bd = a.data, b.data
-
-    def backward(g):
-        return unbroadcast(g * bd, ad.shape), unbroadcast(g * ad, bd.shape)
-
-    def graph_backward(g):
-        return _unbroadcast_t(mul(g, b), ad.shape), _unbroadcast_t(mul(g, a), bd.shape)
-    return _result("mul", ad * bd, (a, b), backward, graph_backward)
+    return record("mul", a.data * b.data, (a, b),
+                  lambda g, out: (unbroadcast(mul(g, b), a.shape),
+                                  unbroadcast(mul(g, a), b.shape)))
 
 
 def div(a, b) -> Tensor:
     a, b = _pair(a, b)
-    ad, bd = a.data, b.data
-    out = ad / bd
 
-    def backward(g):
-        ga = g / bd
-        return unbroadcast(ga, ad.shape), unbroadcast(-ga * out, bd.shape)
-
-    def graph_backward(g):
+    def backward(g, out):
         ga = div(g, b)
-        return (_unbroadcast_t(ga, ad.shape),
-                _unbroadcast_t(neg(mul(ga, div(a, b))), bd.shape))
-    return _result("div", out, (a, b), backward, graph_backward)
+        return unbroadcast(ga, a.shape), unbroadcast(neg(mul(ga, out)), b.shape)
+    return record("div", a.data / b.data, (a, b), backward)
 
 
 def neg(a) -> Tensor:
-    a = _tensor(a)
-    return _result("neg", -a.data, (a,), lambda g: (-g,), lambda g: (neg(g),))
+    a = as_tensor(a)
+    return record("neg", -a.data, (a,), lambda g, out: (neg(g),))
 
 
-def pow(a, b) -> Tensor:
+def pow_(a, b) -> Tensor:
     """``a ** b``: either may be a tensor; a number exponent is a constant."""
     if not isinstance(b, Tensor) and np.ndim(b) == 0 and isinstance(a, Tensor):
-        ad, p = a.data, b.item() if isinstance(b, np.generic) else b  # a number keeps a's dtype
-        out = ad ** p
+        p = b.item() if isinstance(b, np.generic) else b     # a number keeps a's dtype
 
-        def backward(g):
-            if p == 0:
-                return (np.zeros_like(g),)
-            return (g * (p * ad ** (p - 1)),)
-
-        def graph_backward(g):
-            if p == 0:
-                return (mul(g, 0.0),)
-            return (mul(g, mul(pow(a, p - 1), p)),)
-        return _result("pow", out, (a,), backward, graph_backward)
+        def backward(g, out):
+            return (mul(g, 0.0) if p == 0 else mul(g, mul(pow_(a, p - 1), p)),)
+        return record("pow", a.data ** p, (a,), backward)
     a, b = _pair(a, b)
-    ad, bd = a.data, b.data
-    out = ad ** bd
+    nonzero = a.data != 0
 
-    def backward(g):
+    def backward(g, out):
+        # d(a^b)/db = a^b log a; at a = 0 (where a^b = 0 or 1) it is taken as 0, like PyTorch:
+        # log is taken of a where a != 0 and of 1 elsewhere, and the result masked.
+        mask = _constant(nonzero.astype(a.dtype))
+        safe = add(mul(a, mask), sub(1.0, mask))
         with np.errstate(divide="ignore", invalid="ignore"):
-            ga = g * bd * ad ** (bd - 1)
-            # d(a^b)/db = a^b log a; at a = 0 (where a^b = 0 or 1) it is taken as 0, like PyTorch
-            gb = np.where(ad == 0, 0, g * out * np.log(np.where(ad == 0, 1, ad)))
-        return unbroadcast(ga, ad.shape), unbroadcast(gb.astype(out.dtype, copy=False), bd.shape)
-    return _result("pow", out, (a, b), backward)
+            ga = mul(g, mul(b, pow_(a, sub(b, 1.0))))
+            gb = mul(mul(g, out), mul(log(safe), mask))
+        return unbroadcast(ga, a.shape), unbroadcast(gb, b.shape)
+    return record("pow", a.data ** b.data, (a, b), backward)
 
 
-# ------------------------------------------------------------------------------------------------
-# Elementwise functions
-# ------------------------------------------------------------------------------------------------
+# --- elementwise functions ------------------------------------------------------------------------
 
 def exp(a) -> Tensor:
-    a = _tensor(a)
-    out = np.exp(a.data)
-    return _result("exp", out, (a,), lambda g: (g * out,), lambda g: (mul(g, exp(a)),))
+    a = as_tensor(a)
+    return record("exp", np.exp(a.data), (a,), lambda g, out: (mul(g, out),))
 
 
 def log(a) -> Tensor:
-    a = _tensor(a)
-    ad = a.data
-    return _result("log", np.log(ad), (a,), lambda g: (g / ad,), lambda g: (div(g, a),))
+    a = as_tensor(a)
+    return record("log", np.log(a.data), (a,), lambda g, out: (div(g, a),))
 
 
 def sqrt(a) -> Tensor:
-    a = _tensor(a)
-    out = np.sqrt(a.data)
-    return _result("sqrt", out, (a,), lambda g: (g / (2 * out),),
-                   lambda g: (div(g, mul(sqrt(a), 2.0)),))
+    a = as_tensor(a)
+    return record("sqrt", np.sqrt(a.data), (a,), lambda g, out: (div(g, mul(out, 2.0)),))
 
 
 def tanh(a) -> Tensor:
-    a = _tensor(a)
-    out = np.tanh(a.data)
-    return _result("tanh", out, (a,), lambda g: (g * (1 - out * out),),
-                   lambda g: (mul(g, sub(1.0, pow(tanh(a), 2))),))
+    a = as_tensor(a)
+    return record("tanh", np.tanh(a.data), (a,),
+                  lambda g, out: (mul(g, sub(1.0, mul(out, out))),))
 
 
 def sigmoid(a) -> Tensor:
-    a = _tensor(a)
-    out = np.exp(-np.logaddexp(0, -a.data)).astype(a.dtype, copy=False)  # no overflow
-    def graph_backward(g):
-        s = sigmoid(a)
-        return (mul(g, mul(s, sub(1.0, s))),)
-    return _result("sigmoid", out, (a,), lambda g: (g * out * (1 - out),), graph_backward)
+    a = as_tensor(a)
+    data = np.exp(-np.logaddexp(0, -a.data)).astype(a.dtype, copy=False)  # no overflow
+    return record("sigmoid", data, (a,), lambda g, out: (mul(mul(g, out), sub(1.0, out)),))
 
 
 def relu(a) -> Tensor:
-    a = _tensor(a)
+    a = as_tensor(a)
     positive = a.data > 0
-    return _result("relu", np.maximum(a.data, 0), (a,), lambda g: (g * positive,),
-                   lambda g: (mul(g, Tensor(positive.astype(a.dtype))),))
+    return record("relu", np.maximum(a.data, 0), (a,),
+                  lambda g, out: (mul(g, _constant(positive.astype(a.dtype))),))
 
 
 def leaky_relu(a, slope: float = 0.01) -> Tensor:
-    a = _tensor(a)
+    a = as_tensor(a)
     factor = np.where(a.data > 0, 1, slope).astype(a.dtype)
-    return _result("leaky_relu", a.data * factor, (a,), lambda g: (g * factor,),
-                   lambda g: (mul(g, Tensor(factor)),))
+    return record("leaky_relu", a.data * factor, (a,),
+                  lambda g, out: (mul(g, _constant(factor)),))
 
 
-def abs(a) -> Tensor:
-    a = _tensor(a)
+def abs_(a) -> Tensor:
+    a = as_tensor(a)
     sign = np.sign(a.data)
-    return _result("abs", np.abs(a.data), (a,), lambda g: (g * sign,),
-                   lambda g: (mul(g, Tensor(sign)),))
+    return record("abs", np.abs(a.data), (a,), lambda g, out: (mul(g, _constant(sign)),))
 
 
-# ------------------------------------------------------------------------------------------------
-# Reductions
-# ------------------------------------------------------------------------------------------------
+# --- reductions -----------------------------------------------------------------------------------
 
-def sum(a, axis=None, keepdims: bool = False) -> Tensor:
-    a = _tensor(a)
-    axes, shape = _axes(axis, a.ndim), a.shape
-    out = np.asarray(a.data.sum(axis=axes, keepdims=keepdims))
-    return _result("sum", out, (a,), lambda g: (_expand_reduced(g, shape, axes, keepdims),),
-                   lambda g: (_expand_reduced_t(g, shape, axes, keepdims),))
+def sum_(a, axis=None, keepdims: bool = False) -> Tensor:
+    a = as_tensor(a)
+    axes, shape = normal_axes(axis, a.ndim), a.shape
+    return record("sum", np.asarray(a.data.sum(axis=axes, keepdims=keepdims)), (a,),
+                  lambda g, out: (_expand_reduced(g, shape, axes, keepdims),))
 
 
 def mean(a, axis=None, keepdims: bool = False) -> Tensor:
-    a = _tensor(a)
-    axes, shape = _axes(axis, a.ndim), a.shape
+    a = as_tensor(a)
+    axes, shape = normal_axes(axis, a.ndim), a.shape
     count = int(np.prod([shape[i] for i in axes], dtype=np.int64))
-    out = np.asarray(a.data.mean(axis=axes, keepdims=keepdims))
-
-    def backward(g):
-        return (_expand_reduced(g / count, shape, axes, keepdims),)
-
-    def graph_backward(g):
-        return (_expand_reduced_t(div(g, float(count)), shape, axes, keepdims),)
-    return _result("mean", out, (a,), backward, graph_backward)
+    return record("mean", np.asarray(a.data.mean(axis=axes, keepdims=keepdims)), (a,),
+                  lambda g, out: (_expand_reduced(div(g, float(count)), shape, axes, keepdims),))
 
 
 def _extreme(op: str, reduce, a, axis, keepdims: bool) -> Tensor:
-    a = _tensor(a)
-    axes, shape = _axes(axis, a.ndim), a.shape
+    a = as_tensor(a)
+    axes, shape = normal_axes(axis, a.ndim), a.shape
     kept = reduce(a.data, axis=axes, keepdims=True)
     hits = a.data == kept
     share = (hits / hits.sum(axis=axes, keepdims=True)).astype(a.dtype)  # ties split evenly
-    out = kept if keepdims else np.squeeze(kept, axis=axes)
-
-    def backward(g):
-        return (_expand_reduced(g, shape, axes, keepdims) * share,)
-
-    def graph_backward(g):
-        return (mul(_expand_reduced_t(g, shape, axes, keepdims), Tensor(share)),)
-    return _result(op, out, (a,), backward, graph_backward)
+    data = kept if keepdims else np.squeeze(kept, axis=axes)
+    return record(op, data, (a,), lambda g, out: (
+        mul(_expand_reduced(g, shape, axes, keepdims), _constant(share)),))
 
 
-def max(a, axis=None, keepdims: bool = False) -> Tensor:
+def max_(a, axis=None, keepdims: bool = False) -> Tensor:
     """Maximum over axes; where several elements tie, each gets an equal share of the gradient."""
     return _extreme("max", np.max, a, axis, keepdims)
 
 
-def min(a, axis=None, keepdims: bool = False) -> Tensor:
-    """Minimum over axes; ties share the gradient like :func:`max`."""
+def min_(a, axis=None, keepdims: bool = False) -> Tensor:
+    """Minimum over axes; ties share the gradient like :func:`max_`."""
     return _extreme("min", np.min, a, axis, keepdims)
 
 
-# ------------------------------------------------------------------------------------------------
-# Shape and indexing
-# ------------------------------------------------------------------------------------------------
+# --- shape and indexing ---------------------------------------------------------------------------
 
 def reshape(a, shape) -> Tensor:
-    a = _tensor(a)
+    a = as_tensor(a)
     before = a.shape
     shape = (shape,) if is_int(shape) else tuple(shape)
-    return _result("reshape", a.data.reshape(shape), (a,), lambda g: (g.reshape(before),),
-                   lambda g: (reshape(g, before),))
+    return record("reshape", a.data.reshape(shape), (a,), lambda g, out: (reshape(g, before),))
 
 
 def transpose(a, axes=None) -> Tensor:
     """Permute axes (reverse them when ``axes`` is None), like ``numpy.transpose``."""
-    a = _tensor(a)
-    axes = tuple(reversed(range(a.ndim))) if axes is None else tuple(_axis(int(i), a.ndim)
+    a = as_tensor(a)
+    axes = tuple(reversed(range(a.ndim))) if axes is None else tuple(normal_axis(int(i), a.ndim)
                                                                      for i in axes)
     if sorted(axes) != list(range(a.ndim)):
         raise ValueError(f"transpose: {axes} is not a permutation of {a.ndim} axes")
-    inverse = tuple(np.argsort(axes))
-    return _result("transpose", a.data.transpose(axes), (a,), lambda g: (g.transpose(inverse),),
-                   lambda g: (transpose(g, inverse),))
+    inverse = tuple(int(i) for i in np.argsort(axes))
+    return record("transpose", a.data.transpose(axes), (a,),
+                  lambda g, out: (transpose(g, inverse),))
 
 
 def _basic_index(index) -> bool:
@@ -752,78 +235,79 @@ def _basic_index(index) -> bool:
 
 def getitem(a, index) -> Tensor:
     """``a[index]``: slices, ints, None, Ellipsis, integer and boolean arrays."""
-    a = _tensor(a)
+    a = as_tensor(a)
     if isinstance(index, Tensor):
         index = index.data
     elif isinstance(index, tuple):
         index = tuple(i.data if isinstance(i, Tensor) else i for i in index)
-    shape, dtype, basic = a.shape, a.dtype, _basic_index(index)
+    shape = a.shape
+    return record("getitem", np.asarray(a.data[index]), (a,),
+                  lambda g, out: (scatter(g, index, shape),))
 
-    def backward(g):
-        grad = np.zeros(shape, dtype)
-        if basic:  # a view: every element is selected at most once
-            grad[index] = g
-        else:      # integer arrays may select an element several times
-            np.add.at(grad, index, g)
-        return (grad,)
-    return _result("getitem", np.asarray(a.data[index]), (a,), backward)
+
+def scatter(a, index, shape) -> Tensor:
+    """Zeros of ``shape`` with ``a`` added at ``index`` (repeated elements summed): the
+    adjoint of ``getitem(·, index)``, and its gradient is that getitem."""
+    a = as_tensor(a)
+    data = np.zeros(shape, a.dtype)
+    if _basic_index(index):   # a view: every element is selected at most once
+        data[index] = a.data
+    else:                     # integer arrays may select an element several times
+        np.add.at(data, index, a.data)
+    return record("scatter", data, (a,), lambda g, out: (getitem(g, index),))
+
+
+def _some_tensors(op: str, tensors: Sequence) -> tuple[Tensor, ...]:
+    tensors = tuple(as_tensor(t) for t in tensors)
+    if not tensors:
+        raise ValueError(f"{op} needs at least one tensor")
+    return tensors
 
 
 def concatenate(tensors: Sequence, axis: int = 0) -> Tensor:
-    tensors = tuple(_tensor(t) for t in tensors)
-    if not tensors:
-        raise ValueError("concatenate needs at least one tensor")
-    out = np.concatenate([t.data for t in tensors], axis=axis)
-    axis = _axis(axis, out.ndim)
-    bounds = np.cumsum([t.shape[axis] for t in tensors])[:-1]
-    return _result("concatenate", out, tensors, lambda g: tuple(np.split(g, bounds, axis=axis)))
+    tensors = _some_tensors("concatenate", tensors)
+    data = np.concatenate([t.data for t in tensors], axis=axis)
+    axis = normal_axis(axis, data.ndim)
+    ends = np.cumsum([t.shape[axis] for t in tensors])
+    pieces = [(slice(None),) * axis + (slice(int(end - t.shape[axis]), int(end)),)
+              for t, end in zip(tensors, ends)]
+    return record("concatenate", data, tensors,
+                  lambda g, out: tuple(getitem(g, piece) for piece in pieces))
 
 
 def stack(tensors: Sequence, axis: int = 0) -> Tensor:
-    tensors = tuple(_tensor(t) for t in tensors)
-    if not tensors:
-        raise ValueError("stack needs at least one tensor")
-    out = np.stack([t.data for t in tensors], axis=axis)
-    axis, count = _axis(axis, out.ndim), len(tensors)
-    return _result("stack", out, tensors,
-                   lambda g: tuple(np.take(g, i, axis=axis) for i in range(count)))
+    tensors = _some_tensors("stack", tensors)
+    data = np.stack([t.data for t in tensors], axis=axis)
+    axis = normal_axis(axis, data.ndim)
+    return record("stack", data, tensors, lambda g, out: tuple(
+        getitem(g, (slice(None),) * axis + (i,)) for i in range(len(tensors))))
 
 
-# ------------------------------------------------------------------------------------------------
-# Linear algebra
-# ------------------------------------------------------------------------------------------------
+# --- linear algebra -------------------------------------------------------------------------------
 
 def matmul(a, b) -> Tensor:
     """``a @ b`` with NumPy's rules: 1-D operands, batched and broadcast stacks of matrices."""
     a, b = _pair(a, b)
-    ad, bd = a.data, b.data
-    need_a, need_b = a.requires_grad, b.requires_grad
 
-    def backward(g):
+    def backward(g, out):
         # Make both operands matrices again: a (k,) is a (1, k) row, b (k,) a (k, 1) column.
-        a2 = ad[None, :] if ad.ndim == 1 else ad
-        b2 = bd[:, None] if bd.ndim == 1 else bd
-        g2 = g[..., None] if bd.ndim == 1 else g
-        g2 = g2[..., None, :] if ad.ndim == 1 else g2
+        a2 = reshape(a, (1, -1)) if a.ndim == 1 else a
+        b2 = reshape(b, (-1, 1)) if b.ndim == 1 else b
+        g2 = reshape(g, g.shape + (1,)) if b.ndim == 1 else g
+        g2 = reshape(g2, g2.shape[:-1] + (1, g2.shape[-1])) if a.ndim == 1 else g2
         ga = gb = None
-        if need_a:
-            ga = g2 @ np.swapaxes(b2, -1, -2)
-            ga = unbroadcast(ga[..., 0, :] if ad.ndim == 1 else ga, ad.shape)
-        if need_b:
-            gb = np.swapaxes(a2, -1, -2) @ g2
-            gb = unbroadcast(gb[..., 0] if bd.ndim == 1 else gb, bd.shape)
+        if a.requires_grad:
+            ga = matmul(g2, _swap_last(b2))
+            ga = unbroadcast(reshape(ga, ga.shape[:-2] + ga.shape[-1:]) if a.ndim == 1 else ga,
+                             a.shape)
+        if b.requires_grad:
+            gb = matmul(_swap_last(a2), g2)
+            gb = unbroadcast(reshape(gb, gb.shape[:-1]) if b.ndim == 1 else gb, b.shape)
         return ga, gb
-
-    def graph_backward(g):
-        if ad.ndim < 2 or bd.ndim < 2:
-            raise RuntimeError("create_graph: matmul of a 1-D operand has no differentiable "
-                               "backward; reshape it to a matrix")
-        return (_unbroadcast_t(matmul(g, _swap_last(b)), ad.shape),
-                _unbroadcast_t(matmul(_swap_last(a), g), bd.shape))
-    return _result("matmul", np.asarray(ad @ bd), (a, b), backward, graph_backward)
+    return record("matmul", np.asarray(a.data @ b.data), (a, b), backward)
 
 
-def _swap_last(t: "Tensor") -> "Tensor":
+def _swap_last(t: Tensor) -> Tensor:
     axes = list(range(t.ndim))
     axes[-1], axes[-2] = axes[-2], axes[-1]
     return transpose(t, axes)
@@ -832,38 +316,29 @@ def _swap_last(t: "Tensor") -> "Tensor":
 def linear(x, weight, bias=None) -> Tensor:
     """``x @ weight.T + bias`` with ``weight`` (out, in), like ``torch.nn.functional.linear``."""
     x, weight = _pair(x, weight)
-    xd, wd = x.data, weight.data
-    if wd.ndim != 2 or xd.ndim < 1 or xd.shape[-1] != wd.shape[1]:
-        raise ValueError(f"linear: input of shape {xd.shape} does not fit a weight of shape "
-                         f"{wd.shape} (expected (..., {wd.shape[-1] if wd.ndim else '?'}) "
+    wshape = weight.shape
+    if weight.ndim != 2 or x.ndim < 1 or x.shape[-1] != wshape[1]:
+        raise ValueError(f"linear: input of shape {x.shape} does not fit a weight of shape "
+                         f"{wshape} (expected (..., {wshape[-1] if weight.ndim else '?'}) "
                          f"and (out, in))")
-    out = xd @ wd.T
+    data = x.data @ weight.data.T
     inputs: tuple[Tensor, ...] = (x, weight)
     if bias is not None:
-        bias = _tensor(bias, x)
-        if bias.shape != (wd.shape[0],):
-            raise ValueError(f"linear: bias has shape {bias.shape}, expected ({wd.shape[0]},)")
-        out = out + bias.data
+        bias = as_tensor(bias, x)
+        if bias.shape != (wshape[0],):
+            raise ValueError(f"linear: bias has shape {bias.shape}, expected ({wshape[0]},)")
+        data = data + bias.data
         inputs += (bias,)
-    need = [t.requires_grad for t in inputs]
 
-    def backward(g):
-        g2 = g.reshape(-1, wd.shape[0])
-        gx = (g @ wd) if need[0] else None
-        gw = (g2.T @ xd.reshape(-1, wd.shape[1])) if need[1] else None
-        return (gx, gw) + ((g2.sum(axis=0),) if len(need) == 3 else ())
-
-    def graph_backward(g):
-        g2 = reshape(g, (-1, wd.shape[0]))
-        gx = matmul(g, weight)
-        gw = matmul(transpose(g2), reshape(x, (-1, wd.shape[1])))
-        return (gx, gw) + ((sum(g2, 0),) if len(need) == 3 else ())
-    return _result("linear", out, inputs, backward, graph_backward)
+    def backward(g, out):
+        g2 = reshape(g, (-1, wshape[0]))
+        gx = matmul(g, weight) if x.requires_grad else None
+        gw = matmul(transpose(g2), reshape(x, (-1, wshape[1]))) if weight.requires_grad else None
+        return (gx, gw) + ((sum_(g2, 0),) if len(inputs) == 3 else ())
+    return record("linear", data, inputs, backward)
 
 
-# ------------------------------------------------------------------------------------------------
-# Softmax and losses
-# ------------------------------------------------------------------------------------------------
+# --- softmax and losses ---------------------------------------------------------------------------
 
 def _log_softmax(values: np.ndarray, axis: int) -> np.ndarray:
     shifted = values - values.max(axis=axis, keepdims=True)
@@ -871,15 +346,9 @@ def _log_softmax(values: np.ndarray, axis: int) -> np.ndarray:
 
 
 def log_softmax(a, axis: int = -1) -> Tensor:
-    a = _tensor(a)
-    out = _log_softmax(a.data, axis)
-
-    def backward(g):
-        return (g - np.exp(out) * g.sum(axis=axis, keepdims=True),)
-
-    def graph_backward(g):
-        return (sub(g, mul(exp(log_softmax(a, axis)), sum(g, axis, keepdims=True))),)
-    return _result("log_softmax", out, (a,), backward, graph_backward)
+    a = as_tensor(a)
+    return record("log_softmax", _log_softmax(a.data, axis), (a,),
+                  lambda g, out: (sub(g, mul(exp(out), sum_(g, axis, keepdims=True))),))
 
 
 def softmax(a, axis: int = -1) -> Tensor:
@@ -892,7 +361,7 @@ def cross_entropy(logits, target, reduction: str = "mean") -> Tensor:
     Like ``torch.nn.functional.cross_entropy``: ``reduction`` is "mean",
     "sum" or "none".
     """
-    logits = _tensor(logits)
+    logits = as_tensor(logits)
     target = np.asarray(target.data if isinstance(target, Tensor) else target)
     if logits.ndim < 2:
         raise ValueError(f"cross_entropy: logits need shape (N, C, ...), got {logits.shape}")
@@ -912,224 +381,25 @@ def cross_entropy(logits, target, reduction: str = "mean") -> Tensor:
     logp = _log_softmax(logits.data, axis=1)
     picked = np.expand_dims(target, 1)
     losses = -np.take_along_axis(logp, picked, axis=1)[:, 0]
-    count = losses.size
-    out = {"mean": losses.mean(), "sum": losses.sum(), "none": losses}[reduction]
+    data = {"mean": losses.mean(), "sum": losses.sum(), "none": losses}[reduction]
 
-    shape = losses.shape
-
-    def backward(g):
-        weight = g if reduction == "none" else np.broadcast_to(g / count if reduction == "mean"
-                                                               else g, shape)
-        grad = np.exp(logp)
-        np.put_along_axis(grad, picked, np.take_along_axis(grad, picked, axis=1) - 1, axis=1)
-        return (grad * np.expand_dims(weight, 1),)
-    return _result("cross_entropy", np.asarray(out, logits.dtype), (logits,), backward)
+    def backward(g, out):
+        # d loss / d logits = softmax(logits) - one_hot(target), weighted per loss
+        one_hot = np.zeros(logits.shape, logits.dtype)
+        np.put_along_axis(one_hot, picked, 1, axis=1)
+        weight = g if reduction == "none" else broadcast_to(
+            div(g, float(losses.size)) if reduction == "mean" else g, losses.shape)
+        weight = reshape(weight, (weight.shape[0], 1) + weight.shape[1:])
+        return (mul(sub(softmax(logits, 1), _constant(one_hot)), weight),)
+    return record("cross_entropy", np.asarray(data, logits.dtype), (logits,), backward)
 
 
 def mse_loss(a, b) -> Tensor:
     """Mean squared difference."""
-    return mean((_tensor(a) - b) ** 2)
+    return mean(pow_(sub(a, b), 2))
 
 
-# ------------------------------------------------------------------------------------------------
-# Compiled ops: convolution and average pooling
-# ------------------------------------------------------------------------------------------------
-
-_KERNELS: dict[tuple, Any] = {}
-
-
-def _freeze(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return tuple(_freeze(v) for v in value)
-    return int(value) if is_int(value) else value
-
-
-def _compiled(kind: type, **fields) -> tuple[Any, Any]:
-    """(spec, loaded kernel) of a spec class and its fields, compiled on first use and
-    memoised per process.
-
-    The key is the raw fields, so repeated calls skip building and hashing
-    the spec; a new ``$SYMCONV_CACHE_DIR`` gets its own entry.
-    """
-    key = (kind.__name__, os.environ.get("SYMCONV_CACHE_DIR"), tuple(sorted(
-        (name, _freeze(value)) for name, value in fields.items())))
-    found = _KERNELS.get(key)
-    if found is None:
-        spec = kind(**fields)
-        found = _KERNELS[key] = (spec, _kernel_for(spec))
-    return found
-
-
-def _kernel_for(spec) -> Any:
-    """The loaded kernel of any spec, memoised per process (and cache directory)."""
-    key = (spec, os.environ.get("SYMCONV_CACHE_DIR"))
-    kernel = _KERNELS.get(key)
-    if kernel is None:
-        from . import compiler  # here, not at import: SymPy loads only if a build is needed
-        kernel = _KERNELS[key] = compiler.compile_op(spec)
-    return kernel
-
-
-def _float_dtype(op: str, *tensors: Tensor) -> np.dtype:
-    dtype = np.result_type(*(t.dtype for t in tensors))
-    if dtype not in (np.float32, np.float64):
-        raise TypeError(f"{op}: compiled kernels take float32 or float64 arrays, got "
-                        f"{', '.join(str(t.dtype) for t in tensors)}")
-    return dtype
-
-
-class _Buffers:
-    """Kernel outputs kept from one step to the next.  An array nothing else references any
-    more is written again instead of a fresh one: the first write to newly mapped pages
-    costs about ten times a write to reused memory."""
-
-    def __init__(self, per_shape: int = 4):
-        self.per_shape = per_shape
-        self._free: dict[tuple, list[np.ndarray]] = {}
-        self._lock = threading.Lock()
-
-    def get(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        with self._lock:
-            pool = self._free.setdefault((shape, np.dtype(dtype).str), [])
-            for array in pool:
-                if sys.getrefcount(array) == 3:  # the pool, this loop and the call: no one else
-                    return array
-            array = np.empty(shape, dtype)
-            if len(pool) < self.per_shape:
-                pool.append(array)
-            return array
-
-
-_buffers = _Buffers()
-
-
-def _kernel_op(name: str, spec: Any, kernel: Any, inputs: tuple[Tensor, ...],
-               dtype: np.dtype) -> Tensor:
-    """An op run by compiled kernels: the forward kernel now, the derived gradient kernels
-    in backward, writing into reused buffers.  Its differentiable backward calls each
-    gradient function as an op of its own (a GradientSpec), whose gradients are derived in
-    turn: any order of derivative."""
-    arrays = [np.ascontiguousarray(t.data, dtype) for t in inputs]
-    forward = kernel.functions["forward"]
-    out = forward(*arrays, out=_buffers.get(forward.shapes[forward.output], dtype))
-    names = kernel.inputs
-    wrt = tuple(n for n, t in zip(names, inputs) if t.requires_grad and n in kernel.differentiable)
-    args = kernel.manifest["backward_args"]
-    read = {a for n in wrt for a in kernel.functions[f"grad_{n}"].args}
-    saved = {n: a for n, a in zip(names, arrays) if n in read}   # only what backward reads
-
-    def backward(g):
-        given = {**saved, args[-1]: np.ascontiguousarray(g, dtype)}
-        functions = (kernel.functions[f"grad_{n}"] for n in wrt)
-        outs = {n: _buffers.get(f.shapes[f.output], dtype) for n, f in zip(wrt, functions)}
-        grads = dict(zip(kernel.differentiable,
-                         kernel.backward(*(given.get(a) for a in args), wrt=wrt, out=outs)))
-        return tuple(grads.get(n) for n in names)
-
-    def graph_backward(g):
-        operands = {**dict(zip(names, inputs)), args[-1]: g}
-        grads = []
-        for n in names:
-            if n not in wrt:
-                grads.append(None)
-                continue
-            gradient = GradientSpec(spec, f"grad_{n}")
-            gkernel = _kernel_for(gradient)
-            grads.append(_kernel_op(f"grad_{n}", gradient, gkernel,
-                                    tuple(operands[a] for a in gkernel.inputs), dtype))
-        return tuple(grads)
-    return _result(name, out, inputs, backward, graph_backward)
-
-
-def conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups: int = 1,
-         padding_mode: str = "zeros") -> Tensor:
-    """N-D convolution (cross-correlation, channels first) like ``torch.nn.functional.conv{n}d``.
-
-    ``x`` is (N, C_in, *spatial), ``weight`` (C_out, C_in // groups, *kernel),
-    ``bias`` (C_out,) or None; any number of spatial dims.  ``stride``,
-    ``padding``, ``dilation`` and ``padding_mode`` take every form ``ConvSpec``
-    accepts.  The compiled kernel is chosen by shapes and arguments and built once.
-    """
-    x, weight = _tensor(x), _tensor(weight)
-    inputs = (x, weight) if bias is None else (x, weight, _tensor(bias))
-    dtype = _float_dtype("conv", *inputs)
-    if x.ndim != weight.ndim:
-        raise ValueError(f"conv: input of shape {x.shape} and weight of shape {weight.shape} "
-                         f"must have the same number of dims")
-    spec, kernel = _compiled(ConvSpec, input_shape=x.shape, weight_shape=weight.shape,
-                             stride=stride, padding=padding, dilation=dilation, groups=groups,
-                             bias=bias is not None, dtype=dtype.name, padding_mode=padding_mode)
-    return _kernel_op("conv", spec, kernel, inputs, dtype)
-
-
-def conv_transpose(x, weight, bias=None, stride=1, padding=0, output_padding=0, dilation=1,
-                   groups: int = 1) -> Tensor:
-    """N-D transposed convolution like ``torch.nn.functional.conv_transpose{n}d``: ``weight``
-    is (C_in, C_out // groups, *kernel); derived as a convolution's input gradient."""
-    x, weight = _tensor(x), _tensor(weight)
-    inputs = (x, weight) if bias is None else (x, weight, _tensor(bias))
-    dtype = _float_dtype("conv_transpose", *inputs)
-    spec, kernel = _compiled(ConvTransposeSpec, input_shape=x.shape, weight_shape=weight.shape,
-                             stride=stride, padding=padding, output_padding=output_padding,
-                             dilation=dilation, groups=groups, bias=bias is not None,
-                             dtype=dtype.name)
-    return _kernel_op("conv_transpose", spec, kernel, inputs, dtype)
-
-
-def avg_pool(x, kernel_size, stride=None, padding=0) -> Tensor:
-    """N-D average pooling over (N, C, *spatial), zero padding counted in the window like
-    PyTorch's ``count_include_pad=True``; compiled from its index sum like ``conv``."""
-    x = _tensor(x)
-    dtype = _float_dtype("avg_pool", x)
-    spec, kernel = _compiled(AvgPoolSpec, input_shape=x.shape, kernel_size=kernel_size,
-                             stride=stride, padding=padding, dtype=dtype.name)
-    return _kernel_op("avg_pool", spec, kernel, (x,), dtype)
-
-
-class IndexOp:
-    """A user-defined op: an index sum compiled with its derived gradients.
-
-    Call it on NumPy arrays for the output array, or on Tensors for a graph op whose
-    gradients (of any order) are the derived ones.  ``formulas`` shows the forward sum
-    and every gradient sum.
-    """
-
-    def __init__(self, spec: Any):
-        self.spec = spec
-
-    @property
-    def kernel(self) -> Any:
-        return _kernel_for(self.spec)
-
-    @property
-    def formulas(self) -> dict[str, str]:
-        return self.kernel.formulas
-
-    def __repr__(self) -> str:
-        return f"<symconv op {self.spec.describe()}>"
-
-    def __call__(self, *inputs):
-        kernel = self.kernel
-        dtype = np.dtype(self.spec.dtype)
-        if any(isinstance(t, Tensor) for t in inputs):
-            tensors = tuple(_tensor(t) for t in inputs)
-            return _kernel_op(self.spec.output_name, self.spec, kernel, tensors, dtype)
-        return kernel.forward(*(np.ascontiguousarray(a, dtype) for a in inputs))
-
-
-def op(expression: str, shapes, dtype: str = "float32", zero_outside=()) -> IndexOp:
-    """A user-defined op from an index sum, e.g.
-    ``op("Y[n, c, i] = sum(W[c, a] * X[n, c, 2*i + a], (a, 0, 2))", {"X": (2, 3, 9),
-    "W": (3, 3)})``; see ``symconv.ExprSpec`` for the notation.  Inputs are called in the
-    order of ``shapes``.  A SymPy ``Eq(Y[...], Sum(...))`` is accepted as well."""
-    if not isinstance(expression, str):
-        import sympy
-        if not isinstance(expression, sympy.Eq):
-            raise TypeError(f"op: expected a string or sympy.Eq, got "
-                            f"{type(expression).__name__}")
-        expression = f"{sympy.sstr(expression.lhs)} = {sympy.sstr(expression.rhs)}"
-    return IndexOp(ExprSpec(expression, shapes, dtype=dtype, zero_outside=zero_outside))
-
+# --- max pooling (NumPy: a maximum is not an index sum) -------------------------------------------
 
 def max_pool(x, kernel_size, stride=None, padding=0) -> Tensor:
     """N-D max pooling over (N, C, *spatial) like ``torch.nn.functional.max_pool{n}d``.
@@ -1138,7 +408,7 @@ def max_pool(x, kernel_size, stride=None, padding=0) -> Tensor:
     the first maximum of each window.  A maximum is not an index sum, so
     this op is NumPy (a strided window view and an argmax), not compiled.
     """
-    x = _tensor(x)
+    x = as_tensor(x)
     if x.ndim < 3:
         raise ValueError(f"max_pool: input needs shape (N, C, *spatial), got {x.shape}")
     rank = x.ndim - 2
@@ -1161,10 +431,10 @@ def max_pool(x, kernel_size, stride=None, padding=0) -> Tensor:
     out_spatial = views.shape[2:2 + rank]
     flat = views.reshape(*views.shape[:2 + rank], -1)
     best = flat.argmax(axis=-1)
-    out = np.take_along_axis(flat, best[..., None], axis=-1)[..., 0]
-    padded_shape, shape, dtype = padded.shape, x.shape, x.dtype
+    data = np.take_along_axis(flat, best[..., None], axis=-1)[..., 0]
+    padded_shape, shape = padded.shape, x.shape
 
-    def backward(g):
+    def backward(g, out):
         # Flat index, in the padded input, of each window's maximum: channel-plane offset
         # plus, per spatial dim, (output position * stride + offset in the window).
         offsets = np.unravel_index(best, window)
@@ -1172,8 +442,44 @@ def max_pool(x, kernel_size, stride=None, padding=0) -> Tensor:
         for dim in range(rank):
             grid = np.arange(out_spatial[dim]).reshape((-1,) + (1,) * (rank - 1 - dim))
             where = where * padded_shape[2 + dim] + (grid * step[dim] + offsets[dim])
-        grad = np.bincount(where.ravel(), weights=g.ravel(), minlength=int(np.prod(padded_shape)))
-        grad = grad.reshape(padded_shape)
+        spread = scatter(reshape(g, -1), where.ravel(), (int(np.prod(padded_shape)),))
         inner = tuple(slice(lo, lo + n) for (lo, _), n in zip(pads, shape[2:]))
-        return (grad[(slice(None), slice(None), *inner)].astype(dtype),)
-    return _result("max_pool", np.ascontiguousarray(out), (x,), backward)
+        return (getitem(reshape(spread, padded_shape), (slice(None), slice(None), *inner)),)
+    return record("max_pool", np.ascontiguousarray(data), (x,), backward)
+
+
+# --- Tensor's operators and methods: the ops above --------------------------------------------------
+
+def _install_methods() -> None:
+    """Give Tensor its operators and methods, each the op of the same meaning."""
+    def reshape_method(self, *shape):
+        return reshape(self, shape[0] if len(shape) == 1 and not is_int(shape[0]) else shape)
+
+    def transpose_method(self, *axes):
+        return transpose(self, axes[0] if len(axes) == 1 and not is_int(axes[0])
+                         else (axes or None))
+
+    def flatten(self, start: int = 0) -> Tensor:
+        """Merge the axes from ``start`` on into one."""
+        start = normal_axis(start, self.ndim)
+        return reshape(self, self.shape[:start] + (-1,))
+
+    methods = {
+        "__add__": add, "__radd__": lambda s, o: add(o, s),
+        "__sub__": sub, "__rsub__": lambda s, o: sub(o, s),
+        "__mul__": mul, "__rmul__": lambda s, o: mul(o, s),
+        "__truediv__": div, "__rtruediv__": lambda s, o: div(o, s),
+        "__pow__": pow_, "__rpow__": lambda s, o: pow_(o, s),
+        "__matmul__": matmul, "__rmatmul__": lambda s, o: matmul(o, s),
+        "__neg__": neg, "__getitem__": getitem,
+        "exp": exp, "log": log, "sqrt": sqrt, "tanh": tanh, "sigmoid": sigmoid, "relu": relu,
+        "leaky_relu": leaky_relu, "abs": abs_, "sum": sum_, "mean": mean, "max": max_,
+        "min": min_, "log_softmax": log_softmax, "softmax": softmax,
+        "reshape": reshape_method, "transpose": transpose_method, "permute": transpose_method,
+        "flatten": flatten, "T": property(lambda self: transpose(self)),
+    }
+    for name, method in methods.items():
+        setattr(Tensor, name, method)
+
+
+_install_methods()

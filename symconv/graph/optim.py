@@ -14,7 +14,7 @@ from typing import Iterable
 
 import numpy as np
 
-from .graph import Tensor
+from .engine import Tensor
 
 __all__ = ["Optimizer", "SGD", "Adam"]
 

@@ -1,0 +1,183 @@
+"""Graph ops run by compiled kernels: convolution, transposed convolution, average pooling
+and user-defined index sums.
+
+Each call of a compiled function is one graph node.  Its backward rule calls
+the derived gradient functions the same way, so it is recorded under
+``create_graph``; the gradient of a gradient function is the gradient of its
+own op (a ``GradientSpec``), compiled when first needed: derivatives of any
+order, all derived.  Kernels are specialised to exact shapes: the first call
+with new shapes compiles them (``symconv.compiler``, imported on first use so
+``import symconv`` stays free of SymPy) into the kernel cache, and later calls
+find them in the process's one kernel cache.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Any
+
+import numpy as np
+
+from ..spec import (AvgPoolSpec, ConvSpec, ConvTransposeSpec, ExprSpec, GradientSpec,
+                    spec_of)
+from .engine import Tensor, as_tensor, record
+
+
+def kernel_of(spec) -> Any:
+    """The loaded kernel of any spec, from the process's one kernel cache."""
+    from ..compiler import KERNELS  # here, not at import: SymPy loads only if a build is needed
+    return KERNELS.get(spec)
+
+
+def _float_dtype(op: str, *tensors: Tensor) -> np.dtype:
+    dtype = np.result_type(*(t.dtype for t in tensors))
+    if dtype not in (np.float32, np.float64):
+        raise TypeError(f"{op}: compiled kernels take float32 or float64 arrays, got "
+                        f"{', '.join(str(t.dtype) for t in tensors)}")
+    return dtype
+
+
+class _Buffers:
+    """Kernel outputs kept from one step to the next.  An array nothing else references any
+    more is written again instead of a fresh one: the first write to newly mapped pages
+    costs about ten times a write to reused memory."""
+
+    def __init__(self, per_shape: int = 4):
+        self.per_shape = per_shape
+        self._free: dict[tuple, list[np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        with self._lock:
+            pool = self._free.setdefault((shape, np.dtype(dtype).str), [])
+            for array in pool:
+                if sys.getrefcount(array) == 3:  # the pool, this loop and the call: no one else
+                    return array
+            array = np.empty(shape, dtype)
+            if len(pool) < self.per_shape:
+                pool.append(array)
+            return array
+
+
+_buffers = _Buffers()
+
+
+def call(label: str, spec: Any, kernel: Any, function: str, operands: dict[str, Tensor],
+         dtype: np.dtype) -> Tensor:
+    """Function ``function`` of ``kernel`` (the package of ``spec``) on the named operands,
+    as a graph node.  Its rule: the VJP of that function, which for ``forward`` is the
+    kernel's own gradient functions and for a gradient function those of its GradientSpec."""
+    compiled = kernel.functions[function]
+    names = compiled.args
+    inputs = tuple(operands[name] for name in names)
+    arrays = [np.ascontiguousarray(t.data, dtype) for t in inputs]
+    data = compiled(*arrays, out=_buffers.get(compiled.shapes[compiled.output], dtype))
+
+    def backward(g, out):
+        if function == "forward":
+            vjp_spec, vjp_kernel = spec, kernel
+        else:
+            vjp_spec = GradientSpec(spec, function)
+            vjp_kernel = kernel_of(vjp_spec)
+        cotangent = vjp_kernel.record.cotangent
+        given = {**dict(zip(names, inputs)), cotangent: g}
+        return tuple(
+            call(f"grad_{name}", vjp_spec, vjp_kernel, f"grad_{name}", given, dtype)
+            if tensor.requires_grad and name in vjp_kernel.differentiable else None
+            for name, tensor in zip(names, inputs))
+    return record(label, data, inputs, backward)
+
+
+def _forward(label: str, spec: Any, inputs: tuple[Tensor, ...], dtype: np.dtype) -> Tensor:
+    kernel = kernel_of(spec)
+    return call(label, spec, kernel, "forward", dict(zip(kernel.inputs, inputs)), dtype)
+
+
+def conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups: int = 1,
+         padding_mode: str = "zeros") -> Tensor:
+    """N-D convolution (cross-correlation, channels first) like ``torch.nn.functional.conv{n}d``.
+
+    ``x`` is (N, C_in, *spatial), ``weight`` (C_out, C_in // groups, *kernel),
+    ``bias`` (C_out,) or None; any number of spatial dims.  ``stride``,
+    ``padding``, ``dilation`` and ``padding_mode`` take every form ``ConvSpec``
+    accepts.  The compiled kernel is chosen by shapes and arguments and built once.
+    """
+    x, weight = as_tensor(x), as_tensor(weight)
+    inputs = (x, weight) if bias is None else (x, weight, as_tensor(bias))
+    dtype = _float_dtype("conv", *inputs)
+    if x.ndim != weight.ndim:
+        raise ValueError(f"conv: input of shape {x.shape} and weight of shape {weight.shape} "
+                         f"must have the same number of dims")
+    spec = spec_of(ConvSpec, input_shape=x.shape, weight_shape=weight.shape, stride=stride,
+                   padding=padding, dilation=dilation, groups=groups, bias=bias is not None,
+                   dtype=dtype.name, padding_mode=padding_mode)
+    return _forward("conv", spec, inputs, dtype)
+
+
+def conv_transpose(x, weight, bias=None, stride=1, padding=0, output_padding=0, dilation=1,
+                   groups: int = 1) -> Tensor:
+    """N-D transposed convolution like ``torch.nn.functional.conv_transpose{n}d``: ``weight``
+    is (C_in, C_out // groups, *kernel); derived as a convolution's input gradient."""
+    x, weight = as_tensor(x), as_tensor(weight)
+    inputs = (x, weight) if bias is None else (x, weight, as_tensor(bias))
+    dtype = _float_dtype("conv_transpose", *inputs)
+    spec = spec_of(ConvTransposeSpec, input_shape=x.shape, weight_shape=weight.shape,
+                   stride=stride, padding=padding, output_padding=output_padding,
+                   dilation=dilation, groups=groups, bias=bias is not None, dtype=dtype.name)
+    return _forward("conv_transpose", spec, inputs, dtype)
+
+
+def avg_pool(x, kernel_size, stride=None, padding=0) -> Tensor:
+    """N-D average pooling over (N, C, *spatial), zero padding counted in the window like
+    PyTorch's ``count_include_pad=True``; compiled from its index sum like ``conv``."""
+    x = as_tensor(x)
+    dtype = _float_dtype("avg_pool", x)
+    spec = spec_of(AvgPoolSpec, input_shape=x.shape, kernel_size=kernel_size, stride=stride,
+                   padding=padding, dtype=dtype.name)
+    return _forward("avg_pool", spec, (x,), dtype)
+
+
+class IndexOp:
+    """A user-defined op: an index sum compiled with its derived gradients.
+
+    Call it on NumPy arrays for the output array, or on Tensors for a graph op whose
+    gradients (of any order) are the derived ones.  ``formulas`` shows the forward sum
+    and every gradient sum.
+    """
+
+    def __init__(self, spec: Any):
+        self.spec = spec
+
+    @property
+    def kernel(self) -> Any:
+        return kernel_of(self.spec)
+
+    @property
+    def formulas(self) -> dict[str, str]:
+        return self.kernel.formulas
+
+    def __repr__(self) -> str:
+        return f"<symconv op {self.spec.describe()}>"
+
+    def __call__(self, *inputs):
+        kernel = self.kernel
+        dtype = np.dtype(self.spec.dtype)
+        if any(isinstance(t, Tensor) for t in inputs):
+            tensors = tuple(as_tensor(t) for t in inputs)
+            return _forward(self.spec.output_name, self.spec, tensors, dtype)
+        return kernel.forward(*(np.ascontiguousarray(a, dtype) for a in inputs))
+
+
+def op(expression: str, shapes, dtype: str = "float32", zero_outside=()) -> IndexOp:
+    """A user-defined op from an index sum, e.g.
+    ``op("Y[n, c, i] = sum(W[c, a] * X[n, c, 2*i + a], (a, 0, 2))", {"X": (2, 3, 9),
+    "W": (3, 3)})``; see ``symconv.ExprSpec`` for the notation.  Inputs are called in the
+    order of ``shapes``.  A SymPy ``Eq(Y[...], Sum(...))`` is accepted as well."""
+    if not isinstance(expression, str):
+        import sympy
+        if not isinstance(expression, sympy.Eq):
+            raise TypeError(f"op: expected a string or sympy.Eq, got "
+                            f"{type(expression).__name__}")
+        expression = f"{sympy.sstr(expression.lhs)} = {sympy.sstr(expression.rhs)}"
+    return IndexOp(ExprSpec(expression, shapes, dtype=dtype, zero_outside=zero_outside))
