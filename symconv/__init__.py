@@ -16,26 +16,24 @@
 compiler's symbolic stages import SymPy when first used.
 """
 
-__version__ = "0.1.0"
-
-from .kernel import Kernel, PackageError, load  # noqa: E402
-from .spec import AvgPoolSpec, ConvSpec, ConvTransposeSpec, ExprSpec, GradientSpec  # noqa: E402
-from . import nn, optim  # noqa: E402  (NumPy only)
-from .graph import (IndexOp, Tensor, avg_pool, concatenate, conv, conv_transpose,  # noqa: E402
-                    cross_entropy, grad, is_grad_enabled, linear, log_softmax, matmul, max_pool,
-                    no_grad, op, stack)
+from ._version import __version__
+from .errors import BuildError, IRError
+from .kernel import Kernel, PackageError, load
+from .spec import AvgPoolSpec, ConvSpec, ConvTransposeSpec, ExprSpec, GradientSpec
+from .graph import (GradcheckError, IndexOp, Tensor, avg_pool, concatenate, conv,
+                    conv_transpose, cross_entropy, grad, gradcheck, is_grad_enabled, linear,
+                    log_softmax, matmul, max_pool, nn, no_grad, op, optim, stack)
 
 _LAZY = {
     "compile_conv": "compiler",
     "compile_op": "compiler",
     "explain": "compiler",
     "Compilation": "compiler",
-    "BuildError": "build",
-    "gradcheck": "check",
-    "GradcheckError": "check",
 }
 
-__all__ = ["AvgPoolSpec", "ConvSpec", "ConvTransposeSpec", "ExprSpec", "GradientSpec", "Kernel", "PackageError", "load", "nn", "optim", "Tensor",
+__all__ = ["__version__", "AvgPoolSpec", "ConvSpec", "ConvTransposeSpec", "ExprSpec",
+           "GradientSpec", "BuildError", "IRError", "GradcheckError", "Kernel", "PackageError",
+           "gradcheck", "load", "nn", "optim", "Tensor",
            "avg_pool", "concatenate", "conv", "conv_transpose", "cross_entropy", "grad",
            "IndexOp", "is_grad_enabled", "linear", "log_softmax", "matmul", "max_pool", "no_grad",
            "op", "stack", *_LAZY]

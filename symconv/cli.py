@@ -20,16 +20,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import build
+from .errors import IRError
+from .package.targets import split_target
 from .kernel import Kernel, PackageError, best_variant
 from .progress import Progress, configure as configure_logging, log
-from .spec import (PADDING_MODES, ConvSpec, ConvTransposeSpec, ExprSpec, GradientSpec, IRError,
+from .spec import (PADDING_MODES, ConvSpec, ConvTransposeSpec, ExprSpec, GradientSpec,
                    spec_from_dict)
 
 DEMO_SPEC = dict(input_shape=(2, 3, 16, 16, 16), weight_shape=(8, 3, 3, 3, 3), stride=2,
@@ -190,19 +190,12 @@ def _print_formulas(compilation, latex: bool, scatter: bool, out) -> None:
         print(entry["latex"] if latex else entry["text"], file=out)
 
 
-def _packages(root: Path) -> set[str]:
-    try:
-        return {p.name for p in root.iterdir()}
-    except OSError:
-        return set()
-
-
 def _log_compile(spec, kernel: Kernel, seconds: float, hit: bool) -> None:
     """--verbose: each stage of one compile with its time (a hit only loads)."""
     if hit:
         log.info("%s: cache hit, loaded in %.3f s", spec.slug, seconds)
         return
-    timings = kernel.manifest.get("timings", {})
+    timings = kernel.record.extra.get("timings", {})
     names = {"define": "define (index sum)", "derive": "derive (gradients)",
              "codegen": "codegen (C)", "compile_c": "C compiler + cffi"}
     staged = 0.0
@@ -216,17 +209,10 @@ def _log_compile(spec, kernel: Kernel, seconds: float, hit: bool) -> None:
 
 def _compile(spec, cache_dir, target: str | None = None) -> tuple[Kernel, float]:
     """compile_op, timed, with its stages logged under --verbose."""
-    from .build import default_cache_dir
-    from .compiler import compile_op
-    verbose = log.isEnabledFor(logging.INFO)     # only then is the cache listed, to tell a hit
-    if verbose:
-        before = _packages(Path(cache_dir) if cache_dir is not None else default_cache_dir())
-    start = time.perf_counter()
-    kernel = compile_op(spec, cache_dir=cache_dir, target=target)
-    seconds = time.perf_counter() - start
-    if verbose:
-        _log_compile(spec, kernel, seconds, hit=kernel.path.name in before)
-    return kernel, seconds
+    from .compiler import KERNELS
+    result = KERNELS.load(spec, cache_dir, target)
+    _log_compile(spec, result.kernel, result.seconds, hit=result.cached)
+    return result.kernel, result.seconds
 
 
 def cmd_compile(args, out) -> int:
@@ -248,7 +234,7 @@ def _log_timings(spec, timings) -> None:
 def _print_bench(spec, args, out) -> None:
     from .report import benchmark
     kernel, _ = _compile(spec, args.cache_dir, args.target)
-    print(f"\n== benchmark ({kernel.variant['target']}) ==", file=out)
+    print(f"\n== benchmark ({kernel.variant.target}) ==", file=out)
     for t in benchmark(kernel, spec, repeat=args.repeat, threads=args.threads):
         print(f"{t.function:>26}: median {t.median * 1e3:9.3f} ms  best {t.best * 1e3:9.3f} ms  "
               f"{t.gflops:8.2f} GFLOP/s  ({t.runs} runs)", file=out)
@@ -283,7 +269,7 @@ def cmd_explain(args, out) -> int:
         print(spec.describe(), file=out)
         _print_formulas(compilation, args.latex, args.scatter, out)
         if args.c:
-            variant = best_variant(compilation.variants)["target"]
+            variant = best_variant(compilation.variants).target
             print(f"\n== C ({variant}, the variant this machine runs) ==", file=out)
             print(compilation.source.text, file=out)
         if args.bench:
@@ -342,7 +328,7 @@ def cmd_list(args, out) -> int:
     for path in sorted(p for p in root.iterdir() if (p / "manifest.json").is_file()):
         try:
             kernel = Kernel(path)
-            print(f"{path.name}\n    {kernel.manifest['description']}", file=out)
+            print(f"{path.name}\n    {kernel.record.description}", file=out)
         except PackageError as error:
             print(f"{path.name}\n    unusable: {error}", file=out)
         found += 1
@@ -363,7 +349,7 @@ def _positive(text: str) -> int:
 
 def _target(text: str) -> str:
     try:
-        build.split_target(text)
+        split_target(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
     return text
@@ -383,7 +369,7 @@ def _add_progress_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .build import default_cache_dir
+    from .package.build import default_cache_dir
     parser = _Parser(prog="symconv", description="N-D convolutions compiled from SymPy index "
                      "sums, with symbolically derived gradients.")
     verbose = argparse.ArgumentParser(add_help=False)

@@ -1,47 +1,59 @@
-"""The pipeline: definition -> derivation -> C -> package -> Kernel.
+"""The driver: definition -> derivation -> schedule and C -> package -> Kernel.
 
-``lower(op)`` runs the symbolic stages and keeps every intermediate in a
-:class:`Compilation` (this is what ``symconv explain`` shows);
-``compile_conv(spec)`` adds the cached build and returns a loaded Kernel.
+``explain(spec)`` runs the symbolic stages and keeps every intermediate in a
+:class:`Compilation` (what ``symconv explain`` shows); ``compile_op(spec)``
+adds the cached build and returns a loaded Kernel.  Every kernel this process
+loads is kept in one cache, :data:`KERNELS`, that the graph, the framework
+bindings and Dask share.
 
 The symbolic stages (define, derive, codegen) import SymPy, so they are
-imported inside ``lower`` only: a cache hit loads a package without SymPy.
+imported inside ``explain`` only: a cache hit loads a package without SymPy.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import build
-from .kernel import Kernel, PackageError, best_variant
+from .kernel import Kernel, KernelFunction, PackageError, Variant, best_variant
+from .package import build
+from .package.targets import variants as target_variants
 from .spec import ConvSpec
 
 if TYPE_CHECKING:  # only for annotations; importing them pulls in SymPy
-    from .codegen import CSource
-    from .define import OpDefinition
-    from .derive import Derivation
-    from .ir import Array, IndexSum
+    from .codegen.c import CSource
+    from .symbolic.define import OpDefinition
+    from .symbolic.derive import Derivation
+    from .symbolic.ir import SumFunction
 
 
 @dataclass
 class Compilation:
-    """Every intermediate of one op's pipeline, kept for inspection."""
+    """Every intermediate of one op's pipeline, kept for inspection: the definition, each
+    gradient's derivation, the functions compiled, and per instruction-set variant the C
+    with the schedule it was emitted from.  :class:`Build` says whether a kernel needed
+    one."""
 
     op: "OpDefinition"
     derivations: dict[str, "Derivation"]
-    functions: list[tuple[str, "IndexSum", tuple["Array", ...]]]
-    variants: list[dict[str, Any]]        # build.variants(target): the instruction sets
+    functions: list["SumFunction"]
+    variants: list[Variant]               # the instruction sets, best first
     sources: dict[str, "CSource"]         # the C of each variant, by its target name
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def source(self) -> "CSource":
         """The C this machine would run (see kernel.best_variant)."""
-        return self.sources[best_variant(self.variants)["target"]]
+        return self.sources[best_variant(self.variants).target]
+
+    @property
+    def plans(self) -> dict[str, list]:
+        """Per function, the (piece, plan) schedule of the C this machine would run."""
+        return {f.name: list(f.plans) for f in self.source.functions}
 
     @property
     def cdef(self) -> str:
@@ -51,24 +63,23 @@ class Compilation:
     def formulas(self) -> dict[str, dict[str, str]]:
         """Per function: the gather-form sum as text and LaTeX, and for gradients the
         chain rule's scatter form it was derived from."""
-        from .ir import to_latex, to_text
+        from .symbolic.printing import to_latex, to_text
         formulas = {}
-        for name, fn, _ in self.functions:
-            entry = {"text": to_text(fn), "latex": to_latex(fn)}
-            if name in self.derivations:
-                scatter = self.derivations[name].scatter
+        for function in self.functions:
+            entry = {"text": to_text(function.sum), "latex": to_latex(function.sum)}
+            if function.name in self.derivations:
+                scatter = self.derivations[function.name].scatter
                 entry["scatter"] = to_text(scatter)
                 entry["scatter_latex"] = to_latex(scatter)
-            formulas[name] = entry
+            formulas[function.name] = entry
         return formulas
 
     def manifest(self) -> dict[str, Any]:
-        """The op's part of a package manifest (build.py adds the rest)."""
+        """The op's part of a package manifest (build.write_package adds the rest)."""
         op = self.op
-        functions = {name: {"args": [a.name for a in args], "output": fn.output.name}
-                     for name, fn, args in self.functions}
-        read_by_gradients = {a for name, entry in functions.items() if name != "forward"
-                             for a in entry["args"]}
+        signatures = [KernelFunction(f.name, tuple(a.name for a in f.args), f.sum.output.name)
+                      for f in self.functions]
+        read_by_gradients = {a for s in signatures if s.name != "forward" for a in s.args}
         cotangent = self.cotangent_name
         shapes = dict(op.shapes)
         shapes[cotangent] = shapes[op.forward.output.name]
@@ -85,7 +96,7 @@ class Compilation:
             "backward_args": [a.name for a in op.inputs if a.name in read_by_gradients]
                              + [cotangent],
             "arrays": {name: {"shape": list(shape)} for name, shape in shapes.items()},
-            "functions": functions,
+            "functions": {s.name: s.to_json() for s in signatures},
             "formulas": self.formulas(),
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
             **op.details,
@@ -96,10 +107,11 @@ class Compilation:
         return f"grad_{self.op.forward.output.name}"
 
 
-def lower(op: "OpDefinition", target: str | None = None) -> Compilation:
+def derive_and_emit(op: "OpDefinition", target: str | None = None) -> Compilation:
     """Derive every gradient of an op and emit its C (no build), once for each instruction
-    set a package for ``target`` holds (see build.variants)."""
-    from . import codegen, derive, ir
+    set a package for ``target`` holds (see package.targets.variants)."""
+    from .codegen import emit
+    from .symbolic import derive, ir
 
     timings = {}
     start = time.perf_counter()
@@ -110,14 +122,13 @@ def lower(op: "OpDefinition", target: str | None = None) -> Compilation:
     timings["derive"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    functions = [("forward", forward, tuple(op.inputs))]
+    functions = [ir.SumFunction("forward", forward, tuple(op.inputs))]
     for name, derivation in derivations.items():
         read = {a.name for a in derivation.gather.inputs}
         args = tuple(a for a in (*op.inputs, cotangent) if a.name in read)
-        functions.append((name, derivation.gather, args))
-    variants = build.variants(target)
-    sources = {v["target"]: codegen.emit(functions, op.dtype, op.description, isa=v["isa"],
-                                         prefix=v["prefix"])
+        functions.append(ir.SumFunction(name, derivation.gather, args))
+    variants = target_variants(target)
+    sources = {v.target: emit(functions, op.dtype, op.description, isa=v.isa, prefix=v.prefix)
                for v in variants}
     timings["codegen"] = time.perf_counter() - start
     return Compilation(op, derivations, functions, variants, sources, timings)
@@ -125,44 +136,105 @@ def lower(op: "OpDefinition", target: str | None = None) -> Compilation:
 
 def explain(spec, target: str | None = None) -> Compilation:
     """The full derivation of a spec's op and its C for ``target``, without building it."""
-    from . import define
+    from .symbolic.define import definition
 
     start = time.perf_counter()
-    op = define.definition(spec)
+    op = definition(spec)
     elapsed = time.perf_counter() - start
-    compilation = lower(op, target)
+    compilation = derive_and_emit(op, target)
     compilation.timings = {"define": elapsed, **compilation.timings}
     return compilation
 
 
-_loaded: dict[Path, Kernel] = {}
+@dataclass
+class Build:
+    """What getting one spec's kernel did: the loaded kernel, and the Compilation when the
+    package was built now (None when it came from the cache), with the time it took."""
+
+    kernel: Kernel
+    compilation: Compilation | None
+    seconds: float
+
+    @property
+    def cached(self) -> bool:
+        return self.compilation is None
+
+
+class KernelCache:
+    """The kernels this process has loaded, keyed by the spec's key, the cache directory, the
+    target and the C compiler; shared by ``compile_op``, the graph, the framework bindings
+    and Dask.  A hit costs a dictionary look-up; a miss loads the package, building it
+    first if needed."""
+
+    def __init__(self) -> None:
+        self._kernels: dict[tuple, Kernel] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._kernels)
+
+    def _key(self, spec, cache_dir, target) -> tuple:
+        root = os.fspath(cache_dir) if cache_dir is not None else os.environ.get(build.CACHE_ENV)
+        return spec.key, root and os.path.abspath(root), target, build.c_compiler()
+
+    def get(self, spec, cache_dir: str | os.PathLike | None = None,
+            target: str | None = None) -> Kernel:
+        kernel = self._kernels.get(self._key(spec, cache_dir, target))
+        return kernel if kernel is not None else self.load(spec, cache_dir, target).kernel
+
+    def load(self, spec, cache_dir: str | os.PathLike | None = None,
+             target: str | None = None) -> Build:
+        """Load (building first if needed) and remember a spec's kernel, saying how."""
+        key = self._key(spec, cache_dir, target)
+        with self._lock:
+            start = time.perf_counter()
+            kernel = self._kernels.get(key)
+            compilation = None
+            if kernel is None:
+                kernel, compilation = _load_or_build(spec, cache_dir, target)
+                self._kernels[key] = kernel
+            return Build(kernel, compilation, time.perf_counter() - start)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._kernels.clear()
+
+
+KERNELS = KernelCache()
+
+
+def _load_or_build(spec, cache_dir, target) -> tuple[Kernel, Compilation | None]:
+    """The package of a spec under ``cache_dir``, loaded; built first if it is not there
+    (then with its Compilation).  The package name is known from the spec alone, so a cache
+    hit runs no symbolic stage."""
+    config = build.build_config(target)
+    root = Path(cache_dir) if cache_dir is not None else build.default_cache_dir()
+    path = (root / build.package_name(spec.slug, spec.key, config)).resolve()
+    try:
+        return Kernel(path), None
+    except PackageError:
+        built = []
+
+        def write(staging: Path) -> None:
+            compilation = explain(spec, target)
+            sources = {name: source.text for name, source in compilation.sources.items()}
+            build.write_package(staging, path.name, sources, compilation.cdef,
+                                compilation.manifest(), config)
+            built.append(compilation)
+        kernel = Kernel(build.publish(root, path.name, write))
+        return kernel, (built[0] if built else None)
 
 
 def compile_op(spec, cache_dir: str | os.PathLike | None = None,
                target: str | None = None) -> Kernel:
     """Compile (or fetch from the cache) the kernels of a spec's op and load them.
 
-    ``spec`` is any spec symconv defines (ConvSpec, AvgPoolSpec).  ``cache_dir``
-    defaults to ``$SYMCONV_CACHE_DIR`` or ``~/.cache/symconv``; ``target`` to
-    AVX-512 and AVX2 code, the best run, where the CPU has AVX2 (see build.default_target).  The package
-    name is known from the spec alone, so a cache hit runs no symbolic stage.
+    ``spec`` is any spec symconv defines (ConvSpec, ConvTransposeSpec, AvgPoolSpec,
+    ExprSpec, GradientSpec).  ``cache_dir`` defaults to ``$SYMCONV_CACHE_DIR`` or
+    ``~/.cache/symconv``; ``target`` to AVX-512 and AVX2 code, the best run, where the CPU
+    has AVX2 (see package.targets.default_target).
     """
-    config = build.build_config(target)
-    root = Path(cache_dir) if cache_dir is not None else build.default_cache_dir()
-    path = (root / build.package_name(spec.slug, spec.key, config)).resolve()
-    if path in _loaded:
-        return _loaded[path]
-    try:
-        kernel = Kernel(path)
-    except PackageError:
-        def write(staging: Path) -> None:
-            compilation = explain(spec, target)
-            sources = {name: source.text for name, source in compilation.sources.items()}
-            build.write_package(staging, path.name, sources, compilation.cdef,
-                                compilation.manifest(), config)
-        kernel = Kernel(build.publish(root, path.name, write))
-    _loaded[path] = kernel
-    return kernel
+    return KERNELS.get(spec, cache_dir, target)
 
 
 def compile_conv(spec: ConvSpec, cache_dir: str | os.PathLike | None = None,

@@ -59,12 +59,12 @@ import numpy as np
 from .binding import conv_kernel
 from .spec import ConvSpec
 
-__all__ = ["conv", "conv_backward", "grad_input", "grad_weight", "plan", "ChunkedConv",
-           "AxisPlan"]
+__all__ = ["conv", "conv_backward", "grad_input", "grad_weight", "chunking", "ChunkedConv",
+           "AxisChunking"]
 
 
 @dataclass(frozen=True)
-class AxisPlan:
+class AxisChunking:
     """How one spatial axis is cut.  ``bounds`` are chunk boundaries of the padded input
     (``0 = b_0 < ... < b_m = padded``), ``outputs`` the first output each chunk owns
     (``o_0 = 0 < ... < o_m = out``)."""
@@ -130,14 +130,14 @@ class AxisPlan:
 
     @classmethod
     def make(cls, size: int, pad: tuple[int, int], stride: int, dilation: int, kernel: int,
-             out: int, input_chunks: Sequence[int]) -> "AxisPlan":
+             out: int, input_chunks: Sequence[int]) -> "AxisChunking":
         lo, hi = pad
         padded = size + lo + hi
         edges = np.cumsum(input_chunks)[:-1] + lo  # interior chunk boundaries, padded coords
         bounds = sorted({0} | {int(stride * round(e / stride)) for e in edges})
         bounds = [b for b in bounds if b < padded] + [padded]
-        plan = cls(size, (lo, hi), stride, dilation, kernel, (), ())
-        need_in, need_out = max(plan.halo_in, 1), max(plan.halo_out, 1)
+        chunking = cls(size, (lo, hi), stride, dilation, kernel, (), ())
+        need_in, need_out = max(chunking.halo_in, 1), max(chunking.halo_out, 1)
         while True:
             outputs = [min(-(-b // stride), out) for b in bounds[:-1]] + [out]
             counts = np.diff(outputs)
@@ -153,7 +153,7 @@ class AxisPlan:
 def _resolved_cache_dir(cache_dir) -> str:
     """An absolute cache directory to hand to workers (the default resolved here, once)."""
     if cache_dir is None:
-        from .build import default_cache_dir
+        from .package.build import default_cache_dir
         cache_dir = default_cache_dir()
     return os.fspath(Path(cache_dir).expanduser().resolve())
 
@@ -173,20 +173,20 @@ def _ready(array: np.ndarray) -> np.ndarray:
     return np.array(array, order="C", copy=True)
 
 
-def _region(block: np.ndarray, plans: Sequence[AxisPlan], j: Sequence[int]) -> np.ndarray:
+def _region(block: np.ndarray, chunkings: Sequence[AxisChunking], j: Sequence[int]) -> np.ndarray:
     """The part of the padded input block ``j``'s outputs read, from its overlapped input
     block: a view of it, with the padding's zeros added at the edges of the input."""
     index, pads = [slice(None), slice(None)], [(0, 0), (0, 0)]
-    for d, plan in enumerate(plans):
-        start = plan.bounds[j[d]] - plan.pad[0]  # first position read, input coordinates
-        stop = start + plan.forward_length(j[d])
-        first = plan.input_bounds[j[d]]  # the block holds [first, first + its length)
+    for d, chunking in enumerate(chunkings):
+        start = chunking.bounds[j[d]] - chunking.pad[0]  # first position read, input coordinates
+        stop = start + chunking.forward_length(j[d])
+        first = chunking.input_bounds[j[d]]  # the block holds [first, first + its length)
         take = (max(start, first), min(stop, first + block.shape[2 + d]))
         before, after = take[0] - start, stop - take[1]
-        if before > max(-start, 0) or after > max(stop - plan.size, 0):
+        if before > max(-start, 0) or after > max(stop - chunking.size, 0):
             raise RuntimeError(f"symconv.dask: block {tuple(j)} of shape {block.shape} does not "
                                f"hold the input its outputs read (chunks were changed behind "
-                               f"the plan's back)")
+                               f"the chunking's back)")
         index.append(slice(take[0] - first, take[1] - first))
         pads.append((before, after))
     region = block[tuple(index)]
@@ -195,34 +195,34 @@ def _region(block: np.ndarray, plans: Sequence[AxisPlan], j: Sequence[int]) -> n
     return _ready(region)
 
 
-def _forward_block(block, *, weight, bias, plans, conv, cache_dir, target, threads,
+def _forward_block(block, *, weight, bias, chunkings, conv, cache_dir, target, threads,
                    block_id=None):
-    region = _region(block, plans, block_id[2:])
+    region = _region(block, chunkings, block_id[2:])
     kernel = _local_kernel(region.shape, weight.shape, conv, cache_dir, target)
     arrays = (region, _ready(weight)) if bias is None else (region, _ready(weight), _ready(bias))
     return kernel.forward(*arrays, threads=threads)
 
 
-def _grad_input_block(block, *, weight, plans, conv, cache_dir, target, threads, block_id=None):
+def _grad_input_block(block, *, weight, chunkings, conv, cache_dir, target, threads, block_id=None):
     j = block_id[2:]
     rank = len(j)
-    starts = [plans[d].first_gather_output(j[d]) for d in range(rank)]
-    expected = tuple(plans[d].outputs[j[d] + 1] - starts[d] for d in range(rank))
+    starts = [chunkings[d].first_gather_output(j[d]) for d in range(rank)]
+    expected = tuple(chunkings[d].outputs[j[d] + 1] - starts[d] for d in range(rank))
     if block.shape[2:] != expected:
         raise RuntimeError(f"symconv.dask: grad_output block {block_id} has shape {block.shape}, "
                            f"expected spatial {expected} (chunks were changed behind the "
-                           f"plan's back)")
-    lengths = [plans[d].gather_length(j[d]) for d in range(rank)]
+                           f"chunking's back)")
+    lengths = [chunkings[d].gather_length(j[d]) for d in range(rank)]
     shape = (block.shape[0], weight.shape[1] * conv["groups"], *lengths)
     kernel = _local_kernel(shape, weight.shape, conv, cache_dir, target)
     local = kernel.grad_input(_ready(weight), _ready(block), threads=threads)
-    sizes = [plans[d].input_chunks[j[d]] for d in range(rank)]
+    sizes = [chunkings[d].input_chunks[j[d]] for d in range(rank)]
     result = np.zeros(shape[:2] + tuple(sizes), local.dtype)
     source, target_ = [], []
     for d in range(rank):
-        plan = plans[d]
+        chunking = chunkings[d]
         # the chunk's first input element, in the padded coordinates the local region starts at
-        offset = plan.input_bounds[j[d]] + plan.pad[0] - plan.stride * starts[d]
+        offset = chunking.input_bounds[j[d]] + chunking.pad[0] - chunking.stride * starts[d]
         count = max(min(sizes[d], lengths[d] - offset), 0)  # beyond: read by no output
         source.append(slice(offset, offset + count))
         target_.append(slice(0, count))
@@ -230,9 +230,9 @@ def _grad_input_block(block, *, weight, plans, conv, cache_dir, target, threads,
     return result
 
 
-def _weight_block(block, gy, *, plans, weight_shape, conv, cache_dir, target, threads,
+def _weight_block(block, gy, *, chunkings, weight_shape, conv, cache_dir, target, threads,
                   block_id=None):
-    region = _region(block, plans, block_id[2:block.ndim])  # the last index is the new axis
+    region = _region(block, chunkings, block_id[2:block.ndim])  # the last index is the new axis
     kernel = _local_kernel(region.shape, weight_shape, conv, cache_dir, target)
     gy = _ready(gy)
     parts = [kernel.grad_weight(region, gy, threads=threads).ravel()]
@@ -243,7 +243,7 @@ def _weight_block(block, gy, *, plans, weight_shape, conv, cache_dir, target, th
 
 
 class ChunkedConv:
-    """One convolution over a chunked volume: the plan, its block kernels, and the passes.
+    """One convolution over a chunked volume: the chunking, its block kernels, and the passes.
 
     ``input_chunks`` are the input's chunks (a dask ``chunks`` tuple: batch, channels,
     then one tuple per spatial axis); channels are always taken whole.
@@ -263,8 +263,8 @@ class ChunkedConv:
             raise ValueError(f"symconv.dask: chunks {chunks} do not fit the input shape "
                              f"{spec.input_shape}")
         self.batch_chunks = chunks[0]
-        self.plans = tuple(
-            AxisPlan.make(n, pad, s, d, k, o, c) for n, pad, s, d, k, o, c in zip(
+        self.chunkings = tuple(
+            AxisChunking.make(n, pad, s, d, k, o, c) for n, pad, s, d, k, o, c in zip(
                 spec.input_shape[2:], spec.padding, spec.stride, spec.dilation, spec.kernel_size,
                 spec.output_shape[2:], chunks[2:]))
         self.conv = dict(stride=spec.stride, dilation=spec.dilation, groups=spec.groups,
@@ -272,27 +272,27 @@ class ChunkedConv:
 
     @property
     def rank(self) -> int:
-        return len(self.plans)
+        return len(self.chunkings)
 
     @property
     def input_chunks(self) -> tuple[tuple[int, ...], ...]:
         """The chunks the input (and grad_input) take: channels whole, space as planned."""
         return (self.batch_chunks, (self.spec.input_shape[1],),
-                *(p.input_chunks for p in self.plans))
+                *(p.input_chunks for p in self.chunkings))
 
     @property
     def output_chunks(self) -> tuple[tuple[int, ...], ...]:
         return (self.batch_chunks, (self.spec.output_shape[1],),
-                *(p.out_chunks for p in self.plans))
+                *(p.out_chunks for p in self.chunkings))
 
     def block_shapes(self) -> set[tuple[int, ...]]:
         """The input shapes of every block kernel (forward/grad_weight and grad_input)."""
         c_in = self.spec.input_shape[1]
         shapes = set()
         for n in set(self.batch_chunks):
-            for j in np.ndindex(*(len(p.out_chunks) for p in self.plans)):
-                shapes.add((n, c_in, *(p.forward_length(i) for p, i in zip(self.plans, j))))
-                shapes.add((n, c_in, *(p.gather_length(i) for p, i in zip(self.plans, j))))
+            for j in np.ndindex(*(len(p.out_chunks) for p in self.chunkings)):
+                shapes.add((n, c_in, *(p.forward_length(i) for p, i in zip(self.chunkings, j))))
+                shapes.add((n, c_in, *(p.gather_length(i) for p, i in zip(self.chunkings, j))))
         return shapes
 
     def compile(self, progress: bool | None = None) -> list:
@@ -319,11 +319,11 @@ class ChunkedConv:
 
     def _depth(self, which: str) -> dict[int, Any]:
         depth = {0: 0, 1: 0}
-        for d, plan in enumerate(self.plans):
-            if len(plan.chunks) == 1:  # one block holds the whole axis: no neighbours
+        for d, chunking in enumerate(self.chunkings):
+            if len(chunking.chunks) == 1:  # one block holds the whole axis: no neighbours
                 depth[2 + d] = 0
             else:
-                depth[2 + d] = (0, plan.halo_in) if which == "input" else (plan.halo_out, 0)
+                depth[2 + d] = (0, chunking.halo_in) if which == "input" else (chunking.halo_out, 0)
         return depth
 
     def _common(self):
@@ -333,7 +333,7 @@ class ChunkedConv:
     def forward(self, x, weight, bias=None) -> da.Array:
         weight, bias = self._weights(weight, bias)
         x = self._input(x)
-        function = functools.partial(_forward_block, weight=weight, bias=bias, plans=self.plans,
+        function = functools.partial(_forward_block, weight=weight, bias=bias, chunkings=self.chunkings,
                                      **self._common())
         return da.map_overlap(function, x, depth=self._depth("input"), boundary="none",
                               trim=False, allow_rechunk=False, chunks=self.output_chunks,
@@ -343,7 +343,7 @@ class ChunkedConv:
     def grad_input(self, weight, grad_output) -> da.Array:
         weight, _ = self._weights(weight, None, need_bias=False)
         gy = self._grad_output(grad_output)
-        function = functools.partial(_grad_input_block, weight=weight, plans=self.plans,
+        function = functools.partial(_grad_input_block, weight=weight, chunkings=self.chunkings,
                                      **self._common())
         return da.map_overlap(function, gy, depth=self._depth("output"), boundary="none",
                               trim=False, allow_rechunk=False, chunks=self.input_chunks,
@@ -358,7 +358,7 @@ class ChunkedConv:
                                 allow_rechunk=False)
         w_size = math.prod(self.spec.weight_shape)
         size = w_size + (self.spec.weight_shape[0] if self.spec.bias else 0)
-        function = functools.partial(_weight_block, plans=self.plans,
+        function = functools.partial(_weight_block, chunkings=self.chunkings,
                                      weight_shape=self.spec.weight_shape, **self._common())
         chunks = tuple((1,) * len(c) for c in xo.chunks) + ((size,),)
         parts = da.map_blocks(function, xo, gy, chunks=chunks, new_axis=[xo.ndim],
@@ -418,10 +418,10 @@ def _as_dask(array, shape, dtype, name) -> da.Array:
     return array
 
 
-_PLANS: dict[tuple, ChunkedConv] = {}
+_CHUNKINGS: dict[tuple, ChunkedConv] = {}
 
 
-def plan(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups: int = 1,
+def chunking(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups: int = 1,
          bias: bool = True, dtype="float32", *, chunks, cache_dir=None, target=None,
          threads: int | None = 1, precompile: bool = True) -> ChunkedConv:
     """The :class:`ChunkedConv` for these arguments and input ``chunks`` (anything
@@ -432,9 +432,9 @@ def plan(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups: int
                     dtype=np.dtype(dtype).name)
     chunks = da.core.normalize_chunks(chunks, spec.input_shape, dtype=np.dtype(spec.dtype))
     key = (spec.key, chunks, cache_dir and os.fspath(cache_dir), target, threads)
-    found = _PLANS.get(key)
+    found = _CHUNKINGS.get(key)
     if found is None:
-        found = _PLANS[key] = ChunkedConv(spec, chunks, cache_dir, target, threads)
+        found = _CHUNKINGS[key] = ChunkedConv(spec, chunks, cache_dir, target, threads)
     if precompile:
         found.compile()
     return found
@@ -458,10 +458,10 @@ def conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups: int = 1,
     """The convolution of a chunked input (a dask array, or NumPy with ``chunks=``) as a lazy
     dask array; arguments like ``torch.nn.functional.conv{n}d`` and ``symconv.ConvSpec``."""
     x = _input(x, chunks)
-    conv_plan = plan(x.shape, np.shape(weight), stride, padding, dilation, groups,
+    chunked = chunking(x.shape, np.shape(weight), stride, padding, dilation, groups,
                      bias is not None, x.dtype, chunks=x.chunks, cache_dir=cache_dir,
                      target=target, threads=threads, precompile=precompile)
-    return conv_plan.forward(x, weight, bias)
+    return chunked.forward(x, weight, bias)
 
 
 def conv_backward(x, weight, grad_output, stride=1, padding=0, dilation=1, groups: int = 1, *,
@@ -471,10 +471,10 @@ def conv_backward(x, weight, grad_output, stride=1, padding=0, dilation=1, group
     dask arrays, None where not in ``wrt`` (default: all; grad_bias only with ``bias``)."""
     x = _input(x, chunks)
     wrt = tuple(wrt) if wrt is not None else ("input", "weight") + (("bias",) if bias else ())
-    conv_plan = plan(x.shape, np.shape(weight), stride, padding, dilation, groups, bias,
+    chunked = chunking(x.shape, np.shape(weight), stride, padding, dilation, groups, bias,
                      x.dtype, chunks=x.chunks, cache_dir=cache_dir, target=target,
                      threads=threads, precompile=precompile)
-    return conv_plan.backward(x, weight, grad_output, wrt=wrt)
+    return chunked.backward(x, weight, grad_output, wrt=wrt)
 
 
 def grad_input(weight, grad_output, input_shape, stride=1, padding=0, dilation=1,
@@ -482,10 +482,10 @@ def grad_input(weight, grad_output, input_shape, stride=1, padding=0, dilation=1
                threads: int | None = 1, precompile: bool = True) -> da.Array:
     """The input gradient alone (a transposed convolution of ``grad_output``) for an input of
     ``input_shape`` cut into ``chunks``: needs no input at all."""
-    conv_plan = plan(input_shape, np.shape(weight), stride, padding, dilation, groups, False,
+    chunked = chunking(input_shape, np.shape(weight), stride, padding, dilation, groups, False,
                      _dtype(weight), chunks=chunks, cache_dir=cache_dir, target=target,
                      threads=threads, precompile=precompile)
-    return conv_plan.grad_input(weight, grad_output)
+    return chunked.grad_input(weight, grad_output)
 
 
 def grad_weight(x, grad_output, weight_shape, stride=1, padding=0, dilation=1, groups: int = 1,
@@ -494,8 +494,8 @@ def grad_weight(x, grad_output, weight_shape, stride=1, padding=0, dilation=1, g
     """The weight gradient alone (with ``bias``: the pair (grad_weight, grad_bias)), each block's
     partial sum added by a tree reduction."""
     x = _input(x, chunks)
-    conv_plan = plan(x.shape, weight_shape, stride, padding, dilation, groups, bias, x.dtype,
+    chunked = chunking(x.shape, weight_shape, stride, padding, dilation, groups, bias, x.dtype,
                      chunks=x.chunks, cache_dir=cache_dir, target=target, threads=threads,
                      precompile=precompile)
-    gw, gb = conv_plan.grad_weight_bias(x, grad_output)
+    gw, gb = chunked.grad_weight_bias(x, grad_output)
     return (gw, gb) if bias else gw

@@ -27,6 +27,7 @@ Needs JAX (``pip install symconv[jax]``); ``import symconv`` does not import it.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable
 
 import jax
@@ -38,7 +39,7 @@ from .binding import conv_kernel
 __all__ = ["conv", "ops"]
 
 _DTYPES = ("float32", "float64")
-_OPS: dict[int, "Ops"] = {}
+_OPS: "weakref.WeakKeyDictionary[Any, Ops]" = weakref.WeakKeyDictionary()
 
 
 def _callback(function: Callable, shape, dtype: np.dtype, *args):
@@ -61,14 +62,14 @@ class Ops:
     """
 
     def __init__(self, kernel):
-        manifest = kernel.manifest
+        record = kernel.record
         self.kernel = kernel
-        self.dtype = np.dtype(manifest["dtype"])
-        self.shapes = {name: tuple(a["shape"]) for name, a in manifest["arrays"].items()}
-        self.cotangent = manifest["backward_args"][-1]
+        self.dtype = np.dtype(record.dtype)
+        self.shapes = dict(record.shapes)
+        self.cotangent = record.cotangent
         self.has_bias = "bias" in kernel.inputs
         dtype, shapes = self.dtype, self.shapes
-        out_shape = shapes[manifest["output"]]
+        out_shape = shapes[record.output]
         if self.has_bias:
             zeros = np.zeros(shapes["bias"], dtype)
 
@@ -151,9 +152,9 @@ class Ops:
 
 def ops(kernel) -> Ops:
     """The custom-VJP functions of a loaded kernel (made once per kernel)."""
-    found = _OPS.get(id(kernel))
-    if found is None or found.kernel is not kernel:
-        found = _OPS[id(kernel)] = Ops(kernel)
+    found = _OPS.get(kernel)
+    if found is None:
+        found = _OPS[kernel] = Ops(kernel)
     return found
 
 

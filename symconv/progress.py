@@ -14,9 +14,7 @@ import logging
 import sys
 import threading
 import time
-from typing import IO, Iterable, Iterator, TypeVar
-
-T = TypeVar("T")
+from typing import IO
 
 log = logging.getLogger("symconv")
 
@@ -127,14 +125,6 @@ class Progress:
             self.draw()
 
 
-def track(items: Iterable[T], total: int | None = None, label: str = "",
-          stream: IO | None = None, enabled: bool | None = None) -> Iterator[T]:
-    """Iterate ``items`` with a progress bar (advanced after each item is processed)."""
-    items = list(items) if total is None else items
-    with Progress(len(items) if total is None else total, label, stream, enabled) as bar:
-        for item in items:
-            yield item
-            bar.advance()
 
 
 class _BarAwareHandler(logging.StreamHandler):
@@ -169,22 +159,3 @@ def configure(verbose: bool, stream: IO | None = None) -> None:
         _saved_level = logger.level
         logger.addHandler(_handler)
         logger.setLevel(logging.INFO)
-
-
-class stage:
-    """Time a block and log it: ``with stage("derive", spec.slug): ...`` logs
-    ``<subject>: derive 0.123 s`` at INFO when it ends."""
-
-    def __init__(self, name: str, subject: str = ""):
-        self.name, self.subject = name, subject
-        self.seconds = 0.0
-
-    def __enter__(self) -> "stage":
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.seconds = time.perf_counter() - self.start
-        if exc[0] is None:
-            prefix = f"{self.subject}: " if self.subject else ""
-            log.info("%s%s %.3f s", prefix, self.name, self.seconds)

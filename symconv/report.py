@@ -43,7 +43,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from . import __version__
+from ._version import __version__
 from .kernel import best_variant
 from .spec import ConvSpec
 
@@ -162,11 +162,12 @@ def _split_term(term: str) -> Line:
 
 
 def cut(fn, name: str, form: str) -> Formula:
-    """A formula's LaTeX split per term, from the IR's own printer (``ir.nest_text``)."""
-    from . import ir
-    latex = ir.to_latex(fn)
-    text = ir.to_text(fn)
-    terms = [ir.nest_text(nest, latex=True) for nest in ir.loop_nests(fn)]
+    """A formula's LaTeX split per term, from the IR's own printer (``printing.nest_text``)."""
+    from .symbolic.lowering import loop_nests
+    from .symbolic.printing import nest_text, to_latex, to_text
+    latex = to_latex(fn)
+    text = to_text(fn)
+    terms = [nest_text(nest, latex=True) for nest in loop_nests(fn)]
     body = " + ".join(terms)
     if terms and latex.endswith(body) and latex[:-len(body)].rstrip().endswith("="):
         lhs = latex[:-len(body)].rstrip()[:-1].rstrip()
@@ -180,10 +181,11 @@ def formulas(compilation) -> list[Formula]:
     """Every formula of a compilation in page order: forward, then per gradient its scatter
     form and its gather form."""
     cut_formulas = []
-    for name, fn, _ in compilation.functions:
+    for function in compilation.functions:
+        name = function.name
         if name in compilation.derivations:
             cut_formulas.append(cut(compilation.derivations[name].scatter, name, "scatter"))
-        cut_formulas.append(cut(fn, name, "gather"))
+        cut_formulas.append(cut(function.sum, name, "gather"))
     return cut_formulas
 
 
@@ -221,10 +223,9 @@ def benchmark(kernel, spec, repeat: int = 20, threads: int | None = None,
     and, for a convolution of rank 1-3 where torch is installed, PyTorch's forward.  FLOP
     rates need a FLOP count, which convolution specs have (0 elsewhere)."""
     rng = np.random.default_rng(seed)
-    shapes = {name: tuple(a["shape"]) for name, a in kernel.manifest["arrays"].items()}
-    dtype = kernel.manifest["dtype"]
+    shapes, dtype = kernel.record.shapes, kernel.record.dtype
     arrays = {name: rng.standard_normal(shape).astype(dtype) for name, shape in shapes.items()}
-    outputs = int(np.prod(shapes[kernel.manifest["output"]]))
+    outputs = int(np.prod(shapes[kernel.record.output]))
     flops_of = getattr(spec, "flops", 0)
     results = []
     for name, function in kernel.functions.items():
@@ -444,7 +445,7 @@ def spec_section(spec: ConvSpec, index: int, *, bench: bool = False, cache_dir=N
     start = time.perf_counter()
     source_html, source_css = _highlight(compilation.source.text)
     lines = compilation.source.text.count("\n")
-    variant = best_variant(compilation.variants)["target"]
+    variant = best_variant(compilation.variants).target
     parts.append(f'<h3>Generated C</h3><p class="muted">{lines} lines for {variant}, the '
                  f'instruction set this machine runs; each function is headed by the formula '
                  f'it computes</p>')

@@ -79,8 +79,7 @@ def _zeros_bias(kernel) -> np.ndarray:
     """A zero bias for calling a biased kernel as a plain convolution (double backward)."""
     zeros = getattr(kernel, "_symconv_torch_zero_bias", None)
     if zeros is None:
-        shape = kernel.manifest["arrays"]["bias"]["shape"]
-        zeros = np.zeros(shape, kernel.manifest["dtype"])
+        zeros = np.zeros(kernel.record.shapes["bias"], kernel.record.dtype)
         zeros.flags.writeable = False
         kernel._symconv_torch_zero_bias = zeros
     return zeros
@@ -107,7 +106,7 @@ class SymConvFunction(torch.autograd.Function):
                           else _zeros_bias(kernel))
         elif bias is not None:
             raise ValueError("symconv.torch: a bias was given to a kernel compiled without one")
-        y, out = _empty(kernel.manifest["arrays"][kernel.manifest["output"]]["shape"], dtype)
+        y, out = _empty(kernel.record.shapes[kernel.record.output], dtype)
         kernel.forward(*arrays, out=out)
         ctx.save_for_backward(x, weight)
         ctx.kernel, ctx.allow_copy = kernel, allow_copy
@@ -132,7 +131,7 @@ class _GradInput(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, gy, kernel):
-        gx, out = _empty(kernel.manifest["arrays"]["input"]["shape"], gy.dtype)
+        gx, out = _empty(kernel.record.shapes["input"], gy.dtype)
         kernel.grad_input(_array(weight, "weight"), _array(gy, "grad_output"), out=out)
         ctx.save_for_backward(weight, gy)
         ctx.kernel = kernel
@@ -154,7 +153,7 @@ class _GradWeight(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gy, kernel, allow_copy=True):
-        gw, out = _empty(kernel.manifest["arrays"]["weight"]["shape"], gy.dtype)
+        gw, out = _empty(kernel.record.shapes["weight"], gy.dtype)
         kernel.grad_weight(_array(x, "input", allow_copy), _array(gy, "grad_output"), out=out)
         ctx.save_for_backward(x, gy)
         ctx.kernel = kernel
@@ -175,7 +174,7 @@ class _GradBias(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gy, kernel):
-        gb, out = _empty(kernel.manifest["arrays"]["bias"]["shape"], gy.dtype)
+        gb, out = _empty(kernel.record.shapes["bias"], gy.dtype)
         kernel.grad_bias(_array(gy, "grad_output"), out=out)
         ctx.shape = gy.shape
         return gb
