@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 import symconv
-from symconv import ConvSpec, build
+from symconv import ConvSpec
+from symconv.package import build, targets
 from symconv.kernel import best_variant
 
 PASSES = ("forward", "grad_input", "grad_weight")
@@ -99,10 +100,10 @@ def measure_fma_peak(threads: int, target: str | None) -> float:
     uses on ``target`` (256-bit AVX2, or 512-bit where the target has AVX-512)."""
     import importlib.util
     directory = Path(tempfile.mkdtemp(prefix="symconv-peak-"))
-    variant = best_variant(build.variants(target))      # the code this machine runs
-    width = 64 if variant["isa"] == "avx512" else 32
-    (directory / build.SOURCE).write_text(FMA_PEAK_C.replace("VECTOR_BYTES", str(width)))
-    config = build.build_config(variant["target"])
+    variant = best_variant(targets.variants(target))      # the code this machine runs
+    width = 64 if variant.isa == "avx512" else 32
+    (directory / targets.SOURCE).write_text(FMA_PEAK_C.replace("VECTOR_BYTES", str(width)))
+    config = build.build_config(variant.target)
     config = {**config, "flags": [*config["flags"], "-ffp-contract=fast"]}
     path = build.compile_extension(directory, "_fma_peak", "float fma_loop(long iterations);",
                                    config)
@@ -318,7 +319,7 @@ def main() -> None:
         print("torch is not installed: only the NumPy baseline is measured")
     threads_list = [int(t) for t in args.threads.split(",")]
     peaks = {t: measure_fma_peak(t, args.target) for t in threads_list}
-    isa = build.vector_isa(args.target) or "plain C"
+    isa = targets.vector_isa(args.target) or "plain C"
     for t, peak in peaks.items():
         print(f"measured FMA peak ({isa}), {t} thread(s): {peak:.1f} GFLOP/s float32")
     wanted = [c for c in CASES if not args.cases or any(s in c.name for s in args.cases.split(","))]

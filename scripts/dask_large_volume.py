@@ -110,12 +110,12 @@ def run(workers: int, args, cache_dir: str) -> dict:
 
         x = da.random.default_rng(2).standard_normal(shape, chunks=(1, 1, chunk, chunk, chunk),
                                                      dtype=np.float32)
-        plan = sd.plan(shape, spec.weight_shape, bias=True, dtype="float32", chunks=x.chunks,
+        chunked = sd.chunking(shape, spec.weight_shape, bias=True, dtype="float32", chunks=x.chunks,
                        cache_dir=cache_dir, **kwargs)  # compiles every block kernel here, once
         gy = da.random.default_rng(3).standard_normal(spec.output_shape,
-                                                      chunks=plan.output_chunks, dtype=np.float32)
-        y = plan.forward(x, w, b)
-        gx, gw, gb = plan.backward(x, w, gy)
+                                                      chunks=chunked.output_chunks, dtype=np.float32)
+        y = chunked.forward(x, w, b)
+        gx, gw, gb = chunked.backward(x, w, gy)
         # One pass per result, each streaming block by block: the input and grad_output are
         # regenerated for each pass rather than held between passes (a graph that needs x for
         # both forward and grad_weight would keep every block of x until both are done).
@@ -141,8 +141,8 @@ def run(workers: int, args, cache_dir: str) -> dict:
         gb_plain = gy.astype(np.float64).sum(axis=(0, 2, 3, 4)).compute()
         gb_error = float(np.abs(gb - gb_plain).max() / np.abs(gb_plain).max())
         peaks = client.run(peak_rss)
-        blocks = math.prod(len(p.chunks) for p in plan.plans)
-        kernels = len(plan.block_shapes())
+        blocks = math.prod(len(p.chunks) for p in chunked.chunkings)
+        kernels = len(chunked.block_shapes())
     flops = 3 * spec.flops  # forward, grad_input, grad_weight
     total = sum(seconds.values())
     return dict(workers=workers, seconds=total, passes=seconds, volume=volume, limit=limit,

@@ -28,9 +28,9 @@ def rng() -> np.random.Generator:
 @pytest.fixture(scope="session")
 def one_target_config():
     """A build config for hand-written C: one instruction set (the default target's
-    baseline), so the C file is build.SOURCE and is compiled once."""
-    from symconv import build
-    return build.build_config(build.variants()[-1]["target"])
+    baseline), so the C file is targets.SOURCE and is compiled once."""
+    from symconv.package import build, targets
+    return build.build_config(targets.variants()[-1].target)
 
 
 @pytest.fixture(scope="session")

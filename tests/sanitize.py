@@ -31,7 +31,7 @@ UBSAN_OPTIONS = "halt_on_error=1:print_stacktrace=1:exitcode=87"
 
 def runtime_env() -> dict[str, str]:
     """The environment of a child that can load sanitized packages."""
-    from symconv import build
+    from symconv.package import build
     env = dict(os.environ)
     env["LD_PRELOAD"] = " ".join(build.sanitizer_runtime())
     env["ASAN_OPTIONS"] = ASAN_OPTIONS
@@ -54,7 +54,8 @@ def _job(label, case) -> dict:
 
 
 def _build_jobs(jobs: list[dict], cache_dir) -> list[dict]:
-    from symconv import ConvSpec, PackageError, build
+    from symconv import ConvSpec, PackageError
+    from symconv.package import build
     from symconv.compiler import compile_conv
     for job in jobs:
         spec, target = ConvSpec.from_dict(job["spec"]), f"{job['target']}+sanitize"

@@ -14,14 +14,15 @@ import numpy as np
 import pytest
 
 import symconv
-from symconv import ConvSpec, PackageError, build, compiler
-from symconv.kernel import manifest_digest
+from symconv import ConvSpec, PackageError, compiler
+from symconv.package import build, targets
+from symconv.kernel import Variant, manifest_digest
 
 SPEC = ConvSpec((2, 3, 8, 8, 8), (4, 3, 3, 3, 3), stride=2, padding=1)
 
 
 def fresh_compile(spec, cache_dir):
-    compiler._loaded.clear()
+    compiler.KERNELS.clear()
     return compiler.compile_conv(spec, cache_dir=cache_dir)
 
 
@@ -135,7 +136,7 @@ def test_concurrent_compiles_of_one_spec_make_one_package(tmp_path):
 def test_cache_dir_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("SYMCONV_CACHE_DIR", str(tmp_path / "env-cache"))
     spec = ConvSpec((1, 1, 6), (1, 1, 3))
-    compiler._loaded.clear()
+    compiler.KERNELS.clear()
     kernel = compiler.compile_conv(spec)
     assert kernel.path.parent == (tmp_path / "env-cache").resolve()
 
@@ -216,7 +217,7 @@ def test_a_binary_swapped_in_from_another_package_is_refused(tmp_path):
 
 def test_build_error_reports_the_compiler_output(tmp_path, monkeypatch, one_target_config):
     monkeypatch.setenv("CC", "cc")
-    (tmp_path / build.SOURCE).write_text("this is not C;")
+    (tmp_path / targets.SOURCE).write_text("this is not C;")
     with pytest.raises(build.BuildError, match="C compilation failed"):
         build.compile_extension(tmp_path, "_broken", "void f(void);", one_target_config)
 
@@ -233,18 +234,19 @@ def test_unknown_target_is_refused(target, message):
 
 
 def test_target_lists_give_one_variant_each_best_first():
-    entries = build.variants("x86-64-v4,x86-64-v3,x86-64+sanitize")
-    assert [v["target"] for v in entries] == ["x86-64-v4", "x86-64-v3", "x86-64"]
-    assert [v["isa"] for v in entries] == ["avx512", "avx2", None]
-    assert [v["flags"] for v in entries] == [["-march=x86-64-v4"], ["-march=x86-64-v3"],
-                                             ["-march=x86-64"]]
-    assert len({v["source"] for v in entries}) == len({v["prefix"] for v in entries}) == 3
+    entries = targets.variants("x86-64-v4,x86-64-v3,x86-64+sanitize")
+    assert [v.target for v in entries] == ["x86-64-v4", "x86-64-v3", "x86-64"]
+    assert [v.isa for v in entries] == ["avx512", "avx2", None]
+    assert [v.flags for v in entries] == [("-march=x86-64-v4",), ("-march=x86-64-v3",),
+                                          ("-march=x86-64",)]
+    assert len({v.source for v in entries}) == len({v.prefix for v in entries}) == 3
     config = build.build_config("x86-64-v4,x86-64-v3,x86-64+sanitize")
     assert config["sanitize"] and config["cpu_features"] == []   # the baseline's: none
-    assert build.variants("x86-64-v3") == [{
-        "target": "x86-64-v3", "isa": "avx2", "flags": ["-march=x86-64-v3"],
-        "cpu_features": list(build.TARGET_FEATURES["x86-64-v3"]), "source": "kernels.c",
-        "prefix": "symconv_"}]
+    assert targets.variants("x86-64-v3") == [Variant(
+        target="x86-64-v3", isa="avx2", flags=("-march=x86-64-v3",),
+        cpu_features=targets.TARGET_FEATURES["x86-64-v3"], source="kernels.c",
+        prefix="symconv_")]
+    assert Variant.from_json(entries[0].to_json()) == entries[0]     # the manifest's form
 
 
 def test_different_specs_in_parallel_do_not_interfere(tmp_path):
@@ -379,16 +381,34 @@ def test_interrupted_build_leaves_nothing_that_loads(tmp_path):
 
 def test_cache_hit_in_process_is_instant(tmp_path):
     fresh_compile(SPEC, tmp_path)
-    compiler._loaded.clear()
+    compiler.KERNELS.clear()
     start = time.perf_counter()
     compiler.compile_conv(SPEC, cache_dir=tmp_path)
     assert time.perf_counter() - start < 1.0
 
 
-def test_fingerprint_covers_every_module_that_shapes_a_package():
-    """A change to any stage between a spec and its C makes new package keys."""
-    from pathlib import Path
-    stages = {"spec.py", "ir.py", "derive.py", "define.py", "schedule.py", "codegen.py",
-              "build.py", "kernel.py"}
-    assert stages <= set(build._FINGERPRINTED)
-    assert all((Path(build.__file__).parent / name).is_file() for name in build._FINGERPRINTED)
+def test_fingerprint_covers_every_module_that_shapes_a_package(tmp_path):
+    """A change to any source of the compiler's stages makes new package keys, with no list
+    of files to keep up to date: edit, add or split a file in a copy and the key changes."""
+    import shutil
+    root = Path(build.__file__).resolve().parent.parent
+    sources = {p.relative_to(root).as_posix() for p in build.compiler_sources()}
+    assert {"spec.py", "kernel.py", "symbolic/ir.py", "symbolic/derive.py",
+            "symbolic/define/conv.py", "codegen/schedule.py", "codegen/c.py",
+            "package/build.py", "package/targets.py"} <= sources
+    copy = tmp_path / "symconv"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert build.fingerprint_of(copy) == build.fingerprint() == build.fingerprint_of(root)
+    seen = {build.fingerprint()}
+    for change in ("symbolic/derive.py", "codegen/c.py", "spec.py"):
+        with open(copy / change, "a") as f:
+            f.write("\n# a change\n")
+        seen.add(build.fingerprint_of(copy))
+    (copy / "codegen" / "split_off.py").write_text("X = 1\n")      # a new file in a stage
+    seen.add(build.fingerprint_of(copy))
+    (copy / "graph" / "ops.py").write_text("# outside the compiler\n")   # not a stage: no change
+    assert build.fingerprint_of(copy) in seen
+    assert len(seen) == 5
+    config = build.build_config()
+    names = {build.package_name("s", "k", {**config, "fingerprint": f}) for f in seen}
+    assert len(names) == 5

@@ -11,8 +11,12 @@ import sys
 import pytest
 import sympy
 
-from symconv import ConvSpec, build, codegen, compiler, define
-from symconv.ir import Array, IndexSum, IRError, Term, index
+from symconv import ConvSpec, compiler
+from symconv import codegen
+from symconv.errors import IRError
+from symconv.package import build, targets
+from symconv.symbolic import define
+from symconv.symbolic.ir import Array, IndexSum, SumFunction, Term, index
 
 SPEC = dict(input_shape=(2, 3, 9, 8), weight_shape=(4, 3, 3, 2), stride=(2, 3), dilation=(1, 2),
             padding=((1, 0), 2))
@@ -53,8 +57,8 @@ def test_float32_code_uses_float_arithmetic():
     x, y = Array("x", (4,)), Array("y", (4,))
     i = index("i", 4)
     fn = IndexSum(y, (i,), (Term((), sympy.exp(x[i]) / 3 + x[i] ** 2),))
-    f32 = codegen.emit([("forward", fn, (x,))], "float32", "test").text
-    f64 = codegen.emit([("forward", fn, (x,))], "float64", "test").text
+    f32 = codegen.emit([SumFunction("forward", fn, (x,))], "float32", "test").text
+    f64 = codegen.emit([SumFunction("forward", fn, (x,))], "float64", "test").text
     assert "expf(" in f32 and "1.0F/3.0F" in f32 and "float sc_acc" in f32
     assert "exp(" in f64 and "expf" not in f64 and "double sc_acc" in f64
     assert "(x[i]*x[i])" in f32  # small powers become products
@@ -80,7 +84,7 @@ def test_names_that_cannot_be_c_identifiers_are_refused(name):
     target = y if name.isidentifier() else Array(name, (4,))
     fn = IndexSum(target, (i,), (Term((), x[i]),))
     with pytest.raises(IRError, match="cannot be used in C"):
-        codegen.emit([("forward", fn, (x,))], "float32", "test")
+        codegen.emit([SumFunction("forward", fn, (x,))], "float32", "test")
 
 
 def test_floor_helpers_are_correct_for_negative_numerators(tmp_path, one_target_config):
@@ -90,7 +94,7 @@ int64_t floordiv(int64_t a, int64_t b) { return sc_floordiv(a, b); }
 int64_t ceildiv(int64_t a, int64_t b) { return sc_ceildiv(a, b); }
 int64_t mod(int64_t a, int64_t b) { return sc_mod(a, b); }
 """
-    (tmp_path / build.SOURCE).write_text(source)
+    (tmp_path / targets.SOURCE).write_text(source)
     cdef = "\n".join(f"int64_t {f}(int64_t a, int64_t b);" for f in ("floordiv", "ceildiv", "mod"))
     path = build.compile_extension(tmp_path, "_helpers", cdef, one_target_config)
     spec = importlib.util.spec_from_file_location("_helpers", path)
@@ -108,7 +112,7 @@ def test_stride_phases_leave_no_quotient_and_no_divisibility_test():
     quotient index becomes exact and the congruence a unit-step change of variable."""
     op = define.conv(ConvSpec((1, 1, 13), (1, 1, 3), stride=2, dilation=3, padding=1))
     for target in ("x86-64", "x86-64-v3", "x86-64-v4"):
-        text = compiler.lower(op, target).source.text
+        text = compiler.derive_and_emit(op, target).source.text
         grad_input = text[text.index("void symconv_grad_input"):text.index("void symconv_grad_w")]
         assert "phase j0 = 2·j0_:" in grad_input and "phase j0 = 2·j0_ + 1:" in grad_input
         assert "sc_mod(" not in grad_input and ") / " not in grad_input
@@ -124,7 +128,7 @@ def test_zero_gradient_sum_writes_zeros():
     x, y = Array("x", (3,)), Array("y", (3,))
     i = index("i", 3)
     fn = IndexSum(y, (i,), ())
-    text = codegen.emit([("zero", fn, ())], "float64", "test").text
+    text = codegen.emit([SumFunction("zero", fn, ())], "float64", "test").text
     assert "double sc_acc = 0;" in text and "y[i] = sc_acc;" in text
 
 
@@ -149,7 +153,7 @@ void reduce(const double *restrict g, double *restrict out, int64_t lo0, int64_t
 def test_build_flags_avoid_gcc_vectorizer_miscompile(tmp_path, one_target_config):
     """GCC 12.2 at -O3 returns 2 instead of 1 for out[3..] here (its loop vectorizer mishandles
     the strided pair of loads in the reduction); symconv's flags must give the right answer."""
-    (tmp_path / build.SOURCE).write_text(REPRODUCER)
+    (tmp_path / targets.SOURCE).write_text(REPRODUCER)
     cdef = ("double *data(void);\n"
             "void reduce(const double *g, double *out, int64_t lo0, int64_t hi0);")
     path = build.compile_extension(tmp_path, "_repro", cdef, one_target_config)

@@ -1,4 +1,4 @@
-"""symconv.dask: the chunk plan's invariants (property test, no C), and chunked forward,
+"""symconv.dask: the chunking's invariants (property test, no C), and chunked forward,
 grad_input, grad_weight and grad_bias equal to the single-machine kernel and to the NumPy
 oracle, on dask's synchronous scheduler and on a LocalCluster of two worker processes."""
 
@@ -17,7 +17,7 @@ sd = pytest.importorskip("symconv.dask")
 from symconv import ConvSpec  # noqa: E402
 
 
-# --- the plan, checked element by element (pure Python) ---------------------------------------
+# --- the chunking, checked element by element (pure Python) ---------------------------------------
 
 @st.composite
 def axes(draw):
@@ -41,37 +41,37 @@ def test_plan_owns_every_output_once_and_halos_cover_every_read(axis):
     reach = dilation * (kernel - 1) + 1
     padded = size + lo + hi
     out = (padded - reach) // stride + 1
-    plan = sd.AxisPlan.make(size, (lo, hi), stride, dilation, kernel, out, chunks)
-    bounds, outputs, inputs = plan.bounds, plan.outputs, plan.input_bounds
+    chunking = sd.AxisChunking.make(size, (lo, hi), stride, dilation, kernel, out, chunks)
+    bounds, outputs, inputs = chunking.bounds, chunking.outputs, chunking.input_bounds
     assert bounds[0] == 0 and bounds[-1] == padded and outputs[0] == 0 and outputs[-1] == out
     assert inputs[0] == 0 and inputs[-1] == size
     assert all(a < b for a, b in zip(outputs, outputs[1:])), "every chunk owns an output"
     assert all(a < b for a, b in zip(inputs, inputs[1:])), "every chunk holds some input"
     assert all(b % stride == 0 for b in bounds[:-1])
     # dask's map_overlap needs every chunk at least as large as the halo it lends
-    if len(plan.chunks) > 1:
-        assert min(plan.input_chunks) >= plan.halo_in and min(plan.out_chunks) >= plan.halo_out
-    last = len(plan.chunks) - 1
+    if len(chunking.chunks) > 1:
+        assert min(chunking.input_chunks) >= chunking.halo_in and min(chunking.out_chunks) >= chunking.halo_out
+    last = len(chunking.chunks) - 1
     for j in range(last + 1):
         owned = range(outputs[j], outputs[j + 1])
         assert all(bounds[j] <= stride * i < bounds[j + 1] for i in owned) or j == last
         # forward: the block (its input chunk plus the next one's halo) holds every input
         # position its outputs read; the rest of the region is outside the input (padding)
-        held = (inputs[j], min(inputs[j + 1] + (plan.halo_in if j < last else 0), size))
+        held = (inputs[j], min(inputs[j + 1] + (chunking.halo_in if j < last else 0), size))
         start = bounds[j] - lo  # the region, in input coordinates
-        stop = start + plan.forward_length(j)
+        stop = start + chunking.forward_length(j)
         for i in owned:
             window = (stride * i - lo, stride * i - lo + reach)
             assert start <= window[0] and window[1] <= stop
         for p in range(start, stop):
             assert held[0] <= p < held[1] or p < 0 or p >= size, (j, p, held)
         # grad_input: every output whose window touches the chunk's input is in the block
-        first = plan.first_gather_output(j)
+        first = chunking.first_gather_output(j)
         touching = [i for i in range(out) if stride * i - lo < inputs[j + 1]
                     and stride * i - lo + reach > inputs[j]]
         assert all(first <= i < outputs[j + 1] for i in touching)
         if j > 0:  # the halo is exactly what the previous block lends
-            assert outputs[j] - first == plan.halo_out
+            assert outputs[j] - first == chunking.halo_out
         assert stride * first <= inputs[j] + lo  # the local region starts at or before the chunk
 
 
@@ -120,9 +120,9 @@ def test_synchronous_scheduler(input_shape, weight_shape, kwargs, chunks, compil
     spec, x, w, b, gy = problem(input_shape, weight_shape, kwargs)
     xd = da.from_array(x, chunks=chunks)
     y = sd.conv(xd, w, b, cache_dir=cache_dir, **kwargs)
-    assert y.numblocks[2:] == tuple(len(p.out_chunks) for p in sd.plan(
+    assert y.numblocks[2:] == tuple(len(p.out_chunks) for p in sd.chunking(
         input_shape, weight_shape, dtype="float64", chunks=chunks, precompile=False,
-        cache_dir=cache_dir, **kwargs).plans)
+        cache_dir=cache_dir, **kwargs).chunkings)
     assert max(y.numblocks[2:]) > 1, "the case must really be cut"
     gx, gw, gb = sd.conv_backward(xd, w, gy, cache_dir=cache_dir, **kwargs)
     with dask.config.set(scheduler="synchronous"):
@@ -143,7 +143,7 @@ def test_functional_pieces_and_errors(compile_spec, cache_dir):
     with pytest.raises(ValueError, match="give chunks="):
         sd.conv(x, w, b, cache_dir=cache_dir)
     with pytest.raises(ValueError, match="pass bias="):
-        sd.plan(x.shape, w.shape, chunks=(1, 2, 6), dtype="float64", cache_dir=cache_dir,
+        sd.chunking(x.shape, w.shape, chunks=(1, 2, 6), dtype="float64", cache_dir=cache_dir,
                 precompile=False).forward(x, w)
     with pytest.raises(ValueError, match="bias has shape"):
         sd.conv(x, w, b[:2], chunks=(1, 2, 6), cache_dir=cache_dir, precompile=False)

@@ -13,7 +13,7 @@ import pytest
 
 from symconv import ExprSpec
 from symconv.compiler import compile_op
-from symconv.ir import IRError
+from symconv.errors import IRError
 
 
 def stencil(x, w):             # depthwise 3x3, stride 2, valid

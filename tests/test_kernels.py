@@ -7,7 +7,7 @@ import pytest
 
 from cases import CASES, make_spec
 from oracle import conv_backward, conv_forward
-from symconv import build
+from symconv.package import targets
 
 TOLERANCE = {"float32": 2e-5, "float64": 1e-12}
 
@@ -50,7 +50,7 @@ def test_against_numpy_oracle(fields, compile_spec, rng):
     expected_y = conv_forward(x, w, b, *oracle_args(spec))
     expected = conv_backward(x, w, gy, *oracle_args(spec))
     for kernel in runnable_variants(compile_spec(spec)):
-        where = kernel.variant["target"]
+        where = kernel.variant.target
         y = kernel.forward(*inputs)
         assert y.shape == spec.output_shape and y.dtype == np.dtype(spec.dtype)
         assert_close(y, expected_y, spec.dtype, f"{where} forward")
@@ -217,7 +217,7 @@ def test_results_do_not_depend_on_the_thread_count(fields, compile_spec, rng, mo
     """Bit-identical outputs for 1, 2 and 3 threads, and with SYMCONV_NUM_THREADS."""
     spec = make_spec(fields)
     kernel = compile_spec(spec)
-    functions = kernel.source.split("void " + kernel.variant["prefix"])[1:]
+    functions = kernel.source.split("void " + kernel.variant.prefix)[1:]
     for name in ("forward", "grad_input", "grad_weight"):   # else the test proves nothing
         (text,) = [f for f in functions if f.startswith(name + "(")]
         assert "#pragma omp parallel" in text, f"{name} does not run on threads"
@@ -274,7 +274,7 @@ def test_other_targets(fields, target, marker, cache_dir, rng):
         assert_close(got, ref, spec.dtype, f"grad_{name}")
 
 
-@pytest.mark.skipif(not build.default_target().startswith("x86-64-v4,"),
+@pytest.mark.skipif(not targets.default_target().startswith("x86-64-v4,"),
                     reason="the default target holds two variants on x86-64 with AVX2 only")
 def test_default_package_runs_the_best_variant_the_cpu_has(compile_spec, monkeypatch, rng):
     """AVX-512 and AVX2 code in one package: the loader picks AVX-512 where the CPU has it
@@ -284,18 +284,18 @@ def test_default_package_runs_the_best_variant_the_cpu_has(compile_spec, monkeyp
     spec = make_spec(CASES[0].values[0])
     kernel = compile_spec(spec)
     variants = kernel.manifest["build"]["variants"]
-    assert [v["target"] for v in variants] == ["x86-64-v4", "x86-64-v3"]
+    assert [v["target"] for v in variants] == ["x86-64-v4", "x86-64-v3"]    # the manifest's
     assert [v["isa"] for v in variants] == ["avx512", "avx2"]
     assert kernel.manifest["build"]["cpu_features"] == variants[-1]["cpu_features"]
     have = runtime.cpu_features()
     best = "x86-64-v4" if set(variants[0]["cpu_features"]) <= have else "x86-64-v3"
-    assert kernel.variant["target"] == best
+    assert kernel.variant.target == best
     assert ("__m512" in kernel.source) == (best == "x86-64-v4")
 
     avx2_only = frozenset(have - {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd"})
     monkeypatch.setattr(runtime, "cpu_features", lambda: avx2_only)
     older = load(kernel.path)
-    assert older.variant["target"] == "x86-64-v3" and "__m512" not in older.source
+    assert older.variant.target == "x86-64-v3" and "__m512" not in older.source
     x, w, b, gy = random_arrays(spec, rng)
     inputs = [a for a in (x, w, b) if a is not None]
     assert_close(older.forward(*inputs), conv_forward(x, w, b, *oracle_args(spec)), spec.dtype,

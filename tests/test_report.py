@@ -17,7 +17,8 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("pygments")
 PIL = pytest.importorskip("PIL.Image")
 
-from symconv import ConvSpec, explain, ir, report  # noqa: E402
+from symconv import ConvSpec, explain, report  # noqa: E402
+from symconv.symbolic import lowering, printing  # noqa: E402
 
 SPECS = [
     pytest.param(ConvSpec((1, 1, 13), (1, 1, 3), stride=2, dilation=3, padding=1), id="1d-coprime"),
@@ -71,15 +72,15 @@ def test_mathtext_needs_the_translation_and_gets_it():
 def test_every_formula_is_cut_per_term_and_typesets(spec):
     compilation = explain(spec)
     formulas = report.formulas(compilation)
-    names = [name for name, _, _ in compilation.functions]
+    names = [f.name for f in compilation.functions]
     assert [(f.name, f.form) for f in formulas if f.form == "gather"] == [(n, "gather")
                                                                         for n in names]
     assert {f.name for f in formulas if f.form == "scatter"} == set(names) - {"forward"}
     for formula in formulas:
-        fn = dict((n, f) for n, f, _ in compilation.functions)[formula.name] \
+        fn = {f.name: f.sum for f in compilation.functions}[formula.name] \
             if formula.form == "gather" else compilation.derivations[formula.name].scatter
-        assert len(formula.lines) == len(ir.loop_nests(fn))
-        assert formula.latex == ir.to_latex(fn) and formula.text == ir.to_text(fn)
+        assert len(formula.lines) == len(lowering.loop_nests(fn))
+        assert formula.latex == printing.to_latex(fn) and formula.text == printing.to_text(fn)
         for line in formula.lines:  # the cut loses nothing: it reassembles the printer's term
             rebuilt = line.term + (r" \quad [" + r",\ ".join(line.conditions) + "]"
                                    if line.conditions else "")
@@ -106,11 +107,11 @@ def test_page_is_complete_and_self_contained(tmp_path):
     assert not re.search(r"url\(|@import|https?://", text)
     # every function's gather form, every gradient's scatter form
     compilation = explain(spec)
-    for name, fn, _ in compilation.functions:
+    for name, fn in ((f.name, f.sum) for f in compilation.functions):
         assert len(page.all("figure", **{"data-function": name, "data-form": "gather"})) == 1
         if name != "forward":
             assert len(page.all("figure", **{"data-function": name, "data-form": "scatter"})) == 1
-        assert html.escape(ir.to_text(fn)) in text  # the plain-text form is on the page too
+        assert html.escape(printing.to_text(fn)) in text  # the plain-text form is on the page too
     # each image is a typeset term whose LaTeX is its alt text
     alts = {a["alt"] for a in page.all("img")}
     for formula in report.formulas(compilation):

@@ -21,7 +21,8 @@ import pytest
 import fuzzing
 import sanitize
 from cases import CASES, REGRESSIONS, make_spec
-from symconv import ConvSpec, PackageError, build
+from symconv import ConvSpec, PackageError
+from symconv.package import build, targets
 
 CASES_RUN = int(os.environ.get("SYMCONV_SANITIZE_CASES", "15"))
 
@@ -46,11 +47,11 @@ def test_sanitize_is_a_target_modifier():
     assert {"-fsanitize=address,undefined", "-fno-omit-frame-pointer",
             "-fno-sanitize-recover=all"} <= set(sanitized["flags"])
     assert sanitized["cpu_features"] == plain["cpu_features"]
-    assert build.vector_isa("x86-64-v4+sanitize") == build.vector_isa("x86-64-v4") == "avx512"
+    assert targets.vector_isa("x86-64-v4+sanitize") == targets.vector_isa("x86-64-v4") == "avx512"
     spec = ConvSpec((1, 1, 5), (1, 1, 3))
     assert build.package_name(spec.slug, spec.key, plain) != \
         build.package_name(spec.slug, spec.key, sanitized)
-    assert build.build_config("+sanitize")["target"] == f"{build.default_target()}+sanitize"
+    assert build.build_config("+sanitize")["target"] == f"{targets.default_target()}+sanitize"
     for bad in ("x86-64+asan", "x86-64+sanitize+sanitize", "pentium4+sanitize"):
         with pytest.raises(ValueError, match="unknown target"):
             build.build_config(bad)
@@ -90,7 +91,7 @@ int64_t overflow(int64_t a) { return a * 4; }
 def test_the_sanitizer_run_catches_planted_errors(tmp_path, call, report):
     """The harness is not vacuous: out-of-bounds accesses on NumPy buffers and signed overflow
     in a library built the way sanitized packages are abort the child with a report."""
-    (tmp_path / build.SOURCE).write_text(PLANTED)
+    (tmp_path / targets.SOURCE).write_text(PLANTED)
     cdef = ("void write_past_end(double *out, int64_t n);\n"
             "void read_before_start(const float *in, float *out, int64_t n);\n"
             "int64_t overflow(int64_t a);")
@@ -146,7 +147,7 @@ def test_fuzz_cases_under_address_and_undefined_behaviour_sanitizers(cache_dir):
     assert report.calls >= 2 * 3 * len(cases)
     plans = set()
     for job in jobs:
-        source = (Path(job["path"]) / build.SOURCE).read_text()
+        source = (Path(job["path"]) / targets.SOURCE).read_text()
         isa = "avx512" if "__m512" in source else "avx2" if "__m256" in source else "c"
         plans |= {(isa, plan) for plan in ("vector lanes along", "partial sums in lanes",
                                            "scalar loops", "omp parallel") if plan in source}

@@ -15,8 +15,9 @@ import sympy
 
 from cases import CASES, make_spec
 from oracle import conv_backward, conv_forward
-from symconv import define, derive, ir
-from symconv.ir import Array, IndexSum, IRError, Term, index
+from symconv.errors import IRError
+from symconv.symbolic import define, derive, interpreter, lowering, printing
+from symconv.symbolic.ir import Array, IndexSum, Term, accesses, index
 
 
 def numeric_vjp(forward, arrays, wrt, cotangent, eps=1e-6):
@@ -34,14 +35,14 @@ def numeric_vjp(forward, arrays, wrt, cotangent, eps=1e-6):
 
 def check_all_gradients(fn, forward, arrays, rng, tolerance=1e-7):
     """The forward sum, and the scatter and gather form of every gradient, against numbers."""
-    np.testing.assert_allclose(ir.evaluate(fn, arrays), forward(arrays), atol=1e-12)
+    np.testing.assert_allclose(interpreter.evaluate(fn, arrays), forward(arrays), atol=1e-12)
     cotangent = rng.standard_normal(fn.output.shape)
     for wrt in fn.inputs:
         derivation = derive.vjp(fn, wrt)
         env = {**arrays, f"grad_{fn.output.name}": cotangent}
         expected = numeric_vjp(forward, arrays, wrt.name, cotangent)
-        gather = ir.evaluate(derivation.gather, env)
-        scatter = ir.evaluate(derivation.scatter, env)
+        gather = interpreter.evaluate(derivation.gather, env)
+        scatter = interpreter.evaluate(derivation.scatter, env)
         np.testing.assert_allclose(gather, expected, atol=tolerance, err_msg=f"gather {wrt.name}")
         np.testing.assert_allclose(scatter, expected, atol=tolerance, err_msg=f"scatter {wrt.name}")
         for term in derivation.gather.terms:
@@ -68,10 +69,10 @@ def test_conv_sums_against_oracle(fields, rng):
               "grad_output": gy.reshape(ir_shapes["output"])}
     if b is not None:
         arrays["bias"] = b.reshape(ir_shapes["bias"])
-    np.testing.assert_allclose(ir.evaluate(op.forward, arrays).reshape(y.shape), y, atol=1e-10)
+    np.testing.assert_allclose(interpreter.evaluate(op.forward, arrays).reshape(y.shape), y, atol=1e-10)
     expected = dict(zip(("input", "weight", "bias"), conv_backward(x, w, gy, *args)))
     for wrt in op.inputs:
-        got = ir.evaluate(derive.vjp(op.forward, wrt).gather, arrays)
+        got = interpreter.evaluate(derive.vjp(op.forward, wrt).gather, arrays)
         np.testing.assert_allclose(got.reshape(expected[wrt.name].shape), expected[wrt.name],
                                    atol=1e-10, err_msg=wrt.name)
 
@@ -82,10 +83,10 @@ def test_strided_grad_input_has_no_divisibility_test_in_its_loops():
     op = define.conv(make_spec(dict(input_shape=(1, 1, 9), weight_shape=(1, 1, 3), stride=2,
                                     padding=1, bias=False)))
     gather = derive.vjp(op.forward, op.inputs[0]).gather
-    (nest,) = ir.loop_nests(gather)
+    (nest,) = lowering.loop_nests(gather)
     assert all(loop.step == 1 and not loop.checks for loop in nest.loops)
     assert not nest.guards
-    assert "⌈(j0 - 1)/2⌉" in ir.to_text(gather)
+    assert "⌈(j0 - 1)/2⌉" in printing.to_text(gather)
 
 
 def test_coprime_stride_and_dilation_become_a_strided_loop():
@@ -94,7 +95,7 @@ def test_coprime_stride_and_dilation_become_a_strided_loop():
     op = define.conv(make_spec(dict(input_shape=(1, 1, 13), weight_shape=(1, 1, 3), stride=2,
                                     dilation=3, padding=1, bias=False)))
     gather = derive.vjp(op.forward, op.inputs[0]).gather
-    (nest,) = ir.loop_nests(gather)
+    (nest,) = lowering.loop_nests(gather)
     (k_loop,) = [loop for loop in nest.loops if str(loop.index) == "k0"]
     assert k_loop.step == 2 and not k_loop.checks and not nest.guards
 
@@ -103,7 +104,7 @@ def test_common_factor_becomes_a_guard_on_the_output_index():
     """Stride 2, dilation 2: 2·(i + k) = j + p only has solutions for even j + p."""
     op = define.conv(make_spec(dict(input_shape=(1, 1, 9), weight_shape=(1, 1, 3), stride=2,
                                     dilation=2, padding=1, bias=False)))
-    (nest,) = ir.loop_nests(derive.vjp(op.forward, op.inputs[0]).gather)
+    (nest,) = lowering.loop_nests(derive.vjp(op.forward, op.inputs[0]).gather)
     assert [g.modulus for g in nest.guards] == [2]
 
 
@@ -156,7 +157,7 @@ def test_matrix_product(rng):
     arrays = {"a": rng.standard_normal((3, 4)), "b": rng.standard_normal((4, 2))}
     check_all_gradients(fn, lambda v: v["a"] @ v["b"], arrays, rng)
     gc = rng.standard_normal((3, 2))
-    grad_a = ir.evaluate(derive.vjp(fn, a).gather, {**arrays, "grad_c": gc})
+    grad_a = interpreter.evaluate(derive.vjp(fn, a).gather, {**arrays, "grad_c": gc})
     np.testing.assert_allclose(grad_a, gc @ arrays["b"].T, atol=1e-12)
 
 
@@ -210,7 +211,7 @@ def test_partial_matches_sympy_diff():
     i, k, j = sympy.Idx("i"), sympy.Idx("k"), sympy.Idx("j")
     body = w[k] * sympy.tanh(x[2 * i + k - 1] * x[i])
     ours = sum(derive.partial(body, occ) * sympy.KroneckerDelta(j, occ.indices[0])
-               for occ in ir.accesses(body) if occ.base == x)
+               for occ in accesses(body) if occ.base == x)
     theirs = sympy.diff(body, x[j])
     values = {x[2 * i + k - 1]: sympy.Rational(1, 3), x[i]: sympy.Rational(2, 7), w[k]: 5}
     for ii, kk, jj in itertools.product(range(3), range(3), range(6)):
@@ -225,7 +226,7 @@ def test_reading_out_of_bounds_is_caught_by_the_interpreter(rng):
     i = index("i", 3)
     fn = IndexSum(y, (i,), (Term((), x[i + 1]),))       # no guard: x[3] is read
     with pytest.raises(IRError, match="out of bounds"):
-        ir.evaluate(fn, {"x": rng.standard_normal(3)})
+        interpreter.evaluate(fn, {"x": rng.standard_normal(3)})
 
 
 @pytest.mark.parametrize("body, message", [
@@ -250,7 +251,7 @@ def test_text_and_latex_printing():
     op = define.conv(make_spec(dict(input_shape=(1, 1, 13), weight_shape=(1, 1, 3), stride=2,
                                     dilation=3, padding=1)))
     gather = derive.vjp(op.forward, op.inputs[0]).gather
-    text, latex = ir.to_text(gather), ir.to_latex(gather)
+    text, latex = printing.to_text(gather), printing.to_latex(gather)
     assert text.startswith("grad_input[n, c, j0] =") and "(mod 2)" in text
     assert "/2]" in text  # the exact quotient index (…)/2
     assert latex.startswith(r"\mathrm{grad\_input}_{n, c, j_{0}}") and r"\pmod{2}" in latex
@@ -268,18 +269,18 @@ def test_text_and_latex_printing():
 def test_pieces_cover_the_output_and_sum_to_the_gradient(fields, rng):
     """Splitting into stride phases, unit steps and shifted bands changes no value: every
     output element is computed by exactly one piece, and equals the unsplit sum."""
-    from symconv import schedule
+    from symconv.codegen import schedule
     spec = make_spec(fields)
     op = define.conv(spec)
     arrays = {a.name: rng.standard_normal(a.shape) for a in op.inputs}
     arrays["grad_output"] = rng.standard_normal(op.forward.output.shape)
     for fn in (op.forward, *(derive.vjp(op.forward, a).gather for a in op.inputs)):
-        expected = ir.evaluate(fn, arrays)
+        expected = interpreter.evaluate(fn, arrays)
         got = np.full(expected.shape, np.nan)
         for piece in schedule.pieces(fn):
             for nest in piece.nests:
                 assert all(loop.step == 1 for loop in nest.loops) or len(schedule.pieces(fn)) == 1
-            values = ir.evaluate_nests(piece.nests, piece.indices, arrays)
+            values = interpreter.evaluate_nests(piece.nests, piece.indices, arrays)
             for point in itertools.product(*(range(n) for n in values.shape)):
                 env = dict(zip(piece.indices, point))
                 at = tuple(int(p.subs(env)) if not isinstance(p, int) else p for p in piece.position)
@@ -291,7 +292,7 @@ def test_pieces_cover_the_output_and_sum_to_the_gradient(fields, rng):
 def test_plans_for_a_strided_convolution():
     """Forward and grad_input vectorise along output rows with a block of channels; the
     weight gradient keeps partial sums along the rows of the image."""
-    from symconv import schedule
+    from symconv.codegen import schedule
     op = define.conv(make_spec(dict(input_shape=(2, 8, 20, 20), weight_shape=(16, 8, 3, 3),
                                     stride=2, padding=1)))
     forward = schedule.pieces(op.forward)
