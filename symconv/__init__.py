@@ -27,7 +27,7 @@ from .graph import (GradcheckError, IndexOp, Tensor, avg_pool, concatenate, conv
 _LAZY = {
     "compile_conv": "compiler",
     "compile_op": "compiler",
-    "explain": "compiler",
+    "compilation": "compiler",
     "Compilation": "compiler",
 }
 

@@ -260,11 +260,11 @@ def _write_report(args, out) -> int:
 
 
 def cmd_explain(args, out) -> int:
-    from .compiler import explain
+    from .compiler import compilation as compile_symbolic
     if args.html:
         return _write_report(args, out)
     for spec in _specs(args):
-        compilation = explain(spec, args.target)
+        compilation = compile_symbolic(spec, args.target)
         _log_timings(spec, compilation.timings)
         print(spec.describe(), file=out)
         _print_formulas(compilation, args.latex, args.scatter, out)
@@ -302,11 +302,11 @@ def cmd_gradcheck(args, out) -> int:
 
 
 def cmd_demo(args, out) -> int:
-    from .compiler import explain
+    from .compiler import compilation as compile_symbolic
     spec = ConvSpec(**DEMO_SPEC)
     print(f"symconv demo: {spec.describe()}", file=out)
     start = time.perf_counter()
-    compilation = explain(spec)
+    compilation = compile_symbolic(spec)
     _log_timings(spec, compilation.timings)
     print(f"\n[1/3] derived the gradients and emitted C in {time.perf_counter() - start:.2f} s",
           file=out)

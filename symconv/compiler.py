@@ -1,13 +1,13 @@
 """The driver: definition -> derivation -> schedule and C -> package -> Kernel.
 
-``explain(spec)`` runs the symbolic stages and keeps every intermediate in a
+``compilation(spec)`` runs the symbolic stages and keeps every intermediate in a
 :class:`Compilation` (what ``symconv explain`` shows); ``compile_op(spec)``
 adds the cached build and returns a loaded Kernel.  Every kernel this process
 loads is kept in one cache, :data:`KERNELS`, that the graph, the framework
 bindings and Dask share.
 
 The symbolic stages (define, derive, codegen) import SymPy, so they are
-imported inside ``explain`` only: a cache hit loads a package without SymPy.
+imported inside ``compilation`` only: a cache hit loads a package without SymPy.
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def derive_and_emit(op: "OpDefinition", target: str | None = None) -> Compilatio
     return Compilation(op, derivations, functions, variants, sources, timings)
 
 
-def explain(spec, target: str | None = None) -> Compilation:
+def compilation(spec, target: str | None = None) -> Compilation:
     """The full derivation of a spec's op and its C for ``target``, without building it."""
     from .symbolic.define import definition
 
@@ -216,11 +216,11 @@ def _load_or_build(spec, cache_dir, target) -> tuple[Kernel, Compilation | None]
         built = []
 
         def write(staging: Path) -> None:
-            compilation = explain(spec, target)
-            sources = {name: source.text for name, source in compilation.sources.items()}
-            build.write_package(staging, path.name, sources, compilation.cdef,
-                                compilation.manifest(), config)
-            built.append(compilation)
+            compiled = compilation(spec, target)
+            sources = {name: source.text for name, source in compiled.sources.items()}
+            build.write_package(staging, path.name, sources, compiled.cdef,
+                                compiled.manifest(), config)
+            built.append(compiled)
         kernel = Kernel(build.publish(root, path.name, write))
         return kernel, (built[0] if built else None)
 

@@ -403,8 +403,8 @@ def spec_section(spec: ConvSpec, index: int, *, bench: bool = False, cache_dir=N
                  target: str | None = None, repeat: int = 20, threads: int | None = None,
                  strict: bool = False) -> tuple[str, str, int]:
     """(section HTML, CSS it needs, number of formulas) for one spec."""
-    from .compiler import explain
-    compilation = explain(spec, target)
+    from .compiler import compilation as compile_symbolic
+    compilation = compile_symbolic(spec, target)
     for stage, seconds in compilation.timings.items():
         log.info("%s: %s %.3f s", spec.slug, stage, seconds)
     start = time.perf_counter()

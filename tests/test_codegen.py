@@ -24,12 +24,12 @@ SPEC = dict(input_shape=(2, 3, 9, 8), weight_shape=(4, 3, 3, 2), stride=(2, 3), 
 
 def c_text(**fields):
     """The AVX2 C of a convolution (a single-target package: functions keep plain names)."""
-    return compiler.explain(ConvSpec(**fields), "x86-64-v3").source.text
+    return compiler.compilation(ConvSpec(**fields), "x86-64-v3").source.text
 
 
 def test_same_spec_gives_byte_identical_c_across_processes():
     code = ("import hashlib; from symconv import ConvSpec, compiler; "
-            f"print(hashlib.sha256(compiler.explain(ConvSpec(**{SPEC!r}), 'x86-64-v3').source.text"
+            f"print(hashlib.sha256(compiler.compilation(ConvSpec(**{SPEC!r}), 'x86-64-v3').source.text"
             ".encode()).hexdigest())")
     digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                               check=True, env={"PYTHONHASHSEED": seed, "PATH": ""}).stdout.strip()
@@ -125,7 +125,7 @@ def test_quotients_are_emitted_as_exact_division():
 
 
 def test_zero_gradient_sum_writes_zeros():
-    x, y = Array("x", (3,)), Array("y", (3,))
+    y = Array("y", (3,))
     i = index("i", 3)
     fn = IndexSum(y, (i,), ())
     text = codegen.emit([SumFunction("zero", fn, ())], "float64", "test").text

@@ -99,11 +99,11 @@ def test_user_op_against_numpy(name, dtype, cache_dir, rng):
 
 
 def test_output_shape_is_inferred_from_the_reads():
-    from symconv import explain
+    from symconv import compilation
     spec = ExprSpec("Y[n, i] = sum(W[k] * X[n, 3*i + k], (k, 0, 2))", {"X": (2, 11), "W": (3,)})
-    text = explain(spec).formulas()["forward"]["text"]
+    text = compilation(spec).formulas()["forward"]["text"]
     assert text.startswith("Y[n, i] =")
-    assert explain(spec).op.forward.output.shape == (2, 3)
+    assert compilation(spec).op.forward.output.shape == (2, 3)
 
 
 @pytest.mark.parametrize("text, shapes, fragment", [

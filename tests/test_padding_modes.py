@@ -77,7 +77,7 @@ def test_padding_mode_limits_name_the_field():
 
 def test_regions_are_terms_of_the_formula():
     from symconv import compiler
-    text = compiler.explain(ConvSpec((1, 1, 6), (1, 1, 3), padding=1, padding_mode="reflect",
+    text = compiler.compilation(ConvSpec((1, 1, 6), (1, 1, 3), padding=1, padding_mode="reflect",
                                      bias=False)).formulas()["forward"]["text"]
     assert "input[n, 0, -i0 - k0 + 1]" in text          # the mirrored left edge
     assert "input[n, 0, -i0 - k0 + 11]" in text or "input[n, 0, 11 - i0 - k0]" in text

@@ -17,7 +17,7 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("pygments")
 PIL = pytest.importorskip("PIL.Image")
 
-from symconv import ConvSpec, explain, report  # noqa: E402
+from symconv import ConvSpec, compilation, report  # noqa: E402
 from symconv.symbolic import lowering, printing  # noqa: E402
 
 SPECS = [
@@ -70,15 +70,15 @@ def test_mathtext_needs_the_translation_and_gets_it():
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_every_formula_is_cut_per_term_and_typesets(spec):
-    compilation = explain(spec)
-    formulas = report.formulas(compilation)
-    names = [f.name for f in compilation.functions]
+    compiled = compilation(spec)
+    formulas = report.formulas(compiled)
+    names = [f.name for f in compiled.functions]
     assert [(f.name, f.form) for f in formulas if f.form == "gather"] == [(n, "gather")
                                                                         for n in names]
     assert {f.name for f in formulas if f.form == "scatter"} == set(names) - {"forward"}
     for formula in formulas:
-        fn = {f.name: f.sum for f in compilation.functions}[formula.name] \
-            if formula.form == "gather" else compilation.derivations[formula.name].scatter
+        fn = {f.name: f.sum for f in compiled.functions}[formula.name] \
+            if formula.form == "gather" else compiled.derivations[formula.name].scatter
         assert len(formula.lines) == len(lowering.loop_nests(fn))
         assert formula.latex == printing.to_latex(fn) and formula.text == printing.to_text(fn)
         for line in formula.lines:  # the cut loses nothing: it reassembles the printer's term
@@ -106,15 +106,15 @@ def test_page_is_complete_and_self_contained(tmp_path):
                 assert attrs[name].startswith(("data:", "#")), (tag, attrs[name][:80])
     assert not re.search(r"url\(|@import|https?://", text)
     # every function's gather form, every gradient's scatter form
-    compilation = explain(spec)
-    for name, fn in ((f.name, f.sum) for f in compilation.functions):
+    compiled = compilation(spec)
+    for name, fn in ((f.name, f.sum) for f in compiled.functions):
         assert len(page.all("figure", **{"data-function": name, "data-form": "gather"})) == 1
         if name != "forward":
             assert len(page.all("figure", **{"data-function": name, "data-form": "scatter"})) == 1
         assert html.escape(printing.to_text(fn)) in text  # the plain-text form is on the page too
     # each image is a typeset term whose LaTeX is its alt text
     alts = {a["alt"] for a in page.all("img")}
-    for formula in report.formulas(compilation):
+    for formula in report.formulas(compiled):
         for line in formula.lines:
             assert line.term in alts
             if line.conditions:

@@ -8,14 +8,12 @@ with the sanitizer's output and the case that was running.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import fuzzing
