@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from ._version import __version__
 from .errors import IRError
 from .package.targets import split_target
 from .kernel import Kernel, PackageError, best_variant
@@ -323,7 +324,9 @@ def cmd_demo(args, out) -> int:
 def cmd_list(args, out) -> int:
     root = Path(args.directory)
     if not root.is_dir():
-        raise UsageError(f"no such directory: {root}")
+        default = " (the default; name one: symconv list DIR)" \
+            if args.directory == "generated" else ""
+        raise UsageError(f"no such directory: {root}{default}")
     found = 0
     for path in sorted(p for p in root.iterdir() if (p / "manifest.json").is_file()):
         try:
@@ -377,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="log each pipeline stage with its time (on stderr)")
     parser.add_argument("-v", "--verbose", action="store_true", default=False,
                         help="log each pipeline stage with its time (on stderr)")
+    parser.add_argument("--version", action="version", version=f"symconv {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     demo = commands.add_parser("demo", parents=[verbose], help="derive, compile and "
@@ -425,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     list_ = commands.add_parser("list", parents=[verbose],
                                 help="list the packages in a directory")
-    list_.add_argument("directory", nargs="?", default="generated")
+    list_.add_argument("directory", nargs="?", default="generated",
+                       help="a directory of packages (default: generated, where compile writes)")
     list_.set_defaults(run=cmd_list)
     return parser
 

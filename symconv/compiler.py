@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING, Any
 from .kernel import Kernel, KernelFunction, PackageError, Variant, best_variant
 from .package import build
 from .package.targets import variants as target_variants
-from .spec import ConvSpec
+from .spec import SPECS
+
+SPEC_TYPES = tuple(SPECS.values())
 
 if TYPE_CHECKING:  # only for annotations; importing them pulls in SymPy
     from .codegen.c import CSource
@@ -237,9 +239,11 @@ def compile_op(spec, cache_dir: str | os.PathLike | None = None,
     return KERNELS.get(spec, cache_dir, target)
 
 
-def compile_conv(spec: ConvSpec, cache_dir: str | os.PathLike | None = None,
+def compile_conv(spec, cache_dir: str | os.PathLike | None = None,
                  target: str | None = None) -> Kernel:
-    """Compile one convolution: ``compile_op`` for a ConvSpec."""
-    if not isinstance(spec, ConvSpec):
-        raise TypeError(f"compile_conv takes a ConvSpec, got {type(spec).__name__}")
+    """``compile_op`` under the name the README introduces first: every spec kind
+    (ConvSpec, ConvTransposeSpec, AvgPoolSpec, ExprSpec, GradientSpec) is accepted."""
+    if not isinstance(spec, SPEC_TYPES):
+        names = ", ".join(t.__name__ for t in SPEC_TYPES)
+        raise TypeError(f"compile_conv takes a spec ({names}), got {type(spec).__name__}")
     return compile_op(spec, cache_dir, target)

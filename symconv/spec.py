@@ -197,8 +197,16 @@ class _Spec:
         return "f32" if self.dtype == "float32" else "f64"
 
     def _check_dtype(self) -> None:
-        if self.dtype not in DTYPES:
+        """``dtype`` as its name: NumPy dtypes and scalar types are accepted (np.float32)."""
+        name = self.dtype
+        if not isinstance(name, str):
+            try:
+                name = np.dtype(name).name
+            except TypeError:
+                pass
+        if name not in DTYPES:
             raise _fail(self._where("dtype"), f"expected one of {DTYPES}", self.dtype)
+        self._set(dtype=name)
 
     def _shapes_and_groups(self) -> tuple[tuple[int, ...], tuple[int, ...], int]:
         """Input and weight shapes of equal rank, and a positive group count (convolutions)."""

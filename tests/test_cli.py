@@ -293,3 +293,16 @@ def test_progress_bar_and_log_lines_do_not_garble_each_other():
     assert "symconv: first stage 0.100 s" in lines and "a result line" in lines
     assert lines[-2].startswith("work [") and "2/2" in lines[-2]
     assert Progress(3, stream=io.StringIO()).enabled is False
+
+
+def test_version_and_the_list_default(tmp_path, capsys, monkeypatch):
+    import symconv
+    with pytest.raises(SystemExit) as exit:
+        main(["--version"])
+    assert exit.value.code == 0 and capsys.readouterr().out.strip() == f"symconv {symconv.__version__}"
+    monkeypatch.chdir(tmp_path)                  # no ./generated here
+    assert main(["list"]) == 2
+    assert "no such directory: generated (the default; name one" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["list", "--help"])
+    assert "default: generated" in capsys.readouterr().out

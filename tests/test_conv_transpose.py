@@ -77,3 +77,13 @@ def test_forward_is_the_input_gradient_of_the_adjoint(fields, cache_dir, rng):
 def test_invalid_transposed_specs(fields, fragment):
     with pytest.raises(ValueError, match=f"ConvTransposeSpec.{fragment}"):
         ConvTransposeSpec(**fields)
+
+
+def test_compile_conv_takes_every_spec_kind(cache_dir):
+    from symconv import AvgPoolSpec, compile_conv
+    transposed = ConvTransposeSpec(input_shape=(1, 2, 4), weight_shape=(2, 3, 3), stride=2)
+    assert compile_conv(transposed) is compile_op(transposed)      # one cached kernel
+    assert compile_conv(AvgPoolSpec((1, 2, 6), kernel_size=2)).forward(
+        np.ones((1, 2, 6), np.float32)).shape == (1, 2, 3)
+    with pytest.raises(TypeError, match="compile_conv takes a spec"):
+        compile_conv({"input_shape": (1, 2, 4)})

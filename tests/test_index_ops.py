@@ -131,3 +131,24 @@ def test_spec_fields_are_checked():
         ExprSpec("Y[i] = X[i]", {"X": (0,)})
     with pytest.raises(ValueError, match="ExprSpec.zero_outside"):
         ExprSpec("Y[i] = X[i]", {"X": (2,)}, zero_outside=("Z",))
+
+
+def test_an_op_without_a_dtype_follows_its_arrays(cache_dir, rng):
+    import symconv as sc
+    text, shapes = "Y[i] = sum(W[k] * X[i + k], (k, 0, 2))", {"X": (7,), "W": (3,)}
+    x, w = rng.standard_normal(7), rng.standard_normal(3)
+    expected = np.correlate(x, w, "valid")
+    free = sc.op(text, shapes)
+    y64 = free(x, w)
+    assert y64.dtype == np.float64
+    np.testing.assert_allclose(y64, expected, rtol=1e-13)     # no float32 round trip
+    y32 = free(x.astype(np.float32), w.astype(np.float32))
+    assert y32.dtype == np.float32
+    np.testing.assert_allclose(y32, expected, rtol=1e-5)
+    assert free(sc.Tensor(x), w).dtype == np.float64
+    with pytest.raises(TypeError, match="float32 or float64 arrays, got int64"):
+        free(np.arange(7), np.arange(3))
+    fixed = sc.op(text, shapes, dtype="float32")
+    with pytest.raises(TypeError, match="X has dtype float64, but the op was made with "
+                                        "dtype='float32'"):
+        fixed(x, w)

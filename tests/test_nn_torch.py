@@ -191,8 +191,8 @@ def test_module_parameters_names_and_zero_grad():
     bound = 1 / np.sqrt(2 * 9)                                   # PyTorch's default init range
     conv = nn.Conv(2, 8, (3, 3), rng=0)
     assert np.abs(conv.weight.data).max() <= bound and np.abs(conv.bias.data).max() <= bound
-    with pytest.raises(ValueError, match="rank"):
-        nn.Conv(1, 2, 3)
+    with pytest.raises(ValueError, match="does not have rank 3"):
+        nn.Conv(1, 2, (3, 3), rank=3)
 
 
 def test_save_and_load_round_trip(tmp_path, cache_dir):
@@ -213,3 +213,11 @@ def test_save_and_load_round_trip(tmp_path, cache_dir):
     state["linear.weight"] = np.zeros((2, 2), np.float32)
     with pytest.raises(ValueError, match="linear.weight"):
         other.load_state_dict(state)
+
+
+def test_an_int_kernel_size_without_rank_is_2d_like_torch(cache_dir):
+    torch = pytest.importorskip("torch")
+    layer, reference = nn.Conv(1, 4, 3, padding=1), torch.nn.Conv2d(1, 4, 3, padding=1)
+    assert layer.weight.shape == tuple(reference.weight.shape)
+    x = np.random.default_rng(0).standard_normal((2, 1, 5, 6)).astype(np.float32)
+    assert layer(Tensor(x)).shape == tuple(reference(torch.from_numpy(x)).shape)

@@ -104,3 +104,12 @@ def test_spec_is_frozen_and_hashable():
     with pytest.raises(Exception):
         spec.stride = (2,)
     assert len({spec, ConvSpec((1, 1, 4), (1, 1, 3))}) == 1
+
+
+def test_numpy_dtypes_are_accepted_as_their_names():
+    plain = ConvSpec((1, 2, 8), (3, 2, 3), dtype="float64")
+    for dtype in (np.float64, np.dtype("float64"), "float64"):
+        spec = ConvSpec((1, 2, 8), (3, 2, 3), dtype=dtype)
+        assert spec.dtype == "float64" and spec.key == plain.key
+    with pytest.raises(ValueError, match="ConvSpec.dtype"):
+        ConvSpec((1, 2, 8), (3, 2, 3), dtype=np.int32)

@@ -142,12 +142,15 @@ class IndexOp:
     """A user-defined op: an index sum compiled with its derived gradients.
 
     Call it on NumPy arrays for the output array, or on Tensors for a graph op whose
-    gradients (of any order) are the derived ones.  ``formulas`` shows the forward sum
-    and every gradient sum.
+    gradients (of any order) are the derived ones.  Made without a dtype, it runs in the
+    dtype of the arrays it is called with (float32 or float64, promoted like NumPy), one
+    kernel per dtype; made with one, it refuses arrays of another.  ``formulas`` shows the
+    forward sum and every gradient sum.
     """
 
-    def __init__(self, spec: Any):
+    def __init__(self, spec: Any, fixed_dtype: bool = True):
         self.spec = spec
+        self.fixed_dtype = fixed_dtype
 
     @property
     def kernel(self) -> Any:
@@ -160,24 +163,46 @@ class IndexOp:
     def __repr__(self) -> str:
         return f"<symconv op {self.spec.describe()}>"
 
+    def _spec_for(self, inputs) -> Any:
+        """The spec to run ``inputs`` with: this op's, or its twin in their dtype."""
+        dtypes = [np.asarray(t.data if isinstance(t, Tensor) else t).dtype for t in inputs]
+        names = [a for a, _ in self.spec.shapes if a != self.spec.output_name]
+        if self.fixed_dtype:
+            for name, dtype in zip(names, dtypes):
+                if dtype != np.dtype(self.spec.dtype):
+                    raise TypeError(f"op {self.spec.output_name}: {name} has dtype {dtype}, but "
+                                    f"the op was made with dtype={self.spec.dtype!r}; pass "
+                                    f"{self.spec.dtype} arrays, or make the op without a dtype "
+                                    f"to follow its arrays")
+            return self.spec
+        dtype = np.result_type(*dtypes) if dtypes else np.dtype(self.spec.dtype)
+        if dtype not in (np.float32, np.float64):
+            raise TypeError(f"op {self.spec.output_name}: compiled kernels take float32 or "
+                            f"float64 arrays, got {', '.join(map(str, dtypes))}")
+        return spec_of(ExprSpec, expression=self.spec.expression, shapes=self.spec.shapes,
+                       dtype=dtype.name, zero_outside=self.spec.zero_outside)
+
     def __call__(self, *inputs):
-        kernel = self.kernel
-        dtype = np.dtype(self.spec.dtype)
+        spec = self._spec_for(inputs)
+        dtype = np.dtype(spec.dtype)
         if any(isinstance(t, Tensor) for t in inputs):
             tensors = tuple(as_tensor(t) for t in inputs)
-            return _forward(self.spec.output_name, self.spec, tensors, dtype)
-        return kernel.forward(*(np.ascontiguousarray(a, dtype) for a in inputs))
+            return _forward(spec.output_name, spec, tensors, dtype)
+        return kernel_of(spec).forward(*(np.ascontiguousarray(a, dtype) for a in inputs))
 
 
-def op(expression: str, shapes, dtype: str = "float32", zero_outside=()) -> IndexOp:
+def op(expression: str, shapes, dtype: str | None = None, zero_outside=()) -> IndexOp:
     """A user-defined op from an index sum, e.g.
     ``op("Y[n, c, i] = sum(W[c, a] * X[n, c, 2*i + a], (a, 0, 2))", {"X": (2, 3, 9),
     "W": (3, 3)})``; see ``symconv.ExprSpec`` for the notation.  Inputs are called in the
-    order of ``shapes``.  A SymPy ``Eq(Y[...], Sum(...))`` is accepted as well."""
+    order of ``shapes``.  A SymPy ``Eq(Y[...], Sum(...))`` is accepted as well.  Without
+    ``dtype`` the op runs in the dtype of the arrays it is called with (``kernel`` and
+    ``formulas`` then show the float32 one)."""
     if not isinstance(expression, str):
         import sympy
         if not isinstance(expression, sympy.Eq):
             raise TypeError(f"op: expected a string or sympy.Eq, got "
                             f"{type(expression).__name__}")
         expression = f"{sympy.sstr(expression.lhs)} = {sympy.sstr(expression.rhs)}"
-    return IndexOp(ExprSpec(expression, shapes, dtype=dtype, zero_outside=zero_outside))
+    spec = ExprSpec(expression, shapes, dtype=dtype or "float32", zero_outside=zero_outside)
+    return IndexOp(spec, fixed_dtype=dtype is not None)

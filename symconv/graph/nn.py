@@ -137,16 +137,15 @@ class Conv(Module):
     """N-D convolution layer: ``compiled.conv`` with a weight (out, in // groups, *kernel) and bias.
 
     The rank comes from ``kernel_size`` when it is a sequence, else from
-    ``rank`` (e.g. ``Conv(1, 8, 3, rank=4)`` for 3-D + time).
+    ``rank`` (e.g. ``Conv(1, 8, 3, rank=4)`` for 3-D + time); an int size without
+    ``rank`` is 2-D, like ``torch.nn.Conv2d``.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1,
                  padding: Any = 0, dilation: Any = 1, groups: int = 1, bias: bool = True,
                  rank: int | None = None, dtype: Any = "float32", rng: Any = None):
         if isinstance(kernel_size, int):
-            if rank is None:
-                raise ValueError("Conv: give kernel_size per spatial dim or rank= with an int size")
-            kernel_size = (kernel_size,) * rank
+            kernel_size = (kernel_size,) * (2 if rank is None else rank)
         kernel_size = tuple(int(k) for k in kernel_size)
         if rank is not None and len(kernel_size) != rank:
             raise ValueError(f"Conv: kernel_size {kernel_size} does not have rank {rank}")
