@@ -440,7 +440,7 @@ class ExprSpec(_Spec):
     ``sum(body, (index, first, last), ...)`` sums over inclusive integer ranges; ``i // 2``
     floors; SymPy functions (exp, tanh, ...) and integer powers of sums are allowed.
     Arrays in ``zero_outside`` read as 0 outside their shape.  Parsing needs SymPy and
-    happens in define.py; this spec only normalises and keys the text.
+    happens in symbolic/define/expression.py; this spec only normalises and keys the text.
     """
 
     KIND: ClassVar[str] = "expr"

@@ -17,7 +17,7 @@ def emit_function(function: SumFunction, dtype: str, isa: str | None = None,
                   prefix: str = "symconv_") -> tuple[str, CFunction]:
     """C text of one index sum as ``void <prefix><name>(inputs..., output, threads)``.
 
-    The output is computed piece by piece (see schedule.py), each piece by its plan;
+    The output is computed piece by piece (see codegen.schedule), each piece by its plan;
     with ``isa`` ("avx2" or "avx512") the vector plans use that instruction set.  Every output element is computed by
     one thread in a fixed order, so results do not depend on the number of threads."""
     name, fn, inputs = function.name, function.sum, function.args
