@@ -412,3 +412,24 @@ def test_fingerprint_covers_every_module_that_shapes_a_package(tmp_path):
     config = build.build_config()
     names = {build.package_name("s", "k", {**config, "fingerprint": f}) for f in seen}
     assert len(names) == 5
+
+
+def test_one_kernel_cache_serves_compile_op_the_graph_and_the_bindings(cache_dir, tmp_path, rng):
+    """compile_op, the graph and the framework bindings share compiler.KERNELS, keyed by the
+    spec's key and the cache directory: a spec is loaded once per process and directory."""
+    from symconv.binding import conv_kernel
+    from symconv.compiler import KERNELS
+    spec = ConvSpec((1, 2, 7), (3, 2, 3), padding=1, stride=2)
+    kernel = compiler.compile_op(spec)
+    entries = len(KERNELS)
+    assert conv_kernel((1, 2, 7), (3, 2, 3), stride=2, padding=1) is kernel      # bindings
+    x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((1, 2, 7), (3, 2, 3), (3,)))
+    y = symconv.conv(symconv.Tensor(x), symconv.Tensor(w), symconv.Tensor(b), stride=2,
+                     padding=1)                                                   # the graph
+    np.testing.assert_array_equal(y.data, kernel.forward(x, w, b))
+    assert compiler.compile_conv(ConvSpec(**spec.to_dict())) is kernel           # equal spec
+    assert len(KERNELS) == entries
+    elsewhere = compiler.compile_op(spec, cache_dir=tmp_path)                     # other dir
+    assert elsewhere is not kernel and len(KERNELS) == entries + 1
+    assert compiler.KERNELS.load(spec).cached and not compiler.KERNELS.load(
+        ConvSpec((1, 2, 9), (3, 2, 3)), cache_dir=tmp_path / "fresh").cached
