@@ -26,6 +26,8 @@ from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
+from .errors import IRError
+
 
 DTYPES = ("float32", "float64")
 
@@ -469,6 +471,12 @@ class ExprSpec(_Spec):
                 raise _fail(where("shapes"), f"shape of {name} must be positive ints", shape)
         if len({name for name, _ in pairs}) != len(pairs):
             raise _fail(where("shapes"), "an array is named twice", self.shapes)
+        arrays = {name for name, _ in pairs} | {self.output_name}
+        for name, _ in pairs:
+            if name.startswith("grad_") and name[len("grad_"):] in arrays:
+                raise IRError(f"{where('shapes')}: an array named {name} would clash with the "
+                              f"gradient of {name[len('grad_'):]}, which symconv names so; "
+                              f"rename it")
         outside = (self.zero_outside,) if isinstance(self.zero_outside, str) else \
             tuple(self.zero_outside)
         unknown = [n for n in outside if n not in dict(pairs)]

@@ -152,3 +152,27 @@ def test_an_op_without_a_dtype_follows_its_arrays(cache_dir, rng):
     with pytest.raises(TypeError, match="X has dtype float64, but the op was made with "
                                         "dtype='float32'"):
         fixed(x, w)
+
+
+@pytest.mark.parametrize("name", ["I", "E", "S", "N", "O", "Q", "pi"])
+def test_names_sympy_reads_as_constants_are_plain_indices(name, cache_dir, rng):
+    import symconv as sc
+    other = "k"
+    free = sc.op(f"Y[n, {name}] = sum(W[{other}] * X[n, {name} + {other}], ({other}, 0, 2))",
+                 {"X": (2, 7), "W": (3,)})
+    summed = sc.op(f"Y[n, i] = sum(W[{name}] * X[n, i + {name}], ({name}, 0, 2))",
+                   {"X": (2, 7), "W": (3,)})
+    x, w = rng.standard_normal((2, 7)), rng.standard_normal(3)
+    expected = np.stack([np.correlate(row, w, "valid") for row in x])
+    np.testing.assert_allclose(free(x, w), expected, rtol=1e-12)
+    np.testing.assert_allclose(summed(x, w), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("shapes, clash", [
+    ({"X": (3,), "grad_Y": (3,)}, "grad_Y would clash with the gradient of Y"),
+    ({"X": (3,), "grad_X": (3,)}, "grad_X would clash with the gradient of X"),
+])
+def test_an_array_named_like_a_gradient_is_refused_at_definition(shapes, clash):
+    second = [name for name in shapes if name != "X"][0]
+    with pytest.raises(IRError, match=clash):
+        ExprSpec(f"Y[i] = X[i] + {second}[i]", shapes)

@@ -17,6 +17,11 @@ from .op import OpDefinition, rebased, spec_op
 _LHS = re.compile(r"^\s*([A-Za-z][A-Za-z0-9_]*)\s*\[([^\]]*)\]\s*$")
 
 
+# A name not followed by "[" (an array) or "(" (a function) is an index: a plain symbol,
+# even where SymPy would read a constant (I, E, S, N, O, Q, pi).
+_BARE_NAME = re.compile(r"\b([A-Za-z][A-Za-z0-9_]*)\b(?!\s*[\[(])")
+
+
 def _sum(body, *limits):
     return sympy.Sum(body, *limits)
 
@@ -38,7 +43,8 @@ def _parse(spec: ExprSpec):
     if unknown:
         raise IRError(f"expression: no shape given for {', '.join(unknown)}")
     from sympy.parsing.sympy_parser import parse_expr, standard_transformations
-    local = {name: sympy.IndexedBase(name) for name, _ in spec.shapes}
+    local = {name: sympy.Symbol(name) for name in _BARE_NAME.findall(right)}
+    local.update({name: sympy.IndexedBase(name) for name, _ in spec.shapes})
     local.update(sum=_sum, Sum=_sum)
     try:
         rhs = parse_expr(right, local_dict=local, transformations=standard_transformations)
