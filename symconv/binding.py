@@ -10,27 +10,7 @@ a cache miss.
 
 from __future__ import annotations
 
-from typing import Any
-
 from .spec import ConvSpec, spec_of
-
-
-def _frozen(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return tuple(_frozen(v) for v in value)
-    return value
-
-
-def conv_fields(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups=1, bias=True,
-                dtype="float32", padding_mode="zeros") -> dict[str, Any]:
-    """ConvSpec fields; ``padding_mode`` is passed only when it is not the default."""
-    fields = dict(input_shape=tuple(int(v) for v in input_shape),
-                  weight_shape=tuple(int(v) for v in weight_shape), stride=_frozen(stride),
-                  padding=_frozen(padding), dilation=_frozen(dilation), groups=groups, bias=bias,
-                  dtype=dtype)
-    if padding_mode != "zeros":
-        fields["padding_mode"] = padding_mode
-    return fields
 
 
 def conv_kernel(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups=1, bias=True,
@@ -38,6 +18,7 @@ def conv_kernel(input_shape, weight_shape, stride=1, padding=0, dilation=1, grou
     """The loaded ``symconv.Kernel`` of a convolution: compiled on first use into ``cache_dir``
     (default ``$SYMCONV_CACHE_DIR`` or ``~/.cache/symconv``), then kept in this process."""
     from .compiler import KERNELS
-    spec = spec_of(ConvSpec, **conv_fields(input_shape, weight_shape, stride, padding, dilation,
-                                           groups, bias, dtype, padding_mode))
+    spec = spec_of(ConvSpec, input_shape=tuple(input_shape), weight_shape=tuple(weight_shape),
+                   stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias,
+                   dtype=dtype, padding_mode=padding_mode)
     return KERNELS.get(spec, cache_dir, target)

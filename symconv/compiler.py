@@ -143,9 +143,9 @@ def compilation(spec, target: str | None = None) -> Compilation:
     start = time.perf_counter()
     op = definition(spec)
     elapsed = time.perf_counter() - start
-    compilation = derive_and_emit(op, target)
-    compilation.timings = {"define": elapsed, **compilation.timings}
-    return compilation
+    compiled = derive_and_emit(op, target)
+    compiled.timings = {"define": elapsed, **compiled.timings}
+    return compiled
 
 
 @dataclass

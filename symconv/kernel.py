@@ -196,6 +196,11 @@ def read_manifest(directory: Path, runtime: bool = True) -> dict[str, Any]:
 
     With ``runtime=False`` a sanitized package is not refused for want of the sanitizer
     runtime in this process (the package itself is intact and built for this machine)."""
+    return _verified(directory, runtime)[0]
+
+
+def _verified(directory: Path, runtime: bool = True) -> tuple[dict[str, Any], Manifest]:
+    """:func:`read_manifest`, with the manifest also as its typed record (parsed once)."""
     directory = Path(directory)
     path = directory / MANIFEST
     if not path.is_file():
@@ -209,7 +214,7 @@ def read_manifest(directory: Path, runtime: bool = True) -> dict[str, Any]:
     if manifest.get("digest") != manifest_digest(manifest):
         raise PackageError(f"{path} was modified after the build (digest mismatch)")
     try:
-        Manifest.from_json(manifest)
+        record = Manifest.from_json(manifest)
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise PackageError(f"{path} is malformed ({type(error).__name__}: {error}); rebuild "
                            f"the package") from None
@@ -238,7 +243,7 @@ def read_manifest(directory: Path, runtime: bool = True) -> dict[str, Any]:
                            f"sanitizer runtime first, e.g. LD_PRELOAD=\"$({build['compiler']} "
                            f"-print-file-name=libasan.so) $({build['compiler']} "
                            f"-print-file-name=libubsan.so)\" ASAN_OPTIONS=detect_leaks=0")
-    return manifest
+    return manifest, record
 
 
 
@@ -401,8 +406,7 @@ class Kernel:
 
     def __init__(self, directory: str | os.PathLike, variant: str | None = None):
         self.path = Path(directory).resolve()
-        self.manifest = read_manifest(self.path)           # the file as JSON
-        self.record = Manifest.from_json(self.manifest)     # the same, as typed fields
+        self.manifest, self.record = _verified(self.path)   # the file as JSON, and typed
         self.variant = choose_variant(self.record, variant)
         try:
             extension = _import_extension(self.path, self.record)

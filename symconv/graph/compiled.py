@@ -78,7 +78,7 @@ def call(label: str, spec: Any, kernel: Any, function: str, operands: dict[str, 
         if function == "forward":
             vjp_spec, vjp_kernel = spec, kernel
         else:
-            vjp_spec = GradientSpec(spec, function)
+            vjp_spec = spec_of(GradientSpec, parent=spec, function=function)
             vjp_kernel = kernel_of(vjp_spec)
         cotangent = vjp_kernel.record.cotangent
         given = {**dict(zip(names, inputs)), cotangent: g}

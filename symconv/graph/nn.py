@@ -212,30 +212,31 @@ class Sigmoid(Module):
         return ops.sigmoid(x)
 
 
-class MaxPool(Module):
+class _Pool(Module):
+    """N-D pooling of any rank by the op ``pool(x, kernel_size, stride, padding)`` that a
+    subclass sets."""
+
+    def __init__(self, kernel_size: Any, stride: Any = None, padding: Any = 0):
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pool(x, self.kernel_size, self.stride, self.padding)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding})")
+
+
+class MaxPool(_Pool):
     """N-D max pooling (NumPy), any rank."""
 
-    def __init__(self, kernel_size: Any, stride: Any = None, padding: Any = 0):
-        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
-
-    def forward(self, x: Tensor) -> Tensor:
-        return ops.max_pool(x, self.kernel_size, self.stride, self.padding)
-
-    def __repr__(self) -> str:
-        return f"MaxPool({self.kernel_size}, stride={self.stride}, padding={self.padding})"
+    pool = staticmethod(ops.max_pool)
 
 
-class AvgPool(Module):
+class AvgPool(_Pool):
     """N-D average pooling, compiled from its index sum, any rank."""
 
-    def __init__(self, kernel_size: Any, stride: Any = None, padding: Any = 0):
-        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
-
-    def forward(self, x: Tensor) -> Tensor:
-        return compiled.avg_pool(x, self.kernel_size, self.stride, self.padding)
-
-    def __repr__(self) -> str:
-        return f"AvgPool({self.kernel_size}, stride={self.stride}, padding={self.padding})"
+    pool = staticmethod(compiled.avg_pool)
 
 
 class Flatten(Module):
