@@ -175,3 +175,36 @@ def test_an_array_named_like_a_gradient_is_refused_at_definition(shapes, clash):
     second = [name for name in shapes if name != "X"][0]
     with pytest.raises(IRError, match=clash):
         ExprSpec(f"Y[i] = X[i] + {second}[i]", shapes)
+
+
+@pytest.mark.parametrize("out, x, w, i, k", [
+    ("int", "restrict", "double", "main", "for"),      # C keywords and main
+    ("sc_acc", "sc_a0", "sc_threads", "sc_lo", "sc_a0_0"),  # like generated names
+    ("memcpy", "printf", "exp", "a", "sc_row0"),        # libc symbols; the README's index a
+])
+def test_any_c_name_works_for_arrays_and_indices(out, x, w, i, k, cache_dir, rng):
+    """User names reach C only under a private prefix: none can meet a keyword, a libc
+    symbol or a name the generator uses."""
+    text = f"{out}[{i}] = sum({w}[{k}] * {x}[2*{i} + {k}], ({k}, 0, 2))"
+    kernel = compile_op(ExprSpec(text, {x: (11,), w: (3,)}, dtype="float64"),
+                        cache_dir=cache_dir)
+    xs, ws = rng.standard_normal(11), rng.standard_normal(3)
+    expected = np.array([ws @ xs[2 * j:2 * j + 3] for j in range(5)])
+    np.testing.assert_allclose(kernel.forward(xs, ws), expected, rtol=1e-12)
+    gy = rng.standard_normal(5)
+    gx, gw = kernel.backward(xs, ws, gy)
+    np.testing.assert_allclose(gw, [gy @ xs[t:t + 9:2] for t in range(3)], rtol=1e-12)
+    expected_gx = np.zeros(11)
+    for j in range(5):
+        expected_gx[2 * j:2 * j + 3] += gy[j] * ws
+    np.testing.assert_allclose(gx, expected_gx, rtol=1e-12)
+
+
+def test_a_floor_index_never_takes_a_users_name(cache_dir, rng):
+    """x // 2 becomes a new summation index; the user already has one named q0."""
+    text = "Y[i] = sum(X[(i + q0) // 2] * W[q0], (q0, 0, 1))"
+    kernel = compile_op(ExprSpec(text, {"X": (5,), "W": (2,), "Y": (8,)}, dtype="float64"),
+                        cache_dir=cache_dir)
+    xs, ws = rng.standard_normal(5), rng.standard_normal(2)
+    expected = [sum(xs[(i + q) // 2] * ws[q] for q in range(2)) for i in range(8)]
+    np.testing.assert_allclose(kernel.forward(xs, ws), expected, rtol=1e-12)

@@ -10,9 +10,7 @@ deterministic: the same sums give byte-identical C.
 
 from __future__ import annotations
 
-import keyword
 import math
-import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -20,9 +18,8 @@ import sympy
 from sympy.codegen.ast import float32, float64, real
 from sympy.printing.c import C99CodePrinter
 
-from ..errors import IRError
 from ..symbolic.affine import c_order_strides, integer_form
-from ..symbolic.ir import Array, IndexSum, accesses, index_range
+from ..symbolic.ir import Array, IndexSum, SumFunction, Term, accesses, index_range
 from ..symbolic.lowering import Bound, Condition, LoopNest, nest_box, value_range
 from . import schedule
 
@@ -39,14 +36,6 @@ static inline int64_t sc_mod(int64_t a, int64_t b) { int64_t r = a % b; return r
 static inline int64_t sc_max(int64_t a, int64_t b) { return a > b ? a : b; }
 static inline int64_t sc_min(int64_t a, int64_t b) { return a < b ? a : b; }
 """
-
-_C_RESERVED = {
-    "auto", "break", "case", "char", "const", "continue", "default", "do", "double", "else", "enum",
-    "extern", "float", "for", "goto", "if", "inline", "int", "long", "register", "restrict",
-    "return", "short", "signed", "sizeof", "static", "struct", "switch", "typedef", "union",
-    "unsigned", "void", "volatile", "while", "int64_t", "bool",
-}
-
 
 @dataclass(frozen=True)
 class CFunction:
@@ -72,12 +61,30 @@ class CSource:
         return "\n".join(f.declaration for f in self.functions) + "\n"
 
 
-def check_name(name: str, what: str) -> str:
-    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name) or name in _C_RESERVED \
-            or keyword.iskeyword(name) or name.startswith("sc_"):
-        raise IRError(f"{what} name {name!r} cannot be used in C (letters, digits and _, starting "
-                      f"with a letter; not a C keyword; not starting with sc_)")
-    return name
+def c_namespace(function: SumFunction) -> SumFunction:
+    """The function with every name it got from its definition moved into a C namespace of
+    its own: arrays become ``a_<name>`` and indices ``i_<name>``, while every name the
+    generator adds starts with ``sc_``.  So no array or index name a user picks can meet a
+    generated name, a C keyword or a library symbol."""
+    fn = function.sum
+    arrays = {a.name: Array(f"a_{a.name}", a.shape)
+              for a in (*function.args, *fn.inputs, fn.output)}
+    mapping: dict = {}
+    for term in fn.terms:
+        for access in accesses(term.body):
+            mapping[access.base] = arrays[str(access.base.label)].base
+        for idx in term.body.atoms(sympy.Idx) | set(term.indices):
+            mapping[idx] = sympy.Idx(f"i_{idx.label}", (idx.lower, idx.upper))
+    mapping.update({idx: sympy.Idx(f"i_{idx.label}", (idx.lower, idx.upper))
+                    for idx in fn.indices})
+    terms = tuple(Term(tuple(mapping[i] for i in term.indices), term.body.xreplace(mapping),
+                       tuple(sympy.sympify(c).xreplace(mapping) for c in term.constraints),
+                       tuple((sympy.sympify(e).xreplace(mapping), m)
+                             for e, m in term.congruences),
+                       tuple(arrays[name].name for name in term.zero_outside))
+                  for term in fn.terms)
+    renamed = IndexSum(arrays[fn.output.name], tuple(mapping[i] for i in fn.indices), terms)
+    return SumFunction(function.name, renamed, tuple(arrays[a.name] for a in function.args))
 
 
 def c_affine(expr) -> str:
@@ -191,7 +198,7 @@ def _emit_nest(out: Writer, nest: LoopNest, body: str) -> None:
         out.open(f"if ({' && '.join(f'({condition_text(g)})' for g in nest.guards)})")
         opened += 1
     for loop in nest.loops:
-        var = check_name(str(loop.index.label), "index")
+        var = str(loop.index.label)
         low, high = bound_text(loop.lower, True), bound_text(loop.upper, False)
         if loop.step == 1:
             out.open(f"for (int64_t {var} = {low}; {var} <= {high}; ++{var})")
@@ -248,7 +255,7 @@ def emit_scalar_piece(out: Writer, fn: IndexSum, piece: schedule.Piece, dtype: s
     """The plain nest: one accumulator per output element, terms added in order."""
     parallel(out, piece.indices, work(piece.nests, piece.indices))
     for idx in piece.indices:
-        var = check_name(str(idx.label), "index")
+        var = str(idx.label)
         lo, hi = index_range(idx)
         out.open(f"for (int64_t {var} = {lo}; {var} <= {hi}; ++{var})")
     out.line(f"{C_TYPES[dtype]} sc_acc = 0;")

@@ -3,13 +3,14 @@ chose, and one translation unit per instruction set."""
 
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 from ..errors import IRError
 from ..symbolic.ir import SumFunction
 from ..symbolic.printing import to_text
 from . import schedule
-from .c import C_TYPES, PRELUDE, CFunction, CSource, Writer, check_name, emit_scalar_piece
+from .c import C_TYPES, PRELUDE, CFunction, CSource, Writer, c_namespace, emit_scalar_piece
 from .isa import SIMD_PRELUDE, Simd
 from .vector import emit_output_lanes, emit_reduction_lanes
 
@@ -18,23 +19,24 @@ def emit_function(function: SumFunction, dtype: str, isa: str | None = None,
     """C text of one index sum as ``void <prefix><name>(inputs..., output, threads)``.
 
     The output is computed piece by piece (see codegen.schedule), each piece by its plan;
-    with ``isa`` ("avx2" or "avx512") the vector plans use that instruction set.  Every output element is computed by
-    one thread in a fixed order, so results do not depend on the number of threads."""
-    name, fn, inputs = function.name, function.sum, function.args
-    ctype = C_TYPES[dtype]
-    symbol = f"{prefix}{check_name(name, 'function')}"
-    for array in (*inputs, fn.output):
-        check_name(array.name, "array")
-    read = {a.name for a in fn.inputs}
-    missing = read - {a.name for a in inputs}
+    with ``isa`` ("avx2" or "avx512") the vector plans use that instruction set.  Every
+    output element is computed by one thread in a fixed order, so results do not depend on
+    the number of threads.  Names are moved into their own C namespace first (c_namespace)."""
+    name = function.name
+    missing = {a.name for a in function.sum.inputs} - {a.name for a in function.args}
     if missing:
         raise IRError(f"{name}: reads {sorted(missing)} which are not among its arguments")
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name):
+        raise IRError(f"function name {name!r} is not a C identifier")
+    ctype = C_TYPES[dtype]
+    symbol = f"{prefix}{name}"
+    fn, inputs = (named := c_namespace(function)).sum, named.args
     params = [f"const {ctype} *restrict {a.name}" for a in inputs] + \
              [f"{ctype} *restrict {fn.output.name}", "int sc_threads"]
     plain = [f"const {ctype} *{a.name}" for a in inputs] + [f"{ctype} *{fn.output.name}",
                                                             "int sc_threads"]
     out = Writer()
-    formula = to_text(fn).replace("*/", "* /")
+    formula = to_text(function.sum).replace("*/", "* /")
     out.line("/*")
     for text in formula.splitlines():
         out.line(f" * {text}")
@@ -57,8 +59,8 @@ def emit_function(function: SumFunction, dtype: str, isa: str | None = None,
         out.close()
     out.close()
     declaration = f"void {symbol}({', '.join(plain)});"
-    return "\n".join(out.lines) + "\n", CFunction(name, symbol, tuple(inputs), fn.output,
-                                                  declaration, tuple(plans))
+    return "\n".join(out.lines) + "\n", CFunction(name, symbol, function.args,
+                                                  function.sum.output, declaration, tuple(plans))
 
 
 def emit(functions: Sequence[SumFunction], dtype: str,

@@ -110,7 +110,7 @@ def pieces(fn: IndexSum) -> list[Piece]:
             if count <= 0:
                 empty = True
                 break
-            phase = sympy.Idx(f"{f.label}_", (0, count - 1))
+            phase = sympy.Idx(f"sc_{f.label}_phase", (0, count - 1))
             mapping[f] = m * phase + r
             indices.append(phase)
         if empty:

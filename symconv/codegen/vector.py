@@ -13,7 +13,7 @@ from ..symbolic.affine import c_order_strides, ceil_div, integer_form, linear_pa
 from ..symbolic.ir import IndexSum, index_range
 from ..symbolic.lowering import Bound, LoopNest, nest_box, value_range
 from . import schedule
-from .c import (C_TYPES, PARALLEL_WORK, Writer, bound_text, c_affine, check_name, condition_text,
+from .c import (C_TYPES, PARALLEL_WORK, Writer, bound_text, c_affine, condition_text,
                 fold, omp_schedule, output_offset, parallel, work)
 from .isa import Simd
 
@@ -141,7 +141,7 @@ def emit_output_lanes(out: Writer, fn: IndexSum, piece: schedule.Piece,
     parallel(out, outer, work(chosen.nests, piece.indices))
     for idx in outer:
         lo, hi = index_range(idx)
-        out.open(f"for (int64_t {check_name(str(idx.label), 'index')} = {lo}; "
+        out.open(f"for (int64_t {idx.label} = {lo}; "
                  f"{idx.label} <= {hi}; ++{idx.label})")
     runs: list[list[tuple[int, int, bool]]] = []
     for segment in segments:
@@ -223,7 +223,7 @@ def _output_lane_block(out, fn, piece, chosen, simd, block_shape: _BlockShape) -
             _define_load_masks(out, simd, reads, lane, lane_at, vectors, lane_padding, domain,
                                loads, number, 0, depth_of, False)
         for depth, loop in enumerate(nest.loops, start=1):
-            var = check_name(str(loop.index.label), "index")
+            var = str(loop.index.label)
             keep_low = [b for b in loop.lower if not _depends(b.num, lane)]
             keep_high = [b for b in loop.upper if not _depends(b.num, lane)]
             out.open(f"for (int64_t {var} = {bound_text(keep_low, True)}; {var} <= "
@@ -411,10 +411,10 @@ def emit_reduction_lanes(out: Writer, fn: IndexSum, piece: schedule.Piece,
                  f"{omp_schedule(tasks)}")
     for idx in outer:
         lo, hi = index_range(idx)
-        out.open(f"for (int64_t {check_name(str(idx.label), 'index')} = {lo}; "
+        out.open(f"for (int64_t {idx.label} = {lo}; "
                  f"{idx.label} <= {hi}; ++{idx.label})")
     for u, rows in blocks:
-        out.open(f"for (int64_t {check_name(str(u.label), 'index')} = 0; {u.label} <= "
+        out.open(f"for (int64_t {u.label} = 0; {u.label} <= "
                  f"{index_range(u)[1]}; {u.label} += {rows})")
     row_vars = {}
     for u, rows in blocks:
@@ -436,7 +436,7 @@ def emit_reduction_lanes(out: Writer, fn: IndexSum, piece: schedule.Piece,
     opened += 1
     radix, stepping = 1, None
     for loop in reversed(nest.loops[:-1]):
-        var = check_name(str(loop.index.label), "index")
+        var = str(loop.index.label)
         low, high = chunks.ranges[loop.index]
         value = f"{low} + (sc_r / {radix}) % {high - low + 1}"
         if stepping is None:
@@ -459,11 +459,11 @@ def emit_reduction_lanes(out: Writer, fn: IndexSum, piece: schedule.Piece,
             if step:
                 steps.append(f"{pointer} += {step};")
     if stepping is not None:
-        steps.append(f"++{check_name(str(stepping.label), 'index')};")
+        steps.append(f"++{stepping.label};")
     out.open("for (int64_t sc_k = 0; sc_k < sc_run; ++sc_k)" if stepping is not None else "")
     opened += 1
     last = nest.loops[-1]
-    lane_name = check_name(str(lane.label), "index")
+    lane_name = str(lane.label)
     out.line(f"const int64_t sc_lo = sc_max({bound_text(last.lower, True)}, sc_s0), sc_hi = "
              f"sc_min({bound_text(last.upper, False)}, sc_s1);")
     # the lane range in which every zero-padded read stays inside its array

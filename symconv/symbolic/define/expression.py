@@ -17,9 +17,10 @@ from .op import OpDefinition, rebased, spec_op
 _LHS = re.compile(r"^\s*([A-Za-z][A-Za-z0-9_]*)\s*\[([^\]]*)\]\s*$")
 
 
-# A name not followed by "[" (an array) or "(" (a function) is an index: a plain symbol,
-# even where SymPy would read a constant (I, E, S, N, O, Q, pi).
-_BARE_NAME = re.compile(r"\b([A-Za-z][A-Za-z0-9_]*)\b(?!\s*[\[(])")
+# A name not followed by "(" is an array (followed by "[") or an index.  Each is read through a
+# placeholder bound to its own symbol, so any name works: a Python keyword (for, lambda), a name
+# SymPy would read as a constant (I, E, S, N, O, Q, pi) or one of its functions (gamma, beta).
+_NAME = re.compile(r"\b([A-Za-z][A-Za-z0-9_]*)\b(?!\s*\()")
 
 
 def _sum(body, *limits):
@@ -43,46 +44,61 @@ def _parse(spec: ExprSpec):
     if unknown:
         raise IRError(f"expression: no shape given for {', '.join(unknown)}")
     from sympy.parsing.sympy_parser import parse_expr, standard_transformations
-    local = {name: sympy.Symbol(name) for name in _BARE_NAME.findall(right)}
-    local.update({name: sympy.IndexedBase(name) for name, _ in spec.shapes})
+    arrays = {name for name, _ in spec.shapes}
+    placeholders: dict[str, str] = {}
+
+    def placeholder(match) -> str:
+        return placeholders.setdefault(match.group(1), f"_n{len(placeholders)}")
+
+    text = _NAME.sub(placeholder, right)
+    local = {hidden: sympy.IndexedBase(name) if name in arrays else sympy.Symbol(name)
+             for name, hidden in placeholders.items()}
     local.update(sum=_sum, Sum=_sum)
     try:
-        rhs = parse_expr(right, local_dict=local, transformations=standard_transformations)
+        rhs = parse_expr(text, local_dict=local, transformations=standard_transformations)
     except Exception as error:  # SymPy raises many kinds for text it cannot read
         raise IRError(f"expression: cannot read {right.strip()!r}: {error}") from None
     return match.group(1), names, sympy.sympify(rhs)
 
 
-def _sums(expr) -> list[tuple[tuple, sympy.Expr]]:
+def _fresh(base: str, taken: set[str]) -> str:
+    """``base``, or ``base_2``, ``base_3``... : the first name not taken, now taken."""
+    name, count = base, 1
+    while name in taken:
+        count += 1
+        name = f"{base}_{count}"
+    taken.add(name)
+    return name
+
+
+def _sums(expr, taken: set[str]) -> list[tuple[tuple, sympy.Expr]]:
     """The expression as a list of (limits, body): sums of products of reads.  Products and
-    integer powers of sums become one sum over fresh copies of their indices."""
+    integer powers of sums become one sum over fresh copies of their indices (named apart
+    from every name in ``taken``)."""
     if isinstance(expr, sympy.Add):
-        return [term for arg in expr.args for term in _sums(arg)]
+        return [term for arg in expr.args for term in _sums(arg, taken)]
     if isinstance(expr, sympy.Sum):
         return [(tuple(tuple(limit) for limit in expr.limits) + limits, body)
-                for limits, body in _sums(expr.function)]
+                for limits, body in _sums(expr.function, taken)]
     if isinstance(expr, sympy.Pow) and expr.has(sympy.Sum):
         if not (expr.exp.is_Integer and int(expr.exp) > 0):
             raise IRError(f"expression: {expr} is not an index sum (only whole positive powers "
                           f"of a sum expand into one)")
-        return _sums(sympy.Mul(*[expr.base] * int(expr.exp), evaluate=False))
+        return _sums(sympy.Mul(*[expr.base] * int(expr.exp), evaluate=False), taken)
     if isinstance(expr, sympy.Mul) and expr.has(sympy.Sum):
         combined = [((), sympy.Integer(1))]
         for factor in expr.args:
             product = []
             for limits, body in combined:
                 used = {str(limit[0]) for limit in limits}
-                for more, extra in _sums(factor):
+                for more, extra in _sums(factor, taken):
                     renames = {}
                     for limit in more:
                         name = str(limit[0])
-                        fresh, count = name, 1
-                        while fresh in used:
-                            count += 1
-                            fresh = f"{name}_{count}"
-                        used.add(fresh)
-                        if fresh != name:
-                            renames[limit[0]] = sympy.Symbol(fresh)
+                        if name in used:
+                            name = _fresh(name, taken)
+                            renames[limit[0]] = sympy.Symbol(name)
+                        used.add(name)
                     more = tuple((limit[0].xreplace(renames), *limit[1:]) for limit in more)
                     product.append((limits + more, body * extra.xreplace(renames)))
             combined = product
@@ -93,7 +109,7 @@ def _sums(expr) -> list[tuple[tuple, sympy.Expr]]:
     return [((), expr)]
 
 
-def _floors_to_indices(body, indices: dict, constraints: list, box: dict):
+def _floors_to_indices(body, indices: dict, constraints: list, box: dict, taken: set[str]):
     """Each floor(e/m) inside an index becomes a summation index q with m·q <= e <= m·q + m - 1
     (one value of q per point): the sum stays affine, so it derives like any other."""
     floors = sorted({f for a in accesses(body) for p in a.indices for f in
@@ -101,7 +117,7 @@ def _floors_to_indices(body, indices: dict, constraints: list, box: dict):
     for number, floor in enumerate(floors):
         num, den = integer_form(floor.args[0])
         low, high = value_range(num, box)
-        q = sympy.Idx(f"q{number}", (low // den, high // den))
+        q = sympy.Idx(_fresh(f"q{number}", taken), (low // den, high // den))
         indices[str(q.label)] = q
         box[q] = index_range(q)
         constraints += [num - den * q, den * q + den - 1 - num]
@@ -121,7 +137,8 @@ def expression(spec: ExprSpec) -> OpDefinition:
     unknown = sorted(read - {a.name for a in inputs})
     if unknown:
         raise IRError(f"expression: no shape given for {', '.join(unknown)}")
-    terms_text = _sums(rebased(rhs, {a.name: a for a in inputs}))
+    taken = {str(s) for s in rhs.atoms(sympy.Symbol)} | set(free_names)
+    terms_text = _sums(rebased(rhs, {a.name: a for a in inputs}), taken)
     out_shape = tuple(shapes[out_name]) if out_name in shapes else \
         _infer_output(out_name, free_names, terms_text, shapes)
     if len(out_shape) != len(free_names):
@@ -154,7 +171,7 @@ def expression(spec: ExprSpec) -> OpDefinition:
         box = {i: index_range(i) for i in indices.values()}
         constraints: list = []
         before = set(indices)
-        body = _floors_to_indices(body, indices, constraints, box)
+        body = _floors_to_indices(body, indices, constraints, box, taken)
         summed += [indices[n] for n in indices if n not in before]
         _check_reads(number, body, box, spec.zero_outside)
         padded = tuple(sorted({str(a.base.label) for a in accesses(body)} &
