@@ -17,7 +17,7 @@ compiler's symbolic stages import SymPy when first used.
 """
 
 from ._version import __version__
-from .errors import BuildError, IRError
+from .errors import BuildError, InternalError, IRError
 from .kernel import Kernel, PackageError, load
 from .spec import AvgPoolSpec, ConvSpec, ConvTransposeSpec, ExprSpec, GradientSpec
 from .graph import (GradcheckError, IndexOp, Tensor, avg_pool, concatenate, conv,
@@ -32,7 +32,8 @@ _LAZY = {
 }
 
 __all__ = ["__version__", "AvgPoolSpec", "ConvSpec", "ConvTransposeSpec", "ExprSpec",
-           "GradientSpec", "BuildError", "IRError", "GradcheckError", "Kernel", "PackageError",
+           "GradientSpec", "BuildError", "InternalError", "IRError", "GradcheckError", "Kernel",
+           "PackageError",
            "gradcheck", "load", "nn", "optim", "Tensor",
            "avg_pool", "concatenate", "conv", "conv_transpose", "cross_entropy", "grad",
            "IndexOp", "is_grad_enabled", "linear", "log_softmax", "matmul", "max_pool", "no_grad",

@@ -12,6 +12,7 @@ imported inside ``compilation`` only: a cache hit loads a package without SymPy.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .errors import GeneratedCodeError, InternalError
 from .kernel import Kernel, KernelFunction, PackageError, Variant, best_variant
 from .package import build
 from .package.targets import variants as target_variants
@@ -215,16 +217,34 @@ def _load_or_build(spec, cache_dir, target) -> tuple[Kernel, Compilation | None]
     try:
         return Kernel(path), None
     except PackageError:
-        built = []
+        pass            # not built yet, or broken: (re)build it below
+    built = []
 
-        def write(staging: Path) -> None:
-            compiled = compilation(spec, target)
-            sources = {name: source.text for name, source in compiled.sources.items()}
+    def write(staging: Path) -> None:
+        compiled = compilation(spec, target)
+        sources = {name: source.text for name, source in compiled.sources.items()}
+        try:
             build.write_package(staging, path.name, sources, compiled.cdef,
                                 compiled.manifest(), config)
-            built.append(compiled)
-        kernel = Kernel(build.publish(root, path.name, write))
-        return kernel, (built[0] if built else None)
+        except GeneratedCodeError as error:
+            raise InternalError(_bug_report(root / "bug-reports" / path.name, spec, sources,
+                                            error)) from None
+        built.append(compiled)
+    kernel = Kernel(build.publish(root, path.name, write))
+    return kernel, (built[0] if built else None)
+
+
+def _bug_report(directory: Path, spec, sources: dict[str, str], error: Exception) -> str:
+    """Keep what a developer needs to reproduce a compile failure of generated C, and say so."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "spec.json").write_text(json.dumps({"kind": spec.KIND, **spec.to_dict()},
+                                                    indent=1) + "\n")
+    (directory / "compiler.txt").write_text(f"{error}\n")
+    for name, text in sources.items():
+        (directory / f"kernels-{name}.c").write_text(text)
+    return (f"symconv generated C that the compiler refused, for {spec.describe()}. This is a "
+            f"bug in symconv, not in your input: please report it to the symconv developers "
+            f"with the files in {directory} (the spec, the C and the compiler's output).")
 
 
 def compile_op(spec, cache_dir: str | os.PathLike | None = None,

@@ -15,4 +15,13 @@ class BuildError(RuntimeError):
     """The C compiler failed; the message holds the command and its output."""
 
 
-__all__ = ["BuildError", "IRError", "PackageError"]
+class GeneratedCodeError(BuildError):
+    """The C compiler refused C that symconv generated (raised by the build stage; the driver
+    turns it into an InternalError that names the spec)."""
+
+
+class InternalError(RuntimeError):
+    """A bug in symconv, not in the input: the message says where the report files are."""
+
+
+__all__ = ["BuildError", "GeneratedCodeError", "IRError", "InternalError", "PackageError"]

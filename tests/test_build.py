@@ -222,6 +222,30 @@ def test_build_error_reports_the_compiler_output(tmp_path, monkeypatch, one_targ
         build.compile_extension(tmp_path, "_broken", "void f(void);", one_target_config)
 
 
+def test_generated_c_the_compiler_refuses_is_reported_as_a_bug(tmp_path, monkeypatch):
+    """An InternalError naming the spec and the kept report files; not chained under the
+    cache miss (PackageError) that started the build."""
+    from symconv import codegen
+
+    def broken(*args, **kwargs):
+        source = emit(*args, **kwargs)
+        return codegen.CSource(source.text + "\nthis is not C;\n", source.functions)
+    emit = codegen.emit
+    monkeypatch.setattr(codegen, "emit", broken)
+    spec = ConvSpec((1, 1, 5), (1, 1, 3))
+    with pytest.raises(symconv.InternalError, match="bug in symconv") as caught:
+        compiler.compile_op(spec, cache_dir=tmp_path, target="x86-64")
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
+    assert spec.describe() in str(caught.value)
+    report = next((tmp_path / "bug-reports").iterdir())
+    assert str(report) in str(caught.value)
+    assert symconv.spec.spec_from_dict(json.loads((report / "spec.json").read_text())) == spec
+    assert "this is not C" in (report / "kernels-x86-64.c").read_text()
+    assert "error" in (report / "compiler.txt").read_text()
+    assert not [p for p in tmp_path.iterdir() if p.name != "bug-reports" and
+                not p.name.startswith(".")]        # no package was published
+
+
 @pytest.mark.parametrize("target, message", [
     ("pentium4", "unknown target 'pentium4'"),
     ("x86-64-v4,avx9", "unknown target 'avx9'"),

@@ -131,8 +131,20 @@ class BodyPrinter(C99CodePrinter):
     """Array reads as flat loads (zero-padded arrays guarded); small powers as products."""
 
     def __init__(self, dtype: str, padded: dict | None = None):
-        super().__init__({"type_aliases": {real: float32 if dtype == "float32" else float64}})
+        super().__init__({"type_aliases": {real: float32 if dtype == "float32" else float64},
+                          "math_macros": {}})     # M_PI and friends are not C99
         self.padded = padded or {}
+
+    def _print_NumberSymbol(self, expr):
+        return self._print(sympy.Float(expr.evalf(20), 20))
+
+    _print_Pi = _print_Exp1 = _print_EulerGamma = _print_GoldenRatio = _print_Catalan = \
+        _print_NumberSymbol
+
+    def _print_Heaviside(self, expr):
+        x = self._print(expr.args[0])
+        at_zero = self._print(expr.args[1] if len(expr.args) > 1 else sympy.S.Half)
+        return f"(({x}) > 0 ? 1 : ({x}) < 0 ? 0 : {at_zero})"
 
     def _print_Idx(self, expr):
         return str(expr.label)

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator, Mapping
 import cffi
 
 from .._version import __version__
-from ..errors import BuildError
+from ..errors import BuildError, GeneratedCodeError
 from .. import kernel as runtime
 from ..kernel import (FORMAT, MANIFEST, Manifest, PackageError, Variant, file_digest,
                       manifest_digest, read_manifest)
@@ -166,8 +166,8 @@ def package_name(slug: str, op_key: str, config: Mapping[str, Any]) -> str:
     return f"{slug}_{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
-def _run_all(commands: list[list[str]]) -> None:
-    """Run compiler commands side by side; BuildError with the first failure's output."""
+def _run_all(commands: list[list[str]], error: type[BuildError] = BuildError) -> None:
+    """Run compiler commands side by side; ``error`` with the first failure's output."""
     running = [(command, subprocess.Popen(command, stdout=subprocess.PIPE,
                                           stderr=subprocess.STDOUT, text=True))
                for command in commands]
@@ -175,7 +175,7 @@ def _run_all(commands: list[list[str]]) -> None:
                 for command, process in running]
     for command, output, code in results:
         if code != 0:
-            raise BuildError(f"C compilation failed ({' '.join(command)}):\n{output[-4000:]}")
+            raise error(f"C compilation failed ({' '.join(command)}):\n{output[-4000:]}")
 
 
 def compile_extension(directory: Path, module: str, cdef: str, config: Mapping[str, Any]) -> Path:
@@ -194,7 +194,7 @@ def compile_extension(directory: Path, module: str, cdef: str, config: Mapping[s
     objects = [directory / f"{module}.{i}.o" for i in range(len(entries))]
     try:
         _run_all([[cc, *flags, *entry.flags, "-c", str(directory / entry.source), "-o",
-                   str(obj)] for entry, obj in zip(entries, objects)])
+                   str(obj)] for entry, obj in zip(entries, objects)], GeneratedCodeError)
         _run_all([[cc, *flags, *entries[-1].flags, *include, str(wrapper),
                    *map(str, objects), "-o", str(target), "-lm"]])
     finally:

@@ -46,9 +46,17 @@ class Derivation:
 
 
 def partial(body: sympy.Expr, access: sympy.Indexed) -> sympy.Expr:
-    """∂body/∂access, treating that one array element as a scalar variable."""
-    scalar = sympy.Dummy("scalar")
-    return sympy.diff(body.xreplace({access: scalar}), scalar).xreplace({scalar: access})
+    """∂body/∂access, treating each array element as a real scalar variable.  Steps (sign,
+    Heaviside, floor, ceiling) have derivative zero almost everywhere, as in PyTorch."""
+    scalars = {a: sympy.Dummy(f"a{n}", real=True) for n, a in enumerate(accesses(body))}
+    derivative = sympy.diff(body.xreplace(scalars), scalars[access])
+    derivative = derivative.replace(lambda e: isinstance(e, sympy.DiracDelta) or (
+        isinstance(e, sympy.Derivative) and isinstance(e.expr, (sympy.floor, sympy.ceiling))),
+        lambda e: sympy.Integer(0))
+    derivative = derivative.replace(lambda e: isinstance(e, sympy.Subs), lambda e: e.doit())
+    if derivative.has(sympy.Derivative, sympy.Subs):
+        raise IRError(f"cannot differentiate {body} with respect to {access}")
+    return derivative.xreplace({s: a for a, s in scalars.items()})
 
 
 def vjp(fn: IndexSum, wrt: Array, cotangent: Array | None = None,

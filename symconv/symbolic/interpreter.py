@@ -62,7 +62,8 @@ class _CompiledLoop:
         return range(low, high + 1, self.step)
 
 
-_DELTA = {"KroneckerDelta": lambda a, b: 1.0 if a == b else 0.0}
+_FUNCTIONS = {"KroneckerDelta": lambda a, b: 1.0 if a == b else 0.0,
+              "Heaviside": lambda x, at_zero=0.5: 1.0 if x > 0 else 0.0 if x < 0 else at_zero}
 
 
 class _CompiledNest:
@@ -74,7 +75,8 @@ class _CompiledNest:
                               key=sympy.default_sort_key)
         names = {i: sympy.Dummy(str(i.label)) for i in self.indices}
         self.body = sympy.lambdify([*placeholders.values(), *names.values()],
-                                   nest.body.xreplace({**placeholders, **names}), [_DELTA, "math"])
+                                   nest.body.xreplace({**placeholders, **names}),
+                                   [_FUNCTIONS, "math"])
         self.reads = [(str(a.base.label), tuple(_AffineEval(e) for e in a.indices),
                        tuple(int(n) for n in a.base.shape),
                        str(a.base.label) in nest.zero_outside) for a in placeholders]

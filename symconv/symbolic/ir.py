@@ -71,6 +71,41 @@ def array_of(access: sympy.Indexed) -> Array:
     return Array(str(base.label), tuple(int(s) for s in base.shape))
 
 
+# --- what a body may compute ----------------------------------------------------------------------
+
+# The functions a body may apply: each prints in C and has a derivative made of them (a step's
+# derivative is zero almost everywhere; at a tie Heaviside is 1/2, so Max/Min split the gradient).
+BODY_FUNCTIONS = (
+    sympy.exp, sympy.log, sympy.sin, sympy.cos, sympy.tan, sympy.asin, sympy.acos, sympy.atan,
+    sympy.atan2, sympy.sinh, sympy.cosh, sympy.tanh, sympy.asinh, sympy.acosh, sympy.atanh,
+    sympy.erf, sympy.erfc, sympy.Abs, sympy.sign, sympy.Heaviside, sympy.Min, sympy.Max,
+    sympy.floor, sympy.ceiling,
+)
+_BODY_NODES = (sympy.Add, sympy.Mul, sympy.Pow, sympy.Symbol, *BODY_FUNCTIONS)
+
+
+def check_body(body: sympy.Expr, where: str) -> None:
+    """Refuse anything in a body that symconv cannot differentiate and print in C: other
+    functions (gamma, Mod, re, a name SymPy does not know...), comparisons, complex or
+    infinite numbers.  Array reads are values; their indices are checked elsewhere."""
+    def visit(node) -> None:
+        if isinstance(node, sympy.Indexed):
+            return
+        if isinstance(node, sympy.Atom) and node.is_number:
+            if not node.is_finite or not node.is_real:
+                raise IRError(f"{where}: the number {node} is not a finite real")
+            return
+        if not isinstance(node, _BODY_NODES):
+            what = type(node).__name__ if isinstance(node, sympy.Function) else str(node)
+            names = ", ".join(f.__name__ for f in BODY_FUNCTIONS)
+            raise IRError(f"{where}: {what} is not supported in a body (supported: +, -, *, /, "
+                          f"** and {names})")
+        for arg in node.args:
+            visit(arg)
+
+    visit(sympy.sympify(body))
+
+
 # --- the IR itself -------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import sympy
 from ...errors import IRError
 from ...spec import ExprSpec
 from ..affine import integer_form, linear_parts
-from ..ir import Array, IndexSum, Term, accesses, index, index_range
+from ..ir import Array, IndexSum, Term, accesses, check_body, index, index_range
 from ..lowering import value_range
 from .op import OpDefinition, rebased, spec_op
 
@@ -159,6 +159,7 @@ def expression(spec: ExprSpec) -> OpDefinition:
             idx = sympy.Idx(name, (int(limit[1]), int(limit[2])))
             indices[name] = idx
             summed.append(idx)
+        check_body(body, f"expression, term {number} ({body})")
         symbols = {s: indices[str(s)] for s in body.free_symbols
                    if isinstance(s, sympy.Symbol) and str(s) in indices}
         body = body.xreplace(symbols)
