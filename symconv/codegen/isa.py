@@ -223,11 +223,13 @@ class Simd:
             f"sc_hsum_{self.sfx}({value})"
 
     def nonnegative(self, base: str, step: int) -> str:
-        """Mask of lanes l where base + step·l >= 0."""
+        """Mask of lanes l where base + step·l >= 0.  The base is clamped (in 64 bits) to
+        ±(width·|step| + 1) first, which keeps every lane's answer and keeps the lane values
+        inside 32 bits whatever the extents."""
         p, epi = self._p, self._epi
         cast = "int32_t" if self.dtype == "float32" else "int64_t"
         set1 = f"{p}_set1_{epi}" if (self.wide or self.dtype == "float32") else "_mm256_set1_epi64x"
-        lanes = f"{set1}(({cast})({base}))"
+        lanes = f"{set1}(({cast})sc_clamp({base}, {self.width * abs(step) + 1}))"
         if step:
             values = ", ".join(str(step * i) for i in range(self.width))
             setr = f"{p}_setr_{epi}" if (self.wide or self.dtype == "float32") else \

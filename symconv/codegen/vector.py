@@ -100,23 +100,32 @@ def _lane_interior(chosen: schedule.OutputLanes, piece: schedule.Piece) -> tuple
     return low, high
 
 
-def _lane_segments(extent: int, width: int, wide: int, interior) -> list[tuple[int, int, bool]]:
-    """Cover lanes 0..extent-1 with (start, vectors, masked) blocks: wide unmasked blocks where
-    they fit inside the interior, single unmasked vectors where those fit, masked vectors
-    elsewhere."""
+def _lane_runs(extent: int, width: int, wide: int, interior) -> list[tuple[int, int, int, bool]]:
+    """Cover lanes 0..extent-1 with runs (start, count, vectors, masked) of equal blocks, in
+    order: masked vectors before the interior, wide unmasked blocks inside it, single unmasked
+    vectors where a wide block no longer fits, masked vectors after it.  Computed in closed
+    form: the cost does not grow with the extent."""
     low, high = interior
-    segments, start = [], 0
-    while start < extent:
-        if wide > 1 and start >= low and start + wide * width - 1 <= high:
-            segments.append((start, wide, False))
-            start += wide * width
-        elif start >= low and start + width - 1 <= high:
-            segments.append((start, 1, False))
-            start += width
-        else:
-            segments.append((start, 1, True))
-            start += width
-    return segments
+    runs: list[tuple[int, int, int, bool]] = []
+
+    def add(start: int, count: int, vectors: int, masked: bool) -> int:
+        if count > 0:
+            if runs and runs[-1][2:] == (vectors, masked):     # continues the last run
+                first, before = runs[-1][:2]
+                runs[-1] = (first, before + count, vectors, masked)
+            else:
+                runs.append((start, count, vectors, masked))
+        return start + max(count, 0) * vectors * width
+
+    def inside(start: int, size: int) -> int:      # blocks of size lanes from start
+        return min((high + 1 - start) // size, ceil_div(extent - start, size))
+
+    start = add(0, min(ceil_div(max(low, 0), width), ceil_div(extent, width)), 1, True)
+    if wide > 1:
+        start = add(start, inside(start, wide * width), wide, False)
+    start = add(start, inside(start, width), 1, False)
+    add(start, ceil_div(extent - start, width), 1, True)
+    return runs
 
 
 def emit_output_lanes(out: Writer, fn: IndexSum, piece: schedule.Piece,
@@ -135,25 +144,18 @@ def emit_output_lanes(out: Writer, fn: IndexSum, piece: schedule.Piece,
     block_shapes = {(chosen.vectors, False): _BlockShape(chosen.rows, chosen.vectors, False),
                 (1, False): _BlockShape(single_rows, 1, False),
                 (1, True): _BlockShape(single_rows, 1, True)}
-    segments = _lane_segments(index_range(lane)[1] + 1, simd.width, chosen.vectors,
-                              _lane_interior(chosen, piece))
+    runs = _lane_runs(index_range(lane)[1] + 1, simd.width, chosen.vectors,
+                      _lane_interior(chosen, piece))
 
     parallel(out, outer, work(chosen.nests, piece.indices))
     for idx in outer:
         lo, hi = index_range(idx)
         out.open(f"for (int64_t {idx.label} = {lo}; "
                  f"{idx.label} <= {hi}; ++{idx.label})")
-    runs: list[list[tuple[int, int, bool]]] = []
-    for segment in segments:
-        if runs and runs[-1][-1][1:] == segment[1:] and \
-                runs[-1][-1][0] + segment[1] * simd.width == segment[0]:
-            runs[-1].append(segment)
-        else:
-            runs.append([segment])
-    for run in runs:
-        block_shape = block_shapes[run[0][1:]]
+    for first, count, vectors, masked in runs:
+        block_shape = block_shapes[vectors, masked]
         step = block_shape.vectors * simd.width
-        out.open(f"for (int64_t {lane_name} = {run[0][0]}; {lane_name} <= {run[-1][0]}; "
+        out.open(f"for (int64_t {lane_name} = {first}; {lane_name} <= {first + (count - 1) * step}; "
                  f"{lane_name} += {step})")
         if block is not None:
             out.open(f"for (int64_t {block.label} = 0; {block.label} < {block_extent}; "
@@ -168,6 +170,21 @@ def emit_output_lanes(out: Writer, fn: IndexSum, piece: schedule.Piece,
 
 def _ceil_const(bound: Bound) -> int:
     return ceil_div(int(bound.num), bound.den)
+
+
+def _over_lanes(bounds, lane, block, span: int, is_lower: bool) -> list[Bound]:
+    """Each lane-dependent bound relaxed to hold for the lanes lane .. lane + span - 1 of a
+    block: a lower bound at the lane where it is least, an upper one where it is greatest.
+    So a loop whose range moves with the lane runs over the union of the lanes' ranges (one
+    or two values where a stride is large), not over the index's whole range."""
+    relaxed = []
+    for b in bounds:
+        if not _depends(b.num, lane) or (block is not None and _depends(b.num, block)):
+            continue
+        slope = linear_parts(b.num)[0][lane]
+        at = lane if (slope >= 0) == is_lower else lane + span - 1
+        relaxed.append(Bound(sympy.expand(b.num.xreplace({lane: at})), b.den))
+    return relaxed
 
 
 def _output_lane_block(out, fn, piece, chosen, simd, block_shape: _BlockShape) -> None:
@@ -222,10 +239,14 @@ def _output_lane_block(out, fn, piece, chosen, simd, block_shape: _BlockShape) -
                     domain.append(name)
             _define_load_masks(out, simd, reads, lane, lane_at, vectors, lane_padding, domain,
                                loads, number, 0, depth_of, False)
+        span = vectors * width
         for depth, loop in enumerate(nest.loops, start=1):
             var = str(loop.index.label)
             keep_low = [b for b in loop.lower if not _depends(b.num, lane)]
             keep_high = [b for b in loop.upper if not _depends(b.num, lane)]
+            if masked:      # the masks decide per lane; the loop covers the block's lanes
+                keep_low += _over_lanes(loop.lower, lane, block, span, True)
+                keep_high += _over_lanes(loop.upper, lane, block, span, False)
             out.open(f"for (int64_t {var} = {bound_text(keep_low, True)}; {var} <= "
                      f"{bound_text(keep_high, False)}; ++{var})")
             opened += 1
