@@ -95,6 +95,7 @@ class Compilation:
             "key": op.key,
             "dtype": op.dtype,
             "inputs": [a.name for a in op.inputs],
+            "arguments": list(op.arguments),
             "output": op.forward.output.name,
             "differentiable": list(op.differentiable),
             "backward_args": [a.name for a in op.inputs if a.name in read_by_gradients]

@@ -370,9 +370,11 @@ class ChunkedConv:
         gb = total[w_size:] if self.spec.bias else None
         return gw, gb
 
-    def backward(self, x, weight, grad_output, wrt=("input", "weight", "bias")):
-        """(grad_input, grad_weight, grad_bias): lazy dask arrays, None where not asked for."""
-        wrt = tuple(wrt)
+    def backward(self, x, weight, grad_output, wrt=None):
+        """(grad_input, grad_weight, grad_bias): lazy dask arrays, None where not asked for
+        (by default every gradient the convolution has; grad_bias None without a bias)."""
+        wrt = tuple(wrt) if wrt is not None else \
+            ("input", "weight", *(("bias",) if self.spec.bias else ()))
         unknown = set(wrt) - {"input", "weight", "bias"}
         if unknown or ("bias" in wrt and not self.spec.bias):
             raise ValueError(f"symconv.dask: wrt must name some of input, weight"
@@ -470,7 +472,6 @@ def conv_backward(x, weight, grad_output, stride=1, padding=0, dilation=1, group
     """(grad_input, grad_weight, grad_bias) of ``Σ grad_output · conv(x, weight, bias)`` as lazy
     dask arrays, None where not in ``wrt`` (default: all; grad_bias only with ``bias``)."""
     x = _input(x, chunks)
-    wrt = tuple(wrt) if wrt is not None else ("input", "weight") + (("bias",) if bias else ())
     chunked = chunking(x.shape, np.shape(weight), stride, padding, dilation, groups, bias,
                      x.dtype, chunks=x.chunks, cache_dir=cache_dir, target=target,
                      threads=threads, precompile=precompile)

@@ -94,6 +94,7 @@ class Manifest:
     key: str
     dtype: str
     inputs: tuple[str, ...]
+    arguments: tuple[str, ...]         # declared call order, absent optional arrays included
     output: str
     differentiable: tuple[str, ...]
     backward_args: tuple[str, ...]     # what ``Kernel.backward`` takes: inputs read, cotangent
@@ -105,8 +106,8 @@ class Manifest:
     files: Mapping[str, str]           # file name -> sha256
     extra: Mapping[str, Any]
 
-    OP_FIELDS = ("kind", "description", "key", "dtype", "inputs", "output", "differentiable",
-                 "backward_args", "arrays", "functions", "formulas")
+    OP_FIELDS = ("kind", "description", "key", "dtype", "inputs", "arguments", "output",
+                 "differentiable", "backward_args", "arrays", "functions", "formulas")
     PACKAGE_FIELDS = ("format", "name", "module", "build", "files", "digest")
 
     @property
@@ -152,6 +153,9 @@ class Manifest:
                 raise ValueError(f"bad function name {name!r}")
         names = {key: tuple(str(n) for n in data[key])
                  for key in ("inputs", "differentiable", "backward_args")}
+        names["arguments"] = tuple(str(n) for n in data.get("arguments", names["inputs"]))
+        if [n for n in names["arguments"] if n in names["inputs"]] != list(names["inputs"]):
+            raise ValueError("arguments do not hold the inputs in order")
         known = {*cls.OP_FIELDS, *cls.PACKAGE_FIELDS}
         return cls(name=data["name"], module=data["module"], kind=data["kind"],
                    description=data["description"], key=data["key"], dtype=data["dtype"],
@@ -438,6 +442,19 @@ class Kernel:
         return self.record.differentiable
 
     @property
+    def arguments(self) -> tuple[str, ...]:
+        """The declared call order: ``inputs`` with the optional arrays the op does not have
+        (a bias-free convolution's bias) in their place.  ``forward`` takes None for those,
+        and ``backward`` answers None for them."""
+        return self.record.arguments
+
+    @property
+    def gradients(self) -> tuple[str, ...]:
+        """The arguments ``backward`` returns an entry for, in order."""
+        return tuple(a for a in self.arguments
+                     if a in self.differentiable or a not in self.inputs)
+
+    @property
     def formulas(self) -> dict[str, str]:
         """Each function's index sum as text: the forward sum, each gradient in gather form."""
         return {name: f["text"] for name, f in self.record.formulas.items()}
@@ -463,7 +480,15 @@ class Kernel:
     # --- calling ---------------------------------------------------------------------------------
     def forward(self, *inputs: np.ndarray, out: np.ndarray | None = None,
                 threads: int | None = None) -> np.ndarray:
-        """The op's output for ``inputs`` (in the order of ``self.inputs``)."""
+        """The op's output for ``inputs``, in the order of ``self.inputs`` or of
+        ``self.arguments`` (None in the place of an absent optional array)."""
+        if len(inputs) == len(self.arguments) != len(self.inputs):
+            absent = [(a, v) for a, v in zip(self.arguments, inputs) if a not in self.inputs]
+            for name, value in absent:
+                if value is not None:
+                    raise TypeError(f"forward: this kernel has no {name} (its spec has none); "
+                                    f"pass None or leave it out")
+            inputs = tuple(v for a, v in zip(self.arguments, inputs) if a in self.inputs)
         return self.functions["forward"](*inputs, out=out, threads=threads)
 
     __call__ = forward
@@ -476,8 +501,10 @@ class Kernel:
         ``arrays`` are ``manifest['backward_args']``: the inputs some gradient
         reads, then ``grad_output`` (for a convolution: input, weight,
         grad_output).  ``wrt`` selects a subset by name; the result always has
-        one entry per differentiable input, None where not requested.  An
-        array that no requested gradient reads may be None.
+        one entry per name in ``self.gradients`` (every differentiable input,
+        and None for an absent optional one: ``gx, gw, gb`` with ``gb`` None for a
+        bias-free convolution), None where not requested.  An array that no
+        requested gradient reads may be None.
         """
         names = self.record.backward_args
         if len(arrays) != len(names):
@@ -494,7 +521,7 @@ class Kernel:
         if extra:
             raise ValueError(f"backward: out given for {sorted(extra)} which are not requested")
         results = []
-        for name in self.differentiable:
+        for name in self.gradients:
             if name not in wanted:
                 results.append(None)
                 continue

@@ -140,6 +140,12 @@ def test_functional_pieces_and_errors(compile_spec, cache_dir):
                                    dtype="float64"))
     np.testing.assert_allclose(gx, single.grad_input(w, gy), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(gw, single.grad_weight(x, gy), rtol=1e-12, atol=1e-12)
+    free = sd.chunking(x.shape, w.shape, 2, 1, bias=False, dtype="float64", chunks=(1, 2, 6),
+                       cache_dir=cache_dir)
+    with dask.config.set(scheduler="synchronous"):
+        lazy_gx, lazy_gw, lazy_gb = free.backward(x, w, gy)      # by default all it has
+        np.testing.assert_allclose(lazy_gw.compute(), gw, rtol=1e-12, atol=1e-12)
+    assert lazy_gb is None
     with pytest.raises(ValueError, match="give chunks="):
         sd.conv(x, w, b, cache_dir=cache_dir)
     with pytest.raises(ValueError, match="pass bias="):

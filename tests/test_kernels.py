@@ -155,6 +155,28 @@ def test_backward_subsets(compile_spec, rng):
     np.testing.assert_array_equal(out, full[1])
 
 
+def test_a_bias_free_kernel_takes_and_returns_none_for_the_bias(compile_spec, rng):
+    """As torch's conv2d(x, w, None): three arguments, three gradients, the last None."""
+    from symconv import ConvSpec, ConvTransposeSpec
+    for spec in (ConvSpec((2, 3, 7), (4, 3, 3), padding=1, bias=False, dtype="float64"),
+                 ConvTransposeSpec((2, 3, 4), (3, 2, 3), stride=2, bias=False,
+                                   dtype="float64")):
+        kernel = compile_spec(spec)
+        assert kernel.arguments == ("input", "weight", "bias") == kernel.gradients
+        x, w = rng.standard_normal(spec.input_shape), rng.standard_normal(spec.weight_shape)
+        y = kernel.forward(x, w, None)
+        np.testing.assert_array_equal(y, kernel.forward(x, w))
+        gy = rng.standard_normal(y.shape)
+        gx, gw, gb = kernel.backward(x, w, gy)
+        assert gb is None
+        np.testing.assert_array_equal(gx, kernel.grad_input(w, gy))
+        np.testing.assert_array_equal(gw, kernel.grad_weight(x, gy))
+        with pytest.raises(TypeError, match="this kernel has no bias"):
+            kernel.forward(x, w, np.zeros(y.shape[1]))
+        with pytest.raises(ValueError, match="wrt must be a sequence of names"):
+            kernel.backward(x, w, gy, wrt=("bias",))
+
+
 def test_out_argument(compile_spec, rng):
     spec = make_spec(CASES[0].values[0])
     kernel = compile_spec(spec)

@@ -25,6 +25,9 @@ from ..ir import Array, IndexSum, Term, index, index_range
 from ..lowering import value_range
 from .op import OpDefinition, rebased, spec_op
 
+# A convolution's arguments in torch's order; a bias-free one takes None for the bias.
+CONV_ARGUMENTS = ("input", "weight", "bias")
+
 
 def _windows(out_spatial, kernel, stride, dilation, padding):
     """Output indices i, window indices k, and the input positions s·i + d·k - lo they read;
@@ -100,7 +103,7 @@ def conv(spec: ConvSpec) -> OpDefinition:
         shapes["bias"] = spec.bias_shape
 
     forward = IndexSum(y, (n, *g, o, *i), tuple(terms))
-    return spec_op(spec, forward, inputs, shapes, flops=spec.flops)
+    return spec_op(spec, forward, inputs, shapes, CONV_ARGUMENTS, flops=spec.flops)
 
 
 def avg_pool(spec: AvgPoolSpec) -> OpDefinition:
@@ -138,4 +141,4 @@ def conv_transpose(spec: ConvTransposeSpec) -> OpDefinition:
         inputs.append(b)
         shapes["bias"] = spec.bias_shape
     return spec_op(spec, IndexSum(y, gradient.indices, tuple(terms)), inputs, shapes,
-               flops=spec.flops)
+                   CONV_ARGUMENTS, flops=spec.flops)

@@ -29,6 +29,7 @@ class OpDefinition:
     key: str
     description: str
     details: Mapping[str, object] = field(default_factory=dict)
+    arguments: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         arrays = {a.name: a for a in (*self.inputs, self.forward.output)}
@@ -38,13 +39,14 @@ class OpDefinition:
                                  f"not match its IR shape {array.shape}")
 
 
-def spec_op(spec, forward: IndexSum, inputs, shapes, **details) -> OpDefinition:
+def spec_op(spec, forward: IndexSum, inputs, shapes, arguments=(), **details) -> OpDefinition:
     """A spec's op: every input differentiable, the spec kept for the manifest."""
     inputs = tuple(inputs)
     return OpDefinition(kind=spec.KIND, forward=forward, inputs=inputs,
                         differentiable=tuple(a.name for a in inputs), shapes=shapes,
                         dtype=spec.dtype, key=spec.key, description=spec.describe(),
-                        details={"spec": spec.to_dict(), **details})
+                        details={"spec": spec.to_dict(), **details},
+                        arguments=tuple(arguments) or tuple(a.name for a in inputs))
 
 
 def rebased(expr, arrays: dict[str, Array]):
