@@ -82,9 +82,10 @@ def vjp(fn: IndexSum, wrt: Array, cotangent: Array | None = None,
             equations = [j - e for j, e in zip(free, access.indices)]
             deltas = sympy.Mul(*(sympy.KroneckerDelta(j, e, evaluate=False)
                                  for j, e in zip(free, access.indices)), evaluate=False)
-            # Reads of wrt itself are exact after elimination (its index equals an element's);
-            # other zero-padded arrays stay zero-padded.
-            padded = tuple(n for n in term.zero_outside if n != wrt.name)
+            # The read being differentiated is exact after elimination (its index equals an
+            # element's); every other read of a zero-padded array, wrt's included, stays padded.
+            others = {str(a.base.label) for a in accesses(factor) if a != access}
+            padded = tuple(n for n in term.zero_outside if n != wrt.name or n in others)
             scatter_terms.append(Term(unknowns, factor * deltas, term.constraints,
                                       term.congruences, padded))
             solved = eliminate(unknowns, equations, factor, term.constraints, term.congruences)

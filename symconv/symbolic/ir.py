@@ -45,7 +45,7 @@ class Array:
 
     @property
     def base(self) -> sympy.IndexedBase:
-        return sympy.IndexedBase(self.name, shape=self.shape)
+        return sympy.IndexedBase(self.name, shape=self.shape, real=True)   # data are real
 
     def __getitem__(self, indices) -> sympy.Indexed:
         return self.base[indices]

@@ -51,8 +51,8 @@ def _parse(spec: ExprSpec):
         return placeholders.setdefault(match.group(1), f"_n{len(placeholders)}")
 
     text = _NAME.sub(placeholder, right)
-    local = {hidden: sympy.IndexedBase(name) if name in arrays else sympy.Symbol(name)
-             for name, hidden in placeholders.items()}
+    local = {hidden: sympy.IndexedBase(name, real=True) if name in arrays else
+             sympy.Symbol(name) for name, hidden in placeholders.items()}
     local.update(sum=_sum, Sum=_sum)
     try:
         rhs = parse_expr(text, local_dict=local, transformations=standard_transformations)
