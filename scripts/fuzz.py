@@ -7,6 +7,8 @@ the NumPy oracle (and PyTorch for ranks 1-3).
     python scripts/fuzz.py --seed 1234             # reproduce one case (its seed is printed)
     python scripts/fuzz.py --sanitize --minutes 5  # kernels built with ASan+UBSan here, run
                                                    # in a child under the sanitizer runtime
+    python scripts/fuzz.py --ops --cases 2000      # random user ops (tests/op_fuzzing.py)
+                                                   # against PyTorch autograd
 
 Each case prints one line: its seed, the target and the spec.  A failure prints the
 mismatch and the command that reproduces it; the run goes on and the exit status is 1.
@@ -28,6 +30,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 import fuzzing  # noqa: E402
+import op_fuzzing  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -44,6 +47,8 @@ def main(argv=None) -> int:
                         help="build with -fsanitize=address,undefined and run under its runtime")
     parser.add_argument("--cache-dir", default=None, help="kernel cache (default: a fresh one)")
     parser.add_argument("--quiet", action="store_true", help="print failures and totals only")
+    parser.add_argument("--ops", action="store_true",
+                        help="fuzz user ops written as text instead of convolutions")
     args = parser.parse_args(argv)
     if args.minutes is None and args.cases is None and not args.seed:
         args.minutes = 1.0
@@ -53,6 +58,8 @@ def main(argv=None) -> int:
         parser.error(f"this CPU cannot run target(s) {', '.join(sorted(unknown))}")
     if args.sanitize:
         return sanitized(args, argv if argv is not None else sys.argv[1:])
+    if args.ops:
+        return user_ops(args, targets)
 
     from symconv import compiler
     cache = args.cache_dir or tempfile.mkdtemp(prefix="symconv-fuzz-")
@@ -75,14 +82,43 @@ def main(argv=None) -> int:
     return 1 if failed else 0
 
 
-def _cases(args, targets):
-    """(seed, case) for the asked seeds, until the time or the case count is up."""
+def user_ops(args, targets) -> int:
+    """Random user ops from the grammar fuzzer, each on a target drawn from its seed."""
+    cache = args.cache_dir or tempfile.mkdtemp(prefix="symconv-fuzz-ops-")
+    started, ran, failed = time.monotonic(), 0, []
+    for seed in _seeds(args):
+        case = op_fuzzing.op_case_from_seed(seed)
+        target = targets[seed % len(targets)]
+        if not args.quiet:
+            print(f"seed {seed} ({target}): {case.describe()}", flush=True)
+        try:
+            op_fuzzing.check_op_case(case, cache, target)
+        except Exception as error:  # noqa: BLE001 - every failure is reported, then the run goes on
+            failed.append(seed)
+            print(f"FAILED seed {seed}: {case.describe()}\n"
+                  f"{''.join(traceback.format_exception_only(type(error), error)).strip()}\n"
+                  f"reproduce: python scripts/fuzz.py --ops --seed {seed}", flush=True)
+        ran += 1
+    minutes = (time.monotonic() - started) / 60
+    print(f"{ran} user ops in {minutes:.1f} min; {len(failed)} failed"
+          f"{': seeds ' + ' '.join(map(str, failed)) if failed else ''}")
+    return 1 if failed else 0
+
+
+def _seeds(args):
+    """The asked seeds, until the time or the case count is up."""
     seeds = args.seed or itertools.count(args.start)
     deadline = time.monotonic() + 60 * args.minutes if args.minutes is not None else None
     for ran, seed in enumerate(seeds):
         if (deadline is not None and time.monotonic() > deadline) or \
                 (args.cases is not None and ran >= args.cases):
             return
+        yield seed
+
+
+def _cases(args, targets):
+    """(seed, case) for the asked seeds, until the time or the case count is up."""
+    for seed in _seeds(args):
         case = fuzzing.case_from_seed(seed, targets, args.max_rank)
         if not args.quiet:
             print(f"seed {seed}: {case.describe()}", flush=True)

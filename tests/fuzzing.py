@@ -30,8 +30,8 @@ from typing import Callable
 
 import numpy as np
 
-from oracle import conv_backward_mode, conv_forward_mode
-from symconv import ConvSpec
+from oracle import conv_backward, conv_backward_mode, conv_forward, conv_forward_mode
+from symconv import ConvSpec, ConvTransposeSpec
 
 ALL_TARGETS = ("x86-64", "x86-64-v3", "x86-64-v4")
 # per dtype: allowed error relative to the sum of |terms| of each element
@@ -54,7 +54,7 @@ def available_targets() -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Case:
-    spec: ConvSpec
+    spec: ConvSpec | ConvTransposeSpec
     target: str
     seed: int
     special: bool = False        # plant NaN and ±Inf in the inputs
@@ -64,10 +64,12 @@ class Case:
                 f"special values {self.special}")
 
 
-def draw_case(draw: Callable[[int, int], int], targets=None, max_rank: int = 4) -> Case:
+def draw_case(draw: Callable[[int, int], int], targets=None, max_rank: int = 4,
+              transposed: bool = True) -> Case:
     """A random case from ``draw(lo, hi)``, an integer in [lo, hi] (Hypothesis's
     ``integers`` or ``random.Random.randint``).  Sizes start at 1 everywhere; the total
-    work stays small enough for thousands of cases."""
+    work stays small enough for thousands of cases.  With ``transposed``, one case in five
+    is a transposed convolution made from the same draws (plus its output padding)."""
     targets = targets or available_targets()
     rank = draw(1, max_rank)
     groups = draw(1, 3)
@@ -103,7 +105,30 @@ def draw_case(draw: Callable[[int, int], int], targets=None, max_rank: int = 4) 
         fields["padding"] = tuple(padding)
         spec = ConvSpec(**fields)
     target = targets[draw(0, len(targets) - 1)]
-    return Case(spec, target, draw(0, 2**32 - 1), special=draw(0, 4) == 0)
+    seed, special = draw(0, 2**32 - 1), draw(0, 4) == 0
+    if transposed and draw(0, 4) == 0:
+        # finite values only: where NaN and ±Inf go depends on whether the zeros outside a
+        # transposed convolution's output take part in its input gradient (the oracle's
+        # padded convolution: yes; the scatter definition symconv derives from: no)
+        return Case(_transposed(draw, fields, padding), target, seed, special=False)
+    return Case(spec, target, seed, special=special)
+
+
+def _transposed(draw, fields, padding) -> ConvTransposeSpec:
+    """A transposed convolution from a convolution's draws: its input is the convolution's
+    (channels split into the same groups), each output padding below its stride."""
+    n, channels, *spatial = fields["input_shape"]
+    o_group = fields["weight_shape"][0] // fields["groups"]
+    stride = fields["stride"]
+    transposed = dict(input_shape=(n, channels, *(min(size, 5) for size in spatial)),
+                      weight_shape=(channels, o_group, *fields["weight_shape"][2:]),
+                      stride=stride, padding=padding, dilation=fields["dilation"],
+                      output_padding=tuple(draw(0, s - 1) for s in stride),
+                      groups=fields["groups"], bias=fields["bias"], dtype=fields["dtype"])
+    try:
+        return ConvTransposeSpec(**transposed)
+    except ValueError:          # the padding leaves no output
+        return ConvTransposeSpec(**{**transposed, "padding": 0})
 
 
 def case_from_seed(seed: int, targets=None, max_rank: int = 4) -> Case:
@@ -166,13 +191,30 @@ def case_arrays(case: Case) -> dict[str, np.ndarray | None]:
 
 # --- the oracle -------------------------------------------------------------------------------
 
-def expected(spec: ConvSpec, arrays) -> dict[str, np.ndarray]:
+def _transposed_oracle(spec: ConvTransposeSpec, x, w, b, gy):
+    """A transposed convolution by its definition, the input gradient of its adjoint
+    convolution: forward = that gradient of x (plus the bias), grad_input = the adjoint's
+    forward of grad_output, grad_weight = the adjoint's weight gradient with the roles of x
+    and grad_output exchanged."""
+    args = (spec.stride, spec.padding, spec.dilation, spec.groups)
+    y = conv_backward(np.zeros(spec.output_shape), w, x, *args)[0]
+    if b is not None:
+        y = y + np.asarray(b, np.float64).reshape((1, -1) + (1,) * spec.rank)
+    gx = conv_forward(gy, w, None, *args)
+    gw = conv_backward(gy, w, x, *args)[1]
+    gb = np.asarray(gy, np.float64).sum(axis=(0, *range(2, gy.ndim)))
+    return y, gx, gw, gb
+
+
+def expected(spec, arrays) -> dict[str, np.ndarray]:
     """Oracle results, each with a bound on the sum of |terms| of every element."""
     x, w, b, gy = (arrays[k] for k in ("input", "weight", "bias", "grad_output"))
-    args = (spec.stride, spec.padding, spec.dilation, spec.groups, spec.padding_mode)
 
     def run(x, w, b, gy):
         with np.errstate(invalid="ignore", over="ignore"):
+            if isinstance(spec, ConvTransposeSpec):
+                return dict(zip(NAMES, _transposed_oracle(spec, x, w, b, gy)))
+            args = (spec.stride, spec.padding, spec.dilation, spec.groups, spec.padding_mode)
             y = conv_forward_mode(x, w, b, *args)
             gx, gw, gb = conv_backward_mode(x, w, gy, *args)
         return dict(zip(NAMES, (y, gx, gw, gb)))
@@ -192,19 +234,26 @@ def torch_expected(spec: ConvSpec, arrays) -> dict[str, np.ndarray] | None:
         import torch
     except ImportError:
         return None
-    if spec.rank > 3:
-        return None
+    transposed = isinstance(spec, ConvTransposeSpec)
+    if spec.rank > 3 or (transposed and any(lo != hi for lo, hi in spec.padding)):
+        return None         # torch has no 4-D convolution, no asymmetric transposed padding
     functional = torch.nn.functional
     x, w, b, gy = (arrays[k] for k in ("input", "weight", "bias", "grad_output"))
     tx = torch.tensor(x, requires_grad=True)
     tw = torch.tensor(w, requires_grad=True)
     tb = torch.tensor(b, requires_grad=True) if b is not None else None
-    pads = [p for lo_hi in reversed(spec.padding) for p in lo_hi]
-    mode = {"zeros": "constant", "replicate": "replicate", "reflect": "reflect",
-            "circular": "circular"}[spec.padding_mode]
-    padded = functional.pad(tx, pads, mode=mode) if any(pads) else tx
-    ty = getattr(functional, f"conv{spec.rank}d")(padded, tw, tb, stride=spec.stride,
-                                                  dilation=spec.dilation, groups=spec.groups)
+    if transposed:
+        ty = getattr(functional, f"conv_transpose{spec.rank}d")(
+            tx, tw, tb, stride=spec.stride, padding=tuple(lo for lo, _ in spec.padding),
+            output_padding=spec.output_padding, groups=spec.groups, dilation=spec.dilation)
+    else:
+        pads = [p for lo_hi in reversed(spec.padding) for p in lo_hi]
+        mode = {"zeros": "constant", "replicate": "replicate", "reflect": "reflect",
+                "circular": "circular"}[spec.padding_mode]
+        padded = functional.pad(tx, pads, mode=mode) if any(pads) else tx
+        ty = getattr(functional, f"conv{spec.rank}d")(padded, tw, tb, stride=spec.stride,
+                                                      dilation=spec.dilation,
+                                                      groups=spec.groups)
     ty.backward(torch.tensor(gy))
     found = {"forward": ty.detach().numpy(), "grad_input": tx.grad.numpy(),
              "grad_weight": tw.grad.numpy()}

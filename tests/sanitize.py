@@ -49,16 +49,18 @@ class Report:
 
 
 def _job(label, case) -> dict:
-    return {"label": label, "spec": case.spec.to_dict(), "target": case.target,
+    return {"label": label, "spec": {"kind": case.spec.KIND, **case.spec.to_dict()},
+            "target": case.target,
             "seed": case.seed, "special": case.special}
 
 
 def _build_jobs(jobs: list[dict], cache_dir) -> list[dict]:
-    from symconv import ConvSpec, PackageError
+    from symconv import PackageError
     from symconv.package import build
+    from symconv.spec import spec_from_dict
     from symconv.compiler import compile_conv
     for job in jobs:
-        spec, target = ConvSpec.from_dict(job["spec"]), f"{job['target']}+sanitize"
+        spec, target = spec_from_dict(job["spec"]), f"{job['target']}+sanitize"
         try:
             compile_conv(spec, cache_dir=cache_dir, target=target)
         except PackageError as error:      # built, but it loads only under the runtime
@@ -159,11 +161,11 @@ def child() -> None:
 
     import fuzzing
     import symconv
-    from symconv import ConvSpec
+    from symconv.spec import spec_from_dict
     jobs = json.loads(Path(sys.argv[1]).read_text())
     for job in jobs:
         print("START", job["label"], flush=True)
-        case = fuzzing.Case(ConvSpec.from_dict(job["spec"]), job["target"], job["seed"],
+        case = fuzzing.Case(spec_from_dict(job["spec"]), job["target"], job["seed"],
                             job["special"])
         kernel = symconv.load(job["path"])
         try:
