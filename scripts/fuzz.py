@@ -70,11 +70,9 @@ def main(argv=None) -> int:
             calls += fuzzing.check_case(kernel, case)
         except Exception as error:  # noqa: BLE001 - every failure is reported, then the run goes on
             failed.append(seed)
-            print(f"FAILED seed {seed}: {case.describe()}\n"
-                  f"{''.join(traceback.format_exception_only(type(error), error)).strip()}\n"
-                  f"reproduce: python scripts/fuzz.py --seed {seed}"
-                  f"{''.join(f' --target {t}' for t in args.target)}"
-                  f"{f' --max-rank {args.max_rank}' if args.max_rank != 4 else ''}", flush=True)
+            _report(seed, case, error, f"--seed {seed}"
+                    f"{''.join(f' --target {t}' for t in args.target)}"
+                    f"{f' --max-rank {args.max_rank}' if args.max_rank != 4 else ''}")
         ran += 1
     minutes = (time.monotonic() - started) / 60
     print(f"{ran} cases ({calls} kernel functions checked) in {minutes:.1f} min; "
@@ -95,14 +93,18 @@ def user_ops(args, targets) -> int:
             op_fuzzing.check_op_case(case, cache, target)
         except Exception as error:  # noqa: BLE001 - every failure is reported, then the run goes on
             failed.append(seed)
-            print(f"FAILED seed {seed}: {case.describe()}\n"
-                  f"{''.join(traceback.format_exception_only(type(error), error)).strip()}\n"
-                  f"reproduce: python scripts/fuzz.py --ops --seed {seed}", flush=True)
+            _report(seed, case, error, f"--ops --seed {seed}")
         ran += 1
     minutes = (time.monotonic() - started) / 60
     print(f"{ran} user ops in {minutes:.1f} min; {len(failed)} failed"
           f"{': seeds ' + ' '.join(map(str, failed)) if failed else ''}")
     return 1 if failed else 0
+
+
+def _report(seed, case, error, arguments: str) -> None:
+    print(f"FAILED seed {seed}: {case.describe()}\n"
+          f"{''.join(traceback.format_exception_only(type(error), error)).strip()}\n"
+          f"reproduce: python scripts/fuzz.py {arguments}", flush=True)
 
 
 def _seeds(args):
