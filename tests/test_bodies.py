@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import sympy
 
 import symconv as sc
 from symconv import ExprSpec, compilation

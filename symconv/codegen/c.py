@@ -35,7 +35,7 @@ static inline int64_t sc_ceildiv(int64_t a, int64_t b) { return -sc_floordiv(-a,
 static inline int64_t sc_mod(int64_t a, int64_t b) { int64_t r = a % b; return r < 0 ? r + b : r; }
 static inline int64_t sc_max(int64_t a, int64_t b) { return a > b ? a : b; }
 static inline int64_t sc_min(int64_t a, int64_t b) { return a < b ? a : b; }
-static inline int64_t sc_clamp(int64_t a, int64_t bound) { return sc_max(-bound, sc_min(a, bound)); }
+static inline int64_t sc_clamp(int64_t a, int64_t b) { return sc_max(-b, sc_min(a, b)); }
 """
 
 @dataclass(frozen=True)

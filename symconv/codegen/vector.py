@@ -155,7 +155,8 @@ def emit_output_lanes(out: Writer, fn: IndexSum, piece: schedule.Piece,
     for first, count, vectors, masked in runs:
         block_shape = block_shapes[vectors, masked]
         step = block_shape.vectors * simd.width
-        out.open(f"for (int64_t {lane_name} = {first}; {lane_name} <= {first + (count - 1) * step}; "
+        last = first + (count - 1) * step
+        out.open(f"for (int64_t {lane_name} = {first}; {lane_name} <= {last}; "
                  f"{lane_name} += {step})")
         if block is not None:
             out.open(f"for (int64_t {block.label} = 0; {block.label} < {block_extent}; "
