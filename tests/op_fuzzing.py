@@ -232,7 +232,8 @@ def reference(case: OpCase, arrays: dict[str, np.ndarray], cotangent: np.ndarray
             body = body * _torch_function(torch, factor.function)(*values)
     body = body.expand(*[hi - lo + 1 for _, lo, hi in axes])
     output = body.sum(dim=tuple(range(len(case.free), len(axes)))) if case.summed else body
-    output.backward(torch.tensor(cotangent, dtype=torch.float64))
+    if output.requires_grad:            # else no input reaches the output differentiably
+        output.backward(torch.tensor(cotangent, dtype=torch.float64))
     return output.detach().numpy(), {name: (t.grad if t.grad is not None else
                                             torch.zeros_like(t)).numpy()
                                      for name, t in tensors.items()}
