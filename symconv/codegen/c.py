@@ -11,7 +11,7 @@ deterministic: the same sums give byte-identical C.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import sympy
@@ -19,7 +19,7 @@ from sympy.codegen.ast import float32, float64, real
 from sympy.printing.c import C99CodePrinter
 
 from ..symbolic.affine import c_order_strides, integer_form
-from ..symbolic.ir import Array, IndexSum, SumFunction, Term, accesses, index_range
+from ..symbolic.ir import Array, IndexSum, SumFunction, accesses, index_range
 from ..symbolic.lowering import Bound, Condition, LoopNest, nest_box, value_range
 from . import schedule
 
@@ -78,11 +78,9 @@ def c_namespace(function: SumFunction) -> SumFunction:
             mapping[idx] = sympy.Idx(f"i_{idx.label}", (idx.lower, idx.upper))
     mapping.update({idx: sympy.Idx(f"i_{idx.label}", (idx.lower, idx.upper))
                     for idx in fn.indices})
-    terms = tuple(Term(tuple(mapping[i] for i in term.indices), term.body.xreplace(mapping),
-                       tuple(sympy.sympify(c).xreplace(mapping) for c in term.constraints),
-                       tuple((sympy.sympify(e).xreplace(mapping), m)
-                             for e, m in term.congruences),
-                       tuple(arrays[name].name for name in term.zero_outside))
+    terms = tuple(replace(term.substituted(mapping),
+                          indices=tuple(mapping[i] for i in term.indices),
+                          zero_outside=tuple(arrays[name].name for name in term.zero_outside))
                   for term in fn.terms)
     renamed = IndexSum(arrays[fn.output.name], tuple(mapping[i] for i in fn.indices), terms)
     return SumFunction(function.name, renamed, tuple(arrays[a.name] for a in function.args))
