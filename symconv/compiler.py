@@ -70,11 +70,13 @@ class Compilation:
         from .symbolic.printing import to_latex, to_text
         formulas = {}
         for function in self.functions:
-            entry = {"text": to_text(function.sum), "latex": to_latex(function.sum)}
+            batch = function.batch
+            entry = {"text": to_text(function.sum, batch=batch),
+                     "latex": to_latex(function.sum, batch=batch)}
             if function.name in self.derivations:
                 scatter = self.derivations[function.name].scatter
-                entry["scatter"] = to_text(scatter)
-                entry["scatter_latex"] = to_latex(scatter)
+                entry["scatter"] = to_text(scatter, batch=batch)
+                entry["scatter_latex"] = to_latex(scatter, batch=batch)
             formulas[function.name] = entry
         return formulas
 
@@ -104,6 +106,8 @@ class Compilation:
             "functions": {s.name: s.to_json() for s in signatures},
             "formulas": self.formulas(),
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
+            **({"batch": {"extent": op.batch.extent, "index": op.batch.index}}
+               if op.batch else {}),
             **op.details,
         }
 
@@ -117,6 +121,7 @@ def derive_and_emit(op: "OpDefinition", target: str | None = None) -> Compilatio
     set a package for ``target`` holds (see package.targets.variants)."""
     from .codegen import emit
     from .symbolic import derive, ir
+    from .symbolic.define.gradient import gradient_batched
 
     timings = {}
     start = time.perf_counter()
@@ -127,11 +132,12 @@ def derive_and_emit(op: "OpDefinition", target: str | None = None) -> Compilatio
     timings["derive"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    functions = [ir.SumFunction("forward", forward, tuple(op.inputs))]
+    batch = op.batch and op.batch.with_arrays(gradient_batched(op))
+    functions = [ir.SumFunction("forward", forward, tuple(op.inputs), batch)]
     for name, derivation in derivations.items():
         read = {a.name for a in derivation.gather.inputs}
         args = tuple(a for a in (*op.inputs, cotangent) if a.name in read)
-        functions.append(ir.SumFunction(name, derivation.gather, args))
+        functions.append(ir.SumFunction(name, derivation.gather, args, batch))
     variants = target_variants(target)
     sources = {v.target: emit(functions, op.dtype, op.description, isa=v.isa, prefix=v.prefix)
                for v in variants}

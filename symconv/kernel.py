@@ -142,8 +142,7 @@ class Manifest:
             raise ValueError(f"unknown dtype {data['dtype']!r}")
         if not data["module"].isidentifier():
             raise ValueError(f"bad module name {data['module']!r}")
-        shapes = {str(name): tuple(int(n) for n in entry["shape"])
-                  for name, entry in data["arrays"].items()}
+        shapes = {str(name): _shape(entry["shape"]) for name, entry in data["arrays"].items()}
         functions = {}
         for name, entry in data["functions"].items():
             function = functions[name] = KernelFunction.from_json(name, entry)
@@ -163,6 +162,14 @@ class Manifest:
                    shapes=shapes, functions=functions, formulas=dict(data["formulas"]),
                    build=dict(build), variants=variants, files=dict(data["files"]),
                    extra={k: v for k, v in data.items() if k not in known}, **names)
+
+
+def _shape(entry) -> tuple[int | None, ...]:
+    """A manifest shape: ints, the first None where the batch is left to run time."""
+    shape = tuple(entry)
+    if not shape:
+        raise ValueError("an array has an empty shape")
+    return tuple(None if i == 0 and n is None else int(n) for i, n in enumerate(shape))
 
 
 def file_digest(path: Path) -> str:
@@ -327,9 +334,13 @@ def _import_extension(directory: Path, manifest: Manifest):
 
 
 class Function:
-    """One compiled function: ``f(*inputs, out=None) -> output``."""
+    """One compiled function: ``f(*inputs, out=None) -> output``.
 
-    def __init__(self, signature: KernelFunction, shapes: Mapping[str, Sequence[int]],
+    Arrays whose manifest shape starts with None have a batch axis of any size, the same in
+    every such array of a call; the output has it too, or (a sum over the batch, like a
+    weight gradient) does not."""
+
+    def __init__(self, signature: KernelFunction, shapes: Mapping[str, Sequence[int | None]],
                  dtype: str, extension, prefix: str):
         name = self.name = signature.name
         self.args = signature.args
@@ -340,6 +351,7 @@ class Function:
         self._buffer = extension.ffi.from_buffer
         self._ctype = C_TYPES[dtype] + "[]"
         self._expected = tuple(self.shapes[a] for a in self.args)
+        self._batched = tuple(i for i, shape in enumerate(self._expected) if shape[0] is None)
 
     def __repr__(self) -> str:
         return f"<symconv function {self.name}({', '.join(self.args)}) -> {self.output}>"
@@ -364,6 +376,25 @@ class Function:
             raise ValueError(f"{self.name}: {label} is read-only")
         return array
 
+    def _batch_of(self, arrays: Sequence[Any]) -> int:
+        """The batch size of a call: the first axis of every array that has the batch axis,
+        which must agree."""
+        sizes = {}
+        for i in self._batched:
+            name, array, shape = self.args[i], arrays[i], self._expected[i]
+            if not isinstance(array, np.ndarray):
+                self._checked(name, array, shape)      # raises: not an array
+            if array.shape[1:] != shape[1:] or array.ndim != len(shape):
+                expected = ", ".join(["N", *map(str, shape[1:])])
+                raise ValueError(f"{self.name}: {name} has shape {array.shape}, expected "
+                                 f"({expected}) for any batch size N")
+            sizes[name] = array.shape[0]
+        if len(set(sizes.values())) > 1:
+            listed = ", ".join(f"{name} {size}" for name, size in sizes.items())
+            raise ValueError(f"{self.name}: the arrays disagree on the batch size (first axis): "
+                             f"{listed}")
+        return next(iter(sizes.values()))
+
     def __call__(self, *arrays: np.ndarray, out: np.ndarray | None = None,
                  threads: int | None = None) -> np.ndarray:
         """Run on ``arrays`` (in ``self.args`` order) with ``threads`` threads (default:
@@ -377,15 +408,21 @@ class Function:
         if len(arrays) != len(self._expected):
             raise TypeError(f"{self.name} takes {len(self.args)} arrays ({', '.join(self.args)}), "
                             f"got {len(arrays)}")
+        expected, shape = self._expected, self.shapes[self.output]
+        batch, maps = None, shape[0] is None
+        if self._batched:
+            batch = self._batch_of(arrays)
+            expected = tuple((batch, *s[1:]) if s[0] is None else s for s in expected)
+            if maps:
+                shape = (batch, *shape[1:])
         dtype, ctype, buffer = self.dtype, self._ctype, self._buffer
         pointers = []
-        for name, array, shape in zip(self.args, arrays, self._expected):
+        for name, array, expect in zip(self.args, arrays, expected):
             # the common case in one expression; anything else gets the detailed checks
             if array.__class__ is not np.ndarray or array.dtype is not dtype or \
-                    array.shape != shape or not (array.flags.c_contiguous and array.flags.aligned):
-                self._checked(name, array, shape)
+                    array.shape != expect or not (array.flags.c_contiguous and array.flags.aligned):
+                self._checked(name, array, expect)
             pointers.append(buffer(ctype, array))
-        shape = self.shapes[self.output]
         if out is None:
             out = np.empty(shape, dtype)
         else:
@@ -398,7 +435,15 @@ class Function:
                 if (array is out or out.base is not None or array.base is not None) and \
                         np.may_share_memory(out, array):
                     raise ValueError(f"{self.name}: out overlaps the input {name}")
-        self._c(*pointers, buffer(ctype, out, require_writable=True), threads)
+        if batch is None:
+            self._c(*pointers, buffer(ctype, out, require_writable=True), threads)
+        elif maps:                        # a map over the batch: one item per output row
+            if batch:
+                self._c(*pointers, buffer(ctype, out, require_writable=True), batch, threads)
+        else:                             # a sum over the batch, item by item
+            scratch = np.empty(shape if batch > 1 else (1,), dtype)
+            self._c(*pointers, buffer(ctype, out, require_writable=True),
+                    buffer(ctype, scratch, require_writable=True), batch, threads)
         return out
 
 

@@ -21,7 +21,7 @@ import math
 import numbers
 import re
 from dataclasses import MISSING as dataclasses_missing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar, Mapping
 
 import numpy as np
@@ -42,14 +42,23 @@ def is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
-def _shape(field_name: str, value: Any) -> tuple[int, ...]:
-    """At least (N, C, one spatial dim), every size positive."""
+# The name a batch extent left open (None in a shape) goes by in keys, formulas and the CLI.
+BATCH = "N"
+
+
+def _shape(field_name: str, value: Any, open_batch: bool = False) -> tuple[int | None, ...]:
+    """At least (N, C, one spatial dim), every size positive; with ``open_batch`` the first
+    may be None (or "N"): a batch extent known only at run time."""
     try:
         shape = tuple(value)
     except TypeError:
         raise _fail(field_name, "expected a sequence of positive ints", value) from None
+    if open_batch and shape and (shape[0] is None or shape[0] == BATCH):
+        return (None, *_shape(field_name, (1, *shape[1:]))[1:])
     if not all(is_int(v) for v in shape):
-        raise _fail(field_name, "expected a sequence of positive ints", value)
+        expected = " (the first may be None: a batch size known at run time)" \
+            if open_batch else ""
+        raise _fail(field_name, f"expected a sequence of positive ints{expected}", value)
     shape = tuple(int(v) for v in shape)
     if len(shape) < 3:
         raise _fail(field_name, "expected at least 3 dims (batch/channels, channels, one spatial dim)",
@@ -134,7 +143,13 @@ def _check_padding_mode(where: str, mode: Any, padding, spatial) -> None:
 
 
 def _dims(values) -> str:
-    return "x".join(map(str, values))
+    return "x".join(BATCH if v is None else str(v) for v in values)
+
+
+def shape_text(shape) -> str:
+    """A shape as people read it, an open batch as N: ``(N, 3, 32, 32)``."""
+    return "(" + ", ".join(BATCH if v is None else str(v) for v in shape) + \
+        ("," if len(shape) == 1 else "") + ")"
 
 
 def _out_spatial(where: str, spatial, kernel, stride, dilation, padding) -> tuple[int, ...]:
@@ -166,6 +181,15 @@ class _Spec:
     def rank(self) -> int:
         """Number of spatial dimensions."""
         return len(self.input_shape) - 2
+
+    @property
+    def batch_open(self) -> bool:
+        """True when the batch extent is left to run time (``input_shape[0]`` is None)."""
+        return self.input_shape[0] is None
+
+    def with_batch(self, batch: int | None):
+        """The same op for a fixed batch size (None: open)."""
+        return replace(self, input_shape=(batch, *self.input_shape[1:]))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready normalised form; ``from_dict`` inverts it."""
@@ -213,7 +237,7 @@ class _Spec:
     def _shapes_and_groups(self) -> tuple[tuple[int, ...], tuple[int, ...], int]:
         """Input and weight shapes of equal rank, and a positive group count (convolutions)."""
         where = self._where
-        input_shape = _shape(where("input_shape"), self.input_shape)
+        input_shape = _shape(where("input_shape"), self.input_shape, open_batch=True)
         weight_shape = _shape(where("weight_shape"), self.weight_shape)
         if len(weight_shape) != len(input_shape):
             raise _fail(where("weight_shape"), f"expected {len(input_shape)} dims like input_shape "
@@ -283,9 +307,10 @@ class ConvSpec(_Spec):
 
     @property
     def macs(self) -> int:
-        """Multiply-accumulates of the dense forward pass (grad_input and grad_weight match)."""
+        """Multiply-accumulates of the dense forward pass (grad_input and grad_weight match);
+        per sample when the batch is open."""
         n, c_out, *out_spatial = self.output_shape
-        return n * c_out * math.prod(out_spatial) * self.weight_shape[1] * math.prod(self.kernel_size)
+        return (n or 1) * c_out * math.prod(out_spatial) * self.weight_shape[1] * math.prod(self.kernel_size)
 
     @property
     def flops(self) -> int:
@@ -302,8 +327,8 @@ class ConvSpec(_Spec):
         """One line for humans."""
         pads = ", ".join(f"{lo}" if lo == hi else f"({lo}, {hi})" for lo, hi in self.padding)
         mode = "" if self.padding_mode == "zeros" else f" {self.padding_mode}"
-        return (f"conv{self.rank}d input {self.input_shape} weight {self.weight_shape} -> output "
-                f"{self.output_shape}; stride {self.stride}, padding ({pads}){mode}, dilation "
+        return (f"conv{self.rank}d input {shape_text(self.input_shape)} weight "
+                f"{shape_text(self.weight_shape)} -> output {shape_text(self.output_shape)}; stride {self.stride}, padding ({pads}){mode}, dilation "
                 f"{self.dilation}, groups {self.groups}, bias {self.bias}, {self.dtype}")
 
 
@@ -324,7 +349,7 @@ class AvgPoolSpec(_Spec):
 
     def __post_init__(self) -> None:
         where = self._where
-        input_shape = _shape(where("input_shape"), self.input_shape)
+        input_shape = _shape(where("input_shape"), self.input_shape, open_batch=True)
         rank = len(input_shape) - 2
         kernel = per_dim(where("kernel_size"), self.kernel_size, rank, 1)
         stride = kernel if self.stride is None else per_dim(where("stride"), self.stride, rank, 1)
@@ -342,8 +367,8 @@ class AvgPoolSpec(_Spec):
                 f"_{self._dtype_tag}")
 
     def describe(self) -> str:
-        return (f"avg_pool{self.rank}d input {self.input_shape} window {self.kernel_size} -> "
-                f"output {self.output_shape}; stride {self.stride}, padding {self.padding}, "
+        return (f"avg_pool{self.rank}d input {shape_text(self.input_shape)} window "
+                f"{self.kernel_size} -> output {shape_text(self.output_shape)}; stride {self.stride}, padding {self.padding}, "
                 f"{self.dtype}")
 
 
@@ -421,8 +446,8 @@ class ConvTransposeSpec(_Spec):
                 f"_{self._dtype_tag}")
 
     def describe(self) -> str:
-        return (f"conv_transpose{self.rank}d input {self.input_shape} weight {self.weight_shape} "
-                f"-> output {self.output_shape}; stride {self.stride}, padding {self.padding}, "
+        return (f"conv_transpose{self.rank}d input {shape_text(self.input_shape)} weight "
+                f"{shape_text(self.weight_shape)} -> output {shape_text(self.output_shape)}; stride {self.stride}, padding {self.padding}, "
                 f"output_padding {self.output_padding}, dilation {self.dilation}, groups "
                 f"{self.groups}, bias {self.bias}, {self.dtype}")
 
@@ -467,8 +492,15 @@ class ExprSpec(_Spec):
             if not _ARRAY_NAME.match(name):
                 raise _fail(where("shapes"), f"array name {name!r} is not an identifier",
                             self.shapes)
-            if not shape or not all(is_int(n) and n > 0 for n in shape):
-                raise _fail(where("shapes"), f"shape of {name} must be positive ints", shape)
+            if not shape or not all(is_int(n) and n > 0 for n in shape[1:]) or \
+                    not (is_int(shape[0]) and shape[0] > 0 or
+                         isinstance(shape[0], str) and _ARRAY_NAME.match(shape[0])):
+                raise _fail(where("shapes"), f"shape of {name} must be positive ints (the "
+                            f"first may be a name: an extent known at run time)", shape)
+        named = {shape[0] for _, shape in pairs if isinstance(shape[0], str)}
+        if len(named) > 1:
+            raise IRError(f"{where('shapes')}: one run-time extent per op, got "
+                          f"{', '.join(sorted(named))}")
         if len({name for name, _ in pairs}) != len(pairs):
             raise _fail(where("shapes"), "an array is named twice", self.shapes)
         arrays = {name for name, _ in pairs} | {self.output_name}
@@ -485,7 +517,8 @@ class ExprSpec(_Spec):
                         self.zero_outside)
         self._check_dtype()
         self._set(expression=" ".join(self.expression.split()),
-                  shapes=tuple((name, tuple(int(n) for n in shape)) for name, shape in pairs),
+                  shapes=tuple((name, tuple(n if isinstance(n, str) else int(n) for n in shape))
+                               for name, shape in pairs),
                   zero_outside=tuple(sorted(outside)))
 
     @property
@@ -493,12 +526,22 @@ class ExprSpec(_Spec):
         return self.expression.split("[", 1)[0].strip()
 
     @property
+    def run_time_extent(self) -> str | None:
+        """The name of the extent known only at run time (the first axis of the arrays that
+        give it), or None."""
+        return next((shape[0] for _, shape in self.shapes if isinstance(shape[0], str)), None)
+
+    @property
+    def batch_open(self) -> bool:
+        return self.run_time_extent is not None
+
+    @property
     def slug(self) -> str:
         name = re.sub(r"\W", "", self.output_name) or "op"
         return f"op_{name}_{self._dtype_tag}"
 
     def describe(self) -> str:
-        arrays = ", ".join(f"{name}{shape}" for name, shape in self.shapes)
+        arrays = ", ".join(f"{name}({', '.join(map(str, shape))})" for name, shape in self.shapes)
         return f"{self.expression}  [{arrays}; {self.dtype}]"
 
 
@@ -524,6 +567,10 @@ class GradientSpec(_Spec):
     @property
     def dtype(self) -> str:
         return self.parent.dtype
+
+    @property
+    def batch_open(self) -> bool:
+        return self.parent.batch_open
 
     def to_dict(self) -> dict[str, Any]:
         return {"parent": {"kind": self.parent.KIND, **self.parent.to_dict()},

@@ -187,9 +187,14 @@ def condition_text(condition: Condition) -> str:
 
 
 class Writer:
-    def __init__(self):
+    """Indented C text.  ``threads_from_caller``: the function being written leaves the choice
+    of threads to its caller (the item of a sum over a run-time batch, whose work is known
+    only then), so every parallel loop is written, taken only when ``sc_threads > 1``."""
+
+    def __init__(self, threads_from_caller: bool = False):
         self.lines: list[str] = []
         self.depth = 0
+        self.threads_from_caller = threads_from_caller
 
     def line(self, text: str = "") -> None:
         self.lines.append("    " * self.depth + text if text else "")
@@ -248,12 +253,21 @@ def omp_schedule(iterations: int) -> str:
     return f"schedule(dynamic, {max(1, iterations // PARALLEL_GRAIN)})"
 
 
+def threaded(out: Writer, work: int) -> bool:
+    """Whether a piece of ``work`` loop iterations gets a parallel loop."""
+    return work >= PARALLEL_WORK or out.threads_from_caller
+
+
+def threads_clause(out: Writer) -> str:
+    return "num_threads(sc_threads)" + (" if(sc_threads > 1)" if out.threads_from_caller else "")
+
+
 def parallel(out: Writer, loops: Sequence[sympy.Idx], work: int) -> None:
     """Threads over ``loops``, the outermost loops of a piece."""
-    if work >= PARALLEL_WORK and loops:
+    if threaded(out, work) and loops:
         iterations = math.prod(index_range(i)[1] - index_range(i)[0] + 1 for i in loops)
         out.line(f"#pragma omp parallel for collapse({len(loops)}) {omp_schedule(iterations)} "
-                 f"num_threads(sc_threads)")
+                 f"{threads_clause(out)}")
 
 
 def output_offset(fn: IndexSum, piece: schedule.Piece) -> sympy.Expr:

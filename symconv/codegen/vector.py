@@ -13,8 +13,8 @@ from ..symbolic.affine import c_order_strides, ceil_div, integer_form, linear_pa
 from ..symbolic.ir import IndexSum, index_range
 from ..symbolic.lowering import Bound, LoopNest, nest_box, value_range
 from . import schedule
-from .c import (C_TYPES, PARALLEL_WORK, Writer, bound_text, c_affine, condition_text,
-                fold, omp_schedule, output_offset, parallel, work)
+from .c import (C_TYPES, Writer, bound_text, c_affine, condition_text,
+                fold, omp_schedule, output_offset, parallel, threaded, threads_clause, work)
 from .isa import Simd
 
 def _depends(expr, symbol) -> bool:
@@ -416,9 +416,9 @@ def emit_reduction_lanes(out: Writer, fn: IndexSum, piece: schedule.Piece,
     block_indices = [u for u, _ in blocks]
     outer = [i for i in piece.indices if i not in block_indices]
     chunks = _reduction_chunks(nest, width)
-    parallel = work(piece.nests, piece.indices) >= PARALLEL_WORK
+    parallel = threaded(out, work(piece.nests, piece.indices))
     if parallel:
-        out.line("#pragma omp parallel num_threads(sc_threads)")
+        out.line(f"#pragma omp parallel {threads_clause(out)}")
     out.open()
     out.open(f"for (int64_t sc_chunk = 0; sc_chunk < {chunks.count}; ++sc_chunk)")
     out.line(f"const int64_t sc_r0 = (sc_chunk / {chunks.segments}) * {chunks.rows}, "

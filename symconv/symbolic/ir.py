@@ -28,11 +28,15 @@ and ``interpreter`` (both read the loop nest), ``derive`` (gradients) and
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import sympy
 
 from ..errors import IRError
 from .affine import linear_parts, substitute
+
+if TYPE_CHECKING:
+    from .batch import Batch
 
 # --- arrays and indices --------------------------------------------------------------------------
 
@@ -188,8 +192,10 @@ def check_index_sum(fn: IndexSum) -> None:
 @dataclass(frozen=True)
 class SumFunction:
     """A function a package exports: its name, the index sum it computes and the arrays it
-    takes, in call order (the forward sum, or a gradient's gather form)."""
+    takes, in call order (the forward sum, or a gradient's gather form).  With ``batch``,
+    the sum is one item's and the function maps or sums it over a run-time batch."""
 
     name: str
     sum: IndexSum
     args: tuple[Array, ...]
+    batch: "Batch | None" = None     # a run-time batch axis around the item sum (batch.py)

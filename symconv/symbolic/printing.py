@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Sequence
 
+import sympy
 from sympy.printing.latex import LatexPrinter
 from sympy.printing.str import StrPrinter
 
 from .affine import integer_form
 from .ir import IndexSum
-from .lowering import Bound, Condition, LoopNest, loop_nests
+from .lowering import Bound, Condition, Loop, LoopNest, loop_nests
 
 # --- printing ------------------------------------------------------------------------------------
 
@@ -111,11 +113,39 @@ def nest_text(nest: LoopNest, latex: bool = False) -> str:
     return text + (f"   where {', '.join(notes)}" if notes else "")
 
 
-def to_text(fn: IndexSum, latex: bool = False) -> str:
-    """The sum in gather form: each term with loop bounds, steps and conditions."""
+def _with_batch(fn: IndexSum, nests: list[LoopNest], batch) -> tuple[sympy.Expr, list[LoopNest]]:
+    """The output element and nests of an item sum as the whole batch reads them: every
+    array with the batch axis indexed by the batch index first, and a sum over the batch
+    when the output lacks it (``Σ_{n=0..N-1}``)."""
+    taken = {str(i) for i in fn.indices} | {str(loop.index) for nest in nests
+                                             for loop in nest.loops}
+    name = batch.index
+    while name in taken:
+        name += "'"
+    n = sympy.Symbol(name)
+
+    def with_n(expr):
+        return expr.replace(
+            lambda e: isinstance(e, sympy.Indexed) and str(e.base.label) in batch.arrays,
+            lambda e: sympy.IndexedBase(e.base.label)[(n, *e.indices)])
+
+    output = sympy.IndexedBase(fn.output.name)
+    lhs = output[(n, *fn.indices)] if batch.maps(fn.output.name) else output[fn.indices]
+    over_batch = () if batch.maps(fn.output.name) else \
+        (Loop(n, (Bound(sympy.Integer(0), 1),), (Bound(sympy.Symbol(batch.extent) - 1, 1),)),)
+    return lhs, [replace(nest, loops=over_batch + nest.loops, body=with_n(nest.body))
+                 for nest in nests]
+
+
+def to_text(fn: IndexSum, latex: bool = False, batch=None) -> str:
+    """The sum in gather form: each term with loop bounds, steps and conditions; with
+    ``batch`` (symbolic.batch.Batch), an item sum as the whole batch reads it."""
     show = _latex if latex else _text
-    lhs = show(fn.output[fn.indices])
-    terms = [nest_text(nest, latex) for nest in loop_nests(fn)]
+    lhs, nests = fn.output[fn.indices], loop_nests(fn)
+    if batch is not None:
+        lhs, nests = _with_batch(fn, nests, batch)
+    lhs = show(lhs)
+    terms = [nest_text(nest, latex) for nest in nests]
     if latex:
         return f"{lhs} = " + (" + ".join(terms) if terms else "0")
     if not terms:
@@ -125,6 +155,5 @@ def to_text(fn: IndexSum, latex: bool = False) -> str:
     return f"{lhs} =\n    " + "\n  + ".join(terms)
 
 
-def to_latex(fn: IndexSum) -> str:
-    return to_text(fn, latex=True)
-
+def to_latex(fn: IndexSum, batch=None) -> str:
+    return to_text(fn, latex=True, batch=batch)

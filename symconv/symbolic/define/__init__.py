@@ -8,11 +8,12 @@ gradients as ops of their own (``gradient``) each return an
 
 from __future__ import annotations
 
-from ...spec import AvgPoolSpec, ConvSpec, ConvTransposeSpec, ExprSpec, GradientSpec
+from ...spec import BATCH, AvgPoolSpec, ConvSpec, ConvTransposeSpec, ExprSpec, GradientSpec
 from .conv import avg_pool, conv, conv_transpose
 from .expression import expression
 from .gradient import gradient
-from .op import OpDefinition
+from ..batch import DEFINED_EXTENT
+from .op import OpDefinition, open_batch
 
 BUILDERS = {ConvSpec: conv, AvgPoolSpec: avg_pool, ConvTransposeSpec: conv_transpose,
             ExprSpec: expression}
@@ -26,7 +27,12 @@ def definition(spec) -> OpDefinition:
     if builder is None:
         kinds = ", ".join(t.__name__ for t in (*BUILDERS, GradientSpec))
         raise TypeError(f"cannot define {type(spec).__name__}; expected one of {kinds}")
-    return builder(spec)
+    if not spec.batch_open:
+        return builder(spec)
+    if isinstance(spec, ExprSpec):      # it opens its own named extent (expression.py)
+        return builder(spec)
+    op = builder(spec.with_batch(DEFINED_EXTENT))    # peeled to the item op: the batch is an
+    return open_batch(op, ("input", "output"), BATCH)  # outer loop at run time
 
 
 __all__ = ["BUILDERS", "OpDefinition", "definition"]

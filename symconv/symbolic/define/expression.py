@@ -11,7 +11,8 @@ from ...spec import ExprSpec
 from ..affine import integer_form, linear_parts
 from ..ir import Array, IndexSum, Term, accesses, check_body, index, index_range
 from ..lowering import value_range
-from .op import OpDefinition, rebased, spec_op
+from ..batch import DEFINED_EXTENT, check_reads
+from .op import OpDefinition, open_batch, rebased, spec_op
 
 
 _LHS = re.compile(r"^\s*([A-Za-z][A-Za-z0-9_]*)\s*\[([^\]]*)\]\s*$")
@@ -126,10 +127,13 @@ def _floors_to_indices(body, indices: dict, constraints: list, box: dict, taken:
 
 
 def expression(spec: ExprSpec) -> OpDefinition:
-    """A user-defined op from its text (see ExprSpec)."""
+    """A user-defined op from its text (see ExprSpec).  A run-time extent (a name in place of
+    the first size) is defined with DEFINED_EXTENT, then peeled off (symbolic.batch)."""
     out_name, free_names, rhs = _parse(spec)
-    shapes = dict(spec.shapes)
-    inputs = [Array(name, shape) for name, shape in spec.shapes if name != out_name]
+    extent = spec.run_time_extent
+    shapes = {name: tuple(DEFINED_EXTENT if isinstance(n, str) else n for n in shape)
+              for name, shape in spec.shapes}
+    inputs = [Array(name, shapes[name]) for name, _ in spec.shapes if name != out_name]
     read = {str(a.label) for a in rhs.atoms(sympy.IndexedBase)} - {out_name}
     unused = [a.name for a in inputs if a.name not in read]
     if unused:
@@ -139,12 +143,18 @@ def expression(spec: ExprSpec) -> OpDefinition:
         raise IRError(f"expression: no shape given for {', '.join(unknown)}")
     taken = {str(s) for s in rhs.atoms(sympy.Symbol)} | set(free_names)
     terms_text = _sums(rebased(rhs, {a.name: a for a in inputs}), taken)
+    if extent is not None:     # a sum may run up to the run-time extent: (b, 0, n - 1)
+        limits_at = {sympy.Symbol(extent): DEFINED_EXTENT}
+        terms_text = [(tuple((limit[0], *(sympy.sympify(v).xreplace(limits_at)
+                                          for v in limit[1:])) for limit in limits), body)
+                      for limits, body in terms_text]
     out_shape = tuple(shapes[out_name]) if out_name in shapes else \
         _infer_output(out_name, free_names, terms_text, shapes)
     if len(out_shape) != len(free_names):
         raise IRError(f"expression: {out_name} has {len(free_names)} indices but shape "
                       f"{out_shape}")
     free = {name: index(name, n) for name, n in zip(free_names, out_shape)}
+    batched = {name for name, shape in spec.shapes if isinstance(shape[0], str)}
     terms = []
     for number, (limits, body) in enumerate(terms_text):
         indices = dict(free)
@@ -169,6 +179,8 @@ def expression(spec: ExprSpec) -> OpDefinition:
         if unbound:
             raise IRError(f"expression, term {number} ({body}): unbound index "
                           f"{', '.join(unbound)}")
+        if extent is not None:
+            check_reads(body, batched, extent, f"expression, term {number} ({body})")
         box = {i: index_range(i) for i in indices.values()}
         constraints: list = []
         before = set(indices)
@@ -179,7 +191,13 @@ def expression(spec: ExprSpec) -> OpDefinition:
                               set(spec.zero_outside)))
         terms.append(Term(tuple(summed), body, tuple(constraints), (), padded))
     forward = IndexSum(Array(out_name, out_shape), tuple(free.values()), tuple(terms))
-    return spec_op(spec, forward, inputs, {**{a.name: a.shape for a in inputs}, out_name: out_shape})
+    op = spec_op(spec, forward, inputs, {**{a.name: a.shape for a in inputs}, out_name: out_shape})
+    if extent is None:
+        return op
+    if out_name not in shapes and any(str(a.base.label) in batched and str(a.indices[0]) == free_names[0]
+                                      for t in terms for a in accesses(t.body)):
+        batched.add(out_name)      # its first index runs over the run-time extent
+    return open_batch(op, batched, extent)
 
 
 def _infer_output(out_name, free_names, terms, shapes) -> tuple[int, ...]:

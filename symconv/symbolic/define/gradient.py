@@ -26,5 +26,16 @@ def gradient(spec: GradientSpec, parent: OpDefinition) -> OpDefinition:
     inputs = tuple(a for a in (*parent.inputs, cotangent) if a.name in read)
     shapes = {**parent.shapes, cotangent.name: parent.shapes[output.name],
               fn.output.name: parent.shapes[wrt]}
+    batch = parent.batch and parent.batch.with_arrays(gradient_batched(parent))
     return spec_op(spec, fn, inputs,
-               {a: shapes[a] for a in (*(i.name for i in inputs), fn.output.name)})
+                   {a: shapes[a] for a in (*(i.name for i in inputs), fn.output.name)},
+                   batch=batch)
+
+
+def gradient_batched(op: OpDefinition) -> frozenset[str]:
+    """The arrays of an op and of its gradients that have the op's run-time batch axis: its
+    own, the output's cotangent when the output has it, the gradient of each that has it."""
+    arrays = op.batch.arrays
+    output = op.forward.output.name
+    cotangent = {f"grad_{output}"} if output in arrays else set()
+    return frozenset(arrays | cotangent | {f"grad_{name}" for name in arrays})

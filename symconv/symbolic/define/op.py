@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping
 
 import sympy
 
+from ..batch import Batch, peel
 from ..ir import Array, IndexSum
 
 
@@ -30,23 +31,40 @@ class OpDefinition:
     description: str
     details: Mapping[str, object] = field(default_factory=dict)
     arguments: tuple[str, ...] = ()
+    batch: Batch | None = None
 
     def __post_init__(self) -> None:
         arrays = {a.name: a for a in (*self.inputs, self.forward.output)}
         for name, array in arrays.items():
-            if math.prod(self.shapes[name]) != math.prod(array.shape):
+            shape = self.shapes[name]
+            if self.batch is not None and name in self.batch.arrays:
+                shape = shape[1:]
+            if math.prod(shape) != math.prod(array.shape):
                 raise ValueError(f"{self.kind}: public shape {self.shapes[name]} of {name} does "
                                  f"not match its IR shape {array.shape}")
 
 
-def spec_op(spec, forward: IndexSum, inputs, shapes, arguments=(), **details) -> OpDefinition:
+def spec_op(spec, forward: IndexSum, inputs, shapes, arguments=(), batch: Batch | None = None,
+            **details) -> OpDefinition:
     """A spec's op: every input differentiable, the spec kept for the manifest."""
     inputs = tuple(inputs)
     return OpDefinition(kind=spec.KIND, forward=forward, inputs=inputs,
                         differentiable=tuple(a.name for a in inputs), shapes=shapes,
                         dtype=spec.dtype, key=spec.key, description=spec.describe(),
                         details={"spec": spec.to_dict(), **details},
-                        arguments=tuple(arguments) or tuple(a.name for a in inputs))
+                        arguments=tuple(arguments) or tuple(a.name for a in inputs), batch=batch)
+
+
+def open_batch(op: OpDefinition, arrays, extent: str) -> OpDefinition:
+    """An op defined for batch 1 (``arrays`` have that batch as their first axis) as the
+    item op of a batch known only at run time: see symbolic.batch."""
+    forward, name = peel(op.forward, arrays, extent)
+    items = {a.name: a for a in (*forward.inputs, forward.output)}
+    inputs = tuple(items.get(a.name, a) if a.name in arrays else a for a in op.inputs)
+    shapes = {name_: (None, *shape[1:]) if name_ in arrays else shape
+              for name_, shape in op.shapes.items()}
+    return replace(op, forward=forward, inputs=inputs, shapes=shapes,
+                   batch=Batch(extent, name, frozenset(arrays)))
 
 
 def rebased(expr, arrays: dict[str, Array]):
