@@ -30,7 +30,7 @@ from .errors import IRError
 from .package.targets import split_target
 from .kernel import Kernel, PackageError, best_variant
 from .progress import Progress, configure as configure_logging, log
-from .spec import (PADDING_MODES, ConvSpec, ConvTransposeSpec, ExprSpec, GradientSpec,
+from .spec import (BATCH, PADDING_MODES, ConvSpec, ConvTransposeSpec, ExprSpec, GradientSpec,
                    spec_from_dict)
 
 DEMO_SPEC = dict(input_shape=(2, 3, 16, 16, 16), weight_shape=(8, 3, 3, 3, 3), stride=2,
@@ -51,6 +51,14 @@ def _ints(text: str) -> tuple[int, ...]:
         return tuple(int(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _input_shape(text: str) -> tuple[int | None, ...]:
+    """An input shape whose batch may be N: known only at run time (``N,3,32,32``)."""
+    first, _, rest = text.partition(",")
+    if first.strip() == BATCH:
+        return (None, *_ints(rest))
+    return _ints(text)
 
 
 def _int_or_ints(text: str):
@@ -76,12 +84,16 @@ def _named_shape(text: str) -> tuple[str, tuple[int, ...]]:
     name, _, dims = text.partition("=")
     if not name or not dims:
         raise argparse.ArgumentTypeError(f"expected NAME=D1,D2,..., got {text!r}")
+    first, _, rest = dims.partition(",")
+    if first.strip().isidentifier():       # a named first extent: known only at run time
+        return name.strip(), (first.strip(), *(_ints(rest) if rest else ()))
     return name.strip(), _ints(dims)
 
 
 def _add_spec_flags(parser: argparse.ArgumentParser, files: bool = True) -> None:
     group = parser.add_argument_group("the convolution (PyTorch layout)")
-    group.add_argument("--input", type=_ints, metavar="N,C,D1,...", help="input shape")
+    group.add_argument("--input", type=_input_shape, metavar="N,C,D1,...",
+                       help="input shape; a batch of N (the letter) is left to run time")
     group.add_argument("--weight", type=_ints, metavar="O,C/G,K1,...", help="weight shape")
     group.add_argument("--stride", type=_int_or_ints, default=1, metavar="S")
     group.add_argument("--padding", type=_padding, default=0, metavar="P",

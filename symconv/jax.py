@@ -69,7 +69,12 @@ class Ops:
         self.cotangent = record.cotangent
         self.has_bias = "bias" in kernel.inputs
         dtype, shapes = self.dtype, self.shapes
-        out_shape = shapes[record.output]
+
+        def batch_of(shape, array):
+            """An array shape with its open batch (None) taken from ``array``'s first axis."""
+            return (array.shape[0], *shape[1:]) if shape[0] is None else shape
+
+        out_shape, in_shape = shapes[record.output], shapes["input"]
         if self.has_bias:
             zeros = np.zeros(shapes["bias"], dtype)
 
@@ -80,7 +85,7 @@ class Ops:
 
         @jax.custom_vjp
         def conv_nobias(x, w):
-            return _callback(forward_nobias, out_shape, dtype, x, w)
+            return _callback(forward_nobias, batch_of(out_shape, x), dtype, x, w)
 
         def conv_nobias_fwd(x, w):
             return conv_nobias(x, w), (x, w)
@@ -93,7 +98,7 @@ class Ops:
 
         @jax.custom_vjp
         def conv(x, w, b):
-            return _callback(kernel.forward, out_shape, dtype, x, w, b)
+            return _callback(kernel.forward, batch_of(out_shape, x), dtype, x, w, b)
 
         def conv_fwd(x, w, b):
             return conv(x, w, b), (x, w)
@@ -106,7 +111,7 @@ class Ops:
 
         @jax.custom_vjp
         def grad_input(w, gy):
-            return _callback(kernel.grad_input, shapes["input"], dtype, w, gy)
+            return _callback(kernel.grad_input, batch_of(in_shape, gy), dtype, w, gy)
 
         def grad_input_fwd(w, gy):
             return grad_input(w, gy), (w, gy)
@@ -130,18 +135,16 @@ class Ops:
 
         grad_weight.defvjp(grad_weight_fwd, grad_weight_bwd)
 
-        gy_shape = shapes[self.cotangent]
-
         @jax.custom_vjp
         def grad_bias(gy):
             return _callback(kernel.grad_bias, shapes["bias"], dtype, gy)
 
         def grad_bias_fwd(gy):
-            return grad_bias(gy), None
+            return grad_bias(gy), gy      # kept for its shape (the batch is the call's)
 
-        def grad_bias_bwd(_, t):
-            spread = t.reshape(1, gy_shape[1], *(1,) * (len(gy_shape) - 2))
-            return (jnp.broadcast_to(spread, gy_shape),)
+        def grad_bias_bwd(gy, t):
+            spread = t.reshape(1, gy.shape[1], *(1,) * (gy.ndim - 2))
+            return (jnp.broadcast_to(spread, gy.shape),)
 
         grad_bias.defvjp(grad_bias_fwd, grad_bias_bwd)
 

@@ -110,6 +110,16 @@ class Manifest:
                  "differentiable", "backward_args", "arrays", "functions", "formulas")
     PACKAGE_FIELDS = ("format", "name", "module", "build", "files", "digest")
 
+    def shapes_at(self, batch: int) -> dict[str, tuple[int, ...]]:
+        """Every array's shape for a call on ``batch`` items (an open batch axis filled in)."""
+        return {name: (batch, *shape[1:]) if shape[0] is None else shape
+                for name, shape in self.shapes.items()}
+
+    @property
+    def batch_open(self) -> bool:
+        """True when the package takes its batch size at run time."""
+        return any(shape[0] is None for shape in self.shapes.values())
+
     @property
     def cotangent(self) -> str:
         """The name of the output's gradient, the last argument of every gradient."""
@@ -394,6 +404,11 @@ class Function:
             raise ValueError(f"{self.name}: the arrays disagree on the batch size (first axis): "
                              f"{listed}")
         return next(iter(sizes.values()))
+
+    def output_shape(self, *arrays: np.ndarray) -> tuple[int, ...]:
+        """The shape of the output for these arguments (its batch is theirs)."""
+        shape = self.shapes[self.output]
+        return (self._batch_of(arrays), *shape[1:]) if shape[0] is None else shape
 
     def __call__(self, *arrays: np.ndarray, out: np.ndarray | None = None,
                  threads: int | None = None) -> np.ndarray:

@@ -223,7 +223,8 @@ def benchmark(kernel, spec, repeat: int = 20, threads: int | None = None,
     and, for a convolution of rank 1-3 where torch is installed, PyTorch's forward.  FLOP
     rates need a FLOP count, which convolution specs have (0 elsewhere)."""
     rng = np.random.default_rng(seed)
-    shapes, dtype = kernel.record.shapes, kernel.record.dtype
+    shapes, dtype = kernel.record.shapes_at(1), kernel.record.dtype   # FLOPs of an open
+    # batch are counted per item
     arrays = {name: rng.standard_normal(shape).astype(dtype) for name, shape in shapes.items()}
     outputs = int(np.prod(shapes[kernel.record.output]))
     flops_of = getattr(spec, "flops", 0)

@@ -106,7 +106,7 @@ class SymConvFunction(torch.autograd.Function):
                           else _zeros_bias(kernel))
         elif bias is not None:
             raise ValueError("symconv.torch: a bias was given to a kernel compiled without one")
-        y, out = _empty(kernel.record.shapes[kernel.record.output], dtype)
+        y, out = _empty(kernel.functions["forward"].output_shape(*arrays), dtype)
         kernel.forward(*arrays, out=out)
         ctx.save_for_backward(x, weight)
         ctx.kernel, ctx.allow_copy = kernel, allow_copy
@@ -131,8 +131,9 @@ class _GradInput(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, gy, kernel):
-        gx, out = _empty(kernel.record.shapes["input"], gy.dtype)
-        kernel.grad_input(_array(weight, "weight"), _array(gy, "grad_output"), out=out)
+        arrays = (_array(weight, "weight"), _array(gy, "grad_output"))
+        gx, out = _empty(kernel.grad_input.output_shape(*arrays), gy.dtype)
+        kernel.grad_input(*arrays, out=out)
         ctx.save_for_backward(weight, gy)
         ctx.kernel = kernel
         return gx
@@ -153,8 +154,9 @@ class _GradWeight(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gy, kernel, allow_copy=True):
-        gw, out = _empty(kernel.record.shapes["weight"], gy.dtype)
-        kernel.grad_weight(_array(x, "input", allow_copy), _array(gy, "grad_output"), out=out)
+        arrays = (_array(x, "input", allow_copy), _array(gy, "grad_output"))
+        gw, out = _empty(kernel.grad_weight.output_shape(*arrays), gy.dtype)
+        kernel.grad_weight(*arrays, out=out)
         ctx.save_for_backward(x, gy)
         ctx.kernel = kernel
         return gw
@@ -174,8 +176,9 @@ class _GradBias(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gy, kernel):
-        gb, out = _empty(kernel.record.shapes["bias"], gy.dtype)
-        kernel.grad_bias(_array(gy, "grad_output"), out=out)
+        array = _array(gy, "grad_output")
+        gb, out = _empty(kernel.grad_bias.output_shape(array), gy.dtype)
+        kernel.grad_bias(array, out=out)
         ctx.shape = gy.shape
         return gb
 
@@ -216,7 +219,8 @@ class SymConv(torch.nn.Module):
     Arguments follow ``torch.nn.Conv{n}d``; the rank comes from ``kernel_size`` when it is
     a sequence, else from ``rank`` (``SymConv(1, 8, 3, rank=4)`` is a 4-D convolution, a
     layer PyTorch does not have).  Parameters are initialised like PyTorch's.  A kernel is
-    compiled for every new input shape (and cached on disk).
+    compiled for every new input shape but the batch size, which it takes at run time (and
+    cached on disk).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,

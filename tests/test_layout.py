@@ -16,7 +16,7 @@ ROOT = Path(symconv.__file__).resolve().parent
 
 ORDER = [
     "kernel", "_version", "progress", "errors", "spec",
-    "symbolic.affine", "symbolic.ir", "symbolic.lowering", "symbolic.printing",
+    "symbolic.affine", "symbolic.ir", "symbolic.batch", "symbolic.lowering", "symbolic.printing",
     "symbolic.interpreter", "symbolic.derive", "symbolic.define.op", "symbolic.define.conv",
     "symbolic.define.expression", "symbolic.define.gradient", "symbolic.define", "symbolic",
     "codegen.schedule", "codegen.c", "codegen.isa", "codegen.vector", "codegen.emit", "codegen",

@@ -5,8 +5,8 @@ Each call of a compiled function is one graph node.  Its backward rule calls
 the derived gradient functions the same way, so it is recorded under
 ``create_graph``; the gradient of a gradient function is the gradient of its
 own op (a ``GradientSpec``), compiled when first needed: derivatives of any
-order, all derived.  Kernels are specialised to exact shapes: the first call
-with new shapes compiles them (``symconv.compiler``, imported on first use so
+order, all derived.  Kernels are specialised to exact shapes but the batch
+size, which is left to run time: the first call with new shapes compiles them (``symconv.compiler``, imported on first use so
 ``import symconv`` stays free of SymPy) into the kernel cache, and later calls
 find them in the process's one kernel cache.
 """
@@ -28,6 +28,12 @@ def kernel_of(spec) -> Any:
     """The loaded kernel of any spec, from the process's one kernel cache."""
     from ..compiler import KERNELS  # here, not at import: SymPy loads only if a build is needed
     return KERNELS.get(spec)
+
+
+def open_batch(x: Tensor) -> tuple:
+    """The input shape a layer compiles for: its batch left to run time, so one package
+    serves every batch size."""
+    return (None, *x.shape[1:]) if x.ndim else x.shape
 
 
 def _float_dtype(op: str, *tensors: Tensor) -> np.dtype:
@@ -72,7 +78,7 @@ def call(label: str, spec: Any, kernel: Any, function: str, operands: dict[str, 
     names = compiled.args
     inputs = tuple(operands[name] for name in names)
     arrays = [np.ascontiguousarray(t.data, dtype) for t in inputs]
-    data = compiled(*arrays, out=_buffers.get(compiled.shapes[compiled.output], dtype))
+    data = compiled(*arrays, out=_buffers.get(compiled.output_shape(*arrays), dtype))
 
     def backward(g, out):
         if function == "forward":
@@ -109,7 +115,7 @@ def conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups: int = 1,
     if x.ndim != weight.ndim:
         raise ValueError(f"conv: input of shape {x.shape} and weight of shape {weight.shape} "
                          f"must have the same number of dims")
-    spec = spec_of(ConvSpec, input_shape=x.shape, weight_shape=weight.shape, stride=stride,
+    spec = spec_of(ConvSpec, input_shape=open_batch(x), weight_shape=weight.shape, stride=stride,
                    padding=padding, dilation=dilation, groups=groups, bias=bias is not None,
                    dtype=dtype.name, padding_mode=padding_mode)
     return _forward("conv", spec, inputs, dtype)
@@ -122,7 +128,7 @@ def conv_transpose(x, weight, bias=None, stride=1, padding=0, output_padding=0, 
     x, weight = as_tensor(x), as_tensor(weight)
     inputs = (x, weight) if bias is None else (x, weight, as_tensor(bias))
     dtype = _float_dtype("conv_transpose", *inputs)
-    spec = spec_of(ConvTransposeSpec, input_shape=x.shape, weight_shape=weight.shape,
+    spec = spec_of(ConvTransposeSpec, input_shape=open_batch(x), weight_shape=weight.shape,
                    stride=stride, padding=padding, output_padding=output_padding,
                    dilation=dilation, groups=groups, bias=bias is not None, dtype=dtype.name)
     return _forward("conv_transpose", spec, inputs, dtype)
@@ -133,7 +139,7 @@ def avg_pool(x, kernel_size, stride=None, padding=0) -> Tensor:
     PyTorch's ``count_include_pad=True``; compiled from its index sum like ``conv``."""
     x = as_tensor(x)
     dtype = _float_dtype("avg_pool", x)
-    spec = spec_of(AvgPoolSpec, input_shape=x.shape, kernel_size=kernel_size, stride=stride,
+    spec = spec_of(AvgPoolSpec, input_shape=open_batch(x), kernel_size=kernel_size, stride=stride,
                    padding=padding, dtype=dtype.name)
     return _forward("avg_pool", spec, (x,), dtype)
 

@@ -18,34 +18,15 @@ coefficient, is refused with an IRError naming it) and returns the item sum.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import sympy
 
 from ..errors import IRError
 from .affine import linear_parts
-from .ir import Array, IndexSum, Term, accesses
+from .ir import Array, Batch, IndexSum, Term, accesses
 
 # The extent a batch-open op is defined with before it is peeled: any will do, as long as the
 # bounds of its index are told apart from constants (so not 1, where n <= 0 reads as n = 0).
 DEFINED_EXTENT = 5
-
-
-@dataclass(frozen=True)
-class Batch:
-    """A leading axis of run-time extent ``extent`` (shown as that name), run over by the
-    index shown as ``index``, that the arrays named in ``arrays`` have and the others lack."""
-
-    extent: str
-    index: str
-    arrays: frozenset[str]
-
-    def maps(self, output: str) -> bool:
-        """True when a sum writing ``output`` is a map over the batch, False for a sum over it."""
-        return output in self.arrays
-
-    def with_arrays(self, arrays) -> "Batch":
-        return Batch(self.extent, self.index, frozenset(arrays))
 
 
 def leading_index(access: sympy.Indexed, where: str, extent: str) -> sympy.Symbol:

@@ -28,15 +28,11 @@ and ``interpreter`` (both read the loop nest), ``derive`` (gradients) and
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import sympy
 
 from ..errors import IRError
 from .affine import linear_parts, substitute
-
-if TYPE_CHECKING:
-    from .batch import Batch
 
 # --- arrays and indices --------------------------------------------------------------------------
 
@@ -190,6 +186,23 @@ def check_index_sum(fn: IndexSum) -> None:
 
 
 @dataclass(frozen=True)
+class Batch:
+    """A leading axis of run-time extent ``extent`` (shown as that name), run over by the
+    index shown as ``index``, that the arrays named in ``arrays`` have and the others lack."""
+
+    extent: str
+    index: str
+    arrays: frozenset[str]
+
+    def maps(self, output: str) -> bool:
+        """True when a sum writing ``output`` is a map over the batch, False for a sum over it."""
+        return output in self.arrays
+
+    def with_arrays(self, arrays) -> "Batch":
+        return Batch(self.extent, self.index, frozenset(arrays))
+
+
+@dataclass(frozen=True)
 class SumFunction:
     """A function a package exports: its name, the index sum it computes and the arrays it
     takes, in call order (the forward sum, or a gradient's gather form).  With ``batch``,
@@ -198,4 +211,4 @@ class SumFunction:
     name: str
     sum: IndexSum
     args: tuple[Array, ...]
-    batch: "Batch | None" = None     # a run-time batch axis around the item sum (batch.py)
+    batch: Batch | None = None     # a run-time batch axis around the item sum

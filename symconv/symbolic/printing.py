@@ -139,7 +139,7 @@ def _with_batch(fn: IndexSum, nests: list[LoopNest], batch) -> tuple[sympy.Expr,
 
 def to_text(fn: IndexSum, latex: bool = False, batch=None) -> str:
     """The sum in gather form: each term with loop bounds, steps and conditions; with
-    ``batch`` (symbolic.batch.Batch), an item sum as the whole batch reads it."""
+    ``batch`` (an ir.Batch), an item sum as the whole batch reads it."""
     show = _latex if latex else _text
     lhs, nests = fn.output[fn.indices], loop_nests(fn)
     if batch is not None:

@@ -8,8 +8,8 @@ from typing import Mapping
 
 import sympy
 
-from ..batch import Batch, peel
-from ..ir import Array, IndexSum
+from ..batch import peel
+from ..ir import Array, Batch, IndexSum
 
 
 @dataclass(frozen=True)
