@@ -10,6 +10,11 @@ percentage of this machine's FMA peak (measured here by a small C loop), the
 ratio torch/symconv per pass and for the sum, and the compile time of each
 case.  The 4-D case has no torch layer: its baseline is NumPy im2col + matmul.
 Peak memory per pass is the growth of the process's peak RSS during it.
+
+Every case also runs through a batch-open package (the same spec with its
+batch left to run time, ``input_shape=(None, ...)``: what the graph and the
+bindings compile): the ``open`` column, and ``open/fixed``, its time over the
+fixed-batch package's.
 """
 
 from __future__ import annotations
@@ -237,6 +242,7 @@ def run_case(case: Case, threads_list, repeat: int, torch, cache_dir: str, peaks
     start = time.perf_counter()
     kernel = symconv.compile_conv(spec, cache_dir=cache_dir, target=target)
     compile_seconds = time.perf_counter() - start
+    open_kernel = symconv.compile_conv(spec.with_batch(None), cache_dir=cache_dir, target=target)
     rng = np.random.default_rng(0)
     arrays = (rng.standard_normal(spec.input_shape, np.float32),
               rng.standard_normal(spec.weight_shape, np.float32),
@@ -257,8 +263,10 @@ def run_case(case: Case, threads_list, repeat: int, torch, cache_dir: str, peaks
             baselines["numpy_im2col"] = im2col_passes(spec, arrays)
         mine = symconv_passes(kernel, spec, arrays, threads, fresh=False)
         fresh = symconv_passes(kernel, spec, arrays, threads, fresh=True)
+        opened = symconv_passes(open_kernel, spec, arrays, threads, fresh=False)
         for name in PASSES:
             entry = {"symconv": timed(mine[name], repeat),
+                     "symconv_open": timed(opened[name], repeat),
                      "symconv_fresh": timed(fresh[name], repeat),
                      "symconv_peak_mib": peak_rss_growth(fresh[name])}
             for label, passes in baselines.items():
@@ -292,14 +300,16 @@ def print_case(result: dict) -> None:
     for threads, row in result["threads"].items():
         baseline = "torch" if "torch" in row["forward"] else "numpy_im2col"
         print(f"  {threads} thread(s)   {'symconv':>9} {'fresh':>9} {baseline:>12} "
-              f"{'torch_cl':>9} {'GFLOP/s':>8} {'%peak':>6} {'ratio':>6} {'peak MiB':>8}")
+              f"{'torch_cl':>9} {'GFLOP/s':>8} {'%peak':>6} {'ratio':>6} {'peak MiB':>8} "
+              f"{'open':>9} {'open/fixed':>10}")
         for name in (*PASSES, "sum"):
             e = row[name]
             cl = f"{e['torch_cl'] * 1e3:8.3f}m" if "torch_cl" in e else f"{'-':>9}"
             mib = f"{e['symconv_peak_mib']:8.1f}" if "symconv_peak_mib" in e else f"{'':8}"
             print(f"  {name:>12}  {e['symconv'] * 1e3:8.3f}m {e['symconv_fresh'] * 1e3:8.3f}m "
                   f"{e[baseline] * 1e3:11.3f}m {cl} {e['gflops']:8.1f} {e['peak_percent']:6.1f} "
-                  f"{e[baseline] / e['symconv']:6.2f} {mib}")
+                  f"{e[baseline] / e['symconv']:6.2f} {mib} {e['symconv_open'] * 1e3:8.3f}m "
+                  f"{e['symconv_open'] / e['symconv']:10.3f}")
 
 
 def main() -> None:
@@ -336,10 +346,16 @@ def main() -> None:
             row = r["threads"][t]["sum"]
             base = row.get("torch", row.get("numpy_im2col"))
             ratios.append(base / row["symconv"])
+        opened = [r["threads"][t]["sum"]["symconv_open"] / r["threads"][t]["sum"]["symconv"]
+                  for r in results]
         summary[t] = {"geomean_ratio": math.exp(sum(map(math.log, ratios)) / len(ratios)),
-                      "min_ratio": min(ratios)}
+                      "min_ratio": min(ratios),
+                      "open_over_fixed_geomean": math.exp(sum(map(math.log, opened)) / len(opened)),
+                      "open_over_fixed_worst": max(opened)}
         print(f"\n{t} thread(s): geometric mean of sum ratios {summary[t]['geomean_ratio']:.2f}, "
-              f"worst {summary[t]['min_ratio']:.2f}")
+              f"worst {summary[t]['min_ratio']:.2f}; batch-open / fixed time: geometric mean "
+              f"{summary[t]['open_over_fixed_geomean']:.3f}, worst "
+              f"{summary[t]['open_over_fixed_worst']:.3f}")
     Path(args.json).write_text(json.dumps({"peaks": peaks, "cases": results, "summary": summary,
                                            "cpu_count": os.cpu_count()}, indent=1))
     print(f"wrote {args.json}")

@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     started, ran, calls, failed = time.monotonic(), 0, 0, []
     for seed, case in _cases(args, targets):
         try:
-            kernel = compiler.compile_conv(case.spec, cache_dir=cache, target=case.target)
+            kernel = compiler.compile_conv(case.kernel_spec, cache_dir=cache, target=case.target)
             calls += fuzzing.check_case(kernel, case)
         except Exception as error:  # noqa: BLE001 - every failure is reported, then the run goes on
             failed.append(seed)

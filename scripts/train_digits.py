@@ -11,8 +11,9 @@ the kernels symconv compiles from index sums (compiled on the first step, then c
 everything else is the graph's NumPy ops.  20% of the 1,797 images are held out (stratified,
 fixed seed) and never trained on.
 
-Batches have one fixed size, so each convolution is compiled for one shape: every epoch
-reshuffles and drops the incomplete last batch, and evaluation pads its last batch.
+Every epoch reshuffles and drops the incomplete last batch (equal steps); evaluation's last
+batch is smaller, and runs through the same compiled layers: the kernels take the batch size
+at run time.
 """
 
 from __future__ import annotations
@@ -68,15 +69,10 @@ def train_step(model, opt, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def predict(model, x: np.ndarray, batch_size: int) -> np.ndarray:
-    """Class predictions in batches of ``batch_size`` (the last one zero-padded)."""
-    out = []
+    """Class predictions in batches of ``batch_size`` (the last one may be smaller)."""
     with sc.no_grad():
-        for start in range(0, len(x), batch_size):
-            chunk = x[start:start + batch_size]
-            padded = np.zeros((batch_size, *x.shape[1:]), x.dtype)
-            padded[:len(chunk)] = chunk
-            out.append(model(sc.Tensor(padded)).data[:len(chunk)].argmax(axis=1))
-    return np.concatenate(out)
+        return np.concatenate([model(sc.Tensor(x[start:start + batch_size])).data.argmax(axis=1)
+                               for start in range(0, len(x), batch_size)])
 
 
 class Progress:

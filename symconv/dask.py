@@ -31,8 +31,9 @@ the first and last blocks add their zeros when they run):
   added in float64 by a tree reduction (``sum(split_every=...)``) and cast
   back to the dtype.
 
-Kernels are specialised to exact shapes, so each distinct block shape gets its
-own kernel (a handful: interior blocks share one).  ``precompile=True``
+Kernels are specialised to exact shapes but the batch size, which they take at
+run time, so each block shape that differs in more than its batch gets its own
+kernel (a handful: interior blocks share one).  ``precompile=True``
 builds them in the calling process first, into ``cache_dir`` (default
 ``$SYMCONV_CACHE_DIR`` or ``~/.cache/symconv``); worker processes load them
 from there, so give workers the same cache directory (a shared file system

@@ -12,8 +12,10 @@ function is traced, and at run time the callback receives the arrays as
 NumPy arrays, calls the C kernel on them without copying, and JAX copies the
 result into its own buffer (one copy of the output per call; the XLA FFI
 would avoid it).  The callback is pure, so ``jax.jit`` may cache, reorder or
-drop calls like any other op; under ``jax.vmap`` it runs once per batch
-element (``vmap_method="sequential"``).
+drop calls like any other op.  The kernels take their batch size at run time,
+so under ``jax.vmap`` over the input (or ``grad_output``) alone the forward and
+``grad_input`` are one call on the vmapped axis folded into the batch; other
+vmapped calls run once per vmapped element.
 
 Differentiation is reverse mode (``jax.grad``, ``jax.vjp``): the backward
 pass calls the kernels' ``grad_input``, ``grad_weight`` and ``grad_bias``,
@@ -27,6 +29,7 @@ Needs JAX (``pip install symconv[jax]``); ``import symconv`` does not import it.
 
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Any, Callable
 
@@ -42,14 +45,34 @@ _DTYPES = ("float32", "float64")
 _OPS: "weakref.WeakKeyDictionary[Any, Ops]" = weakref.WeakKeyDictionary()
 
 
-def _callback(function: Callable, shape, dtype: np.dtype, *args):
-    """``function(*args)`` on the host, as a pure op of known shape and dtype."""
+def _callback(function: Callable, shape, dtype: np.dtype, *args, batched: tuple[int, ...] = ()):
+    """``function(*args)`` on the host, as a pure op of known shape and dtype.
+
+    ``batched``: the positions of the arguments that carry the kernel's run-time batch axis,
+    when the result carries it too (a map over the batch).  Under ``jax.vmap`` such a call
+    becomes one kernel call on the vmapped axis merged into the batch, where only those
+    arguments are vmapped; any other vmapped call runs once per vmapped element."""
+    ndims = [np.ndim(a) for a in args]
+
     def host(*arrays):
         # zero-copy when JAX hands over C-contiguous arrays of the dtype (the usual case)
         arrays = [np.ascontiguousarray(a, dtype) for a in arrays]
-        return function(*arrays)
+        extra = arrays[0].ndim - ndims[0]           # vmapped axes, in front of every array
+        if extra == 0:
+            return function(*arrays)
+        lead = np.broadcast_shapes(*(a.shape[:extra] for a in arrays))
+        mapped = [i for i, a in enumerate(arrays) if math.prod(a.shape[:extra]) > 1]
+        flat = [np.broadcast_to(a, (*lead, *a.shape[extra:])).reshape(-1, *a.shape[extra:])
+                for a in arrays]
+        if batched and set(mapped) <= set(batched):   # one call, the vmapped axis in the batch
+            merged = [np.ascontiguousarray(f.reshape(-1, *f.shape[2:])) if i in batched
+                      else f[0] for i, f in enumerate(flat)]
+            return function(*merged).reshape(*lead, *shape)
+        results = [function(*(np.ascontiguousarray(f[v]) for f in flat))
+                   for v in range(math.prod(lead))]
+        return np.stack(results).reshape(*lead, *shape)
     return jax.pure_callback(host, jax.ShapeDtypeStruct(tuple(shape), dtype), *args,
-                             vmap_method="sequential")
+                             vmap_method="expand_dims")
 
 
 class Ops:
@@ -75,6 +98,7 @@ class Ops:
             return (array.shape[0], *shape[1:]) if shape[0] is None else shape
 
         out_shape, in_shape = shapes[record.output], shapes["input"]
+        open_batch = out_shape[0] is None
         if self.has_bias:
             zeros = np.zeros(shapes["bias"], dtype)
 
@@ -85,7 +109,8 @@ class Ops:
 
         @jax.custom_vjp
         def conv_nobias(x, w):
-            return _callback(forward_nobias, batch_of(out_shape, x), dtype, x, w)
+            return _callback(forward_nobias, batch_of(out_shape, x), dtype, x, w,
+                             batched=(0,) if open_batch else ())
 
         def conv_nobias_fwd(x, w):
             return conv_nobias(x, w), (x, w)
@@ -98,7 +123,8 @@ class Ops:
 
         @jax.custom_vjp
         def conv(x, w, b):
-            return _callback(kernel.forward, batch_of(out_shape, x), dtype, x, w, b)
+            return _callback(kernel.forward, batch_of(out_shape, x), dtype, x, w, b,
+                             batched=(0,) if open_batch else ())
 
         def conv_fwd(x, w, b):
             return conv(x, w, b), (x, w)
@@ -111,7 +137,8 @@ class Ops:
 
         @jax.custom_vjp
         def grad_input(w, gy):
-            return _callback(kernel.grad_input, batch_of(in_shape, gy), dtype, w, gy)
+            return _callback(kernel.grad_input, batch_of(in_shape, gy), dtype, w, gy,
+                             batched=(1,) if open_batch else ())
 
         def grad_input_fwd(w, gy):
             return grad_input(w, gy), (w, gy)

@@ -249,7 +249,8 @@ class _Spec:
 
 @dataclass(frozen=True)
 class ConvSpec(_Spec):
-    """One N-D convolution, specialised to exact shapes.
+    """One N-D convolution, specialised to exact shapes; the batch (``input_shape[0]``) may be
+    None, left to run time: one package then serves every batch size.
 
     ``stride``, ``dilation`` and ``padding`` accept an int or one value per
     spatial dim; ``padding`` also accepts (lo, hi) pairs, ``"valid"`` and
@@ -310,7 +311,8 @@ class ConvSpec(_Spec):
         """Multiply-accumulates of the dense forward pass (grad_input and grad_weight match);
         per sample when the batch is open."""
         n, c_out, *out_spatial = self.output_shape
-        return (n or 1) * c_out * math.prod(out_spatial) * self.weight_shape[1] * math.prod(self.kernel_size)
+        return ((n or 1) * c_out * math.prod(out_spatial) * self.weight_shape[1]
+                * math.prod(self.kernel_size))
 
     @property
     def flops(self) -> int:
@@ -328,7 +330,8 @@ class ConvSpec(_Spec):
         pads = ", ".join(f"{lo}" if lo == hi else f"({lo}, {hi})" for lo, hi in self.padding)
         mode = "" if self.padding_mode == "zeros" else f" {self.padding_mode}"
         return (f"conv{self.rank}d input {shape_text(self.input_shape)} weight "
-                f"{shape_text(self.weight_shape)} -> output {shape_text(self.output_shape)}; stride {self.stride}, padding ({pads}){mode}, dilation "
+                f"{shape_text(self.weight_shape)} -> output {shape_text(self.output_shape)}; "
+                f"stride {self.stride}, padding ({pads}){mode}, dilation "
                 f"{self.dilation}, groups {self.groups}, bias {self.bias}, {self.dtype}")
 
 
@@ -368,7 +371,8 @@ class AvgPoolSpec(_Spec):
 
     def describe(self) -> str:
         return (f"avg_pool{self.rank}d input {shape_text(self.input_shape)} window "
-                f"{self.kernel_size} -> output {shape_text(self.output_shape)}; stride {self.stride}, padding {self.padding}, "
+                f"{self.kernel_size} -> output {shape_text(self.output_shape)}; "
+                f"stride {self.stride}, padding {self.padding}, "
                 f"{self.dtype}")
 
 
@@ -447,7 +451,8 @@ class ConvTransposeSpec(_Spec):
 
     def describe(self) -> str:
         return (f"conv_transpose{self.rank}d input {shape_text(self.input_shape)} weight "
-                f"{shape_text(self.weight_shape)} -> output {shape_text(self.output_shape)}; stride {self.stride}, padding {self.padding}, "
+                f"{shape_text(self.weight_shape)} -> output {shape_text(self.output_shape)}; "
+                f"stride {self.stride}, padding {self.padding}, "
                 f"output_padding {self.output_padding}, dilation {self.dilation}, groups "
                 f"{self.groups}, bias {self.bias}, {self.dtype}")
 

@@ -58,10 +58,16 @@ class Case:
     target: str
     seed: int
     special: bool = False        # plant NaN and ±Inf in the inputs
+    open_batch: bool = False     # run through a package whose batch is left to run time
+
+    @property
+    def kernel_spec(self):
+        """The spec the kernel is compiled from: the case's, or its batch-open twin."""
+        return self.spec.with_batch(None) if self.open_batch else self.spec
 
     def describe(self) -> str:
         return (f"{self.spec.describe()}; target {self.target}; data seed {self.seed}; "
-                f"special values {self.special}")
+                f"special values {self.special}; batch-open package {self.open_batch}")
 
 
 def draw_case(draw: Callable[[int, int], int], targets=None, max_rank: int = 4,
@@ -69,7 +75,8 @@ def draw_case(draw: Callable[[int, int], int], targets=None, max_rank: int = 4,
     """A random case from ``draw(lo, hi)``, an integer in [lo, hi] (Hypothesis's
     ``integers`` or ``random.Random.randint``).  Sizes start at 1 everywhere; the total
     work stays small enough for thousands of cases.  With ``transposed``, one case in five
-    is a transposed convolution made from the same draws (plus its output padding)."""
+    is a transposed convolution made from the same draws (plus its output padding).  One
+    in three runs through a batch-open package (the batch size given at run time)."""
     targets = targets or available_targets()
     rank = draw(1, max_rank)
     groups = draw(1, 3)
@@ -110,8 +117,8 @@ def draw_case(draw: Callable[[int, int], int], targets=None, max_rank: int = 4,
         # finite values only: where NaN and ±Inf go depends on whether the zeros outside a
         # transposed convolution's output take part in its input gradient (the oracle's
         # padded convolution: yes; the scatter definition symconv derives from: no)
-        return Case(_transposed(draw, fields, padding), target, seed, special=False)
-    return Case(spec, target, seed, special=special)
+        spec, special = _transposed(draw, fields, padding), False
+    return Case(spec, target, seed, special, open_batch=draw(0, 2) == 0)
 
 
 def _transposed(draw, fields, padding) -> ConvTransposeSpec:
@@ -320,7 +327,7 @@ def check_case(kernel, case: Case, exact: bool = False, torch_too: bool = True) 
     for name, args in calls.items():
         function = functions[name]
         fresh = function(*args)
-        shape, dtype = function.shapes[function.output], function.dtype
+        shape, dtype = function.output_shape(*args), function.dtype
         out = Guarded(shape, dtype)
         if function(*args, out=out.array) is not out.array:
             raise Mismatch(f"{name}: out= was not returned")

@@ -50,8 +50,8 @@ class Report:
 
 def _job(label, case) -> dict:
     return {"label": label, "spec": {"kind": case.spec.KIND, **case.spec.to_dict()},
-            "target": case.target,
-            "seed": case.seed, "special": case.special}
+            "target": case.target, "seed": case.seed, "special": case.special,
+            "open_batch": case.open_batch}
 
 
 def _build_jobs(jobs: list[dict], cache_dir) -> list[dict]:
@@ -61,6 +61,8 @@ def _build_jobs(jobs: list[dict], cache_dir) -> list[dict]:
     from symconv.compiler import compile_conv
     for job in jobs:
         spec, target = spec_from_dict(job["spec"]), f"{job['target']}+sanitize"
+        if job["open_batch"]:
+            spec = spec.with_batch(None)
         try:
             compile_conv(spec, cache_dir=cache_dir, target=target)
         except PackageError as error:      # built, but it loads only under the runtime
@@ -166,7 +168,7 @@ def child() -> None:
     for job in jobs:
         print("START", job["label"], flush=True)
         case = fuzzing.Case(spec_from_dict(job["spec"]), job["target"], job["seed"],
-                            job["special"])
+                            job["special"], job["open_batch"])
         kernel = symconv.load(job["path"])
         try:
             calls = fuzzing.check_case(kernel, case, exact=True, torch_too=False)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import types
 
 import numpy as np
 import pytest
@@ -50,7 +51,11 @@ def test_item_sums_have_every_other_extent_exact_and_formulas_show_the_batch():
     assert formulas["grad_weight"]["text"].count("Σ_{n=0..N - 1}") == 1
     assert r"\sum_{n=0}^{N - 1}" in formulas["grad_bias"]["latex"]
     assert "Σ_{n=" not in formulas["grad_input"]["text"]     # a map over the batch
-    assert compiled.manifest()["arrays"]["input"]["shape"] == [None, 3, 9, 9]
+    manifest = compiled.manifest()
+    assert manifest["arrays"]["input"]["shape"] == [None, 3, 9, 9]
+    assert manifest["key"] == spec.key and manifest["spec"]["input_shape"][0] is None
+    assert manifest["description"] == spec.describe() and manifest["flops"] == spec.flops
+    assert manifest["batch"] == {"extent": "N", "index": "n"}
 
 
 def test_gradients_of_gradients_keep_the_batch_structure():
@@ -84,7 +89,7 @@ def test_named_extent_only_first_and_only_one():
         ExprSpec("Y[n, m] = X[n, 0] * Z[m, 0]", shapes={"X": ("n", 1), "Z": ("m", 1)})
 
 
-# --- compiled kernels against the oracle -----------------------------------------------------------
+# --- compiled kernels against the oracle -------------------------------------------------------
 
 def _tolerance(dtype):
     return (2e-4, 2e-4) if dtype == "float32" else (1e-10, 1e-10)
@@ -147,7 +152,7 @@ def test_transposed_and_pooling_serve_every_batch(cache_dir, rng):
     b = rng.standard_normal(spec.bias_shape)
     pool = KERNELS.load(AvgPoolSpec((None, 2, 6, 7), 2, padding=1, dtype="float64"),
                         cache_dir).kernel
-    for batch in (1, 3, 7):
+    for batch in BATCHES:
         x = rng.standard_normal((batch, *spec.input_shape[1:]))
         out_shape = (batch, *spec.output_shape[1:])
         # a transposed convolution is the input gradient of its adjoint convolution
@@ -223,7 +228,7 @@ def test_user_op_with_a_named_extent(cache_dir, rng):
     _check(kernel.forward(x, z), z.T @ x, "float64", "a sum over the batch")
 
 
-# --- everything above the kernels -------------------------------------------------------------------
+# --- everything above the kernels ----------------------------------------------------------------
 
 def _builds(cache_dir, fragment):
     return sorted(p.name for p in cache_dir.iterdir() if fragment in p.name)
@@ -320,3 +325,37 @@ def test_ahead_of_time_package_serves_batch_1_and_64_without_sympy(tmp_path):
         x = np.load(tmp_path / f"x{batch}.npy")
         expected = oracle.conv_forward(x, w, b, (1, 1), [(1, 1), (1, 1)], (1, 1), 1)
         _check(np.load(tmp_path / f"y{batch}.npy"), expected, "float64", f"AOT N={batch}")
+
+
+def test_jax_vmap_over_the_input_is_one_kernel_call(cache_dir):
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+    import symconv.jax as sj
+    from symconv.binding import conv_kernel
+    kernel = conv_kernel((4, 3, 10), (5, 3, 3), padding=1, bias=False, cache_dir=cache_dir)
+    calls = []
+
+    def counted(function):
+        def call(*arrays):
+            calls.append(arrays[0].shape)
+            return function(*arrays)
+        return call
+    spy = types.SimpleNamespace(record=kernel.record, inputs=kernel.inputs,
+                                forward=counted(kernel.forward),
+                                grad_input=counted(kernel.grad_input),
+                                grad_weight=counted(kernel.grad_weight))
+    ops = sj.Ops(spy)
+    rng = np.random.default_rng(4)
+    xs = jnp.asarray(rng.standard_normal((6, 4, 3, 10)).astype(np.float32))   # vmapped: 6
+    w = jnp.asarray(rng.standard_normal((5, 3, 3)).astype(np.float32))
+    ys = jax.vmap(lambda x: ops.conv_nobias(x, w))(xs)
+    assert calls == [(24, 3, 10)]                  # one call, the vmapped axis in the batch
+    for v in range(6):
+        expected = jax.lax.conv_general_dilated(xs[v], w, (1,), [(1, 1)])
+        np.testing.assert_allclose(np.asarray(ys[v]), np.asarray(expected), rtol=1e-4,
+                                   atol=1e-4)
+    calls.clear()
+    ws = jnp.stack([w, 2 * w])                     # vmapped weights: one call per element
+    ys = jax.vmap(lambda w: ops.conv_nobias(xs[0], w))(ws)
+    assert calls == [(4, 3, 10), (4, 3, 10)]
+    np.testing.assert_allclose(np.asarray(ys[1]), 2 * np.asarray(ys[0]), rtol=1e-5, atol=1e-5)

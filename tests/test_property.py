@@ -32,7 +32,7 @@ def cases(draw, transposed=True):
 @given(case=cases())
 def test_random_cases_match_the_oracle_and_torch(case, cache_dir):
     from symconv.compiler import compile_conv
-    kernel = compile_conv(case.spec, cache_dir=cache_dir, target=case.target)
+    kernel = compile_conv(case.kernel_spec, cache_dir=cache_dir, target=case.target)
     assert kernel.manifest["build"]["target"] == case.target
     fuzzing.check_case(kernel, case)
 

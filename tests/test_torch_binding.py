@@ -171,6 +171,7 @@ def test_tensors_reach_the_kernel_without_copies(cache_dir, monkeypatch):
 
     class Spy:
         args = function.args
+        output_shape = function.output_shape
 
         def __call__(self, *arrays, out=None, threads=None):
             seen.append(([a.__array_interface__["data"][0] for a in arrays],

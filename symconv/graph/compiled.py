@@ -6,7 +6,8 @@ the derived gradient functions the same way, so it is recorded under
 ``create_graph``; the gradient of a gradient function is the gradient of its
 own op (a ``GradientSpec``), compiled when first needed: derivatives of any
 order, all derived.  Kernels are specialised to exact shapes but the batch
-size, which is left to run time: the first call with new shapes compiles them (``symconv.compiler``, imported on first use so
+size, which is left to run time: the first call with new shapes compiles them
+(``symconv.compiler``, imported on first use so
 ``import symconv`` stays free of SymPy) into the kernel cache, and later calls
 find them in the process's one kernel cache.
 """

@@ -22,7 +22,7 @@ import sympy
 
 from ..errors import IRError
 from .affine import linear_parts
-from .ir import Array, Batch, IndexSum, Term, accesses
+from .ir import Array, IndexSum, Term, accesses
 
 # The extent a batch-open op is defined with before it is peeled: any will do, as long as the
 # bounds of its index are told apart from constants (so not 1, where n <= 0 reads as n = 0).

@@ -119,8 +119,9 @@ def _with_batch(fn: IndexSum, nests: list[LoopNest], batch) -> tuple[sympy.Expr,
     when the output lacks it (``Σ_{n=0..N-1}``)."""
     taken = {str(i) for i in fn.indices} | {str(loop.index) for nest in nests
                                              for loop in nest.loops}
+    maps = batch.maps(fn.output.name)
     name = batch.index
-    while name in taken:
+    while name in taken or (name == batch.extent and not maps):   # Σ_{n'=0..n - 1}
         name += "'"
     n = sympy.Symbol(name)
 
@@ -130,8 +131,8 @@ def _with_batch(fn: IndexSum, nests: list[LoopNest], batch) -> tuple[sympy.Expr,
             lambda e: sympy.IndexedBase(e.base.label)[(n, *e.indices)])
 
     output = sympy.IndexedBase(fn.output.name)
-    lhs = output[(n, *fn.indices)] if batch.maps(fn.output.name) else output[fn.indices]
-    over_batch = () if batch.maps(fn.output.name) else \
+    lhs = output[(n, *fn.indices)] if maps else output[fn.indices]
+    over_batch = () if maps else \
         (Loop(n, (Bound(sympy.Integer(0), 1),), (Bound(sympy.Symbol(batch.extent) - 1, 1),)),)
     return lhs, [replace(nest, loops=over_batch + nest.loops, body=with_n(nest.body))
                  for nest in nests]

@@ -8,6 +8,8 @@ gradients as ops of their own (``gradient``) each return an
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ...spec import BATCH, AvgPoolSpec, ConvSpec, ConvTransposeSpec, ExprSpec, GradientSpec
 from .conv import avg_pool, conv, conv_transpose
 from .expression import expression
@@ -32,7 +34,11 @@ def definition(spec) -> OpDefinition:
     if isinstance(spec, ExprSpec):      # it opens its own named extent (expression.py)
         return builder(spec)
     op = builder(spec.with_batch(DEFINED_EXTENT))    # peeled to the item op: the batch is an
-    return open_batch(op, ("input", "output"), BATCH)  # outer loop at run time
+    op = open_batch(op, ("input", "output"), BATCH)    # outer loop at run time
+    details = {**op.details, "spec": spec.to_dict()}
+    if "flops" in details:
+        details["flops"] = spec.flops                  # per item
+    return replace(op, key=spec.key, description=spec.describe(), details=details)
 
 
 __all__ = ["BUILDERS", "OpDefinition", "definition"]

@@ -194,7 +194,8 @@ def expression(spec: ExprSpec) -> OpDefinition:
     op = spec_op(spec, forward, inputs, {**{a.name: a.shape for a in inputs}, out_name: out_shape})
     if extent is None:
         return op
-    if out_name not in shapes and any(str(a.base.label) in batched and str(a.indices[0]) == free_names[0]
+    if out_name not in shapes and any(str(a.base.label) in batched and
+                                      str(a.indices[0]) == free_names[0]
                                       for t in terms for a in accesses(t.body)):
         batched.add(out_name)      # its first index runs over the run-time extent
     return open_batch(op, batched, extent)
