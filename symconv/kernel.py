@@ -359,9 +359,12 @@ class Function:
         self.shapes = {a: tuple(shapes[a]) for a in (*self.args, self.output)}
         self._c = getattr(extension.lib, prefix + name)
         self._buffer = extension.ffi.from_buffer
+        self._null = extension.ffi.NULL
         self._ctype = C_TYPES[dtype] + "[]"
         self._expected = tuple(self.shapes[a] for a in self.args)
         self._batched = tuple(i for i, shape in enumerate(self._expected) if shape[0] is None)
+        self._maps = self.shapes[self.output][0] is None
+        self._at: dict[int, tuple] = {}
 
     def __repr__(self) -> str:
         return f"<symconv function {self.name}({', '.join(self.args)}) -> {self.output}>"
@@ -405,6 +408,19 @@ class Function:
                              f"{listed}")
         return next(iter(sizes.values()))
 
+    def _shapes_at(self, batch: int) -> tuple[tuple[tuple[int, ...], ...], tuple[int, ...]]:
+        """The argument shapes and the output shape of a call on ``batch`` items (the last
+        few batch sizes remembered: a layer sees a handful)."""
+        found = self._at.get(batch)
+        if found is None:
+            if len(self._at) >= 16:
+                self._at.clear()
+            found = self._at[batch] = (
+                tuple((batch, *s[1:]) if s[0] is None else s for s in self._expected),
+                (batch, *self.shapes[self.output][1:]) if self._maps
+                else self.shapes[self.output])
+        return found
+
     def output_shape(self, *arrays: np.ndarray) -> tuple[int, ...]:
         """The shape of the output for these arguments (its batch is theirs)."""
         shape = self.shapes[self.output]
@@ -423,19 +439,22 @@ class Function:
         if len(arrays) != len(self._expected):
             raise TypeError(f"{self.name} takes {len(self.args)} arrays ({', '.join(self.args)}), "
                             f"got {len(arrays)}")
-        expected, shape = self._expected, self.shapes[self.output]
-        batch, maps = None, shape[0] is None
+        batch = None
         if self._batched:
-            batch = self._batch_of(arrays)
-            expected = tuple((batch, *s[1:]) if s[0] is None else s for s in expected)
-            if maps:
-                shape = (batch, *shape[1:])
+            first = arrays[self._batched[0]]
+            batch = first.shape[0] if first.__class__ is np.ndarray and first.ndim else \
+                self._batch_of(arrays)
+            expected, shape = self._shapes_at(batch)
+        else:
+            expected, shape = self._expected, self.shapes[self.output]
         dtype, ctype, buffer = self.dtype, self._ctype, self._buffer
         pointers = []
         for name, array, expect in zip(self.args, arrays, expected):
             # the common case in one expression; anything else gets the detailed checks
             if array.__class__ is not np.ndarray or array.dtype is not dtype or \
                     array.shape != expect or not (array.flags.c_contiguous and array.flags.aligned):
+                if self._batched:
+                    self._batch_of(arrays)      # arrays that disagree on the batch: say so
                 self._checked(name, array, expect)
             pointers.append(buffer(ctype, array))
         if out is None:
@@ -452,13 +471,14 @@ class Function:
                     raise ValueError(f"{self.name}: out overlaps the input {name}")
         if batch is None:
             self._c(*pointers, buffer(ctype, out, require_writable=True), threads)
-        elif maps:                        # a map over the batch: one item per output row
+        elif self._maps:                  # a map over the batch: one item per output row
             if batch:
                 self._c(*pointers, buffer(ctype, out, require_writable=True), batch, threads)
         else:                             # a sum over the batch, item by item
-            scratch = np.empty(shape if batch > 1 else (1,), dtype)
-            self._c(*pointers, buffer(ctype, out, require_writable=True),
-                    buffer(ctype, scratch, require_writable=True), batch, threads)
+            scratch = buffer(ctype, np.empty(shape, dtype), require_writable=True) \
+                if batch > 1 else self._null  # item 0 goes straight to out
+            self._c(*pointers, buffer(ctype, out, require_writable=True), scratch, batch,
+                    threads)
         return out
 
 

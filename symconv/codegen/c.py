@@ -189,12 +189,14 @@ def condition_text(condition: Condition) -> str:
 class Writer:
     """Indented C text.  ``threads_from_caller``: the function being written leaves the choice
     of threads to its caller (the item of a sum over a run-time batch, whose work is known
-    only then), so every parallel loop is written, taken only when ``sc_threads > 1``."""
+    only then), so every parallel loop is written, taken only when ``sc_threads > 1``.
+    ``threaded`` says whether any parallel region was written."""
 
     def __init__(self, threads_from_caller: bool = False):
         self.lines: list[str] = []
         self.depth = 0
         self.threads_from_caller = threads_from_caller
+        self.threaded = False          # a parallel region has been written
 
     def line(self, text: str = "") -> None:
         self.lines.append("    " * self.depth + text if text else "")
@@ -258,16 +260,18 @@ def threaded(out: Writer, work: int) -> bool:
     return work >= PARALLEL_WORK or out.threads_from_caller
 
 
-def threads_clause(out: Writer) -> str:
-    return "num_threads(sc_threads)" + (" if(sc_threads > 1)" if out.threads_from_caller else "")
+def omp_parallel(out: Writer, directive: str) -> None:
+    """``#pragma omp <directive>`` on ``sc_threads`` threads (see Writer)."""
+    out.threaded = True
+    out.line(f"#pragma omp {directive} num_threads(sc_threads)"
+             + (" if(sc_threads > 1)" if out.threads_from_caller else ""))
 
 
 def parallel(out: Writer, loops: Sequence[sympy.Idx], work: int) -> None:
     """Threads over ``loops``, the outermost loops of a piece."""
     if threaded(out, work) and loops:
         iterations = math.prod(index_range(i)[1] - index_range(i)[0] + 1 for i in loops)
-        out.line(f"#pragma omp parallel for collapse({len(loops)}) {omp_schedule(iterations)} "
-                 f"{threads_clause(out)}")
+        omp_parallel(out, f"parallel for collapse({len(loops)}) {omp_schedule(iterations)}")
 
 
 def output_offset(fn: IndexSum, piece: schedule.Piece) -> sympy.Expr:

@@ -68,7 +68,7 @@ def emit_function(function: SumFunction, dtype: str, isa: str | None = None,
     if batch is not None:
         batched = {f"a_{a}" for a in batch.arrays}
         emit_batch_loop(out, symbol, item, named, batched, ctype,
-                        sum(work(p.nests, p.indices) for p, _ in plans))
+                        sum(work(p.nests, p.indices) for p, _ in plans), out.threaded)
         plain += [] if maps else [f"{ctype} *sc_scratch"]
         plain.append("int64_t sc_batch")
     declaration = f"void {symbol}({', '.join(plain + ['int sc_threads'])});"
@@ -77,13 +77,14 @@ def emit_function(function: SumFunction, dtype: str, isa: str | None = None,
 
 
 def emit_batch_loop(out: Writer, symbol: str, item: str, function: SumFunction,
-                    batched: set[str], ctype: str, item_work: int) -> None:
+                    batched: set[str], ctype: str, item_work: int, item_threaded: bool) -> None:
     """``symbol``: the item function ``item`` over a batch of ``sc_batch`` items, each array in
-    ``batched`` advanced by its item size.  A map over the batch threads inside each item when
-    one item is work enough, else across items once the batch is; a sum over the batch adds
-    its items in order (item 0 into the output, each next one through ``sc_scratch``, an array
-    of the output's size), threading inside each item once the whole batch is work enough.
-    Either way every element is computed in an order no thread count changes."""
+    ``batched`` advanced by its item size.  A map over the batch threads across items once
+    the batch is work enough, unless the item threads itself (``item_threaded``) and the
+    items would share the threads unevenly; a sum over the batch adds its items in order
+    (item 0 into the output, each next one through ``sc_scratch``, an array of the output's
+    size), threading inside each item once the whole batch is work enough.  Either way every
+    element is computed in an order no thread count changes."""
     arrays = (*function.args, function.sum.output)
     output = function.sum.output.name
     size = {a.name: math.prod(a.shape) for a in arrays}
@@ -98,12 +99,19 @@ def emit_batch_loop(out: Writer, symbol: str, item: str, function: SumFunction,
     if output in batched:
         out.open(f"void {symbol}({', '.join(params)}, int64_t sc_batch, int sc_threads)")
         target = f"{output} + sc_n * {size[output]}"
-        alone = item_work >= PARALLEL_WORK     # one item is work enough for every thread
-        if not alone:
-            out.line(f"#pragma omp parallel for schedule(dynamic, 1) num_threads(sc_threads) "
-                     f"if(sc_batch * {item_work} >= {PARALLEL_WORK})")
+        across = f"sc_threads > 1 && sc_batch * {item_work} >= {PARALLEL_WORK}"
+        if item_threaded:      # threads across items where they share out evenly enough
+            across += " && (sc_batch % sc_threads == 0 || sc_batch >= 4 * sc_threads)"
+        out.open(f"if ({across})")
+        out.line("#pragma omp parallel for schedule(dynamic, 1) num_threads(sc_threads)")
         out.open("for (int64_t sc_n = 0; sc_n < sc_batch; ++sc_n)")
-        out.line(call("sc_n", target, "sc_threads" if alone else "1"))
+        out.line(call("sc_n", target, "1"))
+        out.close()
+        out.close()
+        out.open("else")
+        out.open("for (int64_t sc_n = 0; sc_n < sc_batch; ++sc_n)")
+        out.line(call("sc_n", target, "sc_threads"))
+        out.close()
         out.close()
         out.close()
         return

@@ -14,7 +14,7 @@ from ..symbolic.ir import IndexSum, index_range
 from ..symbolic.lowering import Bound, LoopNest, nest_box, value_range
 from . import schedule
 from .c import (C_TYPES, Writer, bound_text, c_affine, condition_text,
-                fold, omp_schedule, output_offset, parallel, threaded, threads_clause, work)
+                fold, omp_parallel, omp_schedule, output_offset, parallel, threaded, work)
 from .isa import Simd
 
 def _depends(expr, symbol) -> bool:
@@ -418,7 +418,7 @@ def emit_reduction_lanes(out: Writer, fn: IndexSum, piece: schedule.Piece,
     chunks = _reduction_chunks(nest, width)
     parallel = threaded(out, work(piece.nests, piece.indices))
     if parallel:
-        out.line(f"#pragma omp parallel {threads_clause(out)}")
+        omp_parallel(out, "parallel")
     out.open()
     out.open(f"for (int64_t sc_chunk = 0; sc_chunk < {chunks.count}; ++sc_chunk)")
     out.line(f"const int64_t sc_r0 = (sc_chunk / {chunks.segments}) * {chunks.rows}, "
