@@ -14,7 +14,7 @@ Peak memory per pass is the growth of the process's peak RSS during it.
 Every case also runs through a batch-open package (the same spec with its
 batch left to run time, ``input_shape=(None, ...)``: what the graph and the
 bindings compile): the ``open`` column, and ``open/fixed``, its time over the
-fixed-batch package's.
+fixed-batch package's, the two timed in turn so that both see the same load.
 """
 
 from __future__ import annotations
@@ -142,6 +142,19 @@ def timed(fn, repeat: int) -> float:
     return statistics.median(samples)
 
 
+def timed_pair(first, second, repeat: int) -> tuple[float, float]:
+    """Median seconds of each of two functions run in turn ``repeat`` times after a warm-up:
+    both see the same machine (on a shared one, load drifts between separate timings)."""
+    first(), second()
+    samples: tuple[list, list] = ([], [])
+    for _ in range(repeat):
+        for fn, times in zip((first, second), samples):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return statistics.median(samples[0]), statistics.median(samples[1])
+
+
 def peak_rss_growth(fn) -> float:
     """MiB by which the process's peak RSS grows during one call (Linux; NaN elsewhere)."""
     def hwm() -> float:
@@ -265,8 +278,8 @@ def run_case(case: Case, threads_list, repeat: int, torch, cache_dir: str, peaks
         fresh = symconv_passes(kernel, spec, arrays, threads, fresh=True)
         opened = symconv_passes(open_kernel, spec, arrays, threads, fresh=False)
         for name in PASSES:
-            entry = {"symconv": timed(mine[name], repeat),
-                     "symconv_open": timed(opened[name], repeat),
+            fixed_seconds, open_seconds = timed_pair(mine[name], opened[name], repeat)
+            entry = {"symconv": fixed_seconds, "symconv_open": open_seconds,
                      "symconv_fresh": timed(fresh[name], repeat),
                      "symconv_peak_mib": peak_rss_growth(fresh[name])}
             for label, passes in baselines.items():

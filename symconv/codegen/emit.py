@@ -24,8 +24,8 @@ def emit_function(function: SumFunction, dtype: str, isa: str | None = None,
     with ``isa`` ("avx2" or "avx512") the vector plans use that instruction set.  Every
     output element is computed by one thread in a fixed order, so results do not depend on
     the number of threads.  Names are moved into their own C namespace first (c_namespace).
-    A function over a run-time batch is its item sum plus a loop over the batch
-    (:func:`emit_batch_loop`)."""
+    A function over a run-time batch is its item sum plus a loop over the batch that maps
+    (:func:`emit_batch_map`) or sums (:func:`emit_batch_sum`) it."""
     name = function.name
     missing = {a.name for a in function.sum.inputs} - {a.name for a in function.args}
     if missing:
@@ -34,21 +34,59 @@ def emit_function(function: SumFunction, dtype: str, isa: str | None = None,
         raise IRError(f"function name {name!r} is not a C identifier")
     ctype = C_TYPES[dtype]
     symbol = f"{prefix}{name}"
-    fn, inputs = (named := c_namespace(function)).sum, named.args
-    params = [f"const {ctype} *restrict {a.name}" for a in inputs] + \
-             [f"{ctype} *restrict {fn.output.name}", "int sc_threads"]
+    fn = (named := c_namespace(function)).sum
+    params = [_batch_params(named, ctype), "int sc_threads"]
     batch = function.batch
-    maps = batch is not None and batch.maps(function.sum.output.name)
-    out = Writer(threads_from_caller=batch is not None and not maps)
+    out = Writer()
     formula = to_text(function.sum, batch=batch).replace("*/", "* /")
     out.line("/*")
     for text in formula.splitlines():
         out.line(f" * {text}")
     out.line(" */")
-    item = f"sc_item_{symbol}"
-    out.open(f"static void {item}({', '.join(params)})" if batch else
-             f"void {symbol}({', '.join(params)})")
     vector = Simd(isa, dtype) if isa else None
+    if batch is None:
+        out.open(f"void {symbol}({', '.join(params)})")
+        plans = emit_pieces(out, fn, dtype, vector)
+        out.close()
+        declaration = f"void {symbol}({', '.join(plain_params(named, ctype))}, int sc_threads);"
+        return "\n".join(out.lines) + "\n", CFunction(name, symbol, function.args,
+                                                      function.sum.output, declaration,
+                                                      tuple(plans))
+    item = f"sc_item_{symbol}"
+    out.open(f"static void {item}({', '.join(params)})")
+    plans = emit_pieces(out, fn, dtype, vector)
+    out.close()
+    item_work = sum(work(p.nests, p.indices) for p, _ in plans)
+    item_threaded, threaded_item = out.threaded, None
+    maps = batch.maps(function.sum.output.name)
+    if not maps and item_work < PARALLEL_WORK:
+        # a sum over the batch threads inside its items once the whole batch is work enough:
+        # a copy of the item whose parallel loops run when the caller asks for threads
+        threaded_item = f"{item}_threads"
+        out.threads_from_caller = True
+        out.open(f"static void {threaded_item}({', '.join(params)})")
+        emit_pieces(out, fn, dtype, vector)
+        out.close()
+        out.threads_from_caller = False
+    batched = {f"a_{a}" for a in batch.arrays}
+    if maps:
+        emit_batch_map(out, symbol, item, named, batched, ctype, item_work, item_threaded)
+    else:
+        emit_batch_sum(out, symbol, item, threaded_item, named, batched, ctype, item_work)
+    plain = plain_params(named, ctype) + ([] if maps else [f"{ctype} *sc_scratch"])
+    declaration = f"void {symbol}({', '.join(plain)}, int64_t sc_batch, int sc_threads);"
+    return "\n".join(out.lines) + "\n", CFunction(name, symbol, function.args,
+                                                  function.sum.output, declaration, tuple(plans))
+
+
+def plain_params(function: SumFunction, ctype: str) -> list[str]:
+    """The array parameters of a function's declaration for cffi (no ``restrict``)."""
+    return [f"const {ctype} *{a.name}" for a in function.args] + \
+        [f"{ctype} *{function.sum.output.name}"]
+
+
+def emit_pieces(out: Writer, fn, dtype: str, vector: Simd | None) -> list:
+    """Every piece of a sum's output by the plan its schedule chose; the (piece, plan) list."""
     plans = []
     for piece in schedule.pieces(fn):
         chosen = schedule.plan(piece, vector.width if vector else None,
@@ -63,70 +101,77 @@ def emit_function(function: SumFunction, dtype: str, isa: str | None = None,
         else:
             emit_scalar_piece(out, fn, piece, dtype)
         out.close()
+    return plans
+
+
+def _item_call(item: str, function: SumFunction, batched: set[str], n: str, target: str,
+               threads: str) -> str:
+    """A call of an item function on item ``n``: every array in ``batched`` advanced by its
+    item size (the size of the item sum's array)."""
+    pointers = [f"{a.name} + {n} * {math.prod(a.shape)}" if a.name in batched and n != "0"
+                else a.name for a in function.args]
+    return f"{item}({', '.join(pointers)}, {target}, {threads});"
+
+
+def _batch_params(function: SumFunction, ctype: str) -> str:
+    return ", ".join([f"const {ctype} *restrict {a.name}" for a in function.args] +
+                     [f"{ctype} *restrict {function.sum.output.name}"])
+
+
+def emit_batch_map(out: Writer, symbol: str, item: str, function: SumFunction,
+                   batched: set[str], ctype: str, item_work: int, item_threaded: bool) -> None:
+    """``symbol``: the item function over a batch of ``sc_batch`` items, its output too
+    advanced item by item.  Threads run across items once the batch is work enough, unless
+    the item threads itself (``item_threaded``) and the items would share the threads
+    unevenly; no OpenMP region is entered when the batch runs on one thread.  Each element
+    is computed by one thread, so no thread count changes a result."""
+    output = function.sum.output
+    out.open(f"void {symbol}({_batch_params(function, ctype)}, int64_t sc_batch, "
+             f"int sc_threads)")
+    target = f"{output.name} + sc_n * {math.prod(output.shape)}"
+    across = f"sc_threads > 1 && sc_batch * {item_work} >= {PARALLEL_WORK}"
+    if item_threaded:
+        across += " && (sc_batch % sc_threads == 0 || sc_batch >= 4 * sc_threads)"
+    out.open(f"if ({across})")
+    out.line("#pragma omp parallel for schedule(dynamic, 1) num_threads(sc_threads)")
+    out.open("for (int64_t sc_n = 0; sc_n < sc_batch; ++sc_n)")
+    out.line(_item_call(item, function, batched, "sc_n", target, "1"))
     out.close()
-    plain = [f"const {ctype} *{a.name}" for a in inputs] + [f"{ctype} *{fn.output.name}"]
-    if batch is not None:
-        batched = {f"a_{a}" for a in batch.arrays}
-        emit_batch_loop(out, symbol, item, named, batched, ctype,
-                        sum(work(p.nests, p.indices) for p, _ in plans), out.threaded)
-        plain += [] if maps else [f"{ctype} *sc_scratch"]
-        plain.append("int64_t sc_batch")
-    declaration = f"void {symbol}({', '.join(plain + ['int sc_threads'])});"
-    return "\n".join(out.lines) + "\n", CFunction(name, symbol, function.args,
-                                                  function.sum.output, declaration, tuple(plans))
+    out.close()
+    out.open("else")
+    out.open("for (int64_t sc_n = 0; sc_n < sc_batch; ++sc_n)")
+    out.line(_item_call(item, function, batched, "sc_n", target, "sc_threads"))
+    out.close()
+    out.close()
+    out.close()
 
 
-def emit_batch_loop(out: Writer, symbol: str, item: str, function: SumFunction,
-                    batched: set[str], ctype: str, item_work: int, item_threaded: bool) -> None:
-    """``symbol``: the item function ``item`` over a batch of ``sc_batch`` items, each array in
-    ``batched`` advanced by its item size.  A map over the batch threads across items once
-    the batch is work enough, unless the item threads itself (``item_threaded``) and the
-    items would share the threads unevenly; a sum over the batch adds its items in order
-    (item 0 into the output, each next one through ``sc_scratch``, an array of the output's
-    size), threading inside each item once the whole batch is work enough.  Either way every
-    element is computed in an order no thread count changes."""
-    arrays = (*function.args, function.sum.output)
-    output = function.sum.output.name
-    size = {a.name: math.prod(a.shape) for a in arrays}
-
-    def call(n: str, target: str, threads: str) -> str:
-        pointers = [f"{a.name} + {n} * {size[a.name]}" if a.name in batched and n != "0"
-                    else a.name for a in function.args]
-        return f"{item}({', '.join(pointers)}, {target}, {threads});"
-
-    params = [f"const {ctype} *restrict {a.name}" for a in function.args] + \
-             [f"{ctype} *restrict {output}"]
-    if output in batched:
-        out.open(f"void {symbol}({', '.join(params)}, int64_t sc_batch, int sc_threads)")
-        target = f"{output} + sc_n * {size[output]}"
-        across = f"sc_threads > 1 && sc_batch * {item_work} >= {PARALLEL_WORK}"
-        if item_threaded:      # threads across items where they share out evenly enough
-            across += " && (sc_batch % sc_threads == 0 || sc_batch >= 4 * sc_threads)"
-        out.open(f"if ({across})")
-        out.line("#pragma omp parallel for schedule(dynamic, 1) num_threads(sc_threads)")
-        out.open("for (int64_t sc_n = 0; sc_n < sc_batch; ++sc_n)")
-        out.line(call("sc_n", target, "1"))
-        out.close()
-        out.close()
-        out.open("else")
-        out.open("for (int64_t sc_n = 0; sc_n < sc_batch; ++sc_n)")
-        out.line(call("sc_n", target, "sc_threads"))
-        out.close()
-        out.close()
-        out.close()
-        return
-    out.open(f"void {symbol}({', '.join(params)}, {ctype} *restrict sc_scratch, "
+def emit_batch_sum(out: Writer, symbol: str, item: str, threaded_item: str | None,
+                   function: SumFunction, batched: set[str], ctype: str, item_work: int) -> None:
+    """``symbol``: the sum of the item function over a batch of ``sc_batch`` items, added in
+    order: item 0 into the output, each next one through ``sc_scratch`` (an array of the
+    output's size).  Items thread inside themselves: a small item through its copy
+    ``threaded_item`` once the whole batch is work enough.  The order of the sum does not
+    depend on the thread count."""
+    output = function.sum.output
+    size = math.prod(output.shape)
+    out.open(f"void {symbol}({_batch_params(function, ctype)}, {ctype} *restrict sc_scratch, "
              f"int64_t sc_batch, int sc_threads)")
     out.open("if (sc_batch == 0)")
-    out.line(f"for (int64_t sc_e = 0; sc_e < {size[output]}; ++sc_e) {output}[sc_e] = 0;")
+    out.line(f"for (int64_t sc_e = 0; sc_e < {size}; ++sc_e) {output.name}[sc_e] = 0;")
     out.line("return;")
     out.close()
-    out.line(f"const int sc_inner = sc_batch * {item_work} >= {PARALLEL_WORK} ? sc_threads : 1;")
-    out.line(call("0", output, "sc_inner"))
+    run = item
+    if threaded_item is not None:
+        run = "sc_run"
+        types = ", ".join([f"const {ctype} *" for _ in function.args] + [f"{ctype} *", "int"])
+        out.line(f"void (*const sc_run)({types}) = sc_threads > 1 && sc_batch * {item_work} "
+                 f">= {PARALLEL_WORK} ? {threaded_item} : {item};")
+    out.line(_item_call(run, function, batched, "0", output.name, "sc_threads"))
     out.open("for (int64_t sc_n = 1; sc_n < sc_batch; ++sc_n)")
-    out.line(call("sc_n", "sc_scratch", "sc_inner"))
-    out.line(f"for (int64_t sc_e = 0; sc_e < {size[output]}; ++sc_e) "
-             f"{output}[sc_e] += sc_scratch[sc_e];")
+    out.line(_item_call(run, function, batched, "sc_n", "sc_scratch", "sc_threads"))
+    out.line(f"for (int64_t sc_e = 0; sc_e < {size}; ++sc_e) "
+             f"{output.name}[sc_e] += sc_scratch[sc_e];")
     out.close()
     out.close()
 
