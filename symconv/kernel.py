@@ -442,9 +442,11 @@ class Function:
         batch = None
         if self._batched:
             first = arrays[self._batched[0]]
-            batch = first.shape[0] if first.__class__ is np.ndarray and first.ndim else \
+            # len() is the first axis of an ndarray; anything else is checked below
+            batch = len(first) if first.__class__ is np.ndarray and first.ndim else \
                 self._batch_of(arrays)
-            expected, shape = self._shapes_at(batch)
+            found = self._at.get(batch)      # inline: this path runs on every call
+            expected, shape = found if found is not None else self._shapes_at(batch)
         else:
             expected, shape = self._expected, self.shapes[self.output]
         dtype, ctype, buffer = self.dtype, self._ctype, self._buffer

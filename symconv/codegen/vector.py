@@ -228,8 +228,9 @@ def _output_lane_block(out, fn, piece, chosen, simd, block_shape: _BlockShape) -
         domain: list[str] | None = None
         lane_padding = {a: [e for e in _in_range_exprs(access, box) if _depends(e, lane)]
                         for a, (access, _, padded) in enumerate(reads.items) if padded}
-        loads = {}
-        depth_of = {loop.index: d for d, loop in enumerate(nest.loops, start=1)}
+        loads: dict[int, list[str]] = {}
+        nest_loops = _NestLoops(nest, number, reads, lane_padding, lane, block,
+                                vectors * width)
         if masked:
             if lane_guards:
                 domain = []
@@ -239,41 +240,13 @@ def _output_lane_block(out, fn, piece, chosen, simd, block_shape: _BlockShape) -
                     out.line(f"const {simd.mask} {name} = {_and_all(simd, conds)};")
                     domain.append(name)
             _define_load_masks(out, simd, reads, lane, lane_at, vectors, lane_padding, domain,
-                               loads, number, 0, depth_of, False)
-        span = vectors * width
-        for depth, loop in enumerate(nest.loops, start=1):
-            var = str(loop.index.label)
-            keep_low = [b for b in loop.lower if not _depends(b.num, lane)]
-            keep_high = [b for b in loop.upper if not _depends(b.num, lane)]
-            if masked:      # the masks decide per lane; the loop covers the block's lanes
-                keep_low += _over_lanes(loop.lower, lane, block, span, True)
-                keep_high += _over_lanes(loop.upper, lane, block, span, False)
-            out.open(f"for (int64_t {var} = {bound_text(keep_low, True)}; {var} <= "
-                     f"{bound_text(keep_high, False)}; ++{var})")
-            opened += 1
-            if not masked:
-                continue
-            lane_bounds = [(b, True) for b in loop.lower if _depends(b.num, lane)] + \
-                          [(b, False) for b in loop.upper if _depends(b.num, lane)]
-            changed = False
-            if lane_bounds:
-                new = []
-                for q in range(vectors):
-                    conds = [domain[q]] if domain else []
-                    for b, is_lower in lane_bounds:
-                        expr = b.den * loop.index - b.num if is_lower else b.num - b.den * loop.index
-                        conds.append(_lane_condition(simd, expr, lane, lane_at[q]))
-                    name = f"sc_d{number}_{depth}_{q}"
-                    out.line(f"const {simd.mask} {name} = {_and_all(simd, conds)};")
-                    new.append(name)
-                domain = new
-                changed = True
-                out.open(f"if ({' || '.join(simd.any(m) for m in domain)})")
-                opened += 1
-            _define_load_masks(out, simd, reads, lane, lane_at, vectors, lane_padding, domain,
-                               loads, number, depth, depth_of, changed)
-        _accumulate_output_lanes(out, reads, chosen, simd, accs, row_vars, lane_at,
-                                 loads if masked else None, domain, box, block_shape)
+                               loads, number, 0, nest_loops.depth_of, False, frozenset())
+
+        def body(domain, loads):
+            _accumulate_output_lanes(out, reads, chosen, simd, accs, row_vars, lane_at,
+                                     loads if masked else None, domain, box, block_shape)
+        _emit_lane_loops(out, simd, nest_loops, lane_at, masked, 1, domain, loads,
+                         frozenset(), body)
         for _ in range(opened):
             out.close()
 
@@ -306,12 +279,112 @@ def _output_lane_block(out, fn, piece, chosen, simd, block_shape: _BlockShape) -
             out.close()
 
 
+class _NestLoops:
+    """The loops of one nest in an output-lane block, and where a masked block may split one
+    of them into edge / interior / edge bands: the innermost loop whose index moves a
+    zero-padded read's in-range conditions (coefficient ±1).  In the interior band every lane
+    of the block reads inside the array, so the read's mask is hoisted out of the loop."""
+
+    def __init__(self, nest: LoopNest, number: int, reads: _Reads, lane_padding, lane, block,
+                 span: int):
+        self.loops, self.number, self.reads = nest.loops, number, reads
+        self.lane_padding, self.lane, self.block, self.span = lane_padding, lane, block, span
+        self.depth_of = {loop.index: d for d, loop in enumerate(nest.loops, start=1)}
+        self.split_depth, self.trusted = 0, frozenset()
+        for depth in range(len(self.loops), 0, -1):
+            v = self.loops[depth - 1].index
+            trusted = frozenset(e for exprs in lane_padding.values() for e in exprs
+                                if abs(linear_parts(e)[0].get(v, 0)) == 1 and
+                                (block is None or not _depends(e, block)) and
+                                self._level(e) == depth)
+            if trusted:
+                self.split_depth, self.trusted = depth, trusted
+                break
+
+    def _level(self, expr) -> int:
+        return max((self.depth_of.get(s, 0) for s in sympy.sympify(expr).free_symbols),
+                   default=0)
+
+    def band(self, lane_start) -> tuple[list[Bound], list[Bound]]:
+        """Bounds on the split loop's index where every trusted condition holds for all the
+        block's lanes, ``lane_start`` .. ``lane_start + span - 1``."""
+        v = self.loops[self.split_depth - 1].index
+        lows, highs = [], []
+        for e in sorted(self.trusted, key=sympy.default_sort_key):
+            coefficients, _ = linear_parts(e)
+            rest = sympy.expand(e - coefficients[v] * v)
+            slope = coefficients.get(self.lane, 0)
+            worst = lane_start if slope >= 0 else lane_start + self.span - 1
+            rest = sympy.expand(rest.xreplace({self.lane: worst}))
+            if coefficients[v] > 0:         # v + rest >= 0
+                lows.append(Bound(-rest, 1))
+            else:                           # rest - v >= 0
+                highs.append(Bound(rest, 1))
+        return lows, highs
+
+
+def _emit_lane_loops(out, simd, loops: _NestLoops, lane_at, masked: bool, depth: int, domain,
+                     loads, trusted, body) -> None:
+    """The loops of a nest from ``depth`` inwards, then ``body(domain, loads)``; a masked block
+    splits its split loop into bands (see _NestLoops)."""
+    if depth > len(loops.loops):
+        body(domain, loads)
+        return
+    loop, lane = loops.loops[depth - 1], loops.lane
+    var = str(loop.index.label)
+    keep_low = [b for b in loop.lower if not _depends(b.num, lane)]
+    keep_high = [b for b in loop.upper if not _depends(b.num, lane)]
+    if masked:      # the masks decide per lane; the loop covers the block's lanes
+        keep_low += _over_lanes(loop.lower, lane, loops.block, loops.span, True)
+        keep_high += _over_lanes(loop.upper, lane, loops.block, loops.span, False)
+    bands = [(keep_low, keep_high, trusted)]
+    if masked and depth == loops.split_depth:
+        lows, highs = loops.band(lane_at[0])
+        start, stop = f"sc_band{loops.number}_lo", f"sc_band{loops.number}_hi"
+        out.line(f"const int64_t {start} = {bound_text([*keep_low, *lows], True)};")
+        out.line(f"const int64_t {stop} = {bound_text([*keep_high, *highs], False)};")
+        start, stop = sympy.Symbol(start), sympy.Symbol(stop)
+        bands = [([Bound(start, 1)], [Bound(stop, 1)], trusted | loops.trusted)]
+        if lows:        # the edge below the interior, then the one above it
+            bands.insert(0, (keep_low, [*keep_high, Bound(start - 1, 1)], trusted))
+        if highs:
+            bands.append(([*keep_low, Bound(start, 1), Bound(stop + 1, 1)], keep_high, trusted))
+    for low, high, band_trusted in bands:
+        out.open(f"for (int64_t {var} = {bound_text(low, True)}; {var} <= "
+                 f"{bound_text(high, False)}; ++{var})")
+        opened = 1
+        band_domain, band_loads = domain, dict(loads)
+        if masked:
+            lane_bounds = [(b, True) for b in loop.lower if _depends(b.num, lane)] + \
+                          [(b, False) for b in loop.upper if _depends(b.num, lane)]
+            if lane_bounds:
+                band_domain = []
+                for q in range(len(lane_at)):
+                    conds = [domain[q]] if domain else []
+                    for b, is_lower in lane_bounds:
+                        expr = b.den * loop.index - b.num if is_lower else \
+                            b.num - b.den * loop.index
+                        conds.append(_lane_condition(simd, expr, lane, lane_at[q]))
+                    name = f"sc_d{loops.number}_{depth}_{q}"
+                    out.line(f"const {simd.mask} {name} = {_and_all(simd, conds)};")
+                    band_domain.append(name)
+                out.open(f"if ({' || '.join(simd.any(m) for m in band_domain)})")
+                opened += 1
+            _define_load_masks(out, simd, loops.reads, lane, lane_at, len(lane_at),
+                               loops.lane_padding, band_domain, band_loads, loops.number,
+                               depth, loops.depth_of, bool(lane_bounds), band_trusted)
+        _emit_lane_loops(out, simd, loops, lane_at, masked, depth + 1, band_domain, band_loads,
+                         band_trusted, body)
+        for _ in range(opened):
+            out.close()
+
+
 def _define_load_masks(out, simd, reads, lane, lane_at, vectors, lane_padding, domain, loads,
-                       number, depth, depth_of, domain_changed) -> None:
+                       number, depth, depth_of, domain_changed, trusted) -> None:
     """(Re)define, at this loop depth, the masks of the vector reads that change here: lanes
     that exist, lie in the domain, and read inside a zero-padded array.  A read's mask is
     defined at the depth of the innermost loop its padding conditions use, and again where
-    the domain narrows below that."""
+    the domain narrows below that; ``trusted`` conditions hold here and are left out."""
     for a, (access, offset, padded) in enumerate(reads.items):
         if not _depends(offset, lane):
             continue
@@ -323,7 +396,8 @@ def _define_load_masks(out, simd, reads, lane, lane_at, vectors, lane_padding, d
         names = []
         for q in range(vectors):
             conds = [f"sc_valid{q}"] + ([domain[q]] if domain else []) + \
-                    [_lane_condition(simd, e, lane, lane_at[q]) for e in exprs]
+                    [_lane_condition(simd, e, lane, lane_at[q]) for e in exprs
+                     if e not in trusted]
             name = f"sc_l{number}_{a}_{depth}_{q}"
             out.line(f"const {simd.mask} {name} = {_and_all(simd, conds)};")
             names.append(name)
