@@ -10,6 +10,7 @@ substitution into a term's parts and C-order strides.
 from __future__ import annotations
 
 import math
+import functools
 from functools import reduce
 from typing import Mapping, Sequence
 
@@ -24,6 +25,14 @@ def linear_parts(expr) -> tuple[dict[sympy.Expr, sympy.Rational], sympy.Rational
 
     Raises IRError when the expression is not affine with rational coefficients.
     """
+    coefficients, constant = _linear_parts(expr)
+    return dict(coefficients), constant
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _linear_parts(expr) -> tuple[dict[sympy.Expr, sympy.Rational], sympy.Rational]:
+    """linear_parts, remembered: the passes ask for the same few thousand expressions'
+    parts hundreds of thousands of times per package (the caller gets a copy of the dict)."""
     expr = sympy.expand(sympy.sympify(expr))
     coefficients: dict[sympy.Expr, sympy.Rational] = {}
     constant = sympy.Integer(0)
@@ -39,6 +48,7 @@ def linear_parts(expr) -> tuple[dict[sympy.Expr, sympy.Rational], sympy.Rational
     return {k: v for k, v in coefficients.items() if v != 0}, constant
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def integer_form(expr) -> tuple[sympy.Expr, int]:
     """``(numerator, denominator)``: numerator has integer coefficients, expr = num / den."""
     coefficients, constant = linear_parts(expr)
@@ -53,6 +63,7 @@ def integer_coefficients(expr) -> tuple[dict, int]:
     return {k: int(v) for k, v in coefficients.items()}, int(constant)
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def normalize_constraint(expr) -> sympy.Expr:
     """The tightest integer form of ``expr >= 0``: integer, coprime coefficients."""
     num, _ = integer_form(expr)

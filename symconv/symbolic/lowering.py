@@ -8,6 +8,7 @@ loop nest, so what ``explain`` shows is what runs.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -74,7 +75,14 @@ def nest_box(nest: LoopNest, free: Sequence[sympy.Idx]) -> dict[sympy.Expr, tupl
 
 
 def lower(term: Term, free: Sequence[sympy.Idx]) -> LoopNest | None:
-    """The loop nest of one term (None when its domain is provably empty).
+    """The loop nest of one term (None when its domain is provably empty); remembered,
+    since scheduling, emitting and printing each lower the same terms."""
+    return _lower(term, tuple(free))
+
+
+@functools.lru_cache(maxsize=4096)
+def _lower(term: Term, free: tuple[sympy.Idx, ...]) -> LoopNest | None:
+    """The work of lower.
 
     Single-valued indices are substituted; each congruence fixes a step and
     residue for the innermost loop it involves (splitting off a gcd condition
