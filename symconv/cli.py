@@ -265,7 +265,7 @@ def _write_report(args, out) -> int:
     with Progress(len(specs), "report", enabled=args.progress) as bar:
         path = report.write(args.html, specs, bench=args.bench, cache_dir=args.cache_dir,
                             target=args.target, repeat=args.repeat, threads=args.threads,
-                            progress=lambda spec: bar.advance(spec.slug))
+                            progress=lambda spec: bar.advance(spec.slug), steps=args.steps)
     size = path.stat().st_size
     print(f"wrote {path} ({size / 1024:.0f} KB, {len(specs)} spec{'s' * (len(specs) != 1)})",
           file=out)
@@ -281,6 +281,9 @@ def cmd_explain(args, out) -> int:
         _log_timings(spec, compilation.timings)
         print(spec.describe(), file=out)
         _print_formulas(compilation, args.latex, args.scatter, out)
+        if args.steps:
+            from .explain import steps_text
+            print("\n" + steps_text(compilation, latex=args.latex), file=out)
         if args.c:
             variant = best_variant(compilation.variants).target
             print(f"\n== C ({variant}, the variant this machine runs) ==", file=out)
@@ -417,6 +420,10 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--c", action="store_true", help="also print the generated C")
     explain.add_argument("--scatter", action="store_true",
                          help="also print each gradient's chain-rule (scatter) form")
+    explain.add_argument("--steps", action="store_true",
+                         help="also print every step of each gradient's derivation, from the "
+                         "chain rule to the compiled loops, each with the formula after it "
+                         "(in the page too, with --html)")
     report = explain.add_argument_group("report and benchmark")
     report.add_argument("--html", metavar="FILE", default=None,
                         help="write a self-contained HTML page with the typeset formulas and the "

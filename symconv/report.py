@@ -291,6 +291,8 @@ table.bench td.num, table.bench th.num { text-align: right; padding-left: 18px;
     font-variant-numeric: tabular-nums; }
 table.bench thead th { border-bottom: 1px solid var(--rule); }
 .step { color: var(--muted); font-size: 13.5px; margin: 10px 0 2px; }
+.steps ol { padding-left: 1.6em; } .steps li p { font-size: 13.5px; margin: 8px 0 2px; }
+.steps summary { cursor: pointer; color: var(--muted); }
 figure.formula { margin: 4px 0 6px; padding: 6px 10px; background: #fff; overflow-x: auto;
                  border-left: 3px solid var(--rule); }
 figure.formula.gather { border-left-color: var(--accent); }
@@ -400,9 +402,23 @@ _STEPS = {
 }
 
 
+def _steps_html(derivation, strict: bool) -> str:
+    """A gradient's derivation steps (symconv.explain), each with its formula typeset."""
+    from .explain import gradient_steps
+    items = []
+    for step in gradient_steps(derivation, latex=True):
+        item = f'<p><b>{html.escape(step.kind)}</b>: {html.escape(step.text)}</p>'
+        if step.formula:
+            image = typeset(step.formula, font_size=FONT_SIZE * 0.85, strict=strict)
+            item += image.html("step-formula")
+        items.append(f"<li>{item}</li>")
+    return (f'<details class="steps" open><summary>How it is derived: {len(items)} steps'
+            f'</summary><ol>{"".join(items)}</ol></details>')
+
+
 def spec_section(spec: ConvSpec, index: int, *, bench: bool = False, cache_dir=None,
                  target: str | None = None, repeat: int = 20, threads: int | None = None,
-                 strict: bool = False) -> tuple[str, str, int]:
+                 strict: bool = False, steps: bool = False) -> tuple[str, str, int]:
     """(section HTML, CSS it needs, number of formulas) for one spec."""
     from .compiler import compilation as compile_symbolic
     compilation = compile_symbolic(spec, target)
@@ -431,6 +447,8 @@ def spec_section(spec: ConvSpec, index: int, *, bench: bool = False, cache_dir=N
             parts.append(f"<details><summary>text and LaTeX</summary>"
                          f"<pre>{html.escape(formula.text)}</pre>"
                          f"<pre>{html.escape(formula.latex)}</pre></details>")
+            if steps and formula.name in compilation.derivations:
+                parts.append(_steps_html(compilation.derivations[formula.name], strict))
     log.info("%s: typeset %d formulas in %.3f s", spec.slug, len(cut_formulas),
              time.perf_counter() - start)
     if bench:
@@ -458,7 +476,8 @@ def spec_section(spec: ConvSpec, index: int, *, bench: bool = False, cache_dir=N
 
 def render(specs: Iterable[ConvSpec], *, bench: bool = False, cache_dir=None,
            target: str | None = None, repeat: int = 20, threads: int | None = None,
-           strict: bool = False, title: str | None = None, progress=None) -> str:
+           strict: bool = False, title: str | None = None, progress=None,
+           steps: bool = False) -> str:
     """The report page for ``specs`` as one HTML string (see the module docstring)."""
     import sympy
     specs = list(specs)
@@ -466,7 +485,7 @@ def render(specs: Iterable[ConvSpec], *, bench: bool = False, cache_dir=None,
     for index, spec in enumerate(specs, 1):
         section, source_css, _ = spec_section(spec, index, bench=bench, cache_dir=cache_dir,
                                               target=target, repeat=repeat, threads=threads,
-                                              strict=strict)
+                                              strict=strict, steps=steps)
         sections.append(section)
         css = css or source_css
         if progress is not None:

@@ -24,7 +24,7 @@ ORDER = [
     "compiler", "check",
     "graph.engine", "graph.ops", "graph.compiled", "graph.nn", "graph.optim", "graph.gradcheck",
     "graph",
-    "binding", "torch", "jax", "dask", "report", "cli", "__main__", "",
+    "binding", "torch", "jax", "dask", "explain", "report", "cli", "__main__", "",
 ]
 
 

@@ -9,7 +9,7 @@ loop nest, so what ``explain`` shows is what runs.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import sympy
@@ -50,14 +50,42 @@ class Loop:
 
 
 @dataclass(frozen=True)
+class Decision:
+    """Where lowering put one constraint (``expr >= 0``) or congruence (``expr ≡ 0 mod
+    modulus``) of a term: ``kind`` is one of DECISION_KINDS; ``index`` the loop it went
+    to, with the ``bound`` it became or the ``step`` and ``residue`` it fixed."""
+
+    kind: str
+    condition: Condition
+    index: sympy.Idx | None = None
+    bound: Bound | None = None
+    step: int = 1
+    residue: sympy.Expr = sympy.Integer(0)
+
+
+DECISION_KINDS = {
+    "fixed": "an index with a single value is replaced by it",
+    "lower bound": "a lower bound of the innermost loop the constraint involves",
+    "upper bound": "an upper bound of the innermost loop the constraint involves",
+    "guard": "on the free indices only: tested once per output element",
+    "always": "true over the whole box of indices: dropped",
+    "step": "the innermost loop it involves runs with a step from a residue",
+    "check": "that loop has a step already: tested in its body",
+    "split": "its gcd with the loop's coefficient leaves a congruence on outer indices",
+}
+
+
+@dataclass(frozen=True)
 class LoopNest:
     """A lowered term: guards on the free indices, loops outermost first, then the body,
-    whose reads of the ``zero_outside`` arrays give 0 outside their shape."""
+    whose reads of the ``zero_outside`` arrays give 0 outside their shape; ``decisions``
+    say where each of the term's constraints and congruences went."""
 
     guards: tuple[Condition, ...]
     loops: tuple[Loop, ...]
     body: sympy.Expr
     zero_outside: tuple[str, ...] = ()
+    decisions: tuple[Decision, ...] = field(default=(), compare=False)
 
 
 def value_range(expr, box: Mapping[sympy.Expr, tuple[int, int]]) -> tuple[int, int]:
@@ -91,6 +119,7 @@ def _lower(term: Term, free: tuple[sympy.Idx, ...]) -> LoopNest | None:
     Bounds and guards that hold over the whole index box are dropped.
     """
     fixed = {v: v.lower for v in term.indices if v.lower == v.upper}
+    decisions = [Decision("fixed", Condition(v - value), v) for v, value in fixed.items()]
     variables = [v for v in term.indices if v not in fixed]
     # xreplace, not subs: the same simultaneous replacement of index symbols, without
     # subs' algebraic matching (which took most of a compile's lowering time)
@@ -99,6 +128,7 @@ def _lower(term: Term, free: tuple[sympy.Idx, ...]) -> LoopNest | None:
     box = {v: index_range(v) for v in (*free, *variables)}
 
     constraints = [sympy.sympify(e).xreplace(fixed) for e in term.constraints]
+    stated = len(constraints)          # the term's own; then each loop's range
     for v in variables:
         lo, hi = index_range(v)
         constraints += [v - lo, hi - v]
@@ -118,8 +148,10 @@ def _lower(term: Term, free: tuple[sympy.Idx, ...]) -> LoopNest | None:
             if constant % modulus:
                 return None
             continue
+        condition = Condition(expr, modulus)
         if not inner:
-            guards.append(Condition(expr, modulus))
+            guards.append(condition)
+            decisions.append(Decision("guard", condition))
             continue
         u = max(inner, key=depth.__getitem__)
         c = coefficients[u] % modulus
@@ -127,34 +159,42 @@ def _lower(term: Term, free: tuple[sympy.Idx, ...]) -> LoopNest | None:
         g, reduced, factor = solve_congruence(c, modulus)
         if g > 1:
             pending.append(normalize_congruence(rest, g))
+            decisions.append(Decision("split", condition, u, step=g))
         if reduced == 1:
             continue
         residue = sympy.expand(factor * rest / g)
         if u in steps:
-            checks[u].append(Condition(expr, modulus))
+            checks[u].append(condition)
+            decisions.append(Decision("check", condition, u))
         else:
             steps[u] = (reduced, residue)
+            decisions.append(Decision("step", condition, u, step=reduced, residue=residue))
 
     lower_bounds: dict[sympy.Expr, list[Bound]] = {v: [] for v in variables}
     upper_bounds: dict[sympy.Expr, list[Bound]] = {v: [] for v in variables}
-    for expr in constraints:
+    for number, expr in enumerate(constraints):
         expr = normalize_constraint(expr)
         coefficients, constant = integer_coefficients(expr)
         inner = [v for v in coefficients if v in depth]
+        decide = decisions.append if number < stated else (lambda decision: None)
         if not inner:
             low, high = interval(expr, box)
             if high < 0:
                 return None
             if low < 0:
                 guards.append(Condition(expr))
+            decide(Decision("guard" if low < 0 else "always", Condition(expr)))
             continue
         u = max(inner, key=depth.__getitem__)
         a = coefficients[u]
         rest = expr - a * u
         if a > 0:
-            lower_bounds[u].append(Bound(sympy.expand(-rest), a))
+            bound = Bound(sympy.expand(-rest), a)
+            lower_bounds[u].append(bound)
         else:
-            upper_bounds[u].append(Bound(sympy.expand(rest), -a))
+            bound = Bound(sympy.expand(rest), -a)
+            upper_bounds[u].append(bound)
+        decide(Decision("lower bound" if a > 0 else "upper bound", Condition(expr), u, bound))
 
     loops = []
     for v in variables:
@@ -165,7 +205,8 @@ def _lower(term: Term, free: tuple[sympy.Idx, ...]) -> LoopNest | None:
             return None
         step, residue = steps.get(v, (1, sympy.Integer(0)))
         loops.append(Loop(v, lows, highs, step, residue, tuple(checks[v])))
-    return LoopNest(tuple(dict.fromkeys(guards)), tuple(loops), body, term.zero_outside)
+    return LoopNest(tuple(dict.fromkeys(guards)), tuple(loops), body, term.zero_outside,
+                    tuple(decisions))
 
 
 def _prune(bounds: list[Bound], box, is_lower: bool) -> tuple[Bound, ...]:

@@ -55,7 +55,13 @@ def _latex(expr) -> str:
     return _LatexPrinter().doprint(expr)
 
 
-def _bound_text(bound: Bound, is_lower: bool, latex: bool) -> str:
+def show(expr, latex: bool = False) -> str:
+    """An index expression or body as symconv prints it (indices by name, δ for deltas)."""
+    return _latex(expr) if latex else _text(expr)
+
+
+def show_bound(bound: Bound, is_lower: bool, latex: bool = False) -> str:
+    """A loop bound: ⌈num/den⌉ as a lower one, ⌊num/den⌋ as an upper one."""
     show = _latex if latex else _text
     if bound.den == 1:
         return show(bound.num)
@@ -67,7 +73,7 @@ def _bound_text(bound: Bound, is_lower: bool, latex: bool) -> str:
 
 
 def _bounds_text(bounds: Sequence[Bound], is_lower: bool, latex: bool) -> str:
-    parts = [_bound_text(b, is_lower, latex) for b in bounds]
+    parts = [show_bound(b, is_lower, latex) for b in bounds]
     if len(parts) == 1:
         return parts[0]
     name = ("max" if is_lower else "min")
@@ -76,7 +82,8 @@ def _bounds_text(bounds: Sequence[Bound], is_lower: bool, latex: bool) -> str:
     return f"{name}({', '.join(parts)})"
 
 
-def _condition_text(condition: Condition, latex: bool) -> str:
+def show_condition(condition: Condition, latex: bool = False) -> str:
+    """``expr >= 0`` or ``expr ≡ 0 (mod m)``."""
     show = _latex if latex else _text
     if condition.modulus == 0:
         return f"{show(condition.expr)} \\geq 0" if latex else f"{show(condition.expr)} >= 0"
@@ -98,9 +105,9 @@ def nest_text(nest: LoopNest, latex: bool = False) -> str:
         else:
             sums.append(f"Σ_{{{var}={low}..{high}}}")
         if loop.step > 1:
-            notes.append(_condition_text(Condition(loop.index - loop.residue, loop.step), latex))
-        notes += [_condition_text(c, latex) for c in loop.checks]
-    notes = [_condition_text(g, latex) for g in nest.guards] + notes
+            notes.append(show_condition(Condition(loop.index - loop.residue, loop.step), latex))
+        notes += [show_condition(c, latex) for c in loop.checks]
+    notes = [show_condition(g, latex) for g in nest.guards] + notes
     for name in nest.zero_outside:
         notes.append(rf"\mathrm{{{name}}} = 0 \text{{ outside its shape}}".replace("_", r"\_")
                      if latex else f"{name} = 0 outside its shape")
