@@ -120,9 +120,10 @@ def derive_and_emit(op: "OpDefinition", target: str | None = None) -> Compilatio
     """Derive every gradient of an op and emit its C (no build), once for each instruction
     set a package for ``target`` holds (see package.targets.variants)."""
     from .codegen import emit
-    from .symbolic import derive, ir
+    from .symbolic import clear_caches, derive, ir
     from .symbolic.define.gradient import gradient_batched
 
+    clear_caches()          # the last compile's remembered expressions
     timings = {}
     start = time.perf_counter()
     forward = op.forward

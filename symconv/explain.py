@@ -130,7 +130,8 @@ def gradient_steps(derivation: Derivation, latex: bool = False) -> list[Narrated
             add(step.kind, describe_step(step, wrt),
                 _formula(gather.output, gather.indices, step.term, latex))
     for nest in loop_nests(gather):
-        dropped = [d for d in nest.decisions if d.kind == "always"]
+        dropped = [d for d in nest.decisions if d.kind == "always" and
+                   not d.condition.expr.is_Number]      # 0 >= 0: nothing to say
         for decision in nest.decisions:
             if decision.kind != "always":
                 add(f"lowering: {decision.kind}", describe_decision(decision))

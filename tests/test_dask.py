@@ -79,7 +79,7 @@ def test_plan_owns_every_output_once_and_halos_cover_every_read(axis):
 
 CASES = [  # input, weight, conv arguments, input chunks
     pytest.param((2, 3, 17, 15), (4, 3, 3, 2),
-                 dict(stride=(2, 1), padding=((1, 2), (0, 1)), dilation=(1, 2)), (1, 3, 6, 5),
+                 dict(stride=(2, 1), padding=((1, 2), (0, 1)), dilation=(1, 2)), (1, 3, 9, 8),
                  id="2d-strided-asym"),
     pytest.param((1, 4, 23), (6, 2, 3), dict(stride=3, padding=((2, 1),), dilation=2, groups=2),
                  (1, 2, 5), id="1d-groups-coprime"),

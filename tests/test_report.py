@@ -180,3 +180,26 @@ def test_screenshot_in_headless_chromium_shows_every_formula(tmp_path):
                                                 f"the page has it ({len(found)} found)"
         positions.append(found[0][0])
     assert positions[0] < positions[-1]
+
+
+def test_steps_are_typeset_and_painted_in_headless_chromium(tmp_path):
+    """`explain --steps --html`: every gradient gets its numbered steps, every step formula
+    typesets (strict), and Chromium paints them."""
+    from symconv.compiler import compilation
+    from symconv.explain import gradient_steps
+    spec = ConvSpec((1, 1, 13), (1, 1, 3), stride=2, dilation=3, padding=1)
+    page = report.write(tmp_path / "steps.html", [spec], strict=True, steps=True)
+    text = page.read_text()
+    derivations = compilation(spec).derivations
+    assert text.count('<details class="steps" open>') == len(derivations)
+    for derivation in derivations.values():
+        assert f"How it is derived: {len(gradient_steps(derivation))} steps" in text
+    if report.find_chromium() is None:
+        pytest.skip("no Chromium (Debian: apt-get install chromium)")
+    shot = report.screenshot(page, tmp_path / "steps.png", width=1100, height=2400,
+                             scale=report.SCALE)
+    pixels = np.asarray(PIL.open(shot).convert("RGB"))
+    step_images = [a["src"] for a in Page(text.split('<details class="steps"')[1]).all("img")]
+    assert step_images
+    for uri in step_images[:3]:   # grad_input's first steps: within the first screen
+        assert find(pixels, png(uri)), "a step formula is not painted"

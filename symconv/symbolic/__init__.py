@@ -4,3 +4,12 @@ Read in this order: ``ir`` (the records), ``affine`` (integer toolkit),
 ``lowering``, ``printing``, ``interpreter``, ``derive`` (the VJP), ``define``
 (forward sums of every spec kind).
 """
+
+
+def clear_caches() -> None:
+    """Forget what the integer passes remember (affine forms, lowered terms): it saves work
+    within one compile; kept across compiles it would only hold memory."""
+    from . import affine, lowering
+    for cached in (affine._linear_parts, affine.integer_form, affine.normalize_constraint,
+                   lowering._lower):
+        cached.cache_clear()
