@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from symconv import ConvSpec, ConvTransposeSpec, ExprSpec
+from symconv import AvgPoolSpec, ConvSpec, ConvTransposeSpec, ExprSpec, GradientSpec
 from symconv.compiler import compilation
 from symconv.explain import gradient_steps, steps_text
 from symconv.symbolic.interpreter import evaluate
@@ -26,6 +26,11 @@ SPECS = {
                             dtype="float64"),
     "transposed": ConvTransposeSpec((1, 2, 5), (2, 3, 3), stride=2, padding=1,
                                     dtype="float64"),
+    "reflect padding": ConvSpec((1, 2, 7), (2, 2, 3), padding=1, padding_mode="reflect",
+                                dtype="float64"),
+    "average pool": AvgPoolSpec((1, 2, 8), (2,), stride=2, dtype="float64"),
+    "gradient of a gradient": GradientSpec(ConvSpec((1, 2, 9), (2, 2, 3), stride=2, padding=1,
+                                                    dtype="float64"), "grad_input"),
     "user op": ExprSpec("Y[i] = sum(tanh(W[a] * X[2*i + a]), (a, 0, 2))",
                         shapes={"X": (9,), "W": (3,)}, dtype="float64"),
 }
