@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import GeneratedCodeError, InternalError
-from .kernel import Kernel, KernelFunction, PackageError, Variant, best_variant
+from .kernel import Kernel, KernelFunction, PackageError, Variant, best_variant, vjp_table
 from .package import build
 from .package.targets import variants as target_variants
 from .spec import SPECS
@@ -104,6 +104,9 @@ class Compilation:
                              + [cotangent],
             "arrays": {name: {"shape": list(shape)} for name, shape in shapes.items()},
             "functions": {s.name: s.to_json() for s in signatures},
+            "vjp": {function: {a: entry.to_json() for a, entry in entries.items()}
+                    for function, entries in vjp_table({s.name: s for s in signatures},
+                                                       op.differentiable).items()},
             "formulas": self.formulas(),
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
             **({"batch": {"extent": op.batch.extent, "index": op.batch.index}}

@@ -80,6 +80,44 @@ class KernelFunction:
 
 
 @dataclass(frozen=True)
+class VJPEntry:
+    """Where one function's gradient with respect to one of its arguments is computed:
+    ``function`` of this package reading ``args`` (names of the differentiated function's
+    arrays and of its cotangent), or, with ``gradient_of`` set, ``function`` of the package of
+    ``GradientSpec(this op, gradient_of)``, derived and built when first asked for (its
+    arguments are known once it is)."""
+
+    function: str
+    args: tuple[str, ...] | None = None
+    gradient_of: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        if self.gradient_of is None:
+            return {"function": self.function, "args": list(self.args)}
+        return {"function": self.function, "gradient_of": self.gradient_of}
+
+    @classmethod
+    def from_json(cls, entry: Mapping[str, Any]) -> "VJPEntry":
+        args = entry.get("args")
+        return cls(str(entry["function"]), None if args is None else tuple(map(str, args)),
+                   None if entry.get("gradient_of") is None else str(entry["gradient_of"]))
+
+
+def vjp_table(functions: Mapping[str, KernelFunction],
+              differentiable: Sequence[str]) -> dict[str, dict[str, VJPEntry]]:
+    """The VJP table of a package, per function and argument: the forward's gradients are
+    the package's ``grad_<input>`` functions; a gradient function is differentiated as an op
+    of its own (every argument, the cotangent included), so the table answers any order."""
+    forward = functions["forward"]
+    table = {"forward": {a: VJPEntry(f"grad_{a}", functions[f"grad_{a}"].args)
+                         for a in forward.args if a in differentiable}}
+    for name, function in functions.items():
+        if name != "forward":
+            table[name] = {a: VJPEntry(f"grad_{a}", gradient_of=name) for a in function.args}
+    return table
+
+
+@dataclass(frozen=True)
 class Manifest:
     """The schema of ``manifest.json``, shared by its writer (the compiler's op fields, then
     the packager's) and its reader (this loader).  ``from_json`` checks a parsed file field
@@ -104,10 +142,11 @@ class Manifest:
     build: Mapping[str, Any]           # target, compiler, flags, versions, CPU features...
     variants: tuple[Variant, ...]      # build.variants, best first
     files: Mapping[str, str]           # file name -> sha256
+    vjp: Mapping[str, Mapping[str, VJPEntry]]   # function -> argument -> its gradient
     extra: Mapping[str, Any]
 
     OP_FIELDS = ("kind", "description", "key", "dtype", "inputs", "arguments", "output",
-                 "differentiable", "backward_args", "arrays", "functions", "formulas")
+                 "differentiable", "backward_args", "arrays", "functions", "formulas", "vjp")
     PACKAGE_FIELDS = ("format", "name", "module", "build", "files", "digest")
 
     def shapes_at(self, batch: int) -> dict[str, tuple[int, ...]]:
@@ -165,12 +204,28 @@ class Manifest:
         names["arguments"] = tuple(str(n) for n in data.get("arguments", names["inputs"]))
         if [n for n in names["arguments"] if n in names["inputs"]] != list(names["inputs"]):
             raise ValueError("arguments do not hold the inputs in order")
+        if "vjp" in data:
+            vjp = {str(f): {str(a): VJPEntry.from_json(e) for a, e in entries.items()}
+                   for f, entries in data["vjp"].items()}
+            for entries in vjp.values():
+                for entry in entries.values():
+                    if entry.gradient_of is None and entry.args is None:
+                        raise ValueError(f"vjp entry {entry.function} has no args")
+        else:           # a package from before the table: the table every package implied
+            vjp = vjp_table(functions, names["differentiable"])
+        for function, entries in vjp.items():
+            functions[function]
+            for entry in entries.values():
+                if entry.gradient_of is None:
+                    functions[entry.function]
+                else:
+                    functions[entry.gradient_of]
         known = {*cls.OP_FIELDS, *cls.PACKAGE_FIELDS}
         return cls(name=data["name"], module=data["module"], kind=data["kind"],
                    description=data["description"], key=data["key"], dtype=data["dtype"],
                    output=data["output"],
                    shapes=shapes, functions=functions, formulas=dict(data["formulas"]),
-                   build=dict(build), variants=variants, files=dict(data["files"]),
+                   build=dict(build), variants=variants, files=dict(data["files"]), vjp=vjp,
                    extra={k: v for k, v in data.items() if k not in known}, **names)
 
 
@@ -535,6 +590,12 @@ class Kernel:
         """The arguments ``backward`` returns an entry for, in order."""
         return tuple(a for a in self.arguments
                      if a in self.differentiable or a not in self.inputs)
+
+    @property
+    def vjp(self) -> Mapping[str, Mapping[str, VJPEntry]]:
+        """The VJP table: per function and differentiable argument, the function that
+        computes that gradient (see :class:`VJPEntry`)."""
+        return self.record.vjp
 
     @property
     def formulas(self) -> dict[str, str]:

@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from ..spec import (AvgPoolSpec, ConvSpec, ConvTransposeSpec, ExprSpec, GradientSpec,
-                    spec_of)
+from .. import autodiff
+from ..autodiff import Package
+from ..spec import AvgPoolSpec, ConvSpec, ConvTransposeSpec, ExprSpec, spec_of
 from .engine import Tensor, as_tensor, record
 
 
@@ -70,35 +71,34 @@ class _Buffers:
 _buffers = _Buffers()
 
 
-def call(label: str, spec: Any, kernel: Any, function: str, operands: dict[str, Tensor],
+def call(label: str, package: Package, function: str, operands: dict[str, Tensor],
          dtype: np.dtype) -> Tensor:
-    """Function ``function`` of ``kernel`` (the package of ``spec``) on the named operands,
-    as a graph node.  Its rule: the VJP of that function, which for ``forward`` is the
-    kernel's own gradient functions and for a gradient function those of its GradientSpec."""
-    compiled = kernel.functions[function]
+    """Function ``function`` of a compiled package on the named operands, as a graph node.
+    Its rule calls the functions the package's VJP table names (see symconv.autodiff)."""
+    compiled = package.kernel.functions[function]
     names = compiled.args
     inputs = tuple(operands[name] for name in names)
     arrays = [np.ascontiguousarray(t.data, dtype) for t in inputs]
     data = compiled(*arrays, out=_buffers.get(compiled.output_shape(*arrays), dtype))
+    wanted = set(autodiff.differentiable(package, function))
 
     def backward(g, out):
-        if function == "forward":
-            vjp_spec, vjp_kernel = spec, kernel
-        else:
-            vjp_spec = spec_of(GradientSpec, parent=spec, function=function)
-            vjp_kernel = kernel_of(vjp_spec)
-        cotangent = vjp_kernel.record.cotangent
-        given = {**dict(zip(names, inputs)), cotangent: g}
-        return tuple(
-            call(f"grad_{name}", vjp_spec, vjp_kernel, f"grad_{name}", given, dtype)
-            if tensor.requires_grad and name in vjp_kernel.differentiable else None
-            for name, tensor in zip(names, inputs))
+        values = dict(zip(names, inputs))
+        grads = []
+        for name, tensor in zip(names, inputs):
+            if tensor.requires_grad and name in wanted:
+                rule = autodiff.vjp(package, function, name)
+                given = dict(zip(rule.args, rule.arrays(values, g)))
+                grads.append(call(f"grad_{name}", rule.package, rule.function, given, dtype))
+            else:
+                grads.append(None)
+        return tuple(grads)
     return record(label, data, inputs, backward)
 
 
 def _forward(label: str, spec: Any, inputs: tuple[Tensor, ...], dtype: np.dtype) -> Tensor:
-    kernel = kernel_of(spec)
-    return call(label, spec, kernel, "forward", dict(zip(kernel.inputs, inputs)), dtype)
+    package = Package(spec)
+    return call(label, package, "forward", dict(zip(package.kernel.inputs, inputs)), dtype)
 
 
 def conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups: int = 1,
