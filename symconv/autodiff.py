@@ -20,7 +20,7 @@ import functools
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 from .spec import GradientSpec, spec_from_dict, spec_of
 
@@ -66,7 +66,14 @@ def package(handle: str) -> Package:
 
 def package_of(spec, cache_dir: str | os.PathLike | None = None,
                target: str | None = None) -> Package:
-    return Package(spec, None if cache_dir is None else os.path.abspath(cache_dir), target)
+    """A spec's package in ``cache_dir`` for ``target`` (one object per distinct request, so
+    its handle is made once)."""
+    return _package(spec, None if cache_dir is None else os.path.abspath(cache_dir), target)
+
+
+@functools.lru_cache(maxsize=1024)
+def _package(spec, cache_dir: str | None, target: str | None) -> Package:
+    return Package(spec, cache_dir, target)
 
 
 @dataclass(frozen=True)

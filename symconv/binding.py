@@ -1,17 +1,31 @@
 """What the framework bindings (``symconv.torch``, ``symconv.jax``, ``symconv.dask``) share:
-the compiled kernel for a convolution's shapes and arguments.
+the compiled package of an op for the shapes and arguments of a call.
 
 Kernels are specialised to exact shapes but the batch size, which is left to
 run time (one package serves every batch), so a binding asks for one per new
 shape: the first request compiles it into the package cache (or finds it
 there), later ones find the loaded kernel in the process's one kernel cache
 (``symconv.compiler.KERNELS``).  SymPy and the C compiler are only touched on
-a cache miss.
+a cache miss.  Gradients, of any order and in either mode, come from the
+package's VJP table (``symconv.autodiff``).
 """
 
 from __future__ import annotations
 
-from .spec import ConvSpec, spec_of
+from .autodiff import Package, package_of
+from .spec import SPECS, ConvSpec, spec_of
+
+
+def open_batch(shape) -> tuple:
+    """An input shape with its batch left to run time."""
+    shape = tuple(shape)
+    return (None, *shape[1:]) if shape else shape
+
+
+def op_package(kind: str, cache_dir=None, target=None, **fields) -> Package:
+    """The package of a spec of ``kind`` (``"conv"``, ``"conv_transpose"``, ``"avg_pool"``,
+    ``"expr"``) with these fields."""
+    return package_of(spec_of(SPECS[kind], **fields), cache_dir, target)
 
 
 def conv_kernel(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups=1, bias=True,
@@ -20,11 +34,8 @@ def conv_kernel(input_shape, weight_shape, stride=1, padding=0, dilation=1, grou
     """The loaded ``symconv.Kernel`` of a convolution: compiled on first use into ``cache_dir``
     (default ``$SYMCONV_CACHE_DIR`` or ``~/.cache/symconv``), then kept in this process.
     Its batch size is left to run time unless ``fixed_batch``."""
-    from .compiler import KERNELS
-    input_shape = tuple(input_shape)
-    if not fixed_batch and input_shape:
-        input_shape = (None, *input_shape[1:])
-    spec = spec_of(ConvSpec, input_shape=input_shape, weight_shape=tuple(weight_shape),
-                   stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias,
-                   dtype=dtype, padding_mode=padding_mode)
-    return KERNELS.get(spec, cache_dir, target)
+    return op_package(ConvSpec.KIND, cache_dir, target,
+                      input_shape=tuple(input_shape) if fixed_batch else open_batch(input_shape),
+                      weight_shape=tuple(weight_shape), stride=stride, padding=padding,
+                      dilation=dilation, groups=groups, bias=bias, dtype=dtype,
+                      padding_mode=padding_mode).kernel

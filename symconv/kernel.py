@@ -476,15 +476,58 @@ class Function:
                 else self.shapes[self.output])
         return found
 
-    def output_shape(self, *arrays: np.ndarray) -> tuple[int, ...]:
-        """The shape of the output for these arguments (its batch is theirs)."""
+    @property
+    def needs_batch(self) -> bool:
+        """True when the output has the run-time batch axis but no argument does: its batch
+        size is given to the call (``batch=``)."""
+        return self._maps and not self._batched
+
+    def _given_batch(self, batch: Any) -> int:
+        if batch is None:
+            raise TypeError(f"{self.name}: its output has the batch axis but no argument does; "
+                            f"pass batch=<size> (or out=)")
+        if batch.__class__ is not int and not isinstance(batch, (int, np.integer)) or batch < 0:
+            raise ValueError(f"{self.name}: batch must be a non-negative int, got {batch!r}")
+        return int(batch)
+
+    @property
+    def batched(self) -> tuple[int, ...]:
+        """The positions of the arguments that carry the run-time batch axis."""
+        return self._batched
+
+    @property
+    def maps_batch(self) -> bool:
+        """True when the output carries the batch axis too (a map over the batch, not a sum)."""
+        return self._maps
+
+    def result_shape(self, shapes: Sequence[Sequence[Any]], batch: Any = None) -> tuple[Any, ...]:
+        """The output shape for arguments of these shapes, read from the manifest alone (a
+        symbolic batch size passes through); the arrays are checked when the function runs."""
         shape = self.shapes[self.output]
-        return (self._batch_of(arrays), *shape[1:]) if shape[0] is None else shape
+        if not self._maps:
+            return shape
+        if self._batched:
+            batch = shapes[self._batched[0]][0]
+        elif batch is None:
+            self._given_batch(batch)        # raises: say what is missing
+        return (batch, *shape[1:])
+
+    def output_shape(self, *arrays: np.ndarray, batch: int | None = None) -> tuple[int, ...]:
+        """The shape of the output for these arguments (its batch is theirs, or ``batch``
+        where no argument has the batch axis)."""
+        shape = self.shapes[self.output]
+        if not self._maps:
+            return shape
+        return (self._batch_of(arrays) if self._batched else self._given_batch(batch),
+                *shape[1:])
 
     def __call__(self, *arrays: np.ndarray, out: np.ndarray | None = None,
-                 threads: int | None = None) -> np.ndarray:
+                 threads: int | None = None, batch: int | None = None) -> np.ndarray:
         """Run on ``arrays`` (in ``self.args`` order) with ``threads`` threads (default:
-        ``$SYMCONV_NUM_THREADS`` or all cores); results do not depend on ``threads``."""
+        ``$SYMCONV_NUM_THREADS`` or all cores); results do not depend on ``threads``.
+        ``batch`` is the batch size of an output that has the run-time batch axis when no
+        argument has it (:attr:`needs_batch`; a broadcast over the batch, like the gradient
+        of a bias gradient); it is ignored otherwise."""
         if threads is None:
             threads = default_threads()
         elif threads.__class__ is not int or threads < 1:
@@ -494,7 +537,6 @@ class Function:
         if len(arrays) != len(self._expected):
             raise TypeError(f"{self.name} takes {len(self.args)} arrays ({', '.join(self.args)}), "
                             f"got {len(arrays)}")
-        batch = None
         if self._batched:
             first = arrays[self._batched[0]]
             # len() is the first axis of an ndarray; anything else is checked below
@@ -502,7 +544,12 @@ class Function:
                 self._batch_of(arrays)
             found = self._at.get(batch)      # inline: this path runs on every call
             expected, shape = found if found is not None else self._shapes_at(batch)
+        elif self._maps:
+            batch = self._given_batch(out.shape[0] if isinstance(out, np.ndarray) and out.ndim
+                                     else batch)
+            expected, shape = self._expected, (batch, *self.shapes[self.output][1:])
         else:
+            batch = None
             expected, shape = self._expected, self.shapes[self.output]
         dtype, ctype, buffer = self.dtype, self._ctype, self._buffer
         pointers = []

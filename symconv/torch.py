@@ -1,55 +1,70 @@
-"""PyTorch binding: symconv's compiled kernels as a ``torch.autograd.Function`` and a module.
+"""PyTorch binding: every symconv op as a ``torch.library`` custom op, differentiated by the
+derived gradients.
 
-    import torch, symconv.torch as st
+    import torch, symconv, symconv.torch as st
     layer = st.SymConv(3, 8, 3, stride=2, padding=1, rank=4)   # any rank, 4-D included
     y = layer(torch.randn(2, 3, 9, 8, 7, 6))                    # (2, 8, 5, 4, 4, 3)
-    y.square().mean().backward()                                # layer.weight.grad, ...
     y = st.conv(x, w, b, stride=2, padding=1)                   # functional, like F.conv{n}d
+    y = st.conv_transpose(x, w, stride=2)                       # like F.conv_transpose{n}d
+    y = st.avg_pool(x, 3, stride=2, padding=1)                  # like F.avg_pool{n}d
+    shift = st.op("Y[n, c, i] = sum(W[c, a] * X[n, c, 2*i + a], (a, 0, 2))",
+                  {"X": (2, 3, 9), "W": (3, 3)})               # a user op, on tensors
     model.conv1 = st.SymConv.from_torch(model.conv1)            # replace a torch.nn.ConvNd
 
-Semantics are ``torch.nn.functional.conv{1,2,3}d``'s (the kernels are
-specialised to the shapes of the first call and cached like every symconv
-kernel).  Tensors are handed to the kernels without copying: a CPU tensor's
-memory is viewed as a NumPy array (``Tensor.numpy()``) and the result is
-written straight into a fresh tensor.
+Every call is one custom op, ``torch.ops.symconv.call(handle, function, tensors)``:
+``handle`` names the compiled package (its spec, cache and target, as JSON),
+``function`` one of its functions.  Its fake implementation gives the output's
+shape from the package's manifest, so ``torch.compile(model, fullgraph=True)``
+traces through it without a graph break and ``torch.export`` records it (the
+exported program runs wherever symconv can find or build the package).  Its
+autograd rule reads the package's VJP table (``symconv.autodiff``): a gradient
+is another call of the same custom op, so gradients of any order
+(``create_graph=True``, ``gradgradcheck``) are the derived ones; none is
+written by hand here.
 
 What is and is not accepted:
 
-* **Device**: CPU only.  A CUDA (or other) tensor raises ``ValueError``; move
-  it with ``.cpu()`` yourself if a round trip is what you want.
+* **Device**: CPU only.  A CUDA (or other) tensor raises ``ValueError``.
 * **Layout**: strided dense tensors.  A non-contiguous tensor (a transpose, a
   slice, ``channels_last`` memory format) is **copied** to a contiguous one
-  before the call (one ``.contiguous()``, documented here); pass
-  ``allow_copy=False`` to get a ``ValueError`` instead.  The incoming
-  gradient in ``backward`` is made contiguous the same way.
+  before the call (one ``.contiguous()``); ``allow_copy=False`` raises
+  ``ValueError`` instead.  The incoming gradient is made contiguous the same way.
 * **Dtype**: float32 or float64, the same for every tensor; others raise
   ``TypeError``.
+* **Shapes**: kernels are specialised to every extent but the batch, so under
+  ``torch.compile`` use the default (automatic) dynamic shapes or mark only the
+  batch dynamic; ``dynamic=True`` makes every extent symbolic and is refused.
 
-Gradients: the backward pass calls the kernels' ``grad_input``,
-``grad_weight`` and ``grad_bias``.  Those are themselves differentiable
-Functions (each is bilinear in its arguments, and its derivatives are again
-the forward and gradient kernels), so double backward
-(``torch.autograd.grad(..., create_graph=True)``, ``gradgradcheck``) works to
-any order.
-
-This module needs PyTorch (``pip install symconv[torch]``, or torch itself);
+Semantics are PyTorch's.  This module needs PyTorch (``pip install symconv[torch]``);
 ``import symconv`` does not import it.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
 
+from . import autodiff
 from .binding import conv_kernel as kernel_for
+from .binding import op_package, open_batch
+from .graph.compiled import IndexOp, op as index_op
 
-__all__ = ["conv", "SymConv", "SymConvFunction", "kernel_for"]
+__all__ = ["conv", "conv_transpose", "avg_pool", "op", "call", "SymConv", "SymOp", "kernel_for"]
 
 _DTYPES = {torch.float32: "float32", torch.float64: "float64"}
-def _array(tensor: torch.Tensor, name: str, allow_copy: bool = True) -> np.ndarray:
+
+
+def _array(tensor: torch.Tensor, name: str) -> np.ndarray:
     """A CPU tensor's memory as a C-contiguous NumPy array, without a copy where possible."""
+    _check(tensor, name)
+    return tensor.detach().contiguous().numpy()
+
+
+def _check(tensor: Any, name: str, allow_copy: bool = True) -> None:
+    """A clear error for a tensor symconv's kernels cannot take."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"symconv.torch: {name} must be a torch.Tensor, got "
                         f"{type(tensor).__name__}")
@@ -62,131 +77,115 @@ def _array(tensor: torch.Tensor, name: str, allow_copy: bool = True) -> np.ndarr
     if tensor.dtype not in _DTYPES:
         raise TypeError(f"symconv.torch: {name} has dtype {tensor.dtype}; symconv's kernels take "
                         f"torch.float32 or torch.float64")
-    if not tensor.is_contiguous():
-        if not allow_copy:
-            raise ValueError(f"symconv.torch: {name} is not contiguous (strides "
-                             f"{tensor.stride()}); pass .contiguous() or allow_copy=True")
-        tensor = tensor.contiguous()
-    return tensor.detach().numpy()
+    if not allow_copy and not tensor.is_contiguous():
+        raise ValueError(f"symconv.torch: {name} is not contiguous (strides "
+                         f"{tensor.stride()}); pass .contiguous() or allow_copy=True")
 
 
-def _empty(shape, dtype: torch.dtype) -> tuple[torch.Tensor, np.ndarray]:
-    tensor = torch.empty(tuple(shape), dtype=dtype)
-    return tensor, tensor.numpy()
+def _checked(named: dict[str, Any], allow_copy: bool) -> str:
+    """Check the tensors of a call (None for an absent bias); their one dtype's name."""
+    given = {name: t for name, t in named.items() if t is not None}
+    for name, tensor in given.items():
+        _check(tensor, name, allow_copy)
+    dtypes = {t.dtype for t in given.values()}
+    if len(dtypes) > 1:
+        listed = ", ".join(f"{name} {t.dtype}" for name, t in given.items())
+        raise TypeError(f"symconv.torch: the tensors have different dtypes ({listed}); use one")
+    return _DTYPES[next(iter(given.values())).dtype]
 
 
-def _zeros_bias(kernel) -> np.ndarray:
-    """A zero bias for calling a biased kernel as a plain convolution (double backward)."""
-    zeros = getattr(kernel, "_symconv_torch_zero_bias", None)
-    if zeros is None:
-        zeros = np.zeros(kernel.record.shapes["bias"], kernel.record.dtype)
-        zeros.flags.writeable = False
-        kernel._symconv_torch_zero_bias = zeros
-    return zeros
+# --- the custom op ------------------------------------------------------------------------------
+
+def _function(handle: str, function: str):
+    return autodiff.package(handle).kernel.functions[function]
 
 
-def _has_bias(kernel) -> bool:
-    return "bias" in kernel.inputs
+@torch.library.custom_op("symconv::call", mutates_args=())
+def _call(handle: str, function: str, args: list[torch.Tensor], batch: int) -> torch.Tensor:
+    """``function`` of the package ``handle`` names, on ``args`` (in the function's order);
+    ``batch`` sizes an output batch axis that no argument has (else it is ignored)."""
+    compiled = _function(handle, function)
+    arrays = [_array(tensor, name) for name, tensor in zip(compiled.args, args)]
+    out = torch.empty(compiled.output_shape(*arrays, batch=batch), dtype=args[0].dtype)
+    compiled(*arrays, out=out.numpy(), batch=batch)
+    return out
 
 
-class SymConvFunction(torch.autograd.Function):
-    """``y = conv(x, w) + b`` through a compiled kernel: ``SymConvFunction.apply(x, w, b, kernel,
-    allow_copy)`` (``b`` may be None).  Use :func:`conv` rather than calling this directly."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, kernel, allow_copy=True):
-        dtype = x.dtype
-        for name, t in (("weight", weight), ("bias", bias)):
-            if t is not None and isinstance(t, torch.Tensor) and t.dtype != dtype:
-                raise TypeError(f"symconv.torch: {name} has dtype {t.dtype} but input has "
-                                f"{dtype}; use one dtype")
-        arrays = [_array(x, "input", allow_copy), _array(weight, "weight", allow_copy)]
-        if _has_bias(kernel):
-            arrays.append(_array(bias, "bias", allow_copy) if bias is not None
-                          else _zeros_bias(kernel))
-        elif bias is not None:
-            raise ValueError("symconv.torch: a bias was given to a kernel compiled without one")
-        y, out = _empty(kernel.functions["forward"].output_shape(*arrays), dtype)
-        kernel.forward(*arrays, out=out)
-        ctx.save_for_backward(x, weight)
-        ctx.kernel, ctx.allow_copy = kernel, allow_copy
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        x, weight = ctx.saved_tensors
-        kernel = ctx.kernel
-        gy = grad_output.contiguous()  # documented copy when autograd hands us a strided view
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        gx = _GradInput.apply(weight, gy, kernel) if need_x else None
-        gw = _GradWeight.apply(x, gy, kernel, ctx.allow_copy) if need_w else None
-        gb = _GradBias.apply(gy, kernel) if need_b else None
-        return gx, gw, gb, None, None
+@_call.register_fake
+def _call_fake(handle: str, function: str, args: list[torch.Tensor], batch: int):
+    compiled = _function(handle, function)
+    return args[0].new_empty(compiled.result_shape([tuple(t.shape) for t in args], batch))
 
 
-class _GradInput(torch.autograd.Function):
-    """``grad_input(w, gy)``: linear in each argument.  Its vector-Jacobian products:
-    ``<u, GI(w, gy)> = <conv(u, w), gy>``, so d/dw is ``grad_weight(u, gy)`` and d/dgy is
-    ``conv(u, w)`` without bias."""
-
-    @staticmethod
-    def forward(ctx, weight, gy, kernel):
-        arrays = (_array(weight, "weight"), _array(gy, "grad_output"))
-        gx, out = _empty(kernel.grad_input.output_shape(*arrays), gy.dtype)
-        kernel.grad_input(*arrays, out=out)
-        ctx.save_for_backward(weight, gy)
-        ctx.kernel = kernel
-        return gx
-
-    @staticmethod
-    def backward(ctx, u):
-        weight, gy = ctx.saved_tensors
-        u = u.contiguous()
-        need_w, need_gy = ctx.needs_input_grad[:2]
-        dw = _GradWeight.apply(u, gy, ctx.kernel, True) if need_w else None
-        dgy = SymConvFunction.apply(u, weight, None, ctx.kernel, True) if need_gy else None
-        return dw, dgy, None
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.handle, ctx.function, args, _ = inputs
+    ctx.save_for_backward(*args)
 
 
-class _GradWeight(torch.autograd.Function):
-    """``grad_weight(x, gy)``: ``<v, GW(x, gy)> = <conv(x, v), gy>``, so d/dx is
-    ``grad_input(v, gy)`` and d/dgy is ``conv(x, v)`` without bias."""
-
-    @staticmethod
-    def forward(ctx, x, gy, kernel, allow_copy=True):
-        arrays = (_array(x, "input", allow_copy), _array(gy, "grad_output"))
-        gw, out = _empty(kernel.grad_weight.output_shape(*arrays), gy.dtype)
-        kernel.grad_weight(*arrays, out=out)
-        ctx.save_for_backward(x, gy)
-        ctx.kernel = kernel
-        return gw
-
-    @staticmethod
-    def backward(ctx, v):
-        x, gy = ctx.saved_tensors
-        v = v.contiguous()
-        need_x, need_gy = ctx.needs_input_grad[:2]
-        dx = _GradInput.apply(v, gy, ctx.kernel) if need_x else None
-        dgy = SymConvFunction.apply(x, v, None, ctx.kernel, True) if need_gy else None
-        return dx, dgy, None, None
+def _backward(ctx, grad: torch.Tensor):
+    """Each wanted gradient is the call the package's VJP table names."""
+    package = autodiff.package(ctx.handle)
+    args = ctx.saved_tensors
+    names = package.kernel.functions[ctx.function].args
+    values = dict(zip(names, args))
+    differentiable = autodiff.differentiable(package, ctx.function)
+    grads = []
+    for name, needed in zip(names, ctx.needs_input_grad[2]):
+        if needed and name in differentiable:
+            rule = autodiff.vjp(package, ctx.function, name)
+            batch = values[name].shape[0] if values[name].dim() else 0
+            grads.append(_call(rule.package.handle, rule.function, rule.arrays(values, grad),
+                               batch))
+        else:
+            grads.append(None)
+    return None, None, grads, None
 
 
-class _GradBias(torch.autograd.Function):
-    """``grad_bias(gy)``: the sum over batch and space; its adjoint broadcasts back."""
+_call.register_autograd(_backward, setup_context=_setup_context)
 
-    @staticmethod
-    def forward(ctx, gy, kernel):
-        array = _array(gy, "grad_output")
-        gb, out = _empty(kernel.grad_bias.output_shape(array), gy.dtype)
-        kernel.grad_bias(array, out=out)
-        ctx.shape = gy.shape
-        return gb
 
-    @staticmethod
-    def backward(ctx, t):
-        shape = ctx.shape
-        return t.reshape(1, shape[1], *(1,) * (len(shape) - 2)).expand(shape), None
+@torch.library.register_vmap("symconv::call")
+def _call_vmap(info, in_dims, handle: str, function: str, args: list[torch.Tensor], batch: int):
+    """Under ``torch.vmap``: one call with the mapped axis folded into the kernel's run-time
+    batch where only batched arguments are mapped, else one call per mapped element."""
+    compiled = _function(handle, function)
+    dims = in_dims[2]
+    moved = [t if d is None else t.movedim(d, 0) for t, d in zip(args, dims)]
+    mapped = {i for i, d in enumerate(dims) if d is not None}
+    if compiled.maps_batch and mapped <= set(compiled.batched):
+        folded = [t.reshape(-1, *t.shape[2:]) if i in mapped else t for i, t in enumerate(moved)]
+        out = _call(handle, function, folded, batch)
+        return out.reshape(info.batch_size, -1, *out.shape[1:]), 0
+    results = [_call(handle, function, [t[v] if i in mapped else t for i, t in enumerate(moved)],
+                     batch) for v in range(info.batch_size)]
+    return torch.stack(results), 0
 
+
+def call(package: "autodiff.Package", function: str, *tensors: torch.Tensor) -> torch.Tensor:
+    """``function`` of a compiled package (``symconv.autodiff.Package``) on tensors, as the
+    custom op: differentiable to any order through the package's VJP table."""
+    return _call(package.handle, function, list(tensors), _batch(tensors))
+
+
+def _batch(tensors) -> int:
+    """The leading extent of the first tensor (what an output batch axis no input has would
+    take; ignored by every function that has an input with the batch axis)."""
+    first = tensors[0] if tensors else None
+    return first.shape[0] if first is not None and first.dim() else 0
+
+
+@torch.compiler.assume_constant_result
+def _handle(kind: str, cache_dir, target, fields: tuple) -> str:
+    """The package handle of a spec; a constant to ``torch.compile`` (it reads only shapes
+    and arguments, never data)."""
+    return op_package(kind, cache_dir, target, **dict(fields)).handle
+
+
+def _where(cache_dir) -> str | None:
+    return None if cache_dir is None else str(cache_dir)
+
+
+# --- convolution, transposed convolution, pooling ---------------------------------------------
 
 def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1,
          padding=0, dilation=1, groups: int = 1, *, padding_mode: str = "zeros",
@@ -196,21 +195,45 @@ def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     ``x`` is (N, C_in, *spatial), ``weight`` (C_out, C_in // groups, *kernel), ``bias``
     (C_out,) or None; any number of spatial dims.  ``stride``, ``padding`` (ints, per-dim
     ints, (lo, hi) pairs, "same", "valid") and ``dilation`` take every form ``ConvSpec``
-    accepts.  Differentiable to any order.
+    accepts; ``padding_mode`` is ``zeros``, ``reflect``, ``replicate`` or ``circular``.
+    Differentiable to any order.
     """
-    for name, t in (("input", x), ("weight", weight)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"symconv.torch.conv: {name} must be a torch.Tensor, got "
-                            f"{type(t).__name__}")
+    dtype = _checked({"input": x, "weight": weight, "bias": bias}, allow_copy)
     if x.dim() != weight.dim():
         raise ValueError(f"symconv.torch.conv: input of shape {tuple(x.shape)} and weight of "
                          f"shape {tuple(weight.shape)} must have the same number of dims")
-    if x.dtype not in _DTYPES:
-        raise TypeError(f"symconv.torch: input has dtype {x.dtype}; symconv's kernels take "
-                        f"torch.float32 or torch.float64")
-    kernel = kernel_for(tuple(x.shape), tuple(weight.shape), stride, padding, dilation, groups,
-                        bias is not None, _DTYPES[x.dtype], padding_mode, cache_dir, target)
-    return SymConvFunction.apply(x, weight, bias, kernel, allow_copy)
+    handle = _handle("conv", _where(cache_dir), target, (
+        ("input_shape", open_batch(x.shape)), ("weight_shape", tuple(weight.shape)),
+        ("stride", stride), ("padding", padding), ("dilation", dilation), ("groups", groups),
+        ("bias", bias is not None), ("dtype", dtype), ("padding_mode", padding_mode)))
+    return _call(handle, "forward", [x, weight] if bias is None else [x, weight, bias],
+                 x.shape[0])
+
+
+def conv_transpose(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   stride=1, padding=0, output_padding=0, groups: int = 1, dilation=1, *,
+                   cache_dir=None, target=None, allow_copy: bool = True) -> torch.Tensor:
+    """N-D transposed convolution like ``torch.nn.functional.conv_transpose{n}d`` (same
+    argument order): ``weight`` is (C_in, C_out // groups, *kernel)."""
+    dtype = _checked({"input": x, "weight": weight, "bias": bias}, allow_copy)
+    handle = _handle("conv_transpose", _where(cache_dir), target, (
+        ("input_shape", open_batch(x.shape)), ("weight_shape", tuple(weight.shape)),
+        ("stride", stride), ("padding", padding), ("output_padding", output_padding),
+        ("dilation", dilation), ("groups", groups), ("bias", bias is not None),
+        ("dtype", dtype)))
+    return _call(handle, "forward", [x, weight] if bias is None else [x, weight, bias],
+                 x.shape[0])
+
+
+def avg_pool(x: torch.Tensor, kernel_size, stride=None, padding=0, *, cache_dir=None,
+             target=None, allow_copy: bool = True) -> torch.Tensor:
+    """N-D average pooling like ``torch.nn.functional.avg_pool{n}d`` with
+    ``count_include_pad=True``."""
+    dtype = _checked({"input": x}, allow_copy)
+    handle = _handle("avg_pool", _where(cache_dir), target, (
+        ("input_shape", open_batch(x.shape)), ("kernel_size", kernel_size), ("stride", stride),
+        ("padding", padding), ("dtype", dtype)))
+    return _call(handle, "forward", [x], x.shape[0])
 
 
 class SymConv(torch.nn.Module):
@@ -299,3 +322,48 @@ class SymConv(torch.nn.Module):
             if module.bias is not None:
                 layer.bias.copy_(module.bias)
         return layer
+
+
+# --- user ops -----------------------------------------------------------------------------------
+
+class SymOp(torch.nn.Module):
+    """A user op from ``symconv.op`` (an index sum) as a module without parameters: called on
+    tensors in the order of its ``shapes``, differentiable to any order by its derived
+    gradients.  Made without a dtype it follows its tensors (float32 or float64)."""
+
+    def __init__(self, index: IndexOp, *, cache_dir=None, target=None,
+                 allow_copy: bool = True):
+        super().__init__()
+        if not isinstance(index, IndexOp):
+            raise TypeError(f"SymOp takes a symconv.op(...), got {type(index).__name__}")
+        self.index, self.allow_copy = index, allow_copy
+        self.names = tuple(name for name, _ in index.spec.shapes
+                           if name != index.spec.output_name)
+        dtypes = (index.spec.dtype,) if index.fixed_dtype else tuple(_DTYPES.values())
+        self._handles = {dtype: autodiff.package_of(index.spec_in(dtype), cache_dir,
+                                                    target).handle for dtype in dtypes}
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        if len(tensors) != len(self.names):
+            raise TypeError(f"op {self.index.spec.output_name} takes {len(self.names)} tensors "
+                            f"({', '.join(self.names)}), got {len(tensors)}")
+        dtype = _checked(dict(zip(self.names, tensors)), self.allow_copy)
+        if dtype not in self._handles:
+            raise TypeError(f"op {self.index.spec.output_name} was made with dtype="
+                            f"{self.index.spec.dtype!r}; pass {self.index.spec.dtype} tensors, "
+                            f"or make the op without a dtype to follow its tensors")
+        return _call(self._handles[dtype], "forward", list(tensors), _batch(tensors))
+
+    def extra_repr(self) -> str:
+        return self.index.spec.describe()
+
+
+def op(expression, shapes=None, dtype: str | None = None, zero_outside=(), **kwargs) -> SymOp:
+    """A user op on tensors: ``op(text, shapes, ...)`` takes ``symconv.op``'s arguments, or
+    ``op(symconv.op(...))`` an op already made.  Keyword arguments ``cache_dir``, ``target``
+    and ``allow_copy`` go to :class:`SymOp`."""
+    if not isinstance(expression, IndexOp):
+        if shapes is None:
+            raise TypeError("symconv.torch.op: give the op's shapes, or pass a symconv.op(...)")
+        expression = index_op(expression, shapes, dtype, zero_outside)
+    return SymOp(expression, **kwargs)

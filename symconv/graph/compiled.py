@@ -22,6 +22,7 @@ import numpy as np
 
 from .. import autodiff
 from ..autodiff import Package
+from ..binding import open_batch
 from ..spec import AvgPoolSpec, ConvSpec, ConvTransposeSpec, ExprSpec, spec_of
 from .engine import Tensor, as_tensor, record
 
@@ -30,12 +31,6 @@ def kernel_of(spec) -> Any:
     """The loaded kernel of any spec, from the process's one kernel cache."""
     from ..compiler import KERNELS  # here, not at import: SymPy loads only if a build is needed
     return KERNELS.get(spec)
-
-
-def open_batch(x: Tensor) -> tuple:
-    """The input shape a layer compiles for: its batch left to run time, so one package
-    serves every batch size."""
-    return (None, *x.shape[1:]) if x.ndim else x.shape
 
 
 def _float_dtype(op: str, *tensors: Tensor) -> np.dtype:
@@ -72,14 +67,16 @@ _buffers = _Buffers()
 
 
 def call(label: str, package: Package, function: str, operands: dict[str, Tensor],
-         dtype: np.dtype) -> Tensor:
-    """Function ``function`` of a compiled package on the named operands, as a graph node.
-    Its rule calls the functions the package's VJP table names (see symconv.autodiff)."""
+         dtype: np.dtype, batch: int | None = None) -> Tensor:
+    """Function ``function`` of a compiled package on the named operands, as a graph node
+    (``batch``: the size of an output batch axis no operand has).  Its rule calls the
+    functions the package's VJP table names (see symconv.autodiff)."""
     compiled = package.kernel.functions[function]
     names = compiled.args
     inputs = tuple(operands[name] for name in names)
     arrays = [np.ascontiguousarray(t.data, dtype) for t in inputs]
-    data = compiled(*arrays, out=_buffers.get(compiled.output_shape(*arrays), dtype))
+    out = _buffers.get(compiled.output_shape(*arrays, batch=batch), dtype)
+    data = compiled(*arrays, out=out)
     wanted = set(autodiff.differentiable(package, function))
 
     def backward(g, out):
@@ -89,7 +86,8 @@ def call(label: str, package: Package, function: str, operands: dict[str, Tensor
             if tensor.requires_grad and name in wanted:
                 rule = autodiff.vjp(package, function, name)
                 given = dict(zip(rule.args, rule.arrays(values, g)))
-                grads.append(call(f"grad_{name}", rule.package, rule.function, given, dtype))
+                grads.append(call(f"grad_{name}", rule.package, rule.function, given, dtype,
+                                  tensor.shape[0] if tensor.ndim else None))
             else:
                 grads.append(None)
         return tuple(grads)
@@ -116,8 +114,8 @@ def conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups: int = 1,
     if x.ndim != weight.ndim:
         raise ValueError(f"conv: input of shape {x.shape} and weight of shape {weight.shape} "
                          f"must have the same number of dims")
-    spec = spec_of(ConvSpec, input_shape=open_batch(x), weight_shape=weight.shape, stride=stride,
-                   padding=padding, dilation=dilation, groups=groups, bias=bias is not None,
+    spec = spec_of(ConvSpec, input_shape=open_batch(x.shape), weight_shape=weight.shape,
+                   stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias is not None,
                    dtype=dtype.name, padding_mode=padding_mode)
     return _forward("conv", spec, inputs, dtype)
 
@@ -129,7 +127,7 @@ def conv_transpose(x, weight, bias=None, stride=1, padding=0, output_padding=0, 
     x, weight = as_tensor(x), as_tensor(weight)
     inputs = (x, weight) if bias is None else (x, weight, as_tensor(bias))
     dtype = _float_dtype("conv_transpose", *inputs)
-    spec = spec_of(ConvTransposeSpec, input_shape=open_batch(x), weight_shape=weight.shape,
+    spec = spec_of(ConvTransposeSpec, input_shape=open_batch(x.shape), weight_shape=weight.shape,
                    stride=stride, padding=padding, output_padding=output_padding,
                    dilation=dilation, groups=groups, bias=bias is not None, dtype=dtype.name)
     return _forward("conv_transpose", spec, inputs, dtype)
@@ -140,8 +138,8 @@ def avg_pool(x, kernel_size, stride=None, padding=0) -> Tensor:
     PyTorch's ``count_include_pad=True``; compiled from its index sum like ``conv``."""
     x = as_tensor(x)
     dtype = _float_dtype("avg_pool", x)
-    spec = spec_of(AvgPoolSpec, input_shape=open_batch(x), kernel_size=kernel_size, stride=stride,
-                   padding=padding, dtype=dtype.name)
+    spec = spec_of(AvgPoolSpec, input_shape=open_batch(x.shape), kernel_size=kernel_size,
+                   stride=stride, padding=padding, dtype=dtype.name)
     return _forward("avg_pool", spec, (x,), dtype)
 
 
@@ -170,6 +168,14 @@ class IndexOp:
     def __repr__(self) -> str:
         return f"<symconv op {self.spec.describe()}>"
 
+    def spec_in(self, dtype) -> Any:
+        """This op's spec in ``dtype`` (float32 or float64): its own, or its twin."""
+        dtype = np.dtype(dtype)
+        if dtype.name == self.spec.dtype:
+            return self.spec
+        return spec_of(ExprSpec, expression=self.spec.expression, shapes=self.spec.shapes,
+                       dtype=dtype.name, zero_outside=self.spec.zero_outside)
+
     def _spec_for(self, inputs) -> Any:
         """The spec to run ``inputs`` with: this op's, or its twin in their dtype."""
         dtypes = [np.asarray(t.data if isinstance(t, Tensor) else t).dtype for t in inputs]
@@ -186,8 +192,7 @@ class IndexOp:
         if dtype not in (np.float32, np.float64):
             raise TypeError(f"op {self.spec.output_name}: compiled kernels take float32 or "
                             f"float64 arrays, got {', '.join(map(str, dtypes))}")
-        return spec_of(ExprSpec, expression=self.spec.expression, shapes=self.spec.shapes,
-                       dtype=dtype.name, zero_outside=self.spec.zero_outside)
+        return self.spec_in(dtype)
 
     def __call__(self, *inputs):
         spec = self._spec_for(inputs)
