@@ -115,8 +115,8 @@ def conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups: int = 1,
         raise ValueError(f"conv: input of shape {x.shape} and weight of shape {weight.shape} "
                          f"must have the same number of dims")
     spec = spec_of(ConvSpec, input_shape=open_batch(x.shape), weight_shape=weight.shape,
-                   stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias is not None,
-                   dtype=dtype.name, padding_mode=padding_mode)
+                   stride=stride, padding=padding, dilation=dilation, groups=groups,
+                   bias=bias is not None, dtype=dtype.name, padding_mode=padding_mode)
     return _forward("conv", spec, inputs, dtype)
 
 
