@@ -1,222 +1,325 @@
-"""JAX binding: symconv's compiled kernels as a ``jax.custom_vjp`` function.
+"""JAX binding: every symconv op as a JAX primitive, with forward and reverse mode derived.
 
     import jax, jax.numpy as jnp, symconv.jax as sj
     y = sj.conv(x, w, b, stride=2, padding=1)              # like lax.conv_general_dilated, NCHW
+    y = sj.conv_transpose(x, w, stride=2)                   # like torch's conv_transpose{n}d
+    y = sj.avg_pool(x, 3, stride=2, padding=1)
+    shift = sj.op("Y[n, c, i] = sum(W[c, a] * X[n, c, 2*i + a], (a, 0, 2))",
+                  {"X": (2, 3, 9), "W": (3, 3)})           # a user op, on JAX arrays
     loss = lambda w: jnp.sum(sj.conv(x, w, b, padding=1) ** 2)
-    jax.jit(jax.grad(loss))(w)                              # under jit and grad
-    jax.grad(lambda x: jnp.sum(jax.grad(loss_x)(x)))(x)     # second order too
+    jax.jit(jax.grad(loss))(w); jax.jvp(loss, (w,), (dw,)); jax.hessian(loss)(w)
 
-Each call goes to the host through ``jax.pure_callback``: the kernel for the
-traced shapes is compiled (or fetched from the kernel cache) when the
-function is traced, and at run time the callback receives the arrays as
-NumPy arrays, calls the C kernel on them without copying, and JAX copies the
-result into its own buffer (one copy of the output per call; the XLA FFI
-would avoid it).  The callback is pure, so ``jax.jit`` may cache, reorder or
-drop calls like any other op.  The kernels take their batch size at run time,
-so under ``jax.vmap`` over the input (or ``grad_output``) alone the forward and
-``grad_input`` are one call on the vmapped axis folded into the batch; other
-vmapped calls run once per vmapped element.
+Every call binds one primitive, ``symconv_call``, whose parameters name the
+compiled package (its handle: spec, cache and target as JSON), one of its
+functions and, for a function whose output has the batch axis but no argument
+does, the batch size.  Its rules come from the package's VJP table
+(``symconv.autodiff``), nothing written by hand:
 
-Differentiation is reverse mode (``jax.grad``, ``jax.vjp``): the backward
-pass calls the kernels' ``grad_input``, ``grad_weight`` and ``grad_bias``,
-which are custom-VJP functions themselves, so gradients of gradients work.
-Forward mode (``jax.jvp``, ``jax.jacfwd``) is not available for a custom VJP.
+* **JVP**: the directional derivative along an argument's tangent is the VJP of
+  that argument's VJP with respect to its cotangent (a derived function, linear
+  in the tangent); so ``jax.jvp``, ``jax.linearize``, ``jax.jacfwd`` work.
+* **Transpose**: a call linear in an argument transposes to that argument's VJP;
+  reverse mode (``jax.grad``, ``jax.vjp``) is JAX's own linearize-and-transpose
+  over these rules, so every order and every mix of modes works.
+* **Batching** (``jax.vmap``): where only arguments with the run-time batch axis
+  are mapped, one call with the mapped axis folded into the batch; else the call
+  is mapped with ``lax.map``.
 
-Semantics are ``torch.nn.functional.conv{n}d``'s (channels first, any rank);
-float32, or float64 with ``jax.config.update("jax_enable_x64", True)``.
-Needs JAX (``pip install symconv[jax]``); ``import symconv`` does not import it.
+Calls reach the host through ``jax.pure_callback`` under ``jax.jit`` (the kernel
+gets the arrays zero-copy; JAX copies the result into its buffer) and directly
+outside it.  Derived packages (a gradient of a gradient) are built when a rule
+first needs them, at trace time.  Semantics are ``torch.nn.functional``'s
+(channels first, any rank); float32, or float64 with
+``jax.config.update("jax_enable_x64", True)``.  Needs JAX (``pip install
+symconv[jax]``); ``import symconv`` does not import it.
 """
 
 from __future__ import annotations
 
-import math
-import weakref
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
 
-from .binding import conv_kernel
+from . import autodiff
+from .binding import op_package, open_batch
+from .graph.compiled import IndexOp, op as index_op
 
-__all__ = ["conv", "ops"]
+__all__ = ["conv", "conv_transpose", "avg_pool", "op", "call", "SymOp"]
 
 _DTYPES = ("float32", "float64")
-_OPS: "weakref.WeakKeyDictionary[Any, Ops]" = weakref.WeakKeyDictionary()
+
+call_p = Primitive("symconv_call")
 
 
-def _callback(function: Callable, shape, dtype: np.dtype, *args, batched: tuple[int, ...] = ()):
-    """``function(*args)`` on the host, as a pure op of known shape and dtype.
-
-    ``batched``: the positions of the arguments that carry the kernel's run-time batch axis,
-    when the result carries it too (a map over the batch).  Under ``jax.vmap`` such a call
-    becomes one kernel call on the vmapped axis merged into the batch, where only those
-    arguments are vmapped; any other vmapped call runs once per vmapped element."""
-    ndims = [np.ndim(a) for a in args]
-
-    def host(*arrays):
-        # zero-copy when JAX hands over C-contiguous arrays of the dtype (the usual case)
-        arrays = [np.ascontiguousarray(a, dtype) for a in arrays]
-        extra = arrays[0].ndim - ndims[0]           # vmapped axes, in front of every array
-        if extra == 0:
-            return function(*arrays)
-        lead = np.broadcast_shapes(*(a.shape[:extra] for a in arrays))
-        mapped = [i for i, a in enumerate(arrays) if math.prod(a.shape[:extra]) > 1]
-        flat = [np.broadcast_to(a, (*lead, *a.shape[extra:])).reshape(-1, *a.shape[extra:])
-                for a in arrays]
-        if batched and set(mapped) <= set(batched):   # one call, the vmapped axis in the batch
-            merged = [np.ascontiguousarray(f.reshape(-1, *f.shape[2:])) if i in batched
-                      else f[0] for i, f in enumerate(flat)]
-            return function(*merged).reshape(*lead, *shape)
-        results = [function(*(np.ascontiguousarray(f[v]) for f in flat))
-                   for v in range(math.prod(lead))]
-        return np.stack(results).reshape(*lead, *shape)
-    return jax.pure_callback(host, jax.ShapeDtypeStruct(tuple(shape), dtype), *args,
-                             vmap_method="expand_dims")
+def _function(handle: str, function: str):
+    return autodiff.package(handle).kernel.functions[function]
 
 
-class Ops:
-    """The custom-VJP functions of one compiled kernel.
-
-    ``conv(x, w, b)`` / ``conv_nobias(x, w)`` are the forward op; ``grad_input(w, gy)``,
-    ``grad_weight(x, gy)`` and ``grad_bias(gy)`` its gradients.  Each gradient is linear in
-    each argument, and ``<u, GI(w, gy)> = <conv(u, w), gy>``, ``<v, GW(x, gy)> = <conv(x, v),
-    gy>``: so their own VJPs are again these functions, and differentiation nests.
-    """
-
-    def __init__(self, kernel):
-        record = kernel.record
-        self.kernel = kernel
-        self.dtype = np.dtype(record.dtype)
-        self.shapes = dict(record.shapes)
-        self.cotangent = record.cotangent
-        self.has_bias = "bias" in kernel.inputs
-        dtype, shapes = self.dtype, self.shapes
-
-        def batch_of(shape, array):
-            """An array shape with its open batch (None) taken from ``array``'s first axis."""
-            return (array.shape[0], *shape[1:]) if shape[0] is None else shape
-
-        out_shape, in_shape = shapes[record.output], shapes["input"]
-        open_batch = out_shape[0] is None
-        if self.has_bias:
-            zeros = np.zeros(shapes["bias"], dtype)
-
-            def forward_nobias(x, w):
-                return kernel.forward(x, w, zeros)
-        else:
-            forward_nobias = kernel.forward
-
-        @jax.custom_vjp
-        def conv_nobias(x, w):
-            return _callback(forward_nobias, batch_of(out_shape, x), dtype, x, w,
-                             batched=(0,) if open_batch else ())
-
-        def conv_nobias_fwd(x, w):
-            return conv_nobias(x, w), (x, w)
-
-        def conv_nobias_bwd(res, gy):
-            x, w = res
-            return grad_input(w, gy), grad_weight(x, gy)
-
-        conv_nobias.defvjp(conv_nobias_fwd, conv_nobias_bwd)
-
-        @jax.custom_vjp
-        def conv(x, w, b):
-            return _callback(kernel.forward, batch_of(out_shape, x), dtype, x, w, b,
-                             batched=(0,) if open_batch else ())
-
-        def conv_fwd(x, w, b):
-            return conv(x, w, b), (x, w)
-
-        def conv_bwd(res, gy):
-            x, w = res
-            return grad_input(w, gy), grad_weight(x, gy), grad_bias(gy)
-
-        conv.defvjp(conv_fwd, conv_bwd)
-
-        @jax.custom_vjp
-        def grad_input(w, gy):
-            return _callback(kernel.grad_input, batch_of(in_shape, gy), dtype, w, gy,
-                             batched=(1,) if open_batch else ())
-
-        def grad_input_fwd(w, gy):
-            return grad_input(w, gy), (w, gy)
-
-        def grad_input_bwd(res, u):
-            w, gy = res
-            return grad_weight(u, gy), conv_nobias(u, w)
-
-        grad_input.defvjp(grad_input_fwd, grad_input_bwd)
-
-        @jax.custom_vjp
-        def grad_weight(x, gy):
-            return _callback(kernel.grad_weight, shapes["weight"], dtype, x, gy)
-
-        def grad_weight_fwd(x, gy):
-            return grad_weight(x, gy), (x, gy)
-
-        def grad_weight_bwd(res, v):
-            x, gy = res
-            return grad_input(v, gy), conv_nobias(x, v)
-
-        grad_weight.defvjp(grad_weight_fwd, grad_weight_bwd)
-
-        @jax.custom_vjp
-        def grad_bias(gy):
-            return _callback(kernel.grad_bias, shapes["bias"], dtype, gy)
-
-        def grad_bias_fwd(gy):
-            return grad_bias(gy), gy      # kept for its shape (the batch is the call's)
-
-        def grad_bias_bwd(gy, t):
-            spread = t.reshape(1, gy.shape[1], *(1,) * (gy.ndim - 2))
-            return (jnp.broadcast_to(spread, gy.shape),)
-
-        grad_bias.defvjp(grad_bias_fwd, grad_bias_bwd)
-
-        self.conv, self.conv_nobias = conv, conv_nobias
-        self.grad_input, self.grad_weight = grad_input, grad_weight
-        self.grad_bias = grad_bias if self.has_bias else None
+def _run(arrays, handle: str, function: str, batch: int) -> np.ndarray:
+    compiled = _function(handle, function)
+    # zero-copy when JAX hands over C-contiguous arrays of the dtype (the usual case)
+    return compiled(*(np.ascontiguousarray(a, compiled.dtype) for a in arrays), batch=batch)
 
 
-def ops(kernel) -> Ops:
-    """The custom-VJP functions of a loaded kernel (made once per kernel)."""
-    found = _OPS.get(kernel)
-    if found is None:
-        found = _OPS[kernel] = Ops(kernel)
-    return found
+def _impl(*args, handle: str, function: str, batch: int):
+    return jnp.asarray(_run([np.asarray(a) for a in args], handle, function, batch))
 
 
-def _dtype_name(name: str, value: Any) -> str:
-    dtype = np.dtype(getattr(value, "dtype", None) or np.asarray(value).dtype)
-    if dtype.name not in _DTYPES:
-        raise TypeError(f"symconv.jax: {name} has dtype {dtype}; symconv's kernels take float32 "
-                        f"or float64 (float64 needs jax_enable_x64)")
-    return dtype.name
+def _abstract(*avals, handle: str, function: str, batch: int):
+    compiled = _function(handle, function)
+    return jax.core.ShapedArray(compiled.result_shape([a.shape for a in avals], batch),
+                                compiled.dtype)
+
+
+def _lowered(*args, handle: str, function: str, batch: int):
+    aval = _abstract(*args, handle=handle, function=function,
+                     batch=batch)
+    return jax.pure_callback(lambda *arrays: _run(arrays, handle, function, batch),
+                             jax.ShapeDtypeStruct(aval.shape, aval.dtype), *args)
+
+
+def _bind(handle: str, function: str, args, batch: int):
+    return call_p.bind(*args, handle=handle, function=function, batch=int(batch))
+
+
+def _leading(shape) -> int:
+    return shape[0] if len(shape) else 0
+
+
+def _jvp(primals, tangents, *, handle: str, function: str, batch: int):
+    """Each nonzero tangent adds one ``symconv_jvp`` term: linear in the tangent, it
+    transposes to the function's own VJP (so reverse mode needs no other package)."""
+    out = _bind(handle, function, primals, batch)
+    names = _function(handle, function).args
+    terms = [jvp_p.bind(*primals, tangent, handle=handle, function=function, arg=name,
+                        batch=_leading(out.shape))
+             for name, tangent in zip(names, tangents) if type(tangent) is not ad.Zero]
+    if not terms:
+        return out, jnp.zeros_like(out)
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return out, total
+
+
+def _transpose(cotangent, *args, handle: str, function: str, batch: int):
+    """A call linear in some arguments: each one's cotangent is its VJP."""
+    names = _function(handle, function).args
+    known = {name: a for name, a in zip(names, args) if not ad.is_undefined_primal(a)}
+    return [None if not ad.is_undefined_primal(arg) else
+            _vjp_call(handle, function, name, known, cotangent, arg.aval)
+            for name, arg in zip(names, args)]
+
+
+def _vjp_call(handle: str, function: str, arg: str, known: dict, cotangent, aval):
+    """``function``'s VJP with respect to ``arg`` (whose value is not needed: the function is
+    linear in it) on the known arguments and ``cotangent``."""
+    if type(cotangent) is ad.Zero:
+        return ad.Zero(aval)
+    rule = autodiff.vjp(autodiff.package(handle), function, arg)
+    missing = [a for a in rule.args if a != rule.cotangent and a not in known]
+    if missing:
+        raise TypeError(f"symconv.jax: {function} is not linear in {arg} (its gradient reads "
+                        f"{', '.join(missing)}); it cannot be transposed")
+    return _bind(rule.package.handle, rule.function, rule.arrays(known, cotangent),
+                 _leading(aval.shape))
+
+
+def _batching(args, dims, *, handle: str, function: str, batch: int):
+    compiled = _function(handle, function)
+    mapped = {i for i, d in enumerate(dims) if d is not None}
+    size = next(args[i].shape[dims[i]] for i in mapped)
+    moved = [jnp.moveaxis(a, d, 0) if d is not None else a for a, d in zip(args, dims)]
+    if compiled.maps_batch and mapped <= set(compiled.batched):
+        folded = [a.reshape(-1, *a.shape[2:]) if i in mapped else a for i, a in enumerate(moved)]
+        out = _bind(handle, function, folded, batch)
+        return out.reshape(size, -1, *out.shape[1:]), 0
+
+    def one(sliced):
+        pieces = iter(sliced)
+        return _bind(handle, function, [next(pieces) if i in mapped else a
+                                        for i, a in enumerate(moved)], batch)
+    return jax.lax.map(one, [moved[i] for i in sorted(mapped)]), 0
+
+
+# --- the directional derivative of one argument, as a primitive of its own ----------------------
+# jvp_p(*args, tangent) is function's derivative along ``tangent`` for argument ``arg``.  Run, it
+# is the derived VJP of that argument's VJP (built on first use); transposed, it is the VJP.
+
+jvp_p = Primitive("symconv_jvp")
+
+
+def _realized(handle: str, function: str, arg: str) -> tuple[str, str, list[int]]:
+    """The call that computes a ``symconv_jvp``: its handle, function, and for each of its
+    arguments the position among ``(*function's arguments, tangent)`` it comes from."""
+    rule = autodiff.jvp(autodiff.package(handle), function, arg)
+    names = _function(handle, function).args
+    return (rule.package.handle, rule.function,
+            rule.arrays({name: i for i, name in enumerate(names)}, len(names)))
+
+
+def _jvp_impl(*args, handle: str, function: str, arg: str, batch: int):
+    target, name, positions = _realized(handle, function, arg)
+    return _impl(*(args[p] for p in positions), handle=target, function=name, batch=batch)
+
+
+def _jvp_abstract(*avals, handle: str, function: str, arg: str, batch: int):
+    return _abstract(*avals[:-1], handle=handle, function=function, batch=batch)
+
+
+def _jvp_lowered(*args, handle: str, function: str, arg: str, batch: int):
+    target, name, positions = _realized(handle, function, arg)
+    return _lowered(*(args[p] for p in positions), handle=target, function=name, batch=batch)
+
+
+def _jvp_jvp(primals, tangents, *, handle: str, function: str, arg: str, batch: int):
+    target, name, positions = _realized(handle, function, arg)
+    return _jvp([primals[p] for p in positions], [tangents[p] for p in positions],
+                handle=target, function=name, batch=batch)
+
+
+def _jvp_transpose(cotangent, *args, handle: str, function: str, arg: str, batch: int):
+    *primals, tangent = args
+    if any(ad.is_undefined_primal(a) for a in primals):
+        raise TypeError(f"symconv.jax: the derivative of {function} along {arg} is linear in "
+                        f"the tangent only")
+    known = dict(zip(_function(handle, function).args, primals))
+    return [None] * len(primals) + [_vjp_call(handle, function, arg, known, cotangent,
+                                              tangent.aval)]
+
+
+def _jvp_batching(args, dims, *, handle: str, function: str, arg: str, batch: int):
+    target, name, positions = _realized(handle, function, arg)
+    return _batching([args[p] for p in positions], [dims[p] for p in positions],
+                     handle=target, function=name, batch=batch)
+
+
+call_p.def_impl(_impl)
+call_p.def_abstract_eval(_abstract)
+mlir.register_lowering(call_p, mlir.lower_fun(_lowered, multiple_results=False))
+ad.primitive_jvps[call_p] = _jvp
+ad.primitive_transposes[call_p] = _transpose
+batching.primitive_batchers[call_p] = _batching
+jvp_p.def_impl(_jvp_impl)
+jvp_p.def_abstract_eval(_jvp_abstract)
+mlir.register_lowering(jvp_p, mlir.lower_fun(_jvp_lowered, multiple_results=False))
+ad.primitive_jvps[jvp_p] = _jvp_jvp
+ad.primitive_transposes[jvp_p] = _jvp_transpose
+batching.primitive_batchers[jvp_p] = _jvp_batching
+
+
+def call(package: "autodiff.Package", function: str, *arrays, batch: int = 0):
+    """``function`` of a compiled package (``symconv.autodiff.Package``) on JAX arrays, as the
+    primitive: differentiable in both modes, to any order.  ``batch`` sizes an output batch
+    axis that no argument has."""
+    return _bind(package.handle, function, [jnp.asarray(a) for a in arrays], batch)
+
+
+# --- convolution, transposed convolution, pooling ---------------------------------------------
+
+def _dtype(named: dict[str, Any]) -> str:
+    """The one dtype of a call's arrays (None for an absent bias), as its name."""
+    names = {}
+    for name, value in named.items():
+        if value is None:
+            continue
+        dtype = np.dtype(getattr(value, "dtype", None) or np.asarray(value).dtype)
+        if dtype.name not in _DTYPES:
+            raise TypeError(f"symconv.jax: {name} has dtype {dtype}; symconv's kernels take "
+                            f"float32 or float64 (float64 needs jax_enable_x64)")
+        names[name] = dtype.name
+    if len(set(names.values())) > 1:
+        listed = ", ".join(f"{name} {dtype}" for name, dtype in names.items())
+        raise TypeError(f"symconv.jax: the arrays have different dtypes ({listed}); use one")
+    return next(iter(names.values()))
+
+
+def _forward(kind: str, arrays: list, cache_dir, target, **fields):
+    arrays = [jnp.asarray(a) for a in arrays if a is not None]
+    package = op_package(kind, cache_dir, target, input_shape=open_batch(arrays[0].shape),
+                         **fields)
+    return _bind(package.handle, "forward", arrays, _leading(arrays[0].shape))
 
 
 def conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups: int = 1, *,
          padding_mode: str = "zeros", cache_dir=None, target=None):
     """N-D convolution like ``torch.nn.functional.conv{n}d`` (channels first, cross-correlation)
-    on compiled symconv kernels, differentiable with ``jax.grad`` and usable under ``jax.jit``.
+    on compiled symconv kernels, under ``jax.jit``, ``grad``, ``jvp`` and ``vmap``.
 
     ``x`` is (N, C_in, *spatial), ``weight`` (C_out, C_in // groups, *kernel), ``bias``
-    (C_out,) or None; any number of spatial dims; ``stride``, ``padding`` and ``dilation``
-    take every form ``symconv.ConvSpec`` accepts.  The kernel for the shapes is compiled
-    when the function is traced.
+    (C_out,) or None; any number of spatial dims; ``stride``, ``padding``, ``dilation`` and
+    ``padding_mode`` take every form ``symconv.ConvSpec`` accepts.  The kernel for the shapes
+    is compiled when the function is traced.
     """
-    x, weight = jnp.asarray(x), jnp.asarray(weight)
-    dtype = _dtype_name("input", x)
-    if _dtype_name("weight", weight) != dtype or (
-            bias is not None and _dtype_name("bias", bias) != dtype):
-        raise TypeError("symconv.jax: input, weight and bias must have one dtype")
-    if x.ndim != weight.ndim:
-        raise ValueError(f"symconv.jax.conv: input of shape {x.shape} and weight of shape "
-                         f"{weight.shape} must have the same number of dims")
-    kernel = conv_kernel(x.shape, weight.shape, stride, padding, dilation, groups,
-                         bias is not None, dtype, padding_mode, cache_dir, target)
-    functions = ops(kernel)
-    if bias is None:
-        return functions.conv_nobias(x, weight)
-    return functions.conv(x, weight, jnp.asarray(bias))
+    dtype = _dtype({"input": x, "weight": weight, "bias": bias})
+    if np.ndim(x) != np.ndim(weight):
+        raise ValueError(f"symconv.jax.conv: input of shape {np.shape(x)} and weight of shape "
+                         f"{np.shape(weight)} must have the same number of dims")
+    return _forward("conv", [x, weight, bias], cache_dir, target,
+                    weight_shape=tuple(np.shape(weight)), stride=stride, padding=padding,
+                    dilation=dilation, groups=groups, bias=bias is not None, dtype=dtype,
+                    padding_mode=padding_mode)
+
+
+def conv_transpose(x, weight, bias=None, stride=1, padding=0, output_padding=0,
+                   groups: int = 1, dilation=1, *, cache_dir=None, target=None):
+    """N-D transposed convolution like ``torch.nn.functional.conv_transpose{n}d`` (same
+    argument order): ``weight`` is (C_in, C_out // groups, *kernel)."""
+    dtype = _dtype({"input": x, "weight": weight, "bias": bias})
+    return _forward("conv_transpose", [x, weight, bias], cache_dir, target,
+                    weight_shape=tuple(np.shape(weight)), stride=stride, padding=padding,
+                    output_padding=output_padding, dilation=dilation, groups=groups,
+                    bias=bias is not None, dtype=dtype)
+
+
+def avg_pool(x, kernel_size, stride=None, padding=0, *, cache_dir=None, target=None):
+    """N-D average pooling like ``torch.nn.functional.avg_pool{n}d`` with
+    ``count_include_pad=True``."""
+    return _forward("avg_pool", [x], cache_dir, target, kernel_size=kernel_size, stride=stride,
+                    padding=padding, dtype=_dtype({"input": x}))
+
+
+# --- user ops -----------------------------------------------------------------------------------
+
+class SymOp:
+    """A user op from ``symconv.op`` (an index sum) on JAX arrays, in the order of its
+    ``shapes``; made without a dtype it follows its arrays (float32 or float64)."""
+
+    def __init__(self, index: IndexOp, *, cache_dir=None, target=None):
+        if not isinstance(index, IndexOp):
+            raise TypeError(f"SymOp takes a symconv.op(...), got {type(index).__name__}")
+        self.index = index
+        self.names = tuple(name for name, _ in index.spec.shapes
+                           if name != index.spec.output_name)
+        dtypes = (index.spec.dtype,) if index.fixed_dtype else _DTYPES
+        self._packages = {dtype: autodiff.package_of(index.spec_in(dtype), cache_dir, target)
+                          for dtype in dtypes}
+
+    def __call__(self, *arrays):
+        if len(arrays) != len(self.names):
+            raise TypeError(f"op {self.index.spec.output_name} takes {len(self.names)} arrays "
+                            f"({', '.join(self.names)}), got {len(arrays)}")
+        dtype = _dtype(dict(zip(self.names, arrays)))
+        if dtype not in self._packages:
+            raise TypeError(f"op {self.index.spec.output_name} was made with dtype="
+                            f"{self.index.spec.dtype!r}; pass {self.index.spec.dtype} arrays, "
+                            f"or make the op without a dtype to follow its arrays")
+        return call(self._packages[dtype], "forward", *arrays)
+
+    def __repr__(self) -> str:
+        return f"<symconv.jax op {self.index.spec.describe()}>"
+
+
+def op(expression, shapes=None, dtype: str | None = None, zero_outside=(), **kwargs) -> SymOp:
+    """A user op on JAX arrays: ``op(text, shapes, ...)`` takes ``symconv.op``'s arguments, or
+    ``op(symconv.op(...))`` an op already made; ``cache_dir`` and ``target`` go to
+    :class:`SymOp`."""
+    if not isinstance(expression, IndexOp):
+        if shapes is None:
+            raise TypeError("symconv.jax.op: give the op's shapes, or pass a symconv.op(...)")
+        expression = index_op(expression, shapes, dtype, zero_outside)
+    return SymOp(expression, **kwargs)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-import types
 
 import numpy as np
 import pytest
@@ -325,37 +324,3 @@ def test_ahead_of_time_package_serves_batch_1_and_64_without_sympy(tmp_path):
         x = np.load(tmp_path / f"x{batch}.npy")
         expected = oracle.conv_forward(x, w, b, (1, 1), [(1, 1), (1, 1)], (1, 1), 1)
         _check(np.load(tmp_path / f"y{batch}.npy"), expected, "float64", f"AOT N={batch}")
-
-
-def test_jax_vmap_over_the_input_is_one_kernel_call(cache_dir):
-    jax = pytest.importorskip("jax")
-    import jax.numpy as jnp
-    import symconv.jax as sj
-    from symconv.binding import conv_kernel
-    kernel = conv_kernel((4, 3, 10), (5, 3, 3), padding=1, bias=False, cache_dir=cache_dir)
-    calls = []
-
-    def counted(function):
-        def call(*arrays):
-            calls.append(arrays[0].shape)
-            return function(*arrays)
-        return call
-    spy = types.SimpleNamespace(record=kernel.record, inputs=kernel.inputs,
-                                forward=counted(kernel.forward),
-                                grad_input=counted(kernel.grad_input),
-                                grad_weight=counted(kernel.grad_weight))
-    ops = sj.Ops(spy)
-    rng = np.random.default_rng(4)
-    xs = jnp.asarray(rng.standard_normal((6, 4, 3, 10)).astype(np.float32))   # vmapped: 6
-    w = jnp.asarray(rng.standard_normal((5, 3, 3)).astype(np.float32))
-    ys = jax.vmap(lambda x: ops.conv_nobias(x, w))(xs)
-    assert calls == [(24, 3, 10)]                  # one call, the vmapped axis in the batch
-    for v in range(6):
-        expected = jax.lax.conv_general_dilated(xs[v], w, (1,), [(1, 1)])
-        np.testing.assert_allclose(np.asarray(ys[v]), np.asarray(expected), rtol=1e-4,
-                                   atol=1e-4)
-    calls.clear()
-    ws = jnp.stack([w, 2 * w])                     # vmapped weights: one call per element
-    ys = jax.vmap(lambda w: ops.conv_nobias(xs[0], w))(ws)
-    assert calls == [(4, 3, 10), (4, 3, 10)]
-    np.testing.assert_allclose(np.asarray(ys[1]), 2 * np.asarray(ys[0]), rtol=1e-5, atol=1e-5)

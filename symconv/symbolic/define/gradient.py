@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
+
 from ...errors import IRError
 from ...spec import GradientSpec
 from ..derive import vjp
-from ..ir import Array
+from ..ir import Array, IndexSum
 from .op import OpDefinition, spec_op
 
 
@@ -24,12 +26,28 @@ def gradient(spec: GradientSpec, parent: OpDefinition) -> OpDefinition:
     fn = vjp(parent.forward, array, cotangent).gather
     read = {a.name for a in fn.inputs}
     inputs = tuple(a for a in (*parent.inputs, cotangent) if a.name in read)
+    name = output_name(fn.output.name, [a.name for a in inputs])
+    batched = gradient_batched(parent) if parent.batch else frozenset()
+    if name != fn.output.name:
+        batched |= {name} if fn.output.name in batched else set()
+        fn = IndexSum(Array(name, fn.output.shape), fn.indices, fn.terms)
     shapes = {**parent.shapes, cotangent.name: parent.shapes[output.name],
               fn.output.name: parent.shapes[wrt]}
-    batch = parent.batch and parent.batch.with_arrays(gradient_batched(parent))
+    batch = parent.batch and parent.batch.with_arrays(batched)
     return spec_op(spec, fn, inputs,
                    {a: shapes[a] for a in (*(i.name for i in inputs), fn.output.name)},
                    batch=batch)
+
+
+def output_name(base: str, inputs) -> str:
+    """``base``, else ``base_2``, ``base_3``...: the first name that, with the names of the
+    op's own gradients (``grad_<input>``) and cotangent (``grad_<name>``), meets no other
+    array of the op (a gradient of a gradient of a gradient would otherwise reuse one)."""
+    taken = set(inputs) | {f"grad_{i}" for i in inputs}
+    for n in itertools.count(1):
+        name = base if n == 1 else f"{base}_{n}"
+        if name not in taken and f"grad_{name}" not in taken:
+            return name
 
 
 def gradient_batched(op: OpDefinition) -> frozenset[str]:
