@@ -41,10 +41,11 @@ class Package:
         from .compiler import KERNELS
         return KERNELS.get(self.spec, self.cache_dir, self.target)
 
-    def gradient(self, function: str) -> "Package":
-        """The package of one of this package's gradient functions, as an op of its own."""
-        return Package(spec_of(GradientSpec, parent=self.spec, function=function),
-                       self.cache_dir, self.target)
+    def gradient(self, function: str, content: str | None = None) -> "Package":
+        """The package of one of this package's gradient functions, as an op of its own
+        (named by ``content``, its digest, where the manifest gives one)."""
+        return _package(spec_of(GradientSpec, parent=self.spec, function=function,
+                                content=content), self.cache_dir, self.target)
 
     @functools.cached_property
     def handle(self) -> str:
@@ -78,17 +79,22 @@ def _package(spec, cache_dir: str | None, target: str | None) -> Package:
 
 @dataclass(frozen=True)
 class Rule:
-    """One gradient as a call: ``function`` of ``package`` on the arrays named ``args`` (names
-    of the differentiated function's arguments, and ``cotangent`` for the incoming gradient)."""
+    """One gradient as a call: ``function`` of ``package``, each of whose arguments comes from
+    ``sources``: the name of one of the differentiated function's arguments, or None for the
+    incoming cotangent (or, in a :func:`jvp` rule, the tangent)."""
 
     package: Package
     function: str
-    args: tuple[str, ...]
-    cotangent: str
+    sources: tuple[str | None, ...]
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        """The names ``function`` gives its own arguments."""
+        return self.package.kernel.functions[self.function].args
 
     def arrays(self, values: Mapping[str, Any], cotangent: Any) -> list:
         """The call's arguments from the differentiated function's (by name) and the cotangent."""
-        return [cotangent if name == self.cotangent else values[name] for name in self.args]
+        return [cotangent if source is None else values[source] for source in self.sources]
 
 
 def differentiable(package: Package, function: str) -> tuple[str, ...]:
@@ -106,22 +112,43 @@ def vjp(package: Package, function: str, arg: str) -> Rule:
                          f"respect to {arg!r} (it has: {', '.join(entries) or 'none'})")
     entry = entries[arg]
     if entry.gradient_of is None:
-        return Rule(package, entry.function, entry.args, kernel.record.cotangent)
-    owner = package.gradient(entry.gradient_of)
+        cotangent = kernel.record.cotangent
+        return Rule(package, entry.function,
+                    tuple(None if a == cotangent else a for a in entry.args))
+    # the derived package's forward is this function: their arguments match in the order of
+    # its content (both orders from the manifests), else position by position
+    args = kernel.functions[function].args
+    owner = package.gradient(function, entry.content)
     derived = owner.kernel
-    return Rule(owner, entry.function, derived.functions[entry.function].args,
-                derived.record.cotangent)
+    own = derived.functions["forward"].args
+    theirs, ours = (derived.record.canonical_order, entry.order) if entry.content else (None, None)
+    if theirs is not None and ours is not None:
+        own, args = [own[k] for k in theirs], [args[k] for k in ours]
+    if len(own) != len(args) or [derived.record.shapes[a] for a in own] != \
+            [kernel.record.shapes[a] for a in args]:
+        raise RuntimeError(f"the derived package {derived.name} does not take the arguments of "
+                           f"{function} of {package.spec.describe()}; report this to the "
+                           f"symconv developers")
+    by_position = dict(zip(own, args))
+    inner = derived.vjp["forward"][own[list(args).index(arg)]]
+    return Rule(owner, inner.function, tuple(by_position.get(a) for a in inner.args))
 
 
 @functools.lru_cache(maxsize=4096)
 def jvp(package: Package, function: str, arg: str) -> Rule:
     """The rule computing ``function``'s directional derivative along a tangent of ``arg``:
-    the VJP of its VJP with respect to the cotangent.  The rule's ``cotangent`` names the
-    tangent; its other arguments are ``function``'s own."""
+    the VJP of its VJP with respect to the cotangent (None among its sources is the
+    tangent; the others name ``function``'s arguments)."""
     first = vjp(package, function, arg)
-    second = vjp(first.package, first.function, first.cotangent)
-    if first.cotangent in second.args:      # a VJP is linear in its cotangent
-        raise RuntimeError(f"the derived gradient of {first.function} reads its cotangent "
-                           f"{first.cotangent}; report this to the symconv developers")
-    return second
-
+    second = vjp(first.package, first.function, first.params[first.sources.index(None)])
+    sources = []
+    for source in second.sources:
+        if source is None:
+            sources.append(None)
+            continue
+        outer = first.sources[first.params.index(source)]
+        if outer is None:        # a VJP is linear in its cotangent: its VJP cannot read it
+            raise RuntimeError(f"the derived gradient of {first.function} reads its cotangent; "
+                               f"report this to the symconv developers")
+        sources.append(outer)
+    return Rule(second.package, second.function, tuple(sources))

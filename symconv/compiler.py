@@ -12,6 +12,7 @@ imported inside ``compilation`` only: a cache hit loads a package without SymPy.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -91,6 +92,7 @@ class Compilation:
         shapes[cotangent] = shapes[op.forward.output.name]
         for name in op.differentiable:
             shapes[f"grad_{name}"] = shapes[name]
+        contents = self.contents(shapes)
         return {
             "kind": op.kind,
             "description": op.description,
@@ -106,13 +108,28 @@ class Compilation:
             "functions": {s.name: s.to_json() for s in signatures},
             "vjp": {function: {a: entry.to_json() for a, entry in entries.items()}
                     for function, entries in vjp_table({s.name: s for s in signatures},
-                                                       op.differentiable).items()},
+                                                       op.differentiable, contents).items()},
+            "canonical_order": list(contents["forward"][1]),
             "formulas": self.formulas(),
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
             **({"batch": {"extent": op.batch.extent, "index": op.batch.index}}
                if op.batch else {}),
             **op.details,
         }
+
+    def contents(self, shapes: dict[str, Any]) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """Per function, a digest of what it computes with its arrays named by position, and
+        the order of its arguments those positions follow: a gradient function's digest is
+        the identity of its derived package (GradientSpec.content)."""
+        from .symbolic.lowering import canonical_text
+        digests = {}
+        for function in self.functions:
+            text, order = canonical_text(function)
+            public = [shapes[function.args[k].name] for k in order] + \
+                [shapes[function.sum.output.name]]
+            text = f"{text}|{public}|{self.op.dtype}"
+            digests[function.name] = (hashlib.sha256(text.encode()).hexdigest(), order)
+        return digests
 
     @property
     def cotangent_name(self) -> str:

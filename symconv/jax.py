@@ -121,7 +121,7 @@ def _vjp_call(handle: str, function: str, arg: str, known: dict, cotangent, aval
     if type(cotangent) is ad.Zero:
         return ad.Zero(aval)
     rule = autodiff.vjp(autodiff.package(handle), function, arg)
-    missing = [a for a in rule.args if a != rule.cotangent and a not in known]
+    missing = [a for a in rule.sources if a is not None and a not in known]
     if missing:
         raise TypeError(f"symconv.jax: {function} is not linear in {arg} (its gradient reads "
                         f"{', '.join(missing)}); it cannot be transposed")

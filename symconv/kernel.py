@@ -83,37 +83,53 @@ class KernelFunction:
 class VJPEntry:
     """Where one function's gradient with respect to one of its arguments is computed:
     ``function`` of this package reading ``args`` (names of the differentiated function's
-    arrays and of its cotangent), or, with ``gradient_of`` set, ``function`` of the package of
-    ``GradientSpec(this op, gradient_of)``, derived and built when first asked for (its
-    arguments are known once it is)."""
+    arrays and of its cotangent), or, with ``gradient_of`` set, the gradient with respect to
+    the same argument position of the package of ``GradientSpec(this op, gradient_of)``,
+    derived and built when first asked for.  ``content`` identifies that derived function
+    up to the names of its arrays, so every route to the same function shares one package."""
 
     function: str
     args: tuple[str, ...] | None = None
     gradient_of: str | None = None
+    content: str | None = None
+    order: tuple[int, ...] | None = None   # gradient_of's arguments in the content's order
 
     def to_json(self) -> dict[str, Any]:
         if self.gradient_of is None:
             return {"function": self.function, "args": list(self.args)}
-        return {"function": self.function, "gradient_of": self.gradient_of}
+        return {"function": self.function, "gradient_of": self.gradient_of,
+                **({"content": self.content, "order": list(self.order)}
+                   if self.content else {})}
 
     @classmethod
     def from_json(cls, entry: Mapping[str, Any]) -> "VJPEntry":
-        args = entry.get("args")
+        args, content = entry.get("args"), entry.get("content")
+        if content is not None and not (isinstance(content, str) and len(content) == 64 and
+                                        all(c in "0123456789abcdef" for c in content)):
+            raise ValueError(f"vjp entry {entry['function']}: content is not a sha256 digest")
+        order = entry.get("order") if content is not None else None
         return cls(str(entry["function"]), None if args is None else tuple(map(str, args)),
-                   None if entry.get("gradient_of") is None else str(entry["gradient_of"]))
+                   None if entry.get("gradient_of") is None else str(entry["gradient_of"]),
+                   content, None if order is None else tuple(int(k) for k in order))
 
 
-def vjp_table(functions: Mapping[str, KernelFunction],
-              differentiable: Sequence[str]) -> dict[str, dict[str, VJPEntry]]:
+def vjp_table(functions: Mapping[str, KernelFunction], differentiable: Sequence[str],
+              contents: Mapping[str, tuple[str, Sequence[int]]] | None = None
+              ) -> dict[str, dict[str, VJPEntry]]:
     """The VJP table of a package, per function and argument: the forward's gradients are
     the package's ``grad_<input>`` functions; a gradient function is differentiated as an op
-    of its own (every argument, the cotangent included), so the table answers any order."""
+    of its own (every argument, the cotangent included), so the table answers any order.
+    ``contents``: per gradient function, its content digest and argument order (see
+    :class:`VJPEntry`)."""
     forward = functions["forward"]
     table = {"forward": {a: VJPEntry(f"grad_{a}", functions[f"grad_{a}"].args)
                          for a in forward.args if a in differentiable}}
     for name, function in functions.items():
         if name != "forward":
-            table[name] = {a: VJPEntry(f"grad_{a}", gradient_of=name) for a in function.args}
+            content, order = (contents or {}).get(name, (None, None))
+            table[name] = {a: VJPEntry(f"grad_{a}", gradient_of=name, content=content,
+                                       order=None if order is None else tuple(order))
+                           for a in function.args}
     return table
 
 
@@ -143,10 +159,12 @@ class Manifest:
     variants: tuple[Variant, ...]      # build.variants, best first
     files: Mapping[str, str]           # file name -> sha256
     vjp: Mapping[str, Mapping[str, VJPEntry]]   # function -> argument -> its gradient
+    canonical_order: tuple[int, ...] | None     # the forward's arguments in its content's order
     extra: Mapping[str, Any]
 
     OP_FIELDS = ("kind", "description", "key", "dtype", "inputs", "arguments", "output",
-                 "differentiable", "backward_args", "arrays", "functions", "formulas", "vjp")
+                 "differentiable", "backward_args", "arrays", "functions", "formulas", "vjp",
+                 "canonical_order")
     PACKAGE_FIELDS = ("format", "name", "module", "build", "files", "digest")
 
     def shapes_at(self, batch: int) -> dict[str, tuple[int, ...]]:
@@ -220,12 +238,21 @@ class Manifest:
                     functions[entry.function]
                 else:
                     functions[entry.gradient_of]
+                    if entry.order is not None and sorted(entry.order) != list(
+                            range(len(functions[entry.gradient_of].args))):
+                        raise ValueError(f"vjp entry {entry.function}: bad order")
+        order = data.get("canonical_order")
+        if order is not None:
+            order = tuple(int(k) for k in order)
+            if sorted(order) != list(range(len(functions["forward"].args))):
+                raise ValueError("canonical_order is not an order of the forward's arguments")
         known = {*cls.OP_FIELDS, *cls.PACKAGE_FIELDS}
         return cls(name=data["name"], module=data["module"], kind=data["kind"],
                    description=data["description"], key=data["key"], dtype=data["dtype"],
                    output=data["output"],
                    shapes=shapes, functions=functions, formulas=dict(data["formulas"]),
                    build=dict(build), variants=variants, files=dict(data["files"]), vjp=vjp,
+                   canonical_order=order,
                    extra={k: v for k, v in data.items() if k not in known}, **names)
 
 

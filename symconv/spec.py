@@ -559,6 +559,7 @@ class GradientSpec(_Spec):
 
     parent: Any
     function: str
+    content: str | None = None     # the function's digest from the parent's manifest
 
     def __post_init__(self) -> None:
         if isinstance(self.parent, Mapping):
@@ -568,6 +569,22 @@ class GradientSpec(_Spec):
         if not (isinstance(self.function, str) and self.function.startswith("grad_")):
             raise _fail(self._where("function"), "expected a gradient function name "
                         "'grad_<input>'", self.function)
+        if self.content is not None and not (
+                isinstance(self.content, str) and re.fullmatch(r"[0-9a-f]{64}", self.content)):
+            raise _fail(self._where("content"), "expected a sha256 hex digest", self.content)
+
+    @functools.cached_property
+    def key(self) -> str:
+        """With ``content``, the digest of what the function computes, so every route to the
+        same derived function (a gradient of a gradient of...) names one package."""
+        if self.content is None:
+            return super().key
+        return hashlib.sha256(f"gradient:{self.content}".encode()).hexdigest()
+
+    @property
+    def root(self) -> _Spec:
+        """The op this chain of gradients starts from."""
+        return self.parent.root if isinstance(self.parent, GradientSpec) else self.parent
 
     @property
     def dtype(self) -> str:
@@ -579,10 +596,13 @@ class GradientSpec(_Spec):
 
     def to_dict(self) -> dict[str, Any]:
         return {"parent": {"kind": self.parent.KIND, **self.parent.to_dict()},
-                "function": self.function}
+                "function": self.function,
+                **({"content": self.content} if self.content is not None else {})}
 
     @property
     def slug(self) -> str:
+        if self.content is not None:
+            return f"{self.root.slug}_derived"
         return f"{self.parent.slug}_{self.function}"
 
     def describe(self) -> str:

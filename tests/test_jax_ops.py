@@ -64,8 +64,10 @@ def squash_reference(x, w):
 
 
 def cases(cache_dir):
-    """name -> (symconv function, reference function, argument shapes)."""
-    at = {"cache_dir": cache_dir}
+    """name -> (symconv function, reference function, argument shapes).  Built for one
+    instruction set (the default's baseline): second order builds a few derived packages."""
+    from symconv.package import targets
+    at = {"cache_dir": cache_dir, "target": targets.variants()[-1].target}
     return {
         "conv1d": (lambda x, w, b: sj.conv(x, w, b, stride=2, padding=1, dilation=2, **at),
                    lambda x, w, b: lax_conv(x, w, b, 2, 1, 2), [(2, 2, 9), (3, 2, 3), (3,)]),
@@ -86,9 +88,9 @@ def cases(cache_dir):
             lambda x, w, b, mode=mode: sj.conv(x, w, b, padding=(2, 1), padding_mode=mode, **at),
             padded(mode), [(1, 2, 5, 4), (2, 2, 3, 3), (2,)])
            for mode in ("reflect", "replicate", "circular")},
-        "op-strided": (sj.op(SHIFT, {"X": (2, 3, 9), "W": (3, 3)}, cache_dir=cache_dir),
+        "op-strided": (sj.op(SHIFT, {"X": (2, 3, 9), "W": (3, 3)}, **at),
                        shift_reference, [(2, 3, 9), (3, 3)]),
-        "op-nonlinear": (sj.op(SQUASH, {"X": (2, 8), "W": (3,)}, cache_dir=cache_dir),
+        "op-nonlinear": (sj.op(SQUASH, {"X": (2, 8), "W": (3,)}, **at),
                          squash_reference, [(2, 8), (3,)]),
     }
 

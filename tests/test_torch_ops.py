@@ -32,8 +32,10 @@ def _randn(generator, *shape):
 
 
 def cases(cache_dir):
-    """(name, symconv function, reference function, argument shapes)."""
-    pad = dict(cache_dir=cache_dir)
+    """name -> (symconv function, reference function, argument shapes).  Built for one
+    instruction set (the default's baseline): second order builds a few derived packages."""
+    from symconv.package import targets
+    pad = {"cache_dir": cache_dir, "target": targets.variants()[-1].target}
     return {
         "conv1d": (lambda x, w, b: st.conv(x, w, b, stride=2, padding=1, dilation=2, **pad),
                    lambda x, w, b: F.conv1d(x, w, b, stride=2, padding=1, dilation=2),
@@ -56,9 +58,9 @@ def cases(cache_dir):
             lambda x, w, b, mode=mode: st.conv(x, w, b, padding=(2, 1), padding_mode=mode, **pad),
             lambda x, w, b, mode=mode: F.conv2d(F.pad(x, (1, 1, 2, 2), mode=mode), w, b),
             [(1, 2, 5, 4), (2, 2, 3, 3), (2,)]) for mode in ("reflect", "replicate", "circular")},
-        "op-strided": (st.op(SHIFT, {"X": (2, 3, 9), "W": (3, 3)}, cache_dir=cache_dir),
+        "op-strided": (st.op(SHIFT, {"X": (2, 3, 9), "W": (3, 3)}, **pad),
                        shift_reference, [(2, 3, 9), (3, 3)]),
-        "op-nonlinear": (st.op(SQUASH, {"X": (2, 8), "W": (3,)}, cache_dir=cache_dir),
+        "op-nonlinear": (st.op(SQUASH, {"X": (2, 8), "W": (3,)}, **pad),
                          squash_reference, [(2, 8), (3,)]),
     }
 

@@ -85,7 +85,7 @@ def call(label: str, package: Package, function: str, operands: dict[str, Tensor
         for name, tensor in zip(names, inputs):
             if tensor.requires_grad and name in wanted:
                 rule = autodiff.vjp(package, function, name)
-                given = dict(zip(rule.args, rule.arrays(values, g)))
+                given = dict(zip(rule.params, rule.arrays(values, g)))
                 grads.append(call(f"grad_{name}", rule.package, rule.function, given, dtype,
                                   tensor.shape[0] if tensor.ndim else None))
             else:

@@ -212,3 +212,4 @@ class SumFunction:
     sum: IndexSum
     args: tuple[Array, ...]
     batch: Batch | None = None     # a run-time batch axis around the item sum
+

@@ -9,6 +9,7 @@ loop nest, so what ``explain`` shows is what runs.
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -231,3 +232,37 @@ def loop_nests(fn: IndexSum) -> list[LoopNest]:
     return [nest for nest in nests if nest is not None]
 
 
+
+
+def canonical_text(function) -> tuple[str, tuple[int, ...]]:
+    """An ``ir.SumFunction`` as its lowered loop nests (what its C is generated from) with its
+    arrays named by position, and the order of its arguments those positions follow: the
+    order giving the least text.  Two functions with the same text compute the same thing
+    from arguments passed in their orders, whatever the arrays are called and however their
+    domains were first written."""
+    nests = loop_nests(function.sum)
+
+    def text(order) -> str:
+        names = {function.args[k].name: f"a{i}" for i, k in enumerate(order)}
+        names[function.sum.output.name] = "out"
+
+        def renamed(expr):
+            return expr.replace(
+                lambda e: isinstance(e, sympy.Indexed),
+                lambda e: sympy.IndexedBase(names[str(e.base.label)], shape=e.base.shape,
+                                            real=True)[e.indices])
+        lowered = [(tuple((c.expr, c.modulus) for c in nest.guards),
+                    tuple((loop.index, tuple((b.num, b.den) for b in loop.lower),
+                           tuple((b.num, b.den) for b in loop.upper), loop.step, loop.residue,
+                           tuple((c.expr, c.modulus) for c in loop.checks))
+                          for loop in nest.loops),
+                    renamed(nest.body), tuple(sorted(names[a] for a in nest.zero_outside)))
+                   for nest in nests]
+        batch = function.batch and (function.batch.extent, function.batch.index,
+                                    tuple(sorted(names[a] for a in function.batch.arrays
+                                                 if a in names)))
+        shapes = [function.args[k].shape for k in order]
+        return sympy.srepr((function.sum.output.shape, function.sum.indices, lowered)) + \
+            repr((shapes, batch))
+    return min((text(order), order)
+               for order in itertools.permutations(range(len(function.args))))
