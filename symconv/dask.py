@@ -57,7 +57,9 @@ from typing import Any, Sequence
 import dask.array as da
 import numpy as np
 
-from .binding import conv_kernel
+from . import autodiff
+from .autodiff import Package
+from .binding import op_package, open_batch
 from .spec import ConvSpec
 
 __all__ = ["conv", "conv_backward", "grad_input", "grad_weight", "chunking", "ChunkedConv",
@@ -159,10 +161,20 @@ def _resolved_cache_dir(cache_dir) -> str:
     return os.fspath(Path(cache_dir).expanduser().resolve())
 
 
-def _local_kernel(shape, weight_shape, conv: dict, cache_dir, target):
-    """The kernel of a block's "valid" convolution on a region of ``shape``."""
-    return conv_kernel(shape, weight_shape, conv["stride"], 0, conv["dilation"], conv["groups"],
-                       conv["bias"], conv["dtype"], "zeros", cache_dir, target)
+def _local_package(shape, weight_shape, conv: dict, cache_dir, target) -> Package:
+    """The package of a block's "valid" convolution on a region of ``shape``."""
+    return op_package("conv", cache_dir, target, input_shape=open_batch(shape),
+                      weight_shape=tuple(weight_shape), stride=conv["stride"], padding=0,
+                      dilation=conv["dilation"], groups=conv["groups"], bias=conv["bias"],
+                      dtype=conv["dtype"])
+
+
+def _gradient(package: Package, wrt: str, values: dict, cotangent, threads) -> np.ndarray:
+    """The gradient of ``Σ cotangent · forward`` with respect to ``wrt``: the call the
+    package's VJP table names."""
+    rule = autodiff.vjp(package, "forward", wrt)
+    function = rule.package.kernel.functions[rule.function]
+    return function(*rule.arrays(values, cotangent), threads=threads)
 
 
 def _ready(array: np.ndarray) -> np.ndarray:
@@ -199,7 +211,7 @@ def _region(block: np.ndarray, chunkings: Sequence[AxisChunking], j: Sequence[in
 def _forward_block(block, *, weight, bias, chunkings, conv, cache_dir, target, threads,
                    block_id=None):
     region = _region(block, chunkings, block_id[2:])
-    kernel = _local_kernel(region.shape, weight.shape, conv, cache_dir, target)
+    kernel = _local_package(region.shape, weight.shape, conv, cache_dir, target).kernel
     arrays = (region, _ready(weight)) if bias is None else (region, _ready(weight), _ready(bias))
     return kernel.forward(*arrays, threads=threads)
 
@@ -215,8 +227,8 @@ def _grad_input_block(block, *, weight, chunkings, conv, cache_dir, target, thre
                            f"chunking's back)")
     lengths = [chunkings[d].gather_length(j[d]) for d in range(rank)]
     shape = (block.shape[0], weight.shape[1] * conv["groups"], *lengths)
-    kernel = _local_kernel(shape, weight.shape, conv, cache_dir, target)
-    local = kernel.grad_input(_ready(weight), _ready(block), threads=threads)
+    package = _local_package(shape, weight.shape, conv, cache_dir, target)
+    local = _gradient(package, "input", {"weight": _ready(weight)}, _ready(block), threads)
     sizes = [chunkings[d].input_chunks[j[d]] for d in range(rank)]
     result = np.zeros(shape[:2] + tuple(sizes), local.dtype)
     source, target_ = [], []
@@ -234,11 +246,11 @@ def _grad_input_block(block, *, weight, chunkings, conv, cache_dir, target, thre
 def _weight_block(block, gy, *, chunkings, weight_shape, conv, cache_dir, target, threads,
                   block_id=None):
     region = _region(block, chunkings, block_id[2:block.ndim])  # the last index is the new axis
-    kernel = _local_kernel(region.shape, weight_shape, conv, cache_dir, target)
+    package = _local_package(region.shape, weight_shape, conv, cache_dir, target)
     gy = _ready(gy)
-    parts = [kernel.grad_weight(region, gy, threads=threads).ravel()]
+    parts = [_gradient(package, "weight", {"input": region}, gy, threads).ravel()]
     if conv["bias"]:
-        parts.append(kernel.grad_bias(gy, threads=threads))
+        parts.append(_gradient(package, "bias", {}, gy, threads))
     flat = np.concatenate(parts).astype(np.float64)
     return flat.reshape((1,) * block.ndim + flat.shape)
 
@@ -304,8 +316,8 @@ class ChunkedConv:
         shapes = sorted(self.block_shapes())
         with Progress(len(shapes), "symconv.dask block kernels", enabled=progress) as bar:
             for shape in shapes:
-                kernels.append(_local_kernel(shape, self.spec.weight_shape, self.conv,
-                                             self.cache_dir, self.target))
+                kernels.append(_local_package(shape, self.spec.weight_shape, self.conv,
+                                              self.cache_dir, self.target).kernel)
                 bar.advance()
         return kernels
 
