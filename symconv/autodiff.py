@@ -37,9 +37,14 @@ class Package:
 
     @property
     def kernel(self):
-        """The loaded kernel (built on first use; then a dictionary look-up)."""
+        """The loaded kernel (built on first use), kept here until the process's kernel
+        cache is cleared."""
         from .compiler import KERNELS
-        return KERNELS.get(self.spec, self.cache_dir, self.target)
+        held = self.__dict__.get("_held")
+        if held is None or held[0] != KERNELS.generation:
+            held = (KERNELS.generation, KERNELS.get(self.spec, self.cache_dir, self.target))
+            object.__setattr__(self, "_held", held)
+        return held[1]
 
     def gradient(self, function: str, content: str | None = None) -> "Package":
         """The package of one of this package's gradient functions, as an op of its own

@@ -201,6 +201,7 @@ class KernelCache:
     def __init__(self) -> None:
         self._kernels: dict[tuple, Kernel] = {}
         self._lock = threading.Lock()
+        self.generation = 0          # counts clear(): a holder of a kernel knows it is stale
 
     def __len__(self) -> int:
         return len(self._kernels)
@@ -230,6 +231,7 @@ class KernelCache:
     def clear(self) -> None:
         with self._lock:
             self._kernels.clear()
+            self.generation += 1
 
 
 KERNELS = KernelCache()
