@@ -131,6 +131,21 @@ def _gradients(handle: str, function: str, args, grad, needed, apply) -> list:
     return grads
 
 
+def _tangent(handle: str, function: str, args, tangents, batch: int, apply):
+    """The output's tangent (forward mode): for each argument with a tangent, the call the
+    package's VJP table gives for its directional derivative (the VJP of its VJP)."""
+    package = autodiff.package(handle)
+    values = dict(zip(package.kernel.functions[function].args, args))
+    total = None
+    for name, tangent in zip(values, tangents):
+        if tangent is None:
+            continue
+        rule = autodiff.jvp(package, function, name)
+        term = apply(rule.package.handle, rule.function, rule.arrays(values, tangent), batch)
+        total = term if total is None else total + term
+    return total
+
+
 def _vmapped(batch_size: int, dims, handle: str, function: str, args, batch: int, apply):
     """Under ``torch.vmap``: one call with the mapped axis folded into the kernel's run-time
     batch where only batched arguments are mapped, else one call per mapped element."""
@@ -190,16 +205,55 @@ class _Eager(torch.autograd.Function):
     def forward(ctx, handle, function, batch, *args):
         ctx.handle, ctx.function = handle, function
         ctx.save_for_backward(*args)
-        return _run(handle, function, args, batch)
+        ctx.save_for_forward(*args)
+        out = _run(handle, function, args, batch)
+        ctx.batch = out.shape[0] if out.dim() else 0
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         return (None, None, None, *_gradients(ctx.handle, ctx.function, ctx.saved_tensors, grad,
                                               ctx.needs_input_grad[3:], _eager))
 
+    @staticmethod
+    def jvp(ctx, *tangents):
+        return _tangent(ctx.handle, ctx.function, ctx.saved_tensors, tangents[3:], ctx.batch,
+                        _eager)
+
 
 def _eager(handle: str, function: str, args, batch: int) -> torch.Tensor:
     return _Eager.apply(handle, function, batch, *args)
+
+
+class _Transformable(torch.autograd.Function):
+    """The call under torch.func's transforms (grad, jvp, jacrev, jacfwd, hessian, vmap): a
+    new-style autograd.Function, which they run, where the custom op's autograd is not
+    (pytorch/pytorch#170834)."""
+
+    @staticmethod
+    def forward(handle, function, batch, *args):
+        return _run(handle, function, args, batch)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.handle, ctx.function = inputs[:2]
+        ctx.save_for_backward(*inputs[3:])
+        ctx.save_for_forward(*inputs[3:])
+        ctx.batch = output.shape[0] if output.dim() else 0
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None, None, None, *_gradients(ctx.handle, ctx.function, ctx.saved_tensors, grad,
+                                              ctx.needs_input_grad[3:], _apply))
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        return _tangent(ctx.handle, ctx.function, ctx.saved_tensors, tangents[3:], ctx.batch,
+                        _apply)
+
+    @staticmethod
+    def vmap(info, in_dims, handle, function, batch, *args):
+        return _vmapped(info.batch_size, in_dims[3:], handle, function, args, batch, _apply)
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -207,10 +261,11 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 def _apply(handle: str, function: str, args, batch: int) -> torch.Tensor:
     """One call: the custom op while torch.compile or torch.export traces (their tensors are
-    fake) and under torch.func's transforms (vmap), the autograd.Function otherwise."""
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or \
-            any(type(t) not in _PLAIN for t in args):
+    fake), an autograd.Function otherwise (one torch.func's transforms can run, under them)."""
+    if torch.compiler.is_compiling() or any(type(t) not in _PLAIN for t in args):
         return _call(handle, function, list(args), batch)
+    if torch._C._are_functorch_transforms_active():
+        return _Transformable.apply(handle, function, batch, *args)
     return _eager(handle, function, args, batch)
 
 

@@ -160,36 +160,29 @@ def test_export_round_trip_with_a_dynamic_batch(cache_dir, tmp_path):
         torch.testing.assert_close(loaded(x), model(x))
 
 
-def _func_grad_supports_custom_ops() -> bool:
-    """Whether this torch runs torch.func.grad through a custom op's registered autograd
-    (torch 2.13 does not: pytorch/pytorch#170834, fixed upstream by #184974)."""
-    name = "symconv_test_probe::twice"
-    if not hasattr(_func_grad_supports_custom_ops, "op"):
-        def double(x: torch.Tensor) -> torch.Tensor:
-            return x * 2
-        twice = torch.library.custom_op(name, mutates_args=())(double)
-        twice.register_fake(lambda x: torch.empty_like(x))
-        twice.register_autograd(lambda ctx, g: g * 2, setup_context=lambda ctx, i, o: None)
-        _func_grad_supports_custom_ops.op = twice
-    try:
-        torch.func.grad(lambda x: _func_grad_supports_custom_ops.op(x).sum())(torch.ones(2))
-    except RuntimeError as error:
-        assert "setup_context" in str(error)
-        return False
-    return True
-
-
-def test_func_grad(cache_dir):
-    if not _func_grad_supports_custom_ops():
-        pytest.skip(f"torch {torch.__version__}: torch.func.grad does not run custom ops' "
-                    f"registered autograd (pytorch/pytorch#170834)")
+def test_func_grad_jvp_jacrev_and_hessian(cache_dir):
     generator = torch.Generator().manual_seed(2)
     x = torch.randn(2, 2, 7, dtype=torch.float64, generator=generator)
     w = torch.randn(3, 2, 3, dtype=torch.float64, generator=generator)
-    got = torch.func.grad(lambda w: (st.conv(x, w, None, padding=1, cache_dir=cache_dir) ** 2)
-                          .sum())(w)
-    torch.testing.assert_close(got, torch.func.grad(
-        lambda w: (F.conv1d(x, w, padding=1) ** 2).sum())(w))
+
+    def ours(w):
+        return (torch.tanh(st.conv(x, w, None, padding=1, cache_dir=cache_dir)) ** 2).sum()
+
+    def theirs(w):
+        return (torch.tanh(F.conv1d(x, w, padding=1)) ** 2).sum()
+    torch.testing.assert_close(torch.func.grad(ours)(w), torch.func.grad(theirs)(w))
+    torch.testing.assert_close(
+        torch.func.jacrev(lambda w: st.conv(x, w, None, cache_dir=cache_dir))(w),
+        torch.func.jacrev(lambda w: F.conv1d(x, w))(w))
+    torch.testing.assert_close(torch.func.hessian(ours)(w), torch.func.hessian(theirs)(w))
+    tangent = torch.randn(w.shape, dtype=torch.float64, generator=generator)
+    torch.testing.assert_close(torch.func.jvp(ours, (w,), (tangent,))[1],
+                               torch.func.jvp(theirs, (w,), (tangent,))[1])
+    import torch.autograd.forward_ad as fwad
+    with fwad.dual_level():                     # forward mode outside torch.func too
+        dual = st.conv(x, fwad.make_dual(w, tangent), None, padding=1, cache_dir=cache_dir)
+        expected = fwad.unpack_dual(F.conv1d(x, fwad.make_dual(w, tangent), padding=1))
+        torch.testing.assert_close(fwad.unpack_dual(dual).tangent, expected.tangent)
 
 
 def test_vmap_folds_into_the_batch_or_maps_per_element(cache_dir):
