@@ -198,18 +198,19 @@ def _jvp_batching(args, dims, *, handle: str, function: str, arg: str, batch: in
                      handle=target, function=name, batch=batch)
 
 
-call_p.def_impl(_impl)
-call_p.def_abstract_eval(_abstract)
-mlir.register_lowering(call_p, mlir.lower_fun(_lowered, multiple_results=False))
-ad.primitive_jvps[call_p] = _jvp
-ad.primitive_transposes[call_p] = _transpose
-batching.primitive_batchers[call_p] = _batching
-jvp_p.def_impl(_jvp_impl)
-jvp_p.def_abstract_eval(_jvp_abstract)
-mlir.register_lowering(jvp_p, mlir.lower_fun(_jvp_lowered, multiple_results=False))
-ad.primitive_jvps[jvp_p] = _jvp_jvp
-ad.primitive_transposes[jvp_p] = _jvp_transpose
-batching.primitive_batchers[jvp_p] = _jvp_batching
+def _register(primitive: Primitive, impl, abstract, lowered, jvp, transpose, batch) -> None:
+    """A primitive's rules: run eagerly, shape, lower under jit, differentiate, vmap."""
+    primitive.def_impl(impl)
+    primitive.def_abstract_eval(abstract)
+    mlir.register_lowering(primitive, mlir.lower_fun(lowered, multiple_results=False))
+    ad.primitive_jvps[primitive] = jvp
+    ad.primitive_transposes[primitive] = transpose
+    batching.primitive_batchers[primitive] = batch
+
+
+_register(call_p, _impl, _abstract, _lowered, _jvp, _transpose, _batching)
+_register(jvp_p, _jvp_impl, _jvp_abstract, _jvp_lowered, _jvp_jvp, _jvp_transpose,
+          _jvp_batching)
 
 
 def call(package: "autodiff.Package", function: str, *arrays, batch: int = 0):
