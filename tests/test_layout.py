@@ -21,10 +21,10 @@ ORDER = [
     "symbolic.define.expression", "symbolic.define.gradient", "symbolic.define", "symbolic",
     "codegen.schedule", "codegen.c", "codegen.isa", "codegen.vector", "codegen.emit", "codegen",
     "package.targets", "package.build", "package",
-    "compiler", "check",
+    "compiler", "check", "autodiff", "binding",
     "graph.engine", "graph.ops", "graph.compiled", "graph.nn", "graph.optim", "graph.gradcheck",
     "graph",
-    "binding", "torch", "jax", "dask", "explain", "report", "cli", "__main__", "",
+    "torch", "jax", "dask", "explain", "report", "cli", "__main__", "",
 ]
 
 
