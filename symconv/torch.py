@@ -11,16 +11,17 @@ derived gradients.
                   {"X": (2, 3, 9), "W": (3, 3)})               # a user op, on tensors
     model.conv1 = st.SymConv.from_torch(model.conv1)            # replace a torch.nn.ConvNd
 
-Every call is one custom op, ``torch.ops.symconv.call(handle, function, tensors)``:
-``handle`` names the compiled package (its spec, cache and target, as JSON),
-``function`` one of its functions.  Its fake implementation gives the output's
-shape from the package's manifest, so ``torch.compile(model, fullgraph=True)``
-traces through it without a graph break and ``torch.export`` records it (the
-exported program runs wherever symconv can find or build the package).  Its
-autograd rule reads the package's VJP table (``symconv.autodiff``): a gradient
-is another call of the same custom op, so gradients of any order
-(``create_graph=True``, ``gradgradcheck``) are the derived ones; none is
-written by hand here.
+A call is one function of a compiled package, named by ``handle`` (the
+package's spec, cache and target, as JSON) and ``function``.  While
+``torch.compile`` or ``torch.export`` traces, it is the custom op
+``torch.ops.symconv.call(handle, function, tensors, batch)``, whose fake
+implementation gives the output's shape from the package's manifest: no graph
+break, and an exported program runs wherever symconv can find or build the
+package.  On real tensors it is a classic ``autograd.Function`` (a fraction of
+the custom op's dispatch time), under ``torch.func``'s transforms a new-style
+one (which they can run).  All three differentiate with the package's VJP table
+(``symconv.autodiff``): a gradient is another call, so every order, in reverse
+and forward mode, is derived; none is written by hand here.
 
 What is and is not accepted:
 
