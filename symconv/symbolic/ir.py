@@ -66,6 +66,13 @@ def accesses(expr: sympy.Expr) -> list[sympy.Indexed]:
     return sorted(expr.atoms(sympy.Indexed), key=sympy.default_sort_key)
 
 
+def rebased(expr, arrays: dict[str, Array]):
+    """``expr`` with the reads of the named arrays reading the given arrays instead."""
+    return expr.replace(
+        lambda e: isinstance(e, sympy.Indexed) and str(e.base.label) in arrays,
+        lambda e: arrays[str(e.base.label)][e.indices])
+
+
 def array_of(access: sympy.Indexed) -> Array:
     base = access.base
     return Array(str(base.label), tuple(int(s) for s in base.shape))
@@ -212,4 +219,3 @@ class SumFunction:
     sum: IndexSum
     args: tuple[Array, ...]
     batch: Batch | None = None     # a run-time batch axis around the item sum
-

@@ -17,7 +17,7 @@ import sympy
 
 from .affine import (ceil_div, integer_coefficients, integer_form, interval,
                      normalize_congruence, normalize_constraint, solve_congruence)
-from .ir import IndexSum, Term, index_range
+from .ir import Array, IndexSum, Term, index_range, rebased
 
 # --- lowering: domain -> loop nest ---------------------------------------------------------------
 
@@ -232,8 +232,6 @@ def loop_nests(fn: IndexSum) -> list[LoopNest]:
     return [nest for nest in nests if nest is not None]
 
 
-
-
 def canonical_text(function) -> tuple[str, tuple[int, ...]]:
     """An ``ir.SumFunction`` as its lowered loop nests (what its C is generated from) with its
     arrays named by position, and the order of its arguments those positions follow: the
@@ -245,18 +243,15 @@ def canonical_text(function) -> tuple[str, tuple[int, ...]]:
     def text(order) -> str:
         names = {function.args[k].name: f"a{i}" for i, k in enumerate(order)}
         names[function.sum.output.name] = "out"
-
-        def renamed(expr):
-            return expr.replace(
-                lambda e: isinstance(e, sympy.Indexed),
-                lambda e: sympy.IndexedBase(names[str(e.base.label)], shape=e.base.shape,
-                                            real=True)[e.indices])
+        arrays = {a.name: Array(names[a.name], a.shape)
+                  for a in (*function.args, function.sum.output)}
         lowered = [(tuple((c.expr, c.modulus) for c in nest.guards),
                     tuple((loop.index, tuple((b.num, b.den) for b in loop.lower),
                            tuple((b.num, b.den) for b in loop.upper), loop.step, loop.residue,
                            tuple((c.expr, c.modulus) for c in loop.checks))
                           for loop in nest.loops),
-                    renamed(nest.body), tuple(sorted(names[a] for a in nest.zero_outside)))
+                    rebased(nest.body, arrays),
+                    tuple(sorted(names[a] for a in nest.zero_outside)))
                    for nest in nests]
         batch = function.batch and (function.batch.extent, function.batch.index,
                                     tuple(sorted(names[a] for a in function.batch.arrays

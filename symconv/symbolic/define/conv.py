@@ -21,9 +21,9 @@ import sympy
 
 from ...spec import AvgPoolSpec, ConvSpec, ConvTransposeSpec
 from ..derive import vjp
-from ..ir import Array, IndexSum, Term, index, index_range
+from ..ir import Array, IndexSum, Term, index, index_range, rebased
 from ..lowering import value_range
-from .op import OpDefinition, rebased, spec_op
+from .op import OpDefinition, spec_op
 
 # A convolution's arguments in torch's order; a bias-free one takes None for the bias.
 CONV_ARGUMENTS = ("input", "weight", "bias")

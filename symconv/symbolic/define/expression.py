@@ -9,10 +9,11 @@ import sympy
 from ...errors import IRError
 from ...spec import ExprSpec
 from ..affine import integer_form, linear_parts
-from ..ir import Array, IndexSum, Term, accesses, check_body, index, index_range
+from ..ir import (Array, IndexSum, Term, accesses, check_body, index, index_range,
+                  rebased)
 from ..lowering import value_range
 from ..batch import DEFINED_EXTENT, check_reads
-from .op import OpDefinition, open_batch, rebased, spec_op
+from .op import OpDefinition, open_batch, spec_op
 
 
 _LHS = re.compile(r"^\s*([A-Za-z][A-Za-z0-9_]*)\s*\[([^\]]*)\]\s*$")

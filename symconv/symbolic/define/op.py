@@ -6,8 +6,6 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Mapping
 
-import sympy
-
 from ..batch import peel
 from ..ir import Array, Batch, IndexSum
 
@@ -65,10 +63,3 @@ def open_batch(op: OpDefinition, arrays, extent: str) -> OpDefinition:
               for name_, shape in op.shapes.items()}
     return replace(op, forward=forward, inputs=inputs, shapes=shapes,
                    batch=Batch(extent, name, frozenset(arrays)))
-
-
-def rebased(expr, arrays: dict[str, Array]):
-    """``expr`` with the reads of the named arrays reading the given arrays instead."""
-    return expr.replace(
-        lambda e: isinstance(e, sympy.Indexed) and str(e.base.label) in arrays,
-        lambda e: arrays[str(e.base.label)][e.indices])
