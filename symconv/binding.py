@@ -28,14 +28,22 @@ def op_package(kind: str, cache_dir=None, target=None, **fields) -> Package:
     return package_of(spec_of(SPECS[kind], **fields), cache_dir, target)
 
 
+def conv_package(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups=1,
+                 bias=True, dtype="float32", padding_mode="zeros", cache_dir=None, target=None,
+                 fixed_batch: bool = False) -> Package:
+    """The package of a convolution, its batch left to run time unless ``fixed_batch``."""
+    return op_package(ConvSpec.KIND, cache_dir, target,
+                      input_shape=tuple(input_shape) if fixed_batch else open_batch(input_shape),
+                      weight_shape=tuple(weight_shape), stride=stride, padding=padding,
+                      dilation=dilation, groups=groups, bias=bias, dtype=dtype,
+                      padding_mode=padding_mode)
+
+
 def conv_kernel(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups=1, bias=True,
                 dtype="float32", padding_mode="zeros", cache_dir=None, target=None,
                 fixed_batch: bool = False):
     """The loaded ``symconv.Kernel`` of a convolution: compiled on first use into ``cache_dir``
     (default ``$SYMCONV_CACHE_DIR`` or ``~/.cache/symconv``), then kept in this process.
     Its batch size is left to run time unless ``fixed_batch``."""
-    return op_package(ConvSpec.KIND, cache_dir, target,
-                      input_shape=tuple(input_shape) if fixed_batch else open_batch(input_shape),
-                      weight_shape=tuple(weight_shape), stride=stride, padding=padding,
-                      dilation=dilation, groups=groups, bias=bias, dtype=dtype,
-                      padding_mode=padding_mode).kernel
+    return conv_package(input_shape, weight_shape, stride, padding, dilation, groups, bias,
+                        dtype, padding_mode, cache_dir, target, fixed_batch).kernel

@@ -59,7 +59,7 @@ import numpy as np
 
 from . import autodiff
 from .autodiff import Package
-from .binding import op_package, open_batch
+from .binding import conv_package
 from .spec import ConvSpec
 
 __all__ = ["conv", "conv_backward", "grad_input", "grad_weight", "chunking", "ChunkedConv",
@@ -163,10 +163,8 @@ def _resolved_cache_dir(cache_dir) -> str:
 
 def _local_package(shape, weight_shape, conv: dict, cache_dir, target) -> Package:
     """The package of a block's "valid" convolution on a region of ``shape``."""
-    return op_package("conv", cache_dir, target, input_shape=open_batch(shape),
-                      weight_shape=tuple(weight_shape), stride=conv["stride"], padding=0,
-                      dilation=conv["dilation"], groups=conv["groups"], bias=conv["bias"],
-                      dtype=conv["dtype"])
+    return conv_package(shape, weight_shape, conv["stride"], 0, conv["dilation"], conv["groups"],
+                        conv["bias"], conv["dtype"], "zeros", cache_dir, target)
 
 
 def _gradient(package: Package, wrt: str, values: dict, cotangent, threads) -> np.ndarray:

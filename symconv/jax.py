@@ -46,7 +46,7 @@ from jax.interpreters import ad, batching, mlir
 
 from . import autodiff
 from .binding import op_package, open_batch
-from .graph.compiled import IndexOp, op as index_op
+from .graph.compiled import IndexOp, as_op
 
 __all__ = ["conv", "conv_transpose", "avg_pool", "op", "call", "SymOp"]
 
@@ -294,11 +294,8 @@ class SymOp:
         if not isinstance(index, IndexOp):
             raise TypeError(f"SymOp takes a symconv.op(...), got {type(index).__name__}")
         self.index = index
-        self.names = tuple(name for name, _ in index.spec.shapes
-                           if name != index.spec.output_name)
-        dtypes = (index.spec.dtype,) if index.fixed_dtype else _DTYPES
-        self._packages = {dtype: autodiff.package_of(index.spec_in(dtype), cache_dir, target)
-                          for dtype in dtypes}
+        self.names = index.names
+        self._packages = index.packages(cache_dir, target)
 
     def __call__(self, *arrays):
         if len(arrays) != len(self.names):
@@ -319,8 +316,4 @@ def op(expression, shapes=None, dtype: str | None = None, zero_outside=(), **kwa
     """A user op on JAX arrays: ``op(text, shapes, ...)`` takes ``symconv.op``'s arguments, or
     ``op(symconv.op(...))`` an op already made; ``cache_dir`` and ``target`` go to
     :class:`SymOp`."""
-    if not isinstance(expression, IndexOp):
-        if shapes is None:
-            raise TypeError("symconv.jax.op: give the op's shapes, or pass a symconv.op(...)")
-        expression = index_op(expression, shapes, dtype, zero_outside)
-    return SymOp(expression, **kwargs)
+    return SymOp(as_op(expression, shapes, dtype, zero_outside, "symconv.jax.op"), **kwargs)

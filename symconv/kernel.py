@@ -22,6 +22,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import sysconfig
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -104,8 +105,8 @@ class VJPEntry:
     @classmethod
     def from_json(cls, entry: Mapping[str, Any]) -> "VJPEntry":
         args, content = entry.get("args"), entry.get("content")
-        if content is not None and not (isinstance(content, str) and len(content) == 64 and
-                                        all(c in "0123456789abcdef" for c in content)):
+        if content is not None and not (isinstance(content, str) and
+                                        re.fullmatch(r"[0-9a-f]{64}", content)):
             raise ValueError(f"vjp entry {entry['function']}: content is not a sha256 digest")
         order = entry.get("order") if content is not None else None
         return cls(str(entry["function"]), None if args is None else tuple(map(str, args)),
@@ -225,10 +226,6 @@ class Manifest:
         if "vjp" in data:
             vjp = {str(f): {str(a): VJPEntry.from_json(e) for a, e in entries.items()}
                    for f, entries in data["vjp"].items()}
-            for entries in vjp.values():
-                for entry in entries.values():
-                    if entry.gradient_of is None and entry.args is None:
-                        raise ValueError(f"vjp entry {entry.function} has no args")
         else:           # a package from before the table: the table every package implied
             vjp = vjp_table(functions, names["differentiable"])
         for function, entries in vjp.items():
@@ -236,6 +233,8 @@ class Manifest:
             for entry in entries.values():
                 if entry.gradient_of is None:
                     functions[entry.function]
+                    if entry.args is None:
+                        raise ValueError(f"vjp entry {entry.function} has no args")
                 else:
                     functions[entry.gradient_of]
                     if entry.order is not None and sorted(entry.order) != list(
@@ -513,7 +512,7 @@ class Function:
         if batch is None:
             raise TypeError(f"{self.name}: its output has the batch axis but no argument does; "
                             f"pass batch=<size> (or out=)")
-        if batch.__class__ is not int and not isinstance(batch, (int, np.integer)) or batch < 0:
+        if not isinstance(batch, (int, np.integer)) or batch < 0:
             raise ValueError(f"{self.name}: batch must be a non-negative int, got {batch!r}")
         return int(batch)
 

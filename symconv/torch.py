@@ -52,7 +52,7 @@ import torch
 from . import autodiff
 from .binding import conv_kernel as kernel_for
 from .binding import op_package, open_batch
-from .graph.compiled import IndexOp, op as index_op
+from .graph.compiled import IndexOp, as_op
 
 __all__ = ["conv", "conv_transpose", "avg_pool", "op", "call", "SymConv", "SymOp", "kernel_for"]
 
@@ -454,11 +454,9 @@ class SymOp(torch.nn.Module):
         if not isinstance(index, IndexOp):
             raise TypeError(f"SymOp takes a symconv.op(...), got {type(index).__name__}")
         self.index, self.allow_copy = index, allow_copy
-        self.names = tuple(name for name, _ in index.spec.shapes
-                           if name != index.spec.output_name)
-        dtypes = (index.spec.dtype,) if index.fixed_dtype else tuple(_DTYPES.values())
-        self._handles = {dtype: autodiff.package_of(index.spec_in(dtype), cache_dir,
-                                                    target).handle for dtype in dtypes}
+        self.names = index.names
+        self._handles = {dtype: package.handle
+                         for dtype, package in index.packages(cache_dir, target).items()}
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
         if len(tensors) != len(self.names):
@@ -479,8 +477,4 @@ def op(expression, shapes=None, dtype: str | None = None, zero_outside=(), **kwa
     """A user op on tensors: ``op(text, shapes, ...)`` takes ``symconv.op``'s arguments, or
     ``op(symconv.op(...))`` an op already made.  Keyword arguments ``cache_dir``, ``target``
     and ``allow_copy`` go to :class:`SymOp`."""
-    if not isinstance(expression, IndexOp):
-        if shapes is None:
-            raise TypeError("symconv.torch.op: give the op's shapes, or pass a symconv.op(...)")
-        expression = index_op(expression, shapes, dtype, zero_outside)
-    return SymOp(expression, **kwargs)
+    return SymOp(as_op(expression, shapes, dtype, zero_outside, "symconv.torch.op"), **kwargs)

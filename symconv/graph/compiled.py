@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from .. import autodiff
-from ..autodiff import Package
+from ..autodiff import Package, package_of
 from ..binding import open_batch
 from ..spec import AvgPoolSpec, ConvSpec, ConvTransposeSpec, ExprSpec, spec_of
 from .engine import Tensor, as_tensor, record
@@ -77,10 +77,10 @@ def call(label: str, package: Package, function: str, operands: dict[str, Tensor
     arrays = [np.ascontiguousarray(t.data, dtype) for t in inputs]
     out = _buffers.get(compiled.output_shape(*arrays, batch=batch), dtype)
     data = compiled(*arrays, out=out)
-    wanted = set(autodiff.differentiable(package, function))
 
     def backward(g, out):
         values = dict(zip(names, inputs))
+        wanted = autodiff.differentiable(package, function)
         grads = []
         for name, tensor in zip(names, inputs):
             if tensor.requires_grad and name in wanted:
@@ -95,7 +95,7 @@ def call(label: str, package: Package, function: str, operands: dict[str, Tensor
 
 
 def _forward(label: str, spec: Any, inputs: tuple[Tensor, ...], dtype: np.dtype) -> Tensor:
-    package = Package(spec)
+    package = package_of(spec)
     return call(label, package, "forward", dict(zip(package.kernel.inputs, inputs)), dtype)
 
 
@@ -168,6 +168,16 @@ class IndexOp:
     def __repr__(self) -> str:
         return f"<symconv op {self.spec.describe()}>"
 
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The arrays it is called with, in order."""
+        return tuple(a for a, _ in self.spec.shapes if a != self.spec.output_name)
+
+    def packages(self, cache_dir=None, target=None) -> dict[str, Package]:
+        """Its package in each dtype it runs in: its own, or float32 and float64."""
+        dtypes = (self.spec.dtype,) if self.fixed_dtype else ("float32", "float64")
+        return {dtype: package_of(self.spec_in(dtype), cache_dir, target) for dtype in dtypes}
+
     def spec_in(self, dtype) -> Any:
         """This op's spec in ``dtype`` (float32 or float64): its own, or its twin."""
         dtype = np.dtype(dtype)
@@ -179,9 +189,8 @@ class IndexOp:
     def _spec_for(self, inputs) -> Any:
         """The spec to run ``inputs`` with: this op's, or its twin in their dtype."""
         dtypes = [np.asarray(t.data if isinstance(t, Tensor) else t).dtype for t in inputs]
-        names = [a for a, _ in self.spec.shapes if a != self.spec.output_name]
         if self.fixed_dtype:
-            for name, dtype in zip(names, dtypes):
+            for name, dtype in zip(self.names, dtypes):
                 if dtype != np.dtype(self.spec.dtype):
                     raise TypeError(f"op {self.spec.output_name}: {name} has dtype {dtype}, but "
                                     f"the op was made with dtype={self.spec.dtype!r}; pass "
@@ -218,3 +227,14 @@ def op(expression: str, shapes, dtype: str | None = None, zero_outside=()) -> In
         expression = f"{sympy.sstr(expression.lhs)} = {sympy.sstr(expression.rhs)}"
     spec = ExprSpec(expression, shapes, dtype=dtype or "float32", zero_outside=zero_outside)
     return IndexOp(spec, fixed_dtype=dtype is not None)
+
+
+def as_op(expression, shapes=None, dtype: str | None = None, zero_outside=(),
+          caller: str = "op") -> IndexOp:
+    """``expression`` when it is an op already, else ``op(expression, shapes, ...)``: what the
+    framework bindings' ``op`` takes."""
+    if isinstance(expression, IndexOp):
+        return expression
+    if shapes is None:
+        raise TypeError(f"{caller}: give the op's shapes, or pass a symconv.op(...)")
+    return op(expression, shapes, dtype, zero_outside)
