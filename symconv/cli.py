@@ -193,7 +193,11 @@ def _specs(args: argparse.Namespace) -> list:
     return specs
 
 
-def _print_formulas(compilation, latex: bool, scatter: bool, out) -> None:
+def _print_formulas(compilation, latex: bool, scatter: bool, out, plans: bool = False) -> None:
+    """Each function's formula; with ``plans``, then how the C this machine runs computes
+    each piece of its output (the schedule's plans)."""
+    from .codegen.schedule import describe
+    schedules = compilation.plans if plans else {}
     for name, entry in compilation.formulas().items():
         print(f"\n== {name} ==", file=out)
         if scatter and "scatter" in entry:
@@ -201,6 +205,8 @@ def _print_formulas(compilation, latex: bool, scatter: bool, out) -> None:
             print(entry["scatter_latex" if latex else "scatter"], file=out)
             print("solved over the integers (gather form):", file=out)
         print(entry["latex"] if latex else entry["text"], file=out)
+        for piece, plan in schedules.get(name, ()):
+            print(f"schedule: {describe(piece, plan)}", file=out)
 
 
 def _log_compile(spec, kernel: Kernel, seconds: float, hit: bool) -> None:
@@ -280,7 +286,7 @@ def cmd_explain(args, out) -> int:
         compilation = compile_symbolic(spec, args.target)
         _log_timings(spec, compilation.timings)
         print(spec.describe(), file=out)
-        _print_formulas(compilation, args.latex, args.scatter, out)
+        _print_formulas(compilation, args.latex, args.scatter, out, plans=True)
         if args.steps:
             from .explain import steps_text
             print("\n" + steps_text(compilation, latex=args.latex), file=out)

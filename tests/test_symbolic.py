@@ -290,19 +290,33 @@ def test_pieces_cover_the_output_and_sum_to_the_gradient(fields, rng):
 
 
 def test_plans_for_a_strided_convolution():
-    """Forward and grad_input vectorise along output rows with a block of channels; the
-    weight gradient keeps partial sums along the rows of the image."""
+    """Forward and grad_input are implicit GEMMs with lanes along the output's channels and
+    rows along its last axis; the weight gradient keeps partial sums along the rows of the
+    image."""
     from symconv.codegen import schedule
     op = define.conv(make_spec(dict(input_shape=(2, 8, 20, 20), weight_shape=(16, 8, 3, 3),
                                     stride=2, padding=1)))
     forward = schedule.pieces(op.forward)
     assert len(forward) == 1
     plan = schedule.plan(forward[0], 8)
-    assert isinstance(plan, schedule.OutputLanes) and str(plan.lane) == "i1"
-    assert str(plan.block) == "o"
+    assert isinstance(plan, schedule.ChannelLanes) and str(plan.lane) == "o"
+    assert str(plan.block) == "i1" and (plan.rows, plan.vectors) == (6, 2)
+    # the taps' loops first, the input channels innermost; the padded rows are loop bounds
+    bias, taps = plan.nests
+    assert [str(loop.index) for loop in taps.loops] == ["k0", "k1", "c"]
+    assert len(taps.loops[0].lower) == 2 and len(taps.loops[1].lower) == 1
     grad_input = schedule.pieces(derive.vjp(op.forward, op.inputs[0]).gather)
     assert len(grad_input) == 4                              # 2 x 2 stride phases
-    assert all(isinstance(schedule.plan(p, 8), schedule.OutputLanes) for p in grad_input)
+    plans = [schedule.plan(p, 8) for p in grad_input]
+    assert all(isinstance(p, schedule.ChannelLanes) and str(p.lane) == "c" for p in plans)
+    schedule_kinds = schedule.PLAN_KINDS
+    try:
+        schedule.PLAN_KINDS = (schedule.OutputLanes,)       # the plan that ran before
+        plan = schedule.plan(forward[0], 8)
+        assert isinstance(plan, schedule.OutputLanes) and str(plan.lane) == "i1"
+        assert str(plan.block) == "o"
+    finally:
+        schedule.PLAN_KINDS = schedule_kinds
     grad_weight = schedule.pieces(derive.vjp(op.forward, op.inputs[1]).gather)
     plan = schedule.plan(grad_weight[0], 8)
     assert isinstance(plan, schedule.ReductionLanes) and str(plan.lane) == "i1"

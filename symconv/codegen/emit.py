@@ -14,6 +14,7 @@ from . import schedule
 from .c import (C_TYPES, PARALLEL_WORK, PRELUDE, CFunction, CSource, Writer, c_namespace,
                 emit_scalar_piece, work)
 from .isa import SIMD_PRELUDE, Simd
+from .channels import emit_channel_lanes
 from .vector import emit_output_lanes, emit_reduction_lanes
 
 def emit_function(function: SumFunction, dtype: str, isa: str | None = None,
@@ -94,7 +95,9 @@ def emit_pieces(out: Writer, fn, dtype: str, vector: Simd | None) -> list:
         plans.append((piece, chosen))
         out.open()
         out.line(f"/* {schedule.describe(piece, chosen).replace('*/', '* /')} */")
-        if isinstance(chosen, schedule.OutputLanes):
+        if isinstance(chosen, schedule.ChannelLanes):
+            emit_channel_lanes(out, fn, piece, chosen, vector)
+        elif isinstance(chosen, schedule.OutputLanes):
             emit_output_lanes(out, fn, piece, chosen, vector)
         elif isinstance(chosen, schedule.ReductionLanes):
             emit_reduction_lanes(out, fn, piece, chosen, vector)

@@ -32,7 +32,7 @@ for any number of threads.  This module knows nothing about convolution.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import sympy
@@ -40,7 +40,7 @@ import sympy
 from ..symbolic.affine import (ceil_div, linear_parts, integer_form, normalize_congruence,
                                normalize_constraint, solve_congruence, substitute)
 from ..symbolic.ir import IndexSum, Term, accesses, index_range
-from ..symbolic.lowering import Bound, LoopNest, lower
+from ..symbolic.lowering import Bound, LoopNest, lower, nest_box, value_range
 
 MAX_PHASES = 64       # pieces per sum; beyond this the plain nest is used
 MAX_MODULUS = 16      # phases per index
@@ -85,7 +85,39 @@ class ReductionLanes:
     blocks: tuple[tuple[sympy.Idx, int], ...]
 
 
-Plan = Scalar | OutputLanes | ReductionLanes
+@dataclass(frozen=True)
+class ChannelLanes:
+    """An implicit GEMM.  Lanes along ``lane``, a free index that only one read per nest
+    uses (the output channels of a convolution: the weight); that read is packed once per
+    call into panels of ``vectors`` vectors, the lane innermost, so each is one aligned
+    load.  A register block holds ``rows`` consecutive values of ``block`` (output
+    positions) x ``vectors`` vectors; every other read is one scalar broadcast per row, so
+    a stride or a dilation only changes which scalar is broadcast."""
+
+    lane: sympy.Idx
+    block: sympy.Idx
+    rows: int
+    vectors: int
+    nests: tuple[LoopNest, ...] = ()
+    chunking: Chunking | None = None
+
+
+@dataclass(frozen=True)
+class Chunking:
+    """A channel-lane plan's summation packed chunk by chunk (a single nest whose loops form a
+    box): ``rows`` consecutive values of its outer loops, flattened, times ``segment`` values
+    of its innermost loop per chunk, summed in chunk order into a tile per task; a task is
+    one lane block and ``group`` consecutive values of the block index."""
+
+    rows: int
+    segment: int
+    group: int
+
+
+Plan = Scalar | OutputLanes | ReductionLanes | ChannelLanes
+
+PLAN_KINDS = (ChannelLanes, OutputLanes, ReductionLanes)
+"""The vector plans in the order they are tried: the first that fits a piece runs it."""
 
 
 # --- pieces ----------------------------------------------------------------------------------------
@@ -311,8 +343,14 @@ def plan(piece: Piece, width: int | None, registers: int = 16) -> Plan:
     if width is None or not piece.nests or not piece.indices:
         return Scalar()
     budget = registers - 4
-    return (_output_lanes(piece, width, budget) or _reduction_lanes(piece, width, budget)
-            or Scalar())
+    makers = {ChannelLanes: lambda: _channel_lanes(piece, width, registers),
+              OutputLanes: lambda: _output_lanes(piece, width, budget),
+              ReductionLanes: lambda: _reduction_lanes(piece, width, budget)}
+    for kind in PLAN_KINDS:
+        chosen = makers[kind]()
+        if chosen is not None:
+            return chosen
+    return Scalar()
 
 
 MAX_LANE_STRIDE = 4   # a lane stride beyond this reads one element per cache line: not a lane
@@ -367,6 +405,184 @@ def _output_lanes(piece: Piece, width: int, budget: int) -> OutputLanes | None:
         return OutputLanes(lane, None, 1, min(vectors_max, budget // 3), nests)
     rows = balanced(index_range(block)[1] + 1, 4 if vectors_max >= 3 else 6)
     return OutputLanes(lane, block, rows, max(1, min(vectors_max, budget // rows)), nests)
+
+
+MIN_LANE_USE = 0.75       # channel lanes: the share of the panel's lanes that are real channels
+MIN_GEMM_DEPTH = 16       # channel lanes: products per output element that pay for the packing
+MAX_GEMM_DEPTH = 1 << 14  # ... and at most this many: a panel is the size of a weight, no more
+MIN_GEMM_ROWS = 4         # ... and rows per register block: fewer leave the loads the bottleneck
+
+
+def _channel_lanes(piece: Piece, width: int, registers: int) -> ChannelLanes | None:
+    """Channel lanes when some free index is read by one array per nest (packed), by no
+    other read (broadcast), by no bound or guard, and fills the vectors.  The register
+    block's rows run along the last free index when the summation is short enough to pack
+    whole (a convolution's forward and input gradient); along another free index the
+    broadcast reads use, with the summation packed chunk by chunk, when it is not (its
+    weight gradient, a sum over every position)."""
+    reads = _reads(piece)
+    if reads is None or len(piece.indices) < 2:
+        return None
+    in_bounds = set().union(*(_bound_symbols(n) for n in piece.nests))
+    candidates = []
+    for lane in piece.indices:
+        extent = index_range(lane)[1] + 1
+        vectors = ceil_div(extent, width)
+        if lane in in_bounds or extent < width or extent < MIN_LANE_USE * vectors * width:
+            continue
+        used = any(lane in c for _, _, coefficients in reads for c in coefficients)
+        if used and all(_packable(nest, read_list, coefficients, lane)
+                        for nest, (_, read_list, coefficients) in zip(piece.nests, reads)):
+            candidates.append(lane)
+    if not candidates:
+        return None
+    lane = max(candidates, key=lambda u: index_range(u)[1])
+    vectors = min(2, ceil_div(index_range(lane)[1] + 1, width))
+    most_rows = (registers - vectors - 2) // vectors
+    depth = sum(math.prod(_extent(loop.index) for loop in nest.loops) for nest in piece.nests)
+    block = piece.indices[-1]
+    if depth < MIN_GEMM_DEPTH:
+        return None
+    if depth <= MAX_GEMM_DEPTH and block != lane and _extent(block) >= MIN_GEMM_ROWS and \
+            not any(g.modulus and block in g.expr.free_symbols
+                    for n in piece.nests for g in n.guards):
+        nests = tuple(_longest_innermost(_padding_as_bounds(n, block, piece.indices), block)
+                      for n in piece.nests)
+        return ChannelLanes(lane, block, min(most_rows, _extent(block)), vectors, nests)
+    return _chunked_channel_lanes(piece, reads, lane, vectors, vectors * width, most_rows)
+
+
+def _extent(index) -> int:
+    lo, hi = index_range(index)
+    return hi - lo + 1
+
+
+GEMM_CHUNK = 512    # summation steps packed at a time: the chunk's panel stays in L1
+GEMM_TASKS = 8      # at least this many parallel tasks, where the rows allow
+
+
+def _chunked_channel_lanes(piece: Piece, reads, lane, vectors: int, span: int,
+                           most_rows: int) -> ChannelLanes | None:
+    """Channel lanes over a long summation: one nest whose loops form a box, cut into chunks
+    of about GEMM_CHUNK steps packed one at a time; the rows run along the longest free
+    index that only the broadcast reads use and no condition does."""
+    if len(piece.nests) != 1:
+        return None
+    nest = piece.nests[0]
+    loops = {loop.index for loop in nest.loops}
+    if not nest.loops or any(_loop_bound_symbols(loop) & loops for loop in nest.loops):
+        return None
+    (_, read_list, coefficients), = reads
+    packed = [c for c in coefficients if lane in c]
+    if nest.loops[-1].index not in packed[0]:
+        return None
+    conditions = set(_bound_symbols(nest))
+    for read in read_list:
+        if str(read.base.label) in nest.zero_outside:
+            for expr in in_range_exprs(read, nest_box(nest, piece.indices)):
+                conditions |= expr.free_symbols
+    options = [u for u in piece.indices if u != lane and u not in packed[0]
+               and u not in conditions and any(u in c for c in coefficients)
+               and _extent(u) >= MIN_GEMM_ROWS]
+    if not options:
+        return None
+    block = max(options, key=_extent)
+    rows = min(most_rows, _extent(block))
+    inner = _extent(nest.loops[-1].index)
+    segment = min(inner, GEMM_CHUNK)
+    chunk_rows = max(1, GEMM_CHUNK // inner) if inner < GEMM_CHUNK else 1
+    blocks = ceil_div(_extent(block), rows)
+    lane_blocks = ceil_div(_extent(lane), span)
+    groups = min(blocks, ceil_div(GEMM_TASKS, lane_blocks))
+    group = rows * ceil_div(blocks, groups)
+    chunking = Chunking(chunk_rows, segment, group)
+    return ChannelLanes(lane, block, rows, vectors,
+                        (_padding_as_bounds(nest, block, piece.indices),), chunking)
+
+
+def in_range_exprs(access: sympy.Indexed, box=None) -> list[sympy.Expr]:
+    """Affine expressions, all >= 0 exactly when every index of the access is in range
+    (with a box: only those that can fail somewhere in it)."""
+    exprs = []
+    for position, extent in zip(access.indices, access.base.shape):
+        num = integer_form(position)[0]
+        for expr in (num, int(extent) - 1 - num):
+            if box is None or value_range(expr, box)[0] < 0:
+                exprs.append(expr)
+    return exprs
+
+
+def _padding_as_bounds(nest: LoopNest, block, free) -> LoopNest:
+    """Where a zero-padded read leaves its array because a loop index runs past an edge (the
+    innermost loop of the condition; the condition not on the rows' index), that loop stops
+    at the edge instead of testing each step: the products beyond it are zero."""
+    depth_of = {loop.index: d for d, loop in enumerate(nest.loops)}
+    box = nest_box(nest, free)
+    added = {loop.index: ([], []) for loop in nest.loops}
+    for read in accesses(nest.body):
+        if str(read.base.label) not in nest.zero_outside:
+            continue
+        for expr in in_range_exprs(read, box):
+            inner = [v for v in expr.free_symbols if v in depth_of]
+            if block in expr.free_symbols or not inner:
+                continue
+            v = max(inner, key=depth_of.get)
+            added[v][int(linear_parts(expr)[0][v]) < 0].append(_as_bound(expr, v))
+    loops = tuple(replace(loop, lower=loop.lower + tuple(added[loop.index][0]),
+                          upper=loop.upper + tuple(added[loop.index][1]))
+                  for loop in nest.loops)
+    return replace(nest, loops=loops)
+
+
+def _as_bound(expr, v) -> Bound:
+    """``expr >= 0`` as a bound on ``v``: a lower one ``v >= ceil(-rest / a)`` for a positive
+    coefficient ``a``, an upper one ``v <= floor(rest / -a)`` for a negative one."""
+    a = int(linear_parts(expr)[0][v])
+    rest = sympy.expand(expr - a * v)
+    return Bound(-rest, a) if a > 0 else Bound(rest, -a)
+
+
+def padding_bound(expr, nest: LoopNest) -> bool:
+    """Whether ``expr >= 0`` is one of the nest's loop bounds (see _padding_as_bounds)."""
+    for loop in nest.loops:
+        a = linear_parts(expr)[0].get(loop.index, 0)
+        if a and _as_bound(expr, loop.index) in (loop.lower if a > 0 else loop.upper):
+            return True
+    return False
+
+
+def _longest_innermost(nest: LoopNest, block) -> LoopNest:
+    """The nest with its longest loop moved innermost, if no other loop's bounds use it and its
+    own use no loop or the block's rows: the register block's inner loop then runs long (a
+    convolution's input channels, not its 3 taps), its loop overhead spread over more
+    steps.  The summation order changes, not the sum."""
+    indices = {loop.index for loop in nest.loops}
+    movable = [loop for loop in nest.loops
+               if not (_loop_bound_symbols(loop) & (indices | {block}))
+               and not any(loop.index in _loop_bound_symbols(other) for other in nest.loops)]
+    if not movable:
+        return nest
+    longest = max(movable, key=lambda loop: index_range(loop.index)[1] - index_range(loop.index)[0])
+    loops = tuple(loop for loop in nest.loops if loop is not longest) + (longest,)
+    return LoopNest(nest.guards, loops, nest.body, nest.zero_outside)
+
+
+def _loop_bound_symbols(loop) -> set:
+    return set().union(*(b.num.free_symbols for b in (*loop.lower, *loop.upper)))
+
+
+def _packable(nest: LoopNest, read_list, coefficients, lane) -> bool:
+    """Whether at most one read of a nest uses ``lane``, that read depends on nothing but the
+    lane and the nest's loops and is not zero-padded, and no other read uses the lane."""
+    loops = {loop.index for loop in nest.loops}
+    users = [(read, c) for read, c in zip(read_list, coefficients) if lane in c]
+    if len(users) > 1:
+        return False
+    if users:
+        read, c = users[0]
+        if set(c) - loops - {lane} or str(read.base.label) in nest.zero_outside:
+            return False
+    return True
 
 
 def _lane_conditions_outermost(nest: LoopNest, lane) -> LoopNest:
@@ -433,6 +649,13 @@ def _reduction_lanes(piece: Piece, width: int, budget: int) -> ReductionLanes | 
 def describe(piece: Piece, chosen: Plan) -> str:
     """One line for the C comment above a piece."""
     where = f"phase {piece.note}: " if piece.note else ""
+    if isinstance(chosen, ChannelLanes):
+        chunks = chosen.chunking
+        packed = "" if chunks is None else \
+            f" packed {chunks.rows * chunks.segment} summation steps at a time"
+        return (f"{where}implicit GEMM: vector lanes along {chosen.lane.label} (panels of "
+                f"{chosen.vectors} vectors{packed}), {chosen.rows} rows of {chosen.block.label} "
+                f"broadcast per register block")
     if isinstance(chosen, OutputLanes):
         rows = f", {chosen.rows} rows of {chosen.block.label}" if chosen.block is not None else ""
         return (f"{where}vector lanes along {chosen.lane.label} ({chosen.vectors} vectors"

@@ -13,6 +13,7 @@ from ..symbolic.affine import c_order_strides, ceil_div, integer_form, linear_pa
 from ..symbolic.ir import IndexSum, index_range
 from ..symbolic.lowering import Bound, LoopNest, nest_box, value_range
 from . import schedule
+from .schedule import in_range_exprs
 from .c import (C_TYPES, Writer, bound_text, c_affine, condition_text,
                 fold, omp_parallel, omp_schedule, output_offset, parallel, threaded, work)
 from .isa import Simd
@@ -32,18 +33,6 @@ class _Reads:
             offset = sympy.expand(sum(stride * integer_form(p)[0]
                                       for stride, p in zip(strides, access.indices)))
             self.items.append((access, offset, str(access.base.label) in nest.zero_outside))
-
-
-def _in_range_exprs(access: sympy.Indexed, box=None) -> list[sympy.Expr]:
-    """Affine expressions, all >= 0 exactly when every index of the access is in range
-    (with a box: only those that can fail somewhere in it)."""
-    exprs = []
-    for position, extent in zip(access.indices, access.base.shape):
-        num = integer_form(position)[0]
-        for expr in (num, int(extent) - 1 - num):
-            if box is None or value_range(expr, box)[0] < 0:
-                exprs.append(expr)
-    return exprs
 
 
 def _padded_mask(simd: "Simd", exprs, lane, lane_value, replace, base: str) -> str:
@@ -71,13 +60,13 @@ class _BlockShape:
     masked: bool
 
 
-def _lane_interior(chosen: schedule.OutputLanes, piece: schedule.Piece) -> tuple[int, int]:
-    """The lanes whose every lane-dependent condition (loop bounds, guards, padded reads)
-    holds for all values of every other index: there, blocks need no masks."""
-    lane = chosen.lane
+def interior(nests, indices, lane) -> tuple[int, int]:
+    """The values of ``lane`` (a free index) for which every condition depending on it (loop
+    bounds, guards, padded reads) holds for all values of every other index: there, blocks
+    need no masks or tests."""
     low, high = 0, index_range(lane)[1]
-    for nest in chosen.nests:
-        box = nest_box(nest, piece.indices)
+    for nest in nests:
+        box = nest_box(nest, indices)
         exprs = []
         for loop in nest.loops:
             exprs += [b.den * _ceil_const(loop.lower[0]) - b.num
@@ -87,7 +76,7 @@ def _lane_interior(chosen: schedule.OutputLanes, piece: schedule.Piece) -> tuple
         exprs += [g.expr for g in nest.guards if _depends(g.expr, lane)]
         for access, _, padded in _Reads(nest).items:
             if padded:
-                exprs += [e for e in _in_range_exprs(access, box) if _depends(e, lane)]
+                exprs += [e for e in in_range_exprs(access, box) if _depends(e, lane)]
         for expr in exprs:
             num, _ = integer_form(expr)
             coefficients, _ = linear_parts(num)
@@ -145,7 +134,7 @@ def emit_output_lanes(out: Writer, fn: IndexSum, piece: schedule.Piece,
                 (1, False): _BlockShape(single_rows, 1, False),
                 (1, True): _BlockShape(single_rows, 1, True)}
     runs = _lane_runs(index_range(lane)[1] + 1, simd.width, chosen.vectors,
-                      _lane_interior(chosen, piece))
+                      interior(chosen.nests, piece.indices, chosen.lane))
 
     parallel(out, outer, work(chosen.nests, piece.indices))
     for idx in outer:
@@ -173,7 +162,7 @@ def _ceil_const(bound: Bound) -> int:
     return ceil_div(int(bound.num), bound.den)
 
 
-def _over_lanes(bounds, lane, block, span: int, is_lower: bool) -> list[Bound]:
+def over_lanes(bounds, lane, block, span: int, is_lower: bool) -> list[Bound]:
     """Each lane-dependent bound relaxed to hold for the lanes lane .. lane + span - 1 of a
     block: a lower bound at the lane where it is least, an upper one where it is greatest.
     So a loop whose range moves with the lane runs over the union of the lanes' ranges (one
@@ -226,7 +215,7 @@ def _output_lane_block(out, fn, piece, chosen, simd, block_shape: _BlockShape) -
         # masks (edge path only): domain = lanes inside the bounds so far (blended);
         # loads[a] = lanes that may read access a (valid, in the domain, inside padding)
         domain: list[str] | None = None
-        lane_padding = {a: [e for e in _in_range_exprs(access, box) if _depends(e, lane)]
+        lane_padding = {a: [e for e in in_range_exprs(access, box) if _depends(e, lane)]
                         for a, (access, _, padded) in enumerate(reads.items) if padded}
         loads: dict[int, list[str]] = {}
         nest_loops = _NestLoops(nest, number, reads, lane_padding, lane, block,
@@ -335,8 +324,8 @@ def _emit_lane_loops(out, simd, loops: _NestLoops, lane_at, masked: bool, depth:
     keep_low = [b for b in loop.lower if not _depends(b.num, lane)]
     keep_high = [b for b in loop.upper if not _depends(b.num, lane)]
     if masked:      # the masks decide per lane; the loop covers the block's lanes
-        keep_low += _over_lanes(loop.lower, lane, loops.block, loops.span, True)
-        keep_high += _over_lanes(loop.upper, lane, loops.block, loops.span, False)
+        keep_low += over_lanes(loop.lower, lane, loops.block, loops.span, True)
+        keep_high += over_lanes(loop.upper, lane, loops.block, loops.span, False)
     bands = [(keep_low, keep_high, trusted)]
     if masked and depth == loops.split_depth:
         lows, highs = loops.band(lane_at[0])
@@ -432,7 +421,7 @@ def _accumulate_output_lanes(out, reads: _Reads, chosen, simd: Simd, accs, row_v
         name = str(access.base.label)
         stride = int(linear_parts(offset)[0].get(lane, 0))
         # index conditions of a zero-padded read that do not depend on the lane: one test
-        scalar_checks = [e for e in _in_range_exprs(access, box) if not _depends(e, lane)] \
+        scalar_checks = [e for e in in_range_exprs(access, box) if not _depends(e, lane)] \
             if padded else []
         if stride == 0:
             targets = range(rows) if block is not None and _depends(offset, block) else [None]
@@ -445,7 +434,7 @@ def _accumulate_output_lanes(out, reads: _Reads, chosen, simd: Simd, accs, row_v
                                        for e in scalar_checks)
                     load = f"(({test}) ? {load} : 0)"
                 if constant != 1:
-                    load = f"{_number(constant, ctype)}*{load}"
+                    load = f"{number_text(constant, ctype)}*{load}"
                 vector = f"sc_v{number}_{r if r is not None else 'x'}"
                 out.line(f"const {simd.vec} {vector} = {simd.set1(load)};")
                 (per_row[r] if r is not None else shared).append(vector)
@@ -464,7 +453,7 @@ def _accumulate_output_lanes(out, reads: _Reads, chosen, simd: Simd, accs, row_v
     scale = None
     if constant != 1:
         scale = "sc_scale"
-        out.line(f"const {simd.vec} sc_scale = {simd.set1(_number(constant, ctype))};")
+        out.line(f"const {simd.vec} sc_scale = {simd.set1(number_text(constant, ctype))};")
     for r in range(rows):
         for q in range(vectors):
             factors = shared + per_row[r] + per_vector[q] + ([scale] if scale else [])
@@ -472,7 +461,7 @@ def _accumulate_output_lanes(out, reads: _Reads, chosen, simd: Simd, accs, row_v
             out.line(f"{acc} = {simd.accumulate(acc, factors, domain[q] if domain else None)};")
 
 
-def _number(value, ctype: str) -> str:
+def number_text(value, ctype: str) -> str:
     suffix = "f" if ctype == "float" else ""
     return f"(({ctype})({float(value)!r}{suffix}))" if not value.is_Integer else f"(({ctype}){int(value)})"
 
@@ -568,7 +557,7 @@ def emit_reduction_lanes(out: Writer, fn: IndexSum, piece: schedule.Piece,
     for access, offset, padded in reads.items:
         if not padded:
             continue
-        for expr in _in_range_exprs(access, box):
+        for expr in in_range_exprs(access, box):
             coefficients, _ = linear_parts(expr)
             c = int(coefficients.get(lane, 0))
             rows = [u for u in block_indices if u in coefficients]
@@ -699,7 +688,7 @@ def _accumulate_reduction(out, reads: _Reads, chosen, simd: Simd, accs, row_vars
                 m = mask
                 if mask is not None and padded:
                     replace = {mine[0]: row_vars[mine[0]][r]} if mine else {}
-                    m = _padded_mask(simd, _in_range_exprs(access, box), lane, lane, replace, mask)
+                    m = _padded_mask(simd, in_range_exprs(access, box), lane, lane, replace, mask)
                 base = f"sc_b{number}_{r if r is not None else 'x'}"
                 pointer = f"{base} + {lane}" if stride == 1 else f"{base} + {stride}*{lane}"
                 out.line(f"const {simd.vec} {vector} = {simd.load(pointer, stride, m)};")
@@ -708,7 +697,7 @@ def _accumulate_reduction(out, reads: _Reads, chosen, simd: Simd, accs, row_vars
     scale = None
     if reads.constant != 1:
         scale = "sc_scale"
-        out.line(f"const {simd.vec} sc_scale = {simd.set1(_number(reads.constant, ctype))};")
+        out.line(f"const {simd.vec} sc_scale = {simd.set1(number_text(reads.constant, ctype))};")
     for combo, acc in accs.items():
         rows = dict(zip(blocks, combo))
         factors = [names[(u, rows[u])] if u is not None else names[None] for u, names in loaded]

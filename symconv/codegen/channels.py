@@ -1,0 +1,451 @@
+"""Vector code for the channel-lane plan of codegen.schedule, an implicit GEMM.
+
+Per call, the read that uses the lane index (a convolution's weight) is packed into
+aligned panels: ``panel[lane block][its loops...][lane]``, times the nest's constant.  A
+register block is ``rows`` consecutive positions x ``vectors`` vectors of lanes; at each
+step of the summation loops it loads the vectors once and broadcasts one scalar per row
+from every other read, ``rows x vectors`` FMAs for ``vectors`` loads and ``rows``
+broadcasts.  Positions where a bound, a guard or a zero-padded read depends on the row
+take guarded blocks (a scalar test per row); the interior takes blocks with no test.  The
+block is stored through a small tile, transposed into the output's order.  If the panels
+cannot be allocated, the piece runs its plain loop nest instead.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import sympy
+
+from ..symbolic.affine import ceil_div
+from ..symbolic.ir import IndexSum, index_range
+from ..symbolic.lowering import LoopNest, nest_box
+from . import schedule
+from .c import (C_TYPES, BodyPrinter, Writer, bound_text, c_affine, condition_text,
+                emit_scalar_piece, flat_offset, omp_parallel, omp_schedule, output_offset,
+                threaded, work)
+from .isa import Simd
+from .schedule import in_range_exprs
+from .vector import interior, number_text, over_lanes
+
+
+def _depends(expr, symbol) -> bool:
+    return symbol in sympy.sympify(expr).free_symbols
+
+
+def _extent(index) -> int:
+    lo, hi = index_range(index)
+    return hi - lo + 1
+
+
+@dataclass(frozen=True)
+class _Nest:
+    """One nest of the piece as the block reads it: the packed read (if any) and the loops
+    its panel runs over, the broadcast reads, and the conditions that depend on the row
+    index (``row_exprs``: each ``>= 0``) or not (``hoisted``: by loop depth)."""
+
+    number: int
+    nest: LoopNest
+    packed: sympy.Indexed | None
+    constant: sympy.Expr
+    dims: tuple[sympy.Idx, ...]
+    broadcast: tuple[sympy.Indexed, ...]
+    hoisted: dict[int, tuple[sympy.Expr, ...]]
+    row_exprs: tuple[sympy.Expr, ...]
+
+    @property
+    def panel(self) -> str:
+        return f"sc_panel{self.number}"
+
+    def panel_size(self, span: int) -> int:
+        """Elements of one lane block's panel."""
+        return math.prod(_extent(d) for d in self.dims) * span
+
+    def panel_offset(self, span: int) -> sympy.Expr:
+        """Where the panel's vectors for the current loop values start, in a lane block."""
+        offset, stride = sympy.Integer(0), span
+        for d in reversed(self.dims):
+            offset += (d - index_range(d)[0]) * stride
+            stride *= _extent(d)
+        return sympy.expand(offset)
+
+
+def _nests(piece: schedule.Piece, chosen: schedule.ChannelLanes) -> list[_Nest]:
+    lane, block = chosen.lane, chosen.block
+    found = []
+    for number, nest in enumerate(chosen.nests):
+        constant, reads = schedule.factors(nest.body)
+        packed = next((r for r in reads if any(_depends(p, lane) for p in r.indices)), None)
+        broadcast = tuple(r for r in reads if r is not packed)
+        dims = tuple(loop.index for loop in nest.loops
+                     if packed is not None and any(_depends(p, loop.index)
+                                                   for p in packed.indices))
+        depth_of = {loop.index: d for d, loop in enumerate(nest.loops, start=1)}
+        box = nest_box(nest, piece.indices)
+        hoisted: dict[int, list] = {}
+        row_exprs = [g.expr for g in nest.guards if _depends(g.expr, block)]
+        for read in broadcast:
+            if str(read.base.label) not in nest.zero_outside:
+                continue
+            for expr in in_range_exprs(read, box):
+                if schedule.padding_bound(expr, nest):
+                    continue
+                if _depends(expr, block):
+                    row_exprs.append(expr)
+                else:
+                    level = max((depth_of.get(s, 0) for s in expr.free_symbols), default=0)
+                    hoisted.setdefault(level, []).append(expr)
+        for loop in nest.loops:
+            row_exprs += [b.den * loop.index - b.num for b in loop.lower if _depends(b.num, block)]
+            row_exprs += [b.num - b.den * loop.index for b in loop.upper if _depends(b.num, block)]
+        found.append(_Nest(number, nest, packed, constant, dims, broadcast,
+                           {k: tuple(v) for k, v in hoisted.items()}, tuple(row_exprs)))
+    return found
+
+
+def _block_runs(extent: int, rows: int,
+                inside: tuple[int, int]) -> list[tuple[int, int, int, bool]]:
+    """Cover positions 0..extent-1 exactly with runs (start, count, rows, guarded) of equal
+    blocks: guarded ones below the interior, unguarded ones inside it, guarded ones above;
+    each part in blocks of ``rows`` and one shorter block for its rest."""
+    low, high = inside
+    parts = [(0, extent, True)] if low > high else \
+        [(0, low, True), (low, high + 1, False), (high + 1, extent, True)]
+    runs = []
+    for start, stop, guarded in parts:
+        full, rest = divmod(max(stop - start, 0), rows)
+        if full:
+            runs.append((start, full, rows, guarded))
+        if rest:
+            runs.append((start + full * rows, 1, rest, guarded))
+    return runs
+
+
+def emit_channel_lanes(out: Writer, fn: IndexSum, piece: schedule.Piece,
+                       chosen: schedule.ChannelLanes, simd: Simd) -> None:
+    """Pack the panels, then every output block by the plan (see the module text)."""
+    lane, ctype = chosen.lane, C_TYPES[simd.dtype]
+    span = chosen.vectors * simd.width
+    lane_blocks = ceil_div(_extent(lane), span)
+    nests = _nests(piece, chosen)
+    packed = [n for n in nests if n.packed is not None]
+    if chosen.chunking is not None:
+        _emit_chunked(out, fn, piece, chosen, simd, nests[0], lane_blocks)
+        return
+    for n in packed:
+        out.line(f"{ctype} *const {n.panel} = sc_alloc({lane_blocks * n.panel_size(span)} * "
+                 f"sizeof({ctype}));")
+    out.open(f"if ({' && '.join(n.panel for n in packed)})")
+    for n in packed:
+        _emit_pack(out, n, lane, span, lane_blocks, simd.dtype)
+    _emit_blocks(out, fn, piece, chosen, simd, nests, lane_blocks)
+    out.close()
+    out.open("else")
+    emit_scalar_piece(out, fn, piece, simd.dtype)
+    out.close()
+    for n in packed:
+        out.line(f"sc_free({n.panel});")
+
+
+def _emit_pack(out: Writer, n: _Nest, lane, span: int, lane_blocks: int, dtype: str) -> None:
+    """panel[lane block][dims...][lane] = constant x the read (0 past the last lane)."""
+    out.open(f"for (int64_t sc_lb = 0; sc_lb < {lane_blocks}; ++sc_lb)")
+    for d in n.dims:
+        lo, hi = index_range(d)
+        out.open(f"for (int64_t {d.label} = {lo}; {d.label} <= {hi}; ++{d.label})")
+    out.open(f"for (int64_t sc_l = 0; sc_l < {span}; ++sc_l)")
+    out.line(f"const int64_t {lane.label} = sc_lb * {span} + sc_l;")
+    value = BodyPrinter(dtype).doprint(n.constant * n.packed)
+    at = f"sc_lb * {n.panel_size(span)} + {c_affine(n.panel_offset(span))} + sc_l"
+    out.line(f"{n.panel}[{at}] = {lane.label} <= {index_range(lane)[1]} ? {value} : 0;")
+    for _ in (*n.dims, None, None):
+        out.close()
+
+
+def _emit_blocks(out: Writer, fn: IndexSum, piece: schedule.Piece,
+                 chosen: schedule.ChannelLanes, simd: Simd, nests: list[_Nest],
+                 lane_blocks: int) -> None:
+    lane, block = chosen.lane, chosen.block
+    span = chosen.vectors * simd.width
+    outer = [i for i in piece.indices if i not in (lane, block)]
+    if threaded(out, work(piece.nests, piece.indices)):
+        tasks = math.prod(_extent(i) for i in outer) * lane_blocks
+        omp_parallel(out, f"parallel for collapse({len(outer) + 1}) {omp_schedule(tasks)}")
+    for idx in outer:
+        lo, hi = index_range(idx)
+        out.open(f"for (int64_t {idx.label} = {lo}; {idx.label} <= {hi}; ++{idx.label})")
+    out.open(f"for (int64_t sc_lb = 0; sc_lb < {lane_blocks}; ++sc_lb)")
+    for n in nests:
+        if n.packed is not None:
+            out.line(f"const {C_TYPES[simd.dtype]} *const sc_p{n.number} = "
+                     f"{n.panel} + sc_lb * {n.panel_size(span)};")
+    inside = interior(chosen.nests, piece.indices, block)
+    for first, count, rows, guarded in _block_runs(_extent(block), chosen.rows, inside):
+        last = first + (count - 1) * rows
+        out.open(f"for (int64_t {block.label} = {first}; {block.label} <= {last}; "
+                 f"{block.label} += {rows})")
+        _emit_block(out, fn, piece, chosen, simd, nests, rows, guarded)
+        out.close()
+    out.close()
+    for _ in outer:
+        out.close()
+
+
+def _emit_block(out: Writer, fn: IndexSum, piece: schedule.Piece,
+                chosen: schedule.ChannelLanes, simd: Simd, nests: list[_Nest], rows: int,
+                guarded: bool) -> None:
+    """One register block: rows ``block`` .. ``block + rows - 1`` x the lane block
+    ``sc_lb``; ``guarded``: each row tests the conditions that depend on it."""
+    block, vectors = chosen.block, chosen.vectors
+    accs = [[f"sc_a{r}_{v}" for v in range(vectors)] for r in range(rows)]
+    out.open()
+    out.line(f"{simd.vec} " + ", ".join(f"{a} = {simd.zero()}" for row in accs for a in row)
+             + ";")
+    for n in nests:
+        opened = 0
+        guards = [g for g in n.nest.guards if not _depends(g.expr, block)]
+        tests = [condition_text(g) for g in guards] + \
+            [f"({c_affine(e)}) >= 0" for e in n.hoisted.get(0, ())]
+        if tests:
+            out.open(f"if ({' && '.join(f'({t})' for t in tests)})")
+            opened += 1
+        for depth, loop in enumerate(n.nest.loops, start=1):
+            var = str(loop.index.label)
+            low = [b for b in loop.lower if not _depends(b.num, block)]
+            high = [b for b in loop.upper if not _depends(b.num, block)]
+            if guarded:
+                low += over_lanes(loop.lower, block, None, rows, True)
+                high += over_lanes(loop.upper, block, None, rows, False)
+            if depth == len(n.nest.loops):
+                # unrolled, GCC shares broadcasts between steps and runs out of registers
+                out.line("#pragma GCC unroll 1")
+            out.open(f"for (int64_t {var} = {bound_text(low, True)}; {var} <= "
+                     f"{bound_text(high, False)}; ++{var})")
+            opened += 1
+            if n.hoisted.get(depth):
+                out.open(f"if ({' && '.join(f'({c_affine(e)}) >= 0' for e in n.hoisted[depth])})")
+                opened += 1
+        _emit_products(out, n, chosen, simd, accs, rows, guarded,
+                       c_affine(n.panel_offset(chosen.vectors * simd.width)))
+        for _ in range(opened):
+            out.close()
+    _emit_store(out, fn, piece, chosen, simd, accs, rows)
+    out.close()
+
+
+def _emit_products(out: Writer, n: _Nest, chosen: schedule.ChannelLanes, simd: Simd,
+                   accs, rows: int, guarded: bool, at: str) -> None:
+    """The innermost step: the panel's vectors (from ``sc_p<nest> + at``), one broadcast per
+    row, the products added."""
+    block, vectors, width = chosen.block, chosen.vectors, simd.width
+    ctype = C_TYPES[simd.dtype]
+    weights = []
+    if n.packed is not None:
+        for v in range(vectors):
+            name = f"sc_w{n.number}_{v}"
+            load = simd.load(f"sc_p{n.number} + {at} + {v * width}", 1, None)
+            out.line(f"const {simd.vec} {name} = {load};")
+            weights.append(name)
+    tested = guarded and bool(n.row_exprs)
+    if not n.broadcast and not tested:
+        for r in range(rows):
+            for v in range(vectors):
+                out.line(f"{accs[r][v]} = {simd.add(accs[r][v], weights[v])};")
+        return
+    per_row = tested or any(_depends(p, block) for read in n.broadcast for p in read.indices)
+    for r in range(rows):
+        # each row's broadcast just before its products: the block's live registers stay
+        # its accumulators, the panel's vectors and one broadcast
+        if per_row or r == 0:
+            here = {block: block + r}
+            factors = [f"{read.base.label}[{flat_offset(read.xreplace(here))}]"
+                       for read in n.broadcast]
+            if n.packed is None and n.constant != 1:
+                factors.append(number_text(n.constant, ctype))
+            value = "*".join(factors) if factors else f"(({ctype})1)"
+            if tested:
+                conds = [f"({c_affine(sympy.expand(e.xreplace(here)))}) >= 0"
+                         for e in n.row_exprs]
+                value = f"(({' && '.join(conds)}) ? {value} : 0)"
+            out.line(f"const {simd.vec} sc_s{n.number}_{r} = {simd.set1(value)};")
+        scalar = f"sc_s{n.number}_{r if per_row else 0}"
+        for v in range(vectors):
+            acc = accs[r][v]
+            out.line(f"{acc} = "
+                     f"{simd.fma(scalar, weights[v], acc) if weights else simd.add(acc, scalar)};")
+
+
+def _emit_store(out: Writer, fn: IndexSum, piece: schedule.Piece,
+                chosen: schedule.ChannelLanes, simd: Simd, accs, rows: int) -> None:
+    """The block through a tile: lanes to their channels, rows to their positions."""
+    lane, block, vectors, width = chosen.lane, chosen.block, chosen.vectors, simd.width
+    ctype, span = C_TYPES[simd.dtype], chosen.vectors * simd.width
+    out.line(f"{ctype} sc_tile[{rows}][{span}] __attribute__((aligned(64)));")
+    for r in range(rows):
+        for v in range(vectors):
+            out.line(simd.store(f"&sc_tile[{r}][{v * width}]", accs[r][v], None))
+    out.line(f"const int64_t sc_lanes = sc_min({span}, {_extent(lane)} - sc_lb * {span});")
+    out.open("for (int64_t sc_l = 0; sc_l < sc_lanes; ++sc_l)")
+    out.line(f"const int64_t {lane.label} = sc_lb * {span} + sc_l;")
+    offset = output_offset(fn, piece)
+    for r in range(rows):
+        at = c_affine(sympy.expand(offset.xreplace({block: block + r})))
+        store = f"{fn.output.name}[{at}] = sc_tile[{r}][sc_l];"
+        out.line(store)
+    out.close()
+
+
+def _emit_chunked(out: Writer, fn: IndexSum, piece: schedule.Piece,
+                  chosen: schedule.ChannelLanes, simd: Simd, n: _Nest, lane_blocks: int) -> None:
+    """The chunked form (schedule.Chunking): per task (a lane block x a group of rows), for
+    each chunk of the summation in order, pack the chunk's panel, then add every register
+    block's products over the chunk into the task's tile; the tile goes to the output at the
+    end.  Each thread has its own tile and panel, allocated up front."""
+    lane, block, chunking = chosen.lane, chosen.block, chosen.chunking
+    ctype, span, rows = C_TYPES[simd.dtype], chosen.vectors * simd.width, chosen.rows
+    outer, inner = n.nest.loops[:-1], n.nest.loops[-1]
+    total_rows = math.prod(_extent(loop.index) for loop in outer)
+    segments = ceil_div(_extent(inner.index), chunking.segment)
+    chunks = ceil_div(total_rows, chunking.rows) * segments
+    others = [i for i in piece.indices if i not in (lane, block)]
+    tile_size = math.prod(_extent(i) for i in others) * chunking.group * span
+    per_thread = tile_size + chunking.rows * chunking.segment * span
+    groups = ceil_div(_extent(block), chunking.group)
+    parallel = threaded(out, work(piece.nests, piece.indices))
+    out.line(f"{ctype} *const sc_work = sc_alloc((size_t)(sc_threads > 1 ? sc_threads : 1) * "
+             f"{per_thread} * sizeof({ctype}));")
+    out.open("if (sc_work)")
+    if parallel:
+        omp_parallel(out, f"parallel for collapse(2) {omp_schedule(lane_blocks * groups)}")
+    out.open(f"for (int64_t sc_lb = 0; sc_lb < {lane_blocks}; ++sc_lb)")
+    out.open(f"for (int64_t sc_g = 0; sc_g < {groups}; ++sc_g)")
+    worker = "(size_t)omp_get_thread_num()" if parallel else "0"
+    out.line(f"{ctype} *const sc_tile = sc_work + {worker} * {per_thread};")
+    out.line(f"{ctype} *const sc_p{n.number} = sc_tile + {tile_size};")
+    out.line(f"const int64_t sc_b0 = sc_g * {chunking.group}, "
+             f"sc_b1 = sc_min(sc_b0 + {chunking.group}, {_extent(block)});")
+    out.line(f"for (int64_t sc_e = 0; sc_e < {tile_size}; ++sc_e) sc_tile[sc_e] = 0;")
+    out.open(f"for (int64_t sc_chunk = 0; sc_chunk < {chunks}; ++sc_chunk)")
+    out.line(f"const int64_t sc_r0 = (sc_chunk / {segments}) * {chunking.rows}, "
+             f"sc_r1 = sc_min(sc_r0 + {chunking.rows}, {total_rows});")
+    lo, hi = index_range(inner.index)
+    out.line(f"const int64_t sc_s0 = {lo} + (sc_chunk % {segments}) * {chunking.segment}, "
+             f"sc_s1 = sc_min(sc_s0 + {chunking.segment - 1}, {hi});")
+    panel_at = f"((sc_r - sc_r0) * {chunking.segment} + {inner.index.label} - sc_s0) * {span}"
+    # pack the chunk
+    out.open("for (int64_t sc_r = sc_r0; sc_r < sc_r1; ++sc_r)")
+    _decode_rows(out, outer)
+    out.open(f"for (int64_t {inner.index.label} = sc_s0; {inner.index.label} <= sc_s1; "
+             f"++{inner.index.label})")
+    out.open(f"for (int64_t sc_l = 0; sc_l < {span}; ++sc_l)")
+    out.line(f"const int64_t {lane.label} = sc_lb * {span} + sc_l;")
+    value = BodyPrinter(simd.dtype).doprint(n.constant * n.packed)
+    out.line(f"sc_p{n.number}[{panel_at} + sc_l] = {lane.label} <= {index_range(lane)[1]} ? "
+             f"{value} : 0;")
+    out.close()
+    out.close()
+    out.close()
+    # every register block of the task over the chunk
+    for idx in others:
+        lo_, hi_ = index_range(idx)
+        out.open(f"for (int64_t {idx.label} = {lo_}; {idx.label} <= {hi_}; ++{idx.label})")
+    tests = [condition_text(g) for g in n.nest.guards] + \
+        [f"({c_affine(e)}) >= 0" for e in n.hoisted.get(0, ())]
+    if tests:
+        out.open(f"if ({' && '.join(f'({t})' for t in tests)})")
+    other_at = sympy.Integer(0)
+    stride = 1
+    for idx in reversed(others):
+        other_at += (idx - index_range(idx)[0]) * stride
+        stride *= _extent(idx)
+    tile_at = (f"(({c_affine(sympy.expand(other_at))}) * {chunking.group} + {block.label} - "
+               f"sc_b0) * {span}")
+    out.line(f"int64_t {block.label} = sc_b0;")
+    out.open(f"for (; {block.label} + {rows} <= sc_b1; {block.label} += {rows})")
+    _emit_chunk_block(out, chosen, simd, n, rows, tile_at, panel_at)
+    out.close()
+    rest = _extent(block) % rows
+    if rest:
+        out.open(f"if ({block.label} < sc_b1)")
+        _emit_chunk_block(out, chosen, simd, n, rest, tile_at, panel_at)
+        out.close()
+    if tests:
+        out.close()
+    for _ in others:
+        out.close()
+    out.close()    # chunks
+    # the tile to the output
+    for idx in others:
+        lo_, hi_ = index_range(idx)
+        out.open(f"for (int64_t {idx.label} = {lo_}; {idx.label} <= {hi_}; ++{idx.label})")
+    out.open(f"for (int64_t {block.label} = sc_b0; {block.label} < sc_b1; ++{block.label})")
+    out.line(f"const int64_t sc_lanes = sc_min({span}, {_extent(lane)} - sc_lb * {span});")
+    out.open("for (int64_t sc_l = 0; sc_l < sc_lanes; ++sc_l)")
+    out.line(f"const int64_t {lane.label} = sc_lb * {span} + sc_l;")
+    out.line(f"{fn.output.name}[{c_affine(output_offset(fn, piece))}] = "
+             f"sc_tile[{tile_at} + sc_l];")
+    out.close()
+    out.close()
+    for _ in others:
+        out.close()
+    out.close()    # groups
+    out.close()    # lane blocks
+    out.close()    # if (sc_work)
+    out.open("else")
+    emit_scalar_piece(out, fn, piece, simd.dtype)
+    out.close()
+    out.line("sc_free(sc_work);")
+
+
+def _decode_rows(out: Writer, outer) -> None:
+    """The outer loops' values at flattened row ``sc_r`` (the last loop fastest)."""
+    radix = 1
+    for loop in reversed(outer):
+        lo, _ = index_range(loop.index)
+        out.line(f"const int64_t {loop.index.label} = {lo} + (sc_r / {radix}) % "
+                 f"{_extent(loop.index)};")
+        radix *= _extent(loop.index)
+
+
+def _emit_chunk_block(out: Writer, chosen: schedule.ChannelLanes, simd: Simd, n: _Nest,
+                      rows: int, tile_at: str, panel_at: str) -> None:
+    """One register block over the chunk's rows: accumulators from the tile and back."""
+    vectors, width = chosen.vectors, simd.width
+    accs = [[f"sc_a{r}_{v}" for v in range(vectors)] for r in range(rows)]
+    out.open()
+    for r in range(rows):
+        for v in range(vectors):
+            load = simd.load(f"sc_tile + {tile_at} + {(r * vectors + v) * width}", 1, None)
+            out.line(f"{simd.vec} {accs[r][v]} = {load};")
+    outer, inner = n.nest.loops[:-1], n.nest.loops[-1]
+    out.open("for (int64_t sc_r = sc_r0; sc_r < sc_r1; ++sc_r)")
+    _decode_rows(out, outer)
+    tests = []
+    for depth, loop in enumerate(outer, start=1):
+        if len(loop.lower) > 1 or len(loop.upper) > 1:
+            var = loop.index.label
+            tests.append(f"{var} >= {bound_text(loop.lower, True)} && "
+                         f"{var} <= {bound_text(loop.upper, False)}")
+        tests += [f"({c_affine(e)}) >= 0" for e in n.hoisted.get(depth, ())]
+    if tests:
+        out.open(f"if ({' && '.join(f'({t})' for t in tests)})")
+    var = inner.index.label
+    out.line("#pragma GCC unroll 1")
+    out.open(f"for (int64_t {var} = sc_max(sc_s0, {bound_text(inner.lower, True)}); "
+             f"{var} <= sc_min(sc_s1, {bound_text(inner.upper, False)}); ++{var})")
+    innermost = n.hoisted.get(len(n.nest.loops), ())
+    if innermost:
+        out.open(f"if ({' && '.join(f'({c_affine(e)}) >= 0' for e in innermost)})")
+    _emit_products(out, n, chosen, simd, accs, rows, False, panel_at)
+    if innermost:
+        out.close()
+    out.close()
+    if tests:
+        out.close()
+    out.close()
+    for r in range(rows):
+        for v in range(vectors):
+            out.line(simd.store(f"sc_tile + {tile_at} + {(r * vectors + v) * width}",
+                                accs[r][v], None))
+    out.close()
