@@ -43,6 +43,8 @@ def main(argv=None) -> int:
     parser.add_argument("--target", action="append", choices=fuzzing.ALL_TARGETS, default=[],
                         help="only these targets (default: every one this CPU runs)")
     parser.add_argument("--max-rank", type=int, default=4)
+    parser.add_argument("--wide", action="store_true",
+                        help="4-24 channels per group, rank 1-2: the channel-lane plans")
     parser.add_argument("--sanitize", action="store_true",
                         help="build with -fsanitize=address,undefined and run under its runtime")
     parser.add_argument("--cache-dir", default=None, help="kernel cache (default: a fresh one)")
@@ -72,7 +74,8 @@ def main(argv=None) -> int:
             failed.append(seed)
             _report(seed, case, error, f"--seed {seed}"
                     f"{''.join(f' --target {t}' for t in args.target)}"
-                    f"{f' --max-rank {args.max_rank}' if args.max_rank != 4 else ''}")
+                    f"{f' --max-rank {args.max_rank}' if args.max_rank != 4 else ''}"
+                    f"{' --wide' if args.wide else ''}")
         ran += 1
     minutes = (time.monotonic() - started) / 60
     print(f"{ran} cases ({calls} kernel functions checked) in {minutes:.1f} min; "
@@ -121,7 +124,7 @@ def _seeds(args):
 def _cases(args, targets):
     """(seed, case) for the asked seeds, until the time or the case count is up."""
     for seed in _seeds(args):
-        case = fuzzing.case_from_seed(seed, targets, args.max_rank)
+        case = fuzzing.case_from_seed(seed, targets, args.max_rank, args.wide)
         if not args.quiet:
             print(f"seed {seed}: {case.describe()}", flush=True)
         yield seed, case

@@ -71,16 +71,18 @@ class Case:
 
 
 def draw_case(draw: Callable[[int, int], int], targets=None, max_rank: int = 4,
-              transposed: bool = True) -> Case:
+              transposed: bool = True, wide: bool = False) -> Case:
     """A random case from ``draw(lo, hi)``, an integer in [lo, hi] (Hypothesis's
     ``integers`` or ``random.Random.randint``).  Sizes start at 1 everywhere; the total
     work stays small enough for thousands of cases.  With ``transposed``, one case in five
     is a transposed convolution made from the same draws (plus its output padding).  One
-    in three runs through a batch-open package (the batch size given at run time)."""
+    in three runs through a batch-open package (the batch size given at run time).  With
+    ``wide``, 4 to 24 channels per group (rank 1 and 2 only), enough to fill the vectors of
+    the channel-lane plans."""
     targets = targets or available_targets()
-    rank = draw(1, max_rank)
+    rank = draw(1, 2 if wide else max_rank)
     groups = draw(1, 3)
-    c_group, o_group = draw(1, 3), draw(1, 3)
+    c_group, o_group = (draw(4, 24), draw(4, 24)) if wide else (draw(1, 3), draw(1, 3))
     mode = ("zeros", "zeros", "zeros", "reflect", "replicate", "circular")[draw(0, 5)]
     small = rank >= 3          # keep rank 3-4 volumes small
     kernel, stride, dilation, padding, spatial = [], [], [], [], []
@@ -138,10 +140,10 @@ def _transposed(draw, fields, padding) -> ConvTransposeSpec:
         return ConvTransposeSpec(**{**transposed, "padding": 0})
 
 
-def case_from_seed(seed: int, targets=None, max_rank: int = 4) -> Case:
-    """The case ``scripts/fuzz.py`` runs for ``seed``."""
+def case_from_seed(seed: int, targets=None, max_rank: int = 4, wide: bool = False) -> Case:
+    """The case ``scripts/fuzz.py`` runs for ``seed`` (``--wide``: with ``wide``)."""
     rng = random.Random(seed)
-    return draw_case(rng.randint, targets, max_rank)
+    return draw_case(rng.randint, targets, max_rank, wide=wide)
 
 
 # --- arrays -----------------------------------------------------------------------------------

@@ -126,16 +126,20 @@ def _fuzz_cases():
                           fuzzing.Case(make_spec(param.values[0]), targets[-1], 1, True)))
     # large enough that every function runs on OpenMP threads
     threaded = ConvSpec((2, 8, 24, 25), (8, 8, 3, 3), padding=1)
+    # channels that fill AVX2 and AVX-512 vectors (the channel-lane plans), a partial lane
+    # block, guarded edges, a stride, a chunked weight gradient
+    channels = ConvSpec((1, 16, 9, 11), (24, 16, 3, 3), padding=1, stride=(1, 2))
     for target in targets:
         found.append((f"threaded on {target}", fuzzing.Case(threaded, target, 3)))
+        found.append((f"channel lanes on {target}", fuzzing.Case(channels, target, 4, True)))
     return found
 
 
 def test_fuzz_cases_under_address_and_undefined_behaviour_sanitizers(cache_dir):
     """Forward and every gradient of each case, built sanitized on every target, in exact
     allocations and in guard regions: no sanitizer report, and results match the oracle.
-    The cases cover every plan of the schedule (output lanes, reduction lanes, scalar) in
-    each vector instruction set."""
+    The cases cover every plan of the schedule (channel lanes, whole and chunked, output
+    lanes, reduction lanes, scalar) in each vector instruction set."""
     cases = _fuzz_cases()
     jobs = sanitize.build_cases(cases, cache_dir / "sanitized")
     report = sanitize.run_jobs(jobs, timeout=900)
@@ -147,12 +151,16 @@ def test_fuzz_cases_under_address_and_undefined_behaviour_sanitizers(cache_dir):
     for job in jobs:
         source = (Path(job["path"]) / targets.SOURCE).read_text()
         isa = "avx512" if "__m512" in source else "avx2" if "__m256" in source else "c"
-        plans |= {(isa, plan) for plan in ("vector lanes along", "partial sums in lanes",
+        plans |= {(isa, plan) for plan in ("implicit GEMM", "summation steps at a time",
+                                           "vector lanes along", "partial sums in lanes",
                                            "scalar loops", "omp parallel") if plan in source}
+        plans |= {(isa, "output lanes") for line in source.splitlines()
+                  if "vector lanes along" in line and "implicit GEMM" not in line}
     expected = {("c", "scalar loops"), ("c", "omp parallel")}
     for isa in {"x86-64-v3": "avx2", "x86-64-v4": "avx512"}.values():
         if any(job["target"] == {"avx2": "x86-64-v3", "avx512": "x86-64-v4"}[isa]
                for job in jobs):
-            expected |= {(isa, "vector lanes along"), (isa, "partial sums in lanes"),
+            expected |= {(isa, "output lanes"), (isa, "partial sums in lanes"),
+                         (isa, "implicit GEMM"), (isa, "summation steps at a time"),
                          (isa, "omp parallel")}
     assert expected <= plans, sorted(expected - plans)

@@ -8,7 +8,8 @@ from every other read, ``rows x vectors`` FMAs for ``vectors`` loads and ``rows`
 broadcasts.  Positions where a bound, a guard or a zero-padded read depends on the row
 take guarded blocks (a scalar test per row); the interior takes blocks with no test.  The
 block is stored through a small tile, transposed into the output's order.  If the panels
-cannot be allocated, the piece runs its plain loop nest instead.
+cannot be allocated, or a packed value is not finite, the piece runs its plain loop nest
+instead (see _emit_fallback).
 """
 
 from __future__ import annotations
@@ -136,16 +137,28 @@ def emit_channel_lanes(out: Writer, fn: IndexSum, piece: schedule.Piece,
     for n in packed:
         out.line(f"{ctype} *const {n.panel} = sc_alloc({lane_blocks * n.panel_size(span)} * "
                  f"sizeof({ctype}));")
-    out.open(f"if ({' && '.join(n.panel for n in packed)})")
+    out.line(f"int sc_bad = !({' && '.join(n.panel for n in packed)});")
+    out.open("if (!sc_bad)")
     for n in packed:
         _emit_pack(out, n, lane, span, lane_blocks, simd.dtype)
+    out.close()
+    out.open("if (!sc_bad)")
     _emit_blocks(out, fn, piece, chosen, simd, nests, lane_blocks)
     out.close()
-    out.open("else")
-    emit_scalar_piece(out, fn, piece, simd.dtype)
-    out.close()
+    _emit_fallback(out, fn, piece, simd)
     for n in packed:
         out.line(f"sc_free({n.panel});")
+
+
+def _emit_fallback(out: Writer, fn: IndexSum, piece: schedule.Piece, simd: Simd) -> None:
+    """The plain loop nest where the plan cannot run (``sc_bad``): no memory for its panels,
+    or a packed value that is NaN or infinite.  The plan skips products with the zeros
+    outside a padded array and with reads outside a loop's bounds; 0·∞ and 0·NaN are NaN,
+    so those products count where a packed value is not finite, and the plain nest, which
+    computes the sum as defined, runs instead."""
+    out.open("if (sc_bad)")
+    emit_scalar_piece(out, fn, piece, simd.dtype)
+    out.close()
 
 
 def _emit_pack(out: Writer, n: _Nest, lane, span: int, lane_blocks: int, dtype: str) -> None:
@@ -158,7 +171,10 @@ def _emit_pack(out: Writer, n: _Nest, lane, span: int, lane_blocks: int, dtype: 
     out.line(f"const int64_t {lane.label} = sc_lb * {span} + sc_l;")
     value = BodyPrinter(dtype).doprint(n.constant * n.packed)
     at = f"sc_lb * {n.panel_size(span)} + {c_affine(n.panel_offset(span))} + sc_l"
-    out.line(f"{n.panel}[{at}] = {lane.label} <= {index_range(lane)[1]} ? {value} : 0;")
+    out.line(f"const {C_TYPES[dtype]} sc_v = {lane.label} <= {index_range(lane)[1]} ? "
+             f"{value} : 0;")
+    out.line(f"{n.panel}[{at}] = sc_v;")
+    out.line("sc_bad |= !isfinite(sc_v);")
     for _ in (*n.dims, None, None):
         out.close()
 
@@ -315,9 +331,11 @@ def _emit_chunked(out: Writer, fn: IndexSum, piece: schedule.Piece,
     parallel = threaded(out, work(piece.nests, piece.indices))
     out.line(f"{ctype} *const sc_work = sc_alloc((size_t)(sc_threads > 1 ? sc_threads : 1) * "
              f"{per_thread} * sizeof({ctype}));")
-    out.open("if (sc_work)")
+    out.line("int sc_bad = !sc_work;")
+    out.open("if (!sc_bad)")
     if parallel:
-        omp_parallel(out, f"parallel for collapse(2) {omp_schedule(lane_blocks * groups)}")
+        omp_parallel(out, f"parallel for collapse(2) {omp_schedule(lane_blocks * groups)} "
+                          f"reduction(|:sc_bad)")
     out.open(f"for (int64_t sc_lb = 0; sc_lb < {lane_blocks}; ++sc_lb)")
     out.open(f"for (int64_t sc_g = 0; sc_g < {groups}; ++sc_g)")
     worker = "(size_t)omp_get_thread_num()" if parallel else "0"
@@ -341,8 +359,9 @@ def _emit_chunked(out: Writer, fn: IndexSum, piece: schedule.Piece,
     out.open(f"for (int64_t sc_l = 0; sc_l < {span}; ++sc_l)")
     out.line(f"const int64_t {lane.label} = sc_lb * {span} + sc_l;")
     value = BodyPrinter(simd.dtype).doprint(n.constant * n.packed)
-    out.line(f"sc_p{n.number}[{panel_at} + sc_l] = {lane.label} <= {index_range(lane)[1]} ? "
-             f"{value} : 0;")
+    out.line(f"const {ctype} sc_v = {lane.label} <= {index_range(lane)[1]} ? {value} : 0;")
+    out.line(f"sc_p{n.number}[{panel_at} + sc_l] = sc_v;")
+    out.line("sc_bad |= !isfinite(sc_v);")
     out.close()
     out.close()
     out.close()
@@ -391,10 +410,8 @@ def _emit_chunked(out: Writer, fn: IndexSum, piece: schedule.Piece,
         out.close()
     out.close()    # groups
     out.close()    # lane blocks
-    out.close()    # if (sc_work)
-    out.open("else")
-    emit_scalar_piece(out, fn, piece, simd.dtype)
-    out.close()
+    out.close()    # if (!sc_bad)
+    _emit_fallback(out, fn, piece, simd)
     out.line("sc_free(sc_work);")
 
 

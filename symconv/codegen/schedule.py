@@ -443,13 +443,18 @@ def _channel_lanes(piece: Piece, width: int, registers: int) -> ChannelLanes | N
     block = piece.indices[-1]
     if depth < MIN_GEMM_DEPTH:
         return None
+    whole = None
     if depth <= MAX_GEMM_DEPTH and block != lane and _extent(block) >= MIN_GEMM_ROWS and \
             not any(g.modulus and block in g.expr.free_symbols
                     for n in piece.nests for g in n.guards):
         nests = tuple(_longest_innermost(_padding_as_bounds(n, block, piece.indices), block)
                       for n in piece.nests)
-        return ChannelLanes(lane, block, min(most_rows, _extent(block)), vectors, nests)
-    return _chunked_channel_lanes(piece, reads, lane, vectors, vectors * width, most_rows)
+        whole = ChannelLanes(lane, block, min(most_rows, _extent(block)), vectors, nests)
+        outputs = math.prod(_extent(i) for i in piece.indices)
+        if _extent(lane) * depth <= outputs:     # packs less than it writes: a weight
+            return whole
+    chunked = _chunked_channel_lanes(piece, reads, lane, vectors, vectors * width, most_rows)
+    return chunked or whole
 
 
 def _extent(index) -> int:
