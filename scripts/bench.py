@@ -76,6 +76,13 @@ CASES = [
     Case("3d-32-d2", 2, 16, 32, (32, 32, 32), 3, padding=2, dilation=2),
     Case("1d-audio", 4, 64, 64, (16000,), 9, padding=4),
     Case("4d-16", 1, 4, 8, (16, 16, 16, 16), 3, padding=1),
+    # layers of real networks
+    Case("resnet-14", 8, 256, 256, (14, 14), 3, padding=1),
+    Case("stem-7x7-s2", 2, 3, 64, (224, 224), 7, stride=2, padding=3),
+    Case("mbv2-dw-s2", 8, 144, 144, (56, 56), 3, stride=2, padding=1, groups=144),
+    Case("mbv2-project", 8, 144, 24, (28, 28), 1),
+    Case("unet3d-48", 1, 32, 32, (48, 48, 48), 3, padding=1),
+    Case("wav2vec-k3-s2", 2, 512, 512, (4000,), 3, stride=2, padding=1),
 ]
 
 FMA_PEAK_C = """

@@ -318,6 +318,13 @@ def test_plans_for_a_strided_convolution():
     finally:
         schedule.PLAN_KINDS = schedule_kinds
     grad_weight = schedule.pieces(derive.vjp(op.forward, op.inputs[1]).gather)
-    plan = schedule.plan(grad_weight[0], 8)
-    assert isinstance(plan, schedule.ReductionLanes) and str(plan.lane) == "i1"
-    assert {str(u) for u, _ in plan.blocks} == {"o", "c"}
+    plan = schedule.plan(grad_weight[0], 8)                  # a GEMM over every position
+    assert isinstance(plan, schedule.ChannelLanes) and plan.chunking is not None
+    assert (str(plan.lane), str(plan.block)) == ("o", "c")
+    schedule.PLAN_KINDS = (schedule.ReductionLanes,)
+    try:
+        plan = schedule.plan(grad_weight[0], 8)
+        assert isinstance(plan, schedule.ReductionLanes) and str(plan.lane) == "i1"
+        assert {str(u) for u, _ in plan.blocks} == {"o", "c"}
+    finally:
+        schedule.PLAN_KINDS = schedule_kinds

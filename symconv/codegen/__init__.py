@@ -1,5 +1,6 @@
 """The code-generation stage: how a sum runs (``schedule``) and its C (``c`` scalar code,
-``isa`` vector instruction sets, ``vector`` the lane plans, ``emit`` whole translation units)."""
+``isa`` vector instruction sets, ``channels`` the implicit-GEMM plan, ``vector`` the
+other lane plans, ``emit`` whole translation units)."""
 
 from .c import PRELUDE, CSource, c_affine
 from .emit import emit, emit_function

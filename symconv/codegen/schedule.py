@@ -11,9 +11,14 @@ compute them quickly.  Two steps, both plain rewrites of the IR:
    ``g(j') + c1 <= u <= g(j') + c2`` is shifted to ``u = g(j') + t`` so its
    range is constant.  No loop tests divisibility and no quotient remains.
 
-2. **Plans.**  Each piece gets one of three plans, chosen from its access
-   patterns:
+2. **Plans.**  Each piece gets one of four plans, chosen from its access
+   patterns (the first of PLAN_KINDS that fits):
 
+   * :class:`ChannelLanes` — an implicit GEMM: lanes along a free index that
+     one read per term uses (a convolution's channels), that read packed per
+     call into aligned panels, every other read broadcast one scalar per
+     register-block row (forward and input gradients of a convolution; with
+     the summation packed chunk by chunk, its weight gradient);
    * :class:`OutputLanes` — vector lanes run along the last output index
      (consecutive outputs); a second output index is register-blocked so
      that every vector load is reused by several rows of broadcasts
