@@ -27,17 +27,8 @@ from .c import (C_TYPES, BodyPrinter, Writer, bound_text, c_affine, condition_te
                 emit_scalar_piece, flat_offset, omp_parallel, omp_schedule, output_offset,
                 threaded, work)
 from .isa import Simd
-from .schedule import in_range_exprs
-from .vector import interior, number_text, over_lanes
-
-
-def _depends(expr, symbol) -> bool:
-    return symbol in sympy.sympify(expr).free_symbols
-
-
-def _extent(index) -> int:
-    lo, hi = index_range(index)
-    return hi - lo + 1
+from .schedule import extent, in_range_exprs
+from .vector import depends, interior, number_text, over_lanes
 
 
 @dataclass(frozen=True)
@@ -61,14 +52,14 @@ class _Nest:
 
     def panel_size(self, span: int) -> int:
         """Elements of one lane block's panel."""
-        return math.prod(_extent(d) for d in self.dims) * span
+        return math.prod(extent(d) for d in self.dims) * span
 
     def panel_offset(self, span: int) -> sympy.Expr:
         """Where the panel's vectors for the current loop values start, in a lane block."""
         offset, stride = sympy.Integer(0), span
         for d in reversed(self.dims):
             offset += (d - index_range(d)[0]) * stride
-            stride *= _extent(d)
+            stride *= extent(d)
         return sympy.expand(offset)
 
 
@@ -77,29 +68,29 @@ def _nests(piece: schedule.Piece, chosen: schedule.ChannelLanes) -> list[_Nest]:
     found = []
     for number, nest in enumerate(chosen.nests):
         constant, reads = schedule.factors(nest.body)
-        packed = next((r for r in reads if any(_depends(p, lane) for p in r.indices)), None)
+        packed = next((r for r in reads if any(depends(p, lane) for p in r.indices)), None)
         broadcast = tuple(r for r in reads if r is not packed)
         dims = tuple(loop.index for loop in nest.loops
-                     if packed is not None and any(_depends(p, loop.index)
+                     if packed is not None and any(depends(p, loop.index)
                                                    for p in packed.indices))
         depth_of = {loop.index: d for d, loop in enumerate(nest.loops, start=1)}
         box = nest_box(nest, piece.indices)
         hoisted: dict[int, list] = {}
-        row_exprs = [g.expr for g in nest.guards if _depends(g.expr, block)]
+        row_exprs = [g.expr for g in nest.guards if depends(g.expr, block)]
         for read in broadcast:
             if str(read.base.label) not in nest.zero_outside:
                 continue
             for expr in in_range_exprs(read, box):
                 if schedule.padding_bound(expr, nest):
                     continue
-                if _depends(expr, block):
+                if depends(expr, block):
                     row_exprs.append(expr)
                 else:
                     level = max((depth_of.get(s, 0) for s in expr.free_symbols), default=0)
                     hoisted.setdefault(level, []).append(expr)
         for loop in nest.loops:
-            row_exprs += [b.den * loop.index - b.num for b in loop.lower if _depends(b.num, block)]
-            row_exprs += [b.num - b.den * loop.index for b in loop.upper if _depends(b.num, block)]
+            row_exprs += [b.den * loop.index - b.num for b in loop.lower if depends(b.num, block)]
+            row_exprs += [b.num - b.den * loop.index for b in loop.upper if depends(b.num, block)]
         found.append(_Nest(number, nest, packed, constant, dims, broadcast,
                            {k: tuple(v) for k, v in hoisted.items()}, tuple(row_exprs)))
     return found
@@ -128,7 +119,7 @@ def emit_channel_lanes(out: Writer, fn: IndexSum, piece: schedule.Piece,
     """Pack the panels, then every output block by the plan (see the module text)."""
     lane, ctype = chosen.lane, C_TYPES[simd.dtype]
     span = chosen.vectors * simd.width
-    lane_blocks = ceil_div(_extent(lane), span)
+    lane_blocks = ceil_div(extent(lane), span)
     nests = _nests(piece, chosen)
     packed = [n for n in nests if n.packed is not None]
     if chosen.chunking is not None:
@@ -169,14 +160,20 @@ def _emit_pack(out: Writer, n: _Nest, lane, span: int, lane_blocks: int, dtype: 
         out.open(f"for (int64_t {d.label} = {lo}; {d.label} <= {hi}; ++{d.label})")
     out.open(f"for (int64_t sc_l = 0; sc_l < {span}; ++sc_l)")
     out.line(f"const int64_t {lane.label} = sc_lb * {span} + sc_l;")
-    value = BodyPrinter(dtype).doprint(n.constant * n.packed)
-    at = f"sc_lb * {n.panel_size(span)} + {c_affine(n.panel_offset(span))} + sc_l"
-    out.line(f"const {C_TYPES[dtype]} sc_v = {lane.label} <= {index_range(lane)[1]} ? "
-             f"{value} : 0;")
-    out.line(f"{n.panel}[{at}] = sc_v;")
-    out.line("sc_bad |= !isfinite(sc_v);")
+    _pack_element(out, n, lane, n.panel,
+                  f"sc_lb * {n.panel_size(span)} + {c_affine(n.panel_offset(span))} + sc_l", dtype)
     for _ in (*n.dims, None, None):
         out.close()
+
+
+def _pack_element(out: Writer, n: _Nest, lane, panel: str, at: str, dtype: str) -> None:
+    """``panel[at]`` = the constant x the packed read at lane ``lane`` (0 past the last lane);
+    ``sc_bad`` is set if it is not finite (see _emit_fallback)."""
+    value = BodyPrinter(dtype).doprint(n.constant * n.packed)
+    out.line(f"const {C_TYPES[dtype]} sc_v = {lane.label} <= {index_range(lane)[1]} ? "
+             f"{value} : 0;")
+    out.line(f"{panel}[{at}] = sc_v;")
+    out.line("sc_bad |= !isfinite(sc_v);")
 
 
 def _emit_blocks(out: Writer, fn: IndexSum, piece: schedule.Piece,
@@ -186,7 +183,7 @@ def _emit_blocks(out: Writer, fn: IndexSum, piece: schedule.Piece,
     span = chosen.vectors * simd.width
     outer = [i for i in piece.indices if i not in (lane, block)]
     if threaded(out, work(piece.nests, piece.indices)):
-        tasks = math.prod(_extent(i) for i in outer) * lane_blocks
+        tasks = math.prod(extent(i) for i in outer) * lane_blocks
         omp_parallel(out, f"parallel for collapse({len(outer) + 1}) {omp_schedule(tasks)}")
     for idx in outer:
         lo, hi = index_range(idx)
@@ -197,7 +194,7 @@ def _emit_blocks(out: Writer, fn: IndexSum, piece: schedule.Piece,
             out.line(f"const {C_TYPES[simd.dtype]} *const sc_p{n.number} = "
                      f"{n.panel} + sc_lb * {n.panel_size(span)};")
     inside = interior(chosen.nests, piece.indices, block)
-    for first, count, rows, guarded in _block_runs(_extent(block), chosen.rows, inside):
+    for first, count, rows, guarded in _block_runs(extent(block), chosen.rows, inside):
         last = first + (count - 1) * rows
         out.open(f"for (int64_t {block.label} = {first}; {block.label} <= {last}; "
                  f"{block.label} += {rows})")
@@ -220,7 +217,7 @@ def _emit_block(out: Writer, fn: IndexSum, piece: schedule.Piece,
              + ";")
     for n in nests:
         opened = 0
-        guards = [g for g in n.nest.guards if not _depends(g.expr, block)]
+        guards = [g for g in n.nest.guards if not depends(g.expr, block)]
         tests = [condition_text(g) for g in guards] + \
             [f"({c_affine(e)}) >= 0" for e in n.hoisted.get(0, ())]
         if tests:
@@ -228,8 +225,8 @@ def _emit_block(out: Writer, fn: IndexSum, piece: schedule.Piece,
             opened += 1
         for depth, loop in enumerate(n.nest.loops, start=1):
             var = str(loop.index.label)
-            low = [b for b in loop.lower if not _depends(b.num, block)]
-            high = [b for b in loop.upper if not _depends(b.num, block)]
+            low = [b for b in loop.lower if not depends(b.num, block)]
+            high = [b for b in loop.upper if not depends(b.num, block)]
             if guarded:
                 low += over_lanes(loop.lower, block, None, rows, True)
                 high += over_lanes(loop.upper, block, None, rows, False)
@@ -269,7 +266,7 @@ def _emit_products(out: Writer, n: _Nest, chosen: schedule.ChannelLanes, simd: S
             for v in range(vectors):
                 out.line(f"{accs[r][v]} = {simd.add(accs[r][v], weights[v])};")
         return
-    per_row = tested or any(_depends(p, block) for read in n.broadcast for p in read.indices)
+    per_row = tested or any(depends(p, block) for read in n.broadcast for p in read.indices)
     for r in range(rows):
         # each row's broadcast just before its products: the block's live registers stay
         # its accumulators, the panel's vectors and one broadcast
@@ -301,7 +298,7 @@ def _emit_store(out: Writer, fn: IndexSum, piece: schedule.Piece,
     for r in range(rows):
         for v in range(vectors):
             out.line(simd.store(f"&sc_tile[{r}][{v * width}]", accs[r][v], None))
-    out.line(f"const int64_t sc_lanes = sc_min({span}, {_extent(lane)} - sc_lb * {span});")
+    out.line(f"const int64_t sc_lanes = sc_min({span}, {extent(lane)} - sc_lb * {span});")
     out.open("for (int64_t sc_l = 0; sc_l < sc_lanes; ++sc_l)")
     out.line(f"const int64_t {lane.label} = sc_lb * {span} + sc_l;")
     offset = output_offset(fn, piece)
@@ -321,13 +318,13 @@ def _emit_chunked(out: Writer, fn: IndexSum, piece: schedule.Piece,
     lane, block, chunking = chosen.lane, chosen.block, chosen.chunking
     ctype, span, rows = C_TYPES[simd.dtype], chosen.vectors * simd.width, chosen.rows
     outer, inner = n.nest.loops[:-1], n.nest.loops[-1]
-    total_rows = math.prod(_extent(loop.index) for loop in outer)
-    segments = ceil_div(_extent(inner.index), chunking.segment)
+    total_rows = math.prod(extent(loop.index) for loop in outer)
+    segments = ceil_div(extent(inner.index), chunking.segment)
     chunks = ceil_div(total_rows, chunking.rows) * segments
     others = [i for i in piece.indices if i not in (lane, block)]
-    tile_size = math.prod(_extent(i) for i in others) * chunking.group * span
+    tile_size = math.prod(extent(i) for i in others) * chunking.group * span
     per_thread = tile_size + chunking.rows * chunking.segment * span
-    groups = ceil_div(_extent(block), chunking.group)
+    groups = ceil_div(extent(block), chunking.group)
     parallel = threaded(out, work(piece.nests, piece.indices))
     out.line(f"{ctype} *const sc_work = sc_alloc((size_t)(sc_threads > 1 ? sc_threads : 1) * "
              f"{per_thread} * sizeof({ctype}));")
@@ -342,7 +339,7 @@ def _emit_chunked(out: Writer, fn: IndexSum, piece: schedule.Piece,
     out.line(f"{ctype} *const sc_tile = sc_work + {worker} * {per_thread};")
     out.line(f"{ctype} *const sc_p{n.number} = sc_tile + {tile_size};")
     out.line(f"const int64_t sc_b0 = sc_g * {chunking.group}, "
-             f"sc_b1 = sc_min(sc_b0 + {chunking.group}, {_extent(block)});")
+             f"sc_b1 = sc_min(sc_b0 + {chunking.group}, {extent(block)});")
     out.line(f"for (int64_t sc_e = 0; sc_e < {tile_size}; ++sc_e) sc_tile[sc_e] = 0;")
     out.open(f"for (int64_t sc_chunk = 0; sc_chunk < {chunks}; ++sc_chunk)")
     out.line(f"const int64_t sc_r0 = (sc_chunk / {segments}) * {chunking.rows}, "
@@ -358,10 +355,7 @@ def _emit_chunked(out: Writer, fn: IndexSum, piece: schedule.Piece,
              f"++{inner.index.label})")
     out.open(f"for (int64_t sc_l = 0; sc_l < {span}; ++sc_l)")
     out.line(f"const int64_t {lane.label} = sc_lb * {span} + sc_l;")
-    value = BodyPrinter(simd.dtype).doprint(n.constant * n.packed)
-    out.line(f"const {ctype} sc_v = {lane.label} <= {index_range(lane)[1]} ? {value} : 0;")
-    out.line(f"sc_p{n.number}[{panel_at} + sc_l] = sc_v;")
-    out.line("sc_bad |= !isfinite(sc_v);")
+    _pack_element(out, n, lane, f"sc_p{n.number}", f"{panel_at} + sc_l", simd.dtype)
     out.close()
     out.close()
     out.close()
@@ -377,14 +371,14 @@ def _emit_chunked(out: Writer, fn: IndexSum, piece: schedule.Piece,
     stride = 1
     for idx in reversed(others):
         other_at += (idx - index_range(idx)[0]) * stride
-        stride *= _extent(idx)
+        stride *= extent(idx)
     tile_at = (f"(({c_affine(sympy.expand(other_at))}) * {chunking.group} + {block.label} - "
                f"sc_b0) * {span}")
     out.line(f"int64_t {block.label} = sc_b0;")
     out.open(f"for (; {block.label} + {rows} <= sc_b1; {block.label} += {rows})")
     _emit_chunk_block(out, chosen, simd, n, rows, tile_at, panel_at)
     out.close()
-    rest = _extent(block) % rows
+    rest = extent(block) % rows
     if rest:
         out.open(f"if ({block.label} < sc_b1)")
         _emit_chunk_block(out, chosen, simd, n, rest, tile_at, panel_at)
@@ -399,7 +393,7 @@ def _emit_chunked(out: Writer, fn: IndexSum, piece: schedule.Piece,
         lo_, hi_ = index_range(idx)
         out.open(f"for (int64_t {idx.label} = {lo_}; {idx.label} <= {hi_}; ++{idx.label})")
     out.open(f"for (int64_t {block.label} = sc_b0; {block.label} < sc_b1; ++{block.label})")
-    out.line(f"const int64_t sc_lanes = sc_min({span}, {_extent(lane)} - sc_lb * {span});")
+    out.line(f"const int64_t sc_lanes = sc_min({span}, {extent(lane)} - sc_lb * {span});")
     out.open("for (int64_t sc_l = 0; sc_l < sc_lanes; ++sc_l)")
     out.line(f"const int64_t {lane.label} = sc_lb * {span} + sc_l;")
     out.line(f"{fn.output.name}[{c_affine(output_offset(fn, piece))}] = "
@@ -421,8 +415,8 @@ def _decode_rows(out: Writer, outer) -> None:
     for loop in reversed(outer):
         lo, _ = index_range(loop.index)
         out.line(f"const int64_t {loop.index.label} = {lo} + (sc_r / {radix}) % "
-                 f"{_extent(loop.index)};")
-        radix *= _extent(loop.index)
+                 f"{extent(loop.index)};")
+        radix *= extent(loop.index)
 
 
 def _emit_chunk_block(out: Writer, chosen: schedule.ChannelLanes, simd: Simd, n: _Nest,

@@ -431,9 +431,9 @@ def _channel_lanes(piece: Piece, width: int, registers: int) -> ChannelLanes | N
     in_bounds = set().union(*(_bound_symbols(n) for n in piece.nests))
     candidates = []
     for lane in piece.indices:
-        extent = index_range(lane)[1] + 1
-        vectors = ceil_div(extent, width)
-        if lane in in_bounds or extent < width or extent < MIN_LANE_USE * vectors * width:
+        size = extent(lane)
+        vectors = ceil_div(size, width)
+        if lane in in_bounds or size < width or size < MIN_LANE_USE * vectors * width:
             continue
         used = any(lane in c for _, _, coefficients in reads for c in coefficients)
         if used and all(_packable(nest, read_list, coefficients, lane)
@@ -444,25 +444,26 @@ def _channel_lanes(piece: Piece, width: int, registers: int) -> ChannelLanes | N
     lane = max(candidates, key=lambda u: index_range(u)[1])
     vectors = min(2, ceil_div(index_range(lane)[1] + 1, width))
     most_rows = (registers - vectors - 2) // vectors
-    depth = sum(math.prod(_extent(loop.index) for loop in nest.loops) for nest in piece.nests)
+    depth = sum(math.prod(extent(loop.index) for loop in nest.loops) for nest in piece.nests)
     block = piece.indices[-1]
     if depth < MIN_GEMM_DEPTH:
         return None
     whole = None
-    if depth <= MAX_GEMM_DEPTH and block != lane and _extent(block) >= MIN_GEMM_ROWS and \
+    if depth <= MAX_GEMM_DEPTH and block != lane and extent(block) >= MIN_GEMM_ROWS and \
             not any(g.modulus and block in g.expr.free_symbols
                     for n in piece.nests for g in n.guards):
         nests = tuple(_longest_innermost(_padding_as_bounds(n, block, piece.indices), block)
                       for n in piece.nests)
-        whole = ChannelLanes(lane, block, min(most_rows, _extent(block)), vectors, nests)
-        outputs = math.prod(_extent(i) for i in piece.indices)
-        if _extent(lane) * depth <= outputs:     # packs less than it writes: a weight
+        whole = ChannelLanes(lane, block, min(most_rows, extent(block)), vectors, nests)
+        outputs = math.prod(extent(i) for i in piece.indices)
+        if extent(lane) * depth <= outputs:     # packs less than it writes: a weight
             return whole
     chunked = _chunked_channel_lanes(piece, reads, lane, vectors, vectors * width, most_rows)
     return chunked or whole
 
 
-def _extent(index) -> int:
+def extent(index) -> int:
+    """How many values an index takes."""
     lo, hi = index_range(index)
     return hi - lo + 1
 
@@ -493,16 +494,16 @@ def _chunked_channel_lanes(piece: Piece, reads, lane, vectors: int, span: int,
                 conditions |= expr.free_symbols
     options = [u for u in piece.indices if u != lane and u not in packed[0]
                and u not in conditions and any(u in c for c in coefficients)
-               and _extent(u) >= MIN_GEMM_ROWS]
+               and extent(u) >= MIN_GEMM_ROWS]
     if not options:
         return None
-    block = max(options, key=_extent)
-    rows = min(most_rows, _extent(block))
-    inner = _extent(nest.loops[-1].index)
+    block = max(options, key=extent)
+    rows = min(most_rows, extent(block))
+    inner = extent(nest.loops[-1].index)
     segment = min(inner, GEMM_CHUNK)
     chunk_rows = max(1, GEMM_CHUNK // inner) if inner < GEMM_CHUNK else 1
-    blocks = ceil_div(_extent(block), rows)
-    lane_blocks = ceil_div(_extent(lane), span)
+    blocks = ceil_div(extent(block), rows)
+    lane_blocks = ceil_div(extent(lane), span)
     groups = min(blocks, ceil_div(GEMM_TASKS, lane_blocks))
     group = rows * ceil_div(blocks, groups)
     chunking = Chunking(chunk_rows, segment, group)
@@ -572,9 +573,9 @@ def _longest_innermost(nest: LoopNest, block) -> LoopNest:
                and not any(loop.index in _loop_bound_symbols(other) for other in nest.loops)]
     if not movable:
         return nest
-    longest = max(movable, key=lambda loop: index_range(loop.index)[1] - index_range(loop.index)[0])
+    longest = max(movable, key=lambda loop: extent(loop.index))
     loops = tuple(loop for loop in nest.loops if loop is not longest) + (longest,)
-    return LoopNest(nest.guards, loops, nest.body, nest.zero_outside)
+    return replace(nest, loops=loops)
 
 
 def _loop_bound_symbols(loop) -> set:

@@ -18,7 +18,8 @@ from .c import (C_TYPES, Writer, bound_text, c_affine, condition_text,
                 fold, omp_parallel, omp_schedule, output_offset, parallel, threaded, work)
 from .isa import Simd
 
-def _depends(expr, symbol) -> bool:
+def depends(expr, symbol) -> bool:
+    """Whether ``symbol`` appears in ``expr``."""
     return symbol in sympy.sympify(expr).free_symbols
 
 
@@ -41,7 +42,7 @@ def _padded_mask(simd: "Simd", exprs, lane, lane_value, replace, base: str) -> s
     vector, scalar = [], []
     for expr in exprs:
         local = sympy.expand(expr.xreplace(replace))
-        if _depends(expr, lane):
+        if depends(expr, lane):
             vector.append(_lane_condition(simd, local, lane, lane_value))
         else:
             scalar.append(f"({c_affine(local)}) >= 0")
@@ -70,13 +71,13 @@ def interior(nests, indices, lane) -> tuple[int, int]:
         exprs = []
         for loop in nest.loops:
             exprs += [b.den * _ceil_const(loop.lower[0]) - b.num
-                      for b in loop.lower[1:] if _depends(b.num, lane)]
+                      for b in loop.lower[1:] if depends(b.num, lane)]
             exprs += [b.num - b.den * (int(loop.upper[0].num) // loop.upper[0].den)
-                      for b in loop.upper[1:] if _depends(b.num, lane)]
-        exprs += [g.expr for g in nest.guards if _depends(g.expr, lane)]
+                      for b in loop.upper[1:] if depends(b.num, lane)]
+        exprs += [g.expr for g in nest.guards if depends(g.expr, lane)]
         for access, _, padded in _Reads(nest).items:
             if padded:
-                exprs += [e for e in in_range_exprs(access, box) if _depends(e, lane)]
+                exprs += [e for e in in_range_exprs(access, box) if depends(e, lane)]
         for expr in exprs:
             num, _ = integer_form(expr)
             coefficients, _ = linear_parts(num)
@@ -169,7 +170,7 @@ def over_lanes(bounds, lane, block, span: int, is_lower: bool) -> list[Bound]:
     or two values where a stride is large), not over the index's whole range."""
     relaxed = []
     for b in bounds:
-        if not _depends(b.num, lane) or (block is not None and _depends(b.num, block)):
+        if not depends(b.num, lane) or (block is not None and depends(b.num, block)):
             continue
         slope = linear_parts(b.num)[0][lane]
         at = lane if (slope >= 0) == is_lower else lane + span - 1
@@ -205,8 +206,8 @@ def _output_lane_block(out, fn, piece, chosen, simd, block_shape: _BlockShape) -
         reads = _Reads(nest)
         box = nest_box(nest, piece.indices)
         opened = 0
-        scalar_guards = [g for g in nest.guards if not _depends(g.expr, lane)]
-        lane_guards = [g for g in nest.guards if _depends(g.expr, lane)]
+        scalar_guards = [g for g in nest.guards if not depends(g.expr, lane)]
+        lane_guards = [g for g in nest.guards if depends(g.expr, lane)]
         if scalar_guards:
             out.open(f"if ({' && '.join(f'({condition_text(g)})' for g in scalar_guards)})")
             opened += 1
@@ -215,7 +216,7 @@ def _output_lane_block(out, fn, piece, chosen, simd, block_shape: _BlockShape) -
         # masks (edge path only): domain = lanes inside the bounds so far (blended);
         # loads[a] = lanes that may read access a (valid, in the domain, inside padding)
         domain: list[str] | None = None
-        lane_padding = {a: [e for e in in_range_exprs(access, box) if _depends(e, lane)]
+        lane_padding = {a: [e for e in in_range_exprs(access, box) if depends(e, lane)]
                         for a, (access, _, padded) in enumerate(reads.items) if padded}
         loads: dict[int, list[str]] = {}
         nest_loops = _NestLoops(nest, number, reads, lane_padding, lane, block,
@@ -284,7 +285,7 @@ class _NestLoops:
             v = self.loops[depth - 1].index
             trusted = frozenset(e for exprs in lane_padding.values() for e in exprs
                                 if abs(linear_parts(e)[0].get(v, 0)) == 1 and
-                                (block is None or not _depends(e, block)) and
+                                (block is None or not depends(e, block)) and
                                 self._level(e) == depth)
             if trusted:
                 self.split_depth, self.trusted = depth, trusted
@@ -321,8 +322,8 @@ def _emit_lane_loops(out, simd, loops: _NestLoops, lane_at, masked: bool, depth:
         return
     loop, lane = loops.loops[depth - 1], loops.lane
     var = str(loop.index.label)
-    keep_low = [b for b in loop.lower if not _depends(b.num, lane)]
-    keep_high = [b for b in loop.upper if not _depends(b.num, lane)]
+    keep_low = [b for b in loop.lower if not depends(b.num, lane)]
+    keep_high = [b for b in loop.upper if not depends(b.num, lane)]
     if masked:      # the masks decide per lane; the loop covers the block's lanes
         keep_low += over_lanes(loop.lower, lane, loops.block, loops.span, True)
         keep_high += over_lanes(loop.upper, lane, loops.block, loops.span, False)
@@ -344,8 +345,8 @@ def _emit_lane_loops(out, simd, loops: _NestLoops, lane_at, masked: bool, depth:
         opened = 1
         band_domain, band_loads = domain, dict(loads)
         if masked:
-            lane_bounds = [(b, True) for b in loop.lower if _depends(b.num, lane)] + \
-                          [(b, False) for b in loop.upper if _depends(b.num, lane)]
+            lane_bounds = [(b, True) for b in loop.lower if depends(b.num, lane)] + \
+                          [(b, False) for b in loop.upper if depends(b.num, lane)]
             if lane_bounds:
                 band_domain = []
                 for q in range(len(lane_at)):
@@ -375,7 +376,7 @@ def _define_load_masks(out, simd, reads, lane, lane_at, vectors, lane_padding, d
     defined at the depth of the innermost loop its padding conditions use, and again where
     the domain narrows below that; ``trusted`` conditions hold here and are left out."""
     for a, (access, offset, padded) in enumerate(reads.items):
-        if not _depends(offset, lane):
+        if not depends(offset, lane):
             continue
         exprs = lane_padding.get(a, [])
         symbols = set().union(set(), *(sympy.sympify(e).free_symbols for e in exprs))
@@ -421,10 +422,10 @@ def _accumulate_output_lanes(out, reads: _Reads, chosen, simd: Simd, accs, row_v
         name = str(access.base.label)
         stride = int(linear_parts(offset)[0].get(lane, 0))
         # index conditions of a zero-padded read that do not depend on the lane: one test
-        scalar_checks = [e for e in in_range_exprs(access, box) if not _depends(e, lane)] \
+        scalar_checks = [e for e in in_range_exprs(access, box) if not depends(e, lane)] \
             if padded else []
         if stride == 0:
-            targets = range(rows) if block is not None and _depends(offset, block) else [None]
+            targets = range(rows) if block is not None and depends(offset, block) else [None]
             for r in targets:
                 at = offset.xreplace({block: row_vars[r]}) if r is not None else offset
                 replace = {block: row_vars[r]} if r is not None else {}
@@ -463,7 +464,9 @@ def _accumulate_output_lanes(out, reads: _Reads, chosen, simd: Simd, accs, row_v
 
 def number_text(value, ctype: str) -> str:
     suffix = "f" if ctype == "float" else ""
-    return f"(({ctype})({float(value)!r}{suffix}))" if not value.is_Integer else f"(({ctype}){int(value)})"
+    if value.is_Integer:
+        return f"(({ctype}){int(value)})"
+    return f"(({ctype})({float(value)!r}{suffix}))"
 
 
 def emit_reduction_lanes(out: Writer, fn: IndexSum, piece: schedule.Piece,
@@ -534,7 +537,7 @@ def emit_reduction_lanes(out: Writer, fn: IndexSum, piece: schedule.Piece,
     # one base pointer per read and block row: the loads below only add lane offsets
     steps = []
     for number, (access, offset, _) in enumerate(reads.items):
-        mine = [u for u in block_indices if _depends(offset, u)]
+        mine = [u for u in block_indices if depends(offset, u)]
         for r in (range(len(row_vars[mine[0]])) if mine else [None]):
             at = offset.xreplace({mine[0]: row_vars[mine[0]][r]}) if mine else offset
             at = sympy.expand(at.xreplace({lane: 0}))
@@ -670,7 +673,7 @@ def _accumulate_reduction(out, reads: _Reads, chosen, simd: Simd, accs, row_vars
     loaded = []   # per read: {row-combo-key: vector name}
     for number, (access, offset, padded) in enumerate(reads.items):
         stride = int(linear_parts(offset)[0].get(lane, 0))
-        mine = [u for u in blocks if _depends(offset, u)]
+        mine = [u for u in blocks if depends(offset, u)]
         names = {}
         for r in (range(len(row_vars[mine[0]])) if mine else [None]):
             at = offset.xreplace({mine[0]: row_vars[mine[0]][r]}) if mine else offset
