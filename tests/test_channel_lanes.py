@@ -29,7 +29,18 @@ SPECS = [
     pytest.param(ConvSpec((2, 12, 40), (8, 12, 3), padding=1, dilation=3, dtype="float64"),
                  id="1d-f64-dil3"),
     pytest.param(ConvSpec((3, 32, 6, 7), (16, 32, 1, 1), stride=(2, 1)), id="2d-1x1-stride"),
+    # the forward reads its input from a copy (schedule.Copy): with a zero halo and the
+    # channels innermost (14-wide rows; 48 channel planes crowd an L1 set) ...
+    pytest.param(ConvSpec((2, 48, 14, 14), (16, 48, 3, 3), padding=1), id="2d-copy-halo-moved"),
+    # ... the channels innermost only (no padding, 4 KiB channel planes) ...
+    pytest.param(ConvSpec((1, 16, 16, 64), (16, 16, 3, 3)), id="2d-copy-moved"),
+    # ... a halo only, in float64, dilated (12-wide rows)
+    pytest.param(ConvSpec((1, 16, 12, 12), (8, 16, 3, 3), padding=2, dilation=2,
+                          dtype="float64"), id="2d-copy-halo-f64"),
 ]
+COPIES = {"2d-copy-halo-moved": (1, ((0, 0), (0, 0), (1, 1), (1, 1))),
+          "2d-copy-moved": (1, None),
+          "2d-copy-halo-f64": (None, ((0, 0), (0, 0), (2, 2), (2, 2)))}
 
 
 def _compiled(spec):
@@ -55,6 +66,49 @@ def test_channel_lanes_against_the_oracle(spec, compile_spec, rng):
                                   expected):
             if got is not None:
                 assert_close(got, ref, spec.dtype, f"{where} grad_{name}")
+
+
+@pytest.mark.parametrize("name", list(COPIES))
+def test_which_inputs_are_read_from_a_copy(name):
+    """The forward of each copy case copies its input as COPIES says; the copy is named in
+    the plan's description."""
+    (spec,) = [p.values[0] for p in SPECS if p.id == name]
+    ((piece, chosen),) = _compiled(spec).plans["forward"]
+    (copy,) = chosen.copies
+    assert copy.array == "a_input" and (copy.axis, copy.halo) == COPIES[name]
+    assert "a_input copied" in schedule.describe(piece, chosen)
+
+
+def test_no_copy_where_it_does_not_pay():
+    """56-wide rows, channel planes 12.25 KiB apart: read in place."""
+    compiled = _compiled(ConvSpec((1, 16, 56, 56), (16, 16, 3, 3), padding=1))
+    ((_, chosen),) = compiled.plans["forward"]
+    assert chosen.copies == ()
+    assert schedule._crowded(32 * 32, 16) and not schedule._crowded(56 * 56, 64)
+    assert not schedule._crowded(16000, 64)     # 8 lines a set: as many as it holds
+
+
+@pytest.mark.parametrize("extent", [1, 2, 3, 5, 6, 7, 13, 14, 16, 32, 48, 56, 61])
+@pytest.mark.parametrize("inside", ["all", "pad1", "pad2", "none"])
+def test_block_runs_cover_each_position_once(extent, inside):
+    """Blocks cover 0..extent-1 exactly once, at most ``rows`` each; no block tested for a
+    padding condition is inside the interior only; edge blocks are not one row when the
+    row is long enough."""
+    from symconv.codegen.channels import _block_runs
+    interior = {"all": (0, extent - 1), "pad1": (1, extent - 2), "pad2": (2, extent - 3),
+                "none": (1, 0)}[inside]
+    runs = _block_runs(extent, 6, interior)
+    covered = [start + b * rows + r for start, count, rows, _ in runs
+               for b in range(count) for r in range(rows)]
+    assert covered == list(range(extent))
+    low, high = interior
+    for start, count, rows, guarded in runs:
+        assert 1 <= rows <= 6
+        stop = start + count * rows - 1
+        if not guarded:
+            assert low <= start and stop <= high
+        if extent >= 14:
+            assert rows >= schedule.MIN_GEMM_ROWS
 
 
 def test_the_chunked_weight_gradient_cuts_its_summation():
@@ -132,7 +186,7 @@ def test_nan_and_infinity_where_the_definition_puts_them(open_batch, cache_dir):
     finite: a NaN or ±∞ among the packed values sends the piece to its plain loop nest.
     (fuzzing.check_case plants NaN and ±∞ in every array and compares where they land.)"""
     import fuzzing
-    for param in SPECS[:3]:
+    for param in SPECS[:3] + [p for p in SPECS if p.id in COPIES]:
         for seed in range(6):
             case = fuzzing.Case(param.values[0], "x86-64-v3", seed, True, open_batch)
             kernel = compiler.compile_conv(case.kernel_spec, cache_dir=cache_dir,

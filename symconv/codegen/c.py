@@ -112,10 +112,11 @@ class _IntPrinter(C99CodePrinter):
         return str(expr.label)
 
 
-def flat_offset(access: sympy.Indexed) -> str:
-    """C-order offset of an access, its integer parts folded into one affine expression."""
+def flat_offset(access: sympy.Indexed, last: int | None = None) -> str:
+    """C-order offset of an access, its integer parts folded into one affine expression;
+    with ``last``, the offset in a copy of the array with that axis moved innermost."""
     shape = [int(s) for s in access.base.shape]
-    strides = c_order_strides(shape)
+    strides = moved_last_strides(shape, last) if last is not None else c_order_strides(shape)
     whole, quotients = sympy.Integer(0), []
     for stride, position in zip(strides, access.indices):
         num, den = integer_form(position)
@@ -126,6 +127,14 @@ def flat_offset(access: sympy.Indexed) -> str:
                              c_affine(position))
     parts = [] if whole == 0 and quotients else [c_affine(sympy.expand(whole))]
     return " + ".join(parts + quotients)
+
+
+def moved_last_strides(shape: Sequence[int], axis: int) -> tuple[int, ...]:
+    """Element strides of an array of ``shape`` stored with ``axis`` innermost, the other
+    axes in order (channels first to channels last when ``axis`` is 1)."""
+    order = [a for a in range(len(shape)) if a != axis] + [axis]
+    moved = c_order_strides([shape[a] for a in order])
+    return tuple(moved[order.index(a)] for a in range(len(shape)))
 
 
 def outside_checks(access: sympy.Indexed, box) -> list[str]:

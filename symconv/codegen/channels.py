@@ -15,7 +15,7 @@ instead (see _emit_fallback).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import sympy
 
@@ -78,7 +78,7 @@ def _nests(piece: schedule.Piece, chosen: schedule.ChannelLanes) -> list[_Nest]:
         hoisted: dict[int, list] = {}
         row_exprs = [g.expr for g in nest.guards if depends(g.expr, block)]
         for read in broadcast:
-            if str(read.base.label) not in nest.zero_outside:
+            if str(read.base.label) not in _padded(nest, chosen):
                 continue
             for expr in in_range_exprs(read, box):
                 if schedule.padding_bound(expr, nest):
@@ -96,21 +96,37 @@ def _nests(piece: schedule.Piece, chosen: schedule.ChannelLanes) -> list[_Nest]:
     return found
 
 
+def _padded(nest: LoopNest, chosen: schedule.ChannelLanes) -> tuple[str, ...]:
+    """The arrays a nest reads as zero outside their shape that the block must test: not
+    those read from a copy with a zero halo."""
+    haloed = {c.array for c in chosen.copies if c.halo}
+    return tuple(a for a in nest.zero_outside if a not in haloed)
+
+
 def _block_runs(extent: int, rows: int,
                 inside: tuple[int, int]) -> list[tuple[int, int, int, bool]]:
     """Cover positions 0..extent-1 exactly with runs (start, count, rows, guarded) of equal
-    blocks: guarded ones below the interior, unguarded ones inside it, guarded ones above;
-    each part in blocks of ``rows`` and one shorter block for its rest."""
+    blocks: a guarded part below the interior, the interior unguarded, a guarded part above.
+    An edge part takes at least MIN_GEMM_ROWS positions (from the interior): a one-row
+    block keeps too few accumulators busy to hide the FMA latency.  Each part is cut into
+    blocks of nearly equal size, at most ``rows``."""
     low, high = inside
+    edge = min(schedule.MIN_GEMM_ROWS, rows)
+    low = max(low, min(edge, extent)) if low > 0 else 0
+    high = min(high, extent - 1 - edge) if high < extent - 1 else extent - 1
     parts = [(0, extent, True)] if low > high else \
         [(0, low, True), (low, high + 1, False), (high + 1, extent, True)]
     runs = []
     for start, stop, guarded in parts:
-        full, rest = divmod(max(stop - start, 0), rows)
-        if full:
-            runs.append((start, full, rows, guarded))
-        if rest:
-            runs.append((start + full * rows, 1, rest, guarded))
+        length = stop - start
+        if length <= 0:
+            continue
+        blocks = ceil_div(length, rows)
+        small, larger = divmod(length, blocks)    # ``larger`` blocks of small + 1
+        if larger:
+            runs.append((start, larger, small + 1, guarded))
+        if blocks - larger:
+            runs.append((start + larger * (small + 1), blocks - larger, small, guarded))
     return runs
 
 
@@ -125,20 +141,74 @@ def emit_channel_lanes(out: Writer, fn: IndexSum, piece: schedule.Piece,
     if chosen.chunking is not None:
         _emit_chunked(out, fn, piece, chosen, simd, nests[0], lane_blocks)
         return
-    for n in packed:
-        out.line(f"{ctype} *const {n.panel} = sc_alloc({lane_blocks * n.panel_size(span)} * "
-                 f"sizeof({ctype}));")
-    out.line(f"int sc_bad = !({' && '.join(n.panel for n in packed)});")
+    buffers = [(n.panel, lane_blocks * n.panel_size(span)) for n in packed] + \
+        _copy_buffers(chosen, nests)
+    for name, size in buffers:
+        out.line(f"{ctype} *const {name} = sc_alloc({size} * sizeof({ctype}));")
+    out.line(f"int sc_bad = !({' && '.join(name for name, _ in buffers)});")
     out.open("if (!sc_bad)")
     for n in packed:
         _emit_pack(out, n, lane, span, lane_blocks, simd.dtype)
+    _emit_copies(out, chosen, nests)
     out.close()
     out.open("if (!sc_bad)")
     _emit_blocks(out, fn, piece, chosen, simd, nests, lane_blocks)
     out.close()
     _emit_fallback(out, fn, piece, simd)
-    for n in packed:
-        out.line(f"sc_free({n.panel});")
+    for name, _ in buffers:
+        out.line(f"sc_free({name});")
+
+
+def _copy_name(array: str) -> str:
+    return f"sc_copy_{array}"
+
+
+def _shapes(nests: list[_Nest]) -> dict[str, list[int]]:
+    return {str(r.base.label): [int(d) for d in r.base.shape] for n in nests for r in n.broadcast}
+
+
+def _copy_buffers(chosen: schedule.ChannelLanes, nests: list[_Nest]) -> list[tuple[str, int]]:
+    """(name, elements) of the copies the plan makes."""
+    shapes = _shapes(nests)
+    return [(_copy_name(c.array), math.prod(c.shape(shapes[c.array]))) for c in chosen.copies]
+
+
+def _emit_copies(out: Writer, chosen: schedule.ChannelLanes, nests: list[_Nest]) -> None:
+    shapes = _shapes(nests)
+    for copy in chosen.copies:
+        _emit_copy(out, copy, shapes[copy.array])
+
+
+def _emit_copy(out: Writer, copy: schedule.Copy, shape: list[int]) -> None:
+    """Fill a copy (schedule.Copy): zeros where it has a halo, then every element of the
+    array, the loops in the array's order but the moved axis just outside the last, so each
+    read is a run of neighbours."""
+    name, size = _copy_name(copy.array), math.prod(copy.shape(shape))
+    parallel_loops = min(2, len(shape))
+    if copy.halo:
+        if threaded(out, size):
+            omp_parallel(out, f"parallel for {omp_schedule(size // COPY_ZEROS)}")
+        out.line(f"for (int64_t sc_e = 0; sc_e < {size}; ++sc_e) {name}[sc_e] = 0;")
+    order = list(range(len(shape)))
+    if copy.axis is not None:
+        order.remove(copy.axis)
+        order.insert(len(shape) - 2 if len(shape) > 1 else 0, copy.axis)
+    if threaded(out, math.prod(shape)):
+        outer = math.prod(shape[a] for a in order[:parallel_loops])
+        omp_parallel(out, f"parallel for collapse({parallel_loops}) {omp_schedule(outer)}")
+    for a in order:
+        out.open(f"for (int64_t sc_x{a} = 0; sc_x{a} < {shape[a]}; ++sc_x{a})")
+    place = sympy.IndexedBase(name, shape=copy.shape(shape))[
+        tuple(sympy.Symbol(f"sc_x{a}") + (copy.halo[a][0] if copy.halo else 0)
+              for a in range(len(shape)))]
+    source = sympy.IndexedBase(copy.array, shape=shape)[
+        tuple(sympy.Symbol(f"sc_x{a}") for a in range(len(shape)))]
+    out.line(f"{name}[{flat_offset(place, copy.axis)}] = {copy.array}[{flat_offset(source)}];")
+    for _ in order:
+        out.close()
+
+
+COPY_ZEROS = 4096   # zeros per parallel chunk of a copy's fill
 
 
 def _emit_fallback(out: Writer, fn: IndexSum, piece: schedule.Piece, simd: Simd) -> None:
@@ -185,15 +255,16 @@ def _emit_blocks(out: Writer, fn: IndexSum, piece: schedule.Piece,
     if threaded(out, work(piece.nests, piece.indices)):
         tasks = math.prod(extent(i) for i in outer) * lane_blocks
         omp_parallel(out, f"parallel for collapse({len(outer) + 1}) {omp_schedule(tasks)}")
+    out.open(f"for (int64_t sc_lb = 0; sc_lb < {lane_blocks}; ++sc_lb)")
     for idx in outer:
         lo, hi = index_range(idx)
         out.open(f"for (int64_t {idx.label} = {lo}; {idx.label} <= {hi}; ++{idx.label})")
-    out.open(f"for (int64_t sc_lb = 0; sc_lb < {lane_blocks}; ++sc_lb)")
     for n in nests:
         if n.packed is not None:
             out.line(f"const {C_TYPES[simd.dtype]} *const sc_p{n.number} = "
                      f"{n.panel} + sc_lb * {n.panel_size(span)};")
-    inside = interior(chosen.nests, piece.indices, block)
+    tested = [replace(n, zero_outside=_padded(n, chosen)) for n in chosen.nests]
+    inside = interior(tested, piece.indices, block)
     for first, count, rows, guarded in _block_runs(extent(block), chosen.rows, inside):
         last = first + (count - 1) * rows
         out.open(f"for (int64_t {block.label} = {first}; {block.label} <= {last}; "
@@ -210,7 +281,7 @@ def _emit_block(out: Writer, fn: IndexSum, piece: schedule.Piece,
                 guarded: bool) -> None:
     """One register block: rows ``block`` .. ``block + rows - 1`` x the lane block
     ``sc_lb``; ``guarded``: each row tests the conditions that depend on it."""
-    block, vectors = chosen.block, chosen.vectors
+    block, vectors, span = chosen.block, chosen.vectors, chosen.vectors * simd.width
     accs = [[f"sc_a{r}_{v}" for v in range(vectors)] for r in range(rows)]
     out.open()
     out.line(f"{simd.vec} " + ", ".join(f"{a} = {simd.zero()}" for row in accs for a in row)
@@ -230,11 +301,11 @@ def _emit_block(out: Writer, fn: IndexSum, piece: schedule.Piece,
             if guarded:
                 low += over_lanes(loop.lower, block, None, rows, True)
                 high += over_lanes(loop.upper, block, None, rows, False)
+            start, stop = bound_text(low, True), bound_text(high, False)
             if depth == len(n.nest.loops):
                 # unrolled, GCC shares broadcasts between steps and runs out of registers
                 out.line("#pragma GCC unroll 1")
-            out.open(f"for (int64_t {var} = {bound_text(low, True)}; {var} <= "
-                     f"{bound_text(high, False)}; ++{var})")
+            out.open(f"for (int64_t {var} = {start}; {var} <= {stop}; ++{var})")
             opened += 1
             if n.hoisted.get(depth):
                 out.open(f"if ({' && '.join(f'({c_affine(e)}) >= 0' for e in n.hoisted[depth])})")
@@ -243,7 +314,11 @@ def _emit_block(out: Writer, fn: IndexSum, piece: schedule.Piece,
                        c_affine(n.panel_offset(chosen.vectors * simd.width)))
         for _ in range(opened):
             out.close()
-    _emit_store(out, fn, piece, chosen, simd, accs, rows)
+    out.line(f"{C_TYPES[simd.dtype]} sc_tile[{rows * span}] __attribute__((aligned(64)));")
+    for r in range(rows):
+        for v in range(vectors):
+            out.line(simd.store(f"sc_tile + {r * span + v * simd.width}", accs[r][v], None))
+    _emit_tile_store(out, fn, piece, chosen, span, rows, "sc_tile")
     out.close()
 
 
@@ -266,14 +341,14 @@ def _emit_products(out: Writer, n: _Nest, chosen: schedule.ChannelLanes, simd: S
             for v in range(vectors):
                 out.line(f"{accs[r][v]} = {simd.add(accs[r][v], weights[v])};")
         return
+    copies = {c.array: c for c in chosen.copies}
     per_row = tested or any(depends(p, block) for read in n.broadcast for p in read.indices)
     for r in range(rows):
         # each row's broadcast just before its products: the block's live registers stay
         # its accumulators, the panel's vectors and one broadcast
         if per_row or r == 0:
             here = {block: block + r}
-            factors = [f"{read.base.label}[{flat_offset(read.xreplace(here))}]"
-                       for read in n.broadcast]
+            factors = [_read_text(read.xreplace(here), copies) for read in n.broadcast]
             if n.packed is None and n.constant != 1:
                 factors.append(number_text(n.constant, ctype))
             value = "*".join(factors) if factors else f"(({ctype})1)"
@@ -289,23 +364,30 @@ def _emit_products(out: Writer, n: _Nest, chosen: schedule.ChannelLanes, simd: S
                      f"{simd.fma(scalar, weights[v], acc) if weights else simd.add(acc, scalar)};")
 
 
-def _emit_store(out: Writer, fn: IndexSum, piece: schedule.Piece,
-                chosen: schedule.ChannelLanes, simd: Simd, accs, rows: int) -> None:
-    """The block through a tile: lanes to their channels, rows to their positions."""
-    lane, block, vectors, width = chosen.lane, chosen.block, chosen.vectors, simd.width
-    ctype, span = C_TYPES[simd.dtype], chosen.vectors * simd.width
-    out.line(f"{ctype} sc_tile[{rows}][{span}] __attribute__((aligned(64)));")
-    for r in range(rows):
-        for v in range(vectors):
-            out.line(simd.store(f"&sc_tile[{r}][{v * width}]", accs[r][v], None))
+def _read_text(read: sympy.Indexed, copies: dict[str, schedule.Copy]) -> str:
+    """A broadcast read, from its copy if the plan made one."""
+    name = str(read.base.label)
+    copy = copies.get(name)
+    if copy is None:
+        return f"{name}[{flat_offset(read)}]"
+    shape = [int(d) for d in read.base.shape]
+    moved = sympy.IndexedBase(_copy_name(name), shape=copy.shape(shape))[
+        tuple(p + (copy.halo[a][0] if copy.halo else 0) for a, p in enumerate(read.indices))]
+    return f"{_copy_name(name)}[{flat_offset(moved, copy.axis)}]"
+
+
+def _emit_tile_store(out: Writer, fn: IndexSum, piece: schedule.Piece,
+                     chosen: schedule.ChannelLanes, span: int, rows: int, tile: str) -> None:
+    """Rows ``block`` .. ``block + rows - 1`` from ``tile`` (``span`` lanes per row) to the
+    output: lanes to their channels, rows to their positions."""
+    lane, block = chosen.lane, chosen.block
     out.line(f"const int64_t sc_lanes = sc_min({span}, {extent(lane)} - sc_lb * {span});")
     out.open("for (int64_t sc_l = 0; sc_l < sc_lanes; ++sc_l)")
     out.line(f"const int64_t {lane.label} = sc_lb * {span} + sc_l;")
     offset = output_offset(fn, piece)
     for r in range(rows):
         at = c_affine(sympy.expand(offset.xreplace({block: block + r})))
-        store = f"{fn.output.name}[{at}] = sc_tile[{r}][sc_l];"
-        out.line(store)
+        out.line(f"{fn.output.name}[{at}] = ({tile})[{r * span} + sc_l];")
     out.close()
 
 

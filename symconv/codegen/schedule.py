@@ -105,6 +105,24 @@ class ChannelLanes:
     vectors: int
     nests: tuple[LoopNest, ...] = ()
     chunking: Chunking | None = None
+    copies: tuple[Copy, ...] = ()
+
+
+@dataclass(frozen=True)
+class Copy:
+    """A broadcast array a channel-lane plan reads from a copy made once per call: ``axis``
+    (if not None) moved innermost, so consecutive steps of the innermost loop read
+    neighbouring elements; each axis widened by ``halo`` (zeros before, zeros after), so
+    the reads need no test for the zero padding and no block is guarded for it."""
+
+    array: str
+    axis: int | None
+    halo: tuple[tuple[int, int], ...] | None
+
+    def shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """The copy's shape (axes in the array's order) for an array of ``shape``."""
+        halo = self.halo or [(0, 0)] * len(shape)
+        return tuple(int(d) + lo + hi for d, (lo, hi) in zip(shape, halo))
 
 
 @dataclass(frozen=True)
@@ -454,12 +472,91 @@ def _channel_lanes(piece: Piece, width: int, registers: int) -> ChannelLanes | N
                     for n in piece.nests for g in n.guards):
         nests = tuple(_longest_innermost(_padding_as_bounds(n, block, piece.indices), block)
                       for n in piece.nests)
-        whole = ChannelLanes(lane, block, min(most_rows, extent(block)), vectors, nests)
+        whole = ChannelLanes(lane, block, min(most_rows, extent(block)), vectors, nests,
+                             copies=_copies(nests, piece.indices, lane, block))
         outputs = math.prod(extent(i) for i in piece.indices)
-        if extent(lane) * depth <= outputs:     # packs less than it writes: a weight
+        # a weight (packs less than it writes), or rows long enough to fill register blocks:
+        # a ResNet layer at 14x14 with 256 channels has a weight larger than its output
+        if extent(lane) * depth <= outputs or extent(block) >= most_rows:
             return whole
     chunked = _chunked_channel_lanes(piece, reads, lane, vectors, vectors * width, most_rows)
     return chunked or whole
+
+
+L1_SETS, L1_WAYS, LINE_BYTES = 64, 8, 64    # a typical 32 KiB 8-way L1 data cache
+
+
+SHORT_ROWS = 32      # rows this short spend a quarter of their blocks guarded at the edges
+MAX_HALO_GROWTH = 2  # a copy's zeros may at most double its array
+
+
+def _copies(nests: Sequence[LoopNest], free, lane, block) -> tuple[Copy, ...]:
+    """The broadcast arrays read from a copy (see Copy).  A zero-padded array whose padding
+    guards the edge blocks of rows of at most SHORT_ROWS (14 of a ResNet's 14x14 layer: 8
+    in guarded blocks) gets a halo, if every index is an integer affine expression.  The
+    innermost loop's axis moves innermost when that loop's index runs along one axis, not
+    the last, with unit coefficient, and its steps crowd one L1 set (``_crowded``): a
+    convolution's channel planes of 32³ or 48³ elements (or 16² with a halo) are a multiple
+    of 4 KiB apart, so every channel's line lands in one set and each step evicts a line the
+    block reads again.  An array copied for that gets its halo too."""
+    reads = [(nest, read) for nest in nests for read in factors(nest.body)[1]
+             if not any(lane in p.free_symbols for p in read.indices)]
+    found = []
+    for name in dict.fromkeys(str(read.base.label) for _, read in reads):
+        mine = [(nest, read) for nest, read in reads if str(read.base.label) == name]
+        shape = [int(d) for d in mine[0][1].base.shape]
+        halo = _halo(mine, free, shape)
+        short = block in set().union(*(p.free_symbols for _, r in mine for p in r.indices)) \
+            and extent(block) <= SHORT_ROWS
+        padded = Copy(name, None, halo).shape(shape) if halo and short else shape
+        axis = _moved_axis(mine, padded)
+        if axis is not None or (halo and short):
+            found.append(Copy(name, axis, halo))
+    return tuple(found)
+
+
+def _halo(reads, free, shape) -> tuple[tuple[int, int], ...] | None:
+    """Zeros before and after each axis that cover every read of a zero-padded array, or
+    None (not padded, a quotient index, or the copy more than MAX_HALO_GROWTH times the
+    array)."""
+    halo = [[0, 0] for _ in shape]
+    for nest, read in reads:
+        if str(read.base.label) not in nest.zero_outside:
+            return None
+        if any(integer_form(p)[1] != 1 for p in read.indices):
+            return None
+        box = nest_box(nest, free)
+        for a, (position, size) in enumerate(zip(read.indices, shape)):
+            low, high = value_range(position, box)
+            halo[a] = [max(halo[a][0], -low), max(halo[a][1], high - (size - 1))]
+    grown = math.prod(d + lo + hi for d, (lo, hi) in zip(shape, halo))
+    if not any(map(any, halo)) or grown > MAX_HALO_GROWTH * math.prod(shape):
+        return None
+    return tuple(map(tuple, halo))
+
+
+def _moved_axis(reads, shape) -> int | None:
+    """The axis the innermost loop's steps crowd in an array of ``shape``, if any."""
+    for nest, read in reads:
+        inner = nest.loops[-1].index
+        along = [a for a, p in enumerate(read.indices) if inner in p.free_symbols]
+        if len(along) != 1 or along[0] == len(shape) - 1:
+            continue
+        num, den = integer_form(read.indices[along[0]])
+        if den == 1 and linear_parts(num)[0].get(inner) == 1 and \
+                _crowded(math.prod(shape[along[0] + 1:]), extent(inner)):
+            return along[0]
+    return None
+
+
+def _crowded(stride: int, steps: int, itemsize: int = 4) -> bool:
+    """Whether ``steps`` reads ``stride`` elements apart put more lines into one L1 set than
+    it has ways (float32 sizes: a float64 stride is twice as many bytes, as crowded)."""
+    step = stride * itemsize
+    if step % LINE_BYTES:
+        return False
+    sets = L1_SETS // math.gcd(step // LINE_BYTES, L1_SETS)
+    return ceil_div(steps, sets) > L1_WAYS
 
 
 def extent(index) -> int:
@@ -664,9 +761,13 @@ def describe(piece: Piece, chosen: Plan) -> str:
         chunks = chosen.chunking
         packed = "" if chunks is None else \
             f" packed {chunks.rows * chunks.segment} summation steps at a time"
+        extra = "".join(f"; {c.array} copied" + (f" with axis {c.axis} innermost"
+                                                  if c.axis is not None else "")
+                        + (" with a zero halo" if c.halo else "")
+                        for c in chosen.copies)
         return (f"{where}implicit GEMM: vector lanes along {chosen.lane.label} (panels of "
                 f"{chosen.vectors} vectors{packed}), {chosen.rows} rows of {chosen.block.label} "
-                f"broadcast per register block")
+                f"broadcast per register block{extra}")
     if isinstance(chosen, OutputLanes):
         rows = f", {chosen.rows} rows of {chosen.block.label}" if chosen.block is not None else ""
         return (f"{where}vector lanes along {chosen.lane.label} ({chosen.vectors} vectors"
