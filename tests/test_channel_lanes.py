@@ -34,13 +34,13 @@ SPECS = [
     pytest.param(ConvSpec((2, 48, 14, 14), (16, 48, 3, 3), padding=1), id="2d-copy-halo-moved"),
     # ... the channels innermost only (no padding, 4 KiB channel planes) ...
     pytest.param(ConvSpec((1, 16, 16, 64), (16, 16, 3, 3)), id="2d-copy-moved"),
-    # ... a halo only, in float64, dilated (12-wide rows)
+    # ... for its halo, in float64, dilated (12-wide rows)
     pytest.param(ConvSpec((1, 16, 12, 12), (8, 16, 3, 3), padding=2, dilation=2,
                           dtype="float64"), id="2d-copy-halo-f64"),
 ]
 COPIES = {"2d-copy-halo-moved": (1, ((0, 0), (0, 0), (1, 1), (1, 1))),
           "2d-copy-moved": (1, None),
-          "2d-copy-halo-f64": (None, ((0, 0), (0, 0), (2, 2), (2, 2)))}
+          "2d-copy-halo-f64": (1, ((0, 0), (0, 0), (2, 2), (2, 2)))}
 
 
 def _compiled(spec):

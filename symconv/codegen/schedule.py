@@ -494,11 +494,12 @@ def _copies(nests: Sequence[LoopNest], free, lane, block) -> tuple[Copy, ...]:
     """The broadcast arrays read from a copy (see Copy).  A zero-padded array whose padding
     guards the edge blocks of rows of at most SHORT_ROWS (14 of a ResNet's 14x14 layer: 8
     in guarded blocks) gets a halo, if every index is an integer affine expression.  The
-    innermost loop's axis moves innermost when that loop's index runs along one axis, not
-    the last, with unit coefficient, and its steps crowd one L1 set (``_crowded``): a
-    convolution's channel planes of 32³ or 48³ elements (or 16² with a halo) are a multiple
-    of 4 KiB apart, so every channel's line lands in one set and each step evicts a line the
-    block reads again.  An array copied for that gets its halo too."""
+    innermost loop's axis (the input channels) moves innermost when that loop's index runs
+    along one axis, not the last, with unit coefficient, and the array is copied for its
+    halo or the steps crowd one L1 set (``_crowded``): a convolution's channel planes of
+    32³ or 48³ elements are a multiple of 4 KiB apart, so every channel's line lands in one
+    set and each step evicts a line the block reads again.  An array copied for that gets
+    its halo too."""
     reads = [(nest, read) for nest in nests for read in factors(nest.body)[1]
              if not any(lane in p.free_symbols for p in read.indices)]
     found = []
@@ -508,8 +509,7 @@ def _copies(nests: Sequence[LoopNest], free, lane, block) -> tuple[Copy, ...]:
         halo = _halo(mine, free, shape)
         short = block in set().union(*(p.free_symbols for _, r in mine for p in r.indices)) \
             and extent(block) <= SHORT_ROWS
-        padded = Copy(name, None, halo).shape(shape) if halo and short else shape
-        axis = _moved_axis(mine, padded)
+        axis = _moved_axis(mine, shape, always=bool(halo and short))
         if axis is not None or (halo and short):
             found.append(Copy(name, axis, halo))
     return tuple(found)
@@ -535,8 +535,9 @@ def _halo(reads, free, shape) -> tuple[tuple[int, int], ...] | None:
     return tuple(map(tuple, halo))
 
 
-def _moved_axis(reads, shape) -> int | None:
-    """The axis the innermost loop's steps crowd in an array of ``shape``, if any."""
+def _moved_axis(reads, shape, always: bool) -> int | None:
+    """The axis the innermost loop's steps run along in an array of ``shape``, if they crowd
+    it or the array is copied ``always``."""
     for nest, read in reads:
         inner = nest.loops[-1].index
         along = [a for a, p in enumerate(read.indices) if inner in p.free_symbols]
@@ -544,7 +545,7 @@ def _moved_axis(reads, shape) -> int | None:
             continue
         num, den = integer_form(read.indices[along[0]])
         if den == 1 and linear_parts(num)[0].get(inner) == 1 and \
-                _crowded(math.prod(shape[along[0] + 1:]), extent(inner)):
+                (always or _crowded(math.prod(shape[along[0] + 1:]), extent(inner))):
             return along[0]
     return None
 
