@@ -79,6 +79,23 @@ def test_which_inputs_are_read_from_a_copy(name):
     assert "a_input copied" in schedule.describe(piece, chosen)
 
 
+def test_a_stem_weight_gradient_runs_its_rows_along_a_kernel_axis(compile_spec, rng):
+    """Three input channels are too few rows; with the input copied into a zero halo the
+    rows run along the 7 taps of the last kernel axis, which no padding test then uses."""
+    spec = ConvSpec((1, 3, 260, 259), (16, 3, 7, 7), stride=2, padding=3)   # > MAX_GEMM_DEPTH
+    ((piece, chosen),) = _compiled(spec).plans["grad_weight"]
+    assert isinstance(chosen, schedule.ChannelLanes) and chosen.chunking is not None
+    assert str(chosen.block) == "i_k1" and chosen.rows == 4       # 7 taps: blocks of 4 + 3
+    (copy,) = chosen.copies
+    assert copy.array == "a_input" and copy.axis is None and copy.halo[2:] == ((3, 2), (3, 3))
+    x, w, b, gy = random_arrays(spec, rng)
+    expected = conv_backward(x, w, gy, *oracle_args(spec))
+    for kernel in runnable_variants(compile_spec(spec)):
+        _, gw, gb = kernel.backward(x, w, gy)
+        assert_close(gw, expected[1], spec.dtype, f"{kernel.variant.target} grad_weight")
+        assert_close(gb, expected[2], spec.dtype, f"{kernel.variant.target} grad_bias")
+
+
 def test_no_copy_where_it_does_not_pay():
     """56-wide rows, channel planes 12.25 KiB apart: read in place."""
     compiled = _compiled(ConvSpec((1, 16, 56, 56), (16, 16, 3, 3), padding=1))

@@ -410,7 +410,14 @@ def _emit_chunked(out: Writer, fn: IndexSum, piece: schedule.Piece,
     parallel = threaded(out, work(piece.nests, piece.indices))
     out.line(f"{ctype} *const sc_work = sc_alloc((size_t)(sc_threads > 1 ? sc_threads : 1) * "
              f"{per_thread} * sizeof({ctype}));")
-    out.line("int sc_bad = !sc_work;")
+    copies = _copy_buffers(chosen, [n])
+    for name, size in copies:
+        out.line(f"{ctype} *const {name} = sc_alloc({size} * sizeof({ctype}));")
+    out.line(f"int sc_bad = !({' && '.join(['sc_work'] + [name for name, _ in copies])});")
+    if copies:
+        out.open("if (!sc_bad)")
+        _emit_copies(out, chosen, [n])
+        out.close()
     out.open("if (!sc_bad)")
     if parallel:
         omp_parallel(out, f"parallel for collapse(2) {omp_schedule(lane_blocks * groups)} "
@@ -488,7 +495,8 @@ def _emit_chunked(out: Writer, fn: IndexSum, piece: schedule.Piece,
     out.close()    # lane blocks
     out.close()    # if (!sc_bad)
     _emit_fallback(out, fn, piece, simd)
-    out.line("sc_free(sc_work);")
+    for name in ["sc_work"] + [name for name, _ in copies]:
+        out.line(f"sc_free({name});")
 
 
 def _decode_rows(out: Writer, outer) -> None:

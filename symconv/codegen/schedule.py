@@ -585,18 +585,19 @@ def _chunked_channel_lanes(piece: Piece, reads, lane, vectors: int, span: int,
     packed = [c for c in coefficients if lane in c]
     if nest.loops[-1].index not in packed[0]:
         return None
-    conditions = set(_bound_symbols(nest))
-    for read in read_list:
-        if str(read.base.label) in nest.zero_outside:
-            for expr in in_range_exprs(read, nest_box(nest, piece.indices)):
-                conditions |= expr.free_symbols
-    options = [u for u in piece.indices if u != lane and u not in packed[0]
-               and u not in conditions and any(u in c for c in coefficients)
-               and extent(u) >= MIN_GEMM_ROWS]
+    copies: tuple[Copy, ...] = ()
+    options = _row_options(piece, nest, read_list, coefficients, lane, packed[0])
+    if not options:
+        # a zero-padded broadcast array read from a copy with a zero halo needs no test, so
+        # the rows may run along a kernel axis (a 7x7 stem's weight gradient: 3 channels)
+        copies = _halo_copies(piece, nest, read_list, lane)
+        nest = replace(nest, zero_outside=tuple(a for a in nest.zero_outside
+                                                if a not in {c.array for c in copies}))
+        options = _row_options(piece, nest, read_list, coefficients, lane, packed[0])
     if not options:
         return None
-    block = max(options, key=extent)
-    rows = min(most_rows, extent(block))
+    block = max(options, key=lambda u: (extent(u), piece.indices.index(u)))   # ties: inner
+    rows = balanced(extent(block), most_rows)
     inner = extent(nest.loops[-1].index)
     segment = min(inner, GEMM_CHUNK)
     chunk_rows = max(1, GEMM_CHUNK // inner) if inner < GEMM_CHUNK else 1
@@ -606,7 +607,33 @@ def _chunked_channel_lanes(piece: Piece, reads, lane, vectors: int, span: int,
     group = rows * ceil_div(blocks, groups)
     chunking = Chunking(chunk_rows, segment, group)
     return ChannelLanes(lane, block, rows, vectors,
-                        (_padding_as_bounds(nest, block, piece.indices),), chunking)
+                        (_padding_as_bounds(nest, block, piece.indices),), chunking, copies)
+
+
+def _row_options(piece: Piece, nest: LoopNest, read_list, coefficients, lane, packed):
+    """The free indices a chunked plan's rows may run along: not the lane, not read by the
+    packed read, read by some other, in no condition, at least MIN_GEMM_ROWS long."""
+    conditions = set(_bound_symbols(nest))
+    for read in read_list:
+        if str(read.base.label) in nest.zero_outside:
+            for expr in in_range_exprs(read, nest_box(nest, piece.indices)):
+                conditions |= expr.free_symbols
+    return [u for u in piece.indices if u != lane and u not in packed
+            and u not in conditions and any(u in c for c in coefficients)
+            and extent(u) >= MIN_GEMM_ROWS]
+
+
+def _halo_copies(piece: Piece, nest: LoopNest, read_list, lane) -> tuple[Copy, ...]:
+    """A copy with a zero halo of each zero-padded array the lane does not index."""
+    copies = []
+    for name in dict.fromkeys(str(r.base.label) for r in read_list
+                              if str(r.base.label) in nest.zero_outside):
+        mine = [(nest, r) for r in read_list if str(r.base.label) == name]
+        halo = _halo(mine, piece.indices, [int(d) for d in mine[0][1].base.shape])
+        if halo is not None and not any(lane in p.free_symbols for _, r in mine
+                                        for p in r.indices):
+            copies.append(Copy(name, None, halo))
+    return tuple(copies)
 
 
 def in_range_exprs(access: sympy.Indexed, box=None) -> list[sympy.Expr]:
