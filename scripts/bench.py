@@ -2,6 +2,7 @@
 
     python scripts/bench.py                      # the whole suite, 1 and 2 threads
     python scripts/bench.py --cases 2d-56 --threads 1 --repeat 5 --json out.json
+    python scripts/bench.py --avx2               # AVX2 symconv against AVX2-only torch
 
 For every case it times forward, grad_input and grad_weight(+bias) — each the
 median of repeated runs after a warm-up — for symconv (into reused ``out=``
@@ -25,6 +26,8 @@ import json
 import math
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -338,6 +341,19 @@ def fastest(entry: dict, baseline: str) -> float:
     return min(entry[baseline], entry.get("torch_cl", entry[baseline]))
 
 
+def run_avx2_child() -> None:
+    """This script again, with ``--target x86-64-v3``, in a process whose torch (oneDNN and
+    ATen) may use AVX2 at most: the variables must be set before torch is imported."""
+    argv = [a for a in sys.argv[1:] if a != "--avx2"]
+    if "--target" in argv:
+        del argv[argv.index("--target"):argv.index("--target") + 2]
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2")
+    print("symconv x86-64-v3 against torch with ONEDNN_MAX_CPU_ISA=AVX2 "
+          "ATEN_CPU_CAPABILITY=avx2", flush=True)
+    raise SystemExit(subprocess.call([sys.executable, __file__, *argv,
+                                      "--target", "x86-64-v3"], env=env))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="", help="comma-separated substrings of case names")
@@ -347,7 +363,13 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--target", default=None, help="symconv build target (default: "
                         "AVX-512 and AVX2 code, the best run; 'x86-64-v3' for AVX2 alone)")
+    parser.add_argument("--avx2", action="store_true", help="symconv's AVX2 variant against "
+                        "torch restricted to AVX2, in a child process (what AVX2-only "
+                        "machines see)")
     args = parser.parse_args()
+    if args.avx2:
+        run_avx2_child()
+        return
     try:
         import torch
     except ImportError:

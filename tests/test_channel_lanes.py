@@ -96,6 +96,20 @@ def test_a_stem_weight_gradient_runs_its_rows_along_a_kernel_axis(compile_spec, 
         assert_close(gb, expected[2], spec.dtype, f"{kernel.variant.target} grad_bias")
 
 
+def test_which_lane_a_1x1_weight_gradient_takes(compile_spec, rng):
+    """Chunked, the shorter of two possible lanes leaves the longer index to the rows; a 1x1
+    kernel's indices (one value each) do not stop the input from being packed."""
+    short = _compiled(ConvSpec((2, 40, 6, 6), (8, 40, 1, 1))).plans["grad_weight"][0][1]
+    assert (str(short.lane), str(short.block)) == ("i_o", "i_c")
+    spec = ConvSpec((2, 40, 10, 10), (4, 40, 1, 1))          # 4 output channels: no lane
+    ((_, chosen),) = _compiled(spec).plans["grad_weight"]
+    assert (str(chosen.lane), str(chosen.block)) == ("i_c", "i_o") and chosen.chunking
+    x, w, b, gy = random_arrays(spec, rng)
+    expected = conv_backward(x, w, gy, *oracle_args(spec))[1]
+    for kernel in runnable_variants(compile_spec(spec)):
+        assert_close(kernel.backward(x, w, gy)[1], expected, spec.dtype, "grad_weight")
+
+
 def test_no_copy_where_it_does_not_pay():
     """56-wide rows, channel planes 12.25 KiB apart: read in place."""
     compiled = _compiled(ConvSpec((1, 16, 56, 56), (16, 16, 3, 3), padding=1))

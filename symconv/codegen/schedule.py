@@ -479,8 +479,15 @@ def _channel_lanes(piece: Piece, width: int, registers: int) -> ChannelLanes | N
         # a ResNet layer at 14x14 with 256 channels has a weight larger than its output
         if extent(lane) * depth <= outputs or extent(block) >= most_rows:
             return whole
-    chunked = _chunked_channel_lanes(piece, reads, lane, vectors, vectors * width, most_rows)
-    return chunked or whole
+    # chunked, the panel is packed per chunk and reused by every row: the shorter lane
+    # leaves the longer index to the rows (a 1x1 layer 144 -> 24: lanes along the 24)
+    for lane in sorted(candidates, key=extent):
+        vectors = min(2, ceil_div(extent(lane), width))
+        chunked = _chunked_channel_lanes(piece, reads, lane, vectors, vectors * width,
+                                         (registers - vectors - 2) // vectors)
+        if chunked is not None:
+            return chunked
+    return whole
 
 
 L1_SETS, L1_WAYS, LINE_BYTES = 64, 8, 64    # a typical 32 KiB 8-way L1 data cache
@@ -709,14 +716,16 @@ def _loop_bound_symbols(loop) -> set:
 
 def _packable(nest: LoopNest, read_list, coefficients, lane) -> bool:
     """Whether at most one read of a nest uses ``lane``, that read depends on nothing but the
-    lane and the nest's loops and is not zero-padded, and no other read uses the lane."""
+    lane, the nest's loops and indices of one value (a 1x1 kernel's: the packing puts it
+    in) and is not zero-padded, and no other read uses the lane."""
     loops = {loop.index for loop in nest.loops}
     users = [(read, c) for read, c in zip(read_list, coefficients) if lane in c]
     if len(users) > 1:
         return False
     if users:
         read, c = users[0]
-        if set(c) - loops - {lane} or str(read.base.label) in nest.zero_outside:
+        if any(extent(u) > 1 for u in set(c) - loops - {lane}) or \
+                str(read.base.label) in nest.zero_outside:
             return False
     return True
 
