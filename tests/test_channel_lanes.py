@@ -79,6 +79,19 @@ def test_which_inputs_are_read_from_a_copy(name):
     assert "a_input copied" in schedule.describe(piece, chosen)
 
 
+def test_an_input_gradient_reads_a_halo_instead_of_bounding_its_taps():
+    """The taps' loop bounds that keep grad_output's index in range along the rows become
+    a zero halo of its copy: no loop bound, and so no block test, depends on the rows."""
+    (spec,) = [p.values[0] for p in SPECS if p.id == "2d-copy-halo-moved"]
+    ((_, chosen),) = _compiled(spec).plans["grad_input"]
+    (copy,) = chosen.copies
+    assert copy.array == "a_grad_output" and copy.halo[3] == (1, 1)
+    (nest,) = chosen.nests
+    assert "a_grad_output" in nest.zero_outside
+    assert not any(chosen.block in b.num.free_symbols
+                   for loop in nest.loops for b in (*loop.lower, *loop.upper))
+
+
 def test_a_stem_weight_gradient_runs_its_rows_along_a_kernel_axis(compile_spec, rng):
     """Three input channels are too few rows; with the input copied into a zero halo the
     rows run along the 7 taps of the last kernel axis, which no padding test then uses."""
