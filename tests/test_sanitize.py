@@ -129,17 +129,22 @@ def _fuzz_cases():
     # channels that fill AVX2 and AVX-512 vectors (the channel-lane plans), a partial lane
     # block, guarded edges, a stride, a chunked weight gradient
     channels = ConvSpec((1, 16, 9, 11), (24, 16, 3, 3), padding=1, stride=(1, 2))
+    # an input gradient reading grad_output from a zero-halo copy instead of bounding taps
+    halo = ConvSpec((1, 16, 10, 12), (16, 16, 3, 3), padding=1)
     for target in targets:
         found.append((f"threaded on {target}", fuzzing.Case(threaded, target, 3)))
         found.append((f"channel lanes on {target}", fuzzing.Case(channels, target, 4, True)))
+    if targets[-1] != "x86-64":
+        found.append((f"halo copies on {targets[-1]}", fuzzing.Case(halo, targets[-1], 5, True)))
     return found
 
 
 def test_fuzz_cases_under_address_and_undefined_behaviour_sanitizers(cache_dir):
     """Forward and every gradient of each case, built sanitized on every target, in exact
     allocations and in guard regions: no sanitizer report, and results match the oracle.
-    The cases cover every plan of the schedule (channel lanes, whole and chunked, output
-    lanes, reduction lanes, scalar) in each vector instruction set."""
+    The cases cover every plan of the schedule (channel lanes, whole and chunked, with
+    copies that have a zero halo and the channels innermost; output lanes, reduction lanes,
+    scalar) in each vector instruction set."""
     cases = _fuzz_cases()
     jobs = sanitize.build_cases(cases, cache_dir / "sanitized")
     report = sanitize.run_jobs(jobs, timeout=900)
@@ -153,7 +158,8 @@ def test_fuzz_cases_under_address_and_undefined_behaviour_sanitizers(cache_dir):
         isa = "avx512" if "__m512" in source else "avx2" if "__m256" in source else "c"
         plans |= {(isa, plan) for plan in ("implicit GEMM", "summation steps at a time",
                                            "vector lanes along", "partial sums in lanes",
-                                           "scalar loops", "omp parallel") if plan in source}
+                                           "scalar loops", "omp parallel", "zero halo",
+                                           "innermost") if plan in source}
         plans |= {(isa, "output lanes") for line in source.splitlines()
                   if "vector lanes along" in line and "implicit GEMM" not in line}
     expected = {("c", "scalar loops"), ("c", "omp parallel")}
@@ -162,5 +168,5 @@ def test_fuzz_cases_under_address_and_undefined_behaviour_sanitizers(cache_dir):
                for job in jobs):
             expected |= {(isa, "output lanes"), (isa, "partial sums in lanes"),
                          (isa, "implicit GEMM"), (isa, "summation steps at a time"),
-                         (isa, "omp parallel")}
+                         (isa, "omp parallel"), (isa, "zero halo"), (isa, "innermost")}
     assert expected <= plans, sorted(expected - plans)
