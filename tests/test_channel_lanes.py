@@ -224,15 +224,34 @@ def test_what_channel_lanes_leave_to_other_plans():
     assert not isinstance(stem.plans["grad_input"][0][1], schedule.ChannelLanes)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_depthwise_rows_load_their_own_vectors(dtype, compile_spec, rng):
+    """A depthwise layer has no index that only broadcast reads use: its output-lane blocks
+    take rows of output lines, each loading its own vectors and sharing the weights."""
+    spec = ConvSpec((2, 8, 13, 16), (8, 1, 3, 3), padding=1, groups=8, dtype=dtype)
+    ((_, chosen),) = _compiled(spec).plans["forward"]
+    assert isinstance(chosen, schedule.OutputLanes) and str(chosen.block) == "i_i0"
+    assert chosen.rows > 1
+    x, w, b, gy = random_arrays(spec, rng)
+    expected = conv_forward(x, w, b, *oracle_args(spec))
+    for kernel in runnable_variants(compile_spec(spec)):
+        assert_close(kernel.forward(x, w, b), expected, dtype, kernel.variant.target)
+        for got, ref in zip(kernel.backward(x, w, gy), conv_backward(x, w, gy,
+                                                                       *oracle_args(spec))):
+            assert_close(got, ref, dtype, f"{kernel.variant.target} backward")
+
+
 @pytest.mark.parametrize("open_batch", [False, True])
 def test_nan_and_infinity_where_the_definition_puts_them(open_batch, cache_dir):
     """A plan skips products with padding zeros, which are NaN when the other factor is not
     finite: a NaN or ±∞ among the packed values sends the piece to its plain loop nest.
     (fuzzing.check_case plants NaN and ±∞ in every array and compares where they land.)"""
     import fuzzing
-    for param in SPECS[:3] + [p for p in SPECS if p.id in COPIES]:
+    depthwise = ConvSpec((2, 8, 13, 16), (8, 1, 3, 3), padding=1, groups=8)
+    for spec in [p.values[0] for p in SPECS[:3] + [p for p in SPECS if p.id in COPIES]] + \
+            [depthwise]:
         for seed in range(6):
-            case = fuzzing.Case(param.values[0], "x86-64-v3", seed, True, open_batch)
+            case = fuzzing.Case(spec, "x86-64-v3", seed, True, open_batch)
             kernel = compiler.compile_conv(case.kernel_spec, cache_dir=cache_dir,
                                            target=case.target)
             fuzzing.check_case(kernel, case)

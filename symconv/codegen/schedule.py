@@ -414,16 +414,29 @@ def _output_lanes(piece: Piece, width: int, budget: int) -> OutputLanes | None:
     if linear_parts(position)[0].get(lane, 0) < 1:
         return None
     in_bounds = set().union(*(_bound_symbols(n) for n in piece.nests))
-    candidates = []
+    lane_padding = set().union(*(e.free_symbols for n in piece.nests
+                                 for r in accesses(n.body) if str(r.base.label) in n.zero_outside
+                                 for e in in_range_exprs(r) if lane in e.free_symbols))
+    candidates, loaded = [], []
     for u in piece.indices[:-1]:
         if u in in_bounds:
             continue
         uses = [c for _, _, coefficients in reads for c in coefficients if u in c]
         if uses and all(lane not in c for c in uses):
             candidates.append(u)
-    block = max(candidates, key=lambda u: index_range(u)[1], default=None)
+        elif uses and u not in lane_padding and index_range(u)[1] + 1 >= MIN_GEMM_ROWS and \
+                all(c.get(lane, 1) == 1 and c.get(u, 0) <= 2 * extent for c in uses):
+            loaded.append(u)      # rows that load their own vectors from neighbouring lines
+    # rows that only broadcast share each vector load; without them, rows that load their
+    # own vectors still give the block enough accumulators to hide the FMA latency
     vectors_max = ceil_div(extent, width)
     nests = tuple(_lane_conditions_outermost(n, lane) for n in piece.nests)
+    long = [u for u in candidates if index_range(u)[1] + 1 >= MIN_GEMM_ROWS]
+    if loaded and not long:   # a depthwise layer's output rows: own loads, shared weights
+        block = loaded[-1]
+        rows = balanced(index_range(block)[1] + 1, max(1, budget // vectors_max))
+        return OutputLanes(lane, block, rows, max(1, min(vectors_max, budget // rows)), nests)
+    block = max(long or candidates, key=lambda u: index_range(u)[1], default=None)
     if block is None:
         return OutputLanes(lane, None, 1, min(vectors_max, budget // 3), nests)
     rows = balanced(index_range(block)[1] + 1, 4 if vectors_max >= 3 else 6)

@@ -416,6 +416,7 @@ def _accumulate_output_lanes(out, reads: _Reads, chosen, simd: Simd, accs, row_v
     ctype = C_TYPES[simd.dtype]
     per_row: list[list[str]] = [[] for _ in range(rows)]   # factor vectors per row
     per_vector: list[list[str]] = [[] for _ in range(vectors)]
+    per_cell = [[[] for _ in range(vectors)] for _ in range(rows)]
     shared: list[str] = []
     constant = reads.constant      # folded into the first broadcast read, if there is one
     for number, (access, offset, padded) in enumerate(reads.items):
@@ -441,23 +442,30 @@ def _accumulate_output_lanes(out, reads: _Reads, chosen, simd: Simd, accs, row_v
                 (per_row[r] if r is not None else shared).append(vector)
             constant = sympy.Integer(1)
         else:
-            test = " && ".join(f"({c_affine(e)}) >= 0" for e in scalar_checks)
-            for q in range(vectors):
-                at = c_affine(offset.xreplace({lane: lane_at[q]}))
-                mask = loads[number][q] if loads is not None else None
-                load = simd.load(f"{name} + {at}", stride, mask)
-                if test:
-                    load = f"({test}) ? {load} : {simd.zero()}"
-                vector = f"sc_w{number}_{q}"
-                out.line(f"const {simd.vec} {vector} = {load};")
-                per_vector[q].append(vector)
+            # a read that depends on the rows loads its vectors per row (schedule: rows along
+            # an index the lane reads use, a depthwise layer's channels)
+            rowed = block is not None and depends(offset, block)
+            for r in range(rows) if rowed else [None]:
+                here = {block: row_vars[r]} if r is not None else {}
+                test = " && ".join(f"({c_affine(sympy.expand(e.xreplace(here)))}) >= 0"
+                                   for e in scalar_checks)
+                for q in range(vectors):
+                    at = c_affine(offset.xreplace({**here, lane: lane_at[q]}))
+                    mask = loads[number][q] if loads is not None else None
+                    load = simd.load(f"{name} + {at}", stride, mask)
+                    if test:
+                        load = f"({test}) ? {load} : {simd.zero()}"
+                    vector = f"sc_w{number}_{q}" + (f"_{r}" if r is not None else "")
+                    out.line(f"const {simd.vec} {vector} = {load};")
+                    (per_cell[r][q] if r is not None else per_vector[q]).append(vector)
     scale = None
     if constant != 1:
         scale = "sc_scale"
         out.line(f"const {simd.vec} sc_scale = {simd.set1(number_text(constant, ctype))};")
     for r in range(rows):
         for q in range(vectors):
-            factors = shared + per_row[r] + per_vector[q] + ([scale] if scale else [])
+            factors = shared + per_row[r] + per_vector[q] + per_cell[r][q] + \
+                ([scale] if scale else [])
             acc = accs[r][q]
             out.line(f"{acc} = {simd.accumulate(acc, factors, domain[q] if domain else None)};")
 
