@@ -107,6 +107,32 @@ def _padded(nest: LoopNest, chosen: schedule.ChannelLanes) -> tuple[str, ...]:
     return tuple(a for a in nest.zero_outside if a not in haloed)
 
 
+@dataclass(frozen=True)
+class _Emission:
+    """One piece's emission, what every routine below reads: where the C goes, the sum, the
+    piece, its plan, the vector instruction set and the plan's nests as blocks read them."""
+
+    out: Writer
+    fn: IndexSum
+    piece: schedule.Piece
+    chosen: schedule.ChannelLanes
+    simd: Simd
+    nests: tuple[_Nest, ...]
+
+    @property
+    def span(self) -> int:
+        """Lanes per register block (and per panel row)."""
+        return self.chosen.vectors * self.simd.width
+
+    @property
+    def lane_blocks(self) -> int:
+        return ceil_div(extent(self.chosen.lane), self.span)
+
+    @property
+    def ctype(self) -> str:
+        return C_TYPES[self.simd.dtype]
+
+
 def _block_runs(extent: int, rows: int,
                 inside: tuple[int, int]) -> list[tuple[int, int, int, bool]]:
     """Cover positions 0..extent-1 exactly with runs (start, count, rows, guarded) of equal
@@ -137,28 +163,25 @@ def _block_runs(extent: int, rows: int,
 def emit_channel_lanes(out: Writer, fn: IndexSum, piece: schedule.Piece,
                        chosen: schedule.ChannelLanes, simd: Simd) -> None:
     """Pack the panels, then every output block by the plan (see the module text)."""
-    lane, ctype = chosen.lane, C_TYPES[simd.dtype]
-    span = chosen.vectors * simd.width
-    lane_blocks = ceil_div(extent(lane), span)
-    nests = _nests(piece, chosen)
-    packed = [n for n in nests if n.packed is not None]
+    e = _Emission(out, fn, piece, chosen, simd, tuple(_nests(piece, chosen)))
     if chosen.chunking is not None:
-        _emit_chunked(out, fn, piece, chosen, simd, nests[0], lane_blocks)
+        _emit_chunked(e)
         return
-    buffers = [(n.panel, lane_blocks * n.panel_size(span)) for n in packed] + \
-        _copy_buffers(chosen, nests)
+    packed = [n for n in e.nests if n.packed is not None]
+    buffers = [(n.panel, e.lane_blocks * n.panel_size(e.span)) for n in packed] + \
+        _copy_buffers(e)
     for name, size in buffers:
-        out.line(f"{ctype} *const {name} = sc_alloc({size} * sizeof({ctype}));")
+        out.line(f"{e.ctype} *const {name} = sc_alloc({size} * sizeof({e.ctype}));")
     out.line(f"int sc_bad = !({' && '.join(name for name, _ in buffers)});")
     out.open("if (!sc_bad)")
     for n in packed:
-        _emit_pack(out, n, lane, span, lane_blocks, simd.dtype)
-    _emit_copies(out, chosen, nests)
+        _emit_pack(e, n)
+    _emit_copies(e)
     out.close()
     out.open("if (!sc_bad)")
-    _emit_blocks(out, fn, piece, chosen, simd, nests, lane_blocks)
+    _emit_blocks(e)
     out.close()
-    _emit_fallback(out, fn, piece, simd)
+    _emit_fallback(e)
     for name, _ in buffers:
         out.line(f"sc_free({name});")
 
@@ -167,20 +190,21 @@ def _copy_name(array: str) -> str:
     return f"sc_copy_{array}"
 
 
-def _shapes(nests: list[_Nest]) -> dict[str, list[int]]:
-    return {str(r.base.label): [int(d) for d in r.base.shape] for n in nests for r in n.broadcast}
+def _shapes(e: _Emission) -> dict[str, list[int]]:
+    return {str(r.base.label): [int(d) for d in r.base.shape]
+            for n in e.nests for r in n.broadcast}
 
 
-def _copy_buffers(chosen: schedule.ChannelLanes, nests: list[_Nest]) -> list[tuple[str, int]]:
+def _copy_buffers(e: _Emission) -> list[tuple[str, int]]:
     """(name, elements) of the copies the plan makes."""
-    shapes = _shapes(nests)
-    return [(_copy_name(c.array), math.prod(c.shape(shapes[c.array]))) for c in chosen.copies]
+    shapes = _shapes(e)
+    return [(_copy_name(c.array), math.prod(c.shape(shapes[c.array]))) for c in e.chosen.copies]
 
 
-def _emit_copies(out: Writer, chosen: schedule.ChannelLanes, nests: list[_Nest]) -> None:
-    shapes = _shapes(nests)
-    for copy in chosen.copies:
-        _emit_copy(out, copy, shapes[copy.array])
+def _emit_copies(e: _Emission) -> None:
+    shapes = _shapes(e)
+    for copy in e.chosen.copies:
+        _emit_copy(e.out, copy, shapes[copy.array])
 
 
 def _emit_copy(out: Writer, copy: schedule.Copy, shape: list[int]) -> None:
@@ -225,20 +249,21 @@ MOVE_COST = 8      # loop iterations an element moved into a panel or a copy cos
 COPY_TILE = 16     # elements of the last axis per tile of a copy: a 64-byte line of float32
 
 
-def _emit_fallback(out: Writer, fn: IndexSum, piece: schedule.Piece, simd: Simd) -> None:
+def _emit_fallback(e: _Emission) -> None:
     """The plain loop nest where the plan cannot run (``sc_bad``): no memory for its panels,
     or a packed value that is NaN or infinite.  The plan skips products with the zeros
     outside a padded array and with reads outside a loop's bounds; 0·∞ and 0·NaN are NaN,
     so those products count where a packed value is not finite, and the plain nest, which
     computes the sum as defined, runs instead."""
-    out.open("if (sc_bad)")
-    emit_scalar_piece(out, fn, piece, simd.dtype)
-    out.close()
+    e.out.open("if (sc_bad)")
+    emit_scalar_piece(e.out, e.fn, e.piece, e.simd.dtype)
+    e.out.close()
 
 
-def _emit_pack(out: Writer, n: _Nest, lane, span: int, lane_blocks: int, dtype: str) -> None:
+def _emit_pack(e: _Emission, n: _Nest) -> None:
     """panel[lane block][dims...][lane] = constant x the read (0 past the last lane), on
     threads over lane blocks and the first loop (a 256-channel 3x3 weight is 2.4 MB)."""
+    out, lane, span, lane_blocks = e.out, e.chosen.lane, e.span, e.lane_blocks
     if threaded(out, MOVE_COST * lane_blocks * n.panel_size(span)):
         loops = min(2, 1 + len(n.dims))
         tasks = lane_blocks * math.prod(extent(d) for d in n.dims[:loops - 1])
@@ -250,27 +275,27 @@ def _emit_pack(out: Writer, n: _Nest, lane, span: int, lane_blocks: int, dtype: 
         out.open(f"for (int64_t {d.label} = {lo}; {d.label} <= {hi}; ++{d.label})")
     out.open(f"for (int64_t sc_l = 0; sc_l < {span}; ++sc_l)")
     out.line(f"const int64_t {lane.label} = sc_lb * {span} + sc_l;")
-    _pack_element(out, n, lane, n.panel,
-                  f"sc_lb * {n.panel_size(span)} + {c_affine(n.panel_offset(span))} + sc_l", dtype)
+    _pack_element(e, n, n.panel,
+                  f"sc_lb * {n.panel_size(span)} + {c_affine(n.panel_offset(span))} + sc_l")
     for _ in (*n.dims, None, None):
         out.close()
 
 
-def _pack_element(out: Writer, n: _Nest, lane, panel: str, at: str, dtype: str) -> None:
-    """``panel[at]`` = the constant x the packed read at lane ``lane`` (0 past the last lane);
-    ``sc_bad`` is set if it is not finite (see _emit_fallback)."""
-    value = BodyPrinter(dtype).doprint(n.constant * n.packed)
-    out.line(f"const {C_TYPES[dtype]} sc_v = {lane.label} <= {index_range(lane)[1]} ? "
+def _pack_element(e: _Emission, n: _Nest, panel: str, at: str) -> None:
+    """``panel[at]`` = the constant x the packed read at the current lane (0 past the last
+    lane); ``sc_bad`` is set if it is not finite (see _emit_fallback)."""
+    out, lane = e.out, e.chosen.lane
+    value = BodyPrinter(e.simd.dtype).doprint(n.constant * n.packed)
+    out.line(f"const {e.ctype} sc_v = {lane.label} <= {index_range(lane)[1]} ? "
              f"{value} : 0;")
     out.line(f"{panel}[{at}] = sc_v;")
     out.line("sc_bad |= !isfinite(sc_v);")
 
 
-def _emit_blocks(out: Writer, fn: IndexSum, piece: schedule.Piece,
-                 chosen: schedule.ChannelLanes, simd: Simd, nests: list[_Nest],
-                 lane_blocks: int) -> None:
-    lane, block = chosen.lane, chosen.block
-    span = chosen.vectors * simd.width
+def _emit_blocks(e: _Emission) -> None:
+    """Every register block of the piece, on threads over lane blocks and outer indices."""
+    out, piece, chosen = e.out, e.piece, e.chosen
+    lane, block, span, lane_blocks = chosen.lane, chosen.block, e.span, e.lane_blocks
     outer = [i for i in piece.indices if i not in (lane, block)]
     if threaded(out, work(piece.nests, piece.indices)):
         tasks = math.prod(extent(i) for i in outer) * lane_blocks
@@ -279,9 +304,9 @@ def _emit_blocks(out: Writer, fn: IndexSum, piece: schedule.Piece,
     for idx in outer:
         lo, hi = index_range(idx)
         out.open(f"for (int64_t {idx.label} = {lo}; {idx.label} <= {hi}; ++{idx.label})")
-    for n in nests:
+    for n in e.nests:
         if n.packed is not None:
-            out.line(f"const {C_TYPES[simd.dtype]} *const sc_p{n.number} = "
+            out.line(f"const {e.ctype} *const sc_p{n.number} = "
                      f"{n.panel} + sc_lb * {n.panel_size(span)};")
     tested = [replace(n, zero_outside=_padded(n, chosen)) for n in chosen.nests]
     inside = interior(tested, piece.indices, block)
@@ -289,28 +314,27 @@ def _emit_blocks(out: Writer, fn: IndexSum, piece: schedule.Piece,
         last = first + (count - 1) * rows
         out.open(f"for (int64_t {block.label} = {first}; {block.label} <= {last}; "
                  f"{block.label} += {rows})")
-        _emit_block(out, fn, piece, chosen, simd, nests, rows, guarded)
+        _emit_block(e, rows, guarded)
         out.close()
     out.close()
     for _ in outer:
         out.close()
 
 
-def _emit_block(out: Writer, fn: IndexSum, piece: schedule.Piece,
-                chosen: schedule.ChannelLanes, simd: Simd, nests: list[_Nest], rows: int,
-                guarded: bool) -> None:
+def _emit_block(e: _Emission, rows: int, guarded: bool) -> None:
     """One register block: rows ``block`` .. ``block + rows - 1`` x the lane block
     ``sc_lb``; ``guarded``: each row tests the conditions that depend on it."""
-    block, vectors, span = chosen.block, chosen.vectors, chosen.vectors * simd.width
+    out, simd, span = e.out, e.simd, e.span
+    block, vectors = e.chosen.block, e.chosen.vectors
     accs = [[f"sc_a{r}_{v}" for v in range(vectors)] for r in range(rows)]
     out.open()
     out.line(f"{simd.vec} " + ", ".join(f"{a} = {simd.zero()}" for row in accs for a in row)
              + ";")
-    for n in nests:
+    for n in e.nests:
         opened = 0
         guards = [g for g in n.nest.guards if not depends(g.expr, block)]
         tests = [condition_text(g) for g in guards] + \
-            [f"({c_affine(e)}) >= 0" for e in n.hoisted.get(0, ())]
+            [f"({c_affine(x)}) >= 0" for x in n.hoisted.get(0, ())]
         if tests:
             out.open(f"if ({' && '.join(f'({t})' for t in tests)})")
             opened += 1
@@ -328,26 +352,24 @@ def _emit_block(out: Writer, fn: IndexSum, piece: schedule.Piece,
             out.open(f"for (int64_t {var} = {start}; {var} <= {stop}; ++{var})")
             opened += 1
             if n.hoisted.get(depth):
-                out.open(f"if ({' && '.join(f'({c_affine(e)}) >= 0' for e in n.hoisted[depth])})")
+                out.open(f"if ({' && '.join(f'({c_affine(x)}) >= 0' for x in n.hoisted[depth])})")
                 opened += 1
-        _emit_products(out, n, chosen, simd, accs, rows, guarded,
-                       c_affine(n.panel_offset(chosen.vectors * simd.width)))
+        _emit_products(e, n, accs, rows, guarded, c_affine(n.panel_offset(span)))
         for _ in range(opened):
             out.close()
-    out.line(f"{C_TYPES[simd.dtype]} sc_tile[{rows * span}] __attribute__((aligned(64)));")
+    out.line(f"{e.ctype} sc_tile[{rows * span}] __attribute__((aligned(64)));")
     for r in range(rows):
         for v in range(vectors):
             out.line(simd.store(f"sc_tile + {r * span + v * simd.width}", accs[r][v], None))
-    _emit_tile_store(out, fn, piece, chosen, span, rows, "sc_tile")
+    _emit_tile_store(e, rows, "sc_tile")
     out.close()
 
 
-def _emit_products(out: Writer, n: _Nest, chosen: schedule.ChannelLanes, simd: Simd,
-                   accs, rows: int, guarded: bool, at: str) -> None:
+def _emit_products(e: _Emission, n: _Nest, accs, rows: int, guarded: bool, at: str) -> None:
     """The innermost step: the panel's vectors (from ``sc_p<nest> + at``), one broadcast per
     row, the products added."""
+    out, chosen, simd, ctype = e.out, e.chosen, e.simd, e.ctype
     block, vectors, width = chosen.block, chosen.vectors, simd.width
-    ctype = C_TYPES[simd.dtype]
     weights = []
     if n.packed is not None:
         for v in range(vectors):
@@ -373,8 +395,8 @@ def _emit_products(out: Writer, n: _Nest, chosen: schedule.ChannelLanes, simd: S
                 factors.append(number_text(n.constant, ctype))
             value = "*".join(factors) if factors else f"(({ctype})1)"
             if tested:
-                conds = [f"({c_affine(sympy.expand(e.xreplace(here)))}) >= 0"
-                         for e in n.row_exprs]
+                conds = [f"({c_affine(sympy.expand(x.xreplace(here)))}) >= 0"
+                         for x in n.row_exprs]
                 value = f"(({' && '.join(conds)}) ? {value} : 0)"
             out.line(f"const {simd.vec} sc_s{n.number}_{r} = {simd.set1(value)};")
         scalar = f"sc_s{n.number}_{r if per_row else 0}"
@@ -396,29 +418,28 @@ def _read_text(read: sympy.Indexed, copies: dict[str, schedule.Copy]) -> str:
     return f"{_copy_name(name)}[{flat_offset(moved, copy.axis)}]"
 
 
-def _emit_tile_store(out: Writer, fn: IndexSum, piece: schedule.Piece,
-                     chosen: schedule.ChannelLanes, span: int, rows: int, tile: str) -> None:
-    """Rows ``block`` .. ``block + rows - 1`` from ``tile`` (``span`` lanes per row) to the
-    output: lanes to their channels, rows to their positions."""
-    lane, block = chosen.lane, chosen.block
+def _emit_tile_store(e: _Emission, rows: int, tile: str) -> None:
+    """Rows ``block`` .. ``block + rows - 1`` from ``tile`` (a row of lanes after another)
+    to the output: lanes to their channels, rows to their positions."""
+    out, fn, lane, block, span = e.out, e.fn, e.chosen.lane, e.chosen.block, e.span
     out.line(f"const int64_t sc_lanes = sc_min({span}, {extent(lane)} - sc_lb * {span});")
     out.open("for (int64_t sc_l = 0; sc_l < sc_lanes; ++sc_l)")
     out.line(f"const int64_t {lane.label} = sc_lb * {span} + sc_l;")
-    offset = output_offset(fn, piece)
+    offset = output_offset(fn, e.piece)
     for r in range(rows):
         at = c_affine(sympy.expand(offset.xreplace({block: block + r})))
         out.line(f"{fn.output.name}[{at}] = ({tile})[{r * span} + sc_l];")
     out.close()
 
 
-def _emit_chunked(out: Writer, fn: IndexSum, piece: schedule.Piece,
-                  chosen: schedule.ChannelLanes, simd: Simd, n: _Nest, lane_blocks: int) -> None:
+def _emit_chunked(e: _Emission) -> None:
     """The chunked form (schedule.Chunking): per task (a lane block x a group of rows), for
     each chunk of the summation in order, pack the chunk's panel, then add every register
     block's products over the chunk into the task's tile; the tile goes to the output at the
     end.  Each thread has its own tile and panel, allocated up front."""
-    lane, block, chunking = chosen.lane, chosen.block, chosen.chunking
-    ctype, span, rows = C_TYPES[simd.dtype], chosen.vectors * simd.width, chosen.rows
+    out, fn, piece, chosen, (n,) = e.out, e.fn, e.piece, e.chosen, e.nests
+    lane, block, chunking, rows = chosen.lane, chosen.block, chosen.chunking, chosen.rows
+    ctype, span, lane_blocks = e.ctype, e.span, e.lane_blocks
     outer, inner = n.nest.loops[:-1], n.nest.loops[-1]
     total_rows = math.prod(extent(loop.index) for loop in outer)
     segments = ceil_div(extent(inner.index), chunking.segment)
@@ -430,13 +451,13 @@ def _emit_chunked(out: Writer, fn: IndexSum, piece: schedule.Piece,
     parallel = threaded(out, work(piece.nests, piece.indices))
     out.line(f"{ctype} *const sc_work = sc_alloc((size_t)(sc_threads > 1 ? sc_threads : 1) * "
              f"{per_thread} * sizeof({ctype}));")
-    copies = _copy_buffers(chosen, [n])
+    copies = _copy_buffers(e)
     for name, size in copies:
         out.line(f"{ctype} *const {name} = sc_alloc({size} * sizeof({ctype}));")
     out.line(f"int sc_bad = !({' && '.join(['sc_work'] + [name for name, _ in copies])});")
     if copies:
         out.open("if (!sc_bad)")
-        _emit_copies(out, chosen, [n])
+        _emit_copies(e)
         out.close()
     out.open("if (!sc_bad)")
     if parallel:
@@ -464,7 +485,7 @@ def _emit_chunked(out: Writer, fn: IndexSum, piece: schedule.Piece,
              f"++{inner.index.label})")
     out.open(f"for (int64_t sc_l = 0; sc_l < {span}; ++sc_l)")
     out.line(f"const int64_t {lane.label} = sc_lb * {span} + sc_l;")
-    _pack_element(out, n, lane, f"sc_p{n.number}", f"{panel_at} + sc_l", simd.dtype)
+    _pack_element(e, n, f"sc_p{n.number}", f"{panel_at} + sc_l")
     out.close()
     out.close()
     out.close()
@@ -473,7 +494,7 @@ def _emit_chunked(out: Writer, fn: IndexSum, piece: schedule.Piece,
         lo_, hi_ = index_range(idx)
         out.open(f"for (int64_t {idx.label} = {lo_}; {idx.label} <= {hi_}; ++{idx.label})")
     tests = [condition_text(g) for g in n.nest.guards] + \
-        [f"({c_affine(e)}) >= 0" for e in n.hoisted.get(0, ())]
+        [f"({c_affine(x)}) >= 0" for x in n.hoisted.get(0, ())]
     if tests:
         out.open(f"if ({' && '.join(f'({t})' for t in tests)})")
     other_at = sympy.Integer(0)
@@ -485,12 +506,12 @@ def _emit_chunked(out: Writer, fn: IndexSum, piece: schedule.Piece,
                f"sc_b0) * {span}")
     out.line(f"int64_t {block.label} = sc_b0;")
     out.open(f"for (; {block.label} + {rows} <= sc_b1; {block.label} += {rows})")
-    _emit_chunk_block(out, chosen, simd, n, rows, tile_at, panel_at)
+    _emit_chunk_block(e, rows, tile_at, panel_at)
     out.close()
     rest = extent(block) % rows
     if rest:
         out.open(f"if ({block.label} < sc_b1)")
-        _emit_chunk_block(out, chosen, simd, n, rest, tile_at, panel_at)
+        _emit_chunk_block(e, rest, tile_at, panel_at)
         out.close()
     if tests:
         out.close()
@@ -514,7 +535,7 @@ def _emit_chunked(out: Writer, fn: IndexSum, piece: schedule.Piece,
     out.close()    # groups
     out.close()    # lane blocks
     out.close()    # if (!sc_bad)
-    _emit_fallback(out, fn, piece, simd)
+    _emit_fallback(e)
     for name in ["sc_work"] + [name for name, _ in copies]:
         out.line(f"sc_free({name});")
 
@@ -529,10 +550,10 @@ def _decode_rows(out: Writer, outer) -> None:
         radix *= extent(loop.index)
 
 
-def _emit_chunk_block(out: Writer, chosen: schedule.ChannelLanes, simd: Simd, n: _Nest,
-                      rows: int, tile_at: str, panel_at: str) -> None:
+def _emit_chunk_block(e: _Emission, rows: int, tile_at: str, panel_at: str) -> None:
     """One register block over the chunk's rows: accumulators from the tile and back."""
-    vectors, width = chosen.vectors, simd.width
+    out, simd, (n,) = e.out, e.simd, e.nests
+    vectors, width = e.chosen.vectors, simd.width
     accs = [[f"sc_a{r}_{v}" for v in range(vectors)] for r in range(rows)]
     out.open()
     for r in range(rows):
@@ -548,7 +569,7 @@ def _emit_chunk_block(out: Writer, chosen: schedule.ChannelLanes, simd: Simd, n:
             var = loop.index.label
             tests.append(f"{var} >= {bound_text(loop.lower, True)} && "
                          f"{var} <= {bound_text(loop.upper, False)}")
-        tests += [f"({c_affine(e)}) >= 0" for e in n.hoisted.get(depth, ())]
+        tests += [f"({c_affine(x)}) >= 0" for x in n.hoisted.get(depth, ())]
     if tests:
         out.open(f"if ({' && '.join(f'({t})' for t in tests)})")
     var = inner.index.label
@@ -557,8 +578,8 @@ def _emit_chunk_block(out: Writer, chosen: schedule.ChannelLanes, simd: Simd, n:
              f"{var} <= sc_min(sc_s1, {bound_text(inner.upper, False)}); ++{var})")
     innermost = n.hoisted.get(len(n.nest.loops), ())
     if innermost:
-        out.open(f"if ({' && '.join(f'({c_affine(e)}) >= 0' for e in innermost)})")
-    _emit_products(out, n, chosen, simd, accs, rows, False, panel_at)
+        out.open(f"if ({' && '.join(f'({c_affine(x)}) >= 0' for x in innermost)})")
+    _emit_products(e, n, accs, rows, False, panel_at)
     if innermost:
         out.close()
     out.close()
