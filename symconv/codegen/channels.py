@@ -168,11 +168,9 @@ def emit_channel_lanes(out: Writer, fn: IndexSum, piece: schedule.Piece,
         _emit_chunked(e)
         return
     packed = [n for n in e.nests if n.packed is not None]
-    buffers = [(n.panel, e.lane_blocks * n.panel_size(e.span)) for n in packed] + \
+    buffers = [(n.panel, f"{e.lane_blocks * n.panel_size(e.span)}") for n in packed] + \
         _copy_buffers(e)
-    for name, size in buffers:
-        out.line(f"{e.ctype} *const {name} = sc_alloc({size} * sizeof({e.ctype}));")
-    out.line(f"int sc_bad = !({' && '.join(name for name, _ in buffers)});")
+    _allocate(e, buffers)
     out.open("if (!sc_bad)")
     for n in packed:
         _emit_pack(e, n)
@@ -182,8 +180,19 @@ def emit_channel_lanes(out: Writer, fn: IndexSum, piece: schedule.Piece,
     _emit_blocks(e)
     out.close()
     _emit_fallback(e)
+    _release(e, buffers)
+
+
+def _allocate(e: _Emission, buffers: list[tuple[str, str]]) -> None:
+    """Each (name, elements) buffer from sc_alloc; ``sc_bad`` set if any is missing."""
+    for name, size in buffers:
+        e.out.line(f"{e.ctype} *const {name} = sc_alloc({size} * sizeof({e.ctype}));")
+    e.out.line(f"int sc_bad = !({' && '.join(name for name, _ in buffers)});")
+
+
+def _release(e: _Emission, buffers: list[tuple[str, str]]) -> None:
     for name, _ in buffers:
-        out.line(f"sc_free({name});")
+        e.out.line(f"sc_free({name});")
 
 
 def _copy_name(array: str) -> str:
@@ -195,10 +204,11 @@ def _shapes(e: _Emission) -> dict[str, list[int]]:
             for n in e.nests for r in n.broadcast}
 
 
-def _copy_buffers(e: _Emission) -> list[tuple[str, int]]:
+def _copy_buffers(e: _Emission) -> list[tuple[str, str]]:
     """(name, elements) of the copies the plan makes."""
     shapes = _shapes(e)
-    return [(_copy_name(c.array), math.prod(c.shape(shapes[c.array]))) for c in e.chosen.copies]
+    return [(_copy_name(c.array), f"{math.prod(c.shape(shapes[c.array]))}")
+            for c in e.chosen.copies]
 
 
 def _emit_copies(e: _Emission) -> None:
@@ -219,7 +229,7 @@ def _emit_copy(out: Writer, copy: schedule.Copy, shape: list[int]) -> None:
     tiled = copy.axis is not None
     if tiled:
         order = order[:-1]
-    loops = min(2, len(order)) if order else 0
+    loops = min(2, len(order))
     if threaded(out, MOVE_COST * math.prod(padded)) and loops:
         tasks = math.prod(padded[a] for a in order[:loops])
         omp_parallel(out, f"parallel for collapse({loops}) {omp_schedule(tasks)}")
@@ -437,7 +447,7 @@ def _emit_chunked(e: _Emission) -> None:
     each chunk of the summation in order, pack the chunk's panel, then add every register
     block's products over the chunk into the task's tile; the tile goes to the output at the
     end.  Each thread has its own tile and panel, allocated up front."""
-    out, fn, piece, chosen, (n,) = e.out, e.fn, e.piece, e.chosen, e.nests
+    out, piece, chosen, (n,) = e.out, e.piece, e.chosen, e.nests
     lane, block, chunking, rows = chosen.lane, chosen.block, chosen.chunking, chosen.rows
     ctype, span, lane_blocks = e.ctype, e.span, e.lane_blocks
     outer, inner = n.nest.loops[:-1], n.nest.loops[-1]
@@ -449,12 +459,9 @@ def _emit_chunked(e: _Emission) -> None:
     per_thread = tile_size + chunking.rows * chunking.segment * span
     groups = ceil_div(extent(block), chunking.group)
     parallel = threaded(out, work(piece.nests, piece.indices))
-    out.line(f"{ctype} *const sc_work = sc_alloc((size_t)(sc_threads > 1 ? sc_threads : 1) * "
-             f"{per_thread} * sizeof({ctype}));")
     copies = _copy_buffers(e)
-    for name, size in copies:
-        out.line(f"{ctype} *const {name} = sc_alloc({size} * sizeof({ctype}));")
-    out.line(f"int sc_bad = !({' && '.join(['sc_work'] + [name for name, _ in copies])});")
+    buffers = [("sc_work", f"(size_t)(sc_threads > 1 ? sc_threads : 1) * {per_thread}")] + copies
+    _allocate(e, buffers)
     if copies:
         out.open("if (!sc_bad)")
         _emit_copies(e)
@@ -523,12 +530,7 @@ def _emit_chunked(e: _Emission) -> None:
         lo_, hi_ = index_range(idx)
         out.open(f"for (int64_t {idx.label} = {lo_}; {idx.label} <= {hi_}; ++{idx.label})")
     out.open(f"for (int64_t {block.label} = sc_b0; {block.label} < sc_b1; ++{block.label})")
-    out.line(f"const int64_t sc_lanes = sc_min({span}, {extent(lane)} - sc_lb * {span});")
-    out.open("for (int64_t sc_l = 0; sc_l < sc_lanes; ++sc_l)")
-    out.line(f"const int64_t {lane.label} = sc_lb * {span} + sc_l;")
-    out.line(f"{fn.output.name}[{c_affine(output_offset(fn, piece))}] = "
-             f"sc_tile[{tile_at} + sc_l];")
-    out.close()
+    _emit_tile_store(e, 1, f"sc_tile + {tile_at}")
     out.close()
     for _ in others:
         out.close()
@@ -536,8 +538,7 @@ def _emit_chunked(e: _Emission) -> None:
     out.close()    # lane blocks
     out.close()    # if (!sc_bad)
     _emit_fallback(e)
-    for name in ["sc_work"] + [name for name, _ in copies]:
-        out.line(f"sc_free({name});")
+    _release(e, buffers)
 
 
 def _decode_rows(out: Writer, outer) -> None:
