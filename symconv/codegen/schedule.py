@@ -503,9 +503,9 @@ def _channel_lanes(piece: Piece, width: int, registers: int) -> ChannelLanes | N
             return whole
     # chunked, the panel is packed per chunk and reused by every row: the shorter lane
     # leaves the longer index to the rows (a 1x1 layer 144 -> 24: lanes along the 24)
-    for lane in sorted(candidates, key=extent):
-        vectors = min(2, ceil_div(extent(lane), width))
-        chunked = _chunked_channel_lanes(piece, reads, lane, vectors, vectors * width,
+    for shorter in sorted(candidates, key=extent):
+        vectors = min(2, ceil_div(extent(shorter), width))
+        chunked = _chunked_channel_lanes(piece, reads, shorter, vectors, vectors * width,
                                          (registers - vectors - 2) // vectors)
         if chunked is not None:
             return chunked
@@ -529,11 +529,8 @@ def _copies(nests: Sequence[LoopNest], free, lane, block) -> tuple[Copy, ...]:
     32³ or 48³ elements are a multiple of 4 KiB apart, so every channel's line lands in one
     set and each step evicts a line the block reads again.  An array copied for that gets
     its halo too."""
-    reads = [(nest, read) for nest in nests for read in factors(nest.body)[1]
-             if not any(lane in p.free_symbols for p in read.indices)]
     found = []
-    for name in dict.fromkeys(str(read.base.label) for _, read in reads):
-        mine = [(nest, read) for nest, read in reads if str(read.base.label) == name]
+    for name, mine in _broadcast_reads(nests, lane).items():
         shape = [int(d) for d in mine[0][1].base.shape]
         halo = _halo(mine, free, shape)
         short = block in set().union(*(p.free_symbols for _, r in mine for p in r.indices)) \
@@ -542,6 +539,16 @@ def _copies(nests: Sequence[LoopNest], free, lane, block) -> tuple[Copy, ...]:
         if axis is not None or (halo and short):
             found.append(Copy(name, axis, halo))
     return tuple(found)
+
+
+def _broadcast_reads(nests: Sequence[LoopNest], lane) -> dict[str, list]:
+    """Per array, the (nest, read) pairs of the reads that do not use the lane."""
+    found: dict[str, list] = {}
+    for nest in nests:
+        for read in factors(nest.body)[1]:
+            if not any(lane in p.free_symbols for p in read.indices):
+                found.setdefault(str(read.base.label), []).append((nest, read))
+    return found
 
 
 def _halo(reads, free, shape) -> tuple[tuple[int, int], ...] | None:
@@ -654,14 +661,14 @@ def _row_options(piece: Piece, nest: LoopNest, read_list, coefficients, lane, pa
 
 def _halo_copies(piece: Piece, nest: LoopNest, read_list, lane) -> tuple[Copy, ...]:
     """A copy with a zero halo of each zero-padded array the lane does not index."""
+    indexed = {str(r.base.label) for r in read_list
+               if any(lane in p.free_symbols for p in r.indices)}
     copies = []
-    for name in dict.fromkeys(str(r.base.label) for r in read_list
-                              if str(r.base.label) in nest.zero_outside):
-        mine = [(nest, r) for r in read_list if str(r.base.label) == name]
-        halo = _halo(mine, piece.indices, [int(d) for d in mine[0][1].base.shape])
-        if halo is not None and not any(lane in p.free_symbols for _, r in mine
-                                        for p in r.indices):
-            copies.append(Copy(name, None, halo))
+    for name, mine in _broadcast_reads([nest], lane).items():
+        if name in nest.zero_outside and name not in indexed:
+            halo = _halo(mine, piece.indices, [int(d) for d in mine[0][1].base.shape])
+            if halo is not None:
+                copies.append(Copy(name, None, halo))
     return tuple(copies)
 
 
