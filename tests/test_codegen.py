@@ -174,3 +174,17 @@ def test_build_flags_avoid_gcc_vectorizer_miscompile(tmp_path, one_target_config
     out = module.ffi.new("double[7]")
     module.lib.reduce(table, out, 1, 2)
     assert list(out) == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("header, flags", [("sc_scalar.h", []),
+                                           ("sc_avx2.h", ["-mavx2", "-mfma"]),
+                                           ("sc_avx512.h", ["-mavx512f", "-mbmi2"])])
+def test_each_prelude_header_compiles_alone(tmp_path, header, flags):
+    """The preludes are real C headers: the compiler checks each one on its own (with the
+    scalar one first, as the emitter pastes them), warnings as errors."""
+    text = codegen.PRELUDE + ("" if header == "sc_scalar.h" else codegen.c.header(header))
+    (tmp_path / "unit.c").write_text(text)
+    result = subprocess.run([build.c_compiler(), "-std=c99", "-fopenmp", "-Wall", "-Werror",
+                             "-Wno-unused-function", "-fsyntax-only", *flags,
+                             str(tmp_path / "unit.c")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

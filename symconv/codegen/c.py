@@ -10,6 +10,7 @@ deterministic: the same sums give byte-identical C.
 
 from __future__ import annotations
 
+import importlib.resources
 import math
 from dataclasses import dataclass, replace
 from typing import Sequence
@@ -25,32 +26,13 @@ from . import schedule
 
 C_TYPES = {"float32": "float", "float64": "double"}
 
-PRELUDE = """\
-#include <stdint.h>
-#include <stdlib.h>
-#include <math.h>
-#include <omp.h>
+def header(name: str) -> str:
+    """The text of a C header shipped next to this module (``sc_*.h``); the emitter pastes
+    it at the top of every translation unit, so a generated file compiles on its own."""
+    return importlib.resources.files(__package__).joinpath(name).read_text()
 
-/* Integer helpers for loop bounds: b > 0, a may be negative. */
-static inline int64_t sc_floordiv(int64_t a, int64_t b) { int64_t q = a / b; return q - ((a % b) < 0); }
-static inline int64_t sc_ceildiv(int64_t a, int64_t b) { return -sc_floordiv(-a, b); }
-static inline int64_t sc_mod(int64_t a, int64_t b) { int64_t r = a % b; return r < 0 ? r + b : r; }
-static inline int64_t sc_max(int64_t a, int64_t b) { return a > b ? a : b; }
-static inline int64_t sc_min(int64_t a, int64_t b) { return a < b ? a : b; }
-static inline int64_t sc_clamp(int64_t a, int64_t b) { return sc_max(-b, sc_min(a, b)); }
 
-/* Scratch for packed panels, aligned to a cache line (and so to any vector), the pointer
-   malloc gave just below it; NULL if the memory is not there, and then the caller takes a
-   path that needs none.  (C99: no aligned_alloc.) */
-static inline void *sc_alloc(size_t bytes) {
-    unsigned char *const raw = malloc(bytes + 64);
-    if (!raw) return NULL;
-    unsigned char *const aligned = raw + 64 - ((uintptr_t)raw & 63);  /* >= 16 bytes on */
-    ((void **)aligned)[-1] = raw;
-    return aligned;
-}
-static inline void sc_free(void *aligned) { if (aligned) free(((void **)aligned)[-1]); }
-"""
+PRELUDE = header("sc_scalar.h")
 
 @dataclass(frozen=True)
 class CFunction:

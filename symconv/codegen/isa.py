@@ -5,88 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-SIMD_PRELUDE = {
-    "avx2": """\
-#include <immintrin.h>
+from .c import header
 
-static inline float sc_hsum_ps(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
-}
-static inline double sc_hsum_pd(__m256d v) {
-    __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
-    return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
-}
-/* Every other element, p[0], p[2], ...: two loads and a shuffle instead of a gather; the
-   second load stops at the last element used, so nothing past it is read. */
-static inline __m256 sc_load2_ps(const float *p) {
-    const __m256i even = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
-    const __m256 a = _mm256_permutevar8x32_ps(_mm256_loadu_ps(p), even);
-    const __m256 b = _mm256_permutevar8x32_ps(
-        _mm256_maskload_ps(p + 8, _mm256_setr_epi32(-1, -1, -1, -1, -1, -1, -1, 0)), even);
-    return _mm256_permute2f128_ps(a, b, 0x20);
-}
-static inline __m256d sc_load2_pd(const double *p) {
-    const __m256d a = _mm256_loadu_pd(p);
-    const __m256d b = _mm256_maskload_pd(p + 4, _mm256_setr_epi64x(-1, -1, -1, 0));
-    return _mm256_permute4x64_pd(_mm256_unpacklo_pd(a, b), 0xD8);
-}
-/* The same under a lane mask: each lane's mask is spread onto the element it reads, so
-   masked lanes read nothing and come out 0. */
-static inline __m256 sc_load2m_ps(const float *p, __m256i mask) {
-    const __m256i even = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
-    const __m256i odd_off = _mm256_setr_epi32(-1, 0, -1, 0, -1, 0, -1, 0);
-    const __m256i lo = _mm256_and_si256(odd_off, _mm256_permutevar8x32_epi32(
-        mask, _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3)));
-    const __m256i hi = _mm256_and_si256(odd_off, _mm256_permutevar8x32_epi32(
-        mask, _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7)));
-    const __m256 a = _mm256_permutevar8x32_ps(_mm256_maskload_ps(p, lo), even);
-    const __m256 b = _mm256_permutevar8x32_ps(_mm256_maskload_ps(p + 8, hi), even);
-    return _mm256_permute2f128_ps(a, b, 0x20);
-}
-static inline __m256d sc_load2m_pd(const double *p, __m256i mask) {
-    const __m256i odd_off = _mm256_setr_epi64x(-1, 0, -1, 0);
-    const __m256i lo = _mm256_and_si256(odd_off, _mm256_permute4x64_epi64(mask, 0x50));
-    const __m256i hi = _mm256_and_si256(odd_off, _mm256_permute4x64_epi64(mask, 0xFA));
-    const __m256d a = _mm256_maskload_pd(p, lo);
-    const __m256d b = _mm256_maskload_pd(p + 4, hi);
-    return _mm256_permute4x64_pd(_mm256_unpacklo_pd(a, b), 0xD8);
-}
-""",
-    "avx512": """\
-#include <immintrin.h>
-
-/* Every other element, p[0], p[2], ...: two loads and one two-source permute; the second
-   load stops at the last element used, so nothing past it is read. */
-static inline __m512 sc_load2_ps(const float *p) {
-    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
-                                           28, 30);
-    return _mm512_permutex2var_ps(_mm512_loadu_ps(p), even,
-                                  _mm512_maskz_loadu_ps((__mmask16)0x7FFF, p + 16));
-}
-static inline __m512d sc_load2_pd(const double *p) {
-    const __m512i even = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14);
-    return _mm512_permutex2var_pd(_mm512_loadu_pd(p), even,
-                                  _mm512_maskz_loadu_pd((__mmask8)0x7F, p + 8));
-}
-/* The same under a lane mask: bit q of the mask moves to bit 2q of the elements' mask
-   (pdep), so masked lanes read nothing and come out 0. */
-static inline __m512 sc_load2m_ps(const float *p, __mmask16 mask) {
-    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
-                                           28, 30);
-    const uint32_t spread = _pdep_u32(mask, 0x55555555u);
-    return _mm512_permutex2var_ps(_mm512_maskz_loadu_ps((__mmask16)spread, p), even,
-                                  _mm512_maskz_loadu_ps((__mmask16)(spread >> 16), p + 16));
-}
-static inline __m512d sc_load2m_pd(const double *p, __mmask8 mask) {
-    const __m512i even = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14);
-    const uint32_t spread = _pdep_u32(mask, 0x5555u);
-    return _mm512_permutex2var_pd(_mm512_maskz_loadu_pd((__mmask8)spread, p), even,
-                                  _mm512_maskz_loadu_pd((__mmask8)(spread >> 8), p + 8));
-}
-""",
-}
+SIMD_PRELUDE = {isa: header(f"sc_{isa}.h") for isa in ("avx2", "avx512")}
 
 
 @dataclass(frozen=True)
