@@ -30,7 +30,7 @@ from .errors import IRError
 from .package.targets import split_target
 from .kernel import Kernel, PackageError, best_variant
 from .progress import Progress, configure as configure_logging, log
-from .spec import (BATCH, PADDING_MODES, ConvSpec, ConvTransposeSpec, ExprSpec, GradientSpec,
+from .spec import (BATCH, LAYOUTS, PADDING_MODES, ConvSpec, ConvTransposeSpec, ExprSpec, GradientSpec,
                    spec_from_dict)
 
 DEMO_SPEC = dict(input_shape=(2, 3, 16, 16, 16), weight_shape=(8, 3, 3, 3, 3), stride=2,
@@ -103,6 +103,9 @@ def _add_spec_flags(parser: argparse.ArgumentParser, files: bool = True) -> None
     group.add_argument("--no-bias", dest="bias", action="store_false", help="no bias term")
     group.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     group.add_argument("--padding-mode", choices=PADDING_MODES, default="zeros")
+    group.add_argument("--layout", choices=LAYOUTS, default="channels_first",
+                       help="channels_last: input and output arrays are (N, D1, ..., C), torch's "
+                       "channels_last memory (shapes above stay channels first)")
     group.add_argument("--transpose", action="store_true", help="a transposed convolution "
                        "(weight C_in,C_out/G,K1,...)")
     group.add_argument("--output-padding", type=_int_or_ints, default=0, metavar="OP",
@@ -162,6 +165,8 @@ def _check_flag_combinations(args: argparse.Namespace, from_files: bool) -> None
         raise UsageError("--output-padding only applies to --transpose")
     if args.transpose and args.padding_mode != "zeros":
         raise UsageError("a transposed convolution pads with zeros only (--padding-mode)")
+    if args.transpose and args.layout != "channels_first":
+        raise UsageError("a transposed convolution takes channels-first arrays only (--layout)")
 
 
 def _specs(args: argparse.Namespace) -> list:
@@ -185,7 +190,8 @@ def _specs(args: argparse.Namespace) -> list:
         else:
             specs = [ConvSpec(args.input, args.weight, stride=args.stride, padding=args.padding,
                               dilation=args.dilation, groups=args.groups, bias=args.bias,
-                              dtype=args.dtype, padding_mode=args.padding_mode)]
+                              dtype=args.dtype, padding_mode=args.padding_mode,
+                              layout=args.layout)]
         if args.gradient:
             specs = [GradientSpec(spec, args.gradient) for spec in specs]
     except (TypeError, ValueError) as error:

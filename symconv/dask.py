@@ -265,6 +265,9 @@ class ChunkedConv:
         if getattr(spec, "padding_mode", "zeros") != "zeros":
             raise NotImplementedError(f"symconv.dask: padding_mode {spec.padding_mode!r} is not "
                                       f"supported; only zeros")
+        if getattr(spec, "layout", "channels_first") != "channels_first":
+            raise NotImplementedError(f"symconv.dask: layout {spec.layout!r} is not supported; "
+                                      f"chunks are cut channels first, (N, C, *spatial)")
         self.spec = spec
         self.cache_dir = _resolved_cache_dir(cache_dir)
         self.target, self.threads = target, threads

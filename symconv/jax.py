@@ -241,20 +241,24 @@ def _dtype(named: dict[str, Any]) -> str:
 
 def _forward(kind: str, arrays: list, cache_dir, target, **fields):
     arrays = [jnp.asarray(a) for a in arrays if a is not None]
-    package = op_package(kind, cache_dir, target, input_shape=open_batch(arrays[0].shape),
-                         **fields)
+    shape = arrays[0].shape
+    if fields.get("layout") == "channels_last":      # the spec writes shapes channels first
+        shape = (shape[0], shape[-1], *shape[1:-1])
+    package = op_package(kind, cache_dir, target, input_shape=open_batch(shape), **fields)
     return _bind(package.handle, "forward", arrays, _leading(arrays[0].shape))
 
 
 def conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups: int = 1, *,
-         padding_mode: str = "zeros", cache_dir=None, target=None):
+         padding_mode: str = "zeros", layout: str = "channels_first", cache_dir=None,
+         target=None):
     """N-D convolution like ``torch.nn.functional.conv{n}d`` (channels first, cross-correlation)
     on compiled symconv kernels, under ``jax.jit``, ``grad``, ``jvp`` and ``vmap``.
 
     ``x`` is (N, C_in, *spatial), ``weight`` (C_out, C_in // groups, *kernel), ``bias``
     (C_out,) or None; any number of spatial dims; ``stride``, ``padding``, ``dilation`` and
-    ``padding_mode`` take every form ``symconv.ConvSpec`` accepts.  The kernel for the shapes
-    is compiled when the function is traced.
+    ``padding_mode`` take every form ``symconv.ConvSpec`` accepts.  With
+    ``layout="channels_last"`` ``x`` is (N, *spatial, C_in) and so is the output (JAX's
+    NHWC).  The kernel for the shapes is compiled when the function is traced.
     """
     dtype = _dtype({"input": x, "weight": weight, "bias": bias})
     if np.ndim(x) != np.ndim(weight):
@@ -263,7 +267,7 @@ def conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups: int = 1,
     return _forward("conv", [x, weight, bias], cache_dir, target,
                     weight_shape=tuple(np.shape(weight)), stride=stride, padding=padding,
                     dilation=dilation, groups=groups, bias=bias is not None, dtype=dtype,
-                    padding_mode=padding_mode)
+                    padding_mode=padding_mode, layout=layout)
 
 
 def conv_transpose(x, weight, bias=None, stride=1, padding=0, output_padding=0,

@@ -127,6 +127,15 @@ def _padding(where: str, value: Any, rank: int, spatial, kernel, stride,
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
+# Where the channels sit in memory: after the batch (NCHW, torch's default) or innermost
+# (NHWC, torch's channels_last, any rank).  Shapes in a spec are always written channels first.
+LAYOUTS = ("channels_first", "channels_last")
+
+
+def channels_last_shape(shape: tuple) -> tuple:
+    """(N, C, *spatial) as a channels-last array holds it: (N, *spatial, C)."""
+    return (shape[0], *shape[2:], shape[1])
+
 
 def _check_padding_mode(where: str, mode: Any, padding, spatial) -> None:
     """What each mode can pad: reflect mirrors without repeating the edge (pad < size),
@@ -169,6 +178,9 @@ class _Spec:
     """What every spec shares: dict round trip, a stable key, a slug."""
 
     KIND: ClassVar[str]
+    # Fields added after specs were first keyed, left out of the dict (and the key) at their
+    # default: packages compiled before them keep their keys.
+    QUIET_DEFAULTS: ClassVar[Mapping[str, Any]] = {}
 
     def _where(self, name: str) -> str:
         return f"{type(self).__name__}.{name}"
@@ -195,7 +207,9 @@ class _Spec:
         """JSON-ready normalised form; ``from_dict`` inverts it."""
         def plain(value):
             return [plain(v) for v in value] if isinstance(value, tuple) else value
-        return {f.name: plain(getattr(self, f.name)) for f in fields(self) if f.init}
+        quiet = self.QUIET_DEFAULTS
+        return {f.name: plain(getattr(self, f.name)) for f in fields(self)
+                if f.init and not (f.name in quiet and getattr(self, f.name) == quiet[f.name])}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]):
@@ -256,9 +270,15 @@ class ConvSpec(_Spec):
     spatial dim; ``padding`` also accepts (lo, hi) pairs, ``"valid"`` and
     ``"same"`` (output size ceil(in / stride), extra pad on the high side).
     After construction they are tuples; ``padding`` is a tuple of pairs.
+
+    Shapes are written channels first, like torch's.  ``layout="channels_last"`` keeps the
+    input and output arrays channels innermost, ``(N, *spatial, C)`` (torch's channels_last
+    memory, NHWC / NDHWC, any rank): ``array_shape`` gives the shape each array is passed
+    in.  The weight is ``(C_out, C_in // groups, *kernel)`` in both layouts.
     """
 
     KIND: ClassVar[str] = "conv"
+    QUIET_DEFAULTS: ClassVar[Mapping[str, Any]] = {"layout": "channels_first"}
 
     input_shape: tuple[int, ...]
     weight_shape: tuple[int, ...]
@@ -269,11 +289,14 @@ class ConvSpec(_Spec):
     bias: bool = True
     dtype: str = "float32"
     padding_mode: str = "zeros"
+    layout: str = "channels_first"
     output_shape: tuple[int, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         where = self._where
         input_shape, weight_shape, groups = self._shapes_and_groups()
+        if self.layout not in LAYOUTS:
+            raise _fail(where("layout"), f"expected one of {LAYOUTS}", self.layout)
         rank = len(input_shape) - 2
         c_in, c_out = input_shape[1], weight_shape[0]
         if c_in % groups:
@@ -306,6 +329,14 @@ class ConvSpec(_Spec):
     def bias_shape(self) -> tuple[int, ...] | None:
         return (self.weight_shape[0],) if self.bias else None
 
+    def array_shape(self, name: str) -> tuple[int | None, ...]:
+        """The shape the array ``name`` ("input", "weight", "bias", "output") is passed in:
+        the input and output channels innermost under ``layout="channels_last"``."""
+        shape = {"input": self.input_shape, "weight": self.weight_shape,
+                 "bias": self.bias_shape, "output": self.output_shape}[name]
+        moved = self.layout == "channels_last" and name in ("input", "output")
+        return channels_last_shape(shape) if moved else shape
+
     @property
     def macs(self) -> int:
         """Multiply-accumulates of the dense forward pass (grad_input and grad_weight match);
@@ -323,16 +354,17 @@ class ConvSpec(_Spec):
     def slug(self) -> str:
         """A short readable identifier (not unique: the key tells specs apart)."""
         return (f"conv{self.rank}d_{_dims(self.input_shape)}_w{_dims(self.weight_shape)}"
-                f"_{self._dtype_tag}")
+                f"_{self._dtype_tag}{'_nhwc' if self.layout == 'channels_last' else ''}")
 
     def describe(self) -> str:
         """One line for humans."""
         pads = ", ".join(f"{lo}" if lo == hi else f"({lo}, {hi})" for lo, hi in self.padding)
         mode = "" if self.padding_mode == "zeros" else f" {self.padding_mode}"
+        layout = "" if self.layout == "channels_first" else f", {self.layout}"
         return (f"conv{self.rank}d input {shape_text(self.input_shape)} weight "
                 f"{shape_text(self.weight_shape)} -> output {shape_text(self.output_shape)}; "
                 f"stride {self.stride}, padding ({pads}){mode}, dilation "
-                f"{self.dilation}, groups {self.groups}, bias {self.bias}, {self.dtype}")
+                f"{self.dilation}, groups {self.groups}, bias {self.bias}, {self.dtype}{layout}")
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,12 @@ and forward mode, is derived; none is written by hand here.
 What is and is not accepted:
 
 * **Device**: CPU only.  A CUDA (or other) tensor raises ``ValueError``.
-* **Layout**: strided dense tensors.  A non-contiguous tensor (a transpose, a
-  slice, ``channels_last`` memory format) is **copied** to a contiguous one
-  before the call (one ``.contiguous()``); ``allow_copy=False`` raises
+* **Layout**: strided dense tensors.  ``conv`` takes an input in ``channels_last``
+  memory (``channels_last``, ``channels_last_3d``, or any rank's channels
+  innermost) as it is, through a kernel compiled for that layout, and returns
+  its output in the same memory format.  Any other non-contiguous tensor (a
+  transpose, a slice, a channels_last weight) is **copied** to a contiguous
+  one before the call (one ``.contiguous()``); ``allow_copy=False`` raises
   ``ValueError`` instead.  The incoming gradient is made contiguous the same way.
 * **Dtype**: float32 or float64, the same for every tensor; others raise
   ``TypeError``.
@@ -313,18 +316,32 @@ def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     (C_out,) or None; any number of spatial dims.  ``stride``, ``padding`` (ints, per-dim
     ints, (lo, hi) pairs, "same", "valid") and ``dilation`` take every form ``ConvSpec``
     accepts; ``padding_mode`` is ``zeros``, ``reflect``, ``replicate`` or ``circular``.
+    An input in channels_last memory runs without a copy and gives a channels_last output.
     Differentiable to any order.
     """
-    dtype = _checked({"input": x, "weight": weight, "bias": bias}, allow_copy)
-    if x.dim() != weight.dim():
+    if isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and \
+            x.dim() != weight.dim():
         raise ValueError(f"symconv.torch.conv: input of shape {tuple(x.shape)} and weight of "
                          f"shape {tuple(weight.shape)} must have the same number of dims")
+    last = _channels_last(x)
+    arrays = x.movedim(1, -1) if last else x
+    dtype = _checked({"input": arrays, "weight": weight, "bias": bias}, allow_copy)
     handle = _handle("conv", _where(cache_dir), target, (
         ("input_shape", open_batch(x.shape)), ("weight_shape", tuple(weight.shape)),
         ("stride", stride), ("padding", padding), ("dilation", dilation), ("groups", groups),
-        ("bias", bias is not None), ("dtype", dtype), ("padding_mode", padding_mode)))
-    return _apply(handle, "forward", [x, weight] if bias is None else [x, weight, bias],
-                  x.shape[0])
+        ("bias", bias is not None), ("dtype", dtype), ("padding_mode", padding_mode),
+        ("layout", "channels_last" if last else "channels_first")))
+    y = _apply(handle, "forward", [arrays, weight] if bias is None else [arrays, weight, bias],
+               x.shape[0])
+    return y.movedim(-1, 1) if last else y
+
+
+def _channels_last(x: Any) -> bool:
+    """Whether ``x`` holds its channels innermost (torch's channels_last memory, any rank) and
+    not also channels first: then the kernel reads that memory as it is, and the output keeps
+    the same layout."""
+    return isinstance(x, torch.Tensor) and x.dim() >= 3 and not x.is_contiguous() and \
+        x.movedim(1, -1).is_contiguous()
 
 
 def conv_transpose(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

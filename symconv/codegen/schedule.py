@@ -476,11 +476,11 @@ def _channel_lanes(piece: Piece, width: int, registers: int) -> ChannelLanes | N
     vectors = min(2, ceil_div(index_range(lane)[1] + 1, width))
     most_rows = (registers - vectors - 2) // vectors
     depth = sum(math.prod(extent(loop.index) for loop in nest.loops) for nest in piece.nests)
-    block = piece.indices[-1]
+    block = [u for u in piece.indices if u != lane][-1]   # channels last: the row before them
     if depth < MIN_GEMM_DEPTH:
         return None
     whole = None
-    if depth <= MAX_GEMM_DEPTH and block != lane and extent(block) >= MIN_GEMM_ROWS and \
+    if depth <= MAX_GEMM_DEPTH and extent(block) >= MIN_GEMM_ROWS and \
             not any(g.modulus and block in g.expr.free_symbols
                     for n in piece.nests for g in n.guards):
         nests = tuple(_longest_innermost(_padding_as_bounds(n, block, piece.indices), block)

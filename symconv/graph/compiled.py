@@ -100,13 +100,14 @@ def _forward(label: str, spec: Any, inputs: tuple[Tensor, ...], dtype: np.dtype)
 
 
 def conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups: int = 1,
-         padding_mode: str = "zeros") -> Tensor:
-    """N-D convolution (cross-correlation, channels first) like ``torch.nn.functional.conv{n}d``.
+         padding_mode: str = "zeros", layout: str = "channels_first") -> Tensor:
+    """N-D convolution (cross-correlation) like ``torch.nn.functional.conv{n}d``.
 
     ``x`` is (N, C_in, *spatial), ``weight`` (C_out, C_in // groups, *kernel),
     ``bias`` (C_out,) or None; any number of spatial dims.  ``stride``,
     ``padding``, ``dilation`` and ``padding_mode`` take every form ``ConvSpec``
-    accepts.  The compiled kernel is chosen by shapes and arguments and built once.
+    accepts; with ``layout="channels_last"`` ``x`` and the output are (N, *spatial, C).
+    The compiled kernel is chosen by shapes and arguments and built once.
     """
     x, weight = as_tensor(x), as_tensor(weight)
     inputs = (x, weight) if bias is None else (x, weight, as_tensor(bias))
@@ -114,9 +115,11 @@ def conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups: int = 1,
     if x.ndim != weight.ndim:
         raise ValueError(f"conv: input of shape {x.shape} and weight of shape {weight.shape} "
                          f"must have the same number of dims")
-    spec = spec_of(ConvSpec, input_shape=open_batch(x.shape), weight_shape=weight.shape,
+    shape = (x.shape[0], x.shape[-1], *x.shape[1:-1]) if layout == "channels_last" else x.shape
+    spec = spec_of(ConvSpec, input_shape=open_batch(shape), weight_shape=weight.shape,
                    stride=stride, padding=padding, dilation=dilation, groups=groups,
-                   bias=bias is not None, dtype=dtype.name, padding_mode=padding_mode)
+                   bias=bias is not None, dtype=dtype.name, padding_mode=padding_mode,
+                   layout=layout)
     return _forward("conv", spec, inputs, dtype)
 
 

@@ -4,7 +4,9 @@ A convolution is written exactly as its definition reads::
 
     output[n, o, i] = bias[o] + Σ_c Σ_k weight[o, c, k] · input[n, c, s·i + d·k - p]
 
-with the input marked zero outside its shape: that is the padding.  Groups
+with the input marked zero outside its shape: that is the padding.  Under
+``layout="channels_last"`` the same sum reads ``input[n, i, c]`` and writes
+``output[n, i, o]``: only the order of the axes changes.  Groups
 are an explicit axis: the arrays are viewed as ``input[n, g, c, ...]``,
 ``weight[g, o, c, ...]``, ``output[n, g, o, ...]``: the same memory in C
 order, and every index stays affine, so the derivation needs no special case
@@ -85,24 +87,31 @@ def conv(spec: ConvSpec) -> OpDefinition:
                                        spec.dilation, spec.padding)
     group_axis = (groups,) if grouped else ()
 
-    x = Array("input", (n_batch, *group_axis, c_group, *spatial))
+    last = spec.layout == "channels_last"
+
+    def channels_at(batch, channels, places):
+        """An array's axes (or indices) in its layout: channels after the batch, or last."""
+        return (batch, *places, *channels) if last else (batch, *channels, *places)
+
+    x = Array("input", channels_at(n_batch, (*group_axis, c_group), spatial))
     w = Array("weight", (*group_axis, c_out // groups, c_group, *kernel))
-    y = Array("output", (n_batch, *group_axis, c_out // groups, *spec.output_shape[2:]))
+    y = Array("output", channels_at(n_batch, (*group_axis, c_out // groups),
+                                    spec.output_shape[2:]))
 
     if spec.padding_mode != "zeros":
         padded = ()          # every read is mapped inside the input
-    terms = [Term((c, *k), w[(*g, o, c, *k)] * x[(n, *g, c, *mapped)], region,
+    terms = [Term((c, *k), w[(*g, o, c, *k)] * x[channels_at(n, (*g, c), mapped)], region,
                   zero_outside=padded)
              for mapped, region in _padding_regions(positions, i, k, spatial, spec)]
     inputs = [x, w]
-    shapes = {"input": spec.input_shape, "weight": spec.weight_shape, "output": spec.output_shape}
+    shapes = {name: spec.array_shape(name) for name in ("input", "weight", "output")}
     if spec.bias:
         b = Array("bias", (*group_axis, c_out // groups))
         terms.insert(0, Term((), b[(*g, o)]))
         inputs.append(b)
         shapes["bias"] = spec.bias_shape
 
-    forward = IndexSum(y, (n, *g, o, *i), tuple(terms))
+    forward = IndexSum(y, channels_at(n, (*g, o), i), tuple(terms))
     return spec_op(spec, forward, inputs, shapes, CONV_ARGUMENTS, flops=spec.flops)
 
 
