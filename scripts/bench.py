@@ -12,6 +12,10 @@ ratio (torch in its faster layout)/symconv per pass and for the sum, and the com
 case.  The 4-D case has no torch layer: its baseline is NumPy im2col + matmul.
 Peak memory per pass is the growth of the process's peak RSS during it.
 
+Every case also runs symconv's channels_last kernel (``layout="channels_last"``: input
+and output arrays (N, *spatial, C), what torch's channels_last memory holds): the
+``sc NHWC`` columns, its % of peak and its ratio against the same torch time.
+
 Every case also runs through a batch-open package (the same spec with its
 batch left to run time, ``input_shape=(None, ...)``: what the graph and the
 bindings compile): the ``open`` column, and ``open/fixed``, its time over the
@@ -31,7 +35,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -186,7 +190,7 @@ def peak_rss_growth(fn) -> float:
 def symconv_passes(kernel, spec, arrays, threads: int, fresh: bool):
     x, w, b, gy = arrays
     outs = {name: np.empty(shape, np.float32) for name, shape in
-            (("forward", spec.output_shape), ("grad_input", spec.input_shape),
+            (("forward", spec.array_shape("output")), ("grad_input", spec.array_shape("input")),
              ("grad_weight", spec.weight_shape), ("grad_bias", spec.bias_shape))}
 
     def out(name):
@@ -266,6 +270,8 @@ def run_case(case: Case, threads_list, repeat: int, torch, cache_dir: str, peaks
     kernel = symconv.compile_conv(spec, cache_dir=cache_dir, target=target)
     compile_seconds = time.perf_counter() - start
     open_kernel = symconv.compile_conv(spec.with_batch(None), cache_dir=cache_dir, target=target)
+    last_spec = replace(spec, layout="channels_last")
+    last_kernel = symconv.compile_conv(last_spec, cache_dir=cache_dir, target=target)
     rng = np.random.default_rng(0)
     arrays = (rng.standard_normal(spec.input_shape, np.float32),
               rng.standard_normal(spec.weight_shape, np.float32),
@@ -287,10 +293,15 @@ def run_case(case: Case, threads_list, repeat: int, torch, cache_dir: str, peaks
         mine = symconv_passes(kernel, spec, arrays, threads, fresh=False)
         fresh = symconv_passes(kernel, spec, arrays, threads, fresh=True)
         opened = symconv_passes(open_kernel, spec, arrays, threads, fresh=False)
+        x, w, b, gy = arrays
+        moved = (np.ascontiguousarray(np.moveaxis(x, 1, -1)), w, b,
+                 np.ascontiguousarray(np.moveaxis(gy, 1, -1)))
+        channels_last = symconv_passes(last_kernel, last_spec, moved, threads, fresh=False)
         for name in PASSES:
             fixed_seconds, open_seconds = timed_pair(mine[name], opened[name], repeat)
             entry = {"symconv": fixed_seconds, "symconv_open": open_seconds,
                      "symconv_fresh": timed(fresh[name], repeat),
+                     "symconv_cl": timed(channels_last[name], repeat),
                      "symconv_peak_mib": peak_rss_growth(fresh[name])}
             for label, passes in baselines.items():
                 with _torch_grad(torch, enabled=False):
@@ -298,11 +309,12 @@ def run_case(case: Case, threads_list, repeat: int, torch, cache_dir: str, peaks
             row[name] = entry
         row["sum"] = {k: sum(row[p][k] for p in PASSES) for k in row["forward"]
                       if not k.endswith("_mib")}
-        for entry in row.values():
-            entry["gflops"] = spec.flops / entry["symconv"] / 1e9
+        for name, entry in row.items():
+            passes = 3 if name == "sum" else 1
+            entry["gflops"] = passes * spec.flops / entry["symconv"] / 1e9
             entry["peak_percent"] = 100 * entry["gflops"] / peaks[threads]
-        row["sum"]["gflops"] = 3 * spec.flops / row["sum"]["symconv"] / 1e9
-        row["sum"]["peak_percent"] = 100 * row["sum"]["gflops"] / peaks[threads]
+            entry["peak_percent_cl"] = \
+                100 * passes * spec.flops / entry["symconv_cl"] / 1e9 / peaks[threads]
         result["threads"][threads] = row
     return result
 
@@ -324,7 +336,7 @@ def print_case(result: dict) -> None:
         baseline = "torch" if "torch" in row["forward"] else "numpy_im2col"
         print(f"  {threads} thread(s)   {'symconv':>9} {'fresh':>9} {baseline:>12} "
               f"{'torch_cl':>9} {'GFLOP/s':>8} {'%peak':>6} {'ratio':>6} {'peak MiB':>8} "
-              f"{'open':>9} {'open/fixed':>10}")
+              f"{'open':>9} {'open/fixed':>10} {'sc NHWC':>9} {'%peak':>6} {'ratio':>6}")
         for name in (*PASSES, "sum"):
             e = row[name]
             cl = f"{e['torch_cl'] * 1e3:8.3f}m" if "torch_cl" in e else f"{'-':>9}"
@@ -333,7 +345,12 @@ def print_case(result: dict) -> None:
                   f"{e[baseline] * 1e3:11.3f}m {cl} {e['gflops']:8.1f} {e['peak_percent']:6.1f} "
                   f"{fastest(e, baseline) / e['symconv']:6.2f} {mib} "
                   f"{e['symconv_open'] * 1e3:8.3f}m "
-                  f"{e['symconv_open'] / e['symconv']:10.3f}")
+                  f"{e['symconv_open'] / e['symconv']:10.3f} {e['symconv_cl'] * 1e3:8.3f}m "
+                  f"{e['peak_percent_cl']:6.1f} {fastest(e, baseline) / e['symconv_cl']:6.2f}")
+
+
+def geomean(values) -> float:
+    return math.exp(sum(map(math.log, values)) / len(values))
 
 
 def fastest(entry: dict, baseline: str) -> float:
@@ -389,19 +406,21 @@ def main() -> None:
         results.append(result)
     summary = {}
     for t in threads_list:
-        ratios = []
+        ratios, ratios_cl = [], []
         for r in results:
             row = r["threads"][t]["sum"]
-            ratios.append(fastest(row, "torch" if "torch" in row else "numpy_im2col") /
-                          row["symconv"])
+            best = fastest(row, "torch" if "torch" in row else "numpy_im2col")
+            ratios.append(best / row["symconv"])
+            ratios_cl.append(best / row["symconv_cl"])
         opened = [r["threads"][t]["sum"]["symconv_open"] / r["threads"][t]["sum"]["symconv"]
                   for r in results]
-        summary[t] = {"geomean_ratio": math.exp(sum(map(math.log, ratios)) / len(ratios)),
+        summary[t] = {"geomean_ratio": geomean(ratios), "geomean_ratio_cl": geomean(ratios_cl),
                       "min_ratio": min(ratios),
-                      "open_over_fixed_geomean": math.exp(sum(map(math.log, opened)) / len(opened)),
+                      "open_over_fixed_geomean": geomean(opened),
                       "open_over_fixed_worst": max(opened)}
         print(f"\n{t} thread(s): geometric mean of sum ratios {summary[t]['geomean_ratio']:.2f}, "
-              f"worst {summary[t]['min_ratio']:.2f}; batch-open / fixed time: geometric mean "
+              f"worst {summary[t]['min_ratio']:.2f} (channels_last symconv: "
+              f"{summary[t]['geomean_ratio_cl']:.2f}); batch-open / fixed time: geometric mean "
               f"{summary[t]['open_over_fixed_geomean']:.3f}, worst "
               f"{summary[t]['open_over_fixed_worst']:.3f}")
     Path(args.json).write_text(json.dumps({"peaks": peaks, "cases": results, "summary": summary,
