@@ -30,8 +30,8 @@ from .errors import IRError
 from .package.targets import split_target
 from .kernel import Kernel, PackageError, best_variant
 from .progress import Progress, configure as configure_logging, log
-from .spec import (BATCH, LAYOUTS, PADDING_MODES, ConvSpec, ConvTransposeSpec, ExprSpec, GradientSpec,
-                   spec_from_dict)
+from .spec import (BATCH, LAYOUTS, PADDING_MODES, ConvSpec, ConvTransposeSpec, ExprSpec,
+                   GradientSpec, spec_from_dict)
 
 DEMO_SPEC = dict(input_shape=(2, 3, 16, 16, 16), weight_shape=(8, 3, 3, 3, 3), stride=2,
                  padding=1)

@@ -12,7 +12,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-import symconv
 from oracle import conv_backward, conv_forward
 from symconv import ConvSpec, compiler
 from symconv.codegen import schedule
@@ -238,3 +237,18 @@ def test_cli_explains_a_channels_last_layer(capsys, cache_dir):
     assert main(["explain", "--input", "1,4,8,8", "--weight", "4,2,3,3", "--transpose",
                  "--layout", "channels_last"]) == 2
     assert "--layout" in capsys.readouterr().err
+
+
+def test_depthwise_channels_last_runs_lanes_along_the_channels():
+    """A depthwise layer's channels are no GEMM (each is read by every array): output lanes
+    along them, the forward's weight read from a copy with the channel axis innermost (its
+    stride is the 9 taps), the weight gradient's rows along the taps of the last axis."""
+    spec = ConvSpec((2, 16, 10, 9), (16, 1, 3, 3), padding=1, groups=16, layout="channels_last")
+    plans = compiler.compilation(spec, "x86-64-v3").plans
+    ((piece, forward),) = plans["forward"]
+    assert isinstance(forward, schedule.OutputLanes) and str(forward.lane) == "i_g"
+    assert [(c.array, c.axis, c.halo) for c in forward.copies] == [("a_weight", 0, None)]
+    assert "a_weight copied with axis 0 innermost" in schedule.describe(piece, forward)
+    ((_, weight),) = plans["grad_weight"]
+    assert isinstance(weight, schedule.OutputLanes) and not weight.copies
+    assert (str(weight.lane), str(weight.block), weight.rows) == ("i_g", "i_k1", 3)

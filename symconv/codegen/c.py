@@ -301,3 +301,45 @@ def emit_scalar_piece(out: Writer, fn: IndexSum, piece: schedule.Piece, dtype: s
     out.line(f"{fn.output.name}[{c_affine(output_offset(fn, piece))}] = sc_acc;")
     for _ in piece.indices:
         out.close()
+
+
+def emit_copy(out: Writer, copy: schedule.Copy, shape: list[int]) -> None:
+    """Fill a copy (schedule.Copy) in one pass: each element the array's, or zero in the
+    halo.  With an axis moved, the last axis goes in tiles of COPY_TILE, the moved axis
+    inside a tile: each read then is a run of neighbours along the array's last axis, not
+    one element per channel plane (planes 4 KiB apart crowd one L1 set)."""
+    name, padded = schedule.copy_name(copy.array), copy.shape(shape)
+    halo = copy.halo or [(0, 0)] * len(shape)
+    last = len(shape) - 1
+    order = [a for a in range(len(shape)) if a != copy.axis]
+    tiled = copy.axis is not None
+    if tiled:
+        order = order[:-1]
+    loops = min(2, len(order))
+    if threaded(out, MOVE_COST * math.prod(padded)) and loops:
+        tasks = math.prod(padded[a] for a in order[:loops])
+        omp_parallel(out, f"parallel for collapse({loops}) {omp_schedule(tasks)}")
+    for a in order:
+        out.open(f"for (int64_t sc_x{a} = 0; sc_x{a} < {padded[a]}; ++sc_x{a})")
+    if tiled:
+        out.open(f"for (int64_t sc_t = 0; sc_t < {padded[last]}; sc_t += {COPY_TILE})")
+        out.open(f"for (int64_t sc_x{copy.axis} = 0; sc_x{copy.axis} < {padded[copy.axis]}; "
+                 f"++sc_x{copy.axis})")
+        out.open(f"for (int64_t sc_x{last} = sc_t; sc_x{last} < sc_min(sc_t + {COPY_TILE}, "
+                 f"{padded[last]}); ++sc_x{last})")
+    place = sympy.IndexedBase(name, shape=padded)[
+        tuple(sympy.Symbol(f"sc_x{a}") for a in range(len(shape)))]
+    source = sympy.IndexedBase(copy.array, shape=shape)[
+        tuple(sympy.Symbol(f"sc_x{a}") - halo[a][0] for a in range(len(shape)))]
+    inside = [f"sc_x{a} >= {lo} && sc_x{a} < {lo + shape[a]}"
+              for a, (lo, hi) in enumerate(halo) if lo or hi]
+    value = f"{copy.array}[{flat_offset(source)}]"
+    if inside:
+        value = f"({' && '.join(inside)}) ? {value} : 0"
+    out.line(f"{name}[{flat_offset(place, copy.axis)}] = {value};")
+    for _ in range(len(order) + 3 * tiled):
+        out.close()
+
+
+MOVE_COST = 8      # loop iterations an element moved into a panel or a copy costs, about
+COPY_TILE = 16     # elements of the last axis per tile of a copy: a 64-byte line of float32

@@ -23,11 +23,11 @@ from ..symbolic.affine import ceil_div
 from ..symbolic.ir import IndexSum, index_range
 from ..symbolic.lowering import LoopNest, nest_box
 from . import schedule
-from .c import (C_TYPES, BodyPrinter, Writer, bound_text, c_affine, condition_text,
-                emit_scalar_piece, flat_offset, omp_parallel, omp_schedule, output_offset,
-                threaded, work)
+from .c import (C_TYPES, MOVE_COST, BodyPrinter, Writer, bound_text, c_affine, condition_text,
+                emit_copy, emit_scalar_piece, flat_offset, omp_parallel,
+                omp_schedule, output_offset, threaded, work)
 from .isa import Simd
-from .schedule import extent, in_range_exprs
+from .schedule import copy_name, extent, in_range_exprs
 from .vector import depends, interior, number_text, over_lanes
 
 
@@ -195,10 +195,6 @@ def _release(e: _Emission, buffers: list[tuple[str, str]]) -> None:
         e.out.line(f"sc_free({name});")
 
 
-def _copy_name(array: str) -> str:
-    return f"sc_copy_{array}"
-
-
 def _shapes(e: _Emission) -> dict[str, list[int]]:
     return {str(r.base.label): [int(d) for d in r.base.shape]
             for n in e.nests for r in n.broadcast}
@@ -207,56 +203,16 @@ def _shapes(e: _Emission) -> dict[str, list[int]]:
 def _copy_buffers(e: _Emission) -> list[tuple[str, str]]:
     """(name, elements) of the copies the plan makes."""
     shapes = _shapes(e)
-    return [(_copy_name(c.array), f"{math.prod(c.shape(shapes[c.array]))}")
+    return [(copy_name(c.array), f"{math.prod(c.shape(shapes[c.array]))}")
             for c in e.chosen.copies]
 
 
 def _emit_copies(e: _Emission) -> None:
     shapes = _shapes(e)
     for copy in e.chosen.copies:
-        _emit_copy(e.out, copy, shapes[copy.array])
+        emit_copy(e.out, copy, shapes[copy.array])
 
 
-def _emit_copy(out: Writer, copy: schedule.Copy, shape: list[int]) -> None:
-    """Fill a copy (schedule.Copy) in one pass: each element the array's, or zero in the
-    halo.  With an axis moved, the last axis goes in tiles of COPY_TILE, the moved axis
-    inside a tile: each read then is a run of neighbours along the array's last axis, not
-    one element per channel plane (planes 4 KiB apart crowd one L1 set)."""
-    name, padded = _copy_name(copy.array), copy.shape(shape)
-    halo = copy.halo or [(0, 0)] * len(shape)
-    last = len(shape) - 1
-    order = [a for a in range(len(shape)) if a != copy.axis]
-    tiled = copy.axis is not None
-    if tiled:
-        order = order[:-1]
-    loops = min(2, len(order))
-    if threaded(out, MOVE_COST * math.prod(padded)) and loops:
-        tasks = math.prod(padded[a] for a in order[:loops])
-        omp_parallel(out, f"parallel for collapse({loops}) {omp_schedule(tasks)}")
-    for a in order:
-        out.open(f"for (int64_t sc_x{a} = 0; sc_x{a} < {padded[a]}; ++sc_x{a})")
-    if tiled:
-        out.open(f"for (int64_t sc_t = 0; sc_t < {padded[last]}; sc_t += {COPY_TILE})")
-        out.open(f"for (int64_t sc_x{copy.axis} = 0; sc_x{copy.axis} < {padded[copy.axis]}; "
-                 f"++sc_x{copy.axis})")
-        out.open(f"for (int64_t sc_x{last} = sc_t; sc_x{last} < sc_min(sc_t + {COPY_TILE}, "
-                 f"{padded[last]}); ++sc_x{last})")
-    place = sympy.IndexedBase(name, shape=padded)[
-        tuple(sympy.Symbol(f"sc_x{a}") for a in range(len(shape)))]
-    source = sympy.IndexedBase(copy.array, shape=shape)[
-        tuple(sympy.Symbol(f"sc_x{a}") - halo[a][0] for a in range(len(shape)))]
-    inside = [f"sc_x{a} >= {lo} && sc_x{a} < {lo + shape[a]}"
-              for a, (lo, hi) in enumerate(halo) if lo or hi]
-    value = f"{copy.array}[{flat_offset(source)}]"
-    if inside:
-        value = f"({' && '.join(inside)}) ? {value} : 0"
-    out.line(f"{name}[{flat_offset(place, copy.axis)}] = {value};")
-    for _ in range(len(order) + 3 * tiled):
-        out.close()
-
-
-MOVE_COST = 8      # loop iterations an element moved into a panel or a copy costs, about
-COPY_TILE = 16     # elements of the last axis per tile of a copy: a 64-byte line of float32
 
 
 def _emit_fallback(e: _Emission) -> None:
@@ -423,9 +379,9 @@ def _read_text(read: sympy.Indexed, copies: dict[str, schedule.Copy]) -> str:
     if copy is None:
         return f"{name}[{flat_offset(read)}]"
     shape = [int(d) for d in read.base.shape]
-    moved = sympy.IndexedBase(_copy_name(name), shape=copy.shape(shape))[
+    moved = sympy.IndexedBase(copy_name(name), shape=copy.shape(shape))[
         tuple(p + (copy.halo[a][0] if copy.halo else 0) for a, p in enumerate(read.indices))]
-    return f"{_copy_name(name)}[{flat_offset(moved, copy.axis)}]"
+    return f"{copy_name(name)}[{flat_offset(moved, copy.axis)}]"
 
 
 def _emit_tile_store(e: _Emission, rows: int, tile: str) -> None:

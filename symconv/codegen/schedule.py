@@ -72,13 +72,15 @@ class OutputLanes:
     """Lanes along ``lane`` (a piece index), ``rows`` values of ``block`` per register block,
     ``vectors`` vectors of lanes per block; ``nests`` are the piece's nests with the loops
     that decide which lanes read inside a zero-padded array moved outermost, so their lane
-    masks are computed once for all inner iterations."""
+    masks are computed once for all inner iterations.  ``copies`` are small arrays the nests
+read from a copy with the lane's axis innermost (filled before the blocks run)."""
 
     lane: sympy.Idx
     block: sympy.Idx | None
     rows: int
     vectors: int
     nests: tuple[LoopNest, ...] = ()
+    copies: tuple["Copy", ...] = ()
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,11 @@ class Copy:
         """The copy's shape (axes in the array's order) for an array of ``shape``."""
         halo = self.halo or [(0, 0)] * len(shape)
         return tuple(int(d) + lo + hi for d, (lo, hi) in zip(shape, halo))
+
+
+def copy_name(array: str) -> str:
+    """The C name of a plan's copy of ``array``."""
+    return f"sc_copy_{array}"
 
 
 @dataclass(frozen=True)
@@ -402,15 +409,77 @@ def balanced(extent: int, most: int) -> int:
 
 
 def _output_lanes(piece: Piece, width: int, budget: int) -> OutputLanes | None:
-    lane = piece.indices[-1]
-    extent = index_range(lane)[1] + 1
+    """Lanes along the last free index (of more than one value), else along the last other
+    one that fits (channels last, a depthwise weight gradient's channels): every read steps
+    through the lanes in short strides; along the last index, a small array that does not
+    is read from a copy with the lane's axis innermost (a channels-last depthwise weight)."""
     reads = _reads(piece)
-    if 2 * extent < width or reads is None:    # at least half the lanes of a vector used
+    if reads is None:
+        return None
+    order = [u for u in reversed(piece.indices) if extent(u) > 1]
+    for lane in order:
+        # only the last index's lanes read copies: elsewhere a copy would stand in for the
+        # partial sums of a weight gradient (ReductionLanes), unmeasured
+        copies, copied = _lane_copies(piece, reads, lane) if lane == order[0] else (), piece
+        if copies:
+            copied = replace(piece, nests=tuple(_read_copies(n, copies) for n in piece.nests))
+        chosen = _output_lanes_along(copied, _reads(copied) if copies else reads, lane, width,
+                                     budget)
+        if chosen is not None:
+            return replace(chosen, copies=copies)
+    return None
+
+
+MAX_LANE_COPY = 4096      # elements: an array this small is copied with its lane axis innermost
+
+
+def _lane_copies(piece: Piece, reads, lane) -> tuple[Copy, ...]:
+    """Copies of the arrays read across the lanes in strides too long to load, when each is
+    small, not zero-padded, and has the lane alone (coefficient 1) in one axis."""
+    axes = {}
+    for nest, (_, read_list, coefficients) in zip(piece.nests, reads):
+        for read, c in zip(read_list, coefficients):
+            if c.get(lane, 0) <= MAX_LANE_STRIDE:
+                continue
+            name = str(read.base.label)
+            uses = [a for a, p in enumerate(read.indices) if lane in sympy.sympify(p).free_symbols]
+            if name in nest.zero_outside or len(uses) != 1 or \
+                    linear_parts(read.indices[uses[0]])[0] != {lane: 1} or \
+                    math.prod(int(d) for d in read.base.shape) > MAX_LANE_COPY or \
+                    axes.setdefault(name, uses[0]) != uses[0]:
+                return ()
+    return tuple(Copy(name, axis, None) for name, axis in sorted(axes.items()))
+
+
+def _read_copies(nest: LoopNest, copies: Sequence[Copy]) -> LoopNest:
+    """The nest reading each copied array from its copy: the same element at the moved
+    axis's place (the emitter declares and fills the copy, ``c.emit_copy``)."""
+    moved = {c.array: c.axis for c in copies}
+    swaps = {}
+    for read in accesses(nest.body):
+        axis = moved.get(str(read.base.label))
+        if axis is None:
+            continue
+        order = [a for a in range(len(read.indices)) if a != axis] + [axis]
+        base = sympy.IndexedBase(copy_name(str(read.base.label)),
+                                 shape=tuple(read.base.shape[a] for a in order))
+        swaps[read] = base[tuple(read.indices[a] for a in order)]
+    return replace(nest, body=nest.body.xreplace(swaps))
+
+
+LOADED_VECTORS = 4   # vectors per block of rows that load their own: 4 x 3 rows of accumulators
+MIN_LOADED_ROWS = 3  # ... and the fewest such rows: a 3-tap kernel axis shares the other read
+
+
+def _output_lanes_along(piece: Piece, reads, lane, width: int,
+                        budget: int) -> OutputLanes | None:
+    extent = index_range(lane)[1] + 1
+    if 2 * extent < width:    # at least half the lanes of a vector used
         return None
     if any(not 0 <= c.get(lane, 0) <= MAX_LANE_STRIDE
            for _, _, coefficients in reads for c in coefficients):
         return None
-    position = piece.position[-1]
+    position = piece.position[piece.indices.index(lane)]
     if linear_parts(position)[0].get(lane, 0) < 1:
         return None
     in_bounds = set().union(*(_bound_symbols(n) for n in piece.nests))
@@ -418,13 +487,13 @@ def _output_lanes(piece: Piece, width: int, budget: int) -> OutputLanes | None:
                                  for r in accesses(n.body) if str(r.base.label) in n.zero_outside
                                  for e in in_range_exprs(r) if lane in e.free_symbols))
     candidates, loaded = [], []
-    for u in piece.indices[:-1]:
-        if u in in_bounds:
+    for u in piece.indices:
+        if u == lane or u in in_bounds:
             continue
         uses = [c for _, _, coefficients in reads for c in coefficients if u in c]
         if uses and all(lane not in c for c in uses):
             candidates.append(u)
-        elif uses and u not in lane_padding and index_range(u)[1] + 1 >= MIN_GEMM_ROWS and \
+        elif uses and u not in lane_padding and index_range(u)[1] + 1 >= MIN_LOADED_ROWS and \
                 all(c.get(lane, 1) == 1 and c.get(u, 0) <= 2 * extent for c in uses):
             loaded.append(u)      # rows that load their own vectors from neighbouring lines
     # rows that only broadcast share each vector load; without them, rows that load their
@@ -434,7 +503,7 @@ def _output_lanes(piece: Piece, width: int, budget: int) -> OutputLanes | None:
     long = [u for u in candidates if index_range(u)[1] + 1 >= MIN_GEMM_ROWS]
     if loaded and not long:   # a depthwise layer's output rows: own loads, shared weights
         block = loaded[-1]
-        rows = balanced(index_range(block)[1] + 1, max(1, budget // vectors_max))
+        rows = balanced(index_range(block)[1] + 1, budget // min(vectors_max, LOADED_VECTORS))
         return OutputLanes(lane, block, rows, max(1, min(vectors_max, budget // rows)), nests)
     block = max(long or candidates, key=lambda u: index_range(u)[1], default=None)
     if block is None:
@@ -877,8 +946,10 @@ def describe(piece: Piece, chosen: Plan) -> str:
                 f"broadcast per register block{extra}")
     if isinstance(chosen, OutputLanes):
         rows = f", {chosen.rows} rows of {chosen.block.label}" if chosen.block is not None else ""
+        copied = "".join(f"; {c.array} copied with axis {c.axis} innermost"
+                         for c in chosen.copies)
         return (f"{where}vector lanes along {chosen.lane.label} ({chosen.vectors} vectors"
-                f"{rows} per register block)")
+                f"{rows} per register block{copied})")
     if isinstance(chosen, ReductionLanes):
         rows = " x ".join(f"{rows} {u.label}" for u, rows in chosen.blocks)
         return f"{where}partial sums in lanes along {chosen.lane.label}, blocks of {rows}"

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 import sympy
 
 from ..symbolic.affine import c_order_strides, ceil_div, integer_form, linear_parts
-from ..symbolic.ir import IndexSum, index_range
+from ..symbolic.ir import IndexSum, accesses, index_range
 from ..symbolic.lowering import Bound, LoopNest, nest_box, value_range
 from . import schedule
 from .schedule import in_range_exprs
-from .c import (C_TYPES, Writer, bound_text, c_affine, condition_text,
+from .c import (C_TYPES, Writer, bound_text, c_affine, condition_text, emit_copy,
                 fold, omp_parallel, omp_schedule, output_offset, parallel, threaded, work)
 from .isa import Simd
 
@@ -137,6 +137,9 @@ def emit_output_lanes(out: Writer, fn: IndexSum, piece: schedule.Piece,
     runs = _lane_runs(index_range(lane)[1] + 1, simd.width, chosen.vectors,
                       interior(chosen.nests, piece.indices, chosen.lane))
 
+    if chosen.copies:
+        out.open()
+        _emit_lane_copies(out, fn, chosen.copies, C_TYPES[simd.dtype])
     parallel(out, outer, work(chosen.nests, piece.indices))
     for idx in outer:
         lo, hi = index_range(idx)
@@ -157,6 +160,19 @@ def emit_output_lanes(out: Writer, fn: IndexSum, piece: schedule.Piece,
         out.close()
     for _ in outer:
         out.close()
+    if chosen.copies:
+        out.close()
+
+
+def _emit_lane_copies(out: Writer, fn: IndexSum, copies, ctype: str) -> None:
+    """Declare and fill the small copies an output-lane plan reads (schedule.MAX_LANE_COPY
+    elements at most: on the stack, nothing to allocate or free)."""
+    shapes = {str(r.base.label): [int(d) for d in r.base.shape]
+              for term in fn.terms for r in accesses(term.body)}
+    for copy in copies:
+        shape = shapes[copy.array]
+        out.line(f"{ctype} {schedule.copy_name(copy.array)}[{math.prod(shape)}];")
+        emit_copy(out, copy, shape)
 
 
 def _ceil_const(bound: Bound) -> int:
