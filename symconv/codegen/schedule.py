@@ -644,6 +644,8 @@ def _moved_axis(reads, shape, always: bool) -> int | None:
     """The axis the innermost loop's steps run along in an array of ``shape``, if they crowd
     it or the array is copied ``always``."""
     for nest, read in reads:
+        if not nest.loops:        # a phase of a stride where one tap is left: no steps
+            continue
         inner = nest.loops[-1].index
         along = [a for a, p in enumerate(read.indices) if inner in p.free_symbols]
         if len(along) != 1 or along[0] == len(shape) - 1:
