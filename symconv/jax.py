@@ -47,6 +47,7 @@ from jax.interpreters import ad, batching, mlir
 from . import autodiff
 from .binding import op_package, open_batch
 from .graph.compiled import IndexOp, as_op
+from .spec import channels_first_shape
 
 __all__ = ["conv", "conv_transpose", "avg_pool", "op", "call", "SymOp"]
 
@@ -239,12 +240,12 @@ def _dtype(named: dict[str, Any]) -> str:
     return next(iter(names.values()))
 
 
-def _forward(kind: str, arrays: list, cache_dir, target, **fields):
+def _forward(kind: str, arrays: list, cache_dir, target, input_shape=None, **fields):
+    """The op's forward on ``arrays``; its spec's ``input_shape`` is the first array's shape
+    (with the batch open) unless given."""
     arrays = [jnp.asarray(a) for a in arrays if a is not None]
-    shape = arrays[0].shape
-    if fields.get("layout") == "channels_last":      # the spec writes shapes channels first
-        shape = (shape[0], shape[-1], *shape[1:-1])
-    package = op_package(kind, cache_dir, target, input_shape=open_batch(shape), **fields)
+    package = op_package(kind, cache_dir, target,
+                         input_shape=open_batch(input_shape or arrays[0].shape), **fields)
     return _bind(package.handle, "forward", arrays, _leading(arrays[0].shape))
 
 
@@ -264,7 +265,10 @@ def conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups: int = 1,
     if np.ndim(x) != np.ndim(weight):
         raise ValueError(f"symconv.jax.conv: input of shape {np.shape(x)} and weight of shape "
                          f"{np.shape(weight)} must have the same number of dims")
+    shape = np.shape(x)
     return _forward("conv", [x, weight, bias], cache_dir, target,
+                    input_shape=channels_first_shape(shape) if layout == "channels_last"
+                    else shape,
                     weight_shape=tuple(np.shape(weight)), stride=stride, padding=padding,
                     dilation=dilation, groups=groups, bias=bias is not None, dtype=dtype,
                     padding_mode=padding_mode, layout=layout)

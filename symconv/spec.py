@@ -137,6 +137,11 @@ def channels_last_shape(shape: tuple) -> tuple:
     return (shape[0], *shape[2:], shape[1])
 
 
+def channels_first_shape(shape: tuple) -> tuple:
+    """A channels-last array's shape (N, *spatial, C) as a spec writes it: (N, C, *spatial)."""
+    return (shape[0], shape[-1], *shape[1:-1])
+
+
 def _check_padding_mode(where: str, mode: Any, padding, spatial) -> None:
     """What each mode can pad: reflect mirrors without repeating the edge (pad < size),
     circular wraps around once (pad <= size), replicate repeats the edge (any pad)."""

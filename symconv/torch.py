@@ -323,25 +323,27 @@ def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
             x.dim() != weight.dim():
         raise ValueError(f"symconv.torch.conv: input of shape {tuple(x.shape)} and weight of "
                          f"shape {tuple(weight.shape)} must have the same number of dims")
-    last = _channels_last(x)
-    arrays = x.movedim(1, -1) if last else x
+    moved = _channels_last(x)
+    arrays = x if moved is None else moved
     dtype = _checked({"input": arrays, "weight": weight, "bias": bias}, allow_copy)
     handle = _handle("conv", _where(cache_dir), target, (
         ("input_shape", open_batch(x.shape)), ("weight_shape", tuple(weight.shape)),
         ("stride", stride), ("padding", padding), ("dilation", dilation), ("groups", groups),
         ("bias", bias is not None), ("dtype", dtype), ("padding_mode", padding_mode),
-        ("layout", "channels_last" if last else "channels_first")))
+        ("layout", "channels_first" if moved is None else "channels_last")))
     y = _apply(handle, "forward", [arrays, weight] if bias is None else [arrays, weight, bias],
                x.shape[0])
-    return y.movedim(-1, 1) if last else y
+    return y if moved is None else y.movedim(-1, 1)
 
 
-def _channels_last(x: Any) -> bool:
-    """Whether ``x`` holds its channels innermost (torch's channels_last memory, any rank) and
-    not also channels first: then the kernel reads that memory as it is, and the output keeps
-    the same layout."""
-    return isinstance(x, torch.Tensor) and x.dim() >= 3 and not x.is_contiguous() and \
-        x.movedim(1, -1).is_contiguous()
+def _channels_last(x: Any) -> torch.Tensor | None:
+    """``x`` viewed (N, *spatial, C) when it holds its channels innermost (torch's
+    channels_last memory, any rank) and not also channels first, else None: the kernel then
+    reads that memory as it is, and the output keeps the same layout."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 3 or x.is_contiguous():
+        return None
+    moved = x.movedim(1, -1)
+    return moved if moved.is_contiguous() else None
 
 
 def conv_transpose(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

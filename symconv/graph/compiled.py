@@ -23,7 +23,8 @@ import numpy as np
 from .. import autodiff
 from ..autodiff import Package, package_of
 from ..binding import open_batch
-from ..spec import AvgPoolSpec, ConvSpec, ConvTransposeSpec, ExprSpec, spec_of
+from ..spec import (AvgPoolSpec, ConvSpec, ConvTransposeSpec, ExprSpec, channels_first_shape,
+                    spec_of)
 from .engine import Tensor, as_tensor, record
 
 
@@ -115,7 +116,7 @@ def conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups: int = 1,
     if x.ndim != weight.ndim:
         raise ValueError(f"conv: input of shape {x.shape} and weight of shape {weight.shape} "
                          f"must have the same number of dims")
-    shape = (x.shape[0], x.shape[-1], *x.shape[1:-1]) if layout == "channels_last" else x.shape
+    shape = channels_first_shape(x.shape) if layout == "channels_last" else x.shape
     spec = spec_of(ConvSpec, input_shape=open_batch(shape), weight_shape=weight.shape,
                    stride=stride, padding=padding, dilation=dilation, groups=groups,
                    bias=bias is not None, dtype=dtype.name, padding_mode=padding_mode,
