@@ -232,10 +232,11 @@ def _log_compile(spec, kernel: Kernel, seconds: float, hit: bool) -> None:
     log.info("%s: total %.3f s -> %s", spec.slug, seconds, kernel.path)
 
 
-def _compile(spec, cache_dir, target: str | None = None) -> tuple[Kernel, float]:
+def _compile(spec, cache_dir, target: str | None = None,
+             tune: bool = False) -> tuple[Kernel, float]:
     """compile_op, timed, with its stages logged under --verbose."""
     from .compiler import KERNELS
-    result = KERNELS.load(spec, cache_dir, target)
+    result = KERNELS.load(spec, cache_dir, target, tune)
     _log_compile(spec, result.kernel, result.seconds, hit=result.cached)
     return result.kernel, result.seconds
 
@@ -245,10 +246,27 @@ def cmd_compile(args, out) -> int:
     with Progress(len(specs), "compiling", enabled=args.progress) as bar:
         for spec in specs:
             bar.set_note(spec.slug)
-            kernel, seconds = _compile(spec, args.out, args.target)
+            kernel, seconds = _compile(spec, args.out, args.target, args.tune)
             bar.write(f"{kernel.path}  ({seconds:.2f} s)  {spec.describe()}", file=out)
+            for line in _tuning_lines(kernel.manifest.get("tuning")):
+                bar.write(line, file=out)
             bar.advance()
     return 0
+
+
+def _tuning_lines(tuning) -> list[str]:
+    """What a tuned package's manifest records: per function, each candidate's time and
+    the plan kept."""
+    if tuning is None:
+        return []
+    lines = [f"  tuned on {tuning['target']} with {tuning['threads']} thread(s):"]
+    for name, times in tuning["seconds"].items():
+        order = sorted(times, key=lambda choice: (choice != "default", choice))
+        timed = ", ".join(f"{choice} {times[choice] * 1e3:.3g} ms" for choice in order)
+        lines.append(f"    {name}: {timed} -> {tuning['choices'].get(name, 'default')}")
+    if not tuning["seconds"]:
+        lines.append("    no function has a plan other than its default here")
+    return lines
 
 
 def _log_timings(spec, timings) -> None:
@@ -422,6 +440,10 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--out", default="generated", help="directory for the packages "
                           "(default: generated)")
     _add_target_flag(compile_)
+    compile_.add_argument("--tune", action="store_true",
+                          help="time each function's candidate plans on this machine and build "
+                          "the fastest (recorded in the manifest; later compiles of the spec "
+                          "load the tuned package)")
     _add_progress_flag(compile_)
     compile_.set_defaults(run=cmd_compile)
 

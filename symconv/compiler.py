@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # only for annotations; importing them pulls in SymPy
     from .symbolic.define import OpDefinition
     from .symbolic.derive import Derivation
     from .symbolic.ir import SumFunction
+    from .tune import Tuning
 
 
 @dataclass
@@ -49,6 +50,15 @@ class Compilation:
     variants: list[Variant]               # the instruction sets, best first
     sources: dict[str, "CSource"]         # the C of each variant, by its target name
     timings: dict[str, float] = field(default_factory=dict)
+    tuning: "Tuning | None" = None        # the tuner's choices, applied to sources
+
+    def apply(self, tuning: "Tuning") -> None:
+        """Re-emit the C of the variant ``tuning`` timed with its plan choices."""
+        from .codegen.emit import emit
+        variant = next(v for v in self.variants if v.target == tuning.target)
+        self.sources[variant.target] = emit(self.functions, self.op.dtype, self.op.description,
+                                            variant.isa, variant.prefix, tuning.choices)
+        self.tuning = tuning
 
     @property
     def source(self) -> "CSource":
@@ -112,6 +122,7 @@ class Compilation:
             "canonical_order": list(contents["forward"][1]),
             "formulas": self.formulas(),
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
+            **({"tuning": self.tuning.to_json()} if self.tuning else {}),
             **({"batch": {"extent": op.batch.extent, "index": op.batch.index}}
                if op.batch else {}),
             **op.details,
@@ -166,8 +177,10 @@ def derive_and_emit(op: "OpDefinition", target: str | None = None) -> Compilatio
     return Compilation(op, derivations, functions, variants, sources, timings)
 
 
-def compilation(spec, target: str | None = None) -> Compilation:
-    """The full derivation of a spec's op and its C for ``target``, without building it."""
+def compilation(spec, target: str | None = None, tune: bool = False) -> Compilation:
+    """The full derivation of a spec's op and its C for ``target``, without building it;
+    with ``tune``, the C of the variant this machine runs uses the plans that ran fastest
+    here (see symconv.tune; that builds and times candidates)."""
     from .symbolic.define import definition
 
     start = time.perf_counter()
@@ -175,6 +188,11 @@ def compilation(spec, target: str | None = None) -> Compilation:
     elapsed = time.perf_counter() - start
     compiled = derive_and_emit(op, target)
     compiled.timings = {"define": elapsed, **compiled.timings}
+    if tune:
+        from .tune import tune as tuned
+        start = time.perf_counter()
+        compiled.apply(tuned(compiled, build.build_config(target)))
+        compiled.timings["tune"] = time.perf_counter() - start
     return compiled
 
 
@@ -194,9 +212,9 @@ class Build:
 
 class KernelCache:
     """The kernels this process has loaded, keyed by the spec's key, the cache directory, the
-    target and the C compiler; shared by ``compile_op``, the graph, the framework bindings
-    and Dask.  A hit costs a dictionary look-up; a miss loads the package, building it
-    first if needed."""
+    target, the C compiler and whether they were asked to be tuned; shared by
+    ``compile_op``, the graph, the framework bindings and Dask.  A hit costs a dictionary
+    look-up; a miss loads the package, building it first if needed."""
 
     def __init__(self) -> None:
         self._kernels: dict[tuple, Kernel] = {}
@@ -206,25 +224,27 @@ class KernelCache:
     def __len__(self) -> int:
         return len(self._kernels)
 
-    def _key(self, spec, cache_dir, target) -> tuple:
+    def _key(self, spec, cache_dir, target, tune) -> tuple:
+        if not isinstance(tune, bool):
+            raise TypeError(f"tune must be True or False, got {tune!r}")
         root = os.fspath(cache_dir) if cache_dir is not None else os.environ.get(build.CACHE_ENV)
-        return spec.key, root and os.path.abspath(root), target, build.c_compiler()
+        return spec.key, root and os.path.abspath(root), target, build.c_compiler(), tune
 
     def get(self, spec, cache_dir: str | os.PathLike | None = None,
-            target: str | None = None) -> Kernel:
-        kernel = self._kernels.get(self._key(spec, cache_dir, target))
-        return kernel if kernel is not None else self.load(spec, cache_dir, target).kernel
+            target: str | None = None, tune: bool = False) -> Kernel:
+        kernel = self._kernels.get(self._key(spec, cache_dir, target, tune))
+        return kernel if kernel is not None else self.load(spec, cache_dir, target, tune).kernel
 
     def load(self, spec, cache_dir: str | os.PathLike | None = None,
-             target: str | None = None) -> Build:
+             target: str | None = None, tune: bool = False) -> Build:
         """Load (building first if needed) and remember a spec's kernel, saying how."""
-        key = self._key(spec, cache_dir, target)
+        key = self._key(spec, cache_dir, target, tune)
         with self._lock:
             start = time.perf_counter()
             kernel = self._kernels.get(key)
             compilation = None
             if kernel is None:
-                kernel, compilation = _load_or_build(spec, cache_dir, target)
+                kernel, compilation = _load_or_build(spec, cache_dir, target, tune)
                 self._kernels[key] = kernel
             return Build(kernel, compilation, time.perf_counter() - start)
 
@@ -237,21 +257,26 @@ class KernelCache:
 KERNELS = KernelCache()
 
 
-def _load_or_build(spec, cache_dir, target) -> tuple[Kernel, Compilation | None]:
+def _load_or_build(spec, cache_dir, target, tune: bool) -> tuple[Kernel, Compilation | None]:
     """The package of a spec under ``cache_dir``, loaded; built first if it is not there
-    (then with its Compilation).  The package name is known from the spec alone, so a cache
-    hit runs no symbolic stage."""
+    (then with its Compilation).  A tuned package of the spec, where one was built, is
+    preferred to the plain one; ``tune`` builds one if there is none.  The package names
+    are known from the spec alone, so a cache hit runs no symbolic stage."""
     config = build.build_config(target)
     root = Path(cache_dir) if cache_dir is not None else build.default_cache_dir()
-    path = (root / build.package_name(spec.slug, spec.key, config)).resolve()
-    try:
-        return Kernel(path), None
-    except PackageError:
-        pass            # not built yet, or broken: (re)build it below
+    tuned = (root / build.package_name(f"{spec.slug}_tuned", spec.key,
+                                       {**config, "tuned": True})).resolve()
+    plain = (root / build.package_name(spec.slug, spec.key, config)).resolve()
+    for path in (tuned,) if tune else (tuned, plain):
+        try:
+            return Kernel(path), None
+        except PackageError:
+            pass        # not built yet, or broken: (re)build it below
+    path = tuned if tune else plain
     built = []
 
     def write(staging: Path) -> None:
-        compiled = compilation(spec, target)
+        compiled = compilation(spec, target, tune)
         sources = {name: source.text for name, source in compiled.sources.items()}
         try:
             build.write_package(staging, path.name, sources, compiled.cdef,
@@ -278,22 +303,25 @@ def _bug_report(directory: Path, spec, sources: dict[str, str], error: Exception
 
 
 def compile_op(spec, cache_dir: str | os.PathLike | None = None,
-               target: str | None = None) -> Kernel:
+               target: str | None = None, tune: bool = False) -> Kernel:
     """Compile (or fetch from the cache) the kernels of a spec's op and load them.
 
     ``spec`` is any spec symconv defines (ConvSpec, ConvTransposeSpec, AvgPoolSpec,
     ExprSpec, GradientSpec).  ``cache_dir`` defaults to ``$SYMCONV_CACHE_DIR`` or
     ``~/.cache/symconv``; ``target`` to AVX-512 and AVX2 code, the best run, where the CPU
-    has AVX2 (see package.targets.default_target).
+    has AVX2 (see package.targets.default_target).  ``tune=True`` times candidate plans on
+    this machine and builds a package of the fastest (symconv.tune; its choices and timings
+    are in the manifest's ``tuning``); once built, every later compile of the spec, tuned or
+    not, loads it.
     """
-    return KERNELS.get(spec, cache_dir, target)
+    return KERNELS.get(spec, cache_dir, target, tune)
 
 
 def compile_conv(spec, cache_dir: str | os.PathLike | None = None,
-                 target: str | None = None) -> Kernel:
+                 target: str | None = None, tune: bool = False) -> Kernel:
     """``compile_op`` under the name the README introduces first: every spec kind
     (ConvSpec, ConvTransposeSpec, AvgPoolSpec, ExprSpec, GradientSpec) is accepted."""
     if not isinstance(spec, SPEC_TYPES):
         names = ", ".join(t.__name__ for t in SPEC_TYPES)
         raise TypeError(f"compile_conv takes a spec ({names}), got {type(spec).__name__}")
-    return compile_op(spec, cache_dir, target)
+    return compile_op(spec, cache_dir, target, tune)

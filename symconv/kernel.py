@@ -416,7 +416,11 @@ def choose_variant(manifest: Manifest, name: str | None = None) -> Variant:
 
 def _import_extension(directory: Path, manifest: Manifest):
     module = manifest.module
-    path = directory / (module + manifest.build["ext_suffix"])
+    return load_extension(directory / (module + manifest.build["ext_suffix"]), module)
+
+
+def load_extension(path: Path, module: str):
+    """Import the compiled cffi extension ``module`` from the file ``path``."""
     loader = importlib.machinery.ExtensionFileLoader(module, str(path))
     spec = importlib.util.spec_from_file_location(module, str(path), loader=loader)
     extension = importlib.util.module_from_spec(spec)

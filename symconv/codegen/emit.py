@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from ..errors import IRError
 from ..symbolic.ir import SumFunction
@@ -18,12 +18,13 @@ from .channels import emit_channel_lanes
 from .vector import emit_output_lanes, emit_reduction_lanes
 
 def emit_function(function: SumFunction, dtype: str, isa: str | None = None,
-                  prefix: str = "symconv_") -> tuple[str, CFunction]:
+                  prefix: str = "symconv_", choice: str | None = None) -> tuple[str, CFunction]:
     """C text of one index sum as ``void <prefix><name>(inputs..., output, threads)``.
 
     The output is computed piece by piece (see codegen.schedule), each piece by its plan;
-    with ``isa`` ("avx2" or "avx512") the vector plans use that instruction set.  Every
-    output element is computed by one thread in a fixed order, so results do not depend on
+    with ``isa`` ("avx2" or "avx512") the vector plans use that instruction set, and with
+    ``choice`` each piece takes that plan (schedule.CHOICES; a tuner's pick) where it fits.
+    Every output element is computed by one thread in a fixed order, so results do not depend on
     the number of threads.  Names are moved into their own C namespace first (c_namespace).
     A function over a run-time batch is its item sum plus a loop over the batch that maps
     (:func:`emit_batch_map`) or sums (:func:`emit_batch_sum`) it."""
@@ -47,7 +48,7 @@ def emit_function(function: SumFunction, dtype: str, isa: str | None = None,
     vector = Simd(isa, dtype) if isa else None
     if batch is None:
         out.open(f"void {symbol}({', '.join(params)})")
-        plans = emit_pieces(out, fn, dtype, vector)
+        plans = emit_pieces(out, fn, dtype, vector, choice)
         out.close()
         declaration = f"void {symbol}({', '.join(plain_params(named, ctype))}, int sc_threads);"
         return "\n".join(out.lines) + "\n", CFunction(name, symbol, function.args,
@@ -55,7 +56,7 @@ def emit_function(function: SumFunction, dtype: str, isa: str | None = None,
                                                       tuple(plans))
     item = f"sc_item_{symbol}"
     out.open(f"static void {item}({', '.join(params)})")
-    plans = emit_pieces(out, fn, dtype, vector)
+    plans = emit_pieces(out, fn, dtype, vector, choice)
     out.close()
     item_work = sum(work(p.nests, p.indices) for p, _ in plans)
     item_threaded, threaded_item = out.threaded, None
@@ -66,7 +67,7 @@ def emit_function(function: SumFunction, dtype: str, isa: str | None = None,
         threaded_item = f"{item}_threads"
         out.threads_from_caller = True
         out.open(f"static void {threaded_item}({', '.join(params)})")
-        emit_pieces(out, fn, dtype, vector)
+        emit_pieces(out, fn, dtype, vector, choice)
         out.close()
         out.threads_from_caller = False
     batched = {f"a_{a}" for a in batch.arrays}
@@ -86,12 +87,14 @@ def plain_params(function: SumFunction, ctype: str) -> list[str]:
         [f"{ctype} *{function.sum.output.name}"]
 
 
-def emit_pieces(out: Writer, fn, dtype: str, vector: Simd | None) -> list:
-    """Every piece of a sum's output by the plan its schedule chose; the (piece, plan) list."""
+def emit_pieces(out: Writer, fn, dtype: str, vector: Simd | None,
+                choice: str | None = None) -> list:
+    """Every piece of a sum's output by the plan its schedule chose (``choice`` where it
+    fits); the (piece, plan) list."""
     plans = []
     for piece in schedule.pieces(fn):
         chosen = schedule.plan(piece, vector.width if vector else None,
-                               vector.registers if vector else 0)
+                               vector.registers if vector else 0, choice)
         plans.append((piece, chosen))
         out.open()
         out.line(f"/* {schedule.describe(piece, chosen).replace('*/', '* /')} */")
@@ -179,10 +182,31 @@ def emit_batch_sum(out: Writer, symbol: str, item: str, threaded_item: str | Non
     out.close()
 
 
-def emit(functions: Sequence[SumFunction], dtype: str,
-         title: str, isa: str | None = None, prefix: str = "symconv_") -> CSource:
+def plan_options(function: SumFunction, dtype: str, isa: str | None) -> list[str]:
+    """The plan choices that change some piece of a function's schedule for ``isa`` (in
+    schedule.CHOICES order): the candidates a tuner compiles beside the default."""
+    if isa is None:
+        return []
+    vector = Simd(isa, dtype)
+    found = set()
+    for piece in schedule.pieces(c_namespace(function).sum):
+        found.update(schedule.options(piece, vector.width, vector.registers))
+    return [c for c in schedule.CHOICES if c in found]
+
+
+def emit(functions: Sequence[SumFunction], dtype: str, title: str, isa: str | None = None,
+         prefix: str = "symconv_", choices: Mapping[str, str] | None = None) -> CSource:
     """One C translation unit holding every function of an op, named ``<prefix><name>``;
-    ``isa`` ("avx2", "avx512" or None for plain C) picks the vector instructions."""
+    ``isa`` ("avx2", "avx512" or None for plain C) picks the vector instructions and
+    ``choices`` (function name -> plan choice) a tuner's plans."""
+    choices = choices or {}
+    return emit_unit([(f, prefix, choices.get(f.name)) for f in functions], dtype, title, isa)
+
+
+def emit_unit(entries: Sequence[tuple[SumFunction, str, str | None]], dtype: str, title: str,
+              isa: str | None = None) -> CSource:
+    """One C translation unit of (function, symbol prefix, plan choice) entries: an op's
+    functions, or a tuner's candidates (one function under several prefixes)."""
     if dtype not in C_TYPES:
         raise IRError(f"unsupported dtype {dtype!r}; expected one of {sorted(C_TYPES)}")
     if isa not in (None, *SIMD_PRELUDE):
@@ -191,8 +215,8 @@ def emit(functions: Sequence[SumFunction], dtype: str,
     if isa:
         parts.append(SIMD_PRELUDE[isa])
     declared = []
-    for function in functions:
-        text, emitted = emit_function(function, dtype, isa, prefix)
+    for function, prefix, choice in entries:
+        text, emitted = emit_function(function, dtype, isa, prefix, choice)
         parts += ["\n", text]
         declared.append(emitted)
     return CSource("".join(parts), tuple(declared))

@@ -12,7 +12,8 @@ compute them quickly.  Two steps, both plain rewrites of the IR:
    range is constant.  No loop tests divisibility and no quotient remains.
 
 2. **Plans.**  Each piece gets one of four plans, chosen from its access
-   patterns (the first of PLAN_KINDS that fits):
+   patterns (the first of PLAN_KINDS that fits; in a tuned package, the one of
+   CHOICES the tuner timed fastest, where it fits — see symconv.tune):
 
    * :class:`ChannelLanes` — an implicit GEMM: lanes along a free index that
      one read per term uses (a convolution's channels), that read packed per
@@ -148,6 +149,10 @@ Plan = Scalar | OutputLanes | ReductionLanes | ChannelLanes
 
 PLAN_KINDS = (ChannelLanes, OutputLanes, ReductionLanes)
 """The vector plans in the order they are tried: the first that fits a piece runs it."""
+
+CHOICES = ("channel-lanes", "channel-lanes-1v", "output-lanes", "reduction-lanes")
+"""The plans a tuner may ask a piece for by name (see :func:`options`): each vector plan
+kind, and channel lanes with one vector per register block (more rows) instead of two."""
 
 
 # --- pieces ----------------------------------------------------------------------------------------
@@ -367,20 +372,53 @@ def _bound_symbols(nest: LoopNest) -> set:
     return symbols
 
 
-def plan(piece: Piece, width: int | None, registers: int = 16) -> Plan:
+def plan(piece: Piece, width: int | None, registers: int = 16,
+         choice: str | None = None) -> Plan:
     """The plan for a piece, for vectors of ``width`` lanes (None: no vector unit) and a
-    register file of ``registers`` vectors (accumulators get all but four of them)."""
+    register file of ``registers`` vectors (accumulators get all but four of them): the
+    first of PLAN_KINDS that fits, or the plan named ``choice`` (one of CHOICES) where it
+    fits (a tuned choice; elsewhere the default)."""
     if width is None or not piece.nests or not piece.indices:
         return Scalar()
-    budget = registers - 4
-    makers = {ChannelLanes: lambda: _channel_lanes(piece, width, registers),
-              OutputLanes: lambda: _output_lanes(piece, width, budget),
-              ReductionLanes: lambda: _reduction_lanes(piece, width, budget)}
+    makers = _makers(piece, width, registers)
+    if choice is not None:
+        if choice not in makers:
+            raise ValueError(f"unknown plan choice {choice!r}; expected one of {CHOICES}")
+        chosen = makers[choice]()
+        if chosen is not None:
+            return chosen
     for kind in PLAN_KINDS:
-        chosen = makers[kind]()
+        chosen = makers[KIND_CHOICE[kind]]()
         if chosen is not None:
             return chosen
     return Scalar()
+
+
+KIND_CHOICE = {ChannelLanes: "channel-lanes", OutputLanes: "output-lanes",
+               ReductionLanes: "reduction-lanes"}
+
+
+def _makers(piece: Piece, width: int, registers: int) -> dict:
+    """Each named plan's maker: a function returning the plan, or None where it does not fit."""
+    budget = registers - 4
+    return {"channel-lanes": lambda: _channel_lanes(piece, width, registers),
+            "channel-lanes-1v": lambda: _channel_lanes(piece, width, registers, 1),
+            "output-lanes": lambda: _output_lanes(piece, width, budget),
+            "reduction-lanes": lambda: _reduction_lanes(piece, width, budget)}
+
+
+def options(piece: Piece, width: int | None, registers: int = 16) -> list[str]:
+    """The choices that give this piece a plan other than its default (what a tuner tries)."""
+    if width is None or not piece.nests or not piece.indices:
+        return []
+    default = plan(piece, width, registers)
+    found, seen = [], [default]
+    for name, maker in _makers(piece, width, registers).items():
+        chosen = maker()
+        if chosen is not None and chosen not in seen:
+            found.append(name)
+            seen.append(chosen)
+    return found
 
 
 MAX_LANE_STRIDE = 4   # a lane stride beyond this reads one element per cache line: not a lane
@@ -518,7 +556,8 @@ MAX_GEMM_DEPTH = 1 << 14  # ... and at most this many: a panel is the size of a 
 MIN_GEMM_ROWS = 4         # ... and rows per register block: fewer leave the loads the bottleneck
 
 
-def _channel_lanes(piece: Piece, width: int, registers: int) -> ChannelLanes | None:
+def _channel_lanes(piece: Piece, width: int, registers: int,
+                   most_vectors: int = 2) -> ChannelLanes | None:
     """Channel lanes when some free index is read by one array per nest (packed), by no
     other read (broadcast), by no bound or guard, and fills the vectors.  The register
     block's rows run along the last free index when the summation is short enough to pack
@@ -542,7 +581,7 @@ def _channel_lanes(piece: Piece, width: int, registers: int) -> ChannelLanes | N
     if not candidates:
         return None
     lane = max(candidates, key=lambda u: index_range(u)[1])
-    vectors = min(2, ceil_div(index_range(lane)[1] + 1, width))
+    vectors = min(most_vectors, ceil_div(index_range(lane)[1] + 1, width))
     most_rows = (registers - vectors - 2) // vectors
     depth = sum(math.prod(extent(loop.index) for loop in nest.loops) for nest in piece.nests)
     block = [u for u in piece.indices if u != lane][-1]   # channels last: the row before them
@@ -573,7 +612,7 @@ def _channel_lanes(piece: Piece, width: int, registers: int) -> ChannelLanes | N
     # chunked, the panel is packed per chunk and reused by every row: the shorter lane
     # leaves the longer index to the rows (a 1x1 layer 144 -> 24: lanes along the 24)
     for shorter in sorted(candidates, key=extent):
-        vectors = min(2, ceil_div(extent(shorter), width))
+        vectors = min(most_vectors, ceil_div(extent(shorter), width))
         chunked = _chunked_channel_lanes(piece, reads, shorter, vectors, vectors * width,
                                          (registers - vectors - 2) // vectors)
         if chunked is not None:
