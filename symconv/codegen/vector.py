@@ -61,6 +61,22 @@ class _BlockShape:
     masked: bool
 
 
+@dataclass(frozen=True)
+class _Block:
+    """One output-lane register block being written: the Writer, the piece and its plan,
+    the vector unit, the block's shape, and the C names of its accumulators (rows x
+    vectors), rows (``sc_row<r>``) and first lanes (``sc_lane<q>``)."""
+
+    out: Writer
+    piece: schedule.Piece
+    chosen: schedule.OutputLanes
+    simd: Simd
+    shape: _BlockShape
+    accs: list
+    row_vars: list
+    lane_at: list
+
+
 def interior(nests, indices, lane) -> tuple[int, int]:
     """The values of ``lane`` (a free index) for which every condition depending on it (loop
     bounds, guards, padded reads) holds for all values of every other index: there, blocks
@@ -218,6 +234,7 @@ def _output_lane_block(out, fn, piece, chosen, simd, block_shape: _BlockShape) -
             out.line(f"const {simd.mask} sc_valid{q} = "
                      f"{simd.nonnegative(f'{lane_hi} - sc_lane{q}', -1)};")
 
+    b = _Block(out, piece, chosen, simd, block_shape, accs, row_vars, lane_at)
     for number, nest in enumerate(chosen.nests):
         reads = _Reads(nest)
         box = nest_box(nest, piece.indices)
@@ -245,14 +262,11 @@ def _output_lane_block(out, fn, piece, chosen, simd, block_shape: _BlockShape) -
                     conds = [_lane_condition(simd, g.expr, lane, lane_at[q]) for g in lane_guards]
                     out.line(f"const {simd.mask} {name} = {_and_all(simd, conds)};")
                     domain.append(name)
-            _define_load_masks(out, simd, reads, lane, lane_at, vectors, lane_padding, domain,
-                               loads, number, 0, nest_loops.depth_of, False, frozenset())
+            _define_load_masks(b, nest_loops, domain, loads, 0, False, frozenset())
 
         def body(domain, loads):
-            _accumulate_output_lanes(out, reads, chosen, simd, accs, row_vars, lane_at,
-                                     loads if masked else None, domain, box, block_shape)
-        _emit_lane_loops(out, simd, nest_loops, lane_at, masked, 1, domain, loads,
-                         frozenset(), body)
+            _accumulate_output_lanes(b, reads, loads if masked else None, domain, box)
+        _emit_lane_loops(b, nest_loops, 1, domain, loads, frozenset(), body)
         for _ in range(opened):
             out.close()
 
@@ -329,10 +343,11 @@ class _NestLoops:
         return lows, highs
 
 
-def _emit_lane_loops(out, simd, loops: _NestLoops, lane_at, masked: bool, depth: int, domain,
-                     loads, trusted, body) -> None:
+def _emit_lane_loops(b: _Block, loops: _NestLoops, depth: int, domain, loads, trusted,
+                     body) -> None:
     """The loops of a nest from ``depth`` inwards, then ``body(domain, loads)``; a masked block
     splits its split loop into bands (see _NestLoops)."""
+    out, simd, lane_at, masked = b.out, b.simd, b.lane_at, b.shape.masked
     if depth > len(loops.loops):
         body(domain, loads)
         return
@@ -367,44 +382,43 @@ def _emit_lane_loops(out, simd, loops: _NestLoops, lane_at, masked: bool, depth:
                 band_domain = []
                 for q in range(len(lane_at)):
                     conds = [domain[q]] if domain else []
-                    for b, is_lower in lane_bounds:
-                        expr = b.den * loop.index - b.num if is_lower else \
-                            b.num - b.den * loop.index
+                    for bound, is_lower in lane_bounds:
+                        expr = bound.den * loop.index - bound.num if is_lower else \
+                            bound.num - bound.den * loop.index
                         conds.append(_lane_condition(simd, expr, lane, lane_at[q]))
                     name = f"sc_d{loops.number}_{depth}_{q}"
                     out.line(f"const {simd.mask} {name} = {_and_all(simd, conds)};")
                     band_domain.append(name)
                 out.open(f"if ({' || '.join(simd.any(m) for m in band_domain)})")
                 opened += 1
-            _define_load_masks(out, simd, loops.reads, lane, lane_at, len(lane_at),
-                               loops.lane_padding, band_domain, band_loads, loops.number,
-                               depth, loops.depth_of, bool(lane_bounds), band_trusted)
-        _emit_lane_loops(out, simd, loops, lane_at, masked, depth + 1, band_domain, band_loads,
-                         band_trusted, body)
+            _define_load_masks(b, loops, band_domain, band_loads, depth, bool(lane_bounds),
+                               band_trusted)
+        _emit_lane_loops(b, loops, depth + 1, band_domain, band_loads, band_trusted, body)
         for _ in range(opened):
             out.close()
 
 
-def _define_load_masks(out, simd, reads, lane, lane_at, vectors, lane_padding, domain, loads,
-                       number, depth, depth_of, domain_changed, trusted) -> None:
+def _define_load_masks(b: _Block, loops: _NestLoops, domain, loads, depth: int,
+                       domain_changed: bool, trusted) -> None:
     """(Re)define, at this loop depth, the masks of the vector reads that change here: lanes
     that exist, lie in the domain, and read inside a zero-padded array.  A read's mask is
     defined at the depth of the innermost loop its padding conditions use, and again where
     the domain narrows below that; ``trusted`` conditions hold here and are left out."""
-    for a, (access, offset, padded) in enumerate(reads.items):
+    out, simd, lane, lane_padding = b.out, b.simd, b.chosen.lane, loops.lane_padding
+    for a, (access, offset, padded) in enumerate(loops.reads.items):
         if not depends(offset, lane):
             continue
         exprs = lane_padding.get(a, [])
         symbols = set().union(set(), *(sympy.sympify(e).free_symbols for e in exprs))
-        level = max((depth_of[v] for v in symbols if v in depth_of), default=0)
+        level = max((loops.depth_of[v] for v in symbols if v in loops.depth_of), default=0)
         if not (depth == level or (domain_changed and depth > level)):
             continue
         names = []
-        for q in range(vectors):
+        for q, lane_at in enumerate(b.lane_at):
             conds = [f"sc_valid{q}"] + ([domain[q]] if domain else []) + \
-                    [_lane_condition(simd, e, lane, lane_at[q]) for e in exprs
+                    [_lane_condition(simd, e, lane, lane_at) for e in exprs
                      if e not in trusted]
-            name = f"sc_l{number}_{a}_{depth}_{q}"
+            name = f"sc_l{loops.number}_{a}_{depth}_{q}"
             out.line(f"const {simd.mask} {name} = {_and_all(simd, conds)};")
             names.append(name)
         loads[a] = names
@@ -425,10 +439,10 @@ def _and_all(simd: Simd, masks: list[str]) -> str:
     return text
 
 
-def _accumulate_output_lanes(out, reads: _Reads, chosen, simd: Simd, accs, row_vars, lane_at,
-                             loads, domain, box, block_shape: _BlockShape) -> None:
+def _accumulate_output_lanes(b: _Block, reads: _Reads, loads, domain, box) -> None:
     """Load each read once per row or per vector and add the products into the block."""
-    lane, block, rows, vectors = chosen.lane, chosen.block, block_shape.rows, block_shape.vectors
+    out, simd, accs, row_vars, lane_at = b.out, b.simd, b.accs, b.row_vars, b.lane_at
+    lane, block, rows, vectors = b.chosen.lane, b.chosen.block, b.shape.rows, b.shape.vectors
     ctype = C_TYPES[simd.dtype]
     per_row: list[list[str]] = [[] for _ in range(rows)]   # factor vectors per row
     per_vector: list[list[str]] = [[] for _ in range(vectors)]
@@ -609,6 +623,7 @@ def emit_reduction_lanes(out: Writer, fn: IndexSum, piece: schedule.Piece,
     out.line(f"const int64_t sc_last = sc_floordiv(sc_fhi - {width - 1} - sc_lo, {width});")
     # vectors 0 .. sc_count-1: masked before sc_a, plain from sc_a to sc_b-1, masked after
     out.line(f"const int64_t sc_count = (sc_hi - sc_lo + {width}) / {width};")
+    sums = _Sums(out, reads, chosen, simd, accs, row_vars, box)
     out.line("const int64_t sc_a = sc_min(sc_first, sc_count), "
              "sc_b = sc_max(sc_a, sc_min(sc_last + 1, sc_count));")
     for first, last, plain in (("0", "sc_a", False), ("sc_a", "sc_b", True),
@@ -616,11 +631,11 @@ def emit_reduction_lanes(out: Writer, fn: IndexSum, piece: schedule.Piece,
         out.open(f"for (int64_t sc_v = {first}; sc_v < {last}; ++sc_v)")
         out.line(f"const int64_t {lane_name} = sc_lo + {width} * sc_v;")
         if plain:
-            _accumulate_reduction(out, reads, chosen, simd, accs, row_vars, None, box)
+            _accumulate_reduction(sums, None)
         else:
             out.line(f"const {simd.mask} sc_valid = "
                      f"{simd.nonnegative(f'sc_hi - {lane_name}', -1)};")
-            _accumulate_reduction(out, reads, chosen, simd, accs, row_vars, "sc_valid", box)
+            _accumulate_reduction(sums, "sc_valid")
         out.close()
     for line in steps:
         out.line(line)
@@ -689,8 +704,26 @@ def _product_rows(blocks):
     return combos
 
 
-def _accumulate_reduction(out, reads: _Reads, chosen, simd: Simd, accs, row_vars, mask,
-                          box) -> None:
+@dataclass(frozen=True)
+class _Sums:
+    """One reduction-lane block being written: the Writer, the nest's reads, the plan, the
+    vector unit, the C names of its partial sums (by row combination) and rows, and the
+    box of the free indices."""
+
+    out: Writer
+    reads: _Reads
+    chosen: schedule.ReductionLanes
+    simd: Simd
+    accs: dict
+    row_vars: dict
+    box: dict
+
+
+def _accumulate_reduction(sums: _Sums, mask: str | None) -> None:
+    """Load each read once per block row (the lanes under ``mask``, None: all) and add the
+    products into the partial sums."""
+    out, reads, chosen, simd = sums.out, sums.reads, sums.chosen, sums.simd
+    accs, row_vars, box = sums.accs, sums.row_vars, sums.box
     lane = chosen.lane
     blocks = [u for u, _ in chosen.blocks]
     ctype = C_TYPES[simd.dtype]
