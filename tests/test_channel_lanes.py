@@ -123,6 +123,23 @@ def test_which_lane_a_1x1_weight_gradient_takes(compile_spec, rng):
         assert_close(kernel.backward(x, w, gy)[1], expected, spec.dtype, "grad_weight")
 
 
+def test_lanes_that_fill_three_vectors(compile_spec, rng):
+    """24 channels fill three AVX2 vectors: the forward's panels hold all three (two would
+    leave every second block half empty), the chunked weight gradient one (rows of up to 13:
+    its 40 input channels in 4 blocks of 10)."""
+    spec = ConvSpec((2, 40, 6, 7), (24, 40, 1, 1), bias=False)
+    plans = _compiled(spec).plans
+    ((_, forward),), ((_, weight),) = plans["forward"], plans["grad_weight"]
+    assert (str(forward.lane), forward.vectors, forward.chunking) == ("i_o", 3, None)
+    assert (str(weight.lane), weight.vectors, weight.rows) == ("i_o", 1, 10) and weight.chunking
+    x, w, _, gy = random_arrays(spec, rng)
+    for kernel in runnable_variants(compile_spec(spec)):
+        assert_close(kernel.forward(x, w), conv_forward(x, w, None, *oracle_args(spec)),
+                     spec.dtype, "forward")
+        assert_close(kernel.backward(x, w, gy)[1], conv_backward(x, w, gy, *oracle_args(spec))[1],
+                     spec.dtype, "grad_weight")
+
+
 def test_no_copy_where_it_does_not_pay():
     """56-wide rows, channel planes 12.25 KiB apart: read in place."""
     compiled = _compiled(ConvSpec((1, 16, 56, 56), (16, 16, 3, 3), padding=1))

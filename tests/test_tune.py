@@ -41,7 +41,7 @@ def test_each_choice_names_a_plan_other_than_the_default():
     default = schedule.plan(piece, 8, 16)
     choices = schedule.options(piece, 8, 16)
     assert isinstance(default, schedule.ChannelLanes) and default.vectors == 2
-    assert choices == ["channel-lanes-1v", "output-lanes"]
+    assert choices == ["channel-lanes-1v", "channel-lanes-3v", "output-lanes"]
     one_vector = schedule.plan(piece, 8, 16, "channel-lanes-1v")
     assert isinstance(one_vector, schedule.ChannelLanes)
     assert (one_vector.vectors, one_vector.rows) == (1, 12) != (default.vectors, default.rows)

@@ -150,9 +150,10 @@ Plan = Scalar | OutputLanes | ReductionLanes | ChannelLanes
 PLAN_KINDS = (ChannelLanes, OutputLanes, ReductionLanes)
 """The vector plans in the order they are tried: the first that fits a piece runs it."""
 
-CHOICES = ("channel-lanes", "channel-lanes-1v", "output-lanes", "reduction-lanes")
+CHOICES = ("channel-lanes", "channel-lanes-1v", "channel-lanes-3v", "output-lanes",
+           "reduction-lanes")
 """The plans a tuner may ask a piece for by name (see :func:`options`): each vector plan
-kind, and channel lanes with one vector per register block (more rows) instead of two."""
+kind, and channel lanes with at most one vector per register block (more rows) or three."""
 
 
 # --- pieces ----------------------------------------------------------------------------------------
@@ -403,6 +404,7 @@ def _makers(piece: Piece, width: int, registers: int) -> dict:
     budget = registers - 4
     return {"channel-lanes": lambda: _channel_lanes(piece, width, registers),
             "channel-lanes-1v": lambda: _channel_lanes(piece, width, registers, 1),
+            "channel-lanes-3v": lambda: _channel_lanes(piece, width, registers, 3),
             "output-lanes": lambda: _output_lanes(piece, width, budget),
             "reduction-lanes": lambda: _reduction_lanes(piece, width, budget)}
 
@@ -557,13 +559,17 @@ MIN_GEMM_ROWS = 4         # ... and rows per register block: fewer leave the loa
 
 
 def _channel_lanes(piece: Piece, width: int, registers: int,
-                   most_vectors: int = 2) -> ChannelLanes | None:
+                   most_vectors: int | None = None) -> ChannelLanes | None:
     """Channel lanes when some free index is read by one array per nest (packed), by no
     other read (broadcast), by no bound or guard, and fills the vectors.  The register
     block's rows run along the last free index when the summation is short enough to pack
     whole (a convolution's forward and input gradient); along another free index the
     broadcast reads use, with the summation packed chunk by chunk, when it is not (its
-    weight gradient, a sum over every position)."""
+    weight gradient, a sum over every position).  A block holds ``most_vectors`` vectors of
+    lanes at most; by default two, or where the lanes fill exactly three (24 channels in
+    AVX2, where two would leave the second block half empty) three whole, one chunked (its
+    rows then up to 13, not 3).  Measured on a 1x1 layer 144 -> 24 at 28x28: forward 0.72 -> 0.60
+    ms, weight gradient 1.08 -> 0.88 ms."""
     reads = _reads(piece)
     if reads is None or len(piece.indices) < 2:
         return None
@@ -581,7 +587,8 @@ def _channel_lanes(piece: Piece, width: int, registers: int,
     if not candidates:
         return None
     lane = max(candidates, key=lambda u: index_range(u)[1])
-    vectors = min(most_vectors, ceil_div(index_range(lane)[1] + 1, width))
+    lane_vectors = ceil_div(extent(lane), width)
+    vectors = min(most_vectors or (3 if lane_vectors == 3 else 2), lane_vectors)
     most_rows = (registers - vectors - 2) // vectors
     depth = sum(math.prod(extent(loop.index) for loop in nest.loops) for nest in piece.nests)
     block = [u for u in piece.indices if u != lane][-1]   # channels last: the row before them
@@ -612,7 +619,8 @@ def _channel_lanes(piece: Piece, width: int, registers: int,
     # chunked, the panel is packed per chunk and reused by every row: the shorter lane
     # leaves the longer index to the rows (a 1x1 layer 144 -> 24: lanes along the 24)
     for shorter in sorted(candidates, key=extent):
-        vectors = min(most_vectors, ceil_div(extent(shorter), width))
+        shorter_vectors = ceil_div(extent(shorter), width)
+        vectors = min(most_vectors or (1 if shorter_vectors == 3 else 2), shorter_vectors)
         chunked = _chunked_channel_lanes(piece, reads, shorter, vectors, vectors * width,
                                          (registers - vectors - 2) // vectors)
         if chunked is not None:
