@@ -3,6 +3,7 @@
     python scripts/bench.py                      # the whole suite, 1 and 2 threads
     python scripts/bench.py --cases 2d-56 --threads 1 --repeat 5 --json out.json
     python scripts/bench.py --avx2               # AVX2 symconv against AVX2-only torch
+    python scripts/bench.py --tune               # every kernel tuned on this machine first
 
 For every case it times forward, grad_input and grad_weight(+bias) — each the
 median of repeated runs after a warm-up — for symconv (into reused ``out=``
@@ -264,14 +265,15 @@ def im2col_passes(spec, arrays):
 
 
 def run_case(case: Case, threads_list, repeat: int, torch, cache_dir: str, peaks,
-             target: str | None) -> dict:
+             target: str | None, tune: bool = False) -> dict:
     spec = case.spec
     start = time.perf_counter()
-    kernel = symconv.compile_conv(spec, cache_dir=cache_dir, target=target)
+    kernel = symconv.compile_conv(spec, cache_dir=cache_dir, target=target, tune=tune)
     compile_seconds = time.perf_counter() - start
-    open_kernel = symconv.compile_conv(spec.with_batch(None), cache_dir=cache_dir, target=target)
+    open_kernel = symconv.compile_conv(spec.with_batch(None), cache_dir=cache_dir, target=target,
+                                       tune=tune)
     last_spec = replace(spec, layout="channels_last")
-    last_kernel = symconv.compile_conv(last_spec, cache_dir=cache_dir, target=target)
+    last_kernel = symconv.compile_conv(last_spec, cache_dir=cache_dir, target=target, tune=tune)
     rng = np.random.default_rng(0)
     arrays = (rng.standard_normal(spec.input_shape, np.float32),
               rng.standard_normal(spec.weight_shape, np.float32),
@@ -383,6 +385,8 @@ def main() -> None:
     parser.add_argument("--avx2", action="store_true", help="symconv's AVX2 variant against "
                         "torch restricted to AVX2, in a child process (what AVX2-only "
                         "machines see)")
+    parser.add_argument("--tune", action="store_true", help="compile every kernel with "
+                        "tune=True (candidate plans timed here; compile times include it)")
     args = parser.parse_args()
     if args.avx2:
         run_avx2_child()
@@ -401,7 +405,8 @@ def main() -> None:
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="symconv-bench-")
     results = []
     for case in wanted:
-        result = run_case(case, threads_list, args.repeat, torch, cache_dir, peaks, args.target)
+        result = run_case(case, threads_list, args.repeat, torch, cache_dir, peaks, args.target,
+                          args.tune)
         print_case(result)
         results.append(result)
     summary = {}
