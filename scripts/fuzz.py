@@ -9,6 +9,8 @@ the NumPy oracle (and PyTorch for ranks 1-3).
                                                    # in a child under the sanitizer runtime
     python scripts/fuzz.py --ops --cases 2000      # random user ops (tests/op_fuzzing.py)
                                                    # against PyTorch autograd
+    python scripts/fuzz.py --choices --minutes 10  # every plan a tuner may pick, each built
+                                                   # into its own package, against the oracle
 
 Each case prints one line: its seed, the target and the spec.  A failure prints the
 mismatch and the command that reproduces it; the run goes on and the exit status is 1.
@@ -51,6 +53,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quiet", action="store_true", help="print failures and totals only")
     parser.add_argument("--ops", action="store_true",
                         help="fuzz user ops written as text instead of convolutions")
+    parser.add_argument("--choices", action="store_true",
+                        help="also build and check each case with every plan choice a tuner "
+                        "may pick (schedule.CHOICES), one package per choice")
     args = parser.parse_args(argv)
     if args.minutes is None and args.cases is None and not args.seed:
         args.minutes = 1.0
@@ -70,17 +75,48 @@ def main(argv=None) -> int:
         try:
             kernel = compiler.compile_conv(case.kernel_spec, cache_dir=cache, target=case.target)
             calls += fuzzing.check_case(kernel, case)
+            if args.choices:
+                calls += _check_choices(case)
         except Exception as error:  # noqa: BLE001 - every failure is reported, then the run goes on
             failed.append(seed)
             _report(seed, case, error, f"--seed {seed}"
                     f"{''.join(f' --target {t}' for t in args.target)}"
                     f"{f' --max-rank {args.max_rank}' if args.max_rank != 4 else ''}"
-                    f"{' --wide' if args.wide else ''}")
+                    f"{' --wide' if args.wide else ''}{' --choices' if args.choices else ''}")
         ran += 1
     minutes = (time.monotonic() - started) / 60
     print(f"{ran} cases ({calls} kernel functions checked) in {minutes:.1f} min; "
           f"{len(failed)} failed{': seeds ' + ' '.join(map(str, failed)) if failed else ''}")
     return 1 if failed else 0
+
+
+def _check_choices(case) -> int:
+    """Build the case once per plan choice that changes one of its functions (that choice
+    for every function, where it fits), each into a package of its own, and check each
+    against the oracle like the default; returns the function calls checked."""
+    from symconv import compiler, tune
+    from symconv.kernel import Kernel, best_variant
+    from symconv.package import build
+
+    compiled = compiler.compilation(case.kernel_spec, case.target)
+    variant = best_variant(compiled.variants)
+    choices = sorted({c for names in tune.candidates(compiled).values() for c in names[1:]})
+    config = build.build_config(case.target)
+    checked = 0
+    for choice in choices:
+        compiled.apply(tune.Tuning(variant.target, 1, {f.name: choice for f in compiled.functions},
+                                   {}))
+        with tempfile.TemporaryDirectory(prefix="symconv-fuzz-choice-") as directory:
+            path = Path(directory) / f"choice_{choice.replace('-', '_')}"
+            path.mkdir()
+            build.write_package(path, path.name,
+                                {name: source.text for name, source in compiled.sources.items()},
+                                compiled.cdef, compiled.manifest(), config)
+            try:
+                checked += fuzzing.check_case(Kernel(path, variant.target), case)
+            except AssertionError as error:
+                raise AssertionError(f"plan choice {choice!r}: {error}") from None
+    return checked
 
 
 def user_ops(args, targets) -> int:
