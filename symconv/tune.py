@@ -18,7 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -26,9 +26,6 @@ from .errors import InternalError
 from .kernel import Function, KernelFunction, best_variant, default_threads, load_extension
 from .package import build
 from .package.targets import SOURCE
-
-if TYPE_CHECKING:
-    from .compiler import Compilation
 
 DEFAULT = "default"     # the candidate that is the schedule's own plan
 MIN_GAIN = 0.05         # a choice must beat the default by this share (timings move by ~2%)
@@ -54,9 +51,10 @@ class Tuning:
                             for f, entries in self.seconds.items()}}
 
 
-def candidates(compiled: "Compilation") -> dict[str, list[str]]:
-    """Per function, the plans a tuner times: the default, then each choice that changes
-    its schedule for the instruction set this machine runs."""
+def candidates(compiled) -> dict[str, list[str]]:
+    """Per function of ``compiled`` (a compiler.Compilation: that module imports this one),
+    the plans a tuner times: the default, then each choice that changes its schedule for
+    the instruction set this machine runs."""
     from .codegen.emit import plan_options
 
     isa = best_variant(compiled.variants).isa
@@ -64,7 +62,7 @@ def candidates(compiled: "Compilation") -> dict[str, list[str]]:
             for f in compiled.functions}
 
 
-def tune(compiled: "Compilation", config: Mapping[str, Any],
+def tune(compiled, config: Mapping[str, Any],
          threads: int | None = None) -> Tuning:
     """Time every candidate plan of each of a compilation's functions on this machine (with
     ``threads`` threads, default the kernels' default) and keep the fastest; see the
@@ -90,7 +88,7 @@ def tune(compiled: "Compilation", config: Mapping[str, Any],
     return Tuning(variant.target, threads, choices, seconds)
 
 
-def _build(compiled: "Compilation", timed: Mapping[str, list[str]], variant, config,
+def _build(compiled, timed: Mapping[str, list[str]], variant, config,
            directory: Path) -> dict[str, dict[str, Function]]:
     """Compile every candidate into one extension in ``directory``: per function, each
     candidate's loaded Function (its symbol prefixed by the candidate's number)."""

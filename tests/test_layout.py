@@ -21,7 +21,7 @@ ORDER = [
     "symbolic.define.expression", "symbolic.define.gradient", "symbolic.define", "symbolic",
     "codegen.schedule", "codegen.c", "codegen.isa", "codegen.vector", "codegen.channels",
     "codegen.emit", "codegen",
-    "package.targets", "package.build", "package",
+    "package.targets", "package.build", "package", "tune",
     "compiler", "check", "autodiff", "binding",
     "graph.engine", "graph.ops", "graph.compiled", "graph.nn", "graph.optim", "graph.gradcheck",
     "graph",
