@@ -178,10 +178,11 @@ def test_torch_channels_last_gradients_match_torch(rank, cache_dir):
     assert torch.allclose(mine, ref)
     for a, c in zip(got, want):
         assert torch.allclose(a, c)
-    assert torch.autograd.gradcheck(
-        lambda a, c: st.conv(a, c, None, padding=1, groups=2, cache_dir=cache_dir),
-        (x[:1].detach().contiguous(memory_format=fmt).requires_grad_(),
-         w.detach().requires_grad_()))
+    if rank == 2:       # in 3-D, gradcheck's perturbations cost 15 s; the gradients matched
+        assert torch.autograd.gradcheck(
+            lambda a, c: st.conv(a, c, None, padding=1, groups=2, cache_dir=cache_dir),
+            (x[:1].detach().contiguous(memory_format=fmt).requires_grad_(),
+             w.detach().requires_grad_()))
 
 
 def test_jax_conv_takes_channels_last_arrays(cache_dir):
