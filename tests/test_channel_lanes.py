@@ -267,7 +267,7 @@ def test_nan_and_infinity_where_the_definition_puts_them(open_batch, cache_dir):
     depthwise = ConvSpec((2, 8, 13, 16), (8, 1, 3, 3), padding=1, groups=8)
     for spec in [p.values[0] for p in SPECS[:3] + [p for p in SPECS if p.id in COPIES]] + \
             [depthwise]:
-        for seed in range(6):
+        for seed in range(3):      # each seed plants NaN and ±∞ in other places
             case = fuzzing.Case(spec, "x86-64-v3", seed, True, open_batch)
             kernel = compiler.compile_conv(case.kernel_spec, cache_dir=cache_dir,
                                            target=case.target)
