@@ -53,11 +53,14 @@ class Compilation:
     tuning: "Tuning | None" = None        # the tuner's choices, applied to sources
 
     def apply(self, tuning: "Tuning") -> None:
-        """Re-emit the C of the variant ``tuning`` timed with its plan choices."""
+        """Re-emit the C of the variant ``tuning`` timed with its plan choices (none: its C
+        stays as the defaults emitted it)."""
         from .codegen.emit import emit
-        variant = next(v for v in self.variants if v.target == tuning.target)
-        self.sources[variant.target] = emit(self.functions, self.op.dtype, self.op.description,
-                                            variant.isa, variant.prefix, tuning.choices)
+        if tuning.choices:
+            variant = next(v for v in self.variants if v.target == tuning.target)
+            self.sources[variant.target] = emit(self.functions, self.op.dtype,
+                                                self.op.description, variant.isa,
+                                                variant.prefix, tuning.choices)
         self.tuning = tuning
 
     @property

@@ -37,6 +37,7 @@ for any number of threads.  This module knows nothing about convolution.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 from typing import Sequence
@@ -154,6 +155,10 @@ CHOICES = ("channel-lanes", "channel-lanes-1v", "channel-lanes-3v", "output-lane
            "reduction-lanes")
 """The plans a tuner may ask a piece for by name (see :func:`options`): each vector plan
 kind, and channel lanes with at most one vector per register block (more rows) or three."""
+
+KIND_CHOICE = {ChannelLanes: "channel-lanes", OutputLanes: "output-lanes",
+               ReductionLanes: "reduction-lanes"}
+"""The choice that names each plan kind's default maker."""
 
 
 # --- pieces ----------------------------------------------------------------------------------------
@@ -388,6 +393,23 @@ def plan(piece: Piece, width: int | None, registers: int = 16,
         chosen = makers[choice]()
         if chosen is not None:
             return chosen
+    return _first_fit(makers)
+
+
+def _makers(piece: Piece, width: int, registers: int) -> dict:
+    """Each named plan's maker: a function returning the plan, or None where it does not fit
+    (each runs at most once: the default and a choice may name the same one)."""
+    budget = registers - 4
+    return {name: functools.cache(maker) for name, maker in {
+        "channel-lanes": lambda: _channel_lanes(piece, width, registers),
+        "channel-lanes-1v": lambda: _channel_lanes(piece, width, registers, 1),
+        "channel-lanes-3v": lambda: _channel_lanes(piece, width, registers, 3),
+        "output-lanes": lambda: _output_lanes(piece, width, budget),
+        "reduction-lanes": lambda: _reduction_lanes(piece, width, budget)}.items()}
+
+
+def _first_fit(makers) -> Plan:
+    """The default plan: the first of PLAN_KINDS whose maker fits, else the plain nest."""
     for kind in PLAN_KINDS:
         chosen = makers[KIND_CHOICE[kind]]()
         if chosen is not None:
@@ -395,27 +417,13 @@ def plan(piece: Piece, width: int | None, registers: int = 16,
     return Scalar()
 
 
-KIND_CHOICE = {ChannelLanes: "channel-lanes", OutputLanes: "output-lanes",
-               ReductionLanes: "reduction-lanes"}
-
-
-def _makers(piece: Piece, width: int, registers: int) -> dict:
-    """Each named plan's maker: a function returning the plan, or None where it does not fit."""
-    budget = registers - 4
-    return {"channel-lanes": lambda: _channel_lanes(piece, width, registers),
-            "channel-lanes-1v": lambda: _channel_lanes(piece, width, registers, 1),
-            "channel-lanes-3v": lambda: _channel_lanes(piece, width, registers, 3),
-            "output-lanes": lambda: _output_lanes(piece, width, budget),
-            "reduction-lanes": lambda: _reduction_lanes(piece, width, budget)}
-
-
 def options(piece: Piece, width: int | None, registers: int = 16) -> list[str]:
     """The choices that give this piece a plan other than its default (what a tuner tries)."""
     if width is None or not piece.nests or not piece.indices:
         return []
-    default = plan(piece, width, registers)
-    found, seen = [], [default]
-    for name, maker in _makers(piece, width, registers).items():
+    makers = _makers(piece, width, registers)
+    found, seen = [], [_first_fit(makers)]
+    for name, maker in makers.items():
         chosen = maker()
         if chosen is not None and chosen not in seen:
             found.append(name)
@@ -568,8 +576,8 @@ def _channel_lanes(piece: Piece, width: int, registers: int,
     weight gradient, a sum over every position).  A block holds ``most_vectors`` vectors of
     lanes at most; by default two, or where the lanes fill exactly three (24 channels in
     AVX2, where two would leave the second block half empty) three whole, one chunked (its
-    rows then up to 13, not 3).  Measured on a 1x1 layer 144 -> 24 at 28x28: forward 0.72 -> 0.60
-    ms, weight gradient 1.08 -> 0.88 ms."""
+    rows then up to 13, not 3).  Measured on a 1x1 layer 144 -> 24 at 28x28: forward
+    0.72 -> 0.60 ms, weight gradient 1.08 -> 0.88 ms."""
     reads = _reads(piece)
     if reads is None or len(piece.indices) < 2:
         return None
