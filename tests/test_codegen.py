@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import random
 import re
 import subprocess
 import sys
@@ -131,6 +132,25 @@ def test_quotients_are_emitted_as_exact_division():
     j, k = index("j", 9), index("k", 3)
     assert codegen.c_affine((j - 3 * k + 1) / 2) == "(j - 3*k + 1) / 2"
     assert codegen.c_affine(2 * j - k) == "2*j - k"
+
+
+def test_affine_text_evaluates_to_the_expression():
+    """The direct printer of affine index expressions, read back as Python (C's ``*``, ``+``
+    and ``-`` on integers are Python's), equals the expression at random points."""
+    rng = random.Random(7)
+    names = [index(n, 50) for n in ("i_a", "i_b", "k")] + [sympy.Symbol("sc_row0", integer=True)]
+    for _ in range(200):
+        chosen = rng.sample(names, rng.randint(0, len(names)))
+        expr = sum((rng.choice([-7, -2, -1, 1, 3, 200704]) * n for n in chosen),
+                   sympy.Integer(rng.randint(-60, 60)))
+        text = codegen.c_affine(expr)
+        for _ in range(3):
+            point = {n: rng.randint(-20, 20) for n in names}
+            scope = {str(n.label) if isinstance(n, sympy.Idx) else str(n): v
+                     for n, v in point.items()}
+            assert eval(text, {}, scope) == expr.subs(point), (text, expr)
+    assert codegen.c_affine(1 - index("i", 9)) == "1 - i"
+    assert codegen.c_affine(sympy.Integer(0)) == "0"
 
 
 def test_zero_gradient_sum_writes_zeros():

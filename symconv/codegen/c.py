@@ -19,7 +19,7 @@ import sympy
 from sympy.codegen.ast import float32, float64, real
 from sympy.printing.c import C99CodePrinter
 
-from ..symbolic.affine import c_order_strides, integer_form
+from ..symbolic.affine import c_order_strides, integer_form, linear_parts
 from ..symbolic.ir import Array, IndexSum, SumFunction, accesses, index_range
 from ..symbolic.lowering import Bound, Condition, LoopNest, nest_box, value_range
 from . import schedule
@@ -85,13 +85,30 @@ def c_namespace(function: SumFunction) -> SumFunction:
 def c_affine(expr) -> str:
     """An integer-valued affine expression; a quotient is exact, so C's division is right."""
     num, den = integer_form(expr)
-    text = _IntPrinter().doprint(num)
+    text = _linear_text(num)
     return text if den == 1 else f"({text}) / {den}"
 
 
-class _IntPrinter(C99CodePrinter):
-    def _print_Idx(self, expr):
-        return str(expr.label)
+def _linear_text(expr) -> str:
+    """C for an affine expression with integer coefficients: its terms by index name, the
+    constant last, or first where the terms start negative (``1 - i``).  Printed directly:
+    SymPy's printer took most of the codegen time."""
+    coefficients, constant = linear_parts(expr)
+    terms = sorted((_index_name(index), int(c)) for index, c in coefficients.items())
+    if constant or not terms:
+        at = 0 if terms and terms[0][1] < 0 < constant else len(terms)
+        terms.insert(at, ("", int(constant)))
+    text = ""
+    for name, c in terms:
+        magnitude = (f"{abs(c)}*{name}" if abs(c) != 1 else name) if name else str(abs(c))
+        sign = "-" if c < 0 else "+"
+        text = (f"{text} {sign} {magnitude}" if text else
+                f"-{magnitude}" if c < 0 else magnitude)
+    return text
+
+
+def _index_name(index) -> str:
+    return str(index.label) if isinstance(index, sympy.Idx) else str(index)
 
 
 def flat_offset(access: sympy.Indexed, last: int | None = None) -> str:

@@ -163,12 +163,15 @@ KIND_CHOICE = {ChannelLanes: "channel-lanes", OutputLanes: "output-lanes",
 
 # --- pieces ----------------------------------------------------------------------------------------
 
-def pieces(fn: IndexSum) -> list[Piece]:
-    """The output split into phases, each with normalised loop nests (see the module text)."""
+@functools.lru_cache(maxsize=32)
+def pieces(fn: IndexSum) -> tuple[Piece, ...]:
+    """The output split into phases, each with normalised loop nests (see the module text).
+    Remembered: each instruction set's emission, the tuner's candidates and their options
+    cut the same sums."""
     whole = [lower(term, fn.indices) for term in fn.terms]
     moduli = _phase_moduli([n for n in whole if n is not None], fn.indices)
     if not moduli or math.prod(moduli.values()) > MAX_PHASES:
-        return [Piece(fn.indices, fn.indices, tuple(n for n in whole if n is not None))]
+        return (Piece(fn.indices, fn.indices, tuple(n for n in whole if n is not None)),)
     result = []
     split = [f for f in fn.indices if f in moduli]
     for residues in _product([range(moduli[f]) for f in split]):
@@ -200,7 +203,7 @@ def pieces(fn: IndexSum) -> list[Piece]:
                          for f, e in mapping.items())
         result.append(Piece(tuple(indices), tuple(mapping.get(f, f) for f in fn.indices),
                             tuple(nests), note))
-    return result
+    return tuple(result)
 
 
 def _product(ranges):
