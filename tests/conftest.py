@@ -47,7 +47,10 @@ def compile_spec(cache_dir):
 # A test module may define ``BACKGROUND = {test_name: start}``: when that test is selected,
 # ``start()`` (returning a subprocess.Popen) runs right after collection, so the job (e.g.
 # compiling 200 specs in one process) overlaps the rest of the suite on another core; the
-# test then waits for it via ``background_job(name)``.
+# test then waits for it via ``background_job(name)``.  Under pytest-xdist every worker
+# collects every test and the workers already fill the cores, so there the job starts when
+# its test asks for it, in the one worker that runs it.
+_starters: dict[str, object] = {}
 _jobs: dict[str, object] = {}
 
 
@@ -56,8 +59,10 @@ def pytest_collection_finish(session):
         module = getattr(item, "module", None)
         starters = getattr(module, "BACKGROUND", {})
         name = getattr(item, "originalname", item.name)
-        if name in starters and name not in _jobs:
-            _jobs[name] = starters[name]()
+        if name in starters:
+            _starters[name] = starters[name]
+            if name not in _jobs and "PYTEST_XDIST_WORKER" not in os.environ:
+                _jobs[name] = starters[name]()
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -69,4 +74,6 @@ def pytest_sessionfinish(session, exitstatus):
 
 def background_job(name: str):
     """The Popen started for test ``name`` (started now if collection did not)."""
+    if name not in _jobs:
+        _jobs[name] = _starters[name]()
     return _jobs[name]
