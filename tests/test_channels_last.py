@@ -108,6 +108,22 @@ def test_channels_last_against_the_oracle(spec, compile_spec, rng):
             assert_close(gb, expected[2], spec.dtype, f"{where} grad_bias")
 
 
+def test_too_few_channels_for_a_vector_still_take_channel_lanes():
+    """The stem's input gradient (the "stem" case above, against the oracle): no plan fits
+    its 3 channels at the default lane use, so each stride phase runs channel lanes over 3
+    of the 8 or 16 lanes (the fallback) instead of scalar loops.  One channel has nothing to
+    put in lanes."""
+    stem = replace(SPECS[6].values[0], layout="channels_last")
+    for target in ("x86-64-v3", "x86-64-v4"):
+        plans = compiler.compilation(stem, target).plans["grad_input"]
+        assert len(plans) == 4
+        for _, chosen in plans:
+            assert isinstance(chosen, schedule.ChannelLanes) and str(chosen.lane) == "i_c"
+    single = ConvSpec((1, 1, 20, 19), (16, 1, 7, 7), stride=2, padding=3, layout="channels_last")
+    for _, chosen in compiler.compilation(single, "x86-64-v3").plans["grad_input"]:
+        assert not isinstance(chosen, schedule.ChannelLanes)
+
+
 def test_dense_layers_run_channel_lanes_along_the_channels_and_rows_along_the_last_axis():
     """Channels innermost are what channel lanes want: the output tile is stored along the
     channels, the input's channels are broadcast from consecutive addresses, no copy."""

@@ -151,10 +151,12 @@ Plan = Scalar | OutputLanes | ReductionLanes | ChannelLanes
 PLAN_KINDS = (ChannelLanes, OutputLanes, ReductionLanes)
 """The vector plans in the order they are tried: the first that fits a piece runs it."""
 
-CHOICES = ("channel-lanes", "channel-lanes-1v", "channel-lanes-3v", "output-lanes",
-           "reduction-lanes")
+CHOICES = ("channel-lanes", "channel-lanes-1v", "channel-lanes-3v", "channel-lanes-partial",
+           "output-lanes", "reduction-lanes")
 """The plans a tuner may ask a piece for by name (see :func:`options`): each vector plan
-kind, and channel lanes with at most one vector per register block (more rows) or three."""
+kind, channel lanes with at most one vector per register block (more rows) or three, and
+channel lanes over fewer channels than fill the vectors (the fallback where no vector plan
+fits, e.g. a 3-channel input's gradient in channels-last layout)."""
 
 KIND_CHOICE = {ChannelLanes: "channel-lanes", OutputLanes: "output-lanes",
                ReductionLanes: "reduction-lanes"}
@@ -407,17 +409,22 @@ def _makers(piece: Piece, width: int, registers: int) -> dict:
         "channel-lanes": lambda: _channel_lanes(piece, width, registers),
         "channel-lanes-1v": lambda: _channel_lanes(piece, width, registers, 1),
         "channel-lanes-3v": lambda: _channel_lanes(piece, width, registers, 3),
+        "channel-lanes-partial": lambda: _channel_lanes(piece, width, registers,
+                                                        min_use=PARTIAL_LANE_USE),
         "output-lanes": lambda: _output_lanes(piece, width, budget),
         "reduction-lanes": lambda: _reduction_lanes(piece, width, budget)}.items()}
 
 
 def _first_fit(makers) -> Plan:
-    """The default plan: the first of PLAN_KINDS whose maker fits, else the plain nest."""
+    """The default plan: the first of PLAN_KINDS whose maker fits, else channel lanes over
+    too few channels to fill a vector (still several products per instruction), else the
+    plain nest."""
     for kind in PLAN_KINDS:
         chosen = makers[KIND_CHOICE[kind]]()
         if chosen is not None:
             return chosen
-    return Scalar()
+    partial = makers["channel-lanes-partial"]() if ChannelLanes in PLAN_KINDS else None
+    return partial or Scalar()
 
 
 def options(piece: Piece, width: int | None, registers: int = 16) -> list[str]:
@@ -564,13 +571,14 @@ def _output_lanes_along(piece: Piece, reads, lane, width: int,
 
 
 MIN_LANE_USE = 0.75       # channel lanes: the share of the panel's lanes that are real channels
+PARTIAL_LANE_USE = 1 / 8  # ... where no vector plan fits: at least 2 of AVX-512's 16 lanes
 MIN_GEMM_DEPTH = 16       # channel lanes: products per output element that pay for the packing
 MAX_GEMM_DEPTH = 1 << 14  # ... and at most this many: a panel is the size of a weight, no more
 MIN_GEMM_ROWS = 4         # ... and rows per register block: fewer leave the loads the bottleneck
 
 
-def _channel_lanes(piece: Piece, width: int, registers: int,
-                   most_vectors: int | None = None) -> ChannelLanes | None:
+def _channel_lanes(piece: Piece, width: int, registers: int, most_vectors: int | None = None,
+                   min_use: float = MIN_LANE_USE) -> ChannelLanes | None:
     """Channel lanes when some free index is read by one array per nest (packed), by no
     other read (broadcast), by no bound or guard, and fills the vectors.  The register
     block's rows run along the last free index when the summation is short enough to pack
@@ -580,7 +588,8 @@ def _channel_lanes(piece: Piece, width: int, registers: int,
     lanes at most; by default two, or where the lanes fill exactly three (24 channels in
     AVX2, where two would leave the second block half empty) three whole, one chunked (its
     rows then up to 13, not 3).  Measured on a 1x1 layer 144 -> 24 at 28x28: forward
-    0.72 -> 0.60 ms, weight gradient 1.08 -> 0.88 ms."""
+    0.72 -> 0.60 ms, weight gradient 1.08 -> 0.88 ms.  The lanes must fill ``min_use`` of
+    their vectors (and a whole vector at the default share)."""
     reads = _reads(piece)
     if reads is None or len(piece.indices) < 2:
         return None
@@ -589,7 +598,8 @@ def _channel_lanes(piece: Piece, width: int, registers: int,
     for lane in piece.indices:
         size = extent(lane)
         vectors = ceil_div(size, width)
-        if lane in in_bounds or size < width or size < MIN_LANE_USE * vectors * width:
+        if lane in in_bounds or size < 2 or size < min_use * vectors * width or \
+                (min_use >= MIN_LANE_USE and size < width):
             continue
         used = any(lane in c for _, _, coefficients in reads for c in coefficients)
         if used and all(_packable(nest, read_list, coefficients, lane)
