@@ -171,21 +171,22 @@ def package_name(slug: str, op_key: str, config: Mapping[str, Any]) -> str:
     return f"{slug}_{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
-def _run_all(commands: list[list[str]], error: type[BuildError] = BuildError) -> None:
-    """Run compiler commands side by side; ``error`` with the first failure's output."""
-    running = [(command, subprocess.Popen(command, stdout=subprocess.PIPE,
-                                          stderr=subprocess.STDOUT, text=True))
-               for command in commands]
-    results = [(command, process.communicate()[0], process.returncode)
-                for command, process in running]
-    for command, output, code in results:
+def _run_all(commands: list[tuple[list[str], type[BuildError]]]) -> None:
+    """Run compiler commands side by side; the first failure raises its command's error type
+    with the compiler's output."""
+    running = [(command, error, subprocess.Popen(command, stdout=subprocess.PIPE,
+                                                 stderr=subprocess.STDOUT, text=True))
+               for command, error in commands]
+    results = [(command, error, process.communicate()[0], process.returncode)
+               for command, error, process in running]
+    for command, error, output, code in results:
         if code != 0:
             raise error(f"C compilation failed ({' '.join(command)}):\n{output[-4000:]}")
 
 
 def compile_extension(directory: Path, module: str, cdef: str, config: Mapping[str, Any]) -> Path:
-    """Compile each variant's C file in ``directory`` with its own flags (in parallel), and
-    link them with cffi's API-mode wrapper, compiled for the baseline, into ``module``."""
+    """Compile each variant's C file in ``directory`` with its own flags and cffi's API-mode
+    wrapper for the baseline, side by side, then link them into ``module``."""
     ffi = cffi.FFI()
     ffi.cdef(cdef)
     ffi.set_source(module, cdef)    # the wrapper sees declarations only
@@ -196,12 +197,14 @@ def compile_extension(directory: Path, module: str, cdef: str, config: Mapping[s
     cc, flags = config["compiler"], config["flags"]
     include = [f"-I{sysconfig.get_paths()['include']}", f"-I{directory}"]
     entries = [Variant.from_json(entry) for entry in config["variants"]]
-    objects = [directory / f"{module}.{i}.o" for i in range(len(entries))]
+    objects = [directory / f"{module}.{i}.o" for i in range(len(entries) + 1)]
     try:
-        _run_all([[cc, *flags, *entry.flags, "-c", str(directory / entry.source), "-o",
-                   str(obj)] for entry, obj in zip(entries, objects)], GeneratedCodeError)
-        _run_all([[cc, *flags, *WRAPPER_FLAGS, *entries[-1].flags, *include, str(wrapper),
-                   *map(str, objects), "-o", str(target), "-lm"]])
+        _run_all([([cc, *flags, *entry.flags, "-c", str(directory / entry.source), "-o",
+                    str(obj)], GeneratedCodeError) for entry, obj in zip(entries, objects)] +
+                 [([cc, *flags, *WRAPPER_FLAGS, *entries[-1].flags, *include, "-c",
+                    str(wrapper), "-o", str(objects[-1])], BuildError)])
+        _run_all([([cc, *flags, *entries[-1].flags, *map(str, objects), "-o", str(target),
+                    "-lm"], BuildError)])
     finally:
         for temporary in (wrapper, *objects):
             temporary.unlink(missing_ok=True)
