@@ -13,12 +13,14 @@ static inline double sc_hsum_pd(__m256d v) {
 }
 /* Every other element, p[0], p[2], ...: two loads and a shuffle instead of a gather; the
    second load stops at the last element used, so nothing past it is read. */
+static inline __m256 sc_even_ps(__m256 a, __m256 b) {
+    /* in-lane picks (x0 x2 x8 x10 | x4 x6 x12 x14), then the 64-bit pairs in order */
+    const __m256 t = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));
+    return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(t), 0xD8));
+}
 static inline __m256 sc_load2_ps(const float *p) {
-    const __m256i even = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
-    const __m256 a = _mm256_permutevar8x32_ps(_mm256_loadu_ps(p), even);
-    const __m256 b = _mm256_permutevar8x32_ps(
-        _mm256_maskload_ps(p + 8, _mm256_setr_epi32(-1, -1, -1, -1, -1, -1, -1, 0)), even);
-    return _mm256_permute2f128_ps(a, b, 0x20);
+    return sc_even_ps(_mm256_loadu_ps(p),
+        _mm256_maskload_ps(p + 8, _mm256_setr_epi32(-1, -1, -1, -1, -1, -1, -1, 0)));
 }
 static inline __m256d sc_load2_pd(const double *p) {
     const __m256d a = _mm256_loadu_pd(p);
@@ -28,15 +30,12 @@ static inline __m256d sc_load2_pd(const double *p) {
 /* The same under a lane mask: each lane's mask is spread onto the element it reads, so
    masked lanes read nothing and come out 0. */
 static inline __m256 sc_load2m_ps(const float *p, __m256i mask) {
-    const __m256i even = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
     const __m256i odd_off = _mm256_setr_epi32(-1, 0, -1, 0, -1, 0, -1, 0);
     const __m256i lo = _mm256_and_si256(odd_off, _mm256_permutevar8x32_epi32(
         mask, _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3)));
     const __m256i hi = _mm256_and_si256(odd_off, _mm256_permutevar8x32_epi32(
         mask, _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7)));
-    const __m256 a = _mm256_permutevar8x32_ps(_mm256_maskload_ps(p, lo), even);
-    const __m256 b = _mm256_permutevar8x32_ps(_mm256_maskload_ps(p + 8, hi), even);
-    return _mm256_permute2f128_ps(a, b, 0x20);
+    return sc_even_ps(_mm256_maskload_ps(p, lo), _mm256_maskload_ps(p + 8, hi));
 }
 static inline __m256d sc_load2m_pd(const double *p, __m256i mask) {
     const __m256i odd_off = _mm256_setr_epi64x(-1, 0, -1, 0);
