@@ -196,6 +196,43 @@ def test_build_flags_avoid_gcc_vectorizer_miscompile(tmp_path, one_target_config
     assert list(out) == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
 
 
+def test_stride_two_loads_pick_every_other_element(tmp_path):
+    """sc_load2 (and under a lane mask, sc_load2m) of the AVX2 prelude: lane l holds p[2l],
+    masked lanes 0, for floats and doubles."""
+    from symconv.kernel import cpu_features
+    if not {"avx2", "fma"} <= (cpu_features() or set()):
+        pytest.skip("needs an AVX2 CPU")
+    source = codegen.PRELUDE + codegen.c.header("sc_avx2.h") + """
+void load2_ps(const float *p, const int32_t *m, float *out, float *masked) {
+    _mm256_storeu_ps(out, sc_load2_ps(p));
+    _mm256_storeu_ps(masked, sc_load2m_ps(p, _mm256_loadu_si256((const __m256i *)m)));
+}
+void load2_pd(const double *p, const int64_t *m, double *out, double *masked) {
+    _mm256_storeu_pd(out, sc_load2_pd(p));
+    _mm256_storeu_pd(masked, sc_load2m_pd(p, _mm256_loadu_si256((const __m256i *)m)));
+}
+"""
+    (tmp_path / targets.SOURCE).write_text(source)
+    cdef = ("void load2_ps(const float *p, const int32_t *m, float *out, float *masked);\n"
+            "void load2_pd(const double *p, const int64_t *m, double *out, double *masked);")
+    path = build.compile_extension(tmp_path, "_loads", cdef, build.build_config("x86-64-v3"))
+    spec = importlib.util.spec_from_file_location("_loads", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    ffi, rng = module.ffi, random.Random(3)
+    for dtype, itype, lanes, name in (("float", "int32_t", 8, "load2_ps"),
+                                      ("double", "int64_t", 4, "load2_pd")):
+        values = ffi.new(f"{dtype}[]", [float(v) for v in range(1, 2 * lanes + 4)])
+        for start in (0, 1, 3):
+            active = [rng.random() < 0.5 for _ in range(lanes)]
+            mask = ffi.new(f"{itype}[]", [-1 if a else 0 for a in active])
+            out, masked = ffi.new(f"{dtype}[]", lanes), ffi.new(f"{dtype}[]", lanes)
+            getattr(module.lib, name)(values + start, mask, out, masked)
+            expected = [values[start + 2 * lane] for lane in range(lanes)]
+            assert list(out) == expected
+            assert list(masked) == [e if a else 0.0 for e, a in zip(expected, active)]
+
+
 @pytest.mark.parametrize("header, flags", [("sc_scalar.h", []),
                                            ("sc_avx2.h", ["-mavx2", "-mfma"]),
                                            ("sc_avx512.h", ["-mavx512f", "-mbmi2"])])
