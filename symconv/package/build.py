@@ -63,8 +63,8 @@ WRAPPER_FLAGS = ("-O0",)
 # "<target>+sanitize": the same code built with AddressSanitizer and UBSan, for tests.  Any
 # report aborts the process (no recovery); the frame pointer and debug info make the reports
 # readable.  -O1, the level ASan's documentation suggests, checks the same accesses and
-# compiles in half the time of -O3.  Such a package loads only in a process started with the sanitizer runtime
-# preloaded (LD_PRELOAD, see sanitizer_runtime()).
+# compiles in half the time of -O3.  Such a package loads only in a process started with the
+# sanitizer runtime preloaded (LD_PRELOAD, see sanitizer_runtime()).
 SANITIZE_FLAGS = ("-O1", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
                   "-fno-omit-frame-pointer", "-g")
 
@@ -197,16 +197,17 @@ def compile_extension(directory: Path, module: str, cdef: str, config: Mapping[s
     cc, flags = config["compiler"], config["flags"]
     include = [f"-I{sysconfig.get_paths()['include']}", f"-I{directory}"]
     entries = [Variant.from_json(entry) for entry in config["variants"]]
-    objects = [directory / f"{module}.{i}.o" for i in range(len(entries) + 1)]
+    objects = [directory / f"{module}.{i}.o" for i in range(len(entries))]
+    wrapper_object = directory / f"{module}.wrapper.o"
     try:
         _run_all([([cc, *flags, *entry.flags, "-c", str(directory / entry.source), "-o",
                     str(obj)], GeneratedCodeError) for entry, obj in zip(entries, objects)] +
                  [([cc, *flags, *WRAPPER_FLAGS, *entries[-1].flags, *include, "-c",
-                    str(wrapper), "-o", str(objects[-1])], BuildError)])
-        _run_all([([cc, *flags, *entries[-1].flags, *map(str, objects), "-o", str(target),
-                    "-lm"], BuildError)])
+                    str(wrapper), "-o", str(wrapper_object)], BuildError)])
+        _run_all([([cc, *flags, *entries[-1].flags, *map(str, objects), str(wrapper_object),
+                    "-o", str(target), "-lm"], BuildError)])
     finally:
-        for temporary in (wrapper, *objects):
+        for temporary in (wrapper, *objects, wrapper_object):
             temporary.unlink(missing_ok=True)
     return target
 
