@@ -233,6 +233,42 @@ void load2_pd(const double *p, const int64_t *m, double *out, double *masked) {
             assert list(masked) == [e if a else 0.0 for e, a in zip(expected, active)]
 
 
+def test_stride_two_stores_write_every_other_element(tmp_path):
+    """sc_store2m of the AVX-512 prelude (the input gradient of a stride-2 layer, one phase
+    at a time): lane l goes to p[2l] where its mask bit is set; every other element, the odd
+    ones between included, keeps its value; floats and doubles."""
+    from symconv.kernel import cpu_features
+    if not {"avx512f", "bmi2"} <= (cpu_features() or set()):
+        pytest.skip("needs an AVX-512 CPU")
+    source = codegen.PRELUDE + codegen.c.header("sc_avx512.h") + """
+void store2_ps(float *p, const float *v, uint32_t m) {
+    sc_store2m_ps(p, _mm512_loadu_ps(v), (__mmask16)m);
+}
+void store2_pd(double *p, const double *v, uint32_t m) {
+    sc_store2m_pd(p, _mm512_loadu_pd(v), (__mmask8)m);
+}
+"""
+    (tmp_path / targets.SOURCE).write_text(source)
+    cdef = ("void store2_ps(float *p, const float *v, uint32_t m);\n"
+            "void store2_pd(double *p, const double *v, uint32_t m);")
+    path = build.compile_extension(tmp_path, "_stores", cdef, build.build_config("x86-64-v4"))
+    spec = importlib.util.spec_from_file_location("_stores", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    ffi, rng = module.ffi, random.Random(5)
+    for dtype, lanes, name in (("float", 16, "store2_ps"), ("double", 8, "store2_pd")):
+        lane_values = ffi.new(f"{dtype}[]", [100.0 + lane for lane in range(lanes)])
+        for start in (0, 1, 3):
+            mask = rng.getrandbits(lanes) if start else (1 << lanes) - 1
+            memory = ffi.new(f"{dtype}[]", [-1.0 - e for e in range(2 * lanes + 4)])
+            expected = list(memory)
+            for lane in range(lanes):
+                if mask >> lane & 1:
+                    expected[start + 2 * lane] = lane_values[lane]
+            getattr(module.lib, name)(memory + start, lane_values, mask)
+            assert list(memory) == expected, (dtype, start, bin(mask))
+
+
 @pytest.mark.parametrize("header, flags", [("sc_scalar.h", []),
                                            ("sc_avx2.h", ["-mavx2", "-mfma"]),
                                            ("sc_avx512.h", ["-mavx512f", "-mbmi2"])])

@@ -132,9 +132,13 @@ class Simd:
         return f"{p}_maskstore_{sfx}({pointer}, {mask}, {value});"
 
     def scatter(self, pointer: str, stride: int, value: str, mask: str | None) -> str:
-        """Lanes to pointer[0], pointer[stride], ... (masked lanes not written) in one
-        scatter; AVX-512 only (AVX2 has none: its callers store lane by lane)."""
+        """Lanes to pointer[0], pointer[stride], ... (masked lanes not written): stride 2 by
+        permutes and masked stores, wider strides in one scatter; AVX-512 only (AVX2 has
+        neither: its callers store lane by lane)."""
         index, sfx, scale = self._offsets(stride), self.sfx, self._scale
+        if stride == 2:
+            every = f"(({self.mask}){(1 << self.width) - 1:#x})"
+            return f"sc_store2m_{sfx}({pointer}, {value}, {mask or every});"
         if mask is None:
             return f"_mm512_i32scatter_{sfx}({pointer}, {index}, {value}, {scale});"
         return f"_mm512_mask_i32scatter_{sfx}({pointer}, {mask}, {index}, {value}, {scale});"
