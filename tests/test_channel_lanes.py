@@ -7,6 +7,8 @@ the schedule cannot turn it into a test of something else.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -138,6 +140,55 @@ def test_lanes_that_fill_three_vectors(compile_spec, rng):
                      spec.dtype, "forward")
         assert_close(kernel.backward(x, w, gy)[1], conv_backward(x, w, gy, *oracle_args(spec))[1],
                      spec.dtype, "grad_weight")
+
+
+@pytest.mark.parametrize("spec, kind", [
+    # 16 input channels leave 8 broadcast rows a block; lanes along 32-wide rows fill them
+    (ConvSpec((1, 16, 8, 8, 32), (32, 16, 3, 3, 3), padding=1), schedule.ReductionLanes),
+    # 16 output channels, 1x1: each of 6 tasks would pack the whole grad_output again
+    (ConvSpec((4, 48, 14, 14), (16, 48, 1, 1)), schedule.ReductionLanes),
+    # 64 channels: 13 rows a block and one pack per task of 26 rows x 9 taps
+    (ConvSpec((2, 64, 14, 14), (64, 64, 3, 3), padding=1), schedule.ChannelLanes)])
+def test_the_cost_model_picks_a_weight_gradients_plan(spec, kind, compile_spec, rng):
+    """With AVX-512's 32 registers the estimate (schedule.cycles) decides between chunked
+    channel lanes and reduction lanes for a weight gradient, and the default runs the one
+    estimated cheaper; AVX2's keeps channel lanes (the estimate is not used there)."""
+    ((piece, chosen),) = compiler.compilation(spec, "x86-64-v4").plans["grad_weight"]
+    assert type(chosen) is kind
+    makers = schedule._makers(piece, 16, 32)
+    channel, reduction = makers["channel-lanes"](), makers["reduction-lanes"]()
+    assert channel.chunking is not None and reduction is not None
+    estimates = {type(p): schedule.cycles(piece, p, 16) for p in (channel, reduction)}
+    assert min(estimates, key=estimates.get) is kind
+    ((_, avx2),) = _compiled(spec).plans["grad_weight"]
+    assert isinstance(avx2, schedule.ChannelLanes) and avx2.chunking is not None
+    x, w, b, gy = random_arrays(spec, rng)
+    expected = conv_backward(x, w, gy, *oracle_args(spec))
+    for kernel in runnable_variants(compile_spec(spec)):
+        _, gw, gb = kernel.backward(x, w, gy)
+        assert_close(gw, expected[1], spec.dtype, f"{kernel.variant.target} grad_weight")
+        assert_close(gb, expected[2], spec.dtype, f"{kernel.variant.target} grad_bias")
+
+
+def test_the_estimate_charges_packing_strides_and_empty_lanes():
+    """schedule.cycles on one weight-gradient piece: more tasks packing the same chunks,
+    stride-2 reads, and lanes left empty each cost more."""
+    spec = ConvSpec((2, 32, 12, 16), (32, 32, 3, 3), padding=1)
+    ((piece, _),) = compiler.compilation(spec, "x86-64-v4").plans["grad_weight"]
+    makers = schedule._makers(piece, 16, 32)
+    channel, reduction = makers["channel-lanes"](), makers["reduction-lanes"]()
+    fewer_tasks = replace(channel, chunking=replace(channel.chunking, group=32))
+    assert schedule.cycles(piece, fewer_tasks, 16) < schedule.cycles(piece, channel, 16)
+    strided = ConvSpec((2, 32, 24, 32), (32, 32, 3, 3), padding=1, stride=2)
+    ((strided_piece, _),) = compiler.compilation(strided, "x86-64-v4").plans["grad_weight"]
+    strided_reduction = schedule._makers(strided_piece, 16, 32)["reduction-lanes"]()
+    assert schedule.cycles(strided_piece, strided_reduction, 16) > \
+        schedule.cycles(piece, reduction, 16)
+    # 16-wide rows fill one vector; with 8 lanes the same row takes two of them, full too
+    assert schedule.cycles(piece, reduction, 8) == pytest.approx(
+        2 * schedule.cycles(piece, reduction, 16) - 8 * 32 * 32 * 9)
+    with pytest.raises(TypeError, match="no cost estimate"):
+        schedule.cycles(piece, schedule.Scalar(), 16)
 
 
 def test_no_copy_where_it_does_not_pay():

@@ -398,7 +398,7 @@ def plan(piece: Piece, width: int | None, registers: int = 16,
         chosen = makers[choice]()
         if chosen is not None:
             return chosen
-    return _first_fit(makers)
+    return _first_fit(makers, piece, width, registers)
 
 
 def _makers(piece: Piece, width: int, registers: int) -> dict:
@@ -415,16 +415,25 @@ def _makers(piece: Piece, width: int, registers: int) -> dict:
         "reduction-lanes": lambda: _reduction_lanes(piece, width, budget)}.items()}
 
 
-def _first_fit(makers) -> Plan:
+def _first_fit(makers, piece: Piece, width: int, registers: int) -> Plan:
     """The default plan: the first of PLAN_KINDS whose maker fits, else channel lanes over
     too few channels to fill a vector (still several products per instruction), else the
-    plain nest."""
+    plain nest.  A long summation (a weight gradient) that both chunked channel lanes and
+    reduction lanes fit runs the one :func:`cycles` estimates cheaper, with AVX-512's
+    register file (the estimate's fit)."""
     for kind in PLAN_KINDS:
         chosen = makers[KIND_CHOICE[kind]]()
         if chosen is not None:
-            return chosen
-    partial = makers["channel-lanes-partial"]() if ChannelLanes in PLAN_KINDS else None
-    return partial or Scalar()
+            break
+    else:
+        partial = makers["channel-lanes-partial"]() if ChannelLanes in PLAN_KINDS else None
+        return partial or Scalar()
+    if isinstance(chosen, ChannelLanes) and chosen.chunking is not None and \
+            ReductionLanes in PLAN_KINDS and registers >= COSTED_REGISTERS:
+        other = makers["reduction-lanes"]()
+        if other is not None and cycles(piece, other, width) < cycles(piece, chosen, width):
+            return other
+    return chosen
 
 
 def options(piece: Piece, width: int | None, registers: int = 16) -> list[str]:
@@ -432,7 +441,7 @@ def options(piece: Piece, width: int | None, registers: int = 16) -> list[str]:
     if width is None or not piece.nests or not piece.indices:
         return []
     makers = _makers(piece, width, registers)
-    found, seen = [], [_first_fit(makers)]
+    found, seen = [], [_first_fit(makers, piece, width, registers)]
     for name, maker in makers.items():
         chosen = maker()
         if chosen is not None and chosen not in seen:
@@ -725,14 +734,14 @@ def _moved_axis(reads, shape, always: bool) -> int | None:
     return None
 
 
-def _crowded(stride: int, steps: int, itemsize: int = 4) -> bool:
+def _crowded(stride: int, steps: int, itemsize: int = 4, ways: int = L1_WAYS) -> bool:
     """Whether ``steps`` reads ``stride`` elements apart put more lines into one L1 set than
-    it has ways (float32 sizes: a float64 stride is twice as many bytes, as crowded)."""
+    ``ways`` (float32 sizes: a float64 stride is twice as many bytes, as crowded)."""
     step = stride * itemsize
-    if step % LINE_BYTES:
+    if not step or step % LINE_BYTES:
         return False
     sets = L1_SETS // math.gcd(step // LINE_BYTES, L1_SETS)
-    return ceil_div(steps, sets) > L1_WAYS
+    return ceil_div(steps, sets) > ways
 
 
 def extent(index) -> int:
@@ -998,6 +1007,53 @@ def _reduction_lanes(piece: Piece, width: int, budget: int) -> ReductionLanes | 
             most[strided.index(False)] = side + 2
         rows = [balanced(size, m) for size, m in zip(sizes, most)]
     return ReductionLanes(lane, tuple(zip(blocks, rows)))
+
+
+# --- cost model --------------------------------------------------------------------------------
+# Cycles per piece, in units of one vector FMA, for the two plans of a long summation (a
+# weight gradient): the FMAs (empty lanes included), one cycle per vector loaded or broadcast
+# beside each, and what each plan adds (packing; the final lane sums).  The constants were
+# fitted to the tuner's timings of the bench's weight gradients on an AMD Zen 4 (AVX-512,
+# 32 registers): of the 12 where both plans fit, the estimate picks reduction lanes for the
+# 3-D layers at unit stride and the two 1x1 layers (measured 1.2-3x faster at 1 thread) and
+# channel lanes for ResNet's, the stem's, wav2vec's, the 56x56 and the strided layers; on
+# 1d-audio the two ran within 3%, and 3d-64-s2's reduction lanes, faster at 2 threads, were
+# 1.4x slower at 1.  With AVX2's 16 registers reduction lanes' 3x3 blocks ran 1.4-2.2x slower
+# than channel lanes on the five layers tried, where this estimate called them even: it is
+# used with COSTED_REGISTERS or more only.
+
+COSTED_REGISTERS = 32
+LOAD_CYCLES = 1.0         # per vector loaded or scalar broadcast, per FMA it feeds
+STRIDED_LOAD = 6.0        # ... a stride-2 load: two loads and a permute, lines crossed
+PACK_CYCLES = 1.0         # per element a chunked channel-lane plan packs (a scalar copy)
+HSUM_CYCLES = 8.0         # per output: a reduction-lane tile added up across its lanes
+
+
+def cycles(piece: Piece, chosen: Plan, width: int) -> float:
+    """Estimated cycles of ``chosen`` (chunked channel lanes or reduction lanes) on ``piece``
+    (a single nest): its vector FMAs and the memory operations of its register blocks, plus
+    the packing of channel lanes (each task packs its own chunks) or the final lane sums of
+    reduction lanes."""
+    (nest,) = piece.nests
+    (_, _, coefficients), = _reads(piece)
+    outputs = math.prod(extent(u) for u in piece.indices)
+    depth = math.prod(extent(loop.index) for loop in nest.loops)
+    if isinstance(chosen, ChannelLanes):
+        span = chosen.vectors * width
+        lane_blocks = ceil_div(extent(chosen.lane), span)
+        fmas = outputs * depth / extent(chosen.lane) * lane_blocks * chosen.vectors
+        per_fma = (chosen.vectors + chosen.rows) / (chosen.vectors * chosen.rows)
+        tasks = ceil_div(extent(chosen.block), chosen.chunking.group)
+        return fmas * (1 + LOAD_CYCLES * per_fma) + \
+            PACK_CYCLES * depth * span * lane_blocks * tasks
+    if isinstance(chosen, ReductionLanes):
+        fmas = outputs * depth / extent(chosen.lane) * ceil_div(extent(chosen.lane), width)
+        rows = dict(chosen.blocks)
+        loads = sum((STRIDED_LOAD if c.get(chosen.lane, 0) > 1 else 1)
+                    * math.prod(rows.get(u, 1) for u in c) for c in coefficients)
+        per_fma = loads / math.prod(rows.values())
+        return fmas * (1 + LOAD_CYCLES * per_fma) + HSUM_CYCLES * outputs
+    raise TypeError(f"no cost estimate for {type(chosen).__name__}")
 
 
 def describe(piece: Piece, chosen: Plan) -> str:
