@@ -296,7 +296,9 @@ def _emit_block(e: _Emission, rows: int, guarded: bool) -> None:
     out.open()
     out.line(f"{simd.vec} " + ", ".join(f"{a} = {simd.zero()}" for row in accs for a in row)
              + ";")
-    for n in e.nests:
+    # a term without loops (the bias) last: added first, GCC kept its panel vectors live
+    # through the products and spilled the weights' (2d-56's forward 26.6 -> 17.1 ms)
+    for n in sorted(e.nests, key=lambda n: not n.nest.loops):
         opened = 0
         guards = [g for g in n.nest.guards if not depends(g.expr, block)]
         tests = [condition_text(g) for g in guards] + \
