@@ -309,6 +309,34 @@ def test_depthwise_rows_load_their_own_vectors(dtype, compile_spec, rng):
             assert_close(got, ref, dtype, f"{kernel.variant.target} backward")
 
 
+def test_stride_phases_run_inside_shared_loops(compile_spec, rng):
+    """A stride-2 depthwise input gradient's four phases (output lanes each) run one after
+    another inside one threaded loop over the batch and the channels, so the phases write
+    each channel's rows while they are in cache; every element still from one phase, on any
+    number of threads."""
+    from symconv.codegen.emit import shared_loops
+    spec = ConvSpec((3, 16, 97, 82), (16, 1, 3, 3), stride=2, padding=1, groups=16)
+    for target in ("x86-64-v4", "x86-64-v3"):
+        plans = compiler.compilation(spec, target).plans["grad_input"]
+        assert len(plans) == 4 and all(isinstance(c, schedule.OutputLanes) for _, c in plans)
+        assert [str(i) for i in shared_loops(plans)][:2] == ["i_n", "i_g"]
+    kernel = compile_spec(spec)
+    text = kernel.source.split(f"void {kernel.variant.prefix}grad_input(")[1].split("\nvoid ")[0]
+    assert text.count("#pragma omp parallel") == 1 and text.count("/* phase ") == 4
+    x, w, b, gy = random_arrays(spec, rng)
+    expected = conv_backward(x, w, gy, *oracle_args(spec))[0]
+    for kernel in runnable_variants(kernel):
+        one = kernel.backward(None, w, gy, wrt=("input",), threads=1)[0]
+        assert_close(one, expected, spec.dtype, f"{kernel.variant.target} grad_input")
+        for threads in (2, 3):
+            np.testing.assert_array_equal(
+                kernel.backward(None, w, gy, wrt=("input",), threads=threads)[0], one)
+    # dense phases (channel lanes) keep their own loops
+    dense = compiler.compilation(ConvSpec((2, 16, 9, 12), (16, 16, 3, 3), stride=2),
+                                 "x86-64-v4").plans["grad_input"]
+    assert shared_loops(dense) == ()
+
+
 @pytest.mark.parametrize("open_batch", [False, True])
 def test_nan_and_infinity_where_the_definition_puts_them(open_batch, cache_dir):
     """A plan skips products with padding zeros, which are NaN when the other factor is not

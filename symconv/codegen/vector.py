@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import sympy
 
@@ -135,15 +136,17 @@ def _lane_runs(extent: int, width: int, wide: int, interior) -> list[tuple[int, 
 
 
 def emit_output_lanes(out: Writer, fn: IndexSum, piece: schedule.Piece,
-                       chosen: schedule.OutputLanes, simd: Simd) -> None:
+                       chosen: schedule.OutputLanes, simd: Simd,
+                       bound: Sequence[sympy.Idx] = ()) -> None:
     """Blocks of consecutive outputs along the lane index, cut once for all rows: wide
     register blocks (rows x vectors) inside the interior, single vectors with more rows
     where a wide block does not fit, masked single vectors at the edges.  Masked lanes read
     zeros past an array's edge (padding, and the lanes past the end, which are not stored);
-    only lanes outside a loop's bounds are blended out of the sums."""
+    only lanes outside a loop's bounds are blended out of the sums.  The indices ``bound``
+    are looped over (and threaded) by the caller."""
     lane, block = chosen.lane, chosen.block
     lane_name = str(lane.label)
-    outer = [i for i in piece.indices if i != lane and i != block]
+    outer = [i for i in piece.indices if i not in (lane, block) and i not in bound]
     block_extent = index_range(block)[1] + 1 if block is not None else 1
     single_rows = schedule.balanced(block_extent, (simd.registers - 4) // 2) \
         if block is not None else 1
@@ -156,7 +159,8 @@ def emit_output_lanes(out: Writer, fn: IndexSum, piece: schedule.Piece,
     if chosen.copies:
         out.open()
         _emit_lane_copies(out, fn, chosen.copies, C_TYPES[simd.dtype])
-    parallel(out, outer, work(chosen.nests, piece.indices))
+    if not bound:
+        parallel(out, outer, work(chosen.nests, piece.indices))
     for idx in outer:
         lo, hi = index_range(idx)
         out.open(f"for (int64_t {idx.label} = {lo}; "
