@@ -81,6 +81,26 @@ def test_which_inputs_are_read_from_a_copy(name):
     assert "a_input copied" in schedule.describe(piece, chosen)
 
 
+def test_rows_of_a_copy_a_multiple_of_4_kib_apart_get_a_lead(compile_spec, rng):
+    """A stride-2 layer over 512 channels reads its input from a copy with the channels
+    innermost (its 256-byte channel rows crowd L1 sets over 512 steps); in the copy the
+    block's rows would be 2 x 512 floats (4 KiB) apart, so the copy's channel axis is
+    padded by a line: rows 2 x 528 floats apart, values unchanged."""
+    spec = ConvSpec((2, 512, 64), (16, 512, 3), stride=2, padding=1)
+    for target in ("x86-64-v4", "x86-64-v3"):
+        ((_, chosen),) = compiler.compilation(spec, target).plans["forward"]
+        (copy,) = chosen.copies
+        assert (copy.array, copy.axis, copy.lead) == ("a_input", 1, 16)
+        assert copy.shape([2, 512, 64]) == (2, 528, 65)
+    unpadded = ConvSpec((2, 512, 64), (16, 512, 3), padding=1)     # rows 512 floats apart
+    ((_, chosen),) = compiler.compilation(unpadded, "x86-64-v4").plans["forward"]
+    assert [c.lead for c in chosen.copies] == [0]
+    x, w, b, _ = random_arrays(spec, rng)
+    expected = conv_forward(x, w, b, *oracle_args(spec))
+    for kernel in runnable_variants(compile_spec(spec)):
+        assert_close(kernel.forward(x, w, b), expected, spec.dtype, kernel.variant.target)
+
+
 def test_an_input_gradient_reads_a_halo_instead_of_bounding_its_taps():
     """The taps' loop bounds that keep grad_output's index in range along the rows become
     a zero halo of its copy: no loop bound, and so no block test, depends on the rows."""

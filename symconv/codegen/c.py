@@ -349,7 +349,7 @@ def emit_copy(out: Writer, copy: schedule.Copy, shape: list[int]) -> None:
     source = sympy.IndexedBase(copy.array, shape=shape)[
         tuple(sympy.Symbol(f"sc_x{a}") - halo[a][0] for a in range(len(shape)))]
     inside = [f"sc_x{a} >= {lo} && sc_x{a} < {lo + shape[a]}"
-              for a, (lo, hi) in enumerate(halo) if lo or hi]
+              for a, (lo, hi) in enumerate(halo) if lo or hi or (a == copy.axis and copy.lead)]
     value = f"{copy.array}[{flat_offset(source)}]"
     if inside:
         value = f"({' && '.join(inside)}) ? {value} : 0"

@@ -117,16 +117,21 @@ class Copy:
     """A broadcast array a channel-lane plan reads from a copy made once per call: ``axis``
     (if not None) moved innermost, so consecutive steps of the innermost loop read
     neighbouring elements; each axis widened by ``halo`` (zeros before, zeros after), so
-    the reads need no test for the zero padding and no block is guarded for it."""
+    the reads need no test for the zero padding and no block is guarded for it; ``lead``
+    unused elements after the moved axis's, where without them a block's rows would lie a
+    multiple of 4 KiB apart in the copy and crowd one L1 set (a stride-2 layer's rows over
+    512 channels: 2 x 512 floats apart)."""
 
     array: str
     axis: int | None
     halo: tuple[tuple[int, int], ...] | None
+    lead: int = 0
 
     def shape(self, shape: Sequence[int]) -> tuple[int, ...]:
         """The copy's shape (axes in the array's order) for an array of ``shape``."""
         halo = self.halo or [(0, 0)] * len(shape)
-        return tuple(int(d) + lo + hi for d, (lo, hi) in zip(shape, halo))
+        return tuple(int(d) + lo + hi + (self.lead if a == self.axis else 0)
+                     for a, (d, (lo, hi)) in enumerate(zip(shape, halo)))
 
 
 def copy_name(array: str) -> str:
@@ -683,8 +688,25 @@ def _copies(nests: Sequence[LoopNest], free, lane, block) -> tuple[Copy, ...]:
             and extent(block) <= SHORT_ROWS
         axis = _moved_axis(mine, shape, always=bool(halo and short))
         if axis is not None or (halo and short):
-            found.append(Copy(name, axis, halo))
+            lead = LINE_BYTES // 4 if axis is not None and \
+                _rows_crowd_copy(mine, shape, halo, axis, block) else 0
+            found.append(Copy(name, axis, halo, lead))
     return tuple(found)
+
+
+def _rows_crowd_copy(reads, shape, halo, axis: int, block) -> bool:
+    """Whether consecutive rows of ``block`` read elements of a copy with ``axis`` moved
+    innermost that crowd one L1 set (see _crowded), for up to 16 rows."""
+    extents = [d + lo + hi for d, (lo, hi) in zip(shape, halo or [(0, 0)] * len(shape))]
+    order = [a for a in range(len(shape)) if a != axis] + [axis]
+    for _, read in reads:
+        for a, position in enumerate(read.indices):
+            step = linear_parts(sympy.expand(position))[0].get(block, 0)
+            after = order[order.index(a) + 1:]
+            if step and _crowded(abs(step) * math.prod(extents[b] for b in after),
+                                 min(extent(block), 16)):
+                return True
+    return False
 
 
 def _broadcast_reads(nests: Sequence[LoopNest], lane) -> dict[str, list]:
