@@ -226,10 +226,10 @@ def test_block_runs_cover_each_position_once(extent, inside):
     """Blocks cover 0..extent-1 exactly once, at most ``rows`` each; no block tested for a
     padding condition is inside the interior only; edge blocks are not one row when the
     row is long enough."""
-    from symconv.codegen.channels import _block_runs
+    from symconv.codegen.vector import block_runs
     interior = {"all": (0, extent - 1), "pad1": (1, extent - 2), "pad2": (2, extent - 3),
                 "none": (1, 0)}[inside]
-    runs = _block_runs(extent, 6, interior)
+    runs = block_runs(extent, 6, interior)
     covered = [start + b * rows + r for start, count, rows, _ in runs
                for b in range(count) for r in range(rows)]
     assert covered == list(range(extent))
@@ -327,6 +327,27 @@ def test_depthwise_rows_load_their_own_vectors(dtype, compile_spec, rng):
         for got, ref in zip(kernel.backward(x, w, gy), conv_backward(x, w, gy,
                                                                        *oracle_args(spec))):
             assert_close(got, ref, dtype, f"{kernel.variant.target} backward")
+
+
+def test_depthwise_input_gradient_rows_skip_the_taps_outside(compile_spec, rng):
+    """A depthwise input gradient's rows bound its taps (grad_output's edges); blocked along
+    the rows, grad_output reads as zero there and each row outside skips the product: a
+    non-finite weight still meets no zero where the definition has no product."""
+    spec = ConvSpec((2, 8, 13, 16), (8, 1, 3, 3), padding=1, groups=8)
+    for target in ("x86-64-v4", "x86-64-v3"):
+        ((_, chosen),) = compiler.compilation(spec, target).plans["grad_input"]
+        assert isinstance(chosen, schedule.OutputLanes) and str(chosen.block) == "i_j0"
+        assert chosen.rows > 1 and chosen.bounded == ("a_grad_output",)
+    x, w, _, gy = random_arrays(spec, rng)
+    w[3, 0, 0, :] = np.inf           # taps the top row of each plane never uses
+    w[5, 0, 2, 1] = np.nan           # ... and the bottom row
+    expected = conv_backward(x, w, gy, *oracle_args(spec))[0]
+    for kernel in runnable_variants(compile_spec(spec)):
+        got = kernel.backward(None, w, gy, wrt=("input",))[0]
+        np.testing.assert_array_equal(np.isfinite(got), np.isfinite(expected))
+        finite = np.isfinite(expected)
+        assert_close(np.where(finite, got, 0), np.where(finite, expected, 0), spec.dtype,
+                     kernel.variant.target)
 
 
 def test_stride_phases_run_inside_shared_loops(compile_spec, rng):

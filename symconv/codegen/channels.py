@@ -29,7 +29,7 @@ from .c import (C_TYPES, MOVE_COST, BodyPrinter, Writer, bound_text, c_affine, c
                 omp_schedule, output_offset, threaded, work)
 from .isa import Simd
 from .schedule import copy_name, extent, in_range_exprs
-from .vector import depends, interior, number_text, over_lanes
+from .vector import block_runs, depends, interior, number_text, over_lanes
 
 
 @dataclass(frozen=True)
@@ -141,33 +141,6 @@ class _Emission:
     @property
     def ctype(self) -> str:
         return C_TYPES[self.simd.dtype]
-
-
-def _block_runs(extent: int, rows: int,
-                inside: tuple[int, int]) -> list[tuple[int, int, int, bool]]:
-    """Cover positions 0..extent-1 exactly with runs (start, count, rows, guarded) of equal
-    blocks: a guarded part below the interior, the interior unguarded, a guarded part above.
-    An edge part takes at least MIN_GEMM_ROWS positions (from the interior): a one-row
-    block keeps too few accumulators busy to hide the FMA latency.  Each part is cut into
-    blocks of nearly equal size, at most ``rows``."""
-    low, high = inside
-    edge = min(schedule.MIN_GEMM_ROWS, rows)
-    low = max(low, min(edge, extent)) if low > 0 else 0
-    high = min(high, extent - 1 - edge) if high < extent - 1 else extent - 1
-    parts = [(0, extent, True)] if low > high else \
-        [(0, low, True), (low, high + 1, False), (high + 1, extent, True)]
-    runs = []
-    for start, stop, guarded in parts:
-        length = stop - start
-        if length <= 0:
-            continue
-        blocks = ceil_div(length, rows)
-        small, larger = divmod(length, blocks)    # ``larger`` blocks of small + 1
-        if larger:
-            runs.append((start, larger, small + 1, guarded))
-        if blocks - larger:
-            runs.append((start + larger * (small + 1), blocks - larger, small, guarded))
-    return runs
 
 
 def emit_channel_lanes(out: Writer, fn: IndexSum, piece: schedule.Piece,
@@ -286,7 +259,7 @@ def _emit_blocks(e: _Emission) -> None:
                      f"{n.panel} + sc_lb * {n.panel_size(span)};")
     tested = [replace(n, zero_outside=_padded(n, chosen)) for n in chosen.nests]
     inside = interior(tested, piece.indices, block)
-    for first, count, rows, guarded in _block_runs(extent(block), chosen.rows, inside):
+    for first, count, rows, guarded in block_runs(extent(block), chosen.rows, inside):
         last = first + (count - 1) * rows
         out.open(f"for (int64_t {block.label} = {first}; {block.label} <= {last}; "
                  f"{block.label} += {rows})")

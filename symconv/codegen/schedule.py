@@ -75,7 +75,9 @@ class OutputLanes:
     ``vectors`` vectors of lanes per block; ``nests`` are the piece's nests with the loops
     that decide which lanes read inside a zero-padded array moved outermost, so their lane
     masks are computed once for all inner iterations.  ``copies`` are small arrays the nests
-read from a copy with the lane's axis innermost (filled before the blocks run)."""
+read from a copy with the lane's axis innermost (filled before the blocks run).  ``bounded``
+    arrays are read as zero outside in place of loop bounds on the rows (their taps): a row
+    outside skips the product, where a zero would make NaN of a non-finite other factor."""
 
     lane: sympy.Idx
     block: sympy.Idx | None
@@ -83,6 +85,7 @@ read from a copy with the lane's axis innermost (filled before the blocks run)."
     vectors: int
     nests: tuple[LoopNest, ...] = ()
     copies: tuple["Copy", ...] = ()
+    bounded: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -543,8 +546,8 @@ LOADED_VECTORS = 4   # vectors per block of rows that load their own: 4 x 3 rows
 MIN_LOADED_ROWS = 3  # ... and the fewest such rows: a 3-tap kernel axis shares the other read
 
 
-def _output_lanes_along(piece: Piece, reads, lane, width: int,
-                        budget: int) -> OutputLanes | None:
+def _output_lanes_along(piece: Piece, reads, lane, width: int, budget: int,
+                        unbounded: bool = False) -> OutputLanes | None:
     extent = index_range(lane)[1] + 1
     if 2 * extent < width:    # at least half the lanes of a vector used
         return None
@@ -577,6 +580,20 @@ def _output_lanes_along(piece: Piece, reads, lane, width: int,
         block = loaded[-1]
         rows = balanced(index_range(block)[1] + 1, budget // min(vectors_max, LOADED_VECTORS))
         return OutputLanes(lane, block, rows, max(1, min(vectors_max, budget // rows)), nests)
+    if not unbounded and all(index_range(u)[1] == 0 for u in candidates):
+        # no rows share a load (a depthwise input gradient's channel is one value): rows
+        # that bound the taps, read as zero padding, load their own instead
+        for u in reversed(piece.indices):
+            if u != lane and u in in_bounds and index_range(u)[1] + 1 >= MIN_LOADED_ROWS:
+                padded = replace(piece, nests=tuple(_bounds_as_padding(n, u, lane)
+                                                    for n in piece.nests))
+                if u not in set().union(*(_bound_symbols(n) for n in padded.nests)):
+                    chosen = _output_lanes_along(padded, _reads(padded), lane, width, budget,
+                                                 unbounded=True)
+                    if chosen is not None and chosen.block == u:
+                        bounded = {a for m, n in zip(padded.nests, piece.nests)
+                                   for a in set(m.zero_outside) - set(n.zero_outside)}
+                        return replace(chosen, bounded=tuple(sorted(bounded)))
     block = max(long or candidates, key=lambda u: index_range(u)[1], default=None)
     if block is None:
         return OutputLanes(lane, None, 1, min(vectors_max, budget // 3), nests)
@@ -878,16 +895,17 @@ def _padding_as_bounds(nest: LoopNest, block, free) -> LoopNest:
 
 def _bounds_as_padding(nest: LoopNest, block, lane) -> LoopNest:
     """The reverse of _padding_as_bounds for the loop bounds that depend on the rows' index:
-    where such a bound only keeps a broadcast read inside its array (an input gradient's
-    taps stop at grad_output's edges), drop it and read the array as zero outside instead.
-    The plan takes this form only when the array is then copied with a zero halo, so that
-    no row of a block needs a test."""
+    where such a bound only keeps a read inside its array along an axis the lanes do not
+    run (an input gradient's taps stop at grad_output's edges), drop it and read the array
+    as zero outside instead.  Channel lanes take this form only when the array is then
+    copied with a zero halo, so that no row of a block needs a test; output lanes test the
+    rows of the blocks at the edges only (vector.block_runs)."""
     sides = []
     for read in accesses(nest.body):
-        if any(lane in p.free_symbols for p in read.indices) or \
-                any(integer_form(p)[1] != 1 for p in read.indices):
+        if any(integer_form(p)[1] != 1 for p in read.indices):
             continue
-        sides += [(expr, str(read.base.label)) for expr in in_range_exprs(read)]
+        sides += [(expr, str(read.base.label)) for expr in in_range_exprs(read)
+                  if lane not in expr.free_symbols]
     padded, loops = set(nest.zero_outside), []
     for loop in nest.loops:
         kept = []

@@ -5,7 +5,7 @@ once per output element)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import sympy
@@ -66,7 +66,8 @@ class _BlockShape:
 class _Block:
     """One output-lane register block being written: the Writer, the piece and its plan,
     the vector unit, the block's shape, and the C names of its accumulators (rows x
-    vectors), rows (``sc_row<r>``) and first lanes (``sc_lane<q>``)."""
+    vectors), rows (``sc_row<r>``) and first lanes (``sc_lane<q>``); ``guarded``: the rows
+    test the padded reads' conditions that depend on them (not in the rows' interior)."""
 
     out: Writer
     piece: schedule.Piece
@@ -76,6 +77,7 @@ class _Block:
     accs: list
     row_vars: list
     lane_at: list
+    guarded: bool = True
 
 
 def interior(nests, indices, lane) -> tuple[int, int]:
@@ -105,6 +107,33 @@ def interior(nests, indices, lane) -> tuple[int, int]:
             else:
                 high = min(high, rest_low // -a)
     return low, high
+
+
+def block_runs(extent: int, rows: int,
+                inside: tuple[int, int]) -> list[tuple[int, int, int, bool]]:
+    """Cover positions 0..extent-1 exactly with runs (start, count, rows, guarded) of equal
+    blocks: a guarded part below the interior, the interior unguarded, a guarded part above.
+    An edge part takes at least MIN_GEMM_ROWS positions (from the interior): a one-row
+    block keeps too few accumulators busy to hide the FMA latency.  Each part is cut into
+    blocks of nearly equal size, at most ``rows``."""
+    low, high = inside
+    edge = min(schedule.MIN_GEMM_ROWS, rows)
+    low = max(low, min(edge, extent)) if low > 0 else 0
+    high = min(high, extent - 1 - edge) if high < extent - 1 else extent - 1
+    parts = [(0, extent, True)] if low > high else \
+        [(0, low, True), (low, high + 1, False), (high + 1, extent, True)]
+    runs = []
+    for start, stop, guarded in parts:
+        length = stop - start
+        if length <= 0:
+            continue
+        blocks = ceil_div(length, rows)
+        small, larger = divmod(length, blocks)    # ``larger`` blocks of small + 1
+        if larger:
+            runs.append((start, larger, small + 1, guarded))
+        if blocks - larger:
+            runs.append((start + larger * (small + 1), blocks - larger, small, guarded))
+    return runs
 
 
 def _lane_runs(extent: int, width: int, wide: int, interior) -> list[tuple[int, int, int, bool]]:
@@ -171,12 +200,21 @@ def emit_output_lanes(out: Writer, fn: IndexSum, piece: schedule.Piece,
         last = first + (count - 1) * step
         out.open(f"for (int64_t {lane_name} = {first}; {lane_name} <= {last}; "
                  f"{lane_name} += {step})")
-        if block is not None:
+        if block is None:
+            _output_lane_block(out, fn, piece, chosen, simd, block_shape)
+        elif not _rows_tested(piece, chosen):
             out.open(f"for (int64_t {block.label} = 0; {block.label} < {block_extent}; "
                      f"{block.label} += {block_shape.rows})")
-        _output_lane_block(out, fn, piece, chosen, simd, block_shape)
-        if block is not None:
+            _output_lane_block(out, fn, piece, chosen, simd, block_shape)
             out.close()
+        else:
+            inside = interior(chosen.nests, piece.indices, block)
+            for start, times, rows, guarded in block_runs(block_extent, block_shape.rows, inside):
+                out.open(f"for (int64_t {block.label} = {start}; {block.label} <= "
+                         f"{start + (times - 1) * rows}; {block.label} += {rows})")
+                _output_lane_block(out, fn, piece, chosen, simd,
+                                   replace(block_shape, rows=rows), guarded, exact=True)
+                out.close()
         out.close()
     for _ in outer:
         out.close()
@@ -214,7 +252,23 @@ def over_lanes(bounds, lane, block, span: int, is_lower: bool) -> list[Bound]:
     return relaxed
 
 
-def _output_lane_block(out, fn, piece, chosen, simd, block_shape: _BlockShape) -> None:
+def _rows_tested(piece: schedule.Piece, chosen: schedule.OutputLanes) -> bool:
+    """Whether a zero-padded read tests a condition on the block's rows that the lanes do
+    not decide (a depthwise layer's rows at the top and bottom edges): the blocks inside
+    the rows' interior then run without the tests."""
+    for nest in chosen.nests:
+        box = nest_box(nest, piece.indices)
+        for access, _, padded in _Reads(nest).items:
+            if padded and any(depends(e, chosen.block) and not depends(e, chosen.lane)
+                              for e in in_range_exprs(access, box)):
+                return True
+    return False
+
+
+def _output_lane_block(out, fn, piece, chosen, simd, block_shape: _BlockShape,
+                       guarded: bool = True, exact: bool = False) -> None:
+    """One register block at the current lane and row; ``exact``: its rows all lie inside
+    the block index's range (a run of blocks that covers it exactly), none clamped."""
     lane, block = chosen.lane, chosen.block
     rows, vectors, masked = block_shape.rows, block_shape.vectors, block_shape.masked
     width, ctype = simd.width, C_TYPES[simd.dtype]
@@ -222,7 +276,7 @@ def _output_lane_block(out, fn, piece, chosen, simd, block_shape: _BlockShape) -
     accs = [[f"sc_a{r}_{q}" for q in range(vectors)] for r in range(rows)]
     out.line(f"{simd.vec} " + ", ".join(f"{a} = {simd.zero()}" for row in accs for a in row) + ";")
     row_vars = []
-    partial_rows = block is not None and (index_range(block)[1] + 1) % rows != 0
+    partial_rows = block is not None and not exact and (index_range(block)[1] + 1) % rows != 0
     if block is not None:
         block_hi = index_range(block)[1]
         for r in range(rows):
@@ -238,7 +292,7 @@ def _output_lane_block(out, fn, piece, chosen, simd, block_shape: _BlockShape) -
             out.line(f"const {simd.mask} sc_valid{q} = "
                      f"{simd.nonnegative(f'{lane_hi} - sc_lane{q}', -1)};")
 
-    b = _Block(out, piece, chosen, simd, block_shape, accs, row_vars, lane_at)
+    b = _Block(out, piece, chosen, simd, block_shape, accs, row_vars, lane_at, guarded)
     for number, nest in enumerate(chosen.nests):
         reads = _Reads(nest)
         box = nest_box(nest, piece.indices)
@@ -452,13 +506,18 @@ def _accumulate_output_lanes(b: _Block, reads: _Reads, loads, domain, box) -> No
     per_vector: list[list[str]] = [[] for _ in range(vectors)]
     per_cell = [[[] for _ in range(vectors)] for _ in range(rows)]
     shared: list[str] = []
+    skips: list[list[str]] = [[] for _ in range(rows)]    # per row: tests to add at all
     constant = reads.constant      # folded into the first broadcast read, if there is one
     for number, (access, offset, padded) in enumerate(reads.items):
         name = str(access.base.label)
         stride = int(linear_parts(offset)[0].get(lane, 0))
         # index conditions of a zero-padded read that do not depend on the lane: one test
-        scalar_checks = [e for e in in_range_exprs(access, box) if not depends(e, lane)] \
-            if padded else []
+        scalar_checks = [e for e in in_range_exprs(access, box) if not depends(e, lane)
+                         and (b.guarded or not depends(e, block))] if padded else []
+        if name in b.chosen.bounded:      # the rows' tap bounds: a row outside adds nothing
+            for r in range(rows):     # (its load still reads zero: nothing outside is read)
+                skips[r] += [f"({c_affine(sympy.expand(e.xreplace({block: row_vars[r]})))}) "
+                             ">= 0" for e in scalar_checks if depends(e, block)]
         if stride == 0:
             targets = range(rows) if block is not None and depends(offset, block) else [None]
             for r in targets:
@@ -501,7 +560,10 @@ def _accumulate_output_lanes(b: _Block, reads: _Reads, loads, domain, box) -> No
             factors = shared + per_row[r] + per_vector[q] + per_cell[r][q] + \
                 ([scale] if scale else [])
             acc = accs[r][q]
-            out.line(f"{acc} = {simd.accumulate(acc, factors, domain[q] if domain else None)};")
+            total = simd.accumulate(acc, factors, domain[q] if domain else None)
+            if skips[r]:
+                total = f"({' && '.join(skips[r])}) ? {total} : {acc}"
+            out.line(f"{acc} = {total};")
 
 
 def number_text(value, ctype: str) -> str:
@@ -607,9 +669,9 @@ def emit_reduction_lanes(out: Writer, fn: IndexSum, piece: schedule.Piece,
             c = int(coefficients.get(lane, 0))
             rows = [u for u in block_indices if u in coefficients]
             # every row of the block must read inside: the first and last rows bound it
-            for replace in ([{}] if not rows else
-                            [{rows[0]: row_vars[rows[0]][0]}, {rows[0]: row_vars[rows[0]][-1]}]):
-                rest = c_affine(sympy.expand((expr - c * lane).xreplace(replace)))
+            for edge in ([{}] if not rows else
+                         [{rows[0]: row_vars[rows[0]][0]}, {rows[0]: row_vars[rows[0]][-1]}]):
+                rest = c_affine(sympy.expand((expr - c * lane).xreplace(edge)))
                 if c > 0:
                     lows.append(f"sc_ceildiv(-({rest}), {c})")
                 elif c < 0:
