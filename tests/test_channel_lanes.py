@@ -114,6 +114,16 @@ def test_an_input_gradient_reads_a_halo_instead_of_bounding_its_taps():
                    for loop in nest.loops for b in (*loop.lower, *loop.upper))
 
 
+def _check_weight_gradient(spec, compile_spec, rng):
+    """Every variant's weight and bias gradients of ``spec`` against the oracle."""
+    x, w, b, gy = random_arrays(spec, rng)
+    expected = conv_backward(x, w, gy, *oracle_args(spec))
+    for kernel in runnable_variants(compile_spec(spec)):
+        _, gw, gb = kernel.backward(x, w, gy)
+        assert_close(gw, expected[1], spec.dtype, f"{kernel.variant.target} grad_weight")
+        assert_close(gb, expected[2], spec.dtype, f"{kernel.variant.target} grad_bias")
+
+
 def test_a_stem_weight_gradient_runs_its_rows_along_a_kernel_axis(compile_spec, rng):
     """Three input channels are too few rows; with the input copied into a zero halo the
     rows run along the 7 taps of the last kernel axis, which no padding test then uses."""
@@ -123,12 +133,7 @@ def test_a_stem_weight_gradient_runs_its_rows_along_a_kernel_axis(compile_spec, 
     assert str(chosen.block) == "i_k1" and chosen.rows == 4       # 7 taps: blocks of 4 + 3
     (copy,) = chosen.copies
     assert copy.array == "a_input" and copy.axis is None and copy.halo[2:] == ((3, 2), (3, 3))
-    x, w, b, gy = random_arrays(spec, rng)
-    expected = conv_backward(x, w, gy, *oracle_args(spec))
-    for kernel in runnable_variants(compile_spec(spec)):
-        _, gw, gb = kernel.backward(x, w, gy)
-        assert_close(gw, expected[1], spec.dtype, f"{kernel.variant.target} grad_weight")
-        assert_close(gb, expected[2], spec.dtype, f"{kernel.variant.target} grad_bias")
+    _check_weight_gradient(spec, compile_spec, rng)
 
 
 def test_which_lane_a_1x1_weight_gradient_takes(compile_spec, rng):
@@ -182,12 +187,7 @@ def test_the_cost_model_picks_a_weight_gradients_plan(spec, kind, compile_spec, 
     assert min(estimates, key=estimates.get) is kind
     ((_, avx2),) = _compiled(spec).plans["grad_weight"]
     assert isinstance(avx2, schedule.ChannelLanes) and avx2.chunking is not None
-    x, w, b, gy = random_arrays(spec, rng)
-    expected = conv_backward(x, w, gy, *oracle_args(spec))
-    for kernel in runnable_variants(compile_spec(spec)):
-        _, gw, gb = kernel.backward(x, w, gy)
-        assert_close(gw, expected[1], spec.dtype, f"{kernel.variant.target} grad_weight")
-        assert_close(gb, expected[2], spec.dtype, f"{kernel.variant.target} grad_bias")
+    _check_weight_gradient(spec, compile_spec, rng)
 
 
 def test_the_estimate_charges_packing_strides_and_empty_lanes():

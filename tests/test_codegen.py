@@ -196,6 +196,16 @@ def test_build_flags_avoid_gcc_vectorizer_miscompile(tmp_path, one_target_config
     assert list(out) == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
 
 
+def _c_module(tmp_path, name: str, source: str, cdef: str, target: str):
+    """C ``source`` built for ``target`` as the cffi module ``name``, imported."""
+    (tmp_path / targets.SOURCE).write_text(source)
+    path = build.compile_extension(tmp_path, name, cdef, build.build_config(target))
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_stride_two_loads_pick_every_other_element(tmp_path):
     """sc_load2 (and under a lane mask, sc_load2m) of the AVX2 prelude: lane l holds p[2l],
     masked lanes 0, for floats and doubles."""
@@ -212,13 +222,9 @@ void load2_pd(const double *p, const int64_t *m, double *out, double *masked) {
     _mm256_storeu_pd(masked, sc_load2m_pd(p, _mm256_loadu_si256((const __m256i *)m)));
 }
 """
-    (tmp_path / targets.SOURCE).write_text(source)
     cdef = ("void load2_ps(const float *p, const int32_t *m, float *out, float *masked);\n"
             "void load2_pd(const double *p, const int64_t *m, double *out, double *masked);")
-    path = build.compile_extension(tmp_path, "_loads", cdef, build.build_config("x86-64-v3"))
-    spec = importlib.util.spec_from_file_location("_loads", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _c_module(tmp_path, "_loads", source, cdef, "x86-64-v3")
     ffi, rng = module.ffi, random.Random(3)
     for dtype, itype, lanes, name in (("float", "int32_t", 8, "load2_ps"),
                                       ("double", "int64_t", 4, "load2_pd")):
@@ -248,13 +254,9 @@ void store2_pd(double *p, const double *v, uint32_t m) {
     sc_store2m_pd(p, _mm512_loadu_pd(v), (__mmask8)m);
 }
 """
-    (tmp_path / targets.SOURCE).write_text(source)
     cdef = ("void store2_ps(float *p, const float *v, uint32_t m);\n"
             "void store2_pd(double *p, const double *v, uint32_t m);")
-    path = build.compile_extension(tmp_path, "_stores", cdef, build.build_config("x86-64-v4"))
-    spec = importlib.util.spec_from_file_location("_stores", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _c_module(tmp_path, "_stores", source, cdef, "x86-64-v4")
     ffi, rng = module.ffi, random.Random(5)
     for dtype, lanes, name in (("float", 16, "store2_ps"), ("double", 8, "store2_pd")):
         lane_values = ffi.new(f"{dtype}[]", [100.0 + lane for lane in range(lanes)])
