@@ -55,7 +55,7 @@ class _Nest:
     def per_lane(self) -> bool:
         """A term of one packed value per lane (a bias): added as the tile is stored, not in
         the register block, where GCC hoisted its vectors out of the block loops and kept
-        them live through the products, spilling the panel's (2d-56's forward 26.6 -> 17.1
+        them live through the products, spilling the panel's (2d-56's forward 26.7 -> 16.7
         ms)."""
         return not self.nest.loops and self.packed is not None and not self.broadcast and \
             not self.nest.guards and not self.hoisted and not self.row_exprs
@@ -378,9 +378,9 @@ def _emit_tile_store(e: _Emission, rows: int, tile: str, added: Sequence[_Nest] 
     out.open("for (int64_t sc_l = 0; sc_l < sc_lanes; ++sc_l)")
     out.line(f"const int64_t {lane.label} = sc_lb * {span} + sc_l;")
     offset = output_offset(fn, e.piece)
+    terms = "".join(f" + sc_p{n.number}[sc_l]" for n in added)
     for r in range(rows):
         at = c_affine(sympy.expand(offset.xreplace({block: block + r})))
-        terms = "".join(f" + sc_p{n.number}[sc_l]" for n in added)
         out.line(f"{fn.output.name}[{at}] = ({tile})[{r * span} + sc_l]{terms};")
     out.close()
 
