@@ -37,7 +37,7 @@ SPECS = [
     # ... the channels innermost only (no padding, 4 KiB channel planes) ...
     pytest.param(ConvSpec((1, 16, 16, 64), (16, 16, 3, 3)), id="2d-copy-moved"),
     # ... for its halo, in float64, dilated (12-wide rows)
-    pytest.param(ConvSpec((1, 16, 12, 12), (8, 16, 3, 3), padding=2, dilation=2,
+    pytest.param(ConvSpec((1, 16, 12, 12), (16, 16, 3, 3), padding=2, dilation=2,
                           dtype="float64"), id="2d-copy-halo-f64"),
 ]
 COPIES = {"2d-copy-halo-moved": (1, ((0, 0), (0, 0), (1, 1), (1, 1))),
@@ -85,14 +85,15 @@ def test_rows_of_a_copy_a_multiple_of_4_kib_apart_get_a_lead(compile_spec, rng):
     """A stride-2 layer over 512 channels reads its input from a copy with the channels
     innermost (its 256-byte channel rows crowd L1 sets over 512 steps); in the copy the
     block's rows would be 2 x 512 floats (4 KiB) apart, so the copy's channel axis is
-    padded by a line: rows 2 x 528 floats apart, values unchanged."""
-    spec = ConvSpec((2, 512, 64), (16, 512, 3), stride=2, padding=1)
+    padded by a line: rows 2 x 528 floats apart, values unchanged.  (160 output channels:
+    enough products to pay for the copy, see schedule.MAX_COPY_SHARE.)"""
+    spec = ConvSpec((2, 512, 64), (160, 512, 3), stride=2, padding=1)
     for target in ("x86-64-v4", "x86-64-v3"):
         ((_, chosen),) = compiler.compilation(spec, target).plans["forward"]
         (copy,) = chosen.copies
         assert (copy.array, copy.axis, copy.lead) == ("a_input", 1, 16)
         assert copy.shape([2, 512, 64]) == (2, 528, 65)
-    unpadded = ConvSpec((2, 512, 64), (16, 512, 3), padding=1)     # rows 512 floats apart
+    unpadded = ConvSpec((2, 512, 64), (160, 512, 3), padding=1)    # rows 512 floats apart
     ((_, chosen),) = compiler.compilation(unpadded, "x86-64-v4").plans["forward"]
     assert [c.lead for c in chosen.copies] == [0]
     x, w, b, _ = random_arrays(spec, rng)
@@ -218,6 +219,22 @@ def test_no_copy_where_it_does_not_pay():
     assert chosen.copies == ()
     assert schedule._crowded(32 * 32, 16) and not schedule._crowded(56 * 56, 64)
     assert not schedule._crowded(16000, 64)     # 8 lines a set: as many as it holds
+
+
+def test_no_copy_larger_than_its_share_of_the_products(compile_spec, monkeypatch, rng):
+    """A stride-2 3-D layer over 8 channels: its input is 8x its output and each output
+    has 216 products, so a copy would hold 0.3 elements per vector FMA (MAX_COPY_SHARE:
+    0.08); the forward reads the input in place, its padded edges in guarded blocks."""
+    spec = ConvSpec((1, 8, 24, 24, 24), (16, 8, 3, 3, 3), stride=2, padding=1)
+    ((_, chosen),) = compiler.compilation(spec, "x86-64-v4").plans["forward"]
+    assert isinstance(chosen, schedule.ChannelLanes) and chosen.copies == ()
+    x, w, b, _ = random_arrays(spec, rng)
+    expected = conv_forward(x, w, b, *oracle_args(spec))
+    for kernel in runnable_variants(compile_spec(spec)):
+        assert_close(kernel.forward(x, w, b), expected, spec.dtype, kernel.variant.target)
+    monkeypatch.setattr(schedule, "MAX_COPY_SHARE", 1.0)      # the copy it would make
+    ((_, chosen),) = compiler.compilation(spec, "x86-64-v4").plans["forward"]
+    assert [(c.array, c.axis) for c in chosen.copies] == [("a_input", 1)]
 
 
 @pytest.mark.parametrize("extent", [1, 2, 3, 5, 6, 7, 13, 14, 16, 32, 48, 56, 61])

@@ -647,23 +647,24 @@ def _channel_lanes(piece: Piece, width: int, registers: int, most_vectors: int |
     if depth < MIN_GEMM_DEPTH:
         return None
     whole = None
+    outputs = math.prod(extent(i) for i in piece.indices)
     if depth <= MAX_GEMM_DEPTH and extent(block) >= MIN_GEMM_ROWS and \
             not any(g.modulus and block in g.expr.free_symbols
                     for n in piece.nests for g in n.guards):
         nests = tuple(_longest_innermost(_padding_as_bounds(n, block, piece.indices), block)
                       for n in piece.nests)
-        copies = _copies(nests, piece.indices, lane, block)
+        fmas = outputs // extent(lane) * lane_vectors * depth
+        copies = _copies(nests, piece.indices, lane, block, fmas)
         unbounded = tuple(_bounds_as_padding(n, block, lane) for n in nests)
         # not for a stride's phases: each would copy the array again (measured 1.8x slower)
         if unbounded != nests and not piece.note:
-            haloed = _copies(unbounded, piece.indices, lane, block)
+            haloed = _copies(unbounded, piece.indices, lane, block, fmas)
             added = {a for n, m in zip(nests, unbounded)
                      for a in set(m.zero_outside) - set(n.zero_outside)}
             if added <= {c.array for c in haloed if c.halo}:
                 nests, copies = unbounded, haloed
         whole = ChannelLanes(lane, block, min(most_rows, extent(block)), vectors, nests,
                              copies=copies)
-        outputs = math.prod(extent(i) for i in piece.indices)
         # a weight (packs less than it writes), or rows long enough to fill register blocks:
         # a ResNet layer at 14x14 with 256 channels has a weight larger than its output
         if extent(lane) * depth <= outputs or extent(block) >= most_rows:
@@ -685,18 +686,25 @@ L1_SETS, L1_WAYS, LINE_BYTES = 64, 8, 64    # a typical 32 KiB 8-way L1 data cac
 
 SHORT_ROWS = 32      # rows this short spend a quarter of their blocks guarded at the edges
 MAX_HALO_GROWTH = 2  # a copy's zeros may at most double its array
+# A copy pays where its elements number at most this share of the plan's vector FMAs: it
+# costs about 2.5 cycles an element (3d-64-s2's input, 2.2M elements: 1.5 ms of a 3.8 ms
+# forward) and saves at most a fifth of the products' time (3d-32's input gradient, 0.044
+# elements per FMA: 22.6 -> 18.4 ms).  Measured beyond it, the plans ran faster without:
+# 3d-64-s2's forward (0.31) 3.75 -> 2.53 ms, 2d-32-s2's forward (0.12) 0.88 -> 0.71 ms and
+# its input gradient, whose stride phases each copy the array (0.125-0.5), 0.94 -> 0.77 ms.
+MAX_COPY_SHARE = 0.08
 
 
-def _copies(nests: Sequence[LoopNest], free, lane, block) -> tuple[Copy, ...]:
-    """The broadcast arrays read from a copy (see Copy).  A zero-padded array whose padding
-    guards the edge blocks of rows of at most SHORT_ROWS (14 of a ResNet's 14x14 layer: 8
-    in guarded blocks) gets a halo, if every index is an integer affine expression.  The
-    innermost loop's axis (the input channels) moves innermost when that loop's index runs
-    along one axis, not the last, with unit coefficient, and the array is copied for its
-    halo or the steps crowd one L1 set (``_crowded``): a convolution's channel planes of
-    32³ or 48³ elements are a multiple of 4 KiB apart, so every channel's line lands in one
-    set and each step evicts a line the block reads again.  An array copied for that gets
-    its halo too."""
+def _copies(nests: Sequence[LoopNest], free, lane, block, fmas: int) -> tuple[Copy, ...]:
+    """The broadcast arrays read from a copy (see Copy), each at most MAX_COPY_SHARE of
+    the plan's ``fmas`` elements.  A zero-padded array whose padding guards the edge blocks
+    of rows of at most SHORT_ROWS (14 of a ResNet's 14x14 layer: 8 in guarded blocks) gets
+    a halo, if every index is an integer affine expression.  The innermost loop's axis (the
+    input channels) moves innermost when that loop's index runs along one axis, not the
+    last, with unit coefficient, and the array is copied for its halo or the steps crowd
+    one L1 set (``_crowded``): a convolution's channel planes of 32³ or 48³ elements are a
+    multiple of 4 KiB apart, so every channel's line lands in one set and each step evicts
+    a line the block reads again.  An array copied for that gets its halo too."""
     found = []
     for name, mine in _broadcast_reads(nests, lane).items():
         shape = [int(d) for d in mine[0][1].base.shape]
@@ -707,7 +715,9 @@ def _copies(nests: Sequence[LoopNest], free, lane, block) -> tuple[Copy, ...]:
         if axis is not None or (halo and short):
             lead = LINE_BYTES // 4 if axis is not None and \
                 _rows_crowd_copy(mine, shape, halo, axis, block) else 0
-            found.append(Copy(name, axis, halo, lead))
+            copy = Copy(name, axis, halo, lead)
+            if math.prod(copy.shape(shape)) <= MAX_COPY_SHARE * fmas:
+                found.append(copy)
     return tuple(found)
 
 
