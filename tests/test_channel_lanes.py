@@ -393,6 +393,10 @@ def test_stride_phases_run_inside_shared_loops(compile_spec, rng):
     dense = compiler.compilation(ConvSpec((2, 16, 9, 12), (16, 16, 3, 3), stride=2),
                                  "x86-64-v4").plans["grad_input"]
     assert shared_loops(dense) == ()
+    # ... and so do phases whose shared loops would be too few tasks to thread
+    few = compiler.compilation(ConvSpec((1, 4, 33, 30), (4, 1, 3, 3), stride=2, padding=1,
+                                        groups=4), "x86-64-v4").plans["grad_input"]
+    assert all(isinstance(c, schedule.OutputLanes) for _, c in few) and shared_loops(few) == ()
 
 
 @pytest.mark.parametrize("open_batch", [False, True])

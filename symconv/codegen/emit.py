@@ -134,6 +134,10 @@ def shared_loops(plans) -> tuple:
                 any(column[0] in (c.lane, c.block) for _, c in plans):
             break
         shared.append(column[0])
+    # too few tasks to thread (3d-64-s2's input gradient shares its batch of 1 alone: at 2
+    # threads 2.8 ms shared, 1.44 ms with each phase threading its own loops)
+    if math.prod(schedule.extent(i) for i in shared) < schedule.GEMM_TASKS:
+        return ()
     return tuple(shared)
 
 
