@@ -269,6 +269,26 @@ def test_the_chunked_weight_gradient_cuts_its_summation():
     assert chosen.chunking.group < 16          # more than one task
 
 
+def test_a_weight_gradient_with_few_tasks_splits_its_summation(cache_dir, rng):
+    """16 x 8 channels make two tasks (AVX2): the summation over 7000 positions (14 chunks)
+    runs in three parts of uneven length, their tiles added in order; against the oracle,
+    and bit-identical on 1, 2 and 3 threads."""
+    spec = ConvSpec((1, 8, 7000), (16, 8, 3), padding=1)
+    ((_, chosen),) = _compiled(spec).plans["grad_weight"]
+    assert chosen.chunking.parts == 3 and "in 3 parts" in schedule.describe(_, chosen)
+    x, w, b, gy = random_arrays(spec, rng)
+    expected = conv_backward(x, w, gy, *oracle_args(spec))[1]
+    kernel = compiler.compile_conv(spec, cache_dir=cache_dir, target="x86-64-v3")
+    text = kernel.source.split(f"void {kernel.variant.prefix}grad_weight(")[1].split("\nvoid ")[0]
+    assert "sc_part" in text
+    for kernel in runnable_variants(kernel):
+        one = kernel.backward(x, None, gy, wrt=("weight",), threads=1)[1]
+        assert_close(one, expected, spec.dtype, "grad_weight")
+        for threads in (2, 3):
+            np.testing.assert_array_equal(
+                kernel.backward(x, None, gy, wrt=("weight",), threads=threads)[1], one)
+
+
 def test_results_do_not_depend_on_the_thread_count(cache_dir, rng):
     """Every channel-lane form on threads: bit-identical for 1, 2 and 3 threads."""
     spec = ConvSpec((2, 32, 40, 41), (32, 32, 3, 3), padding=1)

@@ -386,24 +386,30 @@ def _emit_tile_store(e: _Emission, rows: int, tile: str, added: Sequence[_Nest] 
 
 
 def _emit_chunked(e: _Emission) -> None:
-    """The chunked form (schedule.Chunking): per task (a lane block x a group of rows), for
-    each chunk of the summation in order, pack the chunk's panel, then add every register
-    block's products over the chunk into the task's tile; the tile goes to the output at the
-    end.  Each thread has its own tile and panel, allocated up front."""
+    """The chunked form (schedule.Chunking): per task (a lane block x a group of rows x a
+    part of the chunks), for each chunk of its part in order, pack the chunk's panel, then
+    add every register block's products over the chunk into the task's tile.  With one part
+    the tile goes to the output at the end of the task; with several, each task has a tile
+    of its own, and a second pass adds each lane block and group's tiles in part order and
+    stores the sum.  Each thread has its own panel (and tile, with one part), allocated up
+    front."""
     out, piece, chosen, (n,) = e.out, e.piece, e.chosen, e.nests
     lane, block, chunking, rows = chosen.lane, chosen.block, chosen.chunking, chosen.rows
-    ctype, span, lane_blocks = e.ctype, e.span, e.lane_blocks
+    ctype, span, lane_blocks, parts = e.ctype, e.span, e.lane_blocks, chosen.chunking.parts
     outer, inner = n.nest.loops[:-1], n.nest.loops[-1]
     total_rows = math.prod(extent(loop.index) for loop in outer)
     segments = ceil_div(extent(inner.index), chunking.segment)
     chunks = ceil_div(total_rows, chunking.rows) * segments
     others = [i for i in piece.indices if i not in (lane, block)]
     tile_size = math.prod(extent(i) for i in others) * chunking.group * span
-    per_thread = tile_size + chunking.rows * chunking.segment * span
+    panel_size = chunking.rows * chunking.segment * span
+    per_thread = panel_size + (tile_size if parts == 1 else 0)
     groups = ceil_div(extent(block), chunking.group)
     parallel = threaded(out, work(piece.nests, piece.indices))
     copies = _copy_buffers(e)
-    buffers = [("sc_work", f"(size_t)(sc_threads > 1 ? sc_threads : 1) * {per_thread}")] + copies
+    buffers = [("sc_work", f"(size_t)(sc_threads > 1 ? sc_threads : 1) * {per_thread}")] + \
+        ([("sc_tiles", f"{lane_blocks * groups * parts * tile_size}")] if parts > 1 else []) + \
+        copies
     _allocate(e, buffers)
     if copies:
         out.open("if (!sc_bad)")
@@ -411,17 +417,26 @@ def _emit_chunked(e: _Emission) -> None:
         out.close()
     out.open("if (!sc_bad)")
     if parallel:
-        omp_parallel(out, f"parallel for collapse(2) {omp_schedule(lane_blocks * groups)} "
-                          f"reduction(|:sc_bad)")
+        loops = 2 if parts == 1 else 3
+        omp_parallel(out, f"parallel for collapse({loops}) "
+                          f"{omp_schedule(lane_blocks * groups * parts)} reduction(|:sc_bad)")
     out.open(f"for (int64_t sc_lb = 0; sc_lb < {lane_blocks}; ++sc_lb)")
     out.open(f"for (int64_t sc_g = 0; sc_g < {groups}; ++sc_g)")
     worker = "(size_t)omp_get_thread_num()" if parallel else "0"
-    out.line(f"{ctype} *const sc_tile = sc_work + {worker} * {per_thread};")
-    out.line(f"{ctype} *const sc_p{n.number} = sc_tile + {tile_size};")
+    if parts == 1:
+        out.line(f"{ctype} *const sc_tile = sc_work + {worker} * {per_thread};")
+        out.line(f"{ctype} *const sc_p{n.number} = sc_tile + {tile_size};")
+        first, last = "0", f"{chunks}"
+    else:
+        out.open(f"for (int64_t sc_part = 0; sc_part < {parts}; ++sc_part)")
+        out.line(f"{ctype} *const sc_tile = sc_tiles + ((sc_lb * {groups} + sc_g) * {parts} + "
+                 f"sc_part) * {tile_size};")
+        out.line(f"{ctype} *const sc_p{n.number} = sc_work + {worker} * {per_thread};")
+        first, last = (f"sc_part * {chunks} / {parts}", f"(sc_part + 1) * {chunks} / {parts}")
     out.line(f"const int64_t sc_b0 = sc_g * {chunking.group}, "
              f"sc_b1 = sc_min(sc_b0 + {chunking.group}, {extent(block)});")
     out.line(f"for (int64_t sc_e = 0; sc_e < {tile_size}; ++sc_e) sc_tile[sc_e] = 0;")
-    out.open(f"for (int64_t sc_chunk = 0; sc_chunk < {chunks}; ++sc_chunk)")
+    out.open(f"for (int64_t sc_chunk = {first}; sc_chunk < {last}; ++sc_chunk)")
     out.line(f"const int64_t sc_r0 = (sc_chunk / {segments}) * {chunking.rows}, "
              f"sc_r1 = sc_min(sc_r0 + {chunking.rows}, {total_rows});")
     lo, hi = index_range(inner.index)
@@ -468,20 +483,45 @@ def _emit_chunked(e: _Emission) -> None:
     for _ in others:
         out.close()
     out.close()    # chunks
-    # the tile to the output
+    if parts == 1:
+        _emit_chunked_store(e, others, tile_at)
+    else:
+        out.close()    # parts
+    out.close()    # groups
+    out.close()    # lane blocks
+    out.close()    # if (!sc_bad)
+    if parts > 1:
+        out.open("if (!sc_bad)")
+        if parallel:
+            omp_parallel(out, f"parallel for collapse(2) {omp_schedule(lane_blocks * groups)}")
+        out.open(f"for (int64_t sc_lb = 0; sc_lb < {lane_blocks}; ++sc_lb)")
+        out.open(f"for (int64_t sc_g = 0; sc_g < {groups}; ++sc_g)")
+        out.line(f"{ctype} *const sc_tile = sc_tiles + (sc_lb * {groups} + sc_g) * "
+                 f"{parts * tile_size};")
+        out.line(f"const int64_t sc_b0 = sc_g * {chunking.group}, "
+                 f"sc_b1 = sc_min(sc_b0 + {chunking.group}, {extent(block)});")
+        out.line(f"for (int64_t sc_part = 1; sc_part < {parts}; ++sc_part)")
+        out.line(f"    for (int64_t sc_e = 0; sc_e < {tile_size}; ++sc_e) "
+                 f"sc_tile[sc_e] += sc_tile[sc_part * {tile_size} + sc_e];")
+        _emit_chunked_store(e, others, tile_at)
+        out.close()
+        out.close()
+        out.close()
+    _emit_fallback(e)
+    _release(e, buffers)
+
+
+def _emit_chunked_store(e: _Emission, others, tile_at: str) -> None:
+    """A task's tile (rows sc_b0..sc_b1 of its lane block) to the output."""
+    out, block = e.out, e.chosen.block
     for idx in others:
-        lo_, hi_ = index_range(idx)
-        out.open(f"for (int64_t {idx.label} = {lo_}; {idx.label} <= {hi_}; ++{idx.label})")
+        lo, hi = index_range(idx)
+        out.open(f"for (int64_t {idx.label} = {lo}; {idx.label} <= {hi}; ++{idx.label})")
     out.open(f"for (int64_t {block.label} = sc_b0; {block.label} < sc_b1; ++{block.label})")
     _emit_tile_store(e, 1, f"sc_tile + {tile_at}")
     out.close()
     for _ in others:
         out.close()
-    out.close()    # groups
-    out.close()    # lane blocks
-    out.close()    # if (!sc_bad)
-    _emit_fallback(e)
-    _release(e, buffers)
 
 
 def _decode_rows(out: Writer, outer) -> None:

@@ -147,11 +147,13 @@ class Chunking:
     """A channel-lane plan's summation packed chunk by chunk (a single nest whose loops form a
     box): ``rows`` consecutive values of its outer loops, flattened, times ``segment`` values
     of its innermost loop per chunk, summed in chunk order into a tile per task; a task is
-    one lane block and ``group`` consecutive values of the block index."""
+    one lane block, ``group`` consecutive values of the block index and one of ``parts``
+    consecutive runs of the chunks, whose tiles are then added in order."""
 
     rows: int
     segment: int
     group: int
+    parts: int = 1
 
 
 Plan = Scalar | OutputLanes | ReductionLanes | ChannelLanes
@@ -801,6 +803,7 @@ def extent(index) -> int:
 
 GEMM_CHUNK = 512    # summation steps packed at a time: the chunk's panel stays in L1
 GEMM_TASKS = 8      # at least this many parallel tasks, where the rows allow
+MIN_PART_CHUNKS = 4  # chunks per part of a summation split for more tasks, at least
 
 
 def _chunked_channel_lanes(piece: Piece, reads, lane, vectors: int, span: int,
@@ -838,7 +841,13 @@ def _chunked_channel_lanes(piece: Piece, reads, lane, vectors: int, span: int,
     lane_blocks = ceil_div(extent(lane), span)
     groups = min(blocks, ceil_div(GEMM_TASKS, lane_blocks))
     group = rows * ceil_div(blocks, groups)
-    chunking = Chunking(chunk_rows, segment, group)
+    # too few tasks: the summation split into parts, each task's tile added up in order after
+    # (3d-64-s2's weight gradient, 16 x 8 channels: one task, the second thread idle)
+    chunks = ceil_div(math.prod(extent(loop.index) for loop in nest.loops[:-1]), chunk_rows) \
+        * ceil_div(inner, segment)
+    tasks = lane_blocks * ceil_div(extent(block), group)
+    parts = max(1, min(ceil_div(GEMM_TASKS, tasks), chunks // MIN_PART_CHUNKS))
+    chunking = Chunking(chunk_rows, segment, group, parts)
     return ChannelLanes(lane, block, rows, vectors,
                         (_padding_as_bounds(nest, block, piece.indices),), chunking, copies)
 
@@ -1112,7 +1121,8 @@ def describe(piece: Piece, chosen: Plan) -> str:
     if isinstance(chosen, ChannelLanes):
         chunks = chosen.chunking
         packed = "" if chunks is None else \
-            f" packed {chunks.rows * chunks.segment} summation steps at a time"
+            f" packed {chunks.rows * chunks.segment} summation steps at a time" + \
+            (f", the summation in {chunks.parts} parts" if chunks.parts > 1 else "")
         extra = "".join(f"; {c.array} copied" + (f" with axis {c.axis} innermost"
                                                   if c.axis is not None else "")
                         + (" with a zero halo" if c.halo else "")
