@@ -191,6 +191,27 @@ def test_the_cost_model_picks_a_weight_gradients_plan(spec, kind, compile_spec, 
     _check_weight_gradient(spec, compile_spec, rng)
 
 
+def test_a_short_summation_stores_along_the_rows(compile_spec, rng):
+    """A 1x1 layer 16 -> 96 channels: its input gradient sums 16 products per output, and
+    channel lanes would store each output through a tile, lane by lane; with AVX-512 it
+    runs output lanes (estimated cheaper, and its reads do not move with a tap), a 3x3
+    layer's keeps channel lanes; both against the oracle."""
+    pointwise = ConvSpec((2, 96, 12, 16), (16, 96, 1, 1))
+    kinds = {name: [type(c) for _, c in plans] for name, plans in
+             compiler.compilation(pointwise, "x86-64-v4").plans.items()}
+    assert kinds["grad_input"] == [schedule.OutputLanes], kinds
+    assert _compiled(pointwise).plans["grad_input"][0][1].__class__ is schedule.ChannelLanes
+    dense = ConvSpec((2, 96, 12, 16), (16, 96, 3, 3), padding=1)
+    ((_, chosen),) = compiler.compilation(dense, "x86-64-v4").plans["grad_input"]
+    assert isinstance(chosen, schedule.ChannelLanes)
+    for spec in (pointwise, dense):
+        x, w, b, gy = random_arrays(spec, rng)
+        expected = conv_backward(x, w, gy, *oracle_args(spec))[0]
+        for kernel in runnable_variants(compile_spec(spec)):
+            got = kernel.backward(None, w, gy, wrt=("input",))[0]
+            assert_close(got, expected, spec.dtype, kernel.variant.target)
+
+
 def test_the_estimate_charges_packing_strides_and_empty_lanes():
     """schedule.cycles on one weight-gradient piece: more tasks packing the same chunks,
     stride-2 reads, and lanes left empty each cost more."""

@@ -428,9 +428,11 @@ def _makers(piece: Piece, width: int, registers: int) -> dict:
 def _first_fit(makers, piece: Piece, width: int, registers: int) -> Plan:
     """The default plan: the first of PLAN_KINDS whose maker fits, else channel lanes over
     too few channels to fill a vector (still several products per instruction), else the
-    plain nest.  A long summation (a weight gradient) that both chunked channel lanes and
-    reduction lanes fit runs the one :func:`cycles` estimates cheaper, with AVX-512's
-    register file (the estimate's fit)."""
+    plain nest.  With AVX-512's register file (the estimate's fit), channel lanes give way
+    to the plan :func:`cycles` estimates cheaper: reduction lanes for a long summation (a
+    weight gradient: chunked channel lanes); output lanes, whose reads do not move with
+    the taps, where channel lanes would store their outputs lane by lane (a 1x1 layer's
+    forward and input gradient in channels-first layout)."""
     for kind in PLAN_KINDS:
         chosen = makers[KIND_CHOICE[kind]]()
         if chosen is not None:
@@ -438,12 +440,29 @@ def _first_fit(makers, piece: Piece, width: int, registers: int) -> Plan:
     else:
         partial = makers["channel-lanes-partial"]() if ChannelLanes in PLAN_KINDS else None
         return partial or Scalar()
-    if isinstance(chosen, ChannelLanes) and chosen.chunking is not None and \
-            ReductionLanes in PLAN_KINDS and registers >= COSTED_REGISTERS:
-        other = makers["reduction-lanes"]()
-        if other is not None and cycles(piece, other, width) < cycles(piece, chosen, width):
-            return other
+    if isinstance(chosen, ChannelLanes) and registers >= COSTED_REGISTERS:
+        if chosen.chunking is not None:
+            other = makers["reduction-lanes"]() if ReductionLanes in PLAN_KINDS else None
+            if other is not None and cycles(piece, other, width) < cycles(piece, chosen, width):
+                return other
+        else:
+            other = makers["output-lanes"]() if OutputLanes in PLAN_KINDS and \
+                piece.position[-1] != chosen.lane else None
+            if other is not None and not _shifted(piece, other.lane) and \
+                    cycles(piece, other, width) < (1 - CLOSE_CALL) * cycles(piece, chosen, width):
+                return other
     return chosen
+
+
+def _shifted(piece: Piece, lane) -> bool:
+    """Whether a read along ``lane`` also moves with a summation index (a kernel tap): its
+    vectors then start at every offset and cross lines, which :func:`cycles` leaves out."""
+    for nest in piece.nests:
+        loops = {loop.index for loop in nest.loops}
+        for read in factors(nest.body)[1]:
+            if any(lane in p.free_symbols and p.free_symbols & loops for p in read.indices):
+                return True
+    return False
 
 
 def options(piece: Piece, width: int | None, registers: int = 16) -> list[str]:
@@ -1086,13 +1105,22 @@ LOAD_CYCLES = 1.0         # per vector loaded or scalar broadcast, per FMA it fe
 STRIDED_LOAD = 6.0        # ... a stride-2 load: two loads and a permute, lines crossed
 PACK_CYCLES = 1.0         # per element a chunked channel-lane plan packs (a scalar copy)
 HSUM_CYCLES = 8.0         # per output: a reduction-lane tile added up across its lanes
+STORE_CYCLES = 1.0        # per lane of a channel-lane block stored through its tile
+# Output lanes replace whole channel lanes only where estimated this much cheaper: 3% apart,
+# wav2vec-k3-s2's even input-gradient phase ran 2% slower in output lanes (1 thread A/B).
+CLOSE_CALL = 0.05
 
 
 def cycles(piece: Piece, chosen: Plan, width: int) -> float:
-    """Estimated cycles of ``chosen`` (chunked channel lanes or reduction lanes) on ``piece``
-    (a single nest): its vector FMAs and the memory operations of its register blocks, plus
-    the packing of channel lanes (each task packs its own chunks) or the final lane sums of
-    reduction lanes."""
+    """Estimated cycles of ``chosen`` on ``piece``.  Chunked channel lanes or reduction
+    lanes (a single nest): the vector FMAs and the memory operations of the register
+    blocks, plus the packing of channel lanes (each task packs its own chunks) or the final
+    lane sums of reduction lanes.  Whole channel lanes or output lanes, FMA-bound with
+    AVX-512's registers: the vector FMAs, empty lanes included, plus the tile through which
+    channel lanes store each output lane by lane where the lanes lie apart in the output."""
+    if isinstance(chosen, OutputLanes) or \
+            isinstance(chosen, ChannelLanes) and chosen.chunking is None:
+        return _block_cycles(piece, chosen, width)
     (nest,) = piece.nests
     (_, _, coefficients), = _reads(piece)
     outputs = math.prod(extent(u) for u in piece.indices)
@@ -1113,6 +1141,18 @@ def cycles(piece: Piece, chosen: Plan, width: int) -> float:
         per_fma = loads / math.prod(rows.values())
         return fmas * (1 + LOAD_CYCLES * per_fma) + HSUM_CYCLES * outputs
     raise TypeError(f"no cost estimate for {type(chosen).__name__}")
+
+
+def _block_cycles(piece: Piece, chosen: OutputLanes | ChannelLanes, width: int) -> float:
+    """cycles() of whole channel lanes or output lanes."""
+    lane = chosen.lane
+    lanes = ceil_div(extent(lane), chosen.vectors * width) * chosen.vectors * width \
+        if isinstance(chosen, ChannelLanes) else ceil_div(extent(lane), width) * width
+    per_lane = math.prod(extent(u) for u in piece.indices if u != lane) * lanes
+    depth = sum(math.prod(extent(loop.index) for loop in nest.loops) for nest in piece.nests)
+    stored = STORE_CYCLES * per_lane \
+        if isinstance(chosen, ChannelLanes) and piece.position[-1] != lane else 0
+    return per_lane * depth / width + stored
 
 
 def describe(piece: Piece, chosen: Plan) -> str:
