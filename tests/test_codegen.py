@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import sympy
 
@@ -269,6 +270,35 @@ void store2_pd(double *p, const double *v, uint32_t m) {
                     expected[start + 2 * lane] = lane_values[lane]
             getattr(module.lib, name)(memory + start, lane_values, mask)
             assert list(memory) == expected, (dtype, start, bin(mask))
+
+
+@pytest.mark.parametrize("header, target, size", [("sc_avx2.h", "x86-64-v3", 8),
+                                                   ("sc_avx512.h", "x86-64-v4", 16)])
+def test_transposes_move_each_element_to_its_place(tmp_path, header, target, size):
+    """sc_transpose{8,16}_ps (a copy's channels moved innermost) against NumPy: element j
+    of row i of a block (rows ``ss`` apart) lands at dst[j*ds + i]; nothing else is
+    written."""
+    from symconv.kernel import cpu_features
+    if not set(targets.TARGET_FEATURES[target]) <= (cpu_features() or set()):
+        pytest.skip(f"needs a {target} CPU")
+    source = codegen.PRELUDE + codegen.c.header(header) + f"""
+void transpose(const float *src, int64_t ss, float *dst, int64_t ds) {{
+    sc_transpose{size}_ps(src, ss, dst, ds);
+}}
+"""
+    module = _c_module(tmp_path, "_transpose", source,
+                       "void transpose(const float *, int64_t, float *, int64_t);", target)
+    ffi, rng = module.ffi, np.random.default_rng(11)
+    for ss, ds in ((size, size), (37, 21), (size + 3, 40)):
+        src = rng.standard_normal(size * ss).astype(np.float32)
+        dst = np.full(size * ds + 5, -7.0, np.float32)
+        module.lib.transpose(ffi.from_buffer("float[]", src), ss,
+                             ffi.from_buffer("float[]", dst), ds)
+        expected = np.full_like(dst, -7.0)
+        block = src.reshape(size, ss)[:, :size]
+        for j in range(size):
+            expected[j * ds:j * ds + size] = block[:, j]
+        np.testing.assert_array_equal(dst, expected, err_msg=f"ss={ss} ds={ds}")
 
 
 @pytest.mark.parametrize("header, flags", [("sc_scalar.h", []),

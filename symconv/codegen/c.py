@@ -320,11 +320,15 @@ def emit_scalar_piece(out: Writer, fn: IndexSum, piece: schedule.Piece, dtype: s
         out.close()
 
 
-def emit_copy(out: Writer, copy: schedule.Copy, shape: list[int]) -> None:
+def emit_copy(out: Writer, copy: schedule.Copy, shape: list[int],
+              transpose: tuple[str, int] | None = None) -> None:
     """Fill a copy (schedule.Copy) in one pass: each element the array's, or zero in the
     halo.  With an axis moved, the last axis goes in tiles of COPY_TILE, the moved axis
     inside a tile: each read then is a run of neighbours along the array's last axis, not
-    one element per channel plane (planes 4 KiB apart crowd one L1 set)."""
+    one element per channel plane (planes 4 KiB apart crowd one L1 set).  With
+    ``transpose`` (a vector prelude's (function, width): sc_transpose16_ps moves a width x
+    width block), the rows inside the array move their channels in such blocks instead
+    (see _emit_transposed_rows)."""
     name, padded = schedule.copy_name(copy.array), copy.shape(shape)
     halo = copy.halo or [(0, 0)] * len(shape)
     last = len(shape) - 1
@@ -338,24 +342,74 @@ def emit_copy(out: Writer, copy: schedule.Copy, shape: list[int]) -> None:
         omp_parallel(out, f"parallel for collapse({loops}) {omp_schedule(tasks)}")
     for a in order:
         out.open(f"for (int64_t sc_x{a} = 0; sc_x{a} < {padded[a]}; ++sc_x{a})")
-    if tiled:
+    place = sympy.IndexedBase(name, shape=padded)[
+        tuple(sympy.Symbol(f"sc_x{a}") for a in range(len(shape)))]
+    source = sympy.IndexedBase(copy.array, shape=shape)[
+        tuple(sympy.Symbol(f"sc_x{a}") - halo[a][0] for a in range(len(shape)))]
+    inside = {a: f"sc_x{a} >= {lo} && sc_x{a} < {lo + shape[a]}"
+              for a, (lo, hi) in enumerate(halo) if lo or hi or (a == copy.axis and copy.lead)}
+    value = f"{copy.array}[{flat_offset(source)}]"
+    if inside:
+        value = f"({' && '.join(inside.values())}) ? {value} : 0"
+    element = f"{name}[{flat_offset(place, copy.axis)}] = {value};"
+    if tiled and transpose is not None and copy.axis != last and halo[copy.axis] == (0, 0):
+        _emit_transposed_rows(out, copy, shape, padded, halo, place, source, element,
+                              [inside[a] for a in order if a in inside], transpose)
+    elif tiled:
         out.open(f"for (int64_t sc_t = 0; sc_t < {padded[last]}; sc_t += {COPY_TILE})")
         out.open(f"for (int64_t sc_x{copy.axis} = 0; sc_x{copy.axis} < {padded[copy.axis]}; "
                  f"++sc_x{copy.axis})")
         out.open(f"for (int64_t sc_x{last} = sc_t; sc_x{last} < sc_min(sc_t + {COPY_TILE}, "
                  f"{padded[last]}); ++sc_x{last})")
-    place = sympy.IndexedBase(name, shape=padded)[
-        tuple(sympy.Symbol(f"sc_x{a}") for a in range(len(shape)))]
-    source = sympy.IndexedBase(copy.array, shape=shape)[
-        tuple(sympy.Symbol(f"sc_x{a}") - halo[a][0] for a in range(len(shape)))]
-    inside = [f"sc_x{a} >= {lo} && sc_x{a} < {lo + shape[a]}"
-              for a, (lo, hi) in enumerate(halo) if lo or hi or (a == copy.axis and copy.lead)]
-    value = f"{copy.array}[{flat_offset(source)}]"
-    if inside:
-        value = f"({' && '.join(inside)}) ? {value} : 0"
-    out.line(f"{name}[{flat_offset(place, copy.axis)}] = {value};")
-    for _ in range(len(order) + 3 * tiled):
+        out.line(element)
+        for _ in range(3):
+            out.close()
+    else:
+        out.line(element)
+    for _ in order:
         out.close()
+
+
+def _emit_transposed_rows(out: Writer, copy: schedule.Copy, shape, padded, halo, place,
+                          source, element: str, row_inside: list[str],
+                          transpose: tuple[str, int]) -> None:
+    """One row of a copy with its channels (axis ``copy.axis``) moved innermost: where the
+    row lies inside the array, its positions inside in blocks of ``width`` positions x
+    ``width`` channels, each block transposed in registers (the channels past the last whole
+    block, and the lead, element by element); the halo's positions, and rows outside, one
+    position at a time, all channels innermost."""
+    function, width = transpose
+    axis, last = copy.axis, len(shape) - 1
+    low, size = halo[last][0], shape[last]
+    whole = shape[axis] // width * width
+    channel, position = sympy.Symbol(f"sc_x{axis}"), sympy.Symbol(f"sc_x{last}")
+    at = {channel: sympy.Symbol("sc_c"), position: sympy.Symbol("sc_w")}
+    src = flat_offset(source.xreplace(at))
+    dst = flat_offset(place.xreplace(at), axis)
+    src_stride = c_order_strides(shape)[axis]
+    dst_stride = moved_last_strides(padded, axis)[last]
+
+    def columns(first: str, stop: str, channels_from: int = 0) -> None:
+        out.open(f"for (int64_t sc_x{last} = {first}; sc_x{last} < {stop}; ++sc_x{last})")
+        out.open(f"for (int64_t sc_x{axis} = {channels_from}; sc_x{axis} < {padded[axis]}; "
+                 f"++sc_x{axis})")
+        out.line(element)
+        out.close()
+        out.close()
+
+    out.line("int64_t sc_w = 0;")
+    out.open(f"if ({' && '.join(f'({c})' for c in row_inside)})" if row_inside else "")
+    columns("0", f"{low}")
+    out.line(f"sc_w = {low};")
+    out.open(f"for (; sc_w + {width} <= {low + size}; sc_w += {width})")
+    out.line(f"for (int64_t sc_c = 0; sc_c < {whole}; sc_c += {width}) "
+             f"{function}({copy.array} + {src}, {src_stride}, "
+             f"{schedule.copy_name(copy.array)} + {dst}, {dst_stride});")
+    if whole < padded[axis]:
+        columns("sc_w", f"sc_w + {width}", whole)
+    out.close()
+    out.close()
+    columns("sc_w", f"{padded[last]}")
 
 
 MOVE_COST = 8      # loop iterations an element moved into a panel or a copy costs, about

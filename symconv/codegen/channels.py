@@ -193,7 +193,7 @@ def _copy_buffers(e: _Emission) -> list[tuple[str, str]]:
 def _emit_copies(e: _Emission) -> None:
     shapes = _shapes(e)
     for copy in e.chosen.copies:
-        emit_copy(e.out, copy, shapes[copy.array])
+        emit_copy(e.out, copy, shapes[copy.array], e.simd.transpose)
 
 
 

@@ -54,6 +54,12 @@ class Simd:
     def _epi(self) -> str:
         return "epi32" if self.dtype == "float32" else "epi64"
 
+    @property
+    def transpose(self) -> tuple[str, int] | None:
+        """The prelude's in-register transpose of a width x width block of floats, as
+        (function, width) for c.emit_copy; None for doubles (copied element by element)."""
+        return (f"sc_transpose{self.width}_ps", self.width) if self.dtype == "float32" else None
+
     def zero(self) -> str:
         return f"{self._p}_setzero_{self.sfx}()"
 

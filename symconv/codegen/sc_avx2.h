@@ -1,5 +1,5 @@
 /* sc_avx2.h: AVX2 + FMA helpers pasted after sc_scalar.h into vector builds (isa.py
-   spells single intrinsics inline): horizontal sums and stride-2 loads. */
+   spells single intrinsics inline): horizontal sums, stride-2 loads, an 8 x 8 transpose. */
 #include <immintrin.h>
 
 static inline float sc_hsum_ps(__m256 v) {
@@ -44,4 +44,27 @@ static inline __m256d sc_load2m_pd(const double *p, __m256i mask) {
     const __m256d a = _mm256_maskload_pd(p, lo);
     const __m256d b = _mm256_maskload_pd(p + 4, hi);
     return _mm256_permute4x64_pd(_mm256_unpacklo_pd(a, b), 0xD8);
+}
+/* An 8 x 8 block of floats transposed: row i is src[i*ss .. i*ss + 7], element j of it goes
+   to dst[j*ds + i].  Interleaves by 32 and 64 bits within 128-bit lanes (u[4g + m], lane k:
+   element 4k + m of rows 4g .. 4g + 3), then pairs the lanes of u[m] and u[4 + m]. */
+static inline void sc_transpose8_ps(const float *src, int64_t ss, float *dst, int64_t ds) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        const __m256 a = _mm256_loadu_ps(src + i * ss), b = _mm256_loadu_ps(src + (i + 1) * ss);
+        t[i] = _mm256_unpacklo_ps(a, b);
+        t[i + 1] = _mm256_unpackhi_ps(a, b);
+    }
+    for (int g = 0; g < 8; g += 4) {
+        const __m256d a = _mm256_castps_pd(t[g]), b = _mm256_castps_pd(t[g + 1]);
+        const __m256d c = _mm256_castps_pd(t[g + 2]), d = _mm256_castps_pd(t[g + 3]);
+        u[g] = _mm256_castpd_ps(_mm256_unpacklo_pd(a, c));
+        u[g + 1] = _mm256_castpd_ps(_mm256_unpackhi_pd(a, c));
+        u[g + 2] = _mm256_castpd_ps(_mm256_unpacklo_pd(b, d));
+        u[g + 3] = _mm256_castpd_ps(_mm256_unpackhi_pd(b, d));
+    }
+    for (int m = 0; m < 4; ++m) {
+        _mm256_storeu_ps(dst + m * ds, _mm256_permute2f128_ps(u[m], u[4 + m], 0x20));
+        _mm256_storeu_ps(dst + (4 + m) * ds, _mm256_permute2f128_ps(u[m], u[4 + m], 0x31));
+    }
 }

@@ -1,5 +1,5 @@
 /* sc_avx512.h: AVX-512 helpers pasted after sc_scalar.h into vector builds (isa.py
-   spells single intrinsics inline): stride-2 loads and stores. */
+   spells single intrinsics inline): stride-2 loads and stores, a 16 x 16 transpose. */
 #include <immintrin.h>
 
 /* Every other element, p[0], p[2], ...: two loads and one two-source permute; the second
@@ -50,4 +50,36 @@ static inline void sc_store2m_pd(double *p, __m512d v, __mmask8 mask) {
     const uint32_t spread = _pdep_u32(mask, 0x5555u);
     _mm512_mask_storeu_pd(p, (__mmask8)spread, _mm512_permutexvar_pd(low, v));
     _mm512_mask_storeu_pd(p + 8, (__mmask8)(spread >> 8), _mm512_permutexvar_pd(high, v));
+}
+
+/* A 16 x 16 block of floats transposed: row i of the block is src[i*ss .. i*ss + 15], and
+   element j of it goes to dst[j*ds + i] (a copy's channels moved innermost, 16 channels x 16
+   positions at a time).  Pairs of rows interleave by 32 bits, then by 64 bits within each
+   128-bit lane (u[4g + m], lane k: element 4k + m of rows 4g .. 4g + 3), then the 128-bit
+   lanes are gathered across u[m], u[4 + m], u[8 + m], u[12 + m]: 64 shuffles, no gathers. */
+static inline void sc_transpose16_ps(const float *src, int64_t ss, float *dst, int64_t ds) {
+    __m512 t[16], u[16];
+    for (int i = 0; i < 16; i += 2) {
+        const __m512 a = _mm512_loadu_ps(src + i * ss), b = _mm512_loadu_ps(src + (i + 1) * ss);
+        t[i] = _mm512_unpacklo_ps(a, b);
+        t[i + 1] = _mm512_unpackhi_ps(a, b);
+    }
+    for (int g = 0; g < 16; g += 4) {
+        const __m512d a = _mm512_castps_pd(t[g]), b = _mm512_castps_pd(t[g + 1]);
+        const __m512d c = _mm512_castps_pd(t[g + 2]), d = _mm512_castps_pd(t[g + 3]);
+        u[g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+        u[g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+        u[g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+        u[g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+    }
+    for (int m = 0; m < 4; ++m) {
+        const __m512 low = _mm512_shuffle_f32x4(u[m], u[4 + m], 0x44);
+        const __m512 high = _mm512_shuffle_f32x4(u[m], u[4 + m], 0xEE);
+        const __m512 low2 = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0x44);
+        const __m512 high2 = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0xEE);
+        _mm512_storeu_ps(dst + m * ds, _mm512_shuffle_f32x4(low, low2, 0x88));
+        _mm512_storeu_ps(dst + (4 + m) * ds, _mm512_shuffle_f32x4(low, low2, 0xDD));
+        _mm512_storeu_ps(dst + (8 + m) * ds, _mm512_shuffle_f32x4(high, high2, 0x88));
+        _mm512_storeu_ps(dst + (12 + m) * ds, _mm512_shuffle_f32x4(high, high2, 0xDD));
+    }
 }
