@@ -291,12 +291,14 @@ def test_the_chunked_weight_gradient_cuts_its_summation():
 
 
 def test_a_weight_gradient_with_few_tasks_splits_its_summation(cache_dir, rng):
-    """16 x 8 channels make two tasks (AVX2): the summation over 7000 positions (14 chunks)
-    runs in three parts of uneven length, their tiles added in order; against the oracle,
-    and bit-identical on 1, 2 and 3 threads."""
+    """16 output channels make one lane block (AVX2): the summation over 7000 positions (14
+    chunks) runs in eight parts of uneven length, their tiles added in order, rather than
+    the rows in groups that would each pack the same chunks; against the oracle, and
+    bit-identical on 1, 2 and 3 threads."""
     spec = ConvSpec((1, 8, 7000), (16, 8, 3), padding=1)
     ((_, chosen),) = _compiled(spec).plans["grad_weight"]
-    assert chosen.chunking.parts == 3 and "in 3 parts" in schedule.describe(_, chosen)
+    assert chosen.chunking.parts == 8 and "in 8 parts" in schedule.describe(_, chosen)
+    assert chosen.chunking.group == 8             # one group: all the rows
     x, w, b, gy = random_arrays(spec, rng)
     expected = conv_backward(x, w, gy, *oracle_args(spec))[1]
     kernel = compiler.compile_conv(spec, cache_dir=cache_dir, target="x86-64-v3")

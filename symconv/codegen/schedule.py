@@ -822,7 +822,6 @@ def extent(index) -> int:
 
 GEMM_CHUNK = 512    # summation steps packed at a time: the chunk's panel stays in L1
 GEMM_TASKS = 8      # at least this many parallel tasks, where the rows allow
-MIN_PART_CHUNKS = 4  # chunks per part of a summation split for more tasks, at least
 
 
 def _chunked_channel_lanes(piece: Piece, reads, lane, vectors: int, span: int,
@@ -858,14 +857,14 @@ def _chunked_channel_lanes(piece: Piece, reads, lane, vectors: int, span: int,
     chunk_rows = max(1, GEMM_CHUNK // inner) if inner < GEMM_CHUNK else 1
     blocks = ceil_div(extent(block), rows)
     lane_blocks = ceil_div(extent(lane), span)
-    groups = min(blocks, ceil_div(GEMM_TASKS, lane_blocks))
-    group = rows * ceil_div(blocks, groups)
-    # too few tasks: the summation split into parts, each task's tile added up in order after
-    # (3d-64-s2's weight gradient, 16 x 8 channels: one task, the second thread idle)
+    # more tasks than lane blocks: the summation split into parts (each task's tile added up
+    # in order after), else the rows into groups, each of which packs the same chunks again
+    # (2d-56's weight gradient, three groups -> four parts: 21.2 -> 17.8 ms at 1 thread)
     chunks = ceil_div(math.prod(extent(loop.index) for loop in nest.loops[:-1]), chunk_rows) \
         * ceil_div(inner, segment)
-    tasks = lane_blocks * ceil_div(extent(block), group)
-    parts = max(1, min(ceil_div(GEMM_TASKS, tasks), chunks // MIN_PART_CHUNKS))
+    parts = max(1, min(ceil_div(GEMM_TASKS, lane_blocks), chunks))
+    groups = min(blocks, ceil_div(GEMM_TASKS, lane_blocks * parts))
+    group = rows * ceil_div(blocks, groups)
     chunking = Chunking(chunk_rows, segment, group, parts)
     return ChannelLanes(lane, block, rows, vectors,
                         (_padding_as_bounds(nest, block, piece.indices),), chunking, copies)
@@ -1103,6 +1102,7 @@ def _reduction_lanes(piece: Piece, width: int, budget: int) -> ReductionLanes | 
 COSTED_REGISTERS = 32
 LOAD_CYCLES = 1.0         # per vector loaded or scalar broadcast, per FMA it feeds
 STRIDED_LOAD = 6.0        # ... a stride-2 load: two loads and a permute, lines crossed
+SPLIT_LOAD = 1.5          # ... a load shifted off the vectors: most cross a line
 PACK_CYCLES = 1.0         # per element a chunked channel-lane plan packs (a scalar copy)
 HSUM_CYCLES = 8.0         # per output: a reduction-lane tile added up across its lanes
 STORE_CYCLES = 1.0        # per lane of a channel-lane block stored through its tile
@@ -1136,11 +1136,23 @@ def cycles(piece: Piece, chosen: Plan, width: int) -> float:
     if isinstance(chosen, ReductionLanes):
         fmas = outputs * depth / extent(chosen.lane) * ceil_div(extent(chosen.lane), width)
         rows = dict(chosen.blocks)
-        loads = sum((STRIDED_LOAD if c.get(chosen.lane, 0) > 1 else 1)
-                    * math.prod(rows.get(u, 1) for u in c) for c in coefficients)
+        loads = sum(_load_cycles(c, chosen.lane, width) * math.prod(rows.get(u, 1) for u in c)
+                    for c in coefficients)
         per_fma = loads / math.prod(rows.values())
         return fmas * (1 + LOAD_CYCLES * per_fma) + HSUM_CYCLES * outputs
     raise TypeError(f"no cost estimate for {type(chosen).__name__}")
+
+
+def _load_cycles(coefficients: dict, lane, width: int) -> float:
+    """Cost of one vector load along ``lane`` of a read with these flat coefficients (1 a
+    load): stride-2 lanes STRIDED_LOAD, lanes that another index shifts by other than whole
+    vectors (a weight gradient's input, shifted by the tap) SPLIT_LOAD, as most such loads
+    cross a line."""
+    if coefficients.get(lane, 0) > 1:
+        return STRIDED_LOAD
+    if any(u != lane and c % width for u, c in coefficients.items()):
+        return SPLIT_LOAD
+    return 1.0
 
 
 def _block_cycles(piece: Piece, chosen: OutputLanes | ChannelLanes, width: int) -> float:
