@@ -1087,17 +1087,19 @@ def _reduction_lanes(piece: Piece, width: int, budget: int) -> ReductionLanes | 
 
 
 # --- cost model --------------------------------------------------------------------------------
-# Cycles per piece, in units of one vector FMA, for the two plans of a long summation (a
+# Cycles per piece, in units of one vector FMA.  For the two plans of a long summation (a
 # weight gradient): the FMAs (empty lanes included), one cycle per vector loaded or broadcast
-# beside each, and what each plan adds (packing; the final lane sums).  The constants were
-# fitted to the tuner's timings of the bench's weight gradients on an AMD Zen 4 (AVX-512,
-# 32 registers): of the 12 where both plans fit, the estimate picks reduction lanes for the
-# 3-D layers at unit stride and the two 1x1 layers (measured 1.2-3x faster at 1 thread) and
-# channel lanes for ResNet's, the stem's, wav2vec's, the 56x56 and the strided layers; on
-# 1d-audio the two ran within 3%, and 3d-64-s2's reduction lanes, faster at 2 threads, were
-# 1.4x slower at 1.  With AVX2's 16 registers reduction lanes' 3x3 blocks ran 1.4-2.2x slower
-# than channel lanes on the five layers tried, where this estimate called them even: it is
-# used with COSTED_REGISTERS or more only.
+# beside each, and what each plan adds (packing; the final lane sums).  Fitted to timings of
+# the bench's weight gradients on an AMD Zen 4 (AVX-512, 32 registers), once chunked channel
+# lanes packed each chunk once per lane block: the estimate picks reduction lanes for the
+# 1x1 layer 144 -> 24 (0.53 vs 0.68 ms at 1 thread) and the 3-D layers of 16 -> 32 channels
+# (within 3% of channel lanes), channel lanes for the rest (1d-audio 45.5 vs 51.8 ms,
+# unet3d-48 62.4 vs 69.1, 2d-pointwise 2.26 vs 2.65).  For whole channel lanes against output
+# lanes (forward, input gradient): the FMAs with their empty lanes and channel lanes' tile
+# store; both reach 85-95% of peak on dense layers there, so the loads are left out.  With
+# AVX2's 16 registers reduction lanes' 3x3 blocks ran 1.4-2.2x slower than channel lanes on
+# the five layers tried, where this estimate called them even: it is used with
+# COSTED_REGISTERS or more only.
 
 COSTED_REGISTERS = 32
 LOAD_CYCLES = 1.0         # per vector loaded or scalar broadcast, per FMA it feeds
