@@ -169,11 +169,12 @@ def test_lanes_that_fill_three_vectors(compile_spec, rng):
 
 
 @pytest.mark.parametrize("spec, kind", [
-    # 16 input channels leave 8 broadcast rows a block; lanes along 32-wide rows fill them
-    (ConvSpec((1, 16, 8, 8, 32), (32, 16, 3, 3, 3), padding=1), schedule.ReductionLanes),
-    # 16 output channels, 1x1: each of 6 tasks would pack the whole grad_output again
+    # 16 -> 32 channels: one lane block, its summation in parts; reduction lanes would load
+    # the input shifted off the vectors by each tap
+    (ConvSpec((1, 16, 8, 8, 32), (32, 16, 3, 3, 3), padding=1), schedule.ChannelLanes),
+    # 16 output channels, 1x1: channel lanes' blocks of one vector broadcast a scalar per FMA
     (ConvSpec((4, 48, 14, 14), (16, 48, 1, 1)), schedule.ReductionLanes),
-    # 64 channels: 13 rows a block and one pack per task of 26 rows x 9 taps
+    # 64 channels: 13 rows x 2 vectors a block
     (ConvSpec((2, 64, 14, 14), (64, 64, 3, 3), padding=1), schedule.ChannelLanes)])
 def test_the_cost_model_picks_a_weight_gradients_plan(spec, kind, compile_spec, rng):
     """With AVX-512's 32 registers the estimate (schedule.cycles) decides between chunked

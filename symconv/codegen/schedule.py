@@ -1092,9 +1092,9 @@ def _reduction_lanes(piece: Piece, width: int, budget: int) -> ReductionLanes | 
 # beside each, and what each plan adds (packing; the final lane sums).  Fitted to timings of
 # the bench's weight gradients on an AMD Zen 4 (AVX-512, 32 registers), once chunked channel
 # lanes packed each chunk once per lane block: the estimate picks reduction lanes for the
-# 1x1 layer 144 -> 24 (0.53 vs 0.68 ms at 1 thread) and the 3-D layers of 16 -> 32 channels
-# (within 3% of channel lanes), channel lanes for the rest (1d-audio 45.5 vs 51.8 ms,
-# unet3d-48 62.4 vs 69.1, 2d-pointwise 2.26 vs 2.65).  For whole channel lanes against output
+# 1x1 layer 144 -> 24 (0.53 vs 0.68 ms at 1 thread), channel lanes for the rest (1d-audio
+# 45.5 vs 51.8 ms, unet3d-48 62.4 vs 69.1, 2d-pointwise 2.26 vs 2.65, the 3-D layers of
+# 16 -> 32 channels 2% faster at 1 thread and 7-9% at 2).  For whole channel lanes against output
 # lanes (forward, input gradient): the FMAs with their empty lanes and channel lanes' tile
 # store; both reach 85-95% of peak on dense layers there, so the loads are left out.  With
 # AVX2's 16 registers reduction lanes' 3x3 blocks ran 1.4-2.2x slower than channel lanes on
@@ -1104,7 +1104,7 @@ def _reduction_lanes(piece: Piece, width: int, budget: int) -> ReductionLanes | 
 COSTED_REGISTERS = 32
 LOAD_CYCLES = 1.0         # per vector loaded or scalar broadcast, per FMA it feeds
 STRIDED_LOAD = 6.0        # ... a stride-2 load: two loads and a permute, lines crossed
-SPLIT_LOAD = 1.5          # ... a load shifted off the vectors: most cross a line
+SPLIT_LOAD = 1.75         # ... a load shifted off the vectors: most cross a line
 PACK_CYCLES = 1.0         # per element a chunked channel-lane plan packs (a scalar copy)
 HSUM_CYCLES = 8.0         # per output: a reduction-lane tile added up across its lanes
 STORE_CYCLES = 1.0        # per lane of a channel-lane block stored through its tile
