@@ -313,6 +313,27 @@ def test_a_weight_gradient_with_few_tasks_splits_its_summation(cache_dir, rng):
                 kernel.backward(x, None, gy, wrt=("weight",), threads=threads)[1], one)
 
 
+def test_crowded_lanes_pack_a_line_at_a_time(cache_dir, rng):
+    """grad_output's channel planes 12 KiB apart put all 32 lanes of a weight gradient's
+    panel in one L1 set: the chunk is packed 16 steps of one lane at a time (a line), not
+    one step of every lane; 24-wide rows end in a part tile.  Against the oracle, and
+    bit-identical on 1 and 3 threads."""
+    spec = ConvSpec((1, 16, 8, 16, 24), (32, 16, 3, 3, 3), padding=1)
+    ((_, chosen),) = compiler.compilation(spec, "x86-64-v4").plans["grad_weight"]
+    assert isinstance(chosen, schedule.ChannelLanes) and chosen.chunking.pack_tile == 16
+    ((_, wide),) = compiler.compilation(ConvSpec((1, 16, 8, 9, 36), (32, 16, 3, 3, 3),
+                                                 padding=1), "x86-64-v4").plans["grad_weight"]
+    assert wide.chunking.pack_tile == 0          # planes 10.1 KiB apart: lanes innermost
+    kernel = compiler.compile_conv(spec, cache_dir=cache_dir)
+    x, w, b, gy = random_arrays(spec, rng)
+    expected = conv_backward(x, w, gy, *oracle_args(spec))[1]
+    for kernel in runnable_variants(kernel):
+        one = kernel.backward(x, None, gy, wrt=("weight",), threads=1)[1]
+        assert_close(one, expected, spec.dtype, kernel.variant.target)
+        np.testing.assert_array_equal(
+            kernel.backward(x, None, gy, wrt=("weight",), threads=3)[1], one)
+
+
 def test_results_do_not_depend_on_the_thread_count(cache_dir, rng):
     """Every channel-lane form on threads: bit-identical for 1, 2 and 3 threads."""
     spec = ConvSpec((2, 32, 40, 41), (32, 32, 3, 3), padding=1)

@@ -443,17 +443,7 @@ def _emit_chunked(e: _Emission) -> None:
     out.line(f"const int64_t sc_s0 = {lo} + (sc_chunk % {segments}) * {chunking.segment}, "
              f"sc_s1 = sc_min(sc_s0 + {chunking.segment - 1}, {hi});")
     panel_at = f"((sc_r - sc_r0) * {chunking.segment} + {inner.index.label} - sc_s0) * {span}"
-    # pack the chunk
-    out.open("for (int64_t sc_r = sc_r0; sc_r < sc_r1; ++sc_r)")
-    _decode_rows(out, outer)
-    out.open(f"for (int64_t {inner.index.label} = sc_s0; {inner.index.label} <= sc_s1; "
-             f"++{inner.index.label})")
-    out.open(f"for (int64_t sc_l = 0; sc_l < {span}; ++sc_l)")
-    out.line(f"const int64_t {lane.label} = sc_lb * {span} + sc_l;")
-    _pack_element(e, n, f"sc_p{n.number}", f"{panel_at} + sc_l")
-    out.close()
-    out.close()
-    out.close()
+    _emit_chunk_pack(e, outer, inner, panel_at)
     # every register block of the task over the chunk
     for idx in others:
         lo_, hi_ = index_range(idx)
@@ -509,6 +499,27 @@ def _emit_chunked(e: _Emission) -> None:
         out.close()
     _emit_fallback(e)
     _release(e, buffers)
+
+
+def _emit_chunk_pack(e: _Emission, outer, inner, panel_at: str) -> None:
+    """Pack the chunk's panel: for each row of the outer loops, the inner loop's steps with
+    the lanes innermost, or in tiles of Chunking.pack_tile steps, each lane's innermost."""
+    out, (n,), span, tile = e.out, e.nests, e.span, e.chosen.chunking.pack_tile
+    step = inner.index.label
+    out.open("for (int64_t sc_r = sc_r0; sc_r < sc_r1; ++sc_r)")
+    _decode_rows(out, outer)
+    if tile:
+        out.open(f"for (int64_t sc_t = sc_s0; sc_t <= sc_s1; sc_t += {tile})")
+    else:
+        out.open(f"for (int64_t {step} = sc_s0; {step} <= sc_s1; ++{step})")
+    out.open(f"for (int64_t sc_l = 0; sc_l < {span}; ++sc_l)")
+    out.line(f"const int64_t {e.chosen.lane.label} = sc_lb * {span} + sc_l;")
+    if tile:
+        out.open(f"for (int64_t {step} = sc_t; {step} <= sc_min(sc_t + {tile - 1}, sc_s1); "
+                 f"++{step})")
+    _pack_element(e, n, f"sc_p{n.number}", f"{panel_at} + sc_l")
+    for _ in range(3 + bool(tile)):
+        out.close()
 
 
 def _emit_chunked_store(e: _Emission, others, tile_at: str) -> None:
