@@ -397,11 +397,15 @@ def test_what_channel_lanes_leave_to_other_plans():
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_depthwise_rows_load_their_own_vectors(dtype, compile_spec, rng):
     """A depthwise layer has no index that only broadcast reads use: its output-lane blocks
-    take rows of output lines, each loading its own vectors and sharing the weights."""
+    take rows of output lines, each loading its own vectors and sharing the weights; the
+    forward's rows share their loads down the taps of the rows' axis (a window: each input
+    row loaded once per block), but in a block clamped at the end of 13 rows."""
     spec = ConvSpec((2, 8, 13, 16), (8, 1, 3, 3), padding=1, groups=8, dtype=dtype)
     ((_, chosen),) = _compiled(spec).plans["forward"]
     assert isinstance(chosen, schedule.OutputLanes) and str(chosen.block) == "i_i0"
-    assert chosen.rows > 1
+    assert chosen.rows > 1 and str(chosen.window) == "i_k0"
+    dilated = ConvSpec((2, 8, 13, 16), (8, 1, 3, 3), padding=2, dilation=2, groups=8)
+    assert _compiled(dilated).plans["forward"][0][1].window is None   # row + 2 x tap
     x, w, b, gy = random_arrays(spec, rng)
     expected = conv_forward(x, w, b, *oracle_args(spec))
     for kernel in runnable_variants(compile_spec(spec)):
@@ -411,15 +415,21 @@ def test_depthwise_rows_load_their_own_vectors(dtype, compile_spec, rng):
             assert_close(got, ref, dtype, f"{kernel.variant.target} backward")
 
 
-def test_depthwise_input_gradient_rows_skip_the_taps_outside(compile_spec, rng):
+@pytest.mark.parametrize("stride", [1, 2])
+def test_depthwise_input_gradient_rows_skip_the_taps_outside(stride, compile_spec, rng):
     """A depthwise input gradient's rows bound its taps (grad_output's edges); blocked along
     the rows, grad_output reads as zero there and each row outside skips the product: a
-    non-finite weight still meets no zero where the definition has no product."""
-    spec = ConvSpec((2, 8, 13, 16), (8, 1, 3, 3), padding=1, groups=8)
+    non-finite weight still meets no zero where the definition has no product.  At stride 2
+    the odd phases' rows share their loads down a window of two taps, and a window row
+    outside skips all its products."""
+    rows = 13 if stride == 1 else 14      # 14: row 13's window reaches past grad_output
+    spec = ConvSpec((2, 8, rows, 16), (8, 1, 3, 3), stride=stride, padding=1, groups=8)
     for target in ("x86-64-v4", "x86-64-v3"):
-        ((_, chosen),) = compiler.compilation(spec, target).plans["grad_input"]
-        assert isinstance(chosen, schedule.OutputLanes) and str(chosen.block) == "i_j0"
-        assert chosen.rows > 1 and chosen.bounded == ("a_grad_output",)
+        plans = compiler.compilation(spec, target).plans["grad_input"]
+        for _, chosen in plans:
+            assert isinstance(chosen, schedule.OutputLanes) and chosen.rows > 1
+            assert chosen.bounded == ("a_grad_output",) or len(plans) > 1
+        assert any(c.window is not None for _, c in plans) == (stride == 2)
     x, w, _, gy = random_arrays(spec, rng)
     w[3, 0, 0, :] = np.inf           # taps the top row of each plane never uses
     w[5, 0, 2, 1] = np.nan           # ... and the bottom row

@@ -77,7 +77,11 @@ class OutputLanes:
     masks are computed once for all inner iterations.  ``copies`` are small arrays the nests
 read from a copy with the lane's axis innermost (filled before the blocks run).  ``bounded``
     arrays are read as zero outside in place of loop bounds on the rows (their taps): a row
-    outside skips the product, where a zero would make NaN of a non-finite other factor."""
+    outside skips the product, where a zero would make NaN of a non-finite other factor.
+    A ``window`` is the innermost loop of a nest whose one vector read moves with the rows
+    and it alike (a depthwise layer's taps down the rows): the block loads each of the
+    ``rows + taps - 1`` rows it reads once and adds it into every row that reads it, instead
+    of each row loading its own for every tap."""
 
     lane: sympy.Idx
     block: sympy.Idx | None
@@ -86,6 +90,7 @@ read from a copy with the lane's axis innermost (filled before the blocks run). 
     nests: tuple[LoopNest, ...] = ()
     copies: tuple["Copy", ...] = ()
     bounded: tuple[str, ...] = ()
+    window: sympy.Idx | None = None
 
 
 @dataclass(frozen=True)
@@ -603,7 +608,8 @@ def _output_lanes_along(piece: Piece, reads, lane, width: int, budget: int,
     if loaded and not long:   # a depthwise layer's output rows: own loads, shared weights
         block = loaded[-1]
         rows = balanced(index_range(block)[1] + 1, budget // min(vectors_max, LOADED_VECTORS))
-        return OutputLanes(lane, block, rows, max(1, min(vectors_max, budget // rows)), nests)
+        return OutputLanes(lane, block, rows, max(1, min(vectors_max, budget // rows)), nests,
+                           window=_window(nests, piece.indices, lane, block))
     if not unbounded and all(index_range(u)[1] == 0 for u in candidates):
         # no rows share a load (a depthwise input gradient's channel is one value): rows
         # that bound the taps, read as zero padding, load their own instead
@@ -623,6 +629,36 @@ def _output_lanes_along(piece: Piece, reads, lane, width: int, budget: int,
         return OutputLanes(lane, None, 1, min(vectors_max, budget // 3), nests)
     rows = balanced(index_range(block)[1] + 1, 4 if vectors_max >= 3 else 6)
     return OutputLanes(lane, block, rows, max(1, min(vectors_max, budget // rows)), nests)
+
+
+def _window(nests: Sequence[LoopNest], free, lane, block) -> sympy.Idx | None:
+    """The innermost loop of the one nest with loops, if its bounds are constants and it
+    moves the one read that uses the lane only along with the rows (the same coefficient in
+    the same axis: a depthwise forward's input row i0 + k0 - 1), no lane condition and no
+    guard; every other read uses neither the lane nor the rows (the weight)."""
+    looped = [n for n in nests if n.loops]
+    if len(looped) != 1:
+        return None
+    (nest,) = looped
+    inner = nest.loops[-1]
+    if len(inner.lower) != 1 or len(inner.upper) != 1 or inner.lower[0].den != 1 or \
+            inner.upper[0].den != 1 or not inner.lower[0].num.is_Integer or \
+            not inner.upper[0].num.is_Integer or \
+            any(inner.index in g.expr.free_symbols for g in nest.guards):
+        return None
+    v, moving = inner.index, []
+    for read in factors(nest.body)[1]:
+        symbols = set().union(*(sympy.sympify(p).free_symbols for p in read.indices))
+        if lane not in symbols and block not in symbols:
+            continue
+        if lane not in symbols or block not in symbols:
+            return None
+        for position in read.indices:
+            steps = linear_parts(sympy.expand(position))[0]
+            if steps.get(block, 0) != steps.get(v, 0) or (lane in steps and v in steps):
+                return None
+        moving.append(read)
+    return v if len(moving) == 1 else None
 
 
 MIN_LANE_USE = 0.75       # channel lanes: the share of the panel's lanes that are real channels
@@ -1195,6 +1231,8 @@ def describe(piece: Piece, chosen: Plan) -> str:
                 f"broadcast per register block{extra}")
     if isinstance(chosen, OutputLanes):
         rows = f", {chosen.rows} rows of {chosen.block.label}" if chosen.block is not None else ""
+        if chosen.window is not None:
+            rows += f" sharing their loads over {chosen.window.label}"
         copied = "".join(f"; {c.array} copied with axis {c.axis} innermost"
                          for c in chosen.copies)
         return (f"{where}vector lanes along {chosen.lane.label} ({chosen.vectors} vectors"

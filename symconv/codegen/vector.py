@@ -67,7 +67,9 @@ class _Block:
     """One output-lane register block being written: the Writer, the piece and its plan,
     the vector unit, the block's shape, and the C names of its accumulators (rows x
     vectors), rows (``sc_row<r>``) and first lanes (``sc_lane<q>``); ``guarded``: the rows
-    test the padded reads' conditions that depend on them (not in the rows' interior)."""
+    test the padded reads' conditions that depend on them (not in the rows' interior);
+    ``window``: the plan's window loop, unrolled inside the block (None where its rows are
+    clamped at the end of the range: each loads its own)."""
 
     out: Writer
     piece: schedule.Piece
@@ -78,6 +80,7 @@ class _Block:
     row_vars: list
     lane_at: list
     guarded: bool = True
+    window: sympy.Idx | None = None
 
 
 def interior(nests, indices, lane) -> tuple[int, int]:
@@ -292,7 +295,8 @@ def _output_lane_block(out, fn, piece, chosen, simd, block_shape: _BlockShape,
             out.line(f"const {simd.mask} sc_valid{q} = "
                      f"{simd.nonnegative(f'{lane_hi} - sc_lane{q}', -1)};")
 
-    b = _Block(out, piece, chosen, simd, block_shape, accs, row_vars, lane_at, guarded)
+    b = _Block(out, piece, chosen, simd, block_shape, accs, row_vars, lane_at, guarded,
+               None if partial_rows else chosen.window)
     for number, nest in enumerate(chosen.nests):
         reads = _Reads(nest)
         box = nest_box(nest, piece.indices)
@@ -406,8 +410,9 @@ def _emit_lane_loops(b: _Block, loops: _NestLoops, depth: int, domain, loads, tr
     """The loops of a nest from ``depth`` inwards, then ``body(domain, loads)``; a masked block
     splits its split loop into bands (see _NestLoops)."""
     out, simd, lane_at, masked = b.out, b.simd, b.lane_at, b.shape.masked
-    if depth > len(loops.loops):
-        body(domain, loads)
+    if depth > len(loops.loops) or \
+            (depth == len(loops.loops) and loops.loops[-1].index == b.window):
+        body(domain, loads)     # the window loop runs unrolled in the body
         return
     loop, lane = loops.loops[depth - 1], loops.lane
     var = str(loop.index.label)
@@ -499,6 +504,9 @@ def _and_all(simd: Simd, masks: list[str]) -> str:
 
 def _accumulate_output_lanes(b: _Block, reads: _Reads, loads, domain, box) -> None:
     """Load each read once per row or per vector and add the products into the block."""
+    if b.window is not None and any(depends(offset, b.window) for _, offset, _ in reads.items):
+        _accumulate_window(b, reads, loads, domain, box)
+        return
     out, simd, accs, row_vars, lane_at = b.out, b.simd, b.accs, b.row_vars, b.lane_at
     lane, block, rows, vectors = b.chosen.lane, b.chosen.block, b.shape.rows, b.shape.vectors
     ctype = C_TYPES[simd.dtype]
@@ -564,6 +572,68 @@ def _accumulate_output_lanes(b: _Block, reads: _Reads, loads, domain, box) -> No
             if skips[r]:
                 total = f"({' && '.join(skips[r])}) ? {total} : {acc}"
             out.line(f"{acc} = {total};")
+
+
+def _accumulate_window(b: _Block, reads: _Reads, loads, domain, box) -> None:
+    """The products of the window loop (schedule.OutputLanes.window), unrolled: each row the
+    block reads is loaded once, row ``block + w`` of the moving read, and added into the rows
+    ``r = w - t`` it meets at tap ``t`` (``t`` ascending for each row, the loop's order); the
+    other reads are broadcast once per tap.  A row outside a padded read loads zeros, or, in
+    a ``bounded`` array, adds nothing."""
+    out, simd, accs, lane_at = b.out, b.simd, b.accs, b.lane_at
+    lane, block, window, rows = b.chosen.lane, b.chosen.block, b.window, b.shape.rows
+    ctype = C_TYPES[simd.dtype]
+    loop = next(loop for n in b.chosen.nests for loop in n.loops if loop.index == window)
+    first, taps = int(loop.lower[0].num), int(loop.upper[0].num) - int(loop.lower[0].num) + 1
+    weights: list[list[str]] = [[] for _ in range(taps)]
+    moving = None
+    for number, (access, offset, padded) in enumerate(reads.items):
+        checks = [e for e in in_range_exprs(access, box) if not depends(e, lane)
+                  and (b.guarded or not depends(e, block))] if padded else []
+        if depends(offset, lane):
+            moving = (number, access, offset, checks)
+            continue
+        for t in range(taps) if depends(offset, window) else [None]:
+            here = {window: first + t} if t is not None else {}
+            load = f"{access.base.label}[{c_affine(sympy.expand(offset.xreplace(here)))}]"
+            if checks:
+                test = " && ".join(f"({c_affine(sympy.expand(e.xreplace(here)))}) >= 0"
+                                   for e in checks)
+                load = f"(({test}) ? {load} : 0)"
+            vector = f"sc_v{number}_{t if t is not None else 'x'}"
+            out.line(f"const {simd.vec} {vector} = {simd.set1(load)};")
+            for k in range(taps) if t is None else [t]:
+                weights[k].append(vector)
+    if reads.constant != 1:
+        out.line(f"const {simd.vec} sc_scale = "
+                 f"{simd.set1(number_text(reads.constant, ctype))};")
+        for k in range(taps):
+            weights[k].append("sc_scale")
+    number, access, offset, checks = moving
+    stride = int(linear_parts(offset)[0].get(lane, 0))
+    bounded = str(access.base.label) in b.chosen.bounded
+    for w in range(rows + taps - 1):
+        here = {window: first, block: block + w}
+        tests = [f"({c_affine(sympy.expand(e.xreplace(here)))}) >= 0" for e in checks]
+        skip = bounded and tests
+        if skip:        # the definition has no product here: the row adds nothing
+            out.open(f"if ({' && '.join(tests)})")
+        for q in range(b.shape.vectors):
+            at = c_affine(sympy.expand(offset.xreplace({**here, lane: lane_at[q]})))
+            load = simd.load(f"{access.base.label} + {at}", stride,
+                             loads[number][q] if loads is not None else None)
+            if tests and not skip:
+                load = f"({' && '.join(tests)}) ? {load} : {simd.zero()}"
+            vector = f"sc_w{number}_{q}_{w}"
+            out.line(f"const {simd.vec} {vector} = {load};")
+            for t in range(taps):
+                if 0 <= w - t < rows:
+                    acc = accs[w - t][q]
+                    total = simd.accumulate(acc, weights[t] + [vector],
+                                            domain[q] if domain else None)
+                    out.line(f"{acc} = {total};")
+        if skip:
+            out.close()
 
 
 def number_text(value, ctype: str) -> str:
