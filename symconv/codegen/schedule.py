@@ -634,8 +634,9 @@ def _output_lanes_along(piece: Piece, reads, lane, width: int, budget: int,
 def _window(nests: Sequence[LoopNest], free, lane, block) -> sympy.Idx | None:
     """The innermost loop of the one nest with loops, if its bounds are constants and it
     moves the one read that uses the lane only along with the rows (the same coefficient in
-    the same axis: a depthwise forward's input row i0 + k0 - 1), no lane condition and no
-    guard; every other read uses neither the lane nor the rows (the weight)."""
+    the same axis, or its negative: a depthwise forward's input row i0 + k0 - 1, its input
+    gradient's j0 - k0 + 1), no lane condition and no guard; every other read uses neither
+    the lane nor the rows (the weight)."""
     looped = [n for n in nests if n.loops]
     if len(looped) != 1:
         return None
@@ -655,7 +656,7 @@ def _window(nests: Sequence[LoopNest], free, lane, block) -> sympy.Idx | None:
             return None
         for position in read.indices:
             steps = linear_parts(sympy.expand(position))[0]
-            if steps.get(block, 0) != steps.get(v, 0) or (lane in steps and v in steps):
+            if abs(steps.get(block, 0)) != abs(steps.get(v, 0)) or (lane in steps and v in steps):
                 return None
         moving.append(read)
     return v if len(moving) == 1 else None

@@ -577,9 +577,9 @@ def _accumulate_output_lanes(b: _Block, reads: _Reads, loads, domain, box) -> No
 def _accumulate_window(b: _Block, reads: _Reads, loads, domain, box) -> None:
     """The products of the window loop (schedule.OutputLanes.window), unrolled: each row the
     block reads is loaded once, row ``block + w`` of the moving read, and added into the rows
-    ``r = w - t`` it meets at tap ``t`` (``t`` ascending for each row, the loop's order); the
-    other reads are broadcast once per tap.  A row outside a padded read loads zeros, or, in
-    a ``bounded`` array, adds nothing."""
+    it meets at each tap (``r = w - t`` where the taps run down the rows, ``t`` ascending
+    for each row, the loop's order); the other reads are broadcast once per tap.  A row
+    outside a padded read loads zeros, or, in a ``bounded`` array, adds nothing."""
     out, simd, accs, lane_at = b.out, b.simd, b.accs, b.lane_at
     lane, block, window, rows = b.chosen.lane, b.chosen.block, b.window, b.shape.rows
     ctype = C_TYPES[simd.dtype]
@@ -610,10 +610,14 @@ def _accumulate_window(b: _Block, reads: _Reads, loads, domain, box) -> None:
         for k in range(taps):
             weights[k].append("sc_scale")
     number, access, offset, checks = moving
-    stride = int(linear_parts(offset)[0].get(lane, 0))
+    steps = linear_parts(offset)[0]
+    stride = int(steps.get(lane, 0))
     bounded = str(access.base.label) in b.chosen.bounded
-    for w in range(rows + taps - 1):
-        here = {window: first, block: block + w}
+    # row block + w of the moving read; the taps run down it (i0 + k0) or up it (j0 - k0):
+    # then row r meets tap t at w = r + taps - 1 - t, and the rows go from the last
+    reverse = steps[window] != steps[block]
+    for w in reversed(range(rows + taps - 1)) if reverse else range(rows + taps - 1):
+        here = {window: first + taps - 1 if reverse else first, block: block + w}
         tests = [f"({c_affine(sympy.expand(e.xreplace(here)))}) >= 0" for e in checks]
         skip = bounded and tests
         if skip:        # the definition has no product here: the row adds nothing
@@ -627,8 +631,9 @@ def _accumulate_window(b: _Block, reads: _Reads, loads, domain, box) -> None:
             vector = f"sc_w{number}_{q}_{w}"
             out.line(f"const {simd.vec} {vector} = {load};")
             for t in range(taps):
-                if 0 <= w - t < rows:
-                    acc = accs[w - t][q]
+                r = w - (taps - 1) + t if reverse else w - t
+                if 0 <= r < rows:
+                    acc = accs[r][q]
                     total = simd.accumulate(acc, weights[t] + [vector],
                                             domain[q] if domain else None)
                     out.line(f"{acc} = {total};")
