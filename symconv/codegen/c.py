@@ -89,6 +89,11 @@ def c_affine(expr) -> str:
     return text if den == 1 else f"({text}) / {den}"
 
 
+def c_nonnegative(exprs, at: dict | None = None) -> list[str]:
+    """C tests ``expr >= 0`` of affine expressions, each at the values ``at`` (if given)."""
+    return [f"({c_affine(sympy.expand(e.xreplace(at)) if at else e)}) >= 0" for e in exprs]
+
+
 def _linear_text(expr) -> str:
     """C for an affine expression with integer coefficients: its terms by index name, the
     constant last, or first where the terms start negative (``1 - i``).  Printed directly:

@@ -24,8 +24,8 @@ from ..symbolic.affine import ceil_div
 from ..symbolic.ir import IndexSum, index_range
 from ..symbolic.lowering import LoopNest, nest_box
 from . import schedule
-from .c import (C_TYPES, MOVE_COST, BodyPrinter, Writer, bound_text, c_affine, condition_text,
-                emit_copy, emit_scalar_piece, flat_offset, omp_parallel,
+from .c import (C_TYPES, MOVE_COST, BodyPrinter, Writer, bound_text, c_affine, c_nonnegative,
+                condition_text, emit_copy, emit_scalar_piece, flat_offset, omp_parallel,
                 omp_schedule, output_offset, threaded, work)
 from .isa import Simd
 from .schedule import copy_name, extent, in_range_exprs
@@ -285,7 +285,7 @@ def _emit_block(e: _Emission, rows: int, guarded: bool) -> None:
         opened = 0
         guards = [g for g in n.nest.guards if not depends(g.expr, block)]
         tests = [condition_text(g) for g in guards] + \
-            [f"({c_affine(x)}) >= 0" for x in n.hoisted.get(0, ())]
+            c_nonnegative(n.hoisted.get(0, ()))
         if tests:
             out.open(f"if ({' && '.join(f'({t})' for t in tests)})")
             opened += 1
@@ -303,7 +303,7 @@ def _emit_block(e: _Emission, rows: int, guarded: bool) -> None:
             out.open(f"for (int64_t {var} = {start}; {var} <= {stop}; ++{var})")
             opened += 1
             if n.hoisted.get(depth):
-                out.open(f"if ({' && '.join(f'({c_affine(x)}) >= 0' for x in n.hoisted[depth])})")
+                out.open(f"if ({' && '.join(c_nonnegative(n.hoisted[depth]))})")
                 opened += 1
         _emit_products(e, n, accs, rows, guarded, c_affine(n.panel_offset(span)))
         for _ in range(opened):
@@ -346,8 +346,7 @@ def _emit_products(e: _Emission, n: _Nest, accs, rows: int, guarded: bool, at: s
                 factors.append(number_text(n.constant, ctype))
             value = "*".join(factors) if factors else f"(({ctype})1)"
             if tested:
-                conds = [f"({c_affine(sympy.expand(x.xreplace(here)))}) >= 0"
-                         for x in n.row_exprs]
+                conds = c_nonnegative(n.row_exprs, here)
                 value = f"(({' && '.join(conds)}) ? {value} : 0)"
             out.line(f"const {simd.vec} sc_s{n.number}_{r} = {simd.set1(value)};")
         scalar = f"sc_s{n.number}_{r if per_row else 0}"
@@ -449,7 +448,7 @@ def _emit_chunked(e: _Emission) -> None:
         lo_, hi_ = index_range(idx)
         out.open(f"for (int64_t {idx.label} = {lo_}; {idx.label} <= {hi_}; ++{idx.label})")
     tests = [condition_text(g) for g in n.nest.guards] + \
-        [f"({c_affine(x)}) >= 0" for x in n.hoisted.get(0, ())]
+        c_nonnegative(n.hoisted.get(0, ()))
     if tests:
         out.open(f"if ({' && '.join(f'({t})' for t in tests)})")
     other_at = sympy.Integer(0)
@@ -564,7 +563,7 @@ def _emit_chunk_block(e: _Emission, rows: int, tile_at: str, panel_at: str) -> N
             var = loop.index.label
             tests.append(f"{var} >= {bound_text(loop.lower, True)} && "
                          f"{var} <= {bound_text(loop.upper, False)}")
-        tests += [f"({c_affine(x)}) >= 0" for x in n.hoisted.get(depth, ())]
+        tests += c_nonnegative(n.hoisted.get(depth, ()))
     if tests:
         out.open(f"if ({' && '.join(f'({t})' for t in tests)})")
     var = inner.index.label
@@ -573,7 +572,7 @@ def _emit_chunk_block(e: _Emission, rows: int, tile_at: str, panel_at: str) -> N
              f"{var} <= sc_min(sc_s1, {bound_text(inner.upper, False)}); ++{var})")
     innermost = n.hoisted.get(len(n.nest.loops), ())
     if innermost:
-        out.open(f"if ({' && '.join(f'({c_affine(x)}) >= 0' for x in innermost)})")
+        out.open(f"if ({' && '.join(c_nonnegative(innermost))})")
     _emit_products(e, n, accs, rows, False, panel_at)
     if innermost:
         out.close()

@@ -15,7 +15,7 @@ from ..symbolic.ir import IndexSum, accesses, index_range
 from ..symbolic.lowering import Bound, LoopNest, nest_box, value_range
 from . import schedule
 from .schedule import in_range_exprs
-from .c import (C_TYPES, Writer, bound_text, c_affine, condition_text, emit_copy,
+from .c import (C_TYPES, Writer, bound_text, c_affine, c_nonnegative, condition_text, emit_copy,
                 fold, omp_parallel, omp_schedule, output_offset, parallel, threaded, work)
 from .isa import Simd
 
@@ -46,7 +46,7 @@ def _padded_mask(simd: "Simd", exprs, lane, lane_value, replace, base: str) -> s
         if depends(expr, lane):
             vector.append(_lane_condition(simd, local, lane, lane_value))
         else:
-            scalar.append(f"({c_affine(local)}) >= 0")
+            scalar += c_nonnegative([local])
     masks = [base] + vector
     if scalar:
         masks.append(simd.from_bool(" && ".join(scalar)))
@@ -519,13 +519,11 @@ def _accumulate_output_lanes(b: _Block, reads: _Reads, loads, domain, box) -> No
     for number, (access, offset, padded) in enumerate(reads.items):
         name = str(access.base.label)
         stride = int(linear_parts(offset)[0].get(lane, 0))
-        # index conditions of a zero-padded read that do not depend on the lane: one test
-        scalar_checks = [e for e in in_range_exprs(access, box) if not depends(e, lane)
-                         and (b.guarded or not depends(e, block))] if padded else []
+        scalar_checks = _scalar_checks(b, access, padded, box)
         if name in b.chosen.bounded:      # the rows' tap bounds: a row outside adds nothing
             for r in range(rows):     # (its load still reads zero: nothing outside is read)
-                skips[r] += [f"({c_affine(sympy.expand(e.xreplace({block: row_vars[r]})))}) "
-                             ">= 0" for e in scalar_checks if depends(e, block)]
+                skips[r] += c_nonnegative([e for e in scalar_checks if depends(e, block)],
+                                   {block: row_vars[r]})
         if stride == 0:
             targets = range(rows) if block is not None and depends(offset, block) else [None]
             for r in targets:
@@ -533,8 +531,7 @@ def _accumulate_output_lanes(b: _Block, reads: _Reads, loads, domain, box) -> No
                 replace = {block: row_vars[r]} if r is not None else {}
                 load = f"{name}[{c_affine(at)}]"
                 if scalar_checks:
-                    test = " && ".join(f"({c_affine(sympy.expand(e.xreplace(replace)))}) >= 0"
-                                       for e in scalar_checks)
+                    test = " && ".join(c_nonnegative(scalar_checks, replace))
                     load = f"(({test}) ? {load} : 0)"
                 if constant != 1:
                     load = f"{number_text(constant, ctype)}*{load}"
@@ -548,8 +545,7 @@ def _accumulate_output_lanes(b: _Block, reads: _Reads, loads, domain, box) -> No
             rowed = block is not None and depends(offset, block)
             for r in range(rows) if rowed else [None]:
                 here = {block: row_vars[r]} if r is not None else {}
-                test = " && ".join(f"({c_affine(sympy.expand(e.xreplace(here)))}) >= 0"
-                                   for e in scalar_checks)
+                test = " && ".join(c_nonnegative(scalar_checks, here))
                 for q in range(vectors):
                     at = c_affine(offset.xreplace({**here, lane: lane_at[q]}))
                     mask = loads[number][q] if loads is not None else None
@@ -588,8 +584,7 @@ def _accumulate_window(b: _Block, reads: _Reads, loads, domain, box) -> None:
     weights: list[list[str]] = [[] for _ in range(taps)]
     moving = None
     for number, (access, offset, padded) in enumerate(reads.items):
-        checks = [e for e in in_range_exprs(access, box) if not depends(e, lane)
-                  and (b.guarded or not depends(e, block))] if padded else []
+        checks = _scalar_checks(b, access, padded, box)
         if depends(offset, lane):
             moving = (number, access, offset, checks)
             continue
@@ -597,9 +592,7 @@ def _accumulate_window(b: _Block, reads: _Reads, loads, domain, box) -> None:
             here = {window: first + t} if t is not None else {}
             load = f"{access.base.label}[{c_affine(sympy.expand(offset.xreplace(here)))}]"
             if checks:
-                test = " && ".join(f"({c_affine(sympy.expand(e.xreplace(here)))}) >= 0"
-                                   for e in checks)
-                load = f"(({test}) ? {load} : 0)"
+                load = f"(({' && '.join(c_nonnegative(checks, here))}) ? {load} : 0)"
             vector = f"sc_v{number}_{t if t is not None else 'x'}"
             out.line(f"const {simd.vec} {vector} = {simd.set1(load)};")
             for k in range(taps) if t is None else [t]:
@@ -618,7 +611,7 @@ def _accumulate_window(b: _Block, reads: _Reads, loads, domain, box) -> None:
     reverse = steps[window] != steps[block]
     for w in reversed(range(rows + taps - 1)) if reverse else range(rows + taps - 1):
         here = {window: first + taps - 1 if reverse else first, block: block + w}
-        tests = [f"({c_affine(sympy.expand(e.xreplace(here)))}) >= 0" for e in checks]
+        tests = c_nonnegative(checks, here)
         skip = bounded and tests
         if skip:        # the definition has no product here: the row adds nothing
             out.open(f"if ({' && '.join(tests)})")
@@ -639,6 +632,15 @@ def _accumulate_window(b: _Block, reads: _Reads, loads, domain, box) -> None:
                     out.line(f"{acc} = {total};")
         if skip:
             out.close()
+
+
+def _scalar_checks(b: _Block, access, padded: bool, box) -> list:
+    """The index conditions of a zero-padded read that do not depend on the lane (one test
+    each, not a mask), those on the rows only where the block is guarded."""
+    if not padded:
+        return []
+    return [e for e in in_range_exprs(access, box) if not depends(e, b.chosen.lane)
+            and (b.guarded or not depends(e, b.chosen.block))]
 
 
 def number_text(value, ctype: str) -> str:
