@@ -358,7 +358,7 @@ def emit_copy(out: Writer, copy: schedule.Copy, shape: list[int],
         value = f"({' && '.join(inside.values())}) ? {value} : 0"
     element = f"{name}[{flat_offset(place, copy.axis)}] = {value};"
     if tiled and transpose is not None and copy.axis != last and halo[copy.axis] == (0, 0):
-        _emit_transposed_rows(out, copy, shape, padded, halo, place, source, element,
+        _emit_transposed_rows(out, copy, shape, place, source, element,
                               [inside[a] for a in order if a in inside], transpose)
     elif tiled:
         out.open(f"for (int64_t sc_t = 0; sc_t < {padded[last]}; sc_t += {COPY_TILE})")
@@ -375,8 +375,8 @@ def emit_copy(out: Writer, copy: schedule.Copy, shape: list[int],
         out.close()
 
 
-def _emit_transposed_rows(out: Writer, copy: schedule.Copy, shape, padded, halo, place,
-                          source, element: str, row_inside: list[str],
+def _emit_transposed_rows(out: Writer, copy: schedule.Copy, shape, place, source,
+                          element: str, row_inside: list[str],
                           transpose: tuple[str, int]) -> None:
     """One row of a copy with its channels (axis ``copy.axis``) moved innermost: where the
     row lies inside the array, its positions inside in blocks of ``width`` positions x
@@ -384,8 +384,8 @@ def _emit_transposed_rows(out: Writer, copy: schedule.Copy, shape, padded, halo,
     block, and the lead, element by element); the halo's positions, and rows outside, one
     position at a time, all channels innermost."""
     function, width = transpose
-    axis, last = copy.axis, len(shape) - 1
-    low, size = halo[last][0], shape[last]
+    axis, last, padded = copy.axis, len(shape) - 1, copy.shape(shape)
+    low, size = copy.halo[last][0] if copy.halo else 0, shape[last]
     whole = shape[axis] // width * width
     channel, position = sympy.Symbol(f"sc_x{axis}"), sympy.Symbol(f"sc_x{last}")
     at = {channel: sympy.Symbol("sc_c"), position: sympy.Symbol("sc_w")}

@@ -394,7 +394,7 @@ def _emit_chunked(e: _Emission) -> None:
     front."""
     out, piece, chosen, (n,) = e.out, e.piece, e.chosen, e.nests
     lane, block, chunking, rows = chosen.lane, chosen.block, chosen.chunking, chosen.rows
-    ctype, span, lane_blocks, parts = e.ctype, e.span, e.lane_blocks, chosen.chunking.parts
+    ctype, span, lane_blocks, parts = e.ctype, e.span, e.lane_blocks, chunking.parts
     outer, inner = n.nest.loops[:-1], n.nest.loops[-1]
     total_rows = math.prod(extent(loop.index) for loop in outer)
     segments = ceil_div(extent(inner.index), chunking.segment)
@@ -432,8 +432,9 @@ def _emit_chunked(e: _Emission) -> None:
                  f"sc_part) * {tile_size};")
         out.line(f"{ctype} *const sc_p{n.number} = sc_work + {worker} * {per_thread};")
         first, last = (f"sc_part * {chunks} / {parts}", f"(sc_part + 1) * {chunks} / {parts}")
-    out.line(f"const int64_t sc_b0 = sc_g * {chunking.group}, "
-             f"sc_b1 = sc_min(sc_b0 + {chunking.group}, {extent(block)});")
+    group_rows = (f"const int64_t sc_b0 = sc_g * {chunking.group}, "
+                  f"sc_b1 = sc_min(sc_b0 + {chunking.group}, {extent(block)});")
+    out.line(group_rows)
     out.line(f"for (int64_t sc_e = 0; sc_e < {tile_size}; ++sc_e) sc_tile[sc_e] = 0;")
     out.open(f"for (int64_t sc_chunk = {first}; sc_chunk < {last}; ++sc_chunk)")
     out.line(f"const int64_t sc_r0 = (sc_chunk / {segments}) * {chunking.rows}, "
@@ -487,8 +488,7 @@ def _emit_chunked(e: _Emission) -> None:
         out.open(f"for (int64_t sc_g = 0; sc_g < {groups}; ++sc_g)")
         out.line(f"{ctype} *const sc_tile = sc_tiles + (sc_lb * {groups} + sc_g) * "
                  f"{parts * tile_size};")
-        out.line(f"const int64_t sc_b0 = sc_g * {chunking.group}, "
-                 f"sc_b1 = sc_min(sc_b0 + {chunking.group}, {extent(block)});")
+        out.line(group_rows)
         out.line(f"for (int64_t sc_part = 1; sc_part < {parts}; ++sc_part)")
         out.line(f"    for (int64_t sc_e = 0; sc_e < {tile_size}; ++sc_e) "
                  f"sc_tile[sc_e] += sc_tile[sc_part * {tile_size} + sc_e];")

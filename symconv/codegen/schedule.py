@@ -609,7 +609,7 @@ def _output_lanes_along(piece: Piece, reads, lane, width: int, budget: int,
         block = loaded[-1]
         rows = balanced(index_range(block)[1] + 1, budget // min(vectors_max, LOADED_VECTORS))
         return OutputLanes(lane, block, rows, max(1, min(vectors_max, budget // rows)), nests,
-                           window=_window(nests, piece.indices, lane, block))
+                           window=_window(nests, lane, block))
     if not unbounded and all(index_range(u)[1] == 0 for u in candidates):
         # no rows share a load (a depthwise input gradient's channel is one value): rows
         # that bound the taps, read as zero padding, load their own instead
@@ -631,7 +631,7 @@ def _output_lanes_along(piece: Piece, reads, lane, width: int, budget: int,
     return OutputLanes(lane, block, rows, max(1, min(vectors_max, budget // rows)), nests)
 
 
-def _window(nests: Sequence[LoopNest], free, lane, block) -> sympy.Idx | None:
+def _window(nests: Sequence[LoopNest], lane, block) -> sympy.Idx | None:
     """The innermost loop of the one nest with loops, if its bounds are constants and it
     moves the one read that uses the lane only along with the rows (the same coefficient in
     the same axis, or its negative: a depthwise forward's input row i0 + k0 - 1, its input
@@ -753,6 +753,8 @@ MAX_HALO_GROWTH = 2  # a copy's zeros may at most double its array
 # elements per FMA: 22.6 -> 18.4 ms).  Measured beyond it, the plans ran faster without:
 # 3d-64-s2's forward (0.31) 3.75 -> 2.53 ms, 2d-32-s2's forward (0.12) 0.88 -> 0.71 ms and
 # its input gradient, whose stride phases each copy the array (0.125-0.5), 0.94 -> 0.77 ms.
+# Measured again once copies moved their channels by register transposes (3d-64-s2's 8
+# channels fill none): 2d-32-s2's forward still ran faster without, 0.74 vs 0.79 ms.
 MAX_COPY_SHARE = 0.08
 
 
