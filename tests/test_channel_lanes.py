@@ -115,14 +115,25 @@ def test_an_input_gradient_reads_a_halo_instead_of_bounding_its_taps():
                    for loop in nest.loops for b in (*loop.lower, *loop.upper))
 
 
-def _check_weight_gradient(spec, compile_spec, rng):
-    """Every variant's weight and bias gradients of ``spec`` against the oracle."""
+def _check_weight_gradient(spec, kernel, rng, threads=()):
+    """Every variant's weight and bias gradients of ``spec`` against the oracle; on each of
+    ``threads`` the weight gradient bit-identical to one thread's."""
     x, w, b, gy = random_arrays(spec, rng)
     expected = conv_backward(x, w, gy, *oracle_args(spec))
-    for kernel in runnable_variants(compile_spec(spec)):
+    for kernel in runnable_variants(kernel):
         _, gw, gb = kernel.backward(x, w, gy)
         assert_close(gw, expected[1], spec.dtype, f"{kernel.variant.target} grad_weight")
         assert_close(gb, expected[2], spec.dtype, f"{kernel.variant.target} grad_bias")
+        if threads:
+            one = kernel.backward(x, None, gy, wrt=("weight",), threads=1)[1]
+            for count in threads:
+                np.testing.assert_array_equal(
+                    kernel.backward(x, None, gy, wrt=("weight",), threads=count)[1], one)
+
+
+def _function_text(kernel, name: str) -> str:
+    """The C of one function of the variant a kernel runs."""
+    return kernel.source.split(f"void {kernel.variant.prefix}{name}(")[1].split("\nvoid ")[0]
 
 
 def test_a_stem_weight_gradient_runs_its_rows_along_a_kernel_axis(compile_spec, rng):
@@ -134,7 +145,7 @@ def test_a_stem_weight_gradient_runs_its_rows_along_a_kernel_axis(compile_spec, 
     assert str(chosen.block) == "i_k1" and chosen.rows == 4       # 7 taps: blocks of 4 + 3
     (copy,) = chosen.copies
     assert copy.array == "a_input" and copy.axis is None and copy.halo[2:] == ((3, 2), (3, 3))
-    _check_weight_gradient(spec, compile_spec, rng)
+    _check_weight_gradient(spec, compile_spec(spec), rng)
 
 
 def test_which_lane_a_1x1_weight_gradient_takes(compile_spec, rng):
@@ -189,7 +200,7 @@ def test_the_cost_model_picks_a_weight_gradients_plan(spec, kind, compile_spec, 
     assert min(estimates, key=estimates.get) is kind
     ((_, avx2),) = _compiled(spec).plans["grad_weight"]
     assert isinstance(avx2, schedule.ChannelLanes) and avx2.chunking is not None
-    _check_weight_gradient(spec, compile_spec, rng)
+    _check_weight_gradient(spec, compile_spec(spec), rng)
 
 
 def test_a_short_summation_stores_along_the_rows(compile_spec, rng):
@@ -300,38 +311,24 @@ def test_a_weight_gradient_with_few_tasks_splits_its_summation(cache_dir, rng):
     ((_, chosen),) = _compiled(spec).plans["grad_weight"]
     assert chosen.chunking.parts == 8 and "in 8 parts" in schedule.describe(_, chosen)
     assert chosen.chunking.group == 8             # one group: all the rows
-    x, w, b, gy = random_arrays(spec, rng)
-    expected = conv_backward(x, w, gy, *oracle_args(spec))[1]
     kernel = compiler.compile_conv(spec, cache_dir=cache_dir, target="x86-64-v3")
-    text = kernel.source.split(f"void {kernel.variant.prefix}grad_weight(")[1].split("\nvoid ")[0]
-    assert "sc_part" in text
-    for kernel in runnable_variants(kernel):
-        one = kernel.backward(x, None, gy, wrt=("weight",), threads=1)[1]
-        assert_close(one, expected, spec.dtype, "grad_weight")
-        for threads in (2, 3):
-            np.testing.assert_array_equal(
-                kernel.backward(x, None, gy, wrt=("weight",), threads=threads)[1], one)
+    assert "sc_part" in _function_text(kernel, "grad_weight")
+    _check_weight_gradient(spec, kernel, rng, threads=(2, 3))
 
 
 def test_crowded_lanes_pack_a_line_at_a_time(cache_dir, rng):
     """grad_output's channel planes 12 KiB apart put all 32 lanes of a weight gradient's
     panel in one L1 set: the chunk is packed 16 steps of one lane at a time (a line), not
     one step of every lane; 24-wide rows end in a part tile.  Against the oracle, and
-    bit-identical on 1 and 3 threads."""
+    bit-identical on 1, 2 and 3 threads."""
     spec = ConvSpec((1, 16, 8, 16, 24), (32, 16, 3, 3, 3), padding=1)
     ((_, chosen),) = compiler.compilation(spec, "x86-64-v4").plans["grad_weight"]
     assert isinstance(chosen, schedule.ChannelLanes) and chosen.chunking.pack_tile == 16
     ((_, wide),) = compiler.compilation(ConvSpec((1, 16, 8, 9, 36), (32, 16, 3, 3, 3),
                                                  padding=1), "x86-64-v4").plans["grad_weight"]
     assert wide.chunking.pack_tile == 0          # planes 10.1 KiB apart: lanes innermost
-    kernel = compiler.compile_conv(spec, cache_dir=cache_dir)
-    x, w, b, gy = random_arrays(spec, rng)
-    expected = conv_backward(x, w, gy, *oracle_args(spec))[1]
-    for kernel in runnable_variants(kernel):
-        one = kernel.backward(x, None, gy, wrt=("weight",), threads=1)[1]
-        assert_close(one, expected, spec.dtype, kernel.variant.target)
-        np.testing.assert_array_equal(
-            kernel.backward(x, None, gy, wrt=("weight",), threads=3)[1], one)
+    _check_weight_gradient(spec, compiler.compile_conv(spec, cache_dir=cache_dir), rng,
+                           threads=(2, 3))
 
 
 def test_results_do_not_depend_on_the_thread_count(cache_dir, rng):
@@ -339,7 +336,7 @@ def test_results_do_not_depend_on_the_thread_count(cache_dir, rng):
     spec = ConvSpec((2, 32, 40, 41), (32, 32, 3, 3), padding=1)
     kernel = compiler.compile_conv(spec, cache_dir=cache_dir)
     for name in ("forward", "grad_input", "grad_weight"):
-        text = kernel.source.split(f"void {kernel.variant.prefix}{name}(")[1].split("\nvoid ")[0]
+        text = _function_text(kernel, name)
         assert "implicit GEMM" in text and "#pragma omp parallel" in text, name
     x, w, b, gy = random_arrays(spec, rng)
     reference = [kernel.forward(x, w, b, threads=1), *kernel.backward(x, w, gy, threads=1)]
@@ -454,7 +451,7 @@ def test_stride_phases_run_inside_shared_loops(compile_spec, rng):
         assert len(plans) == 4 and all(isinstance(c, schedule.OutputLanes) for _, c in plans)
         assert [str(i) for i in shared_loops(plans)][:2] == ["i_n", "i_g"]
     kernel = compile_spec(spec)
-    text = kernel.source.split(f"void {kernel.variant.prefix}grad_input(")[1].split("\nvoid ")[0]
+    text = _function_text(kernel, "grad_input")
     assert text.count("#pragma omp parallel") == 1 and text.count("/* phase ") == 4
     x, w, b, gy = random_arrays(spec, rng)
     expected = conv_backward(x, w, gy, *oracle_args(spec))[0]
