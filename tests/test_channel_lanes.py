@@ -391,13 +391,17 @@ def test_what_channel_lanes_leave_to_other_plans():
     assert not isinstance(stem.plans["grad_input"][0][1], schedule.ChannelLanes)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_depthwise_rows_load_their_own_vectors(dtype, compile_spec, rng):
+@pytest.mark.parametrize("dtype, stride, shape", [("float32", 1, (13, 16)),
+                                                  ("float64", 1, (13, 16)),
+                                                  ("float32", 2, (29, 37))])
+def test_depthwise_rows_load_their_own_vectors(dtype, stride, shape, compile_spec, rng):
     """A depthwise layer has no index that only broadcast reads use: its output-lane blocks
     take rows of output lines, each loading its own vectors and sharing the weights; the
     forward's rows share their loads down the taps of the rows' axis (a window: each input
-    row loaded once per block), but in a block clamped at the end of 13 rows."""
-    spec = ConvSpec((2, 8, 13, 16), (8, 1, 3, 3), padding=1, groups=8, dtype=dtype)
+    row loaded once per block, at stride 2 the rows two lines apart), but in a block
+    clamped at the end of 13 rows."""
+    spec = ConvSpec((2, 8, *shape), (8, 1, 3, 3), stride=stride, padding=1, groups=8,
+                    dtype=dtype)
     ((_, chosen),) = _compiled(spec).plans["forward"]
     assert isinstance(chosen, schedule.OutputLanes) and str(chosen.block) == "i_i0"
     assert chosen.rows > 1 and str(chosen.window) == "i_k0"

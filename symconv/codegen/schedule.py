@@ -598,7 +598,8 @@ def _output_lanes_along(piece: Piece, reads, lane, width: int, budget: int,
         if uses and all(lane not in c for c in uses):
             candidates.append(u)
         elif uses and u not in lane_padding and index_range(u)[1] + 1 >= MIN_LOADED_ROWS and \
-                all(c.get(lane, 1) == 1 and c.get(u, 0) <= 2 * extent for c in uses):
+                all(c.get(lane, 1) in (1, 2) and c.get(u, 0) <= 2 * extent * c.get(lane, 1)
+                    for c in uses):
             loaded.append(u)      # rows that load their own vectors from neighbouring lines
     # rows that only broadcast share each vector load; without them, rows that load their
     # own vectors still give the block enough accumulators to hide the FMA latency
@@ -633,10 +634,11 @@ def _output_lanes_along(piece: Piece, reads, lane, width: int, budget: int,
 
 def _window(nests: Sequence[LoopNest], lane, block) -> sympy.Idx | None:
     """The innermost loop of the one nest with loops, if its bounds are constants and it
-    moves the one read that uses the lane only along with the rows (the same coefficient in
-    the same axis, or its negative: a depthwise forward's input row i0 + k0 - 1, its input
-    gradient's j0 - k0 + 1), no lane condition and no guard; every other read uses neither
-    the lane nor the rows (the weight)."""
+    moves the one read that uses the lane only along with the rows (in the same axes, the
+    rows' step a whole multiple of the loop's, one multiple for all: a depthwise forward's
+    input row i0 + k0 - 1, its input gradient's j0 - k0 + 1, a stride-2 forward's
+    2*i0 + k0 - 1), no lane condition and no guard; every other read uses neither the lane
+    nor the rows (the weight)."""
     looped = [n for n in nests if n.loops]
     if len(looped) != 1:
         return None
@@ -654,10 +656,16 @@ def _window(nests: Sequence[LoopNest], lane, block) -> sympy.Idx | None:
             continue
         if lane not in symbols or block not in symbols:
             return None
+        ratios = set()
         for position in read.indices:
             steps = linear_parts(sympy.expand(position))[0]
-            if abs(steps.get(block, 0)) != abs(steps.get(v, 0)) or (lane in steps and v in steps):
+            rows, taps = steps.get(block, 0), steps.get(v, 0)
+            if lane in steps and v in steps or bool(rows) != bool(taps) or rows % (taps or 1):
                 return None
+            if taps:
+                ratios.add(rows // taps)
+        if len(ratios) != 1:
+            return None
         moving.append(read)
     return v if len(moving) == 1 else None
 

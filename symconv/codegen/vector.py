@@ -572,9 +572,8 @@ def _accumulate_output_lanes(b: _Block, reads: _Reads, loads, domain, box) -> No
 
 def _accumulate_window(b: _Block, reads: _Reads, loads, domain, box) -> None:
     """The products of the window loop (schedule.OutputLanes.window), unrolled: each row the
-    block reads is loaded once, row ``block + w`` of the moving read, and added into the rows
-    it meets at each tap (``r = w - t`` where the taps run down the rows, ``t`` ascending
-    for each row, the loop's order); the other reads are broadcast once per tap.  A row
+    block reads is loaded once and added into the rows it meets at each tap, ``t``
+    ascending for each row, the loop's order; the other reads are broadcast once per tap.  A row
     outside a padded read loads zeros, or, in a ``bounded`` array, adds nothing."""
     out, simd, accs, lane_at = b.out, b.simd, b.accs, b.lane_at
     lane, block, window, rows = b.chosen.lane, b.chosen.block, b.window, b.shape.rows
@@ -606,11 +605,15 @@ def _accumulate_window(b: _Block, reads: _Reads, loads, domain, box) -> None:
     steps = linear_parts(offset)[0]
     stride = int(steps.get(lane, 0))
     bounded = str(access.base.label) in b.chosen.bounded
-    # row block + w of the moving read; the taps run down it (i0 + k0) or up it (j0 - k0):
-    # then row r meets tap t at w = r + taps - 1 - t, and the rows go from the last
-    reverse = steps[window] != steps[block]
-    for w in reversed(range(rows + taps - 1)) if reverse else range(rows + taps - 1):
-        here = {window: first + taps - 1 if reverse else first, block: block + w}
+    # line w of the moving read, counted in taps from row 0's first tap; a row is `apart`
+    # taps from the next (2 in a stride-2 forward, 2*i0 + k0). The taps run down the lines
+    # (i0 + k0: row r meets tap t at w = apart*r + t) or up them (j0 - k0: at
+    # w = apart*r + taps - 1 - t, and the lines go from the last)
+    apart = int(steps[block] // steps[window])
+    reverse, apart = apart < 0, abs(apart)
+    lines = apart * (rows - 1) + taps
+    for w in reversed(range(lines)) if reverse else range(lines):
+        here = {window: first + taps - 1 - w if reverse else first + w, block: block}
         tests = c_nonnegative(checks, here)
         skip = bounded and tests
         if skip:        # the definition has no product here: the row adds nothing
@@ -624,8 +627,8 @@ def _accumulate_window(b: _Block, reads: _Reads, loads, domain, box) -> None:
             vector = f"sc_w{number}_{q}_{w}"
             out.line(f"const {simd.vec} {vector} = {load};")
             for t in range(taps):
-                r = w - (taps - 1) + t if reverse else w - t
-                if 0 <= r < rows:
+                r, off = divmod(w - (taps - 1 - t if reverse else t), apart)
+                if not off and 0 <= r < rows:
                     acc = accs[r][q]
                     total = simd.accumulate(acc, weights[t] + [vector],
                                             domain[q] if domain else None)
