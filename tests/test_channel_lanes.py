@@ -224,6 +224,28 @@ def test_a_short_summation_stores_along_the_rows(compile_spec, rng):
             assert_close(got, expected, spec.dtype, kernel.variant.target)
 
 
+@pytest.mark.parametrize("width", [5, 21])
+def test_channels_first_blocks_store_through_transposes(width, compile_spec, rng):
+    """A channels-first forward's block holds neighbouring positions of 40 channels: it
+    goes to the output through register transposes, a masked vector store per channel
+    (rows of 5: fewer than a vector; of 21: AVX2's 8-lane transposes three times per
+    block, with a partial lane block), the bias added per channel; channels-last outputs
+    keep the element stores.  Against the oracle on every variant."""
+    spec = ConvSpec((2, 16, 7, width), (40, 16, 3, 3), padding=1)
+    transposes = {"x86-64-v4": "sc_transpose16_ps", "x86-64-v3": "sc_transpose8_ps"}
+    for target in transposes:
+        ((_, chosen),) = compiler.compilation(spec, target).plans["forward"]
+        assert isinstance(chosen, schedule.ChannelLanes) and chosen.transposed
+        last = compiler.compilation(replace(spec, layout="channels_last"), target)
+        assert not last.plans["forward"][0][1].transposed
+    kernel = compile_spec(spec)
+    assert f"{transposes[kernel.variant.target]}(sc_tile" in _function_text(kernel, "forward")
+    x, w, b, _ = random_arrays(spec, rng)
+    expected = conv_forward(x, w, b, *oracle_args(spec))
+    for kernel in runnable_variants(kernel):
+        assert_close(kernel.forward(x, w, b), expected, spec.dtype, kernel.variant.target)
+
+
 def test_the_estimate_charges_packing_strides_and_empty_lanes():
     """schedule.cycles on one weight-gradient piece: more tasks packing the same chunks,
     stride-2 reads, and lanes left empty each cost more."""

@@ -308,11 +308,15 @@ def _emit_block(e: _Emission, rows: int, guarded: bool) -> None:
         _emit_products(e, n, accs, rows, guarded, c_affine(n.panel_offset(span)))
         for _ in range(opened):
             out.close()
-    out.line(f"{e.ctype} sc_tile[{rows * span}] __attribute__((aligned(64)));")
-    for r in range(rows):
-        for v in range(vectors):
-            out.line(simd.store(f"sc_tile + {r * span + v * simd.width}", accs[r][v], None))
-    _emit_tile_store(e, rows, "sc_tile", [n for n in e.nests if n.per_lane])
+    added = [n for n in e.nests if n.per_lane]
+    if e.chosen.transposed and simd.transpose is not None:     # (doubles: element stores)
+        _emit_transposed_store(e, accs, added)
+    else:
+        out.line(f"{e.ctype} sc_tile[{rows * span}] __attribute__((aligned(64)));")
+        for r in range(rows):
+            for v in range(vectors):
+                out.line(simd.store(f"sc_tile + {r * span + v * simd.width}", accs[r][v], None))
+        _emit_tile_store(e, rows, "sc_tile", added)
     out.close()
 
 
@@ -381,6 +385,42 @@ def _emit_tile_store(e: _Emission, rows: int, tile: str, added: Sequence[_Nest] 
     for r in range(rows):
         at = c_affine(sympy.expand(offset.xreplace({block: block + r})))
         out.line(f"{fn.output.name}[{at}] = ({tile})[{r * span} + sc_l]{terms};")
+    out.close()
+
+
+def _emit_transposed_store(e: _Emission, accs, added: Sequence[_Nest]) -> None:
+    """The block to the output by lanes (ChannelLanes.transposed): its rows, padded with
+    zeros to whole vectors, go through the prelude's width x width transposes into a tile
+    of one line of positions per lane; each lane then stores its positions (masked past the
+    block's rows), plus the ``added`` terms' values for its lane."""
+    out, simd, fn, span, rows = e.out, e.simd, e.fn, e.span, len(accs)
+    lane, block, vectors = e.chosen.lane, e.chosen.block, e.chosen.vectors
+    transpose, width = simd.transpose
+    groups = ceil_div(rows, width)
+    padded = groups * width           # positions per lane in the transposed tile
+    out.line(f"{e.ctype} sc_tile[{padded * span}] __attribute__((aligned(64)));")
+    out.line(f"{e.ctype} sc_lines[{padded * span}] __attribute__((aligned(64)));")
+    for r in range(padded):
+        for v in range(vectors):
+            value = accs[r][v] if r < rows else simd.zero()
+            out.line(simd.store(f"sc_tile + {r * span + v * width}", value, None))
+    for g in range(groups):
+        for v in range(vectors):
+            out.line(f"{transpose}(sc_tile + {g * width * span + v * width}, {span}, "
+                     f"sc_lines + {v * width * padded + g * width}, {padded});")
+    out.line(f"const int64_t sc_lanes = sc_min({span}, {extent(lane)} - sc_lb * {span});")
+    out.open("for (int64_t sc_l = 0; sc_l < sc_lanes; ++sc_l)")
+    out.line(f"const int64_t {lane.label} = sc_lb * {span} + sc_l;")
+    terms = " + ".join(f"sc_p{n.number}[sc_l]" for n in added)
+    if terms:
+        out.line(f"const {simd.vec} sc_add = {simd.set1(terms)};")
+    offset = output_offset(fn, e.piece)
+    for g in range(groups):
+        value = simd.load(f"sc_lines + sc_l * {padded} + {g * width}", 1, None)
+        if terms:
+            value = simd.add(value, "sc_add")
+        at = c_affine(sympy.expand(offset.xreplace({block: block + g * width})))
+        out.line(simd.store_first(f"{fn.output.name} + {at}", value, rows - g * width))
     out.close()
 
 

@@ -137,6 +137,14 @@ class Simd:
             return f"{p}_mask_storeu_{sfx}({pointer}, {mask}, {value});"
         return f"{p}_maskstore_{sfx}({pointer}, {mask}, {value});"
 
+    def store_first(self, pointer: str, value: str, count: int) -> str:
+        """The first ``count`` lanes of value to pointer[0 .. count - 1], nothing after."""
+        if count >= self.width:
+            return self.store(pointer, value, None)
+        if self.wide:
+            return self.store(pointer, value, f"(({self.mask}){(1 << count) - 1:#x})")
+        return f"sc_store_first_{self.sfx}({pointer}, {value}, {count});"
+
     def scatter(self, pointer: str, stride: int, value: str, mask: str | None) -> str:
         """Lanes to pointer[0], pointer[stride], ... (masked lanes not written): stride 2 by
         permutes and masked stores, wider strides in one scatter; AVX-512 only (AVX2 has

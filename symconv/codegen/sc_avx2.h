@@ -1,5 +1,6 @@
 /* sc_avx2.h: AVX2 + FMA helpers pasted after sc_scalar.h into vector builds (isa.py
-   spells single intrinsics inline): horizontal sums, stride-2 loads, an 8 x 8 transpose. */
+   spells single intrinsics inline): horizontal sums, stride-2 loads, stores of a vector's
+   first elements, an 8 x 8 transpose. */
 #include <immintrin.h>
 
 static inline float sc_hsum_ps(__m256 v) {
@@ -44,6 +45,34 @@ static inline __m256d sc_load2m_pd(const double *p, __m256i mask) {
     const __m256d a = _mm256_maskload_pd(p, lo);
     const __m256d b = _mm256_maskload_pd(p + 4, hi);
     return _mm256_permute4x64_pd(_mm256_unpacklo_pd(a, b), 0xD8);
+}
+/* The first n elements of v (n a constant below the width) to p[0 .. n-1], nothing after
+   them, in 128-, 64- and 32-bit stores: AVX2's masked store is microcoded on AMD cores. */
+static inline void sc_store_first_ps(float *p, __m256 v, int n) {
+    __m128 part = _mm256_castps256_ps128(v);
+    if (n >= 4) {
+        _mm_storeu_ps(p, part);
+        part = _mm256_extractf128_ps(v, 1);
+        p += 4;
+        n -= 4;
+    }
+    if (n >= 2) {
+        _mm_storel_pi((__m64 *)p, part);
+        part = _mm_movehl_ps(part, part);
+        p += 2;
+        n -= 2;
+    }
+    if (n) _mm_store_ss(p, part);
+}
+static inline void sc_store_first_pd(double *p, __m256d v, int n) {
+    __m128d part = _mm256_castpd256_pd128(v);
+    if (n >= 2) {
+        _mm_storeu_pd(p, part);
+        part = _mm256_extractf128_pd(v, 1);
+        p += 2;
+        n -= 2;
+    }
+    if (n) _mm_store_sd(p, part);
 }
 /* An 8 x 8 block of floats transposed: row i is src[i*ss .. i*ss + 7], element j of it goes
    to dst[j*ds + i].  Interleaves by 32 and 64 bits within 128-bit lanes (u[4g + m], lane k:
