@@ -339,11 +339,11 @@ def test_a_weight_gradient_with_few_tasks_splits_its_summation(cache_dir, rng):
 
 
 def test_crowded_lanes_pack_a_line_at_a_time(cache_dir, rng):
-    """grad_output's channel planes 12 KiB apart put all 32 lanes of a weight gradient's
-    panel in one L1 set: the chunk is packed 16 steps of one lane at a time (a line), not
-    one step of every lane; 24-wide rows end in a part tile.  Against the oracle, and
-    bit-identical on 1, 2 and 3 threads."""
-    spec = ConvSpec((1, 16, 8, 16, 24), (32, 16, 3, 3, 3), padding=1)
+    """grad_output's channel planes 24 KiB apart put all 16 lanes of a float64 weight
+    gradient's panel in one L1 set: the chunk is packed 16 steps of one lane at a time (a
+    line), not one step of every lane (doubles have no transposes); 24-wide rows end in a
+    part tile.  Against the oracle, and bit-identical on 1, 2 and 3 threads."""
+    spec = ConvSpec((1, 16, 8, 16, 24), (32, 16, 3, 3, 3), padding=1, dtype="float64")
     ((_, chosen),) = compiler.compilation(spec, "x86-64-v4").plans["grad_weight"]
     assert isinstance(chosen, schedule.ChannelLanes) and chosen.chunking.pack_tile == 16
     ((_, wide),) = compiler.compilation(ConvSpec((1, 16, 8, 9, 36), (32, 16, 3, 3, 3),
@@ -351,6 +351,34 @@ def test_crowded_lanes_pack_a_line_at_a_time(cache_dir, rng):
     assert wide.chunking.pack_tile == 0          # planes 10.1 KiB apart: lanes innermost
     _check_weight_gradient(spec, compiler.compile_conv(spec, cache_dir=cache_dir), rng,
                            threads=(2, 3))
+
+
+def test_weight_gradient_chunks_pack_by_transposes(cache_dir, rng):
+    """A channels-first grad_output's steps are neighbours and its channels are not: each
+    whole vector of 40 channels is packed by register transposes, 16 (AVX2: 8) steps at a
+    time; the 8 channels of the last lane block and the steps past the last whole tile of
+    a 21-wide row element by element.  Against the oracle, bit-identical on 1, 2 and 3
+    threads; a non-finite grad_output takes the plain loop nest, which puts NaN and
+    infinity where the definition does."""
+    spec = ConvSpec((2, 16, 9, 21), (40, 16, 3, 3), padding=1)
+    for target in ("x86-64-v4", "x86-64-v3"):
+        ((_, chosen),) = compiler.compilation(spec, target).plans["grad_weight"]
+        assert isinstance(chosen, schedule.ChannelLanes) and chosen.chunking.transposed
+    kernel = compiler.compile_conv(spec, cache_dir=cache_dir)
+    assert "(&a_grad_output[" in _function_text(kernel, "grad_weight")
+    _check_weight_gradient(spec, kernel, rng, threads=(2, 3))
+    x, w, _, gy = random_arrays(spec, rng)
+    # on the edges, where some taps have no product: a packed zero-halo product would
+    # make NaN of them; a lane of the last block, and one of a whole vector in a tile
+    gy[1, 37, 0, 5] = np.inf
+    gy[0, 3, 8, 7] = np.nan
+    expected = conv_backward(x, w, gy, *oracle_args(spec))[1]
+    for variant in runnable_variants(kernel):
+        got = variant.backward(x, None, gy, wrt=("weight",))[1]
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
+        np.testing.assert_array_equal(np.isinf(got), np.isinf(expected))
+        finite = np.isfinite(expected)
+        assert_close(got[finite], expected[finite], spec.dtype, variant.variant.target)
 
 
 def test_results_do_not_depend_on_the_thread_count(cache_dir, rng):

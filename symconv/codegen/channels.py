@@ -542,11 +542,16 @@ def _emit_chunked(e: _Emission) -> None:
 
 def _emit_chunk_pack(e: _Emission, outer, inner, panel_at: str) -> None:
     """Pack the chunk's panel: for each row of the outer loops, the inner loop's steps with
-    the lanes innermost, or in tiles of Chunking.pack_tile steps, each lane's innermost."""
+    the lanes innermost, or in tiles of Chunking.pack_tile steps, each lane's innermost;
+    where Chunking.transposed, whole vectors of lanes first, by transposes."""
     out, (n,), span, tile = e.out, e.nests, e.span, e.chosen.chunking.pack_tile
     step = inner.index.label
     out.open("for (int64_t sc_r = sc_r0; sc_r < sc_r1; ++sc_r)")
     _decode_rows(out, outer)
+    if e.chosen.chunking.transposed and e.simd.transpose is not None:
+        _emit_transposed_pack(e, inner, panel_at)
+        out.close()
+        return
     if tile:
         out.open(f"for (int64_t sc_t = sc_s0; sc_t <= sc_s1; sc_t += {tile})")
     else:
@@ -559,6 +564,40 @@ def _emit_chunk_pack(e: _Emission, outer, inner, panel_at: str) -> None:
     _pack_element(e, n, f"sc_p{n.number}", f"{panel_at} + sc_l")
     for _ in range(3 + bool(tile)):
         out.close()
+
+
+def _emit_transposed_pack(e: _Emission, inner, panel_at: str) -> None:
+    """One row of the chunk's panel (Chunking.transposed): each whole vector of lanes a
+    vector's width of steps at a time by the prelude's transposes, then the steps left
+    over and the lanes past the last whole vector element by element; ``sc_bad`` is set
+    if a value is not finite (x * 0 is NaN only then: the row's products sum to NaN)."""
+    out, simd, (n,), span = e.out, e.simd, e.nests, e.span
+    lane, segment = e.chosen.lane, e.chosen.chunking.segment
+    transpose, width = simd.transpose
+    step = inner.index.label
+    lane_stride = schedule.flat_coefficients(n.packed)[lane]
+    out.line(f"const int64_t sc_whole = sc_min({span}, {extent(lane)} - sc_lb * {span}) / "
+             f"{width} * {width};")
+    out.line(f"const int64_t sc_tiled = sc_s0 + (sc_s1 - sc_s0 + 1) / {width} * {width};")
+    out.open(f"for (int64_t {step} = sc_s0; {step} < sc_tiled; {step} += {width})")
+    out.open(f"for (int64_t sc_l = 0; sc_l < sc_whole; sc_l += {width})")
+    out.line(f"const int64_t {lane.label} = sc_lb * {span} + sc_l;")
+    out.line(f"{transpose}(&{n.packed.base.label}[{flat_offset(n.packed)}], {lane_stride}, "
+             f"sc_p{n.number} + {panel_at} + sc_l, {span});")
+    out.close()
+    out.close()
+    out.open(f"for (int64_t {step} = sc_s0; {step} <= sc_s1; ++{step})")
+    out.open(f"for (int64_t sc_l = {step} < sc_tiled ? sc_whole : 0; sc_l < {span}; ++sc_l)")
+    out.line(f"const int64_t {lane.label} = sc_lb * {span} + sc_l;")
+    _pack_element(e, n, f"sc_p{n.number}", f"{panel_at} + sc_l")
+    out.close()
+    out.close()
+    row = f"sc_p{n.number} + (sc_r - sc_r0) * {segment * span}"
+    out.line(f"{simd.vec} sc_nan = {simd.zero()};")
+    out.open(f"for (int64_t sc_e = 0; sc_e < (sc_s1 - sc_s0 + 1) * {span}; sc_e += {width})")
+    out.line(f"sc_nan = {simd.fma(simd.load(f'{row} + sc_e', 1, None), simd.zero(), 'sc_nan')};")
+    out.close()
+    out.line(f"sc_bad |= !isfinite({simd.hsum('sc_nan')});")
 
 
 def _emit_chunked_store(e: _Emission, others, tile_at: str) -> None:

@@ -159,13 +159,17 @@ class Chunking:
     one lane block, ``group`` consecutive values of the block index and one of ``parts``
     consecutive runs of the chunks, whose tiles are then added in order.  Where the packed
     read's lanes crowd one L1 set and its innermost loop's steps are neighbours, a chunk is
-    packed ``pack_tile`` steps at a time, each lane's steps innermost (0: lanes innermost)."""
+    packed ``pack_tile`` steps at a time, each lane's steps innermost (0: lanes innermost).
+    ``transposed``: the packed read's steps are neighbours and its lanes are not (a
+    channels-first grad_output), so whole vectors of lanes are packed by the register
+    transposes, a vector's width of steps at a time (the rest as by ``pack_tile``)."""
 
     rows: int
     segment: int
     group: int
     parts: int = 1
     pack_tile: int = 0
+    transposed: bool = False
 
 
 Plan = Scalar | OutputLanes | ReductionLanes | ChannelLanes
@@ -923,9 +927,12 @@ def _chunked_channel_lanes(piece: Piece, reads, lane, vectors: int, span: int,
     # lanes innermost, a 3-D layer's grad_output lanes (channel planes 128 KiB apart) all
     # fell in one L1 set: a quarter of 3d-32's weight gradient went to packing
     lane_stride = packed[0][lane]
-    pack_tile = PACK_TILE if packed[0].get(nest.loops[-1].index) == 1 and \
-        _crowded(lane_stride, span) else 0
-    chunking = Chunking(chunk_rows, segment, group, parts, pack_tile)
+    neighbours = packed[0].get(nest.loops[-1].index) == 1
+    pack_tile = PACK_TILE if neighbours and _crowded(lane_stride, span) else 0
+    read = next(r for r, c in zip(read_list, coefficients) if c is packed[0])
+    transposed = neighbours and lane_stride != 1 and factors(nest.body)[0] == 1 and \
+        str(read.base.label) not in nest.zero_outside
+    chunking = Chunking(chunk_rows, segment, group, parts, pack_tile, transposed)
     return ChannelLanes(lane, block, rows, vectors,
                         (_padding_as_bounds(nest, block, piece.indices),), chunking, copies)
 
