@@ -467,6 +467,33 @@ def test_depthwise_rows_load_their_own_vectors(dtype, stride, shape, compile_spe
 
 
 @pytest.mark.parametrize("stride", [1, 2])
+def test_a_depthwise_weight_gradient_blocks_all_its_taps(stride, compile_spec, rng):
+    """A depthwise weight gradient's grad_output has no index of its own (its channel is
+    one value): with AVX-512's registers, its partial sums take both blocks along the
+    input's taps, all nine per task, each input row read at three shifts for three rows of
+    taps; AVX2 keeps one block.  Against the oracle with a NaN and an infinity on the edges
+    (where some taps have no product), and bit-identical on 1, 2 and 3 threads."""
+    spec = ConvSpec((2, 8, 13, 21), (8, 1, 3, 3), stride=stride, padding=1, groups=8)
+    ((_, wide),) = compiler.compilation(spec, "x86-64-v4").plans["grad_weight"]
+    assert isinstance(wide, schedule.ReductionLanes)
+    assert [(str(u), rows) for u, rows in wide.blocks] == [("i_k0", 3), ("i_k1", 3)]
+    ((_, narrow),) = _compiled(spec).plans["grad_weight"]
+    assert [str(u) for u, _ in narrow.blocks] == ["i_k0"]
+    kernel = compile_spec(spec)
+    _check_weight_gradient(spec, kernel, rng, threads=(2, 3))
+    x, w, _, gy = random_arrays(spec, rng)
+    x[1, 5, 0, 3] = np.nan
+    gy[0, 2, -1, -1] = np.inf
+    expected = conv_backward(x, w, gy, *oracle_args(spec))[1]
+    for variant in runnable_variants(kernel):
+        got = variant.backward(x, None, gy, wrt=("weight",))[1]
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
+        np.testing.assert_array_equal(np.isinf(got), np.isinf(expected))
+        finite = np.isfinite(expected)
+        assert_close(got[finite], expected[finite], spec.dtype, variant.variant.target)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
 def test_depthwise_input_gradient_rows_skip_the_taps_outside(stride, compile_spec, rng):
     """A depthwise input gradient's rows bound its taps (grad_output's edges); blocked along
     the rows, grad_output reads as zero there and each row outside skips the product: a

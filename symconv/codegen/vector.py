@@ -722,10 +722,9 @@ def emit_reduction_lanes(out: Writer, fn: IndexSum, piece: schedule.Piece,
     steps = []
     for number, (access, offset, _) in enumerate(reads.items):
         mine = [u for u in block_indices if depends(offset, u)]
-        for r in (range(len(row_vars[mine[0]])) if mine else [None]):
-            at = offset.xreplace({mine[0]: row_vars[mine[0]][r]}) if mine else offset
-            at = sympy.expand(at.xreplace({lane: 0}))
-            pointer = f"sc_b{number}_{r if r is not None else 'x'}"
+        for key, rows in _row_combos(mine, row_vars):
+            at = sympy.expand(offset.xreplace(rows).xreplace({lane: 0}))
+            pointer = f"sc_b{number}_{key}"
             out.line(f"const {ctype} *restrict {pointer} = {access.base.label} + {c_affine(at)};")
             step = int(linear_parts(at)[0].get(stepping, 0)) if stepping is not None else 0
             if step:
@@ -748,9 +747,11 @@ def emit_reduction_lanes(out: Writer, fn: IndexSum, piece: schedule.Piece,
             coefficients, _ = linear_parts(expr)
             c = int(coefficients.get(lane, 0))
             rows = [u for u in block_indices if u in coefficients]
-            # every row of the block must read inside: the first and last rows bound it
-            for edge in ([{}] if not rows else
-                         [{rows[0]: row_vars[rows[0]][0]}, {rows[0]: row_vars[rows[0]][-1]}]):
+            # every row of the block must read inside: its first and last rows bound it
+            corners = [{}]
+            for u in rows:
+                corners = [{**c, u: row_vars[u][r]} for c in corners for r in (0, -1)]
+            for edge in corners:
                 rest = c_affine(sympy.expand((expr - c * lane).xreplace(edge)))
                 if c > 0:
                     lows.append(f"sc_ceildiv(-({rest}), {c})")
@@ -843,6 +844,16 @@ def _reduction_chunks(nest: LoopNest, width: int) -> _Chunks:
     return _Chunks(ranges, total_rows, rows, lane_lo, extent, 1)
 
 
+def _row_combos(mine, row_vars) -> list[tuple[str, dict]]:
+    """Each combination of the rows of the blocks ``mine`` (those a read depends on): its
+    suffix in C names ('x' for none) and the rows' values."""
+    combos: list[tuple[tuple, dict]] = [((), {})]
+    for u in mine:
+        combos = [(key + (r,), {**rows, u: var}) for key, rows in combos
+                  for r, var in enumerate(row_vars[u])]
+    return [("_".join(map(str, key)) or "x", rows) for key, rows in combos]
+
+
 def _product_rows(blocks):
     combos = [()]
     for _, rows in blocks:
@@ -878,10 +889,9 @@ def _accumulate_reduction(sums: _Sums, mask: str | None) -> None:
         stride = int(linear_parts(offset)[0].get(lane, 0))
         mine = [u for u in blocks if depends(offset, u)]
         names = {}
-        for r in (range(len(row_vars[mine[0]])) if mine else [None]):
-            at = offset.xreplace({mine[0]: row_vars[mine[0]][r]}) if mine else offset
-            local = access.xreplace({mine[0]: row_vars[mine[0]][r]}) if mine else access
-            vector = f"sc_v{number}_{r if r is not None else 'x'}"
+        for key, rows in _row_combos(mine, row_vars):
+            at, local = offset.xreplace(rows), access.xreplace(rows)
+            vector = f"sc_v{number}_{key}"
             name = str(access.base.label)
             if stride == 0:
                 load = f"{name}[{c_affine(at)}]"
@@ -893,20 +903,19 @@ def _accumulate_reduction(sums: _Sums, mask: str | None) -> None:
             else:
                 m = mask
                 if mask is not None and padded:
-                    replace = {mine[0]: row_vars[mine[0]][r]} if mine else {}
-                    m = _padded_mask(simd, in_range_exprs(access, box), lane, lane, replace, mask)
-                base = f"sc_b{number}_{r if r is not None else 'x'}"
+                    m = _padded_mask(simd, in_range_exprs(access, box), lane, lane, rows, mask)
+                base = f"sc_b{number}_{key}"
                 pointer = f"{base} + {lane}" if stride == 1 else f"{base} + {stride}*{lane}"
                 out.line(f"const {simd.vec} {vector} = {simd.load(pointer, stride, m)};")
-            names[(mine[0], r) if mine else None] = vector
-        loaded.append((mine[0] if mine else None, names))
+            names[key] = vector
+        loaded.append((mine, names))
     scale = None
     if reads.constant != 1:
         scale = "sc_scale"
         out.line(f"const {simd.vec} sc_scale = {simd.set1(number_text(reads.constant, ctype))};")
     for combo, acc in accs.items():
         rows = dict(zip(blocks, combo))
-        factors = [names[(u, rows[u])] if u is not None else names[None] for u, names in loaded]
+        factors = [names["_".join(str(rows[u]) for u in mine) or "x"] for mine, names in loaded]
         if scale:
             factors.append(scale)
         out.line(f"{acc} = {simd.accumulate(acc, factors, mask)};")
