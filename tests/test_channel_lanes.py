@@ -131,6 +131,18 @@ def _check_weight_gradient(spec, kernel, rng, threads=()):
                     kernel.backward(x, None, gy, wrt=("weight",), threads=count)[1], one)
 
 
+def _check_non_finite_weight_gradient(spec, kernel, x, w, gy):
+    """Every variant's weight gradient of arrays holding NaN or infinity: non-finite where
+    the oracle's is, of the same kind, and close to it elsewhere."""
+    expected = conv_backward(x, w, gy, *oracle_args(spec))[1]
+    for variant in runnable_variants(kernel):
+        got = variant.backward(x, None, gy, wrt=("weight",))[1]
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
+        np.testing.assert_array_equal(np.isinf(got), np.isinf(expected))
+        finite = np.isfinite(expected)
+        assert_close(got[finite], expected[finite], spec.dtype, variant.variant.target)
+
+
 def _function_text(kernel, name: str) -> str:
     """The C of one function of the variant a kernel runs."""
     return kernel.source.split(f"void {kernel.variant.prefix}{name}(")[1].split("\nvoid ")[0]
@@ -372,13 +384,7 @@ def test_weight_gradient_chunks_pack_by_transposes(cache_dir, rng):
     # make NaN of them; a lane of the last block, and one of a whole vector in a tile
     gy[1, 37, 0, 5] = np.inf
     gy[0, 3, 8, 7] = np.nan
-    expected = conv_backward(x, w, gy, *oracle_args(spec))[1]
-    for variant in runnable_variants(kernel):
-        got = variant.backward(x, None, gy, wrt=("weight",))[1]
-        np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
-        np.testing.assert_array_equal(np.isinf(got), np.isinf(expected))
-        finite = np.isfinite(expected)
-        assert_close(got[finite], expected[finite], spec.dtype, variant.variant.target)
+    _check_non_finite_weight_gradient(spec, kernel, x, w, gy)
 
 
 def test_results_do_not_depend_on_the_thread_count(cache_dir, rng):
@@ -484,13 +490,7 @@ def test_a_depthwise_weight_gradient_blocks_all_its_taps(stride, compile_spec, r
     x, w, _, gy = random_arrays(spec, rng)
     x[1, 5, 0, 3] = np.nan
     gy[0, 2, -1, -1] = np.inf
-    expected = conv_backward(x, w, gy, *oracle_args(spec))[1]
-    for variant in runnable_variants(kernel):
-        got = variant.backward(x, None, gy, wrt=("weight",))[1]
-        np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
-        np.testing.assert_array_equal(np.isinf(got), np.isinf(expected))
-        finite = np.isfinite(expected)
-        assert_close(got[finite], expected[finite], spec.dtype, variant.variant.target)
+    _check_non_finite_weight_gradient(spec, kernel, x, w, gy)
 
 
 @pytest.mark.parametrize("stride", [1, 2])
