@@ -11,7 +11,8 @@ buffers, and into fresh arrays) and for torch, and prints times, GFLOP/s, the
 percentage of this machine's FMA peak (measured here by a small C loop), the
 ratio (torch in its faster layout)/symconv per pass and for the sum, and the compile time of each
 case.  The 4-D case has no torch layer: its baseline is NumPy im2col + matmul.
-Peak memory per pass is the growth of the process's peak RSS during it.
+A pass's workspace (``work MiB``) is the growth of the process's peak RSS during one call
+beyond the arrays it returns, the C heap trimmed first.
 
 Every case also runs symconv's channels_last kernel (``layout="channels_last"``: input
 and output arrays (N, *spatial, C), what torch's channels_last memory holds): the
@@ -26,6 +27,7 @@ fixed-batch package's, the two timed in turn so that both see the same load.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import itertools
 import json
 import math
@@ -170,22 +172,35 @@ def timed_pair(first, second, repeat: int) -> tuple[float, float]:
     return statistics.median(samples[0]), statistics.median(samples[1])
 
 
-def peak_rss_growth(fn) -> float:
-    """MiB by which the process's peak RSS grows during one call (Linux; NaN elsewhere)."""
+def _trim_heap() -> None:
+    """Give the C heap's free memory back to the system (glibc's malloc_trim), so that what
+    a pass allocates shows in the RSS instead of reusing pages an earlier case freed."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def workspace_mib(fn) -> float:
+    """MiB by which the process's peak RSS grows during one call beyond the arrays the call
+    returns: the pass's workspace (copies, packed panels, tiles; Linux; NaN elsewhere)."""
     def hwm() -> float:
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith("VmHWM"):
                     return int(line.split()[1]) / 1024
         return math.nan
+    _trim_heap()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:
         return math.nan
     before = hwm()
-    fn()
-    return hwm() - before
+    result = fn()
+    results = result if isinstance(result, tuple) else (result,)
+    returned = sum(a.nbytes for a in results if isinstance(a, np.ndarray)) / 2**20
+    return max(hwm() - before - returned, 0.0)
 
 
 def symconv_passes(kernel, spec, arrays, threads: int, fresh: bool):
@@ -304,7 +319,7 @@ def run_case(case: Case, threads_list, repeat: int, torch, cache_dir: str, peaks
             entry = {"symconv": fixed_seconds, "symconv_open": open_seconds,
                      "symconv_fresh": timed(fresh[name], repeat),
                      "symconv_cl": timed(channels_last[name], repeat),
-                     "symconv_peak_mib": peak_rss_growth(fresh[name])}
+                     "symconv_work_mib": workspace_mib(fresh[name])}
             for label, passes in baselines.items():
                 with _torch_grad(torch, enabled=False):
                     entry[label] = timed(passes[name], repeat)
@@ -337,12 +352,12 @@ def print_case(result: dict) -> None:
     for threads, row in result["threads"].items():
         baseline = "torch" if "torch" in row["forward"] else "numpy_im2col"
         print(f"  {threads} thread(s)   {'symconv':>9} {'fresh':>9} {baseline:>12} "
-              f"{'torch_cl':>9} {'GFLOP/s':>8} {'%peak':>6} {'ratio':>6} {'peak MiB':>8} "
+              f"{'torch_cl':>9} {'GFLOP/s':>8} {'%peak':>6} {'ratio':>6} {'work MiB':>8} "
               f"{'open':>9} {'open/fixed':>10} {'sc NHWC':>9} {'%peak':>6} {'ratio':>6}")
         for name in (*PASSES, "sum"):
             e = row[name]
             cl = f"{e['torch_cl'] * 1e3:8.3f}m" if "torch_cl" in e else f"{'-':>9}"
-            mib = f"{e['symconv_peak_mib']:8.1f}" if "symconv_peak_mib" in e else f"{'':8}"
+            mib = f"{e['symconv_work_mib']:8.1f}" if "symconv_work_mib" in e else f"{'':8}"
             print(f"  {name:>12}  {e['symconv'] * 1e3:8.3f}m {e['symconv_fresh'] * 1e3:8.3f}m "
                   f"{e[baseline] * 1e3:11.3f}m {cl} {e['gflops']:8.1f} {e['peak_percent']:6.1f} "
                   f"{fastest(e, baseline) / e['symconv']:6.2f} {mib} "
