@@ -7,6 +7,7 @@ the schedule cannot turn it into a test of something else.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -302,6 +303,67 @@ def test_no_copy_larger_than_its_share_of_the_products(compile_spec, monkeypatch
     monkeypatch.setattr(schedule, "MAX_COPY_SHARE", 1.0)      # the copy it would make
     ((_, chosen),) = compiler.compilation(spec, "x86-64-v4").plans["forward"]
     assert [(c.array, c.axis) for c in chosen.copies] == [("a_input", 1)]
+
+
+def _ring_elements(plan, spec) -> int:
+    """Elements of one thread's rings in a plan."""
+    shapes = {"a_input": spec.array_shape("input"), "a_grad_output": spec.array_shape("output")}
+    return sum(c.ring.rows * math.prod(c.row_shape(shapes[c.array])) for c in plan.copies)
+
+
+@pytest.mark.parametrize("budget, index, lanes_inside", [(None, "i_n", False),
+                                                         (8000, "i_i0", True)])
+def test_copies_fill_rings_a_window_at_a_time(budget, index, lanes_inside, tmp_path,
+                                              monkeypatch, rng):
+    """A forward's input copy is held a window at a time per thread (schedule.Window): by
+    default a whole image per task here (the rows copied first, then each of the 64
+    channels' two or four lane blocks over them); with a budget of 8000 elements, three
+    rows of the first spatial axis (stride 2: each output row reads three, two of them
+    new), each lane block run at each output row as its rows come.  Against the oracle on
+    every variant, bit-identical on 1, 2 and 3 threads."""
+    if budget is not None:
+        monkeypatch.setattr(schedule, "WINDOW_ELEMENTS", budget)
+    spec = ConvSpec((2, 16, 33, 10, 11), (64, 16, 3, 3, 3), stride=(2, 1, 1), padding=1)
+    for target in ("x86-64-v4", "x86-64-v3"):
+        ((_, chosen),) = compiler.compilation(spec, target).plans["forward"]
+        (copy,) = chosen.copies
+        assert str(chosen.window.index.label) == index
+        assert chosen.window.lanes_inside == lanes_inside
+        assert _ring_elements(chosen, spec) <= schedule.WINDOW_ELEMENTS
+        if budget is not None:
+            assert (copy.ring.axis, copy.ring.step, copy.ring.span, copy.ring.rows) == \
+                (2, 2, 3, 3)
+    kernel = compiler.compile_conv(spec, cache_dir=tmp_path)
+    assert "sc_rings_a_input" in _function_text(kernel, "forward")
+    x, w, b, gy = random_arrays(spec, rng)
+    expected = [conv_forward(x, w, b, *oracle_args(spec)),
+                *conv_backward(x, w, gy, *oracle_args(spec))[:2]]
+    for variant in runnable_variants(kernel):
+        one = [variant.forward(x, w, b, threads=1), *variant.backward(x, w, gy, threads=1)[:2]]
+        for got, want, name in zip(one, expected, ("forward", "grad_input", "grad_weight")):
+            assert_close(got, want, spec.dtype, f"{variant.variant.target} {name}")
+        for threads in (2, 3):
+            got = [variant.forward(x, w, b, threads=threads),
+                   *variant.backward(x, w, gy, threads=threads)[:2]]
+            for a, e in zip(got, one):
+                np.testing.assert_array_equal(a, e)
+
+
+@pytest.mark.parametrize("spec", [
+    ConvSpec((2, 16, 32, 32, 32), (32, 16, 3, 3, 3), padding=1),
+    ConvSpec((1, 32, 48, 48, 48), (32, 32, 3, 3, 3), padding=1),
+    ConvSpec((8, 256, 14, 14), (256, 256, 3, 3), padding=1),
+], ids=["3d-32", "unet3d-48", "resnet-14"])
+def test_copies_of_large_layers_stay_within_the_window_budget(spec):
+    """The bench's layers whose forward and input gradient copy their broadcast array: each
+    copy is a ring within WINDOW_ELEMENTS per thread, none of the whole array (3d-32 copied
+    5 and 10 MiB, the U-Net layer 15 MiB each)."""
+    for target in ("x86-64-v4", "x86-64-v3"):
+        compiled = compiler.compilation(spec, target)
+        for name in ("forward", "grad_input"):
+            ((_, chosen),) = compiled.plans[name]
+            assert chosen.copies and all(c.ring is not None for c in chosen.copies), name
+            assert _ring_elements(chosen, spec) <= schedule.WINDOW_ELEMENTS, name
 
 
 @pytest.mark.parametrize("extent", [1, 2, 3, 5, 6, 7, 13, 14, 16, 32, 48, 56, 61])

@@ -326,29 +326,36 @@ def emit_scalar_piece(out: Writer, fn: IndexSum, piece: schedule.Piece, dtype: s
 
 
 def emit_copy(out: Writer, copy: schedule.Copy, shape: list[int],
-              transpose: tuple[str, int] | None = None) -> None:
+              transpose: tuple[str, int] | None = None, row: dict[int, str] | None = None,
+              target: str | None = None) -> None:
     """Fill a copy (schedule.Copy) in one pass: each element the array's, or zero in the
     halo.  With an axis moved, the last axis goes in tiles of COPY_TILE, the moved axis
     inside a tile: each read then is a run of neighbours along the array's last axis, not
     one element per channel plane (planes 4 KiB apart crowd one L1 set).  With
     ``transpose`` (a vector prelude's (function, width): sc_transpose16_ps moves a width x
     width block), the rows inside the array move their channels in such blocks instead
-    (see _emit_transposed_rows)."""
-    name, padded = schedule.copy_name(copy.array), copy.shape(shape)
+    (see _emit_transposed_rows).  With ``row`` (axis: its position in the copy, as C), one
+    row of a ring (schedule.Ring) at ``target``, on the calling thread."""
+    name = target or schedule.copy_name(copy.array)
+    row = row or {}
+    padded = copy.row_shape(shape) if row else copy.shape(shape)
     halo = copy.halo or [(0, 0)] * len(shape)
     last = len(shape) - 1
-    order = [a for a in range(len(shape)) if a != copy.axis]
+    for a, position in row.items():
+        out.line(f"const int64_t sc_x{a} = {position};")
+    order = [a for a in range(len(shape)) if a != copy.axis and a not in row]
     tiled = copy.axis is not None
     if tiled:
         order = order[:-1]
     loops = min(2, len(order))
-    if threaded(out, MOVE_COST * math.prod(padded)) and loops:
+    if not row and threaded(out, MOVE_COST * math.prod(padded)) and loops:
         tasks = math.prod(padded[a] for a in order[:loops])
         omp_parallel(out, f"parallel for collapse({loops}) {omp_schedule(tasks)}")
     for a in order:
         out.open(f"for (int64_t sc_x{a} = 0; sc_x{a} < {padded[a]}; ++sc_x{a})")
     place = sympy.IndexedBase(name, shape=padded)[
-        tuple(sympy.Symbol(f"sc_x{a}") for a in range(len(shape)))]
+        tuple(sympy.Integer(0) if a in row else sympy.Symbol(f"sc_x{a}")
+              for a in range(len(shape)))]
     source = sympy.IndexedBase(copy.array, shape=shape)[
         tuple(sympy.Symbol(f"sc_x{a}") - halo[a][0] for a in range(len(shape)))]
     inside = {a: f"sc_x{a} >= {lo} && sc_x{a} < {lo + shape[a]}"
@@ -358,8 +365,8 @@ def emit_copy(out: Writer, copy: schedule.Copy, shape: list[int],
         value = f"({' && '.join(inside.values())}) ? {value} : 0"
     element = f"{name}[{flat_offset(place, copy.axis)}] = {value};"
     if tiled and transpose is not None and copy.axis != last and halo[copy.axis] == (0, 0):
-        _emit_transposed_rows(out, copy, shape, place, source, element,
-                              [inside[a] for a in order if a in inside], transpose)
+        _emit_transposed_rows(out, copy, shape, padded, name, place, source, element,
+                              [inside[a] for a in (*row, *order) if a in inside], transpose)
     elif tiled:
         out.open(f"for (int64_t sc_t = 0; sc_t < {padded[last]}; sc_t += {COPY_TILE})")
         out.open(f"for (int64_t sc_x{copy.axis} = 0; sc_x{copy.axis} < {padded[copy.axis]}; "
@@ -375,8 +382,8 @@ def emit_copy(out: Writer, copy: schedule.Copy, shape: list[int],
         out.close()
 
 
-def _emit_transposed_rows(out: Writer, copy: schedule.Copy, shape, place, source,
-                          element: str, row_inside: list[str],
+def _emit_transposed_rows(out: Writer, copy: schedule.Copy, shape, padded, name: str,
+                          place, source, element: str, row_inside: list[str],
                           transpose: tuple[str, int]) -> None:
     """One row of a copy with its channels (axis ``copy.axis``) moved innermost: where the
     row lies inside the array, its positions inside in blocks of ``width`` positions x
@@ -384,7 +391,7 @@ def _emit_transposed_rows(out: Writer, copy: schedule.Copy, shape, place, source
     block, and the lead, element by element); the halo's positions, and rows outside, one
     position at a time, all channels innermost."""
     function, width = transpose
-    axis, last, padded = copy.axis, len(shape) - 1, copy.shape(shape)
+    axis, last = copy.axis, len(shape) - 1
     low, size = copy.halo[last][0] if copy.halo else 0, shape[last]
     whole = shape[axis] // width * width
     channel, position = sympy.Symbol(f"sc_x{axis}"), sympy.Symbol(f"sc_x{last}")
@@ -409,7 +416,7 @@ def _emit_transposed_rows(out: Writer, copy: schedule.Copy, shape, place, source
     out.open(f"for (; sc_w + {width} <= {low + size}; sc_w += {width})")
     out.line(f"for (int64_t sc_c = 0; sc_c < {whole}; sc_c += {width}) "
              f"{function}({copy.array} + {src}, {src_stride}, "
-             f"{schedule.copy_name(copy.array)} + {dst}, {dst_stride});")
+             f"{name} + {dst}, {dst_stride});")
     if whole < padded[axis]:
         columns("sc_w", f"sc_w + {width}", whole)
     out.close()

@@ -184,16 +184,30 @@ def _shapes(e: _Emission) -> dict[str, list[int]]:
 
 
 def _copy_buffers(e: _Emission) -> list[tuple[str, str]]:
-    """(name, elements) of the copies the plan makes."""
+    """(name, elements) of the copies the plan makes: whole, or a ring per thread."""
     shapes = _shapes(e)
     return [(copy_name(c.array), f"{math.prod(c.shape(shapes[c.array]))}")
+            if c.ring is None else
+            (_rings(c), f"(size_t)(sc_threads > 1 ? sc_threads : 1) * {_ring_size(e, c)}")
             for c in e.chosen.copies]
 
 
+def _rings(copy: schedule.Copy) -> str:
+    """The C name of every thread's ring of a copy (see schedule.Ring)."""
+    return f"sc_rings_{copy.array}"
+
+
+def _ring_size(e: _Emission, copy: schedule.Copy) -> int:
+    """Elements of one thread's ring."""
+    return copy.ring.rows * math.prod(copy.row_shape(_shapes(e)[copy.array]))
+
+
 def _emit_copies(e: _Emission) -> None:
+    """The whole copies (the rings fill as their tasks run, see _emit_window)."""
     shapes = _shapes(e)
     for copy in e.chosen.copies:
-        emit_copy(e.out, copy, shapes[copy.array], e.simd.transpose)
+        if copy.ring is None:
+            emit_copy(e.out, copy, shapes[copy.array], e.simd.transpose)
 
 
 
@@ -242,32 +256,113 @@ def _pack_element(e: _Emission, n: _Nest, panel: str, at: str) -> None:
 
 
 def _emit_blocks(e: _Emission) -> None:
-    """Every register block of the piece, on threads over lane blocks and outer indices."""
+    """Every register block of the piece, on threads over lane blocks and outer indices (or
+    over the window's tasks, see _emit_window)."""
     out, piece, chosen = e.out, e.piece, e.chosen
-    lane, block, span, lane_blocks = chosen.lane, chosen.block, e.span, e.lane_blocks
-    outer = [i for i in piece.indices if i not in (lane, block)]
+    if chosen.window is not None:
+        _emit_window(e)
+        return
+    outer = [i for i in piece.indices if i not in (chosen.lane, chosen.block)]
     if threaded(out, work(piece.nests, piece.indices)):
-        tasks = math.prod(extent(i) for i in outer) * lane_blocks
+        tasks = math.prod(extent(i) for i in outer) * e.lane_blocks
         omp_parallel(out, f"parallel for collapse({len(outer) + 1}) {omp_schedule(tasks)}")
-    out.open(f"for (int64_t sc_lb = 0; sc_lb < {lane_blocks}; ++sc_lb)")
-    for idx in outer:
-        lo, hi = index_range(idx)
-        out.open(f"for (int64_t {idx.label} = {lo}; {idx.label} <= {hi}; ++{idx.label})")
+    _emit_lane_blocks(e, [_full_range(i) for i in outer])
+
+
+def _full_range(index) -> tuple[str, str, str]:
+    lo, hi = index_range(index)
+    return str(index.label), str(lo), str(hi)
+
+
+def _emit_lane_blocks(e: _Emission, loops: Sequence[tuple[str, str, str]]) -> None:
+    """For each lane block, for the (variable, first, last) ``loops`` in order, every
+    register block along the block index."""
+    out, chosen, span = e.out, e.chosen, e.span
+    block = chosen.block
+    out.open(f"for (int64_t sc_lb = 0; sc_lb < {e.lane_blocks}; ++sc_lb)")
+    for var, first, last in loops:
+        out.open(f"for (int64_t {var} = {first}; {var} <= {last}; ++{var})")
     for n in e.nests:
         if n.packed is not None:
             out.line(f"const {e.ctype} *const sc_p{n.number} = "
                      f"{n.panel} + sc_lb * {n.panel_size(span)};")
     tested = [replace(n, zero_outside=_padded(n, chosen)) for n in chosen.nests]
-    inside = interior(tested, piece.indices, block)
+    inside = interior(tested, e.piece.indices, block)
     for first, count, rows, guarded in block_runs(extent(block), chosen.rows, inside):
         last = first + (count - 1) * rows
         out.open(f"for (int64_t {block.label} = {first}; {block.label} <= {last}; "
                  f"{block.label} += {rows})")
         _emit_block(e, rows, guarded)
         out.close()
-    out.close()
-    for _ in outer:
+    for _ in (*loops, None):
         out.close()
+
+
+def _emit_window(e: _Emission) -> None:
+    """The blocks by tasks of schedule.Window: each task takes its thread's rings, marks
+    them empty, and runs its chunk of the window index, copying rows as they are needed
+    (``lanes_inside``) or all of the chunk's first."""
+    out, piece, chosen, window = e.out, e.piece, e.chosen, e.chosen.window
+    outer = [i for i in piece.indices if i not in (chosen.lane, chosen.block)]
+    rest = [_full_range(i) for i in outer[outer.index(window.index) + 1:]]
+    lo, hi = index_range(window.index)
+    chunks = ceil_div(extent(window.index), window.chunk)
+    parallel = threaded(out, work(piece.nests, piece.indices))
+    if parallel:
+        tasks = math.prod(extent(u) for u in window.slab) * chunks
+        omp_parallel(out, f"parallel for collapse({len(window.slab) + 1}) "
+                          f"{omp_schedule(tasks)}")
+    for u in window.slab:
+        out.open("for (int64_t {0} = {1}; {0} <= {2}; ++{0})".format(*_full_range(u)))
+    out.open(f"for (int64_t sc_wc = 0; sc_wc < {chunks}; ++sc_wc)")
+    worker = "(size_t)omp_get_thread_num()" if parallel else "0"
+    ringed = [c for c in chosen.copies if c.ring is not None]
+    for c in ringed:
+        out.line(f"{e.ctype} *const {_ring(c)} = {_rings(c)} + {worker} * {_ring_size(e, c)};")
+        out.line(f"int64_t sc_held_{c.array}[{c.ring.rows}];")
+        out.line(f"for (int64_t sc_s = 0; sc_s < {c.ring.rows}; ++sc_s) "
+                 f"sc_held_{c.array}[sc_s] = -1;")
+    out.line(f"const int64_t sc_w0 = {lo} + sc_wc * {window.chunk}, "
+             f"sc_w1 = sc_min(sc_w0 + {window.chunk - 1}, {hi});")
+    w = str(window.index.label)
+    out.open(f"for (int64_t {w} = sc_w0; {w} <= sc_w1; ++{w})")
+    for c in ringed:
+        _emit_ring_rows(e, c)
+    if window.lanes_inside:
+        _emit_lane_blocks(e, rest)
+        out.close()
+    else:
+        out.close()
+        _emit_lane_blocks(e, [(w, "sc_w0", "sc_w1"), *rest])
+    for _ in (*window.slab, None):
+        out.close()
+
+
+def _ring(copy: schedule.Copy) -> str:
+    """The C name of the current task's ring of a copy."""
+    return f"sc_ring_{copy.array}"
+
+
+def _emit_ring_rows(e: _Emission, copy: schedule.Copy) -> None:
+    """Copy into the ring the rows the window index's current value reads that it does not
+    hold yet."""
+    out, ring = e.out, copy.ring
+    shape = _shapes(e)[copy.array]
+    read = next(r for n in e.nests for r in n.broadcast if str(r.base.label) == copy.array)
+    halo = copy.halo or ((0, 0),) * len(shape)
+    row = {a: f"{c_affine(sympy.expand(read.indices[a] + halo[a][0]))}"
+           for a in range(ring.axis) if a != copy.axis}
+    row[ring.axis] = "sc_row"
+    first = c_affine(ring.step * e.chosen.window.index + ring.low)
+    out.open(f"for (int64_t sc_row = {first}; sc_row < {first} + {ring.span}; ++sc_row)")
+    out.line(f"const int64_t sc_slot = sc_row % {ring.rows};")
+    out.open(f"if (sc_held_{copy.array}[sc_slot] != sc_row)")
+    out.line(f"sc_held_{copy.array}[sc_slot] = sc_row;")
+    out.line(f"{e.ctype} *const sc_dst = {_ring(copy)} + sc_slot * "
+             f"{math.prod(copy.row_shape(shape))};")
+    emit_copy(out, copy, shape, e.simd.transpose, row, "sc_dst")
+    out.close()
+    out.close()
 
 
 def _emit_block(e: _Emission, rows: int, guarded: bool) -> None:
@@ -361,15 +456,22 @@ def _emit_products(e: _Emission, n: _Nest, accs, rows: int, guarded: bool, at: s
 
 
 def _read_text(read: sympy.Indexed, copies: dict[str, schedule.Copy]) -> str:
-    """A broadcast read, from its copy if the plan made one."""
+    """A broadcast read, from its copy if the plan made one (from its ring's slot, if the
+    copy is a ring)."""
     name = str(read.base.label)
     copy = copies.get(name)
     if copy is None:
         return f"{name}[{flat_offset(read)}]"
     shape = [int(d) for d in read.base.shape]
-    moved = sympy.IndexedBase(copy_name(name), shape=copy.shape(shape))[
-        tuple(p + (copy.halo[a][0] if copy.halo else 0) for a, p in enumerate(read.indices))]
-    return f"{copy_name(name)}[{flat_offset(moved, copy.axis)}]"
+    at = [p + (copy.halo[a][0] if copy.halo else 0) for a, p in enumerate(read.indices)]
+    if copy.ring is None:
+        moved = sympy.IndexedBase(copy_name(name), shape=copy.shape(shape))[tuple(at)]
+        return f"{copy_name(name)}[{flat_offset(moved, copy.axis)}]"
+    ring, row_shape = copy.ring, copy.row_shape(shape)
+    in_row = sympy.IndexedBase(_ring(copy), shape=row_shape)[
+        tuple(0 if a <= ring.axis and a != copy.axis else p for a, p in enumerate(at))]
+    slot = f"(({c_affine(sympy.expand(at[ring.axis]))}) % {ring.rows})"
+    return f"{_ring(copy)}[{slot} * {math.prod(row_shape)} + {flat_offset(in_row, copy.axis)}]"
 
 
 def _emit_tile_store(e: _Emission, rows: int, tile: str, added: Sequence[_Nest] = ()) -> None:

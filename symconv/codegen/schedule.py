@@ -112,7 +112,8 @@ class ChannelLanes:
     a stride or a dilation only changes which scalar is broadcast.  ``transposed``: the
     block's rows are neighbours in the output and its lanes are not (a channels-first
     output's positions and channels), so the block goes to the output through register
-    transposes, a vector store per lane, not an element store per row and lane."""
+    transposes, a vector store per lane, not an element store per row and lane.  A
+    ``window`` makes the copies a few rows at a time per thread (see Window)."""
 
     lane: sympy.Idx
     block: sympy.Idx
@@ -122,6 +123,7 @@ class ChannelLanes:
     chunking: Chunking | None = None
     copies: tuple[Copy, ...] = ()
     transposed: bool = False
+    window: Window | None = None
 
 
 @dataclass(frozen=True)
@@ -138,12 +140,51 @@ class Copy:
     axis: int | None
     halo: tuple[tuple[int, int], ...] | None
     lead: int = 0
+    ring: Ring | None = None
 
     def shape(self, shape: Sequence[int]) -> tuple[int, ...]:
         """The copy's shape (axes in the array's order) for an array of ``shape``."""
         halo = self.halo or [(0, 0)] * len(shape)
         return tuple(int(d) + lo + hi + (self.lead if a == self.axis else 0)
                      for a, (d, (lo, hi)) in enumerate(zip(shape, halo)))
+
+    def row_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """The shape of one row of a ring (see Ring): the copy's, with extent 1 on the ring's
+        axis and on every axis before it but the moved one."""
+        whole = self.shape(shape)
+        return tuple(1 if a <= self.ring.axis and a != self.axis else d
+                     for a, d in enumerate(whole))
+
+
+@dataclass(frozen=True)
+class Ring:
+    """A copy held a few rows at a time, per thread (see Window): a row is the copy's part
+    at one position of ``axis`` (and of the slab axes before it, a convolution's batch
+    index); the window index ``w`` reads the rows ``step*w + low`` .. ``+ span - 1``
+    (positions in the copy, halo included), kept in ``rows`` slots, row ``r`` in slot
+    ``r % rows``."""
+
+    axis: int
+    step: int
+    low: int
+    span: int
+    rows: int
+
+
+@dataclass(frozen=True)
+class Window:
+    """Copies made a window at a time instead of whole, so a plan's workspace stays within
+    WINDOW_BYTES per thread: a task is one value of each ``slab`` index and ``chunk``
+    consecutive values of ``index`` (an outer output index: a 3-D layer's first spatial
+    one).  ``lanes_inside``: the rings hold fewer rows than a chunk reads, so the task
+    runs the values in order, copying at each the rows it reads that the rings do not hold
+    yet, then running every lane block; otherwise the task copies the chunk's rows first,
+    then runs each lane block over the whole chunk (its panel stays in cache)."""
+
+    index: sympy.Idx
+    slab: tuple[sympy.Idx, ...]
+    chunk: int
+    lanes_inside: bool
 
 
 def copy_name(array: str) -> str:
@@ -740,8 +781,10 @@ def _channel_lanes(piece: Piece, width: int, registers: int, most_vectors: int |
                      for a in set(m.zero_outside) - set(n.zero_outside)}
             if added <= {c.array for c in haloed if c.halo}:
                 nests, copies = unbounded, haloed
-        whole = ChannelLanes(lane, block, min(most_rows, extent(block)), vectors, nests,
-                             copies=copies, transposed=piece.position[-1] == block)
+        whole = _windowed(ChannelLanes(lane, block, min(most_rows, extent(block)), vectors,
+                                       nests, copies=copies,
+                                       transposed=piece.position[-1] == block),
+                          piece.indices, width)
         # a weight (packs less than it writes), or rows long enough to fill register blocks:
         # a ResNet layer at 14x14 with 256 channels has a weight larger than its output
         if extent(lane) * depth <= outputs or extent(block) >= most_rows:
@@ -798,6 +841,80 @@ def _copies(nests: Sequence[LoopNest], free, lane, block, fmas: int) -> tuple[Co
             if math.prod(copy.shape(shape)) <= MAX_COPY_SHARE * fmas:
                 found.append(copy)
     return tuple(found)
+
+
+WINDOW_ELEMENTS = 1 << 18  # a plan's rings per thread hold at most this many: 1 MiB of float32
+WINDOW_TASKS = 8           # tasks a window's chunks make at least, where the outer indices allow
+
+
+def _windowed(chosen: ChannelLanes, indices, width: int) -> ChannelLanes:
+    """``chosen`` with its copies held in rings a window at a time (see Window): over the
+    first outer index whose rings fit WINDOW_ELEMENTS, the outer indices before it each a
+    slab (an axis of its own in every copy).  As it is where none fits: a 1-D layer has
+    no outer index but its batch, whose one row is the whole copy of an item."""
+    if not chosen.copies or chosen.chunking is not None:
+        return chosen
+    outer = [i for i in indices if i not in (chosen.lane, chosen.block)]
+    lane_blocks = ceil_div(extent(chosen.lane), chosen.vectors * width)
+    for at, index in enumerate(outer):
+        slab = tuple(outer[:at])
+        found = [_ring_rows(copy, chosen, indices, slab, index) for copy in chosen.copies]
+        if None in found:
+            continue
+        pieces_per_slab = ceil_div(WINDOW_TASKS, math.prod(extent(u) for u in slab))
+        chunk = ceil_div(extent(index), min(pieces_per_slab, extent(index)))
+        rings, planes = [], []
+        for axis, step, low, span, plane in found:
+            whole = (chunk - 1) * step + span
+            fits = whole * plane * len(found) <= WINDOW_ELEMENTS
+            rows = whole if fits and lane_blocks > 1 else span
+            rings.append(Ring(axis, step, low, span, rows))
+            planes.append(rows * plane)
+        if sum(planes) > WINDOW_ELEMENTS:
+            continue
+        lanes_inside = any(r.rows < (chunk - 1) * r.step + r.span for r in rings)
+        copies = tuple(replace(c, ring=r) for c, r in zip(chosen.copies, rings))
+        return replace(chosen, copies=copies, window=Window(index, slab, chunk, lanes_inside))
+    return chosen
+
+
+def _ring_rows(copy: Copy, chosen: ChannelLanes, indices, slab, index):
+    """(axis, step, low, span, elements per row) of a ring of ``copy`` over the window
+    ``index`` (see Ring), or None: every read's axis before the ring's (but the moved one)
+    a slab index alone, the ring's axis ``step*index`` plus loop indices only and not the
+    last (a row's copy runs along that), the axes after it free of the slab and the
+    window index."""
+    reads = _broadcast_reads(chosen.nests, chosen.lane)[copy.array]
+    shape = [int(d) for d in reads[0][1].base.shape]
+    halo = copy.halo or ((0, 0),) * len(shape)
+    found = set()
+    for nest, read in reads:
+        loops = {loop.index for loop in nest.loops}
+        box = nest_box(nest, indices)
+        along = [a for a, p in enumerate(read.indices) if index in sympy.sympify(p).free_symbols]
+        if len(along) != 1:
+            return None
+        axis, position = along[0], sympy.expand(read.indices[along[0]])
+        num, den = integer_form(position)
+        step = linear_parts(num)[0].get(index, 0)
+        rest = sympy.expand(position - step * index)
+        if den != 1 or step < 1 or not rest.free_symbols <= loops or axis == len(shape) - 1:
+            return None
+        for a, p in enumerate(read.indices):
+            used = sympy.sympify(p).free_symbols & {index, *slab}
+            if a == axis or (a == copy.axis and not used):
+                continue
+            if a < axis and p not in slab or a > axis and used:
+                return None
+        low, high = (int(v) + halo[axis][0] for v in value_range(rest, box))
+        found.add((axis, int(step), low, high))
+    if len({(axis, step) for axis, step, _, _ in found}) != 1:
+        return None
+    axis, step = next(iter(found))[:2]
+    low = min(f[2] for f in found)
+    span = max(f[3] for f in found) - low + 1
+    return axis, step, low, span, math.prod(replace(copy, ring=Ring(axis, 0, 0, 0, 0))
+                                            .row_shape(shape))
 
 
 def _rows_crowd_copy(reads, shape, halo, axis: int, block) -> bool:
@@ -1259,7 +1376,14 @@ def describe(piece: Piece, chosen: Plan) -> str:
         extra = "".join(f"; {c.array} copied" + (f" with axis {c.axis} innermost"
                                                   if c.axis is not None else "")
                         + (" with a zero halo" if c.halo else "")
+                        + (f", {c.ring.rows} row{'s' * (c.ring.rows > 1)} of axis "
+                           f"{c.ring.axis} at a time per thread" if c.ring else "")
                         for c in chosen.copies)
+        window = chosen.window
+        if window is not None:
+            extra += (f"; tasks of {window.chunk} {window.index.label}, rows copied "
+                      + (f"as each {window.index.label} comes" if window.lanes_inside
+                         else "first"))
         return (f"{where}implicit GEMM: vector lanes along {chosen.lane.label} (panels of "
                 f"{chosen.vectors} vectors{packed}), {chosen.rows} rows of {chosen.block.label} "
                 f"broadcast per register block{extra}")
