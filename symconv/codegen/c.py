@@ -327,7 +327,7 @@ def emit_scalar_piece(out: Writer, fn: IndexSum, piece: schedule.Piece, dtype: s
 
 def emit_copy(out: Writer, copy: schedule.Copy, shape: list[int],
               transpose: tuple[str, int] | None = None, row: dict[int, str] | None = None,
-              target: str | None = None) -> None:
+              target: str | None = None, span: tuple[str, str] | None = None) -> None:
     """Fill a copy (schedule.Copy) in one pass: each element the array's, or zero in the
     halo.  With an axis moved, the last axis goes in tiles of COPY_TILE, the moved axis
     inside a tile: each read then is a run of neighbours along the array's last axis, not
@@ -335,12 +335,15 @@ def emit_copy(out: Writer, copy: schedule.Copy, shape: list[int],
     ``transpose`` (a vector prelude's (function, width): sc_transpose16_ps moves a width x
     width block), the rows inside the array move their channels in such blocks instead
     (see _emit_transposed_rows).  With ``row`` (axis: its position in the copy, as C), one
-    row of a ring (schedule.Ring) at ``target``, on the calling thread."""
+    row of a ring (schedule.Ring) at ``target``, on the calling thread; with ``span`` (the
+    C names of a first and a past-the-last position of the last axis), those rows, each at
+    its offset from the first."""
     name = target or schedule.copy_name(copy.array)
     row = row or {}
     padded = copy.row_shape(shape) if row else copy.shape(shape)
     halo = copy.halo or [(0, 0)] * len(shape)
     last = len(shape) - 1
+    first, stop = span or ("0", str(copy.shape(shape)[last]))
     for a, position in row.items():
         out.line(f"const int64_t sc_x{a} = {position};")
     order = [a for a in range(len(shape)) if a != copy.axis and a not in row]
@@ -352,9 +355,11 @@ def emit_copy(out: Writer, copy: schedule.Copy, shape: list[int],
         tasks = math.prod(padded[a] for a in order[:loops])
         omp_parallel(out, f"parallel for collapse({loops}) {omp_schedule(tasks)}")
     for a in order:
-        out.open(f"for (int64_t sc_x{a} = 0; sc_x{a} < {padded[a]}; ++sc_x{a})")
+        start, end = (first, stop) if a == last else (0, padded[a])
+        out.open(f"for (int64_t sc_x{a} = {start}; sc_x{a} < {end}; ++sc_x{a})")
     place = sympy.IndexedBase(name, shape=padded)[
-        tuple(sympy.Integer(0) if a in row else sympy.Symbol(f"sc_x{a}")
+        tuple(sympy.Integer(0) if a in row else
+              sympy.Symbol(f"sc_x{a}") - (sympy.Symbol(first) if span and a == last else 0)
               for a in range(len(shape)))]
     source = sympy.IndexedBase(copy.array, shape=shape)[
         tuple(sympy.Symbol(f"sc_x{a}") - halo[a][0] for a in range(len(shape)))]
@@ -366,13 +371,14 @@ def emit_copy(out: Writer, copy: schedule.Copy, shape: list[int],
     element = f"{name}[{flat_offset(place, copy.axis)}] = {value};"
     if tiled and transpose is not None and copy.axis != last and halo[copy.axis] == (0, 0):
         _emit_transposed_rows(out, copy, shape, padded, name, place, source, element,
-                              [inside[a] for a in (*row, *order) if a in inside], transpose)
+                              [inside[a] for a in (*row, *order) if a in inside and a != last],
+                              transpose, (first, stop))
     elif tiled:
-        out.open(f"for (int64_t sc_t = 0; sc_t < {padded[last]}; sc_t += {COPY_TILE})")
+        out.open(f"for (int64_t sc_t = {first}; sc_t < {stop}; sc_t += {COPY_TILE})")
         out.open(f"for (int64_t sc_x{copy.axis} = 0; sc_x{copy.axis} < {padded[copy.axis]}; "
                  f"++sc_x{copy.axis})")
         out.open(f"for (int64_t sc_x{last} = sc_t; sc_x{last} < sc_min(sc_t + {COPY_TILE}, "
-                 f"{padded[last]}); ++sc_x{last})")
+                 f"{stop}); ++sc_x{last})")
         out.line(element)
         for _ in range(3):
             out.close()
@@ -384,12 +390,13 @@ def emit_copy(out: Writer, copy: schedule.Copy, shape: list[int],
 
 def _emit_transposed_rows(out: Writer, copy: schedule.Copy, shape, padded, name: str,
                           place, source, element: str, row_inside: list[str],
-                          transpose: tuple[str, int]) -> None:
-    """One row of a copy with its channels (axis ``copy.axis``) moved innermost: where the
-    row lies inside the array, its positions inside in blocks of ``width`` positions x
-    ``width`` channels, each block transposed in registers (the channels past the last whole
-    block, and the lead, element by element); the halo's positions, and rows outside, one
-    position at a time, all channels innermost."""
+                          transpose: tuple[str, int], span: tuple[str, str]) -> None:
+    """One row of a copy with its channels (axis ``copy.axis``) moved innermost, its
+    positions ``span`` (C: first, past the last): where the row lies inside the array, its
+    positions inside in blocks of ``width`` positions x ``width`` channels, each block
+    transposed in registers (the channels past the last whole block, and the lead, element
+    by element); the halo's positions, and rows outside, one position at a time, all
+    channels innermost."""
     function, width = transpose
     axis, last = copy.axis, len(shape) - 1
     low, size = copy.halo[last][0] if copy.halo else 0, shape[last]
@@ -409,11 +416,13 @@ def _emit_transposed_rows(out: Writer, copy: schedule.Copy, shape, padded, name:
         out.close()
         out.close()
 
-    out.line("int64_t sc_w = 0;")
+    first, stop = span
+    out.line(f"int64_t sc_w = {first};")
     out.open(f"if ({' && '.join(f'({c})' for c in row_inside)})" if row_inside else "")
-    columns("0", f"{low}")
-    out.line(f"sc_w = {low};")
-    out.open(f"for (; sc_w + {width} <= {low + size}; sc_w += {width})")
+    halo_stop = _min_text(str(low), stop)
+    columns("sc_w", halo_stop)
+    out.line(f"sc_w = {_max_text('sc_w', halo_stop)};")
+    out.open(f"for (; sc_w + {width} <= {_min_text(str(low + size), stop)}; sc_w += {width})")
     out.line(f"for (int64_t sc_c = 0; sc_c < {whole}; sc_c += {width}) "
              f"{function}({copy.array} + {src}, {src_stride}, "
              f"{name} + {dst}, {dst_stride});")
@@ -421,7 +430,18 @@ def _emit_transposed_rows(out: Writer, copy: schedule.Copy, shape, padded, name:
         columns("sc_w", f"sc_w + {width}", whole)
     out.close()
     out.close()
-    columns("sc_w", f"{padded[last]}")
+    columns("sc_w", stop)
+
+
+def _min_text(a: str, b: str) -> str:
+    """C for the smaller of two integers, folded where both are numbers."""
+    return str(min(int(a), int(b))) if a.lstrip("-").isdigit() and b.lstrip("-").isdigit() \
+        else f"sc_min({a}, {b})"
+
+
+def _max_text(a: str, b: str) -> str:
+    return str(max(int(a), int(b))) if a.lstrip("-").isdigit() and b.lstrip("-").isdigit() \
+        else f"sc_max({a}, {b})"
 
 
 MOVE_COST = 8      # loop iterations an element moved into a panel or a copy costs, about

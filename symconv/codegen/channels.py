@@ -274,9 +274,11 @@ def _full_range(index) -> tuple[str, str, str]:
     return str(index.label), str(lo), str(hi)
 
 
-def _emit_lane_blocks(e: _Emission, loops: Sequence[tuple[str, str, str]]) -> None:
+def _emit_lane_blocks(e: _Emission, loops: Sequence[tuple[str, str, str]],
+                      starts: tuple[str, str] | None = None) -> None:
     """For each lane block, for the (variable, first, last) ``loops`` in order, every
-    register block along the block index."""
+    register block along the block index (with ``starts``, C for a first and a last
+    position: the blocks that start between them)."""
     out, chosen, span = e.out, e.chosen, e.span
     block = chosen.block
     out.open(f"for (int64_t sc_lb = 0; sc_lb < {e.lane_blocks}; ++sc_lb)")
@@ -289,8 +291,12 @@ def _emit_lane_blocks(e: _Emission, loops: Sequence[tuple[str, str, str]]) -> No
     tested = [replace(n, zero_outside=_padded(n, chosen)) for n in chosen.nests]
     inside = interior(tested, e.piece.indices, block)
     for first, count, rows, guarded in block_runs(extent(block), chosen.rows, inside):
-        last = first + (count - 1) * rows
-        out.open(f"for (int64_t {block.label} = {first}; {block.label} <= {last}; "
+        start, last = f"{first}", f"{first + (count - 1) * rows}"
+        if starts is not None:
+            start = f"sc_max({first}, {first} + ({starts[0]} - {first} + {rows - 1}) / {rows} * " \
+                f"{rows})"
+            last = f"sc_min({last}, {starts[1]})"
+        out.open(f"for (int64_t {block.label} = {start}; {block.label} <= {last}; "
                  f"{block.label} += {rows})")
         _emit_block(e, rows, guarded)
         out.close()
@@ -301,10 +307,10 @@ def _emit_lane_blocks(e: _Emission, loops: Sequence[tuple[str, str, str]]) -> No
 def _emit_window(e: _Emission) -> None:
     """The blocks by tasks of schedule.Window: each task takes its thread's rings, marks
     them empty, and runs its chunk of the window index, copying rows as they are needed
-    (``lanes_inside``) or all of the chunk's first."""
+    (``lanes_inside``) or all of the chunk's first (over the block index: as one range)."""
     out, piece, chosen, window = e.out, e.piece, e.chosen, e.chosen.window
     outer = [i for i in piece.indices if i not in (chosen.lane, chosen.block)]
-    rest = [_full_range(i) for i in outer[outer.index(window.index) + 1:]]
+    rest = [_full_range(i) for i in outer[len(window.slab) + 1:]]
     lo, hi = index_range(window.index)
     chunks = ceil_div(extent(window.index), window.chunk)
     parallel = threaded(out, work(piece.nests, piece.indices))
@@ -316,14 +322,22 @@ def _emit_window(e: _Emission) -> None:
         out.open("for (int64_t {0} = {1}; {0} <= {2}; ++{0})".format(*_full_range(u)))
     out.open(f"for (int64_t sc_wc = 0; sc_wc < {chunks}; ++sc_wc)")
     worker = "(size_t)omp_get_thread_num()" if parallel else "0"
+    out.line(f"const int64_t sc_w0 = {lo} + sc_wc * {window.chunk}, "
+             f"sc_w1 = sc_min(sc_w0 + {window.chunk - 1}, {hi});")
     ringed = [c for c in chosen.copies if c.ring is not None]
     for c in ringed:
         out.line(f"{e.ctype} *const {_ring(c)} = {_rings(c)} + {worker} * {_ring_size(e, c)};")
-        out.line(f"int64_t sc_held_{c.array}[{c.ring.rows}];")
-        out.line(f"for (int64_t sc_s = 0; sc_s < {c.ring.rows}; ++sc_s) "
-                 f"sc_held_{c.array}[sc_s] = -1;")
-    out.line(f"const int64_t sc_w0 = {lo} + sc_wc * {window.chunk}, "
-             f"sc_w1 = sc_min(sc_w0 + {window.chunk - 1}, {hi});")
+        if c.ring.ranged:
+            _emit_ring_range(e, c)
+        else:
+            out.line(f"int64_t sc_held_{c.array}[{c.ring.rows}];")
+            out.line(f"for (int64_t sc_s = 0; sc_s < {c.ring.rows}; ++sc_s) "
+                     f"sc_held_{c.array}[sc_s] = -1;")
+    if window.index == chosen.block:
+        _emit_lane_blocks(e, rest, ("sc_w0", "sc_w1"))
+        for _ in (*window.slab, None):
+            out.close()
+        return
     w = str(window.index.label)
     out.open(f"for (int64_t {w} = sc_w0; {w} <= sc_w1; ++{w})")
     for c in ringed:
@@ -343,16 +357,33 @@ def _ring(copy: schedule.Copy) -> str:
     return f"sc_ring_{copy.array}"
 
 
+def _slab_rows(e: _Emission, copy: schedule.Copy) -> dict[int, str]:
+    """Each axis before a ring's (but the moved one) at the task's slab position, as C."""
+    shape = _shapes(e)[copy.array]
+    read = next(r for n in e.nests for r in n.broadcast if str(r.base.label) == copy.array)
+    halo = copy.halo or ((0, 0),) * len(shape)
+    return {a: f"{c_affine(sympy.expand(read.indices[a] + halo[a][0]))}"
+            for a in range(copy.ring.axis) if a != copy.axis}
+
+
+def _emit_ring_range(e: _Emission, copy: schedule.Copy) -> None:
+    """Copy a block window's rows, the task's first ``sc_lo_<array>`` on, all at once."""
+    ring, shape = copy.ring, _shapes(e)[copy.array]
+    first, stop = f"sc_lo_{copy.array}", f"sc_hi_{copy.array}"
+    e.out.line(f"const int64_t {first} = {ring.step} * sc_w0 + {ring.low}, "
+               f"{stop} = sc_min({first} + {ring.rows}, {copy.shape(shape)[ring.axis]});")
+    e.out.open()
+    emit_copy(e.out, copy, shape, e.simd.transpose, _slab_rows(e, copy), _ring(copy),
+              (first, stop))
+    e.out.close()
+
+
 def _emit_ring_rows(e: _Emission, copy: schedule.Copy) -> None:
     """Copy into the ring the rows the window index's current value reads that it does not
     hold yet."""
     out, ring = e.out, copy.ring
     shape = _shapes(e)[copy.array]
-    read = next(r for n in e.nests for r in n.broadcast if str(r.base.label) == copy.array)
-    halo = copy.halo or ((0, 0),) * len(shape)
-    row = {a: f"{c_affine(sympy.expand(read.indices[a] + halo[a][0]))}"
-           for a in range(ring.axis) if a != copy.axis}
-    row[ring.axis] = "sc_row"
+    row = {**_slab_rows(e, copy), ring.axis: "sc_row"}
     first = c_affine(ring.step * e.chosen.window.index + ring.low)
     out.open(f"for (int64_t sc_row = {first}; sc_row < {first} + {ring.span}; ++sc_row)")
     out.line(f"const int64_t sc_slot = sc_row % {ring.rows};")
@@ -470,7 +501,8 @@ def _read_text(read: sympy.Indexed, copies: dict[str, schedule.Copy]) -> str:
     ring, row_shape = copy.ring, copy.row_shape(shape)
     in_row = sympy.IndexedBase(_ring(copy), shape=row_shape)[
         tuple(0 if a <= ring.axis and a != copy.axis else p for a, p in enumerate(at))]
-    slot = f"(({c_affine(sympy.expand(at[ring.axis]))}) % {ring.rows})"
+    position = c_affine(sympy.expand(at[ring.axis]))
+    slot = f"({position} - sc_lo_{name})" if ring.ranged else f"(({position}) % {ring.rows})"
     return f"{_ring(copy)}[{slot} * {math.prod(row_shape)} + {flat_offset(in_row, copy.axis)}]"
 
 

@@ -162,23 +162,26 @@ class Ring:
     at one position of ``axis`` (and of the slab axes before it, a convolution's batch
     index); the window index ``w`` reads the rows ``step*w + low`` .. ``+ span - 1``
     (positions in the copy, halo included), kept in ``rows`` slots, row ``r`` in slot
-    ``r % rows``."""
+    ``r % rows``; or, ``ranged`` (a window over the block index, whose axis is the last),
+    the task's rows in order from its first, copied all at once."""
 
     axis: int
     step: int
     low: int
     span: int
     rows: int
+    ranged: bool = False
 
 
 @dataclass(frozen=True)
 class Window:
     """Copies made a window at a time instead of whole, so a plan's workspace stays within
-    WINDOW_BYTES per thread: a task is one value of each ``slab`` index and ``chunk``
+    WINDOW_ELEMENTS per thread: a task is one value of each ``slab`` index and ``chunk``
     consecutive values of ``index`` (an outer output index: a 3-D layer's first spatial
-    one).  ``lanes_inside``: the rings hold fewer rows than a chunk reads, so the task
-    runs the values in order, copying at each the rows it reads that the rings do not hold
-    yet, then running every lane block; otherwise the task copies the chunk's rows first,
+    one; or the block index: the blocks that start in the chunk).  ``lanes_inside``: the
+    rings hold fewer rows than a chunk reads, so the task runs the values in order,
+    copying at each the rows it reads that the rings do not hold yet, then running every
+    lane block; otherwise the task copies the chunk's rows first,
     then runs each lane block over the whole chunk (its panel stays in cache)."""
 
     index: sympy.Idx
@@ -850,25 +853,32 @@ WINDOW_TASKS = 8           # tasks a window's chunks make at least, where the ou
 def _windowed(chosen: ChannelLanes, indices, width: int) -> ChannelLanes:
     """``chosen`` with its copies held in rings a window at a time (see Window): over the
     first outer index whose rings fit WINDOW_ELEMENTS, the outer indices before it each a
-    slab (an axis of its own in every copy).  As it is where none fits: a 1-D layer has
-    no outer index but its batch, whose one row is the whole copy of an item."""
+    slab (an axis of its own in every copy); else over the block index, every outer index
+    a slab (a 1-D layer: chunks of its positions).  As it is where none fits."""
     if not chosen.copies or chosen.chunking is not None:
         return chosen
     outer = [i for i in indices if i not in (chosen.lane, chosen.block)]
     lane_blocks = ceil_div(extent(chosen.lane), chosen.vectors * width)
-    for at, index in enumerate(outer):
+    for at, index in enumerate((*outer, chosen.block)):
         slab = tuple(outer[:at])
+        ranged = index == chosen.block
         found = [_ring_rows(copy, chosen, indices, slab, index) for copy in chosen.copies]
         if None in found:
             continue
         pieces_per_slab = ceil_div(WINDOW_TASKS, math.prod(extent(u) for u in slab))
         chunk = ceil_div(extent(index), min(pieces_per_slab, extent(index)))
+        if ranged:    # the blocks starting in a chunk read every row of it: all must fit
+            room = min((WINDOW_ELEMENTS // len(found) // plane - span) // step + 1
+                       for _, step, _, span, plane in found)
+            chunk = min(chunk, room)
+            if chunk < chosen.rows:
+                continue
         rings, planes = [], []
         for axis, step, low, span, plane in found:
             whole = (chunk - 1) * step + span
             fits = whole * plane * len(found) <= WINDOW_ELEMENTS
-            rows = whole if fits and lane_blocks > 1 else span
-            rings.append(Ring(axis, step, low, span, rows))
+            rows = whole if fits and (lane_blocks > 1 or ranged) else span
+            rings.append(Ring(axis, step, low, span, rows, ranged))
             planes.append(rows * plane)
         if sum(planes) > WINDOW_ELEMENTS:
             continue
@@ -881,9 +891,10 @@ def _windowed(chosen: ChannelLanes, indices, width: int) -> ChannelLanes:
 def _ring_rows(copy: Copy, chosen: ChannelLanes, indices, slab, index):
     """(axis, step, low, span, elements per row) of a ring of ``copy`` over the window
     ``index`` (see Ring), or None: every read's axis before the ring's (but the moved one)
-    a slab index alone, the ring's axis ``step*index`` plus loop indices only and not the
-    last (a row's copy runs along that), the axes after it free of the slab and the
-    window index."""
+    a slab index alone, the ring's axis ``step*index`` plus loop indices only, the axes
+    after it free of the slab and the window index.  Over the block index the ring's axis
+    must be the last (its rows are then copied as a range) and a row of the block reads
+    its own rows: the span covers a whole register block's."""
     reads = _broadcast_reads(chosen.nests, chosen.lane)[copy.array]
     shape = [int(d) for d in reads[0][1].base.shape]
     halo = copy.halo or ((0, 0),) * len(shape)
@@ -898,7 +909,8 @@ def _ring_rows(copy: Copy, chosen: ChannelLanes, indices, slab, index):
         num, den = integer_form(position)
         step = linear_parts(num)[0].get(index, 0)
         rest = sympy.expand(position - step * index)
-        if den != 1 or step < 1 or not rest.free_symbols <= loops or axis == len(shape) - 1:
+        if den != 1 or step < 1 or not rest.free_symbols <= loops or \
+                (axis == len(shape) - 1) != (index == chosen.block):
             return None
         for a, p in enumerate(read.indices):
             used = sympy.sympify(p).free_symbols & {index, *slab}
@@ -912,7 +924,8 @@ def _ring_rows(copy: Copy, chosen: ChannelLanes, indices, slab, index):
         return None
     axis, step = next(iter(found))[:2]
     low = min(f[2] for f in found)
-    span = max(f[3] for f in found) - low + 1
+    span = max(f[3] for f in found) - low + 1 + \
+        (step * (chosen.rows - 1) if index == chosen.block else 0)
     return axis, step, low, span, math.prod(replace(copy, ring=Ring(axis, 0, 0, 0, 0))
                                             .row_shape(shape))
 
