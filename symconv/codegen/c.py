@@ -419,10 +419,11 @@ def _emit_transposed_rows(out: Writer, copy: schedule.Copy, shape, padded, name:
     first, stop = span
     out.line(f"int64_t sc_w = {first};")
     out.open(f"if ({' && '.join(f'({c})' for c in row_inside)})" if row_inside else "")
-    halo_stop = _min_text(str(low), stop)
+    halo_stop = _extreme_text("sc_min", str(low), stop)
     columns("sc_w", halo_stop)
-    out.line(f"sc_w = {_max_text('sc_w', halo_stop)};")
-    out.open(f"for (; sc_w + {width} <= {_min_text(str(low + size), stop)}; sc_w += {width})")
+    out.line(f"sc_w = {_extreme_text('sc_max', 'sc_w', halo_stop)};")
+    out.open(f"for (; sc_w + {width} <= {_extreme_text('sc_min', str(low + size), stop)}; "
+             f"sc_w += {width})")
     out.line(f"for (int64_t sc_c = 0; sc_c < {whole}; sc_c += {width}) "
              f"{function}({copy.array} + {src}, {src_stride}, "
              f"{name} + {dst}, {dst_stride});")
@@ -433,15 +434,11 @@ def _emit_transposed_rows(out: Writer, copy: schedule.Copy, shape, padded, name:
     columns("sc_w", stop)
 
 
-def _min_text(a: str, b: str) -> str:
-    """C for the smaller of two integers, folded where both are numbers."""
-    return str(min(int(a), int(b))) if a.lstrip("-").isdigit() and b.lstrip("-").isdigit() \
-        else f"sc_min({a}, {b})"
-
-
-def _max_text(a: str, b: str) -> str:
-    return str(max(int(a), int(b))) if a.lstrip("-").isdigit() and b.lstrip("-").isdigit() \
-        else f"sc_max({a}, {b})"
+def _extreme_text(name: str, a: str, b: str) -> str:
+    """C for ``name`` (sc_min or sc_max) of two integers, folded where both are numbers."""
+    if a.lstrip("-").isdigit() and b.lstrip("-").isdigit():
+        return str((min if name == "sc_min" else max)(int(a), int(b)))
+    return fold([a, b], name)
 
 
 MOVE_COST = 8      # loop iterations an element moved into a panel or a copy costs, about

@@ -293,8 +293,7 @@ def _emit_lane_blocks(e: _Emission, loops: Sequence[tuple[str, str, str]],
     for first, count, rows, guarded in block_runs(extent(block), chosen.rows, inside):
         start, last = f"{first}", f"{first + (count - 1) * rows}"
         if starts is not None:
-            start = f"sc_max({first}, {first} + ({starts[0]} - {first} + {rows - 1}) / {rows} * " \
-                f"{rows})"
+            start = f"sc_max({first}, {first} + sc_ceildiv({starts[0]} - {first}, {rows}) * {rows})"
             last = f"sc_min({last}, {starts[1]})"
         out.open(f"for (int64_t {block.label} = {start}; {block.label} <= {last}; "
                  f"{block.label} += {rows})")
@@ -333,21 +332,19 @@ def _emit_window(e: _Emission) -> None:
             out.line(f"int64_t sc_held_{c.array}[{c.ring.rows}];")
             out.line(f"for (int64_t sc_s = 0; sc_s < {c.ring.rows}; ++sc_s) "
                      f"sc_held_{c.array}[sc_s] = -1;")
+    w = str(window.index.label)
     if window.index == chosen.block:
         _emit_lane_blocks(e, rest, ("sc_w0", "sc_w1"))
-        for _ in (*window.slab, None):
-            out.close()
-        return
-    w = str(window.index.label)
-    out.open(f"for (int64_t {w} = sc_w0; {w} <= sc_w1; ++{w})")
-    for c in ringed:
-        _emit_ring_rows(e, c)
-    if window.lanes_inside:
-        _emit_lane_blocks(e, rest)
-        out.close()
     else:
-        out.close()
-        _emit_lane_blocks(e, [(w, "sc_w0", "sc_w1"), *rest])
+        out.open(f"for (int64_t {w} = sc_w0; {w} <= sc_w1; ++{w})")
+        for c in ringed:
+            _emit_ring_rows(e, c)
+        if window.lanes_inside:
+            _emit_lane_blocks(e, rest)
+            out.close()
+        else:
+            out.close()
+            _emit_lane_blocks(e, [(w, "sc_w0", "sc_w1"), *rest])
     for _ in (*window.slab, None):
         out.close()
 

@@ -148,12 +148,13 @@ class Copy:
         return tuple(int(d) + lo + hi + (self.lead if a == self.axis else 0)
                      for a, (d, (lo, hi)) in enumerate(zip(shape, halo)))
 
-    def row_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
-        """The shape of one row of a ring (see Ring): the copy's, with extent 1 on the ring's
-        axis and on every axis before it but the moved one."""
-        whole = self.shape(shape)
-        return tuple(1 if a <= self.ring.axis and a != self.axis else d
-                     for a, d in enumerate(whole))
+    def row_shape(self, shape: Sequence[int], axis: int | None = None) -> tuple[int, ...]:
+        """The shape of one row of a ring (see Ring) along ``axis`` (the copy's ring's by
+        default): the copy's, with extent 1 on that axis and on every axis before it but the
+        moved one."""
+        axis = self.ring.axis if axis is None else axis
+        return tuple(1 if a <= axis and a != self.axis else d
+                     for a, d in enumerate(self.shape(shape)))
 
 
 @dataclass(frozen=True)
@@ -181,8 +182,8 @@ class Window:
     one; or the block index: the blocks that start in the chunk).  ``lanes_inside``: the
     rings hold fewer rows than a chunk reads, so the task runs the values in order,
     copying at each the rows it reads that the rings do not hold yet, then running every
-    lane block; otherwise the task copies the chunk's rows first,
-    then runs each lane block over the whole chunk (its panel stays in cache)."""
+    lane block; otherwise the task copies the chunk's rows first, then runs each lane block
+    over the whole chunk (its panel stays in cache)."""
 
     index: sympy.Idx
     slab: tuple[sympy.Idx, ...]
@@ -926,8 +927,7 @@ def _ring_rows(copy: Copy, chosen: ChannelLanes, indices, slab, index):
     low = min(f[2] for f in found)
     span = max(f[3] for f in found) - low + 1 + \
         (step * (chosen.rows - 1) if index == chosen.block else 0)
-    return axis, step, low, span, math.prod(replace(copy, ring=Ring(axis, 0, 0, 0, 0))
-                                            .row_shape(shape))
+    return axis, step, low, span, math.prod(copy.row_shape(shape, axis))
 
 
 def _rows_crowd_copy(reads, shape, halo, axis: int, block) -> bool:
