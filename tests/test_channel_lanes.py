@@ -600,7 +600,7 @@ def test_stride_phases_run_inside_shared_loops(compile_spec, rng):
     another inside one threaded loop over the batch and the channels, so the phases write
     each channel's rows while they are in cache; every element still from one phase, on any
     number of threads."""
-    from symconv.codegen.emit import shared_loops
+    from symconv.codegen.schedule import shared_loops
     spec = ConvSpec((3, 16, 97, 82), (16, 1, 3, 3), stride=2, padding=1, groups=16)
     for target in ("x86-64-v4", "x86-64-v3"):
         plans = compiler.compilation(spec, target).plans["grad_input"]
@@ -625,6 +625,66 @@ def test_stride_phases_run_inside_shared_loops(compile_spec, rng):
     few = compiler.compilation(ConvSpec((1, 4, 33, 30), (4, 1, 3, 3), stride=2, padding=1,
                                         groups=4), "x86-64-v4").plans["grad_input"]
     assert all(isinstance(c, schedule.OutputLanes) for _, c in few) and shared_loops(few) == ()
+
+
+def test_large_outputs_stage_each_task_and_stream_it():
+    """A stride-2 depthwise input gradient the size of MobileNetV2's (8 x 144 x 56 x 56) stages
+    each task's plane (its four phases, every other element each) in L1 and streams it out;
+    its forward's output (a quarter the size) and smaller layers store in place, and so do
+    channel-lane plans and tasks whose outputs would not fit the stage."""
+    def stages(spec, name):
+        return {c.stage for _, c in _compiled(spec).plans[name]}
+    mbv2 = ConvSpec((8, 144, 56, 56), (144, 1, 3, 3), stride=2, padding=1, groups=144)
+    assert stages(mbv2, "grad_input") == {schedule.Stage(3, 56 * 56)}
+    assert stages(mbv2, "forward") == {None}
+    assert stages(replace(mbv2, input_shape=(4, 144, 56, 56)), "grad_input") == {None}
+    assert stages(ConvSpec((8, 144, 112, 112), (144, 1, 3, 3), stride=2, padding=1,
+                           groups=144), "grad_input") == {None}       # 12544 per plane
+    dense = ConvSpec((8, 64, 56, 56), (64, 64, 3, 3), padding=1)
+    assert not hasattr(_compiled(dense).plans["grad_input"][0][1], "stage")
+    ((piece, chosen),) = _compiled(replace(mbv2, stride=1)).plans["forward"]
+    assert chosen.stage == schedule.Stage(3, 56 * 56)
+    assert "outputs staged in L1 and streamed out" in schedule.describe(piece, chosen)
+
+
+@pytest.mark.parametrize("spec", [
+    ConvSpec((3, 8, 27, 22), (8, 1, 3, 3), stride=2, padding=1, groups=8),
+    ConvSpec((3, 8, 13, 21), (8, 1, 3, 3), padding=1, groups=8, dtype="float64"),
+], ids=["phases", "float64"])
+@pytest.mark.parametrize("shift", [0, 3])
+def test_staged_outputs_against_the_oracle(spec, shift, tmp_path, monkeypatch, rng):
+    """Staged outputs forced on small layers (STREAM_ELEMENTS lowered): a stride-2 input
+    gradient's four phases fill each plane's stage between them, and a stride-1 forward and
+    input gradient fill theirs alone; planes of 594 and 273 elements and outputs ``shift``
+    elements past a 64-byte line take the plain stores before and after the streamed lines.
+    Against the oracle, and bit-identical on 1, 2 and 3 threads."""
+    monkeypatch.setattr(schedule, "STREAM_ELEMENTS", 1000)
+    plans = compiler.compilation(spec, "x86-64-v4").plans
+    assert all(c.stage is not None for _, c in plans["grad_input"])
+    assert {c.stage is not None for _, c in plans["forward"]} == \
+        {math.prod(spec.output_shape) >= 1000}
+    kernel = compiler.compile_conv(spec, cache_dir=tmp_path)
+    assert "sc_stream_" in _function_text(kernel, "grad_input")
+    x, w, b, gy = random_arrays(spec, rng)
+    expected = conv_forward(x, w, b, *oracle_args(spec))
+    grad = conv_backward(x, w, gy, *oracle_args(spec))[0]
+
+    def shifted(shape):
+        """NaNs, and an array over them ``shift`` elements past a 64-byte line."""
+        buffer = np.full(math.prod(shape) + 64, np.nan, spec.dtype)
+        start = (-buffer.ctypes.data) % 64 // buffer.itemsize + shift
+        return buffer, start, buffer[start:start + math.prod(shape)].reshape(shape)
+
+    for kernel in runnable_variants(kernel):
+        buffer, start, out = shifted(spec.input_shape)
+        one = kernel.grad_input(w, gy, out=out, threads=1)
+        assert_close(one, grad, spec.dtype, f"{kernel.variant.target} grad_input")
+        assert np.isnan(buffer[:start]).all() and np.isnan(buffer[start + one.size:]).all()
+        _, _, out = shifted(spec.output_shape)
+        assert_close(kernel.forward(x, w, b, out=out, threads=1), expected, spec.dtype,
+                     f"{kernel.variant.target} forward")
+        for threads in (2, 3):
+            np.testing.assert_array_equal(kernel.grad_input(w, gy, threads=threads), one)
 
 
 @pytest.mark.parametrize("open_batch", [False, True])

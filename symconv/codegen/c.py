@@ -301,10 +301,12 @@ def parallel(out: Writer, loops: Sequence[sympy.Idx], work: int) -> None:
         omp_parallel(out, f"parallel for collapse({len(loops)}) {omp_schedule(iterations)}")
 
 
-def output_offset(fn: IndexSum, piece: schedule.Piece) -> sympy.Expr:
-    """C-order offset of the output element a piece computes, in the piece's indices."""
+def output_offset(fn: IndexSum, piece: schedule.Piece, axes: slice = slice(None)) -> sympy.Expr:
+    """C-order offset of the output element a piece computes, in the piece's indices: the
+    part its ``axes`` make."""
     strides = c_order_strides(fn.output.shape)
-    return sympy.expand(sum(stride * p for stride, p in zip(strides, piece.position)))
+    return sympy.expand(sum(stride * p for stride, p in
+                            list(zip(strides, piece.position))[axes]))
 
 
 def emit_scalar_piece(out: Writer, fn: IndexSum, piece: schedule.Piece, dtype: str) -> None:

@@ -15,7 +15,7 @@ from .c import (C_TYPES, PARALLEL_WORK, PRELUDE, CFunction, CSource, Writer, c_n
                 emit_scalar_piece, parallel, work)
 from .isa import SIMD_PRELUDE, Simd
 from .channels import emit_channel_lanes
-from .vector import emit_output_lanes, emit_reduction_lanes
+from .vector import close_stage, emit_output_lanes, emit_reduction_lanes, open_stage
 
 def emit_function(function: SumFunction, dtype: str, isa: str | None = None,
                   prefix: str = "symconv_", choice: str | None = None) -> tuple[str, CFunction]:
@@ -91,16 +91,19 @@ def emit_pieces(out: Writer, fn, dtype: str, vector: Simd | None,
                 choice: str | None = None) -> list:
     """Every piece of a sum's output by the plan its schedule chose (``choice`` where it
     fits); the (piece, plan) list.  Pieces that share their outer loops (see
-    :func:`shared_loops`) run inside one set of them."""
-    plans = [(piece, schedule.plan(piece, vector.width if vector else None,
-                                   vector.registers if vector else 0, choice))
-             for piece in schedule.pieces(fn)]
-    shared = shared_loops(plans)
+    :func:`schedule.shared_loops`) run inside one set of them."""
+    plans = schedule.staged([(piece, schedule.plan(piece, vector.width if vector else None,
+                                                   vector.registers if vector else 0, choice))
+                             for piece in schedule.pieces(fn)], fn.output.shape)
+    shared = schedule.shared_loops(plans)
+    stage = plans[0][1].stage if shared else None     # else each piece stages its own
     if shared:
         parallel(out, shared, sum(work(c.nests, p.indices) for p, c in plans))
         for idx in shared:
             lo, hi = index_range(idx)
             out.open(f"for (int64_t {idx.label} = {lo}; {idx.label} <= {hi}; ++{idx.label})")
+    if stage:
+        open_stage(out, stage, vector)
     for piece, chosen in plans:
         out.open()
         out.line(f"/* {schedule.describe(piece, chosen).replace('*/', '* /')} */")
@@ -113,32 +116,11 @@ def emit_pieces(out: Writer, fn, dtype: str, vector: Simd | None,
         else:
             emit_scalar_piece(out, fn, piece, dtype)
         out.close()
+    if stage:
+        close_stage(out, fn, plans[0][0], stage, vector)
     for _ in shared:
         out.close()
     return plans
-
-
-def shared_loops(plans) -> tuple:
-    """The leading indices over which every piece of a sum loops outside its register
-    blocks, where the pieces are stride phases that all run output lanes (no copies): the
-    phases then run one after another for each value of them.  A stride-2 depthwise input
-    gradient's four phases each write every other element of the same rows; run whole one
-    after another, each phase brought every line of the output from memory again
-    (mbv2-dw-s2 in the bench, its arrays out of cache: 2.9 -> 1.6 ms at 1 thread)."""
-    if len(plans) < 2 or not all(isinstance(c, schedule.OutputLanes) and not c.copies
-                                 for _, c in plans):
-        return ()
-    shared = []
-    for column in zip(*(p.indices for p, _ in plans)):
-        if any(i != column[0] for i in column) or \
-                any(column[0] in (c.lane, c.block) for _, c in plans):
-            break
-        shared.append(column[0])
-    # too few tasks to thread (3d-64-s2's input gradient shares its batch of 1 alone: at 2
-    # threads 2.8 ms shared, 1.44 ms with each phase threading its own loops)
-    if math.prod(schedule.extent(i) for i in shared) < schedule.GEMM_TASKS:
-        return ()
-    return tuple(shared)
 
 
 def _item_call(item: str, function: SumFunction, batched: set[str], n: str, target: str,

@@ -1,6 +1,6 @@
 /* sc_avx2.h: AVX2 + FMA helpers pasted after sc_scalar.h into vector builds (isa.py
    spells single intrinsics inline): horizontal sums, stride-2 loads, stores of a vector's
-   first elements, an 8 x 8 transpose. */
+   first elements, an 8 x 8 transpose, streamed stores. */
 #include <immintrin.h>
 
 static inline float sc_hsum_ps(__m256 v) {
@@ -97,3 +97,6 @@ static inline void sc_transpose8_ps(const float *src, int64_t ss, float *dst, in
         _mm256_storeu_ps(dst + (4 + m) * ds, _mm256_permute2f128_ps(u[m], u[4 + m], 0x31));
     }
 }
+
+SC_STREAM(ps, float, 8, _mm256_loadu_ps, _mm256_stream_ps)
+SC_STREAM(pd, double, 4, _mm256_loadu_pd, _mm256_stream_pd)

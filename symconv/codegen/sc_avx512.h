@@ -1,5 +1,6 @@
 /* sc_avx512.h: AVX-512 helpers pasted after sc_scalar.h into vector builds (isa.py
-   spells single intrinsics inline): stride-2 loads and stores, a 16 x 16 transpose. */
+   spells single intrinsics inline): stride-2 loads and stores, a 16 x 16 transpose, streamed
+   stores. */
 #include <immintrin.h>
 
 /* Every other element, p[0], p[2], ...: two loads and one two-source permute; the second
@@ -83,3 +84,6 @@ static inline void sc_transpose16_ps(const float *src, int64_t ss, float *dst, i
         _mm512_storeu_ps(dst + (12 + m) * ds, _mm512_shuffle_f32x4(high, high2, 0xDD));
     }
 }
+
+SC_STREAM(ps, float, 16, _mm512_loadu_ps, _mm512_stream_ps)
+SC_STREAM(pd, double, 8, _mm512_loadu_pd, _mm512_stream_pd)

@@ -24,3 +24,16 @@ static inline void *sc_alloc(size_t bytes) {
     return aligned;
 }
 static inline void sc_free(void *aligned) { if (aligned) free(((void **)aligned)[-1]); }
+
+/* sc_stream_<sfx>(dst, src, n), which the vector headers define with their intrinsics: n
+   elements from src to dst by non-temporal stores, past the caches (schedule.Stage). Plain
+   stores up to dst's first 64-byte line and after its last whole vector, then a fence: the
+   task's stores are visible to every thread once it ends. */
+#define SC_STREAM(sfx, type, lanes, load, stream)                                      \
+    static inline void sc_stream_##sfx(type *dst, const type *src, int64_t n) {        \
+        int64_t i = 0;                                                                  \
+        for (; i < n && ((uintptr_t)(dst + i) & 63); ++i) dst[i] = src[i];              \
+        for (; i + (lanes) <= n; i += (lanes)) stream(dst + i, load(src + i));          \
+        for (; i < n; ++i) dst[i] = src[i];                                             \
+        _mm_sfence();                                                                   \
+    }

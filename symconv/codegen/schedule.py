@@ -81,7 +81,8 @@ read from a copy with the lane's axis innermost (filled before the blocks run). 
     A ``window`` is the innermost loop of a nest whose one vector read moves with the rows
     and it alike (a depthwise layer's taps down the rows): the block loads each of the
     ``rows + taps - 1`` rows it reads once and adds it into every row that reads it, instead
-    of each row loading its own for every tap."""
+    of each row loading its own for every tap.  A ``stage`` holds each task's output in L1
+    until the task has written all of it (see Stage)."""
 
     lane: sympy.Idx
     block: sympy.Idx | None
@@ -91,6 +92,20 @@ read from a copy with the lane's axis innermost (filled before the blocks run). 
     copies: tuple["Copy", ...] = ()
     bounded: tuple[str, ...] = ()
     window: sympy.Idx | None = None
+    stage: "Stage | None" = None
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A task's output staged in L1 and streamed out.  The task fixes the output's first
+    ``dims`` axes, so it writes the ``elements`` after them, one contiguous run; its blocks
+    store into a per-thread buffer that size, which then goes to memory by non-temporal
+    stores: no line of the output is read for ownership first, and none evicts the inputs.
+    For outputs too large to stay in cache between calls; a stride-2 input gradient's
+    phases (every other element each) fill the stage between them."""
+
+    dims: int
+    elements: int
 
 
 @dataclass(frozen=True)
@@ -1291,6 +1306,61 @@ def _reduction_lanes(piece: Piece, width: int, budget: int) -> ReductionLanes | 
     return ReductionLanes(lane, tuple(zip(blocks, rows)))
 
 
+# --- a function's pieces together -----------------------------------------------------------------
+
+def shared_loops(plans) -> tuple:
+    """The leading indices over which every piece of a sum loops outside its register
+    blocks, where the pieces are stride phases that all run output lanes (no copies): the
+    phases then run one after another for each value of them.  A stride-2 depthwise input
+    gradient's four phases each write every other element of the same rows; run whole one
+    after another, each phase brought every line of the output from memory again
+    (mbv2-dw-s2 in the bench, its arrays out of cache: 2.9 -> 1.6 ms at 1 thread)."""
+    if len(plans) < 2 or not all(isinstance(c, OutputLanes) and not c.copies
+                                 for _, c in plans):
+        return ()
+    shared = []
+    for column in zip(*(p.indices for p, _ in plans)):
+        if any(i != column[0] for i in column) or \
+                any(column[0] in (c.lane, c.block) for _, c in plans):
+            break
+        shared.append(column[0])
+    # too few tasks to thread (3d-64-s2's input gradient shares its batch of 1 alone: at 2
+    # threads 2.8 ms shared, 1.44 ms with each phase threading its own loops)
+    if math.prod(extent(i) for i in shared) < GEMM_TASKS:
+        return ()
+    return tuple(shared)
+
+
+STAGE_ELEMENTS = 4096       # a task's output staged in L1 at most: 16 KiB of float32
+STREAM_ELEMENTS = 3 << 20   # outputs this large (12 MiB of float32) are streamed out
+
+
+def staged(plans, shape: Sequence[int]) -> list:
+    """A function's (piece, plan) list with each task's output staged (see Stage) where the
+    output has STREAM_ELEMENTS or more, every piece runs output lanes without copies, and
+    the tasks (the shared loops of stride phases, or a lone piece's loops outside its
+    blocks) fix the output's leading axes, leaving at most STAGE_ELEMENTS to each.  A
+    stride-2 depthwise input gradient (mbv2-dw-s2: 8 x 144 x 56 x 56, its four phases each
+    storing every other element of a plane) took 2.3 ms at 1 thread, 1.1 ms staged.  An
+    output that stays in cache between calls loses by it: the same layer at a batch of 4
+    (7.2 MB) went 0.39 -> 0.58 ms, a 2 MB stride-1 depthwise forward 0.11 -> 0.21 ms; so
+    the threshold, about what a core can count on of a 32 MiB L3 shared with others."""
+    if math.prod(shape) < STREAM_ELEMENTS or \
+            not all(isinstance(c, OutputLanes) and not c.copies for _, c in plans):
+        return plans
+    shared = shared_loops(plans)
+    if len(plans) > 1 and not shared:
+        return plans
+    for piece, chosen in plans:
+        task = shared or tuple(i for i in piece.indices if i not in (chosen.lane, chosen.block))
+        if piece.indices[:len(task)] != task or piece.position[:len(task)] != task:
+            return plans
+    elements = math.prod(shape[len(task):])
+    if elements > STAGE_ELEMENTS:
+        return plans
+    return [(p, replace(c, stage=Stage(len(task), elements))) for p, c in plans]
+
+
 # --- cost model --------------------------------------------------------------------------------
 # Cycles per piece, in units of one vector FMA.  For the two plans of a long summation (a
 # weight gradient): the FMAs (empty lanes included), one cycle per vector loaded or broadcast
@@ -1406,6 +1476,9 @@ def describe(piece: Piece, chosen: Plan) -> str:
             rows += f" sharing their loads over {chosen.window.label}"
         copied = "".join(f"; {c.array} copied with axis {c.axis} innermost"
                          for c in chosen.copies)
+        if chosen.stage is not None:
+            copied += (f"; each task's {chosen.stage.elements} outputs staged in L1 and "
+                       f"streamed out")
         return (f"{where}vector lanes along {chosen.lane.label} ({chosen.vectors} vectors"
                 f"{rows} per register block{copied})")
     if isinstance(chosen, ReductionLanes):

@@ -197,6 +197,9 @@ def emit_output_lanes(out: Writer, fn: IndexSum, piece: schedule.Piece,
         lo, hi = index_range(idx)
         out.open(f"for (int64_t {idx.label} = {lo}; "
                  f"{idx.label} <= {hi}; ++{idx.label})")
+    stage = chosen.stage if not bound else None     # shared loops: the caller's stage
+    if stage:
+        open_stage(out, stage, simd)
     for first, count, vectors, masked in runs:
         block_shape = block_shapes[vectors, masked]
         step = block_shape.vectors * simd.width
@@ -219,10 +222,26 @@ def emit_output_lanes(out: Writer, fn: IndexSum, piece: schedule.Piece,
                                    replace(block_shape, rows=rows), guarded, exact=True)
                 out.close()
         out.close()
+    if stage:
+        close_stage(out, fn, piece, stage, simd)
     for _ in outer:
         out.close()
     if chosen.copies:
         out.close()
+
+
+def open_stage(out: Writer, stage: schedule.Stage, simd: Simd) -> None:
+    """Open a task's stage: the buffer, on the thread's stack, its blocks store into."""
+    out.open()
+    out.line(f"{C_TYPES[simd.dtype]} sc_stage[{stage.elements}] __attribute__((aligned(64)));")
+
+
+def close_stage(out: Writer, fn: IndexSum, piece: schedule.Piece, stage: schedule.Stage,
+                simd: Simd) -> None:
+    """Stream a task's stage to its place in the output, and close it."""
+    start = c_affine(output_offset(fn, piece, slice(stage.dims)))
+    out.line(f"sc_stream_{simd.sfx}({fn.output.name} + {start}, sc_stage, {stage.elements});")
+    out.close()
 
 
 def _emit_lane_copies(out: Writer, fn: IndexSum, copies, ctype: str) -> None:
@@ -332,8 +351,10 @@ def _output_lane_block(out, fn, piece, chosen, simd, block_shape: _BlockShape,
         for _ in range(opened):
             out.close()
 
-    # store the block
-    offset = output_offset(fn, piece)
+    # store the block (into the task's stage from its first element on, if it has one)
+    stage = chosen.stage
+    offset = output_offset(fn, piece, slice(stage.dims if stage else 0, None))
+    target = "sc_stage" if stage else fn.output.name
     out_stride = int(linear_parts(offset)[0].get(lane, 0))
     for r in range(rows):
         row_offset = offset.xreplace({block: row_vars[r]}) if block is not None else offset
@@ -341,7 +362,7 @@ def _output_lane_block(out, fn, piece, chosen, simd, block_shape: _BlockShape,
             out.open(f"if ({block.label} + {r} <= {index_range(block)[1]})")
         for q in range(vectors):
             at = c_affine(row_offset.xreplace({lane: lane_at[q]}))
-            pointer = f"{fn.output.name} + {at}"
+            pointer = f"{target} + {at}"
             mask = f"sc_valid{q}" if masked else None
             if out_stride == 1:
                 out.line(simd.store(pointer, accs[r][q], mask))
@@ -353,9 +374,9 @@ def _output_lane_block(out, fn, piece, chosen, simd, block_shape: _BlockShape,
                 out.line(simd.store("sc_t", accs[r][q], None))
                 limit = f"sc_l <= {lane_hi} - sc_lane{q}" if masked else None
                 loop = f"for (int sc_l = 0; sc_l < {width}; ++sc_l)"
-                out.line(f"{loop} {{ if ({limit}) {fn.output.name}[{at} + {out_stride}*sc_l] = "
+                out.line(f"{loop} {{ if ({limit}) {target}[{at} + {out_stride}*sc_l] = "
                          f"sc_t[sc_l]; }}" if limit else
-                         f"{loop} {fn.output.name}[{at} + {out_stride}*sc_l] = sc_t[sc_l];")
+                         f"{loop} {target}[{at} + {out_stride}*sc_l] = sc_t[sc_l];")
                 out.close()
         if partial_rows:
             out.close()
