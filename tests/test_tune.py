@@ -62,6 +62,27 @@ def test_plan_options_cover_every_piece_of_a_function():
     assert plan_options(functions["grad_weight"], "float32", None) == []
 
 
+def test_staging_an_output_is_a_choice_both_ways():
+    """Whether an output stays in cache between calls depends on the machine: a tuner may
+    stage a small depthwise layer's output (its candidate checked against the oracle
+    below), or store a large one's in place."""
+    from symconv.tune import Tuning
+
+    def functions(spec):
+        return {f.name: f for f in compiler.compilation(spec, "x86-64-v4").functions}
+    small = functions(SPECS[3])
+    assert "staged-output" in plan_options(small["forward"], "float32", "avx512")
+    assert "staged-output" in plan_options(small["grad_input"], "float32", "avx512")
+    large = ConvSpec((8, 144, 56, 56), (144, 1, 3, 3), stride=2, padding=1, groups=144)
+    options = plan_options(functions(large)["grad_input"], "float32", "avx512")
+    assert "output-in-place" in options and "staged-output" not in options
+    compiled = compiler.compilation(large, "x86-64-v4")
+    assert all(c.stage is not None for _, c in compiled.plans["grad_input"])
+    compiled.apply(Tuning("x86-64-v4", 1, {"grad_input": "output-in-place"}, {}))
+    assert all(c.stage is None for _, c in compiled.plans["grad_input"])
+    assert "sc_stream_ps(a_grad_input" not in compiled.sources["x86-64-v4"].text
+
+
 # --- every candidate against the oracle -----------------------------------------------------------
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.slug)

@@ -94,7 +94,7 @@ def emit_pieces(out: Writer, fn, dtype: str, vector: Simd | None,
     :func:`schedule.shared_loops`) run inside one set of them."""
     plans = schedule.staged([(piece, schedule.plan(piece, vector.width if vector else None,
                                                    vector.registers if vector else 0, choice))
-                             for piece in schedule.pieces(fn)], fn.output.shape)
+                             for piece in schedule.pieces(fn)], fn.output.shape, choice)
     shared = schedule.shared_loops(plans)
     stage = plans[0][1].stage if shared else None     # else each piece stages its own
     if shared:
@@ -201,9 +201,13 @@ def plan_options(function: SumFunction, dtype: str, isa: str | None) -> list[str
     if isa is None:
         return []
     vector = Simd(isa, dtype)
+    fn = c_namespace(function).sum
     found = set()
-    for piece in schedule.pieces(c_namespace(function).sum):
+    for piece in schedule.pieces(fn):
         found.update(schedule.options(piece, vector.width, vector.registers))
+    defaults = [(piece, schedule.plan(piece, vector.width, vector.registers))
+                for piece in schedule.pieces(fn)]
+    found.update(schedule.stage_options(defaults, fn.output.shape))
     return [c for c in schedule.CHOICES if c in found]
 
 

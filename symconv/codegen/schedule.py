@@ -237,12 +237,15 @@ Plan = Scalar | OutputLanes | ReductionLanes | ChannelLanes
 PLAN_KINDS = (ChannelLanes, OutputLanes, ReductionLanes)
 """The vector plans in the order they are tried: the first that fits a piece runs it."""
 
+STAGE_CHOICES = ("staged-output", "output-in-place")
 CHOICES = ("channel-lanes", "channel-lanes-1v", "channel-lanes-3v", "channel-lanes-partial",
-           "output-lanes", "reduction-lanes")
+           "output-lanes", "reduction-lanes", *STAGE_CHOICES)
 """The plans a tuner may ask a piece for by name (see :func:`options`): each vector plan
 kind, channel lanes with at most one vector per register block (more rows) or three, and
 channel lanes over fewer channels than fill the vectors (the fallback where no vector plan
-fits, e.g. a 3-channel input's gradient in channels-last layout)."""
+fits, e.g. a 3-channel input's gradient in channels-last layout); and for a function's
+pieces together, their output staged or stored in place whatever its size (see
+:func:`staged`: whether an output stays in cache depends on the machine)."""
 
 KIND_CHOICE = {ChannelLanes: "channel-lanes", OutputLanes: "output-lanes",
                ReductionLanes: "reduction-lanes"}
@@ -478,7 +481,7 @@ def plan(piece: Piece, width: int | None, registers: int = 16,
     if width is None or not piece.nests or not piece.indices:
         return Scalar()
     makers = _makers(piece, width, registers)
-    if choice is not None:
+    if choice is not None and choice not in STAGE_CHOICES:
         if choice not in makers:
             raise ValueError(f"unknown plan choice {choice!r}; expected one of {CHOICES}")
         chosen = makers[choice]()
@@ -1335,9 +1338,11 @@ STAGE_ELEMENTS = 4096       # a task's output staged in L1 at most: 16 KiB of fl
 STREAM_ELEMENTS = 3 << 20   # outputs this large (12 MiB of float32) are streamed out
 
 
-def staged(plans, shape: Sequence[int]) -> list:
+def staged(plans, shape: Sequence[int], choice: str | None = None) -> list:
     """A function's (piece, plan) list with each task's output staged (see Stage) where the
-    output has STREAM_ELEMENTS or more, every piece runs output lanes without copies, and
+    output has STREAM_ELEMENTS or more (or whatever its size, by the ``choice``
+    "staged-output"; never, by "output-in-place"), every piece runs output lanes without
+    copies, and
     the tasks (the shared loops of stride phases, or a lone piece's loops outside its
     blocks) fix the output's leading axes, leaving at most STAGE_ELEMENTS to each.  A
     stride-2 depthwise input gradient (mbv2-dw-s2: 8 x 144 x 56 x 56, its four phases each
@@ -1345,7 +1350,8 @@ def staged(plans, shape: Sequence[int]) -> list:
     output that stays in cache between calls loses by it: the same layer at a batch of 4
     (7.2 MB) went 0.39 -> 0.58 ms, a 2 MB stride-1 depthwise forward 0.11 -> 0.21 ms; so
     the threshold, about what a core can count on of a 32 MiB L3 shared with others."""
-    if math.prod(shape) < STREAM_ELEMENTS or \
+    large = math.prod(shape) >= STREAM_ELEMENTS
+    if not (large or choice == "staged-output") or choice == "output-in-place" or \
             not all(isinstance(c, OutputLanes) and not c.copies for _, c in plans):
         return plans
     shared = shared_loops(plans)
@@ -1359,6 +1365,15 @@ def staged(plans, shape: Sequence[int]) -> list:
     if elements > STAGE_ELEMENTS:
         return plans
     return [(p, replace(c, stage=Stage(len(task), elements))) for p, c in plans]
+
+
+def stage_options(plans, shape: Sequence[int]) -> list[str]:
+    """The choice that stages a function's output where its default does not, or stores it
+    in place where the default stages it; none where the pieces cannot be staged."""
+    default = staged(plans, shape)
+    if default is not plans:
+        return ["output-in-place"]
+    return ["staged-output"] if staged(plans, shape, "staged-output") is not plans else []
 
 
 # --- cost model --------------------------------------------------------------------------------
