@@ -55,11 +55,14 @@ def _padded_mask(simd: "Simd", exprs, lane, lane_value, replace, base: str) -> s
 
 @dataclass(frozen=True)
 class _BlockShape:
-    """One shape of output-lane block: rows x vectors accumulators, masked at the edges."""
+    """One shape of output-lane block: rows x vectors accumulators, masked at the edges;
+    ``tail``: some of its lanes lie past the lane index's range (the last run's), so its
+    lanes are masked by that too, not only by the reads' padding."""
 
     rows: int
     vectors: int
     masked: bool
+    tail: bool = True
 
 
 @dataclass(frozen=True)
@@ -201,7 +204,8 @@ def emit_output_lanes(out: Writer, fn: IndexSum, piece: schedule.Piece,
     if stage:
         open_stage(out, stage, simd)
     for first, count, vectors, masked in runs:
-        block_shape = block_shapes[vectors, masked]
+        block_shape = replace(block_shapes[vectors, masked],
+                              tail=first + count * vectors * simd.width > index_range(lane)[1] + 1)
         step = block_shape.vectors * simd.width
         last = first + (count - 1) * step
         out.open(f"for (int64_t {lane_name} = {first}; {lane_name} <= {last}; "
@@ -309,7 +313,7 @@ def _output_lane_block(out, fn, piece, chosen, simd, block_shape: _BlockShape,
     lane_at = [sympy.Symbol(f"sc_lane{q}") for q in range(vectors)]
     for q in range(vectors):
         out.line(f"const int64_t sc_lane{q} = {lane_name} + {q * width};")
-    if masked:
+    if masked and block_shape.tail:
         for q in range(vectors):
             out.line(f"const {simd.mask} sc_valid{q} = "
                      f"{simd.nonnegative(f'{lane_hi} - sc_lane{q}', -1)};")
@@ -363,7 +367,7 @@ def _output_lane_block(out, fn, piece, chosen, simd, block_shape: _BlockShape,
         for q in range(vectors):
             at = c_affine(row_offset.xreplace({lane: lane_at[q]}))
             pointer = f"{target} + {at}"
-            mask = f"sc_valid{q}" if masked else None
+            mask = f"sc_valid{q}" if masked and block_shape.tail else None
             if out_stride == 1:
                 out.line(simd.store(pointer, accs[r][q], mask))
             elif simd.wide:
@@ -499,9 +503,12 @@ def _define_load_masks(b: _Block, loops: _NestLoops, domain, loads, depth: int,
             continue
         names = []
         for q, lane_at in enumerate(b.lane_at):
-            conds = [f"sc_valid{q}"] + ([domain[q]] if domain else []) + \
+            conds = [f"sc_valid{q}"] * b.shape.tail + ([domain[q]] if domain else []) + \
                     [_lane_condition(simd, e, lane, lane_at) for e in exprs
                      if e not in trusted]
+            if not conds:       # every lane reads: an unmasked load (AVX2's masked ones
+                names.append(None)          # cost 2-3x as much on Zen 4)
+                continue
             name = f"sc_l{loops.number}_{a}_{depth}_{q}"
             out.line(f"const {simd.mask} {name} = {_and_all(simd, conds)};")
             names.append(name)
