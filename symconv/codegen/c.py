@@ -327,21 +327,31 @@ def emit_scalar_piece(out: Writer, fn: IndexSum, piece: schedule.Piece, dtype: s
         out.close()
 
 
+@dataclass(frozen=True)
+class CopyPart:
+    """The part of a copy :func:`emit_copy` fills on the calling thread: one row of a ring
+    (schedule.Ring), ``row`` giving the position in the copy (C) of each axis before the
+    row's, stored at ``target``; with ``span`` (the C names of a first and a past-the-last
+    position of the last axis), the rows of those positions, each at its offset from the
+    first."""
+
+    row: dict[int, str]
+    target: str
+    span: tuple[str, str] | None = None
+
+
 def emit_copy(out: Writer, copy: schedule.Copy, shape: list[int],
-              transpose: tuple[str, int] | None = None, row: dict[int, str] | None = None,
-              target: str | None = None, span: tuple[str, str] | None = None) -> None:
-    """Fill a copy (schedule.Copy) in one pass: each element the array's, or zero in the
-    halo.  With an axis moved, the last axis goes in tiles of COPY_TILE, the moved axis
-    inside a tile: each read then is a run of neighbours along the array's last axis, not
-    one element per channel plane (planes 4 KiB apart crowd one L1 set).  With
-    ``transpose`` (a vector prelude's (function, width): sc_transpose16_ps moves a width x
-    width block), the rows inside the array move their channels in such blocks instead
-    (see _emit_transposed_rows).  With ``row`` (axis: its position in the copy, as C), one
-    row of a ring (schedule.Ring) at ``target``, on the calling thread; with ``span`` (the
-    C names of a first and a past-the-last position of the last axis), those rows, each at
-    its offset from the first."""
-    name = target or schedule.copy_name(copy.array)
-    row = row or {}
+              transpose: tuple[str, int] | None = None, part: CopyPart | None = None) -> None:
+    """Fill a copy (schedule.Copy) in one pass, or ``part`` of it: each element the
+    array's, or zero in the halo.  With an axis moved, the last axis goes in tiles of
+    COPY_TILE, the moved axis inside a tile: each read then is a run of neighbours along
+    the array's last axis, not one element per channel plane (planes 4 KiB apart crowd one
+    L1 set).  With ``transpose`` (a vector prelude's (function, width): sc_transpose16_ps
+    moves a width x width block), the rows inside the array move their channels in such
+    blocks instead (see _emit_transposed_rows)."""
+    name = part.target if part else schedule.copy_name(copy.array)
+    row = part.row if part else {}
+    span = part.span if part else None
     padded = copy.row_shape(shape) if row else copy.shape(shape)
     halo = copy.halo or [(0, 0)] * len(shape)
     last = len(shape) - 1

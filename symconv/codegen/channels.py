@@ -24,9 +24,9 @@ from ..symbolic.affine import ceil_div
 from ..symbolic.ir import IndexSum, index_range
 from ..symbolic.lowering import LoopNest, nest_box
 from . import schedule
-from .c import (C_TYPES, MOVE_COST, BodyPrinter, Writer, bound_text, c_affine, c_nonnegative,
-                condition_text, emit_copy, emit_scalar_piece, flat_offset, omp_parallel,
-                omp_schedule, output_offset, threaded, work)
+from .c import (C_TYPES, MOVE_COST, BodyPrinter, CopyPart, Writer, bound_text, c_affine,
+                c_nonnegative, condition_text, emit_copy, emit_scalar_piece, flat_offset,
+                omp_parallel, omp_schedule, output_offset, threaded, work)
 from .isa import Simd
 from .schedule import copy_name, extent, in_range_exprs
 from .vector import block_runs, depends, interior, number_text, over_lanes
@@ -187,9 +187,13 @@ def _copy_buffers(e: _Emission) -> list[tuple[str, str]]:
     """(name, elements) of the copies the plan makes: whole, or a ring per thread."""
     shapes = _shapes(e)
     return [(copy_name(c.array), f"{math.prod(c.shape(shapes[c.array]))}")
-            if c.ring is None else
-            (_rings(c), f"(size_t)(sc_threads > 1 ? sc_threads : 1) * {_ring_size(e, c)}")
+            if c.ring is None else (_rings(c), _per_thread(_ring_size(e, c)))
             for c in e.chosen.copies]
+
+
+def _per_thread(elements: int) -> str:
+    """C for a buffer of ``elements`` for each thread of the call (one where unthreaded)."""
+    return f"(size_t)(sc_threads > 1 ? sc_threads : 1) * {elements}"
 
 
 def _rings(copy: schedule.Copy) -> str:
@@ -370,8 +374,8 @@ def _emit_ring_range(e: _Emission, copy: schedule.Copy) -> None:
     e.out.line(f"const int64_t {first} = {ring.step} * sc_w0 + {ring.low}, "
                f"{stop} = sc_min({first} + {ring.rows}, {copy.shape(shape)[ring.axis]});")
     e.out.open()
-    emit_copy(e.out, copy, shape, e.simd.transpose, _slab_rows(e, copy), _ring(copy),
-              (first, stop))
+    emit_copy(e.out, copy, shape, e.simd.transpose,
+              CopyPart(_slab_rows(e, copy), _ring(copy), (first, stop)))
     e.out.close()
 
 
@@ -388,7 +392,7 @@ def _emit_ring_rows(e: _Emission, copy: schedule.Copy) -> None:
     out.line(f"sc_held_{copy.array}[sc_slot] = sc_row;")
     out.line(f"{e.ctype} *const sc_dst = {_ring(copy)} + sc_slot * "
              f"{math.prod(copy.row_shape(shape))};")
-    emit_copy(out, copy, shape, e.simd.transpose, row, "sc_dst")
+    emit_copy(out, copy, shape, e.simd.transpose, CopyPart(row, "sc_dst"))
     out.close()
     out.close()
 
@@ -577,7 +581,7 @@ def _emit_chunked(e: _Emission) -> None:
     groups = ceil_div(extent(block), chunking.group)
     parallel = threaded(out, work(piece.nests, piece.indices))
     copies = _copy_buffers(e)
-    buffers = [("sc_work", f"(size_t)(sc_threads > 1 ? sc_threads : 1) * {per_thread}")] + \
+    buffers = [("sc_work", _per_thread(per_thread))] + \
         ([("sc_tiles", f"{lane_blocks * groups * parts * tile_size}")] if parts > 1 else []) + \
         copies
     _allocate(e, buffers)
