@@ -7,8 +7,8 @@
 
 For every case it times forward, grad_input and grad_weight(+bias) — each the
 median of repeated runs after a warm-up — for symconv (into reused ``out=``
-buffers, and into fresh arrays) and for torch, the libraries' kernels run in turn
-round by round so that every ratio compares timings of the same moments (on a shared
+buffers, and into fresh arrays) and for torch, the libraries' kernels taking turns of a
+few calls each so that every ratio compares timings of the same minutes (on a shared
 machine the load drifts by more between separate timings), and prints times, GFLOP/s, the
 percentage of this machine's FMA peak (measured here by a small C loop), the
 ratio (torch in its faster layout)/symconv per pass and for the sum, and the compile time of each
@@ -161,18 +161,23 @@ def timed(fn, repeat: int) -> float:
     return statistics.median(samples)
 
 
+TURN_CALLS = 3   # timed calls per turn, after one untimed
+
+
 def timed_in_turn(fns: dict, repeat: int) -> dict[str, float]:
-    """Median seconds of each function, all run in turn ``repeat`` times after a warm-up:
-    they see the same machine (on a shared one, load drifts between separate timings by
-    more than most differences between them)."""
-    for fn in fns.values():
-        fn()
+    """Median seconds of each function over at least ``repeat`` runs, the functions taking
+    turns: in each round, each runs once untimed, then TURN_CALLS times timed.  So they see
+    the same machine (on a shared one, load drifts between separate timings by more than
+    most differences between them), and each is timed as it runs back to back (the call
+    before it, not the other library's, left the caches and the threads)."""
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeat):
+    for _ in range(math.ceil(repeat / TURN_CALLS)):
         for name, fn in fns.items():
-            start = time.perf_counter()
             fn()
-            samples[name].append(time.perf_counter() - start)
+            for _ in range(TURN_CALLS):
+                start = time.perf_counter()
+                fn()
+                samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
