@@ -7,9 +7,7 @@
 
 For every case it times forward, grad_input and grad_weight(+bias) — each the
 median of repeated runs after a warm-up — for symconv (into reused ``out=``
-buffers, and into fresh arrays) and for torch, the libraries' kernels taking turns of a
-few calls each so that every ratio compares timings of the same minutes (on a shared
-machine the load drifts by more between separate timings), and prints times, GFLOP/s, the
+buffers, and into fresh arrays) and for torch, and prints times, GFLOP/s, the
 percentage of this machine's FMA peak (measured here by a small C loop), the
 ratio (torch in its faster layout)/symconv per pass and for the sum, and the compile time of each
 case.  The 4-D case has no torch layer: its baseline is NumPy im2col + matmul.
@@ -23,7 +21,7 @@ and output arrays (N, *spatial, C), what torch's channels_last memory holds): th
 Every case also runs through a batch-open package (the same spec with its
 batch left to run time, ``input_shape=(None, ...)``: what the graph and the
 bindings compile): the ``open`` column, and ``open/fixed``, its time over the
-fixed-batch package's.
+fixed-batch package's, the two timed in turn so that both see the same load.
 """
 
 from __future__ import annotations
@@ -161,24 +159,17 @@ def timed(fn, repeat: int) -> float:
     return statistics.median(samples)
 
 
-TURN_CALLS = 3   # timed calls per turn, after one untimed
-
-
-def timed_in_turn(fns: dict, repeat: int) -> dict[str, float]:
-    """Median seconds of each function over at least ``repeat`` runs, the functions taking
-    turns: in each round, each runs once untimed, then TURN_CALLS times timed.  So they see
-    the same machine (on a shared one, load drifts between separate timings by more than
-    most differences between them), and each is timed as it runs back to back (the call
-    before it, not the other library's, left the caches and the threads)."""
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(math.ceil(repeat / TURN_CALLS)):
-        for name, fn in fns.items():
+def timed_pair(first, second, repeat: int) -> tuple[float, float]:
+    """Median seconds of each of two functions run in turn ``repeat`` times after a warm-up:
+    both see the same machine (on a shared one, load drifts between separate timings)."""
+    first(), second()
+    samples: tuple[list, list] = ([], [])
+    for _ in range(repeat):
+        for fn, times in zip((first, second), samples):
+            start = time.perf_counter()
             fn()
-            for _ in range(TURN_CALLS):
-                start = time.perf_counter()
-                fn()
-                samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(times) for name, times in samples.items()}
+            times.append(time.perf_counter() - start)
+    return statistics.median(samples[0]), statistics.median(samples[1])
 
 
 def _trim_heap() -> None:
@@ -329,13 +320,14 @@ def run_case(case: Case, threads_list, repeat: int, torch, cache_dir: str, peaks
                  np.ascontiguousarray(np.moveaxis(gy, 1, -1)))
         channels_last = symconv_passes(last_kernel, last_spec, moved, threads, fresh=False)
         for name in PASSES:
-            with _torch_grad(torch, enabled=False):
-                entry = timed_in_turn({"symconv": mine[name], "symconv_open": opened[name],
-                                       "symconv_cl": channels_last[name],
-                                       **{label: passes[name]
-                                          for label, passes in baselines.items()}}, repeat)
-            entry["symconv_fresh"] = timed(fresh[name], repeat)
-            entry["symconv_work_mib"] = workspace_mib(fresh[name])
+            fixed_seconds, open_seconds = timed_pair(mine[name], opened[name], repeat)
+            entry = {"symconv": fixed_seconds, "symconv_open": open_seconds,
+                     "symconv_fresh": timed(fresh[name], repeat),
+                     "symconv_cl": timed(channels_last[name], repeat),
+                     "symconv_work_mib": workspace_mib(fresh[name])}
+            for label, passes in baselines.items():
+                with _torch_grad(torch, enabled=False):
+                    entry[label] = timed(passes[name], repeat)
             row[name] = entry
         row["sum"] = {k: sum(row[p][k] for p in PASSES) for k in row["forward"]
                       if not k.endswith("_mib")}
