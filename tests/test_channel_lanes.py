@@ -710,6 +710,28 @@ def test_staged_outputs_against_the_oracle(spec, shift, tmp_path, monkeypatch, r
             np.testing.assert_array_equal(kernel.grad_input(w, gy, threads=threads), one)
 
 
+def test_a_batch_open_map_stages_its_items_once_the_batch_is_large(tmp_path, monkeypatch,
+                                                                   rng):
+    """A batch-open input gradient whose items' planes could be staged keeps a staged copy
+    of its item and runs it where the batch's output reaches STREAM_ELEMENTS (lowered here
+    to 10000: 2 items of 8 x 27 x 22 stay in place, 3 are staged).  Against the oracle on
+    both sides, on 1 and 2 threads."""
+    monkeypatch.setattr(schedule, "STREAM_ELEMENTS", 10000)
+    spec = ConvSpec((None, 8, 27, 22), (8, 1, 3, 3), stride=2, padding=1, groups=8)
+    kernel = compiler.compile_conv(spec, cache_dir=tmp_path)
+    text = kernel.source
+    assert f"sc_batch * {8 * 27 * 22} >= 10000 ? sc_item_" in text
+    assert "_grad_input_staged(" in text and "_grad_weight_staged(" not in text
+    for batch in (2, 3):
+        fixed = replace(spec, input_shape=(batch, 8, 27, 22))
+        x, w, _, gy = random_arrays(fixed, rng)
+        expected = conv_backward(x, w, gy, *oracle_args(fixed))[0]
+        for variant in runnable_variants(kernel):
+            for threads in (1, 2):
+                got = variant.backward(None, w, gy, wrt=("input",), threads=threads)[0]
+                assert_close(got, expected, spec.dtype, f"{variant.variant.target} {batch}")
+
+
 @pytest.mark.parametrize("open_batch", [False, True])
 def test_nan_and_infinity_where_the_definition_puts_them(open_batch, cache_dir):
     """A plan skips products with padding zeros, which are NaN when the other factor is not

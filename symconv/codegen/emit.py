@@ -70,9 +70,19 @@ def emit_function(function: SumFunction, dtype: str, isa: str | None = None,
         emit_pieces(out, fn, dtype, vector, choice)
         out.close()
         out.threads_from_caller = False
+    staged_item = None
+    if maps and choice is None and \
+            "staged-output" in schedule.stage_options(plans, fn.output.shape):
+        # a large batch makes the output too large for the cache, which one item is not: a
+        # copy of the item that stages its output, for the batches that do (see emit_batch_map)
+        staged_item = f"{item}_staged"
+        out.open(f"static void {staged_item}({', '.join(params)})")
+        emit_pieces(out, fn, dtype, vector, "staged-output")
+        out.close()
     batched = {f"a_{a}" for a in batch.arrays}
     if maps:
-        emit_batch_map(out, symbol, item, named, batched, ctype, item_work, item_threaded)
+        emit_batch_map(out, symbol, item, named, batched, ctype, item_work, item_threaded,
+                       staged_item)
     else:
         emit_batch_sum(out, symbol, item, threaded_item, named, batched, ctype, item_work)
     plain = plain_params(named, ctype) + ([] if maps else [f"{ctype} *sc_scratch"])
@@ -138,15 +148,22 @@ def _batch_params(function: SumFunction, ctype: str) -> str:
 
 
 def emit_batch_map(out: Writer, symbol: str, item: str, function: SumFunction,
-                   batched: set[str], ctype: str, item_work: int, item_threaded: bool) -> None:
+                   batched: set[str], ctype: str, item_work: int, item_threaded: bool,
+                   staged_item: str | None = None) -> None:
     """``symbol``: the item function over a batch of ``sc_batch`` items, its output too
     advanced item by item.  Threads run across items once the batch is work enough, unless
     the item threads itself (``item_threaded``) and the items would share the threads
     unevenly; no OpenMP region is entered when the batch runs on one thread.  Each element
-    is computed by one thread, so no thread count changes a result."""
+    is computed by one thread, so no thread count changes a result.  A ``staged_item``
+    runs instead where the batch's output reaches schedule.STREAM_ELEMENTS."""
     output = function.sum.output
     out.open(f"void {symbol}({_batch_params(function, ctype)}, int64_t sc_batch, "
              f"int sc_threads)")
+    if staged_item is not None:
+        types = ", ".join([f"const {ctype} *" for _ in function.args] + [f"{ctype} *", "int"])
+        out.line(f"void (*const sc_run)({types}) = sc_batch * {math.prod(output.shape)} >= "
+                 f"{schedule.STREAM_ELEMENTS} ? {staged_item} : {item};")
+        item = "sc_run"
     target = f"{output.name} + sc_n * {math.prod(output.shape)}"
     across = f"sc_threads > 1 && sc_batch * {item_work} >= {PARALLEL_WORK}"
     if item_threaded:
