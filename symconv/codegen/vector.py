@@ -313,7 +313,8 @@ def _output_lane_block(out, fn, piece, chosen, simd, block_shape: _BlockShape,
     lane_at = [sympy.Symbol(f"sc_lane{q}") for q in range(vectors)]
     for q in range(vectors):
         out.line(f"const int64_t sc_lane{q} = {lane_name} + {q * width};")
-    if masked and block_shape.tail:
+    past_end = masked and block_shape.tail      # lanes past the range: stored under sc_valid
+    if past_end:
         for q in range(vectors):
             out.line(f"const {simd.mask} sc_valid{q} = "
                      f"{simd.nonnegative(f'{lane_hi} - sc_lane{q}', -1)};")
@@ -367,7 +368,7 @@ def _output_lane_block(out, fn, piece, chosen, simd, block_shape: _BlockShape,
         for q in range(vectors):
             at = c_affine(row_offset.xreplace({lane: lane_at[q]}))
             pointer = f"{target} + {at}"
-            mask = f"sc_valid{q}" if masked and block_shape.tail else None
+            mask = f"sc_valid{q}" if past_end else None
             if out_stride == 1:
                 out.line(simd.store(pointer, accs[r][q], mask))
             elif simd.wide:
@@ -376,7 +377,7 @@ def _output_lane_block(out, fn, piece, chosen, simd, block_shape: _BlockShape,
                 out.open()
                 out.line(f"{ctype} sc_t[{width}];")
                 out.line(simd.store("sc_t", accs[r][q], None))
-                limit = f"sc_l <= {lane_hi} - sc_lane{q}" if masked else None
+                limit = f"sc_l <= {lane_hi} - sc_lane{q}" if past_end else None
                 loop = f"for (int sc_l = 0; sc_l < {width}; ++sc_l)"
                 out.line(f"{loop} {{ if ({limit}) {target}[{at} + {out_stride}*sc_l] = "
                          f"sc_t[sc_l]; }}" if limit else
