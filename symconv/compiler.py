@@ -283,7 +283,8 @@ def _load_or_build(spec, cache_dir, target, tune: bool) -> tuple[Kernel, Compila
         sources = {name: source.text for name, source in compiled.sources.items()}
         try:
             build.write_package(staging, path.name, sources, compiled.cdef,
-                                compiled.manifest(), config)
+                                compiled.manifest(), config, build.Preludes(
+                                    {name: s.prelude for name, s in compiled.sources.items()}))
         except GeneratedCodeError as error:
             raise InternalError(_bug_report(root / "bug-reports" / path.name, spec, sources,
                                             error)) from None

@@ -106,8 +106,9 @@ def _build(compiled, timed: Mapping[str, list[str]], variant, config,
     module = f"_symconv_tune_{digest}"
     (directory / SOURCE).write_text(source.text)
     single = {**config, "variants": [replace(variant, source=SOURCE).to_json()]}
-    extension = load_extension(build.compile_extension(directory, module, source.cdef, single),
-                               module)
+    preludes = build.Preludes({variant.target: source.prelude})
+    extension = load_extension(build.compile_extension(directory, module, source.cdef, single,
+                                                       preludes), module)
     manifest = compiled.manifest()
     shapes = {name: tuple(entry["shape"]) for name, entry in manifest["arrays"].items()}
     signatures = {name: KernelFunction.from_json(name, manifest["functions"][name])

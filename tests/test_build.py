@@ -222,6 +222,45 @@ def test_build_error_reports_the_compiler_output(tmp_path, monkeypatch, one_targ
         build.compile_extension(tmp_path, "_broken", "void f(void);", one_target_config)
 
 
+@pytest.mark.skipif("clang" in build.compiler_version(build.c_compiler()).lower(),
+                    reason="GCC's precompiled headers")
+def test_variants_compile_against_their_precompiled_prelude(tmp_path, one_target_config):
+    """The prelude is precompiled once and read by every later build: a damaged precompiled
+    header is noticed, the file compiles whole, and the header is built anew next time.  The
+    functions after it keep the packaged file's line numbers (__LINE__, and so the sanitizer's
+    reports)."""
+    from symconv.codegen.c import PRELUDE
+    from symconv.codegen.isa import SIMD_PRELUDE
+    from symconv.kernel import load_extension
+
+    entry = Variant.from_json(one_target_config["variants"][-1])
+    prelude = PRELUDE + (SIMD_PRELUDE[entry.isa] if entry.isa else "")
+    where = "int sc_where(void) { return __LINE__; }"
+    text = f"/* symconv: a test */\n{prelude}\n{where}\n"
+    line = text.splitlines().index(where) + 1
+    preludes = build.Preludes({entry.target: prelude}, tmp_path / "preludes")
+
+    def built(name):
+        directory = tmp_path / name
+        directory.mkdir()
+        (directory / entry.source).write_text(text)
+        module = f"_where_{name}"
+        path = build.compile_extension(directory, module, "int sc_where(void);",
+                                       one_target_config, preludes)
+        assert load_extension(path, module).lib.sc_where() == line
+        return [p for p in preludes.root.iterdir() if not p.name.startswith(".")]
+
+    (home,) = built("first")
+    header = home / build.PRELUDE_HEADER
+    precompiled = home / f"{build.PRELUDE_HEADER}.gch"
+    assert header.read_text() == prelude and precompiled.stat().st_size > 0
+    made = precompiled.stat().st_mtime_ns
+    assert built("second") == [home] and precompiled.stat().st_mtime_ns == made
+    precompiled.write_bytes(precompiled.read_bytes()[:4096])
+    assert built("damaged") == [] and not home.exists()
+    assert built("again") == [home] and precompiled.stat().st_size > 4096
+
+
 def test_generated_c_the_compiler_refuses_is_reported_as_a_bug(tmp_path, monkeypatch):
     """An InternalError naming the spec and the kept report files; not chained under the
     cache miss (PackageError) that started the build."""
@@ -229,7 +268,8 @@ def test_generated_c_the_compiler_refuses_is_reported_as_a_bug(tmp_path, monkeyp
 
     def broken(*args, **kwargs):
         source = emit(*args, **kwargs)
-        return codegen.CSource(source.text + "\nthis is not C;\n", source.functions)
+        return codegen.CSource(source.text + "\nthis is not C;\n", source.functions,
+                               source.prelude)
     emit = codegen.emit
     monkeypatch.setattr(codegen, "emit", broken)
     spec = ConvSpec((1, 1, 5), (1, 1, 3))
@@ -240,8 +280,9 @@ def test_generated_c_the_compiler_refuses_is_reported_as_a_bug(tmp_path, monkeyp
     report = next((tmp_path / "bug-reports").iterdir())
     assert str(report) in str(caught.value)
     assert symconv.spec.spec_from_dict(json.loads((report / "spec.json").read_text())) == spec
-    assert "this is not C" in (report / "kernels-x86-64.c").read_text()
-    assert "error" in (report / "compiler.txt").read_text()
+    source = (report / "kernels-x86-64.c").read_text()
+    line = source.splitlines().index("this is not C;") + 1
+    assert f".c:{line}:" in (report / "compiler.txt").read_text()   # the line it holds
     assert not [p for p in tmp_path.iterdir() if p.name != "bug-reports" and
                 not p.name.startswith(".")]        # no package was published
 

@@ -49,8 +49,13 @@ class CFunction:
 
 @dataclass(frozen=True)
 class CSource:
+    """A translation unit: its text, the functions it defines, and its prelude (the headers
+    every unit of its instruction set starts with, whole inside ``text``: the build
+    precompiles it once, see package.build.Preludes)."""
+
     text: str
     functions: tuple[CFunction, ...]
+    prelude: str = ""
 
     @property
     def cdef(self) -> str:

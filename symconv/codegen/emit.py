@@ -245,12 +245,11 @@ def emit_unit(entries: Sequence[tuple[SumFunction, str, str | None]], dtype: str
         raise IRError(f"unsupported dtype {dtype!r}; expected one of {sorted(C_TYPES)}")
     if isa not in (None, *SIMD_PRELUDE):
         raise IRError(f"unknown vector instruction set {isa!r}")
-    parts = [f"/* symconv: {title.replace('*/', '* /')} */\n", PRELUDE]
-    if isa:
-        parts.append(SIMD_PRELUDE[isa])
+    prelude = PRELUDE + SIMD_PRELUDE[isa] if isa else PRELUDE
+    parts = [f"/* symconv: {title.replace('*/', '* /')} */\n", prelude]
     declared = []
     for function, prefix, choice in entries:
         text, emitted = emit_function(function, dtype, isa, prefix, choice)
         parts += ["\n", text]
         declared.append(emitted)
-    return CSource("".join(parts), tuple(declared))
+    return CSource("".join(parts), tuple(declared), prelude)
