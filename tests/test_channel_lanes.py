@@ -132,6 +132,22 @@ def _check_weight_gradient(spec, kernel, rng, threads=()):
                     kernel.backward(x, None, gy, wrt=("weight",), threads=count)[1], one)
 
 
+def test_weight_gradient_rows_that_crowd_an_l2_set_run_in_groups(compile_spec, rng):
+    """Channel planes of 16x32x32 floats lie 64 KiB apart, so every channel's line at one
+    position falls in the same L2 set: AVX2's weight gradient then splits its 12 channel
+    rows into groups of at most L2_WAYS (each packing the same chunks again); planes one
+    column narrower keep them in one.  Against the oracle, bit-identical on 1-3 threads."""
+    crowded = ConvSpec((1, 12, 16, 32, 32), (32, 12, 3, 3, 3), padding=1)
+    spread = replace(crowded, input_shape=(1, 12, 16, 32, 31))
+
+    def groups(spec, target):
+        ((_, chosen),) = compiler.compilation(spec, target).plans["grad_weight"]
+        assert isinstance(chosen, schedule.ChannelLanes) and chosen.chunking is not None
+        return math.ceil(12 / chosen.chunking.group)
+    assert groups(crowded, "x86-64-v3") == 2 and groups(spread, "x86-64-v3") == 1
+    _check_weight_gradient(crowded, compile_spec(crowded), rng, threads=(2, 3))
+
+
 def _check_non_finite_weight_gradient(spec, kernel, x, w, gy):
     """Every variant's weight gradient of arrays holding NaN or infinity: non-finite where
     the oracle's is, of the same kind, and close to it elsewhere."""

@@ -824,6 +824,8 @@ def _channel_lanes(piece: Piece, width: int, registers: int, most_vectors: int |
 
 
 L1_SETS, L1_WAYS, LINE_BYTES = 64, 8, 64    # a typical 32 KiB 8-way L1 data cache
+L2_SETS, L2_WAYS = 1024, 8                   # ... and 512 KiB 8-way L2 (Zen 3; Zen 4: 2048 sets)
+L2_CROWDED_WIDTH = 8                         # the widest vectors _l2_groups splits rows for
 
 
 SHORT_ROWS = 32      # rows this short spend a quarter of their blocks guarded at the edges
@@ -1010,14 +1012,16 @@ def _moved_axis(reads, shape, always: bool) -> int | None:
     return None
 
 
-def _crowded(stride: int, steps: int, itemsize: int = 4, ways: int = L1_WAYS) -> bool:
-    """Whether ``steps`` reads ``stride`` elements apart put more lines into one L1 set than
-    ``ways`` (float32 sizes: a float64 stride is twice as many bytes, as crowded)."""
+def _crowded(stride: int, steps: int, itemsize: int = 4, ways: int = L1_WAYS,
+             sets: int = L1_SETS) -> bool:
+    """Whether ``steps`` reads ``stride`` elements apart put more lines into one set of a
+    cache of ``sets`` sets than its ``ways`` (by default L1; float32 sizes: a float64 stride
+    is twice as many bytes, as crowded)."""
     step = stride * itemsize
     if not step or step % LINE_BYTES:
         return False
-    sets = L1_SETS // math.gcd(step // LINE_BYTES, L1_SETS)
-    return ceil_div(steps, sets) > ways
+    used = sets // math.gcd(step // LINE_BYTES, sets)
+    return ceil_div(steps, used) > ways
 
 
 def extent(index) -> int:
@@ -1070,7 +1074,8 @@ def _chunked_channel_lanes(piece: Piece, reads, lane, vectors: int, span: int,
     chunks = ceil_div(math.prod(extent(loop.index) for loop in nest.loops[:-1]), chunk_rows) \
         * ceil_div(inner, segment)
     parts = max(1, min(ceil_div(GEMM_TASKS, lane_blocks), chunks))
-    groups = min(blocks, ceil_div(GEMM_TASKS, lane_blocks * parts))
+    groups = min(blocks, max(ceil_div(GEMM_TASKS, lane_blocks * parts),
+                             _l2_groups(coefficients, packed[0], block, span // vectors)))
     group = rows * ceil_div(blocks, groups)
     # lanes innermost, a 3-D layer's grad_output lanes (channel planes 128 KiB apart) all
     # fell in one L1 set: a quarter of 3d-32's weight gradient went to packing
@@ -1083,6 +1088,21 @@ def _chunked_channel_lanes(piece: Piece, reads, lane, vectors: int, span: int,
     chunking = Chunking(chunk_rows, segment, group, parts, pack_tile, transposed)
     return ChannelLanes(lane, block, rows, vectors,
                         (_padding_as_bounds(nest, block, piece.indices),), chunking, copies)
+
+
+def _l2_groups(coefficients, packed, block, width: int) -> int:
+    """Groups of rows a chunked plan needs so that one group's broadcast rows do not crowd an
+    L2 set: rows a multiple of L2_SETS lines apart (3-D channel planes of 32^3 floats, 128
+    KiB) all fall in one set, and more of them than its ways are read from L3 again for every
+    register block.  3d-32's weight gradient in AVX2 (Zen 3), 16 channels in one group ->
+    two: 46 -> 86 GFLOP/s at 1 thread (32x32x24, planes 96 KiB apart in two sets, ran at 92
+    in one).  Vectors of 8 lanes only: AVX-512's 16 lanes per broadcast ran the one group at
+    87-92% of peak (Zen 4), and the cost model then prefers its reduction lanes unmeasured."""
+    stride = max((abs(c.get(block, 0)) for c in coefficients if c is not packed), default=0)
+    if width > L2_CROWDED_WIDTH or \
+            not _crowded(stride, extent(block), ways=L2_WAYS, sets=L2_SETS):
+        return 1
+    return ceil_div(extent(block), L2_WAYS)
 
 
 def _row_options(piece: Piece, nest: LoopNest, read_list, coefficients, lane, packed):
