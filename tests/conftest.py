@@ -46,7 +46,7 @@ def compile_spec(cache_dir):
 # --- slow subprocess checks started as soon as the session is collected --------------------------
 # A test module may define ``BACKGROUND = {test_name: start}``: when that test is selected,
 # ``start()`` (returning a subprocess.Popen) runs right after collection, so the job (e.g.
-# compiling 200 specs in one process) overlaps the rest of the suite on another core; the
+# compiling 120 specs in one process) overlaps the rest of the suite on another core; the
 # test then waits for it via ``background_job(name)``.  Under pytest-xdist every worker
 # collects every test and the workers already fill the cores, so there the job starts when
 # its test asks for it, in the one worker that runs it.
