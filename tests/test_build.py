@@ -226,9 +226,9 @@ def test_build_error_reports_the_compiler_output(tmp_path, monkeypatch, one_targ
                     reason="GCC's precompiled headers")
 def test_variants_compile_against_their_precompiled_prelude(tmp_path, one_target_config):
     """The prelude is precompiled once and read by every later build: a damaged precompiled
-    header is noticed, the file compiles whole, and the header is built anew next time.  The
-    functions after it keep the packaged file's line numbers (__LINE__, and so the sanitizer's
-    reports)."""
+    header is noticed, the file compiles whole, and the header is built anew next time;
+    where it cannot be kept, the file compiles whole too.  The functions after it keep the
+    packaged file's line numbers (__LINE__, and so the sanitizer's reports)."""
     from symconv.codegen.c import PRELUDE
     from symconv.codegen.isa import SIMD_PRELUDE
     from symconv.kernel import load_extension
@@ -248,6 +248,8 @@ def test_variants_compile_against_their_precompiled_prelude(tmp_path, one_target
         path = build.compile_extension(directory, module, "int sc_where(void);",
                                        one_target_config, preludes)
         assert load_extension(path, module).lib.sc_where() == line
+        if not preludes.root.is_dir():
+            return None
         return [p for p in preludes.root.iterdir() if not p.name.startswith(".")]
 
     (home,) = built("first")
@@ -259,6 +261,10 @@ def test_variants_compile_against_their_precompiled_prelude(tmp_path, one_target
     precompiled.write_bytes(precompiled.read_bytes()[:4096])
     assert built("damaged") == [] and not home.exists()
     assert built("again") == [home] and precompiled.stat().st_size > 4096
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    preludes = build.Preludes({entry.target: prelude}, blocked / "preludes")
+    assert built("unwritable") is None      # nowhere to keep it: the file compiles whole
 
 
 def test_generated_c_the_compiler_refuses_is_reported_as_a_bug(tmp_path, monkeypatch):
