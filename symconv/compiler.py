@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import GeneratedCodeError, InternalError
 from .kernel import Kernel, KernelFunction, PackageError, Variant, best_variant, vjp_table
-from .package import build
+from .package import build, targets
 from .package.targets import variants as target_variants
 from .spec import SPECS
 
@@ -231,6 +231,7 @@ class KernelCache:
         if not isinstance(tune, bool):
             raise TypeError(f"tune must be True or False, got {tune!r}")
         root = os.fspath(cache_dir) if cache_dir is not None else os.environ.get(build.CACHE_ENV)
+        target = target if target is not None else os.environ.get(targets.TARGET_ENV)
         return spec.key, root and os.path.abspath(root), target, build.c_compiler(), tune
 
     def get(self, spec, cache_dir: str | os.PathLike | None = None,

@@ -304,6 +304,21 @@ def test_unknown_target_is_refused(target, message):
         build.build_config(target)
 
 
+def test_the_default_target_can_come_from_the_environment(monkeypatch):
+    """$SYMCONV_TARGET names the default target (one variant builds half as much); a bad
+    value is refused naming the variable, and so is a sanitized default."""
+    monkeypatch.setenv(targets.TARGET_ENV, "x86-64-v3")
+    assert build.build_config()["target"] == "x86-64-v3"
+    assert [v.target for v in targets.variants()] == ["x86-64-v3"]
+    assert build.build_config("x86-64")["target"] == "x86-64"      # a named target wins
+    assert compiler.KERNELS._key(SPEC, None, None, False)[2] == "x86-64-v3"
+    for bad, message in (("avx9", r"\$SYMCONV_TARGET: unknown target 'avx9'"),
+                         ("x86-64+sanitize", "cannot be sanitized")):
+        monkeypatch.setenv(targets.TARGET_ENV, bad)
+        with pytest.raises(ValueError, match=message):
+            build.build_config()
+
+
 def test_target_lists_give_one_variant_each_best_first():
     entries = targets.variants("x86-64-v4,x86-64-v3,x86-64+sanitize")
     assert [v.target for v in entries] == ["x86-64-v4", "x86-64-v3", "x86-64"]

@@ -290,7 +290,8 @@ def compile_extension(directory: Path, module: str, cdef: str, config: Mapping[s
                 raise
             compile_objects(plain)      # it was a precompiled header: rebuilt on the next use
             for home in {header.parent for header in headers if header is not None}:
-                _discard(home)
+                with contextlib.suppress(OSError):      # another build discarded it first
+                    _discard(home)
         _run_all([([cc, *flags, *entries[-1].flags, *map(str, objects), str(wrapper_object),
                     "-o", str(target), "-lm"], BuildError)])
     finally:

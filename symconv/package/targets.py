@@ -7,6 +7,7 @@ has), or ``native``; ``+sanitize`` builds any of them with AddressSanitizer.
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 
@@ -28,11 +29,25 @@ _ISA_FLAG = re.compile(r"^(sse|ssse|avx|fma|bmi|f16c|movbe|abm|popcnt|adx|sha|va
                        r"|pclmul|amx|lzcnt|asimd|sve|neon|fp|vsx|altivec)")
 
 
+TARGET_ENV = "SYMCONV_TARGET"
+
+
 def default_target() -> str:
-    """Where the CPU has x86-64-v3: code for both AVX-512 (x86-64-v4) and AVX2 (x86-64-v3) in
-    one package, the loader running the best its CPU has, so the package runs on any AVX2
-    machine and at full width where AVX-512 exists.  Elsewhere the architecture's portable
-    baseline."""
+    """``$SYMCONV_TARGET`` where it is set (a target list such as ``x86-64-v3``: a machine
+    that only builds for itself compiles half as much).  Else, where the CPU has x86-64-v3:
+    code for both AVX-512 (x86-64-v4) and AVX2 (x86-64-v3) in one package, the loader running
+    the best its CPU has, so the package runs on any AVX2 machine and at full width where
+    AVX-512 exists.  Elsewhere the architecture's portable baseline."""
+    chosen = os.environ.get(TARGET_ENV, "").strip()
+    if chosen:
+        try:
+            _, sanitize = split_target(chosen)
+        except ValueError as error:
+            raise ValueError(f"${TARGET_ENV}: {error}") from None
+        if sanitize:
+            raise ValueError(f"${TARGET_ENV}={chosen!r}: a default target cannot be "
+                             f"sanitized; pass target='...+sanitize' where it is wanted")
+        return chosen
     if platform.machine() in ("x86_64", "AMD64"):
         have = cpu_features() or set()
         if set(TARGET_FEATURES["x86-64-v3"]) <= have:
