@@ -313,7 +313,8 @@ def test_the_default_target_can_come_from_the_environment(monkeypatch):
     assert build.build_config("x86-64")["target"] == "x86-64"      # a named target wins
     assert compiler.KERNELS._key(SPEC, None, None, False)[2] == "x86-64-v3"
     for bad, message in (("avx9", r"\$SYMCONV_TARGET: unknown target 'avx9'"),
-                         ("x86-64+sanitize", "cannot be sanitized")):
+                         ("x86-64+sanitize", "cannot be sanitized"),
+                         ("+sanitize", "cannot be sanitized")):
         monkeypatch.setenv(targets.TARGET_ENV, bad)
         with pytest.raises(ValueError, match=message):
             build.build_config()

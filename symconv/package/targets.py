@@ -40,13 +40,13 @@ def default_target() -> str:
     AVX-512 exists.  Elsewhere the architecture's portable baseline."""
     chosen = os.environ.get(TARGET_ENV, "").strip()
     if chosen:
-        try:
-            _, sanitize = split_target(chosen)
-        except ValueError as error:
-            raise ValueError(f"${TARGET_ENV}: {error}") from None
-        if sanitize:
+        if "+" in chosen:     # a modifier; and "+sanitize" alone would ask for this default
             raise ValueError(f"${TARGET_ENV}={chosen!r}: a default target cannot be "
                              f"sanitized; pass target='...+sanitize' where it is wanted")
+        try:
+            split_target(chosen)
+        except ValueError as error:
+            raise ValueError(f"${TARGET_ENV}: {error}") from None
         return chosen
     if platform.machine() in ("x86_64", "AMD64"):
         have = cpu_features() or set()
