@@ -160,9 +160,12 @@ def _check_non_finite_weight_gradient(spec, kernel, x, w, gy):
         assert_close(got[finite], expected[finite], spec.dtype, variant.variant.target)
 
 
-def _function_text(kernel, name: str) -> str:
-    """The C of one function of the variant a kernel runs."""
-    return kernel.source.split(f"void {kernel.variant.prefix}{name}(")[1].split("\nvoid ")[0]
+def _function_text(kernel, name: str, item: str = "") -> str:
+    """The C of one function of the variant a kernel runs (with ``item``, its item over a
+    run-time batch: "sc_item_", "sc_item_..._add" by its suffix)."""
+    start, _, suffix = item.partition("...")
+    text = kernel.source.split(f"void {start}{kernel.variant.prefix}{name}{suffix}(")[1]
+    return text.split("\nvoid ")[0].split("\nstatic void ")[0]
 
 
 def test_a_stem_weight_gradient_runs_its_rows_along_a_kernel_axis(compile_spec, rng):
@@ -762,3 +765,65 @@ def test_nan_and_infinity_where_the_definition_puts_them(open_batch, cache_dir):
             kernel = compiler.compile_conv(case.kernel_spec, cache_dir=cache_dir,
                                            target=case.target)
             fuzzing.check_case(kernel, case)
+
+
+def test_the_items_of_a_run_time_batch_share_one_packed_weight(compile_spec, rng):
+    """Over a run-time batch, the forward's and input gradient's weight is packed once, by
+    the batch function, and every item reads that panel; a weight holding infinity passes
+    no panel, and every item runs its plain nest (infinity times a padded zero is NaN, as
+    in the definition; the input gradient has no such product)."""
+    spec = ConvSpec((None, 16, 12, 12), (32, 16, 3, 3), padding=1)
+    for target in ("x86-64-v4", "x86-64-v3"):
+        for name in ("forward", "grad_input"):
+            plans = compiler.compilation(spec, target).plans[name]
+            assert all(isinstance(c, schedule.ChannelLanes) and c.chunking is None
+                       for _, c in plans)
+    kernel = compile_spec(spec)
+    for name in ("forward", "grad_input"):
+        batch, item = _function_text(kernel, name), _function_text(kernel, name, "sc_item_")
+        assert "a_weight[" in batch and batch.count("sc_alloc(") == 1 + (name == "forward")
+        assert "= sc_panels[" in item and "sc_panel0 = sc_alloc(" not in item
+    for size in (1, 3):
+        fixed = spec.with_batch(size)
+        x, w, b, gy = random_arrays(fixed, rng)
+        expected = conv_forward(x, w, b, *oracle_args(fixed)), \
+            conv_backward(x, w, gy, *oracle_args(fixed))[0]
+        infinite = w.copy()
+        infinite[5, 3, 0, 0] = np.inf       # meets the padded zeros of the top row
+        with np.errstate(invalid="ignore"):
+            nan = conv_forward(x, infinite, b, *oracle_args(fixed)), \
+                conv_backward(x, infinite, gy, *oracle_args(fixed))[0]
+        for variant in runnable_variants(kernel):
+            got = variant.forward(x, w, b), variant.grad_input(w, gy)
+            for g, e, what in zip(got, expected, ("forward", "grad_input")):
+                assert_close(g, e, spec.dtype, f"{variant.variant.target} {what} N={size}")
+            for threads in (2, 3):
+                again = variant.forward(x, w, b, threads=threads), \
+                    variant.grad_input(w, gy, threads=threads)
+                for g, a in zip(got, again):
+                    np.testing.assert_array_equal(a, g)
+            got = variant.forward(x, infinite, b), variant.grad_input(infinite, gy)
+            for g, e in zip(got, nan):
+                np.testing.assert_array_equal(np.isnan(g), np.isnan(e))
+                np.testing.assert_array_equal(np.isinf(g), np.isinf(e))
+            assert np.isnan(got[0]).any() and np.isinf(got[1]).any()
+
+
+def test_the_items_of_a_run_time_batch_add_their_weight_gradients_in_place(compile_spec, rng):
+    """Over a run-time batch, the items after the first add their weight gradients to the
+    output (no scratch array), in the order of the batch; a grad_output holding infinity
+    is found before any item adds, and its plain nest adds instead (infinity times a padded
+    zero is NaN, as in the definition)."""
+    spec = ConvSpec((None, 16, 16, 16), (32, 16, 3, 3), padding=1)
+    for target in ("x86-64-v4", "x86-64-v3"):
+        ((_, chosen),) = compiler.compilation(spec, target).plans["grad_weight"]
+        assert isinstance(chosen, schedule.ChannelLanes) and chosen.chunking is not None
+    kernel = compile_spec(spec)
+    batch = _function_text(kernel, "grad_weight")
+    assert "_grad_weight_add(" in batch and "sc_scratch[" not in batch
+    assert "isfinite" in _function_text(kernel, "grad_weight", "sc_item_..._add")
+    fixed = spec.with_batch(3)
+    _check_weight_gradient(fixed, kernel, rng, threads=(2, 3))
+    x, w, _, gy = random_arrays(fixed, rng)
+    gy[2, 4, 0, 9] = np.inf        # the last item: every earlier one has added its sums
+    _check_non_finite_weight_gradient(fixed, kernel, x, w, gy)

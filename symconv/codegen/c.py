@@ -222,12 +222,15 @@ class Writer:
     """Indented C text.  ``threads_from_caller``: the function being written leaves the choice
     of threads to its caller (the item of a sum over a run-time batch, whose work is known
     only then), so every parallel loop is written, taken only when ``sc_threads > 1``.
-    ``threaded`` says whether any parallel region was written."""
+    ``accumulate``: the function adds each output element's sum to the element instead of
+    storing it (the items after the first of a sum over a run-time batch).  ``threaded``
+    says whether any parallel region was written."""
 
     def __init__(self, threads_from_caller: bool = False):
         self.lines: list[str] = []
         self.depth = 0
         self.threads_from_caller = threads_from_caller
+        self.accumulate = False
         self.threaded = False          # a parallel region has been written
 
     def line(self, text: str = "") -> None:
@@ -327,7 +330,8 @@ def emit_scalar_piece(out: Writer, fn: IndexSum, piece: schedule.Piece, dtype: s
         padded = {a: outside_checks(a, box) for a in accesses(nest.body)
                   if str(a.base.label) in nest.zero_outside}
         _emit_nest(out, nest, BodyPrinter(dtype, padded).doprint(nest.body))
-    out.line(f"{fn.output.name}[{c_affine(output_offset(fn, piece))}] = sc_acc;")
+    store = "+=" if out.accumulate else "="
+    out.line(f"{fn.output.name}[{c_affine(output_offset(fn, piece))}] {store} sc_acc;")
     for _ in piece.indices:
         out.close()
 

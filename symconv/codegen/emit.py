@@ -14,7 +14,7 @@ from . import schedule
 from .c import (C_TYPES, PARALLEL_WORK, PRELUDE, CFunction, CSource, Writer, c_namespace,
                 emit_scalar_piece, parallel, work)
 from .isa import SIMD_PRELUDE, Simd
-from .channels import emit_channel_lanes
+from .channels import SharedPanels, emit_channel_lanes, emit_shared_panels, release_shared_panels
 from .vector import close_stage, emit_output_lanes, emit_reduction_lanes, open_stage
 
 def emit_function(function: SumFunction, dtype: str, isa: str | None = None,
@@ -55,40 +55,55 @@ def emit_function(function: SumFunction, dtype: str, isa: str | None = None,
                                                       function.sum.output, declaration,
                                                       tuple(plans))
     item = f"sc_item_{symbol}"
-    out.open(f"static void {item}({', '.join(params)})")
-    plans = emit_pieces(out, fn, dtype, vector, choice)
-    out.close()
+    shared = SharedPanels(frozenset(f"a_{a}" for a in batch.arrays), ctype)
+    params.append(f"{ctype} *const *sc_panels")
+
+    def copy(suffix: str = "", plan_choice: str | None = choice,
+             threads_from_caller: bool = False, accumulate: bool = False) -> list:
+        """The item, or a copy of it named ``item + suffix``, written with those Writer
+        flags; its (piece, plan) list."""
+        out.threads_from_caller, out.accumulate = threads_from_caller, accumulate
+        out.open(f"static void {item}{suffix}({', '.join(params)})")
+        plans = emit_pieces(out, fn, dtype, vector, plan_choice, shared)
+        out.close()
+        out.threads_from_caller = out.accumulate = False
+        return plans
+    plans = copy()
     item_work = sum(work(p.nests, p.indices) for p, _ in plans)
-    item_threaded, threaded_item = out.threaded, None
+    item_threaded = out.threaded
     maps = batch.maps(function.sum.output.name)
+    threaded_item = adding_item = staged_item = None
     if not maps and item_work < PARALLEL_WORK:
         # a sum over the batch threads inside its items once the whole batch is work enough:
         # a copy of the item whose parallel loops run when the caller asks for threads
         threaded_item = f"{item}_threads"
-        out.threads_from_caller = True
-        out.open(f"static void {threaded_item}({', '.join(params)})")
-        emit_pieces(out, fn, dtype, vector, choice)
-        out.close()
-        out.threads_from_caller = False
-    staged_item = None
+        copy("_threads", threads_from_caller=True)
+    elif not maps and all(_adds(c) for _, c in plans):
+        # the items after the first add their sums to the output, which through a scratch
+        # array read and wrote resnet-14's 2.4 MB weight gradient twice more per item
+        adding_item = f"{item}_add"
+        copy("_add", accumulate=True)
     if maps and choice is None and \
             "staged-output" in schedule.stage_options(plans, fn.output.shape):
         # a large batch makes the output too large for the cache, which one item is not: a
         # copy of the item that stages its output, for the batches that do (see emit_batch_map)
         staged_item = f"{item}_staged"
-        out.open(f"static void {staged_item}({', '.join(params)})")
-        emit_pieces(out, fn, dtype, vector, "staged-output")
-        out.close()
-    batched = {f"a_{a}" for a in batch.arrays}
+        copy("_staged", "staged-output")
     if maps:
-        emit_batch_map(out, symbol, item, named, batched, ctype, item_work, item_threaded,
-                       staged_item)
+        emit_batch_map(out, symbol, item, named, shared, item_work, item_threaded, staged_item)
     else:
-        emit_batch_sum(out, symbol, item, threaded_item, named, batched, ctype, item_work)
+        emit_batch_sum(out, symbol, item, threaded_item or adding_item, named, shared,
+                       item_work, adding=adding_item is not None)
     plain = plain_params(named, ctype) + ([] if maps else [f"{ctype} *sc_scratch"])
     declaration = f"void {symbol}({', '.join(plain)}, int64_t sc_batch, int sc_threads);"
     return "\n".join(out.lines) + "\n", CFunction(name, symbol, function.args,
                                                   function.sum.output, declaration, tuple(plans))
+
+
+def _adds(chosen) -> bool:
+    """Whether a plan's emitter can add its sums to the output (Writer.accumulate)."""
+    return isinstance(chosen, schedule.Scalar) or \
+        isinstance(chosen, schedule.ChannelLanes) and chosen.chunking is not None
 
 
 def plain_params(function: SumFunction, ctype: str) -> list[str]:
@@ -98,10 +113,11 @@ def plain_params(function: SumFunction, ctype: str) -> list[str]:
 
 
 def emit_pieces(out: Writer, fn, dtype: str, vector: Simd | None,
-                choice: str | None = None) -> list:
+                choice: str | None = None, panels: SharedPanels | None = None) -> list:
     """Every piece of a sum's output by the plan its schedule chose (``choice`` where it
     fits); the (piece, plan) list.  Pieces that share their outer loops (see
-    :func:`schedule.shared_loops`) run inside one set of them."""
+    :func:`schedule.shared_loops`) run inside one set of them.  In the item of a run-time
+    batch, the panels the items read alike are ``panels`` (see channels.SharedPanels)."""
     plans = schedule.staged([(piece, schedule.plan(piece, vector.width if vector else None,
                                                    vector.registers if vector else 0, choice))
                              for piece in schedule.pieces(fn)], fn.output.shape, choice)
@@ -118,7 +134,7 @@ def emit_pieces(out: Writer, fn, dtype: str, vector: Simd | None,
         out.open()
         out.line(f"/* {schedule.describe(piece, chosen).replace('*/', '* /')} */")
         if isinstance(chosen, schedule.ChannelLanes):
-            emit_channel_lanes(out, fn, piece, chosen, vector)
+            emit_channel_lanes(out, fn, piece, chosen, vector, panels)
         elif isinstance(chosen, schedule.OutputLanes):
             emit_output_lanes(out, fn, piece, chosen, vector, shared)
         elif isinstance(chosen, schedule.ReductionLanes):
@@ -133,13 +149,20 @@ def emit_pieces(out: Writer, fn, dtype: str, vector: Simd | None,
     return plans
 
 
-def _item_call(item: str, function: SumFunction, batched: set[str], n: str, target: str,
+def _item_call(item: str, function: SumFunction, shared: SharedPanels, n: str, target: str,
                threads: str) -> str:
-    """A call of an item function on item ``n``: every array in ``batched`` advanced by its
-    item size (the size of the item sum's array)."""
-    pointers = [f"{a.name} + {n} * {math.prod(a.shape)}" if a.name in batched and n != "0"
-                else a.name for a in function.args]
-    return f"{item}({', '.join(pointers)}, {target}, {threads});"
+    """A call of an item function on item ``n``: every batched array advanced by its item
+    size (the size of the item sum's array), and the shared panels."""
+    pointers = [f"{a.name} + {n} * {math.prod(a.shape)}" if a.name in shared.batched and
+                n != "0" else a.name for a in function.args]
+    panels = "sc_panels" if shared.packs else "0"
+    return f"{item}({', '.join(pointers)}, {target}, {threads}, {panels});"
+
+
+def _item_type(function: SumFunction, ctype: str) -> str:
+    """The parameter types of an item function, for a pointer to one."""
+    return ", ".join([f"const {ctype} *" for _ in function.args] +
+                     [f"{ctype} *", "int", f"{ctype} *const *"])
 
 
 def _batch_params(function: SumFunction, ctype: str) -> str:
@@ -148,22 +171,28 @@ def _batch_params(function: SumFunction, ctype: str) -> str:
 
 
 def emit_batch_map(out: Writer, symbol: str, item: str, function: SumFunction,
-                   batched: set[str], ctype: str, item_work: int, item_threaded: bool,
+                   shared: SharedPanels, item_work: int, item_threaded: bool,
                    staged_item: str | None = None) -> None:
     """``symbol``: the item function over a batch of ``sc_batch`` items, its output too
-    advanced item by item.  Threads run across items once the batch is work enough, unless
-    the item threads itself (``item_threaded``) and the items would share the threads
-    unevenly; no OpenMP region is entered when the batch runs on one thread.  Each element
-    is computed by one thread, so no thread count changes a result.  A ``staged_item``
-    runs instead where the batch's output reaches schedule.STREAM_ELEMENTS."""
-    output = function.sum.output
+    advanced item by item, after packing the panels the items share.  Threads run across
+    items once the batch is work enough, unless the item threads itself (``item_threaded``)
+    and the items would share the threads unevenly; no OpenMP region is entered when the
+    batch runs on one thread.  Each element is computed by one thread, so no thread count
+    changes a result.  A ``staged_item`` runs instead where the batch's output reaches
+    schedule.STREAM_ELEMENTS."""
+    output, ctype = function.sum.output, shared.ctype
     out.open(f"void {symbol}({_batch_params(function, ctype)}, int64_t sc_batch, "
              f"int sc_threads)")
     if staged_item is not None:
-        types = ", ".join([f"const {ctype} *" for _ in function.args] + [f"{ctype} *", "int"])
-        out.line(f"void (*const sc_run)({types}) = sc_batch * {math.prod(output.shape)} >= "
-                 f"{schedule.STREAM_ELEMENTS} ? {staged_item} : {item};")
+        out.line(f"void (*const sc_run)({_item_type(function, ctype)}) = sc_batch * "
+                 f"{math.prod(output.shape)} >= {schedule.STREAM_ELEMENTS} ? {staged_item} : "
+                 f"{item};")
         item = "sc_run"
+    if shared.packs:
+        out.open("if (sc_batch <= 0)")
+        out.line("return;")
+        out.close()
+        emit_shared_panels(out, shared)
     target = f"{output.name} + sc_n * {math.prod(output.shape)}"
     across = f"sc_threads > 1 && sc_batch * {item_work} >= {PARALLEL_WORK}"
     if item_threaded:
@@ -171,25 +200,29 @@ def emit_batch_map(out: Writer, symbol: str, item: str, function: SumFunction,
     out.open(f"if ({across})")
     out.line("#pragma omp parallel for schedule(dynamic, 1) num_threads(sc_threads)")
     out.open("for (int64_t sc_n = 0; sc_n < sc_batch; ++sc_n)")
-    out.line(_item_call(item, function, batched, "sc_n", target, "1"))
+    out.line(_item_call(item, function, shared, "sc_n", target, "1"))
     out.close()
     out.close()
     out.open("else")
     out.open("for (int64_t sc_n = 0; sc_n < sc_batch; ++sc_n)")
-    out.line(_item_call(item, function, batched, "sc_n", target, "sc_threads"))
+    out.line(_item_call(item, function, shared, "sc_n", target, "sc_threads"))
     out.close()
     out.close()
+    if shared.packs:
+        release_shared_panels(out, shared)
     out.close()
 
 
-def emit_batch_sum(out: Writer, symbol: str, item: str, threaded_item: str | None,
-                   function: SumFunction, batched: set[str], ctype: str, item_work: int) -> None:
+def emit_batch_sum(out: Writer, symbol: str, item: str, later_item: str | None,
+                   function: SumFunction, shared: SharedPanels, item_work: int,
+                   adding: bool = False) -> None:
     """``symbol``: the sum of the item function over a batch of ``sc_batch`` items, added in
-    order: item 0 into the output, each next one through ``sc_scratch`` (an array of the
-    output's size).  Items thread inside themselves: a small item through its copy
-    ``threaded_item`` once the whole batch is work enough.  The order of the sum does not
-    depend on the thread count."""
-    output = function.sum.output
+    order after packing the panels the items share: item 0 into the output, each next one
+    by ``later_item``.  That item either adds its sums to the output itself (``adding``),
+    or goes through ``sc_scratch`` (an array of the output's size), added after it: the
+    item itself, or a copy that threads inside itself once the whole batch is work enough
+    (a small item's).  The order of the sum does not depend on the thread count."""
+    output, ctype = function.sum.output, shared.ctype
     size = math.prod(output.shape)
     out.open(f"void {symbol}({_batch_params(function, ctype)}, {ctype} *restrict sc_scratch, "
              f"int64_t sc_batch, int sc_threads)")
@@ -197,18 +230,26 @@ def emit_batch_sum(out: Writer, symbol: str, item: str, threaded_item: str | Non
     out.line(f"for (int64_t sc_e = 0; sc_e < {size}; ++sc_e) {output.name}[sc_e] = 0;")
     out.line("return;")
     out.close()
-    run = item
-    if threaded_item is not None:
-        run = "sc_run"
-        types = ", ".join([f"const {ctype} *" for _ in function.args] + [f"{ctype} *", "int"])
-        out.line(f"void (*const sc_run)({types}) = sc_threads > 1 && sc_batch * {item_work} "
-                 f">= {PARALLEL_WORK} ? {threaded_item} : {item};")
-    out.line(_item_call(run, function, batched, "0", output.name, "sc_threads"))
+    first = later = item
+    if adding:
+        later = later_item
+    elif later_item is not None:
+        first = later = "sc_run"
+        out.line(f"void (*const sc_run)({_item_type(function, ctype)}) = sc_threads > 1 && "
+                 f"sc_batch * {item_work} >= {PARALLEL_WORK} ? {later_item} : {item};")
+    if shared.packs:
+        emit_shared_panels(out, shared)
+    out.line(_item_call(first, function, shared, "0", output.name, "sc_threads"))
     out.open("for (int64_t sc_n = 1; sc_n < sc_batch; ++sc_n)")
-    out.line(_item_call(run, function, batched, "sc_n", "sc_scratch", "sc_threads"))
-    out.line(f"for (int64_t sc_e = 0; sc_e < {size}; ++sc_e) "
-             f"{output.name}[sc_e] += sc_scratch[sc_e];")
+    if adding:
+        out.line(_item_call(later, function, shared, "sc_n", output.name, "sc_threads"))
+    else:
+        out.line(_item_call(later, function, shared, "sc_n", "sc_scratch", "sc_threads"))
+        out.line(f"for (int64_t sc_e = 0; sc_e < {size}; ++sc_e) "
+                 f"{output.name}[sc_e] += sc_scratch[sc_e];")
     out.close()
+    if shared.packs:
+        release_shared_panels(out, shared)
     out.close()
 
 
