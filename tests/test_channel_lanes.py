@@ -827,3 +827,34 @@ def test_the_items_of_a_run_time_batch_add_their_weight_gradients_in_place(compi
     x, w, _, gy = random_arrays(fixed, rng)
     gy[2, 4, 0, 9] = np.inf        # the last item: every earlier one has added its sums
     _check_non_finite_weight_gradient(fixed, kernel, x, w, gy)
+
+
+def test_lane_blocks_run_inside_the_tasks_where_the_input_leaves_the_cache(tmp_path,
+                                                                          monkeypatch, rng):
+    """A 1x1 layer 8 x 256 x 28² -> 64 would read its 6.4 MB input from memory once per
+    lane block: each task (one output row) runs every lane block instead; at a batch of 1
+    (0.8 MB) each lane block keeps its panel in cache over every row.  With the limit
+    lowered, a small layer's forward and input gradient run so, against the oracle and
+    bit-identical on 1, 2 and 3 threads."""
+    def inside(spec, target, name="forward"):
+        return [c.lanes_inside for _, c in compiler.compilation(spec, target).plans[name]]
+    large = ConvSpec((8, 256, 28, 28), (64, 256, 1, 1))
+    for target in ("x86-64-v4", "x86-64-v3"):
+        assert inside(large, target) == [True] and inside(large.with_batch(1), target) == [False]
+    monkeypatch.setattr(schedule, "LANES_INSIDE_ELEMENTS", 0)
+    spec = ConvSpec((2, 64, 5, 40), (64, 64, 3, 3), padding=1)
+    for target in ("x86-64-v4", "x86-64-v3"):
+        assert inside(spec, target) == [True] and inside(spec, target, "grad_input") == [True]
+    kernel = compiler.compile_conv(spec, cache_dir=tmp_path)
+    x, w, b, gy = random_arrays(spec, rng)
+    expected = conv_forward(x, w, b, *oracle_args(spec)), \
+        conv_backward(x, w, gy, *oracle_args(spec))[0]
+    for variant in runnable_variants(kernel):
+        one = variant.forward(x, w, b, threads=1), variant.grad_input(w, gy, threads=1)
+        for got, want, name in zip(one, expected, ("forward", "grad_input")):
+            assert_close(got, want, spec.dtype, f"{variant.variant.target} {name}")
+        for threads in (2, 3):
+            got = variant.forward(x, w, b, threads=threads), \
+                variant.grad_input(w, gy, threads=threads)
+            for a, e in zip(got, one):
+                np.testing.assert_array_equal(a, e)

@@ -333,9 +333,11 @@ def _emit_blocks(e: _Emission) -> None:
         return
     outer = [i for i in piece.indices if i not in (chosen.lane, chosen.block)]
     if threaded(out, work(piece.nests, piece.indices)):
-        tasks = math.prod(extent(i) for i in outer) * e.lane_blocks
-        omp_parallel(out, f"parallel for collapse({len(outer) + 1}) {omp_schedule(tasks)}")
-    _emit_lane_blocks(e, [_full_range(i) for i in outer])
+        tasks = math.prod(extent(i) for i in outer) * (1 if chosen.lanes_inside else
+                                                       e.lane_blocks)
+        loops = len(outer) + (not chosen.lanes_inside)
+        omp_parallel(out, f"parallel for collapse({loops}) {omp_schedule(tasks)}")
+    _emit_lane_blocks(e, [_full_range(i) for i in outer], inside=chosen.lanes_inside)
 
 
 def _full_range(index) -> tuple[str, str, str]:
@@ -344,15 +346,19 @@ def _full_range(index) -> tuple[str, str, str]:
 
 
 def _emit_lane_blocks(e: _Emission, loops: Sequence[tuple[str, str, str]],
-                      starts: tuple[str, str] | None = None) -> None:
-    """For each lane block, for the (variable, first, last) ``loops`` in order, every
-    register block along the block index (with ``starts``, C for a first and a last
-    position: the blocks that start between them)."""
+                      starts: tuple[str, str] | None = None, inside: bool = False) -> None:
+    """For each lane block, for the (variable, first, last) ``loops`` in order (or
+    ``inside`` them), every register block along the block index (with ``starts``, C for a
+    first and a last position: the blocks that start between them)."""
     out, chosen, span = e.out, e.chosen, e.span
     block = chosen.block
-    out.open(f"for (int64_t sc_lb = 0; sc_lb < {e.lane_blocks}; ++sc_lb)")
+    lane_blocks = f"for (int64_t sc_lb = 0; sc_lb < {e.lane_blocks}; ++sc_lb)"
+    if not inside:
+        out.open(lane_blocks)
     for var, first, last in loops:
         out.open(f"for (int64_t {var} = {first}; {var} <= {last}; ++{var})")
+    if inside:
+        out.open(lane_blocks)
     for n in e.nests:
         if n.packed is not None:
             out.line(f"const {e.ctype} *const sc_p{n.number} = "
