@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -24,6 +25,7 @@ SPECS = [
     ConvSpec((2, 8, 11, 9), (16, 8, 3, 3), stride=2, padding=1, bias=False),   # phases
     ConvSpec((2, 48, 6, 6), (8, 48, 1, 1)),              # a 1x1 projection: chunked lanes
     ConvSpec((1, 16, 9, 9), (16, 1, 3, 3), padding=1, groups=16),             # depthwise
+    ConvSpec((2, 16, 5, 40), (32, 16, 3, 3), padding=1),     # lane blocks in either place
 ]
 
 
@@ -52,6 +54,20 @@ def test_each_choice_names_a_plan_other_than_the_default():
         schedule.plan(piece, 8, 16, "fastest")
     assert schedule.options(piece, None) == [] and schedule.plan(piece, None, 0, "output-lanes") \
         == schedule.Scalar()
+
+
+def test_lane_blocks_inside_or_outside_the_tasks_is_a_choice():
+    """Whether a task's rows or each lane block's panel should stay in cache depends on the
+    caches: a tuner may put the lane blocks of a forward with no window in the other
+    place."""
+    piece, = _pieces(SPECS[4], "forward")
+    default = schedule.plan(piece, 8, 16)
+    assert "channel-lanes-reordered" in schedule.options(piece, 8, 16)
+    assert schedule.plan(piece, 8, 16, "channel-lanes-reordered") == \
+        replace(default, lanes_inside=not default.lanes_inside)
+    windowed, = _pieces(DENSE, "forward")      # its window orders its own lane blocks
+    assert schedule.plan(windowed, 8, 16).window is not None
+    assert "channel-lanes-reordered" not in schedule.options(windowed, 8, 16)
 
 
 def test_plan_options_cover_every_piece_of_a_function():

@@ -243,11 +243,12 @@ PLAN_KINDS = (ChannelLanes, OutputLanes, ReductionLanes)
 
 STAGE_CHOICES = ("staged-output", "output-in-place")
 CHOICES = ("channel-lanes", "channel-lanes-1v", "channel-lanes-3v", "channel-lanes-partial",
-           "output-lanes", "reduction-lanes", *STAGE_CHOICES)
+           "channel-lanes-reordered", "output-lanes", "reduction-lanes", *STAGE_CHOICES)
 """The plans a tuner may ask a piece for by name (see :func:`options`): each vector plan
-kind, channel lanes with at most one vector per register block (more rows) or three, and
+kind, channel lanes with at most one vector per register block (more rows) or three,
 channel lanes over fewer channels than fill the vectors (the fallback where no vector plan
-fits, e.g. a 3-channel input's gradient in channels-last layout); and for a function's
+fits, e.g. a 3-channel input's gradient in channels-last layout), channel lanes with
+their lane blocks in the other place (ChannelLanes.lanes_inside); and for a function's
 pieces together, their output staged or stored in place whatever its size (see
 :func:`staged`: whether an output stays in cache depends on the machine)."""
 
@@ -504,6 +505,8 @@ def _makers(piece: Piece, width: int, registers: int) -> dict:
         "channel-lanes-3v": lambda: _channel_lanes(piece, width, registers, 3),
         "channel-lanes-partial": lambda: _channel_lanes(piece, width, registers,
                                                         min_use=PARTIAL_LANE_USE),
+        "channel-lanes-reordered": lambda: _reordered(_channel_lanes(piece, width, registers),
+                                                      piece.indices, width),
         "output-lanes": lambda: _output_lanes(piece, width, budget),
         "reduction-lanes": lambda: _reduction_lanes(piece, width, budget)}.items()}
 
@@ -929,22 +932,37 @@ PANELS_INSIDE_BYTES = 256 << 10
 
 def _lanes_inside(chosen: ChannelLanes, indices, width: int) -> ChannelLanes:
     """``chosen`` with its lane blocks inside its tasks (see ChannelLanes.lanes_inside) where
-    it has several and no window, and its broadcast arrays, a task's rows of them and the
-    panels pass the limits above (4-byte elements)."""
-    lane_blocks = ceil_div(extent(chosen.lane), chosen.vectors * width)
-    outer = [i for i in indices if i not in (chosen.lane, chosen.block)]
-    if lane_blocks < 2 or chosen.window is not None or chosen.chunking is not None or \
-            not outer:
+    it has the choice (:func:`_lane_order_open`) and its broadcast arrays, a task's rows of
+    them and the panels pass the limits above (4-byte elements)."""
+    if not _lane_order_open(chosen, indices, width):
         return chosen
+    outer = [i for i in indices if i not in (chosen.lane, chosen.block)]
     broadcast = sum(math.prod(int(d) for d in reads[0][1].base.shape)
                     for reads in _broadcast_reads(chosen.nests, chosen.lane).values())
     rows = broadcast // math.prod(extent(i) for i in outer)
     depth = sum(math.prod(extent(loop.index) for loop in n.loops) for n in chosen.nests)
-    panels = lane_blocks * chosen.vectors * width * depth
+    panels = ceil_div(extent(chosen.lane), chosen.vectors * width) * chosen.vectors * width * \
+        depth
     if broadcast < LANES_INSIDE_ELEMENTS or 4 * rows > ROWS_INSIDE_BYTES or \
             4 * panels > PANELS_INSIDE_BYTES:
         return chosen
     return replace(chosen, lanes_inside=True)
+
+
+def _lane_order_open(chosen: ChannelLanes, indices, width: int) -> bool:
+    """Whether the lane blocks may run inside the tasks or outside: several of them, outer
+    indices, and neither a window (which orders its own) nor chunks."""
+    return ceil_div(extent(chosen.lane), chosen.vectors * width) > 1 and \
+        chosen.window is None and chosen.chunking is None and \
+        any(i not in (chosen.lane, chosen.block) for i in indices)
+
+
+def _reordered(chosen: ChannelLanes | None, indices, width: int) -> ChannelLanes | None:
+    """``chosen`` with its lane blocks in the other place, where it has the choice: which
+    pays depends on the caches, so a tuner times both."""
+    if chosen is None or not _lane_order_open(chosen, indices, width):
+        return None
+    return replace(chosen, lanes_inside=not chosen.lanes_inside)
 
 
 def _ring_rows(copy: Copy, chosen: ChannelLanes, indices, slab, index):
