@@ -809,23 +809,31 @@ def test_the_items_of_a_run_time_batch_share_one_packed_weight(compile_spec, rng
             assert np.isnan(got[0]).any() and np.isinf(got[1]).any()
 
 
-def test_the_items_of_a_run_time_batch_add_their_weight_gradients_in_place(compile_spec, rng):
-    """Over a run-time batch, the items after the first add their weight gradients to the
-    output (no scratch array), in the order of the batch; a grad_output holding infinity
-    is found before any item adds, and its plain nest adds instead (infinity times a padded
-    zero is NaN, as in the definition)."""
-    spec = ConvSpec((None, 16, 16, 16), (32, 16, 3, 3), padding=1)
-    for target in ("x86-64-v4", "x86-64-v3"):
-        ((_, chosen),) = compiler.compilation(spec, target).plans["grad_weight"]
-        assert isinstance(chosen, schedule.ChannelLanes) and chosen.chunking is not None
+@pytest.mark.parametrize("spec, form", [
+    (ConvSpec((None, 16, 16, 16), (32, 16, 3, 3), padding=1), "whole"),
+    (ConvSpec((None, 3, 260, 259), (16, 3, 7, 7), stride=2, padding=3), "add"),
+], ids=["whole-batch", "items-add"])
+def test_a_weight_gradient_over_a_run_time_batch_sums_it_in_place(spec, form, compile_spec,
+                                                                  rng):
+    """Over a run-time batch, a chunked weight gradient runs its chunks over every item in
+    turn, each task's tile summing the whole batch ("whole"); where it copies an item's
+    input first (the stem's halo), the items after the first add their sums to the output
+    ("add").  Neither goes through a scratch array.  A grad_output holding infinity in the
+    last item takes the plain nests, item by item (infinity times a padded zero is NaN, as
+    in the definition)."""
+    ((_, chosen),) = compiler.compilation(spec, "x86-64-v3").plans["grad_weight"]
+    assert isinstance(chosen, schedule.ChannelLanes) and chosen.chunking is not None
+    assert bool(chosen.copies) == (form == "add")
     kernel = compile_spec(spec)
     batch = _function_text(kernel, "grad_weight")
-    assert "_grad_weight_add(" in batch and "sc_scratch[" not in batch
-    assert "isfinite" in _function_text(kernel, "grad_weight", "sc_item_..._add")
-    fixed = spec.with_batch(3)
+    if kernel.variant.target == "x86-64-v3":
+        assert ("sc_batch_a_input + sc_n" in batch) == (form == "whole")
+        assert ("_grad_weight_add(" in batch) == (form == "add")
+        assert "sc_scratch[" not in batch.split("if (sc_failed)")[0]
+    fixed = spec.with_batch(3 if form == "whole" else 2)
     _check_weight_gradient(fixed, kernel, rng, threads=(2, 3))
     x, w, _, gy = random_arrays(fixed, rng)
-    gy[2, 4, 0, 9] = np.inf        # the last item: every earlier one has added its sums
+    gy[-1, 4, 0, -1] = np.inf      # the last item: every earlier one has been summed
     _check_non_finite_weight_gradient(fixed, kernel, x, w, gy)
 
 

@@ -223,14 +223,17 @@ class Writer:
     of threads to its caller (the item of a sum over a run-time batch, whose work is known
     only then), so every parallel loop is written, taken only when ``sc_threads > 1``.
     ``accumulate``: the function adds each output element's sum to the element instead of
-    storing it (the items after the first of a sum over a run-time batch).  ``threaded``
-    says whether any parallel region was written."""
+    storing it (the items after the first of a sum over a run-time batch).  ``batched``:
+    the function sums over a run-time batch of ``sc_batch`` items itself, these arrays
+    (name -> elements per item) holding every item's (see channels._emit_chunked).
+    ``threaded`` says whether any parallel region was written."""
 
     def __init__(self, threads_from_caller: bool = False):
         self.lines: list[str] = []
         self.depth = 0
         self.threads_from_caller = threads_from_caller
         self.accumulate = False
+        self.batched: dict[str, int] = {}
         self.threaded = False          # a parallel region has been written
 
     def line(self, text: str = "") -> None:

@@ -144,6 +144,17 @@ class _Emission:
         return C_TYPES[self.simd.dtype]
 
 
+BATCH_PREFIX = "sc_batch_"   # a whole batch's array, in a function that sums over it itself
+
+
+def sums_batch_itself(plans) -> bool:
+    """Whether a sum over a run-time batch can run its pieces over the whole batch in one
+    call (Writer.batched): every plan chunked channel lanes without copies, whose chunks
+    then run over every item in turn."""
+    return all(isinstance(c, schedule.ChannelLanes) and c.chunking is not None and
+               not c.copies for _, c in plans)
+
+
 @dataclass
 class SharedPanels:
     """The panels every item of a run-time batch reads alike: packed reads of no array the
@@ -286,7 +297,11 @@ def _emit_fallback(e: _Emission) -> None:
     or a packed value that is NaN or infinite.  The plan skips products with the zeros
     outside a padded array and with reads outside a loop's bounds; 0·∞ and 0·NaN are NaN,
     so those products count where a packed value is not finite, and the plain nest, which
-    computes the sum as defined, runs instead."""
+    computes the sum as defined, runs instead.  Over a whole batch (Writer.batched), the
+    batch function runs its items instead (``sc_failed``, see emit.emit_batch_sum)."""
+    if e.out.batched:
+        e.out.line("sc_failed |= sc_bad;")
+        return
     e.out.open("if (sc_bad)")
     emit_scalar_piece(e.out, e.fn, e.piece, e.simd.dtype)
     e.out.close()
@@ -671,25 +686,33 @@ def _emit_chunked(e: _Emission) -> None:
     out.open(f"for (int64_t sc_lb = 0; sc_lb < {lane_blocks}; ++sc_lb)")
     out.open(f"for (int64_t sc_g = 0; sc_g < {groups}; ++sc_g)")
     worker = "(size_t)omp_get_thread_num()" if parallel else "0"
+    every = f"sc_batch * {chunks}" if out.batched else f"{chunks}"
     if parts == 1:
         out.line(f"{ctype} *const sc_tile = sc_work + {worker} * {per_thread};")
         out.line(f"{ctype} *const sc_p{n.number} = sc_tile + {tile_size};")
-        first, last = "0", f"{chunks}"
+        first, last = "0", every
     else:
         out.open(f"for (int64_t sc_part = 0; sc_part < {parts}; ++sc_part)")
         out.line(f"{ctype} *const sc_tile = sc_tiles + ((sc_lb * {groups} + sc_g) * {parts} + "
                  f"sc_part) * {tile_size};")
         out.line(f"{ctype} *const sc_p{n.number} = sc_work + {worker} * {per_thread};")
-        first, last = (f"sc_part * {chunks} / {parts}", f"(sc_part + 1) * {chunks} / {parts}")
+        first, last = (f"sc_part * ({every}) / {parts}", f"(sc_part + 1) * ({every}) / {parts}")
     group_rows = (f"const int64_t sc_b0 = sc_g * {chunking.group}, "
                   f"sc_b1 = sc_min(sc_b0 + {chunking.group}, {extent(block)});")
     out.line(group_rows)
     out.line(f"for (int64_t sc_e = 0; sc_e < {tile_size}; ++sc_e) sc_tile[sc_e] = 0;")
     out.open(f"for (int64_t sc_chunk = {first}; sc_chunk < {last}; ++sc_chunk)")
-    out.line(f"const int64_t sc_r0 = (sc_chunk / {segments}) * {chunking.rows}, "
+    chunk = "sc_chunk"
+    if out.batched:     # the item's arrays, under the names the item's code reads
+        chunk = f"(sc_chunk % {chunks})"
+        out.line(f"const int64_t sc_n = sc_chunk / {chunks};")
+        for name, size in out.batched.items():
+            out.line(f"const {ctype} *restrict const {name} = {BATCH_PREFIX}{name} + "
+                     f"sc_n * {size};")
+    out.line(f"const int64_t sc_r0 = ({chunk} / {segments}) * {chunking.rows}, "
              f"sc_r1 = sc_min(sc_r0 + {chunking.rows}, {total_rows});")
     lo, hi = index_range(inner.index)
-    out.line(f"const int64_t sc_s0 = {lo} + (sc_chunk % {segments}) * {chunking.segment}, "
+    out.line(f"const int64_t sc_s0 = {lo} + ({chunk} % {segments}) * {chunking.segment}, "
              f"sc_s1 = sc_min(sc_s0 + {chunking.segment - 1}, {hi});")
     panel_at = f"((sc_r - sc_r0) * {chunking.segment} + {inner.index.label} - sc_s0) * {span}"
     _emit_chunk_pack(e, outer, inner, panel_at)
