@@ -767,6 +767,22 @@ def test_nan_and_infinity_where_the_definition_puts_them(open_batch, cache_dir):
             fuzzing.check_case(kernel, case)
 
 
+def _check_forward_and_input_gradient(spec, kernel, x, w, b, gy):
+    """Every variant's forward and input gradient against the oracle, and bit-identical on
+    2 and 3 threads to 1 thread's."""
+    expected = conv_forward(x, w, b, *oracle_args(spec)), \
+        conv_backward(x, w, gy, *oracle_args(spec))[0]
+    for variant in runnable_variants(kernel):
+        one = variant.forward(x, w, b, threads=1), variant.grad_input(w, gy, threads=1)
+        for got, want, name in zip(one, expected, ("forward", "grad_input")):
+            assert_close(got, want, spec.dtype, f"{variant.variant.target} {name} {spec.slug}")
+        for threads in (2, 3):
+            got = variant.forward(x, w, b, threads=threads), \
+                variant.grad_input(w, gy, threads=threads)
+            for a, e in zip(got, one):
+                np.testing.assert_array_equal(a, e)
+
+
 def test_the_items_of_a_run_time_batch_share_one_packed_weight(compile_spec, rng):
     """Over a run-time batch, the forward's and input gradient's weight is packed once, by
     the batch function, and every item reads that panel; a weight holding infinity passes
@@ -786,22 +802,13 @@ def test_the_items_of_a_run_time_batch_share_one_packed_weight(compile_spec, rng
     for size in (1, 3):
         fixed = spec.with_batch(size)
         x, w, b, gy = random_arrays(fixed, rng)
-        expected = conv_forward(x, w, b, *oracle_args(fixed)), \
-            conv_backward(x, w, gy, *oracle_args(fixed))[0]
+        _check_forward_and_input_gradient(fixed, kernel, x, w, b, gy)
         infinite = w.copy()
         infinite[5, 3, 0, 0] = np.inf       # meets the padded zeros of the top row
         with np.errstate(invalid="ignore"):
             nan = conv_forward(x, infinite, b, *oracle_args(fixed)), \
                 conv_backward(x, infinite, gy, *oracle_args(fixed))[0]
         for variant in runnable_variants(kernel):
-            got = variant.forward(x, w, b), variant.grad_input(w, gy)
-            for g, e, what in zip(got, expected, ("forward", "grad_input")):
-                assert_close(g, e, spec.dtype, f"{variant.variant.target} {what} N={size}")
-            for threads in (2, 3):
-                again = variant.forward(x, w, b, threads=threads), \
-                    variant.grad_input(w, gy, threads=threads)
-                for g, a in zip(got, again):
-                    np.testing.assert_array_equal(a, g)
             got = variant.forward(x, infinite, b), variant.grad_input(infinite, gy)
             for g, e in zip(got, nan):
                 np.testing.assert_array_equal(np.isnan(g), np.isnan(e))
@@ -854,15 +861,4 @@ def test_lane_blocks_run_inside_the_tasks_where_the_input_leaves_the_cache(tmp_p
     for target in ("x86-64-v4", "x86-64-v3"):
         assert inside(spec, target) == [True] and inside(spec, target, "grad_input") == [True]
     kernel = compiler.compile_conv(spec, cache_dir=tmp_path)
-    x, w, b, gy = random_arrays(spec, rng)
-    expected = conv_forward(x, w, b, *oracle_args(spec)), \
-        conv_backward(x, w, gy, *oracle_args(spec))[0]
-    for variant in runnable_variants(kernel):
-        one = variant.forward(x, w, b, threads=1), variant.grad_input(w, gy, threads=1)
-        for got, want, name in zip(one, expected, ("forward", "grad_input")):
-            assert_close(got, want, spec.dtype, f"{variant.variant.target} {name}")
-        for threads in (2, 3):
-            got = variant.forward(x, w, b, threads=threads), \
-                variant.grad_input(w, gy, threads=threads)
-            for a, e in zip(got, one):
-                np.testing.assert_array_equal(a, e)
+    _check_forward_and_input_gradient(spec, kernel, *random_arrays(spec, rng))
