@@ -235,6 +235,24 @@ def test_the_cost_model_picks_a_weight_gradients_plan(spec, kind, compile_spec, 
     _check_weight_gradient(spec, compile_spec(spec), rng)
 
 
+def test_a_large_panel_is_packed_whole_only_where_its_values_are_used_often():
+    """A stem's weight gradient over one image would pack its 3.2 MB grad_output whole for
+    147 uses of each value: it packs chunks instead, as at a batch of 2 (more steps than a
+    panel takes); a ResNet 14x14 layer's input gradient keeps its 2.4 MB weight packed
+    whole (1568 uses).  Schedules only; the chunked form is checked against the oracle
+    above (test_a_stem_weight_gradient_runs_its_rows_along_a_kernel_axis)."""
+    def plan(spec, name):
+        ((_, chosen),) = _compiled(spec).plans[name]
+        assert isinstance(chosen, schedule.ChannelLanes)
+        return chosen
+    stem = ConvSpec((None, 3, 224, 224), (64, 3, 7, 7), stride=2, padding=3)
+    assert plan(stem, "grad_weight").chunking is not None
+    assert plan(stem.with_batch(2), "grad_weight").chunking is not None
+    resnet = ConvSpec((8, 256, 14, 14), (256, 256, 3, 3), padding=1)
+    assert plan(resnet, "grad_input").chunking is None
+    assert plan(replace(stem, input_shape=(None, 3, 64, 64)), "grad_weight").chunking is None
+
+
 def test_a_short_summation_stores_along_the_rows(compile_spec, rng):
     """A 1x1 layer 16 -> 96 channels: its input gradient sums 16 products per output, and
     channel lanes would store each output through a tile, lane by lane; with AVX-512 it

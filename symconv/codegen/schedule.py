@@ -753,6 +753,8 @@ PARTIAL_LANE_USE = 1 / 8  # ... where no vector plan fits: at least 2 of AVX-512
 MIN_GEMM_DEPTH = 16       # channel lanes: products per output element that pay for the packing
 MAX_GEMM_DEPTH = 1 << 14  # ... and at most this many: a panel is the size of a weight, no more
 MIN_GEMM_ROWS = 4         # ... and rows per register block: fewer leave the loads the bottleneck
+WHOLE_PANEL_BYTES = 1 << 20  # ... and a panel larger than this packed whole only if
+WHOLE_PANEL_USES = 1024      # ... each of its values is used this often
 
 
 def _channel_lanes(piece: Piece, width: int, registers: int, most_vectors: int | None = None,
@@ -814,9 +816,14 @@ def _channel_lanes(piece: Piece, width: int, registers: int, most_vectors: int |
                                                      vectors, nests, copies=copies,
                                                      transposed=piece.position[-1] == block),
                                         piece.indices, width), piece.indices, width)
-        # a weight (packs less than it writes), or rows long enough to fill register blocks:
-        # a ResNet layer at 14x14 with 256 channels has a weight larger than its output
-        if extent(lane) * depth <= outputs or extent(block) >= most_rows:
+        # a weight (packs less than it writes), or rows long enough to fill register blocks,
+        # over a panel that stays in cache or that each element of is used often: a ResNet
+        # layer at 14x14 with 256 channels has a weight larger than its output (each value
+        # used 1568 times); a stem's weight gradient over one image packed its grad_output
+        # whole, 3.2 MB each used 147 times (14.9 ms; chunked 10.9 at a batch of 2)
+        if extent(lane) * depth <= outputs or extent(block) >= most_rows and \
+                (4 * extent(lane) * depth <= WHOLE_PANEL_BYTES or
+                 outputs // extent(lane) >= WHOLE_PANEL_USES):
             return whole
     # chunked, the panel is packed per chunk and reused by every row: the shorter lane
     # leaves the longer index to the rows (a 1x1 layer 144 -> 24: lanes along the 24)
