@@ -237,6 +237,7 @@ def emit_shared_panels(out: Writer, shared: SharedPanels) -> None:
 
 
 def release_shared_panels(out: Writer, shared: SharedPanels) -> None:
+    """Free every shared panel once the items have run (sc_free ignores NULL)."""
     out.line(f"for (int sc_k = 0; sc_k < {len(shared.packs)}; ++sc_k) sc_free(sc_panels[sc_k]);")
 
 
