@@ -102,8 +102,8 @@ def emit_function(function: SumFunction, dtype: str, isa: str | None = None,
     if maps:
         emit_batch_map(out, symbol, item, named, shared, item_work, item_threaded, staged_item)
     else:
-        emit_batch_sum(out, symbol, item, threaded_item or adding_item, named, shared,
-                       item_work, adding=adding_item is not None, whole=whole)
+        emit_batch_sum(out, symbol, item, named, shared, item_work, threaded_item,
+                       adding_item, whole)
     plain = plain_params(named, ctype) + ([] if maps else [f"{ctype} *sc_scratch"])
     declaration = f"void {symbol}({', '.join(plain)}, int64_t sc_batch, int sc_threads);"
     return "\n".join(out.lines) + "\n", CFunction(name, symbol, function.args,
@@ -226,15 +226,16 @@ def emit_batch_map(out: Writer, symbol: str, item: str, function: SumFunction,
     out.close()
 
 
-def emit_batch_sum(out: Writer, symbol: str, item: str, later_item: str | None,
-                   function: SumFunction, shared: SharedPanels, item_work: int,
-                   adding: bool = False, whole: Callable[[], None] | None = None) -> None:
+def emit_batch_sum(out: Writer, symbol: str, item: str, function: SumFunction,
+                   shared: SharedPanels, item_work: int, threaded_item: str | None = None,
+                   adding_item: str | None = None,
+                   whole: Callable[[], None] | None = None) -> None:
     """``symbol``: the sum of the item function over a batch of ``sc_batch`` items, added in
     order after packing the panels the items share: item 0 into the output, each next one
-    by ``later_item``.  That item either adds its sums to the output itself (``adding``),
-    or goes through ``sc_scratch`` (an array of the output's size), added after it: the
-    item itself, or a copy that threads inside itself once the whole batch is work enough
-    (a small item's).  With ``whole`` (which emits the pieces over every item at once, see
+    by ``adding_item``, which adds its sums to the output itself, or else through
+    ``sc_scratch`` (an array of the output's size), added after it.  A small item runs as
+    its copy ``threaded_item``, which threads inside itself, once the whole batch is work
+    enough.  With ``whole`` (which emits the pieces over every item at once, see
     channels.sums_batch_itself), the items run only where it could not (``sc_failed``).
     The order of the sum does not depend on the thread count."""
     output, ctype = function.sum.output, shared.ctype
@@ -256,17 +257,17 @@ def emit_batch_sum(out: Writer, symbol: str, item: str, later_item: str | None,
             if a.name in shared.batched:
                 out.line(f"const {ctype} *const {a.name} = {BATCH_PREFIX}{a.name};")
     first = later = item
-    if adding:
-        later = later_item
-    elif later_item is not None:
+    if adding_item is not None:
+        later = adding_item
+    elif threaded_item is not None:
         first = later = "sc_run"
         out.line(f"void (*const sc_run)({_item_type(function, ctype)}) = sc_threads > 1 && "
-                 f"sc_batch * {item_work} >= {PARALLEL_WORK} ? {later_item} : {item};")
+                 f"sc_batch * {item_work} >= {PARALLEL_WORK} ? {threaded_item} : {item};")
     if shared.packs:
         emit_shared_panels(out, shared)
     out.line(_item_call(first, function, shared, "0", output.name, "sc_threads"))
     out.open("for (int64_t sc_n = 1; sc_n < sc_batch; ++sc_n)")
-    if adding:
+    if adding_item is not None:
         out.line(_item_call(later, function, shared, "sc_n", output.name, "sc_threads"))
     else:
         out.line(_item_call(later, function, shared, "sc_n", "sc_scratch", "sc_threads"))
