@@ -875,8 +875,29 @@ def test_lane_blocks_run_inside_the_tasks_where_the_input_leaves_the_cache(tmp_p
     for target in ("x86-64-v4", "x86-64-v3"):
         assert inside(large, target) == [True] and inside(large.with_batch(1), target) == [False]
     monkeypatch.setattr(schedule, "LANES_INSIDE_ELEMENTS", 0)
+    monkeypatch.setattr(schedule, "L1_SHARE", 1.0)    # no copies: a window orders its own
     spec = ConvSpec((2, 64, 5, 40), (64, 64, 3, 3), padding=1)
     for target in ("x86-64-v4", "x86-64-v3"):
         assert inside(spec, target) == [True] and inside(spec, target, "grad_input") == [True]
     kernel = compiler.compile_conv(spec, cache_dir=tmp_path)
     _check_forward_and_input_gradient(spec, kernel, *random_arrays(spec, rng))
+
+
+def _copied_axes(spec, name: str) -> list:
+    """Per piece of ``name``'s AVX2 plan, the axis each copy moves innermost."""
+    return [[c.axis for c in chosen.copies] for _, chosen in _compiled(spec).plans[name]]
+
+
+def test_a_register_block_whose_reads_leave_l1_reads_a_copy(tmp_path, rng):
+    """A 1-D layer's 32 channels lie 1 KiB apart, so a register block's pass over its 9
+    taps reads 64 lines of 8 L1 sets, 8 deep: its forward and input gradient read copies
+    with the channels innermost.  16 channels fill the sets 4 deep (half the ways: the
+    panel's share) and are read in place.  Against the oracle and bit-identical on 1, 2
+    and 3 threads."""
+    spec = ConvSpec((2, 32, 256), (32, 32, 9), padding=4)
+    assert _copied_axes(spec, "forward") == _copied_axes(spec, "grad_input") == [[1]]
+    fewer = ConvSpec((2, 16, 256), (16, 16, 9), padding=4)
+    assert _copied_axes(fewer, "forward") == _copied_axes(fewer, "grad_input") == [[]]
+    kernel = compiler.compile_conv(spec, cache_dir=tmp_path)
+    _check_forward_and_input_gradient(spec, kernel, *random_arrays(spec, rng))
+

@@ -787,11 +787,11 @@ def _channel_lanes(piece: Piece, width: int, registers: int, most_vectors: int |
             candidates.append(lane)
     if not candidates:
         return None
+    depth = sum(math.prod(extent(loop.index) for loop in nest.loops) for nest in piece.nests)
     lane = max(candidates, key=lambda u: index_range(u)[1])
     lane_vectors = ceil_div(extent(lane), width)
     vectors = min(most_vectors or (3 if lane_vectors == 3 else 2), lane_vectors)
     most_rows = (registers - vectors - 2) // vectors
-    depth = sum(math.prod(extent(loop.index) for loop in nest.loops) for nest in piece.nests)
     block = [u for u in piece.indices if u != lane][-1]   # channels last: the row before them
     if depth < MIN_GEMM_DEPTH:
         return None
@@ -803,17 +803,18 @@ def _channel_lanes(piece: Piece, width: int, registers: int, most_vectors: int |
         nests = tuple(_longest_innermost(_padding_as_bounds(n, block, piece.indices), block)
                       for n in piece.nests)
         fmas = outputs // extent(lane) * lane_vectors * depth
-        copies = _copies(nests, piece.indices, lane, block, fmas)
+        rows = min(most_rows, extent(block))
+        copies = _copies(nests, piece.indices, lane, block, fmas, rows)
         unbounded = tuple(_bounds_as_padding(n, block, lane) for n in nests)
         # not for a stride's phases: each would copy the array again (measured 1.8x slower)
         if unbounded != nests and not piece.note:
-            haloed = _copies(unbounded, piece.indices, lane, block, fmas)
+            haloed = _copies(unbounded, piece.indices, lane, block, fmas, rows)
             added = {a for n, m in zip(nests, unbounded)
                      for a in set(m.zero_outside) - set(n.zero_outside)}
             if added <= {c.array for c in haloed if c.halo}:
                 nests, copies = unbounded, haloed
-        whole = _lanes_inside(_windowed(ChannelLanes(lane, block, min(most_rows, extent(block)),
-                                                     vectors, nests, copies=copies,
+        whole = _lanes_inside(_windowed(ChannelLanes(lane, block, rows, vectors, nests,
+                                                     copies=copies,
                                                      transposed=piece.position[-1] == block),
                                         piece.indices, width), piece.indices, width)
         # a weight (packs less than it writes), or rows long enough to fill register blocks,
@@ -855,7 +856,8 @@ MAX_HALO_GROWTH = 2  # a copy's zeros may at most double its array
 MAX_COPY_SHARE = 0.08
 
 
-def _copies(nests: Sequence[LoopNest], free, lane, block, fmas: int) -> tuple[Copy, ...]:
+def _copies(nests: Sequence[LoopNest], free, lane, block, fmas: int,
+            rows: int) -> tuple[Copy, ...]:
     """The broadcast arrays read from a copy (see Copy), each at most MAX_COPY_SHARE of
     the plan's ``fmas`` elements.  A zero-padded array whose padding guards the edge blocks
     of rows of at most SHORT_ROWS (14 of a ResNet's 14x14 layer: 8 in guarded blocks) gets
@@ -871,7 +873,7 @@ def _copies(nests: Sequence[LoopNest], free, lane, block, fmas: int) -> tuple[Co
         halo = _halo(mine, free, shape)
         short = block in set().union(*(p.free_symbols for _, r in mine for p in r.indices)) \
             and extent(block) <= SHORT_ROWS
-        axis = _moved_axis(mine, shape, always=bool(halo and short))
+        axis = _moved_axis(mine, shape, bool(halo and short), block, rows)
         if axis is not None or (halo and short):
             lead = LINE_BYTES // 4 if axis is not None and \
                 _rows_crowd_copy(mine, shape, halo, axis, block) else 0
@@ -1058,9 +1060,10 @@ def _halo(reads, free, shape) -> tuple[tuple[int, int], ...] | None:
     return tuple(map(tuple, halo))
 
 
-def _moved_axis(reads, shape, always: bool) -> int | None:
+def _moved_axis(reads, shape, always: bool, block, rows: int) -> int | None:
     """The axis the innermost loop's steps run along in an array of ``shape``, if they crowd
-    it or the array is copied ``always``."""
+    it, a register block of ``rows`` values of ``block`` reads more of it per pass than L1
+    holds (:func:`_block_leaves_l1`), or the array is copied ``always``."""
     for nest, read in reads:
         if not nest.loops:        # a phase of a stride where one tap is left: no steps
             continue
@@ -1070,9 +1073,39 @@ def _moved_axis(reads, shape, always: bool) -> int | None:
             continue
         num, den = integer_form(read.indices[along[0]])
         if den == 1 and linear_parts(num)[0].get(inner) == 1 and \
-                (always or _crowded(math.prod(shape[along[0] + 1:]), extent(inner))):
+                (always or _crowded(math.prod(shape[along[0] + 1:]), extent(inner)) or
+                 _block_leaves_l1(reads, block, rows)):
             return along[0]
     return None
+
+
+L1_SHARE = 0.5   # of L1's lines a register block's broadcast reads may fill: the panel's share
+
+
+def _block_leaves_l1(reads, block, rows: int) -> bool:
+    """Whether one register block's pass over the summation (``rows`` values of ``block``,
+    every step of each nest's loops) reads more lines of the array than L1_SHARE of L1
+    holds, on average per set or in any one set: the panel streams through the same sets,
+    so the next block, which reads mostly the same lines, would find them evicted.  Lines
+    are counted for a block whose first row reads the last element of a line.  Measured in
+    AVX2 at 1 thread, read from a copy with the channels innermost instead: a wav2vec-style
+    input gradient, 512 channels 1999 positions apart (512 lines a pass), 152 -> 99 ms; a
+    1-D layer's 64 channels 16000 apart with 9 taps (8 sets, 16 lines deep), input
+    gradient 76.6 -> 66.3 ms, forward 80.0 -> 74.6 ms."""
+    lines = set()
+    for nest, read in reads:
+        coefficients = flat_coefficients(read)
+        if coefficients is None:
+            return False
+        offsets = {LINE_BYTES // 4 - 1}
+        steps = [(coefficients.get(loop.index, 0), extent(loop.index)) for loop in nest.loops]
+        for coefficient, count in (*steps, (coefficients.get(block, 0), rows)):
+            offsets = {o + coefficient * k for o in offsets for k in range(count)}
+        lines |= {4 * o // LINE_BYTES for o in offsets}
+    per_set: dict[int, int] = {}
+    for line in lines:
+        per_set[line % L1_SETS] = per_set.get(line % L1_SETS, 0) + 1
+    return max(len(lines) / L1_SETS, *per_set.values()) > L1_SHARE * L1_WAYS
 
 
 def _crowded(stride: int, steps: int, itemsize: int = 4, ways: int = L1_WAYS,
