@@ -901,3 +901,18 @@ def test_a_register_block_whose_reads_leave_l1_reads_a_copy(tmp_path, rng):
     kernel = compiler.compile_conv(spec, cache_dir=tmp_path)
     _check_forward_and_input_gradient(spec, kernel, *random_arrays(spec, rng))
 
+
+def test_channel_lanes_run_along_the_fewer_lanes_where_the_other_panel_is_large(tmp_path,
+                                                                                 rng):
+    """A stride-2 1-D layer's input gradient over a run-time batch: the phase of its
+    positions that one tap reaches could run its lanes along those 4096 positions, packing
+    2 MiB of grad_output (128 channels) as the panel (too large to pack whole: it would
+    pack chunks), or along the 16 input channels, packing the weight whole; it packs the
+    weight.  Against the oracle at a batch of 2, on 1-3 threads."""
+    spec = ConvSpec((None, 16, 8192), (128, 16, 3), stride=2, padding=1)
+    lanes = [(str(chosen.lane), chosen.chunking) for _, chosen in
+             _compiled(spec).plans["grad_input"]]
+    assert lanes == [("i_c", None)] * 2, lanes     # the weight packed whole
+    kernel = compiler.compile_conv(spec, cache_dir=tmp_path)
+    batch = spec.with_batch(2)
+    _check_forward_and_input_gradient(batch, kernel, *random_arrays(batch, rng))
