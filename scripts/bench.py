@@ -6,8 +6,9 @@
     python scripts/bench.py --tune               # every kernel tuned on this machine first
 
 For every case it times forward, grad_input and grad_weight(+bias) — each the
-median of repeated runs after a warm-up — for symconv (into reused ``out=``
-buffers, and into fresh arrays) and for torch, and prints times, GFLOP/s, the
+median of repeated runs after a warm-up, every kernel of a pass run in turn so that
+all see the same load — for symconv (into reused ``out=`` buffers, and into fresh
+arrays) and for torch, and prints times, GFLOP/s, the
 percentage of this machine's FMA peak (measured here by a small C loop), the
 ratio (torch in its faster layout)/symconv per pass and for the sum, and the compile time of each
 case.  The 4-D case has no torch layer: its baseline is NumPy im2col + matmul.
@@ -21,7 +22,7 @@ and output arrays (N, *spatial, C), what torch's channels_last memory holds): th
 Every case also runs through a batch-open package (the same spec with its
 batch left to run time, ``input_shape=(None, ...)``: what the graph and the
 bindings compile): the ``open`` column, and ``open/fixed``, its time over the
-fixed-batch package's, the two timed in turn so that both see the same load.
+fixed-batch package's.
 """
 
 from __future__ import annotations
@@ -153,28 +154,19 @@ def measure_fma_peak(threads: int, target: str | None) -> float:
     return best
 
 
-def timed(fn, repeat: int) -> float:
-    """Median seconds of ``repeat`` runs after one warm-up run."""
-    fn()
-    samples = []
-    for _ in range(repeat):
-        start = time.perf_counter()
+def timed_together(fns: dict, repeat: int) -> dict:
+    """Median seconds of each function, all run in turn ``repeat`` times after a warm-up:
+    every one sees the same machine (on a shared one, load drifts between separate timings
+    by up to 50%, and a ratio of two timings taken apart drifts with it)."""
+    samples: dict = {name: [] for name in fns}
+    for fn in fns.values():
         fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
-
-
-def timed_pair(first, second, repeat: int) -> tuple[float, float]:
-    """Median seconds of each of two functions run in turn ``repeat`` times after a warm-up:
-    both see the same machine (on a shared one, load drifts between separate timings)."""
-    first(), second()
-    samples: tuple[list, list] = ([], [])
     for _ in range(repeat):
-        for fn, times in zip((first, second), samples):
+        for name, fn in fns.items():
             start = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - start)
-    return statistics.median(samples[0]), statistics.median(samples[1])
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(times) for name, times in samples.items()}
 
 
 def _trim_heap() -> None:
@@ -325,14 +317,12 @@ def run_case(case: Case, threads_list, repeat: int, torch, cache_dir: str, peaks
                  np.ascontiguousarray(np.moveaxis(gy, 1, -1)))
         channels_last = symconv_passes(last_kernel, last_spec, moved, threads, fresh=False)
         for name in PASSES:
-            fixed_seconds, open_seconds = timed_pair(mine[name], opened[name], repeat)
-            entry = {"symconv": fixed_seconds, "symconv_open": open_seconds,
-                     "symconv_fresh": timed(fresh[name], repeat),
-                     "symconv_cl": timed(channels_last[name], repeat),
-                     "symconv_work_mib": workspace_mib(fresh[name])}
-            for label, passes in baselines.items():
-                with _torch_grad(torch, enabled=False):
-                    entry[label] = timed(passes[name], repeat)
+            runs = {"symconv": mine[name], "symconv_open": opened[name],
+                    "symconv_fresh": fresh[name], "symconv_cl": channels_last[name],
+                    **{label: passes[name] for label, passes in baselines.items()}}
+            with _torch_grad(torch, enabled=False):
+                entry = timed_together(runs, repeat)
+            entry["symconv_work_mib"] = workspace_mib(fresh[name])
             row[name] = entry
         row["sum"] = {k: sum(row[p][k] for p in PASSES) for k in row["forward"]
                       if not k.endswith("_mib")}
