@@ -33,6 +33,7 @@ import itertools
 import json
 import math
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -154,15 +155,31 @@ def measure_fma_peak(threads: int, target: str | None) -> float:
     return best
 
 
+WARM_SECONDS = 0.01
+
+
 def timed_together(fns: dict, repeat: int) -> dict:
     """Median seconds of each function, all run in turn ``repeat`` times after a warm-up:
     every one sees the same machine (on a shared one, load drifts between separate timings
-    by up to 50%, and a ratio of two timings taken apart drifts with it)."""
+    by up to 50%, and a ratio of two timings taken apart drifts with it).  Each round runs
+    them in another order (seeded), so that none always follows the same one; a function
+    whose warm-up took under WARM_SECONDS runs once more, untimed, just before each timed
+    call: the caches then hold its own code and arrays, not the previous function's (a
+    tiny layer's first call after torch's took 1.3x its time)."""
     samples: dict = {name: [] for name in fns}
-    for fn in fns.values():
+    quick = {}
+    for name, fn in fns.items():
+        start = time.perf_counter()
         fn()
+        quick[name] = time.perf_counter() - start < WARM_SECONDS
+    order = random.Random(0)
     for _ in range(repeat):
-        for name, fn in fns.items():
+        names = list(fns)
+        order.shuffle(names)
+        for name in names:
+            fn = fns[name]
+            if quick[name]:
+                fn()
             start = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - start)
