@@ -6,8 +6,8 @@
     python scripts/bench.py --tune               # every kernel tuned on this machine first
 
 For every case it times forward, grad_input and grad_weight(+bias) — each the
-median of repeated runs after a warm-up, every kernel of a pass run in turn so that
-all see the same load — for symconv (into reused ``out=`` buffers, and into fresh
+median of repeated runs after a warm-up, every kernel of a pass run in turn (in a
+shuffled order) so that all see the same load — for symconv (into reused ``out=`` buffers, and into fresh
 arrays) and for torch, and prints times, GFLOP/s, the
 percentage of this machine's FMA peak (measured here by a small C loop), the
 ratio (torch in its faster layout)/symconv per pass and for the sum, and the compile time of each
