@@ -791,24 +791,24 @@ def _channel_lanes(piece: Piece, width: int, registers: int, most_vectors: int |
             candidates.append(lane)
     if not candidates:
         return None
-    depth = sum(math.prod(extent(loop.index) for loop in nest.loops) for nest in piece.nests)
+    steps = depth(piece.nests)
     lane = max(candidates, key=lambda u: index_range(u)[1])
-    if 4 * extent(lane) * depth > WHOLE_PANEL_BYTES:   # the panel the fewer lanes make
+    if 4 * extent(lane) * steps > WHOLE_PANEL_BYTES:   # the panel the fewer lanes make
         lane = min(candidates, key=extent)
     lane_vectors = ceil_div(extent(lane), width)
     vectors = min(most_vectors or (3 if lane_vectors == 3 else 2), lane_vectors)
     most_rows = (registers - vectors - 2) // vectors
     block = [u for u in piece.indices if u != lane][-1]   # channels last: the row before them
-    if depth < MIN_GEMM_DEPTH:
+    if steps < MIN_GEMM_DEPTH:
         return None
     whole = None
     outputs = math.prod(extent(i) for i in piece.indices)
-    if depth <= MAX_GEMM_DEPTH and extent(block) >= MIN_GEMM_ROWS and \
+    if steps <= MAX_GEMM_DEPTH and extent(block) >= MIN_GEMM_ROWS and \
             not any(g.modulus and block in g.expr.free_symbols
                     for n in piece.nests for g in n.guards):
         nests = tuple(_longest_innermost(_padding_as_bounds(n, block, piece.indices), block)
                       for n in piece.nests)
-        fmas = outputs // extent(lane) * lane_vectors * depth
+        fmas = outputs // extent(lane) * lane_vectors * steps
         rows = min(most_rows, extent(block))
         copies = _copies(nests, piece.indices, lane, block, fmas, rows)
         unbounded = tuple(_bounds_as_padding(n, block, lane) for n in nests)
@@ -828,8 +828,8 @@ def _channel_lanes(piece: Piece, width: int, registers: int, most_vectors: int |
         # layer at 14x14 with 256 channels has a weight larger than its output (each value
         # used 1568 times); a stem's weight gradient over one image packed its grad_output
         # whole, 3.2 MB each used 147 times (14.9 ms; chunked 10.9 at a batch of 2)
-        if extent(lane) * depth <= outputs or extent(block) >= most_rows and \
-                (4 * extent(lane) * depth <= WHOLE_PANEL_BYTES or
+        if extent(lane) * steps <= outputs or extent(block) >= most_rows and \
+                (4 * extent(lane) * steps <= WHOLE_PANEL_BYTES or
                  outputs // extent(lane) >= WHOLE_PANEL_USES):
             return whole
     # chunked, the panel is packed per chunk and reused by every row: the shorter lane
@@ -955,9 +955,8 @@ def _lanes_inside(chosen: ChannelLanes, indices, width: int) -> ChannelLanes:
     broadcast = sum(math.prod(int(d) for d in reads[0][1].base.shape)
                     for reads in _broadcast_reads(chosen.nests, chosen.lane).values())
     rows = broadcast // math.prod(extent(i) for i in outer)
-    depth = sum(math.prod(extent(loop.index) for loop in n.loops) for n in chosen.nests)
     panels = ceil_div(extent(chosen.lane), chosen.vectors * width) * chosen.vectors * width * \
-        depth
+        depth(chosen.nests)
     if broadcast < LANES_INSIDE_ELEMENTS or 4 * rows > ROWS_INSIDE_BYTES or \
             4 * panels > PANELS_INSIDE_BYTES:
         return chosen
@@ -1124,6 +1123,11 @@ def _crowded(stride: int, steps: int, itemsize: int = 4, ways: int = L1_WAYS,
         return False
     used = sets // math.gcd(step // LINE_BYTES, sets)
     return ceil_div(steps, used) > ways
+
+
+def depth(nests: Sequence[LoopNest]) -> int:
+    """Products per output element: the steps of every nest's loops."""
+    return sum(math.prod(extent(loop.index) for loop in nest.loops) for nest in nests)
 
 
 def extent(index) -> int:
@@ -1538,20 +1542,19 @@ def cycles(piece: Piece, chosen: Plan, width: int) -> float:
     if isinstance(chosen, OutputLanes) or \
             isinstance(chosen, ChannelLanes) and chosen.chunking is None:
         return _block_cycles(piece, chosen, width)
-    (nest,) = piece.nests
     (_, _, coefficients), = _reads(piece)
     outputs = math.prod(extent(u) for u in piece.indices)
-    depth = math.prod(extent(loop.index) for loop in nest.loops)
+    steps = depth(piece.nests)
     if isinstance(chosen, ChannelLanes):
         span = chosen.vectors * width
         lane_blocks = ceil_div(extent(chosen.lane), span)
-        fmas = outputs * depth / extent(chosen.lane) * lane_blocks * chosen.vectors
+        fmas = outputs * steps / extent(chosen.lane) * lane_blocks * chosen.vectors
         per_fma = (chosen.vectors + chosen.rows) / (chosen.vectors * chosen.rows)
         tasks = ceil_div(extent(chosen.block), chosen.chunking.group)
         return fmas * (1 + LOAD_CYCLES * per_fma) + \
-            PACK_CYCLES * depth * span * lane_blocks * tasks
+            PACK_CYCLES * steps * span * lane_blocks * tasks
     if isinstance(chosen, ReductionLanes):
-        fmas = outputs * depth / extent(chosen.lane) * ceil_div(extent(chosen.lane), width)
+        fmas = outputs * steps / extent(chosen.lane) * ceil_div(extent(chosen.lane), width)
         rows = dict(chosen.blocks)
         loads = sum(_load_cycles(c, chosen.lane, width) * math.prod(rows.get(u, 1) for u in c)
                     for c in coefficients)
@@ -1578,11 +1581,10 @@ def _block_cycles(piece: Piece, chosen: OutputLanes | ChannelLanes, width: int) 
     lanes = ceil_div(extent(lane), chosen.vectors * width) * chosen.vectors * width \
         if isinstance(chosen, ChannelLanes) else ceil_div(extent(lane), width) * width
     per_lane = math.prod(extent(u) for u in piece.indices if u != lane) * lanes
-    depth = sum(math.prod(extent(loop.index) for loop in nest.loops) for nest in piece.nests)
     stored = 0
     if isinstance(chosen, ChannelLanes) and piece.position[-1] != lane:
         stored = (TRANSPOSED_STORE_CYCLES if chosen.transposed else STORE_CYCLES) * per_lane
-    return per_lane * depth / width + stored
+    return per_lane * depth(piece.nests) / width + stored
 
 
 def describe(piece: Piece, chosen: Plan) -> str:
