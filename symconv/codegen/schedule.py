@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Sequence
 
@@ -1068,7 +1069,8 @@ def _halo(reads, free, shape) -> tuple[tuple[int, int], ...] | None:
 def _moved_axis(reads, shape, always: bool, block, rows: int) -> int | None:
     """The axis the innermost loop's steps run along in an array of ``shape``, if they crowd
     it, a register block of ``rows`` values of ``block`` reads more of it per pass than L1
-    holds (:func:`_block_leaves_l1`), or the array is copied ``always``."""
+    holds (:func:`_block_leaves_l1`, asked once), or the array is copied ``always``."""
+    leaves = None
     for nest, read in reads:
         if not nest.loops:        # a phase of a stride where one tap is left: no steps
             continue
@@ -1077,9 +1079,13 @@ def _moved_axis(reads, shape, always: bool, block, rows: int) -> int | None:
         if len(along) != 1 or along[0] == len(shape) - 1:
             continue
         num, den = integer_form(read.indices[along[0]])
-        if den == 1 and linear_parts(num)[0].get(inner) == 1 and \
-                (always or _crowded(math.prod(shape[along[0] + 1:]), extent(inner)) or
-                 _block_leaves_l1(reads, block, rows)):
+        if den != 1 or linear_parts(num)[0].get(inner) != 1:
+            continue
+        if always or _crowded(math.prod(shape[along[0] + 1:]), extent(inner)):
+            return along[0]
+        if leaves is None:
+            leaves = _block_leaves_l1(reads, block, rows)
+        if leaves:
             return along[0]
     return None
 
@@ -1107,9 +1113,7 @@ def _block_leaves_l1(reads, block, rows: int) -> bool:
         for coefficient, count in (*steps, (coefficients.get(block, 0), rows)):
             offsets = {o + coefficient * k for o in offsets for k in range(count)}
         lines |= {4 * o // LINE_BYTES for o in offsets}
-    per_set: dict[int, int] = {}
-    for line in lines:
-        per_set[line % L1_SETS] = per_set.get(line % L1_SETS, 0) + 1
+    per_set = Counter(line % L1_SETS for line in lines)
     return max(len(lines) / L1_SETS, *per_set.values()) > L1_SHARE * L1_WAYS
 
 
