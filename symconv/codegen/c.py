@@ -236,6 +236,12 @@ class Writer:
         self.batched: dict[str, int] = {}
         self.threaded = False          # a parallel region has been written
 
+    @property
+    def store(self) -> str:
+        """The C operator that writes an output element: ``+=`` where the function
+        accumulates, ``=`` otherwise."""
+        return "+=" if self.accumulate else "="
+
     def line(self, text: str = "") -> None:
         self.lines.append("    " * self.depth + text if text else "")
 
@@ -333,8 +339,7 @@ def emit_scalar_piece(out: Writer, fn: IndexSum, piece: schedule.Piece, dtype: s
         padded = {a: outside_checks(a, box) for a in accesses(nest.body)
                   if str(a.base.label) in nest.zero_outside}
         _emit_nest(out, nest, BodyPrinter(dtype, padded).doprint(nest.body))
-    store = "+=" if out.accumulate else "="
-    out.line(f"{fn.output.name}[{c_affine(output_offset(fn, piece))}] {store} sc_acc;")
+    out.line(f"{fn.output.name}[{c_affine(output_offset(fn, piece))}] {out.store} sc_acc;")
     for _ in piece.indices:
         out.close()
 

@@ -604,10 +604,9 @@ def _emit_tile_store(e: _Emission, rows: int, tile: str, added: Sequence[_Nest] 
     out.line(f"const int64_t {lane.label} = sc_lb * {span} + sc_l;")
     offset = output_offset(fn, e.piece)
     terms = "".join(f" + sc_p{n.number}[sc_l]" for n in added)
-    store = "+=" if out.accumulate else "="
     for r in range(rows):
         at = c_affine(sympy.expand(offset.xreplace({block: block + r})))
-        out.line(f"{fn.output.name}[{at}] {store} ({tile})[{r * span} + sc_l]{terms};")
+        out.line(f"{fn.output.name}[{at}] {out.store} ({tile})[{r * span} + sc_l]{terms};")
     out.close()
 
 
