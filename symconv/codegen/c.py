@@ -326,6 +326,17 @@ def output_offset(fn: IndexSum, piece: schedule.Piece, axes: slice = slice(None)
                             list(zip(strides, piece.position))[axes]))
 
 
+def emit_finite_scan(out: Writer, array: sympy.IndexedBase, dtype: str,
+                     constant: sympy.Expr = sympy.Integer(1)) -> None:
+    """Set ``sc_bad`` (declared by the caller) if some value of ``array``, times
+    ``constant``, is NaN or infinite; the scan stops at the first."""
+    value = BodyPrinter(dtype).doprint(constant * sympy.Symbol("sc_x"))
+    out.open(f"for (int64_t sc_e = 0; !sc_bad && sc_e < {math.prod(array.shape)}; ++sc_e)")
+    out.line(f"const {C_TYPES[dtype]} sc_x = {array.label}[sc_e];")
+    out.line(f"sc_bad |= !isfinite({value});")
+    out.close()
+
+
 def emit_scalar_piece(out: Writer, fn: IndexSum, piece: schedule.Piece, dtype: str) -> None:
     """The plain nest: one accumulator per output element, terms added in order."""
     parallel(out, piece.indices, work(piece.nests, piece.indices))

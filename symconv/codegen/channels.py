@@ -26,8 +26,8 @@ from ..symbolic.ir import IndexSum, index_range
 from ..symbolic.lowering import LoopNest, nest_box
 from . import schedule
 from .c import (C_TYPES, MOVE_COST, BodyPrinter, CopyPart, Writer, bound_text, c_affine,
-                c_nonnegative, condition_text, emit_copy, emit_scalar_piece, flat_offset,
-                omp_parallel, omp_schedule, output_offset, threaded, work)
+                c_nonnegative, condition_text, emit_copy, emit_finite_scan, emit_scalar_piece,
+                flat_offset, omp_parallel, omp_schedule, output_offset, threaded, work)
 from .isa import Simd
 from .schedule import copy_name, extent, in_range_exprs
 from .vector import block_runs, depends, interior, number_text, over_lanes
@@ -777,12 +777,7 @@ def _emit_finite_scan(e: _Emission, n: _Nest) -> None:
     where the item adds its sums to the output (Writer.accumulate): a chunk's pack finds
     one only after other tasks have added their tiles, which the plain nest could not take
     back."""
-    out, array = e.out, n.packed.base
-    value = BodyPrinter(e.simd.dtype).doprint(n.constant * sympy.Symbol("sc_x"))
-    out.open(f"for (int64_t sc_e = 0; !sc_bad && sc_e < {math.prod(array.shape)}; ++sc_e)")
-    out.line(f"const {e.ctype} sc_x = {array.label}[sc_e];")
-    out.line(f"sc_bad |= !isfinite({value});")
-    out.close()
+    emit_finite_scan(e.out, n.packed.base, e.simd.dtype, n.constant)
 
 
 def _emit_chunk_pack(e: _Emission, outer, inner, panel_at: str) -> None:

@@ -12,7 +12,7 @@ from ..symbolic.ir import SumFunction, index_range
 from ..symbolic.printing import to_text
 from . import schedule
 from .c import (C_TYPES, PARALLEL_WORK, PRELUDE, CFunction, CSource, Writer, c_namespace,
-                emit_scalar_piece, parallel, work)
+                emit_finite_scan, emit_scalar_piece, parallel, work)
 from .isa import SIMD_PRELUDE, Simd
 from .channels import (BATCH_PREFIX, SharedPanels, emit_channel_lanes, emit_shared_panels,
                        release_shared_panels, sums_batch_itself)
@@ -131,6 +131,10 @@ def emit_pieces(out: Writer, fn, dtype: str, vector: Simd | None,
     plans = schedule.staged([(piece, schedule.plan(piece, vector.width if vector else None,
                                                    vector.registers if vector else 0, choice))
                              for piece in schedule.pieces(fn)], fn.output.shape, choice)
+    finite = sorted({a for _, c in plans if isinstance(c, schedule.OutputLanes)
+                     for a in c.finite})
+    if finite:
+        _open_finite_check(out, fn, finite, dtype)
     shared = schedule.shared_loops(plans)
     stage = plans[0][1].stage if shared else None     # else each piece stages its own
     if shared:
@@ -156,7 +160,33 @@ def emit_pieces(out: Writer, fn, dtype: str, vector: Simd | None,
         close_stage(out, fn, plans[0][0], stage, vector)
     for _ in shared:
         out.close()
+    if finite:
+        _close_finite_check(out, fn, plans, dtype)
     return plans
+
+
+def _open_finite_check(out: Writer, fn, arrays: Sequence[str], dtype: str) -> None:
+    """Scan the arrays some output-lane plans need finite (schedule.OutputLanes.finite), and
+    open the branch where they are: the plans run there."""
+    bases = {a.name: a.base for a in fn.inputs}
+    out.open()
+    out.line("int sc_bad = 0;")
+    for name in arrays:
+        emit_finite_scan(out, bases[name], dtype)
+    out.open("if (!sc_bad)")
+
+
+def _close_finite_check(out: Writer, fn, plans, dtype: str) -> None:
+    """Close the plans' branch; where an array holds NaN or infinity, every piece runs its
+    plain nest, which computes the sum as defined."""
+    out.close()
+    out.open("else")
+    for piece, _ in plans:
+        out.open()
+        emit_scalar_piece(out, fn, piece, dtype)
+        out.close()
+    out.close()
+    out.close()
 
 
 def _item_call(item: str, function: SumFunction, shared: SharedPanels, n: str, target: str,

@@ -108,10 +108,16 @@ class Simd:
     def add(self, a: str, b: str) -> str:
         return f"{self._p}_add_{self.sfx}({a}, {b})"
 
-    def accumulate(self, acc: str, factors: Sequence[str], mask: str | None) -> str:
+    def accumulate(self, acc: str, factors: Sequence[str], mask: str | None,
+                   zeroed: bool = False) -> str:
         """acc + the product of ``factors``, in the lanes of ``mask`` only (inactive lanes keep
-        acc exactly, whatever the factors hold there)."""
+        acc exactly, whatever the factors hold there).  ``zeroed``: two factors, the last +0
+        in every inactive lane (a load under the mask) and the first finite in them (see
+        schedule._finite_factors), so a plain FMA adds +0 there and keeps acc."""
         p, sfx = self._p, self.sfx
+        if zeroed:
+            first, last = factors
+            return self.fma(first, last, acc)
         product = factors[0]
         for f in factors[1:-1]:
             product = self.mul(product, f)

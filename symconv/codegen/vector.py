@@ -145,8 +145,11 @@ def block_runs(extent: int, rows: int,
 def _lane_runs(extent: int, width: int, wide: int, interior) -> list[tuple[int, int, int, bool]]:
     """Cover lanes 0..extent-1 with runs (start, count, vectors, masked) of equal blocks, in
     order: masked vectors before the interior, wide unmasked blocks inside it, single unmasked
-    vectors where a wide block no longer fits, masked vectors after it.  Computed in closed
-    form: the cost does not grow with the extent."""
+    vectors where a wide block no longer fits, masked vectors after it; or, where every
+    vector would be masked and one wide block holds them all (a 16-lane row with taps over
+    both edges), that one masked block: its rows x vectors accumulators hide the FMA latency
+    that a single vector's rows do not.  Computed in closed form: the cost does not grow
+    with the extent."""
     low, high = interior
     runs: list[tuple[int, int, int, bool]] = []
 
@@ -167,6 +170,9 @@ def _lane_runs(extent: int, width: int, wide: int, interior) -> list[tuple[int, 
         start = add(start, inside(start, wide * width), wide, False)
     start = add(start, inside(start, width), 1, False)
     add(start, ceil_div(extent - start, width), 1, True)
+    vectors = ceil_div(extent, width)
+    if 1 < vectors <= wide and all(masked for *_, masked in runs):
+        return [(0, 1, vectors, True)]
     return runs
 
 
@@ -204,7 +210,8 @@ def emit_output_lanes(out: Writer, fn: IndexSum, piece: schedule.Piece,
     if stage:
         open_stage(out, stage, simd)
     for first, count, vectors, masked in runs:
-        block_shape = replace(block_shapes[vectors, masked],
+        block_shape = replace(block_shapes.get((vectors, masked)) or
+                              _BlockShape(chosen.rows, vectors, masked),
                               tail=first + count * vectors * simd.width > index_range(lane)[1] + 1)
         step = block_shape.vectors * simd.width
         last = first + (count - 1) * step
@@ -543,6 +550,8 @@ def _accumulate_output_lanes(b: _Block, reads: _Reads, loads, domain, box) -> No
     per_vector: list[list[str]] = [[] for _ in range(vectors)]
     per_cell = [[[] for _ in range(vectors)] for _ in range(rows)]
     shared: list[str] = []
+    zeroed: set[str] = set()      # vectors loaded under a mask: +0 outside it (the domain's)
+    finite: set[str] = set()      # broadcasts of arrays checked finite (OutputLanes.finite)
     skips: list[list[str]] = [[] for _ in range(rows)]    # per row: tests to add at all
     constant = reads.constant      # folded into the first broadcast read, if there is one
     for number, (access, offset, padded) in enumerate(reads.items):
@@ -566,6 +575,8 @@ def _accumulate_output_lanes(b: _Block, reads: _Reads, loads, domain, box) -> No
                     load = f"{number_text(constant, ctype)}*{load}"
                 vector = f"sc_v{number}_{r if r is not None else 'x'}"
                 out.line(f"const {simd.vec} {vector} = {simd.set1(load)};")
+                if name in b.chosen.finite:
+                    finite.add(vector)
                 (per_row[r] if r is not None else shared).append(vector)
             constant = sympy.Integer(1)
         else:
@@ -583,6 +594,8 @@ def _accumulate_output_lanes(b: _Block, reads: _Reads, loads, domain, box) -> No
                         load = f"({test}) ? {load} : {simd.zero()}"
                     vector = f"sc_w{number}_{q}" + (f"_{r}" if r is not None else "")
                     out.line(f"const {simd.vec} {vector} = {load};")
+                    if mask is not None:
+                        zeroed.add(vector)
                     (per_cell[r][q] if r is not None else per_vector[q]).append(vector)
     scale = None
     if constant != 1:
@@ -593,7 +606,8 @@ def _accumulate_output_lanes(b: _Block, reads: _Reads, loads, domain, box) -> No
             factors = shared + per_row[r] + per_vector[q] + per_cell[r][q] + \
                 ([scale] if scale else [])
             acc = accs[r][q]
-            total = simd.accumulate(acc, factors, domain[q] if domain else None)
+            fused = len(factors) == 2 and factors[0] in finite and factors[1] in zeroed
+            total = simd.accumulate(acc, factors, domain[q] if domain else None, fused)
             if skips[r]:
                 total = f"({' && '.join(skips[r])}) ? {total} : {acc}"
             out.line(f"{acc} = {total};")
