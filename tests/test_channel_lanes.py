@@ -922,25 +922,42 @@ def test_short_rows_with_taps_over_both_edges_add_fused_products(compile_spec, r
     """The input gradient of a 4 -> 8 channel layer with 16-wide rows: too few channels for
     channel lanes, so lanes along the rows, where every vector meets an edge and is masked
     by the taps' bounds.  The one masked block spans both vectors (8 accumulators with
-    AVX2, not 4);
-    the weight is checked finite, so each product is one FMA of a load zero outside the
-    bounds.  Against the oracle, and with a NaN and an infinity in the weight (the plain
-    nest then runs: NaN and infinity exactly where the definition puts them)."""
+    AVX2, not 4); the weight is checked finite, so each product is one FMA of a load zero
+    outside the bounds.  Against the oracle, and with a NaN and an infinity in the weight
+    (the plain nest then runs: NaN and infinity exactly where the definition puts them)."""
     spec = ConvSpec((2, 4, 6, 16), (8, 4, 3, 3), padding=1, bias=False)
     ((piece, chosen),) = _compiled(spec).plans["grad_input"]
     assert isinstance(chosen, schedule.OutputLanes) and str(chosen.lane) == "i_j1", chosen
     assert chosen.finite == ("a_weight",) and chosen.vectors == 2, chosen
     text = compiler.compilation(spec, "x86-64-v3").source.text
     assert "_mm256_mul_ps" not in text.split("_grad_input(const")[1].split("\n}\n")[0]
+    _check_input_gradient_with_special_weights(spec, compile_spec, rng)
+
+
+def test_stride_phases_fall_back_to_the_whole_plain_sum(compile_spec, rng):
+    """A stride-2 layer's input-gradient phases whose lanes meet the taps' bounds check the
+    weight finite; where it is not, the plain nests of the whole sum run (one nest with
+    the stride's tests, not a copy per phase)."""
+    spec = ConvSpec((2, 3, 9, 32), (8, 3, 3, 3), stride=2, padding=1, bias=False)
+    plans = _compiled(spec).plans["grad_input"]
+    assert len(plans) == 4 and any(c.finite == ("a_weight",) for _, c in plans), plans
+    text = compiler.compilation(spec, "x86-64-v3").source.text
+    function = text.split("_grad_input(const")[1].split("\n}\n")[0]
+    assert function.count("sc_acc = 0;") == 1, "one plain nest for the whole sum"
+    _check_input_gradient_with_special_weights(spec, compile_spec, rng)
+
+
+def _check_input_gradient_with_special_weights(spec, compile_spec, rng):
     x, w, b, gy = random_arrays(spec, rng)
     for special in (False, True):
         if special:
-            w[3, 1, 0, 2], w[5, 2, 1, 0] = np.inf, np.nan
+            w.flat[5], w.flat[-4] = np.inf, np.nan
         with np.errstate(invalid="ignore"):
             expected = conv_backward(x, w, gy, *oracle_args(spec))[0]
         for kernel in runnable_variants(compile_spec(spec)):
             got = kernel.backward(None, w, gy, wrt=("input",))[0]
-            assert np.array_equal(np.isnan(got), np.isnan(expected)), kernel.variant.target
-            assert np.array_equal(np.isinf(got), np.isinf(expected)), kernel.variant.target
+            where = f"{kernel.variant.target}, special values: {special}"
+            assert np.array_equal(np.isnan(got), np.isnan(expected)), where
+            assert np.array_equal(np.isinf(got), np.isinf(expected)), where
             finite = np.isfinite(expected)
-            assert_close(got[finite], expected[finite], spec.dtype, kernel.variant.target)
+            assert_close(got[finite], expected[finite], spec.dtype, where)

@@ -161,7 +161,7 @@ def emit_pieces(out: Writer, fn, dtype: str, vector: Simd | None,
     for _ in shared:
         out.close()
     if finite:
-        _close_finite_check(out, fn, plans, dtype)
+        _close_finite_check(out, fn, dtype)
     return plans
 
 
@@ -176,15 +176,13 @@ def _open_finite_check(out: Writer, fn, arrays: Sequence[str], dtype: str) -> No
     out.open("if (!sc_bad)")
 
 
-def _close_finite_check(out: Writer, fn, plans, dtype: str) -> None:
-    """Close the plans' branch; where an array holds NaN or infinity, every piece runs its
-    plain nest, which computes the sum as defined."""
+def _close_finite_check(out: Writer, fn, dtype: str) -> None:
+    """Close the plans' branch; where an array holds NaN or infinity, the plain nests of
+    the whole sum (one piece, not a stride's phases: less C to compile for a branch that
+    rarely runs) compute it as defined."""
     out.close()
     out.open("else")
-    for piece, _ in plans:
-        out.open()
-        emit_scalar_piece(out, fn, piece, dtype)
-        out.close()
+    emit_scalar_piece(out, fn, schedule.whole_piece(fn), dtype)
     out.close()
     out.close()
 

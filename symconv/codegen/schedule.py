@@ -268,10 +268,10 @@ def pieces(fn: IndexSum) -> tuple[Piece, ...]:
     """The output split into phases, each with normalised loop nests (see the module text).
     Remembered: each instruction set's emission, the tuner's candidates and their options
     cut the same sums."""
-    whole = [lower(term, fn.indices) for term in fn.terms]
-    moduli = _phase_moduli([n for n in whole if n is not None], fn.indices)
+    whole = whole_piece(fn)
+    moduli = _phase_moduli(whole.nests, fn.indices)
     if not moduli or math.prod(moduli.values()) > MAX_PHASES:
-        return (Piece(fn.indices, fn.indices, tuple(n for n in whole if n is not None)),)
+        return (whole,)
     result = []
     split = [f for f in fn.indices if f in moduli]
     for residues in _product([range(moduli[f]) for f in split]):
@@ -304,6 +304,13 @@ def pieces(fn: IndexSum) -> tuple[Piece, ...]:
         result.append(Piece(tuple(indices), tuple(mapping.get(f, f) for f in fn.indices),
                             tuple(nests), note))
     return tuple(result)
+
+
+def whole_piece(fn: IndexSum) -> Piece:
+    """The whole output as one piece, its nests as lowered (a stride's phases not split
+    out: their tests stay in the nests)."""
+    nests = (lower(term, fn.indices) for term in fn.terms)
+    return Piece(fn.indices, fn.indices, tuple(n for n in nests if n is not None))
 
 
 def _product(ranges):
