@@ -626,8 +626,10 @@ def _output_lanes(piece: Piece, width: int, budget: int) -> OutputLanes | None:
                 # took 1.29x as long with those taps outermost)
                 chosen = replace(chosen, nests=tuple(_lane_conditions_outermost(n, lane, True)
                                                      for n in chosen.nests))
-            return replace(chosen, copies=copies,
-                           finite=_finite_factors(piece, chosen.nests, lane))
+            # a window's products run their own accumulation (vector._accumulate_window)
+            finite = _finite_factors(piece, chosen.nests, lane) if chosen.window is None \
+                else ()
+            return replace(chosen, copies=copies, finite=finite)
     return None
 
 
