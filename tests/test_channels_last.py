@@ -124,6 +124,25 @@ def test_too_few_channels_for_a_vector_still_take_channel_lanes():
         assert not isinstance(chosen, schedule.ChannelLanes)
 
 
+def test_half_empty_output_lanes_give_way_to_channel_lanes(compile_spec, rng):
+    """A layer over 4 input channels: in AVX2 its input gradient's lanes along them fill
+    half a vector either way, and channel lanes (packed weight, broadcast rows) run instead
+    of output lanes (tested, masked rows; 3x as long measured); its forward, along 16
+    output channels, keeps whole channel lanes.  Against the oracle on every variant."""
+    spec = ConvSpec((2, 4, 10, 20), (16, 4, 3, 3), padding=1, layout="channels_last")
+    plans = compiler.compilation(spec, "x86-64-v3").plans
+    ((_, backward),) = plans["grad_input"]
+    assert isinstance(backward, schedule.ChannelLanes) and str(backward.lane) == "i_c"
+    assert schedule.lane_use(backward.lane, 8) == 0.5
+    ((_, forward),) = plans["forward"]
+    assert isinstance(forward, schedule.ChannelLanes) and str(forward.lane) == "i_o"
+    x, w, b, gy = random_arrays(spec, rng)
+    expected = conv_backward(x, w, gy, *oracle_args(spec))[0]
+    for kernel in runnable_variants(compile_spec(spec)):
+        got = kernel.backward(None, w, last(gy), wrt=("input",))[0]
+        assert_close(first(got), expected, spec.dtype, kernel.variant.target)
+
+
 def test_dense_layers_run_channel_lanes_along_the_channels_and_rows_along_the_last_axis():
     """Channels innermost are what channel lanes want: the output tile is stored along the
     channels, the input's channels are broadcast from consecutive addresses, no copy."""
