@@ -144,16 +144,23 @@ def test_half_empty_output_lanes_give_way_to_channel_lanes(compile_spec, rng):
 
 
 def test_dense_layers_run_channel_lanes_along_the_channels_and_rows_along_the_last_axis():
-    """Channels innermost are what channel lanes want: the output tile is stored along the
-    channels, the input's channels are broadcast from consecutive addresses, no copy."""
+    """Channels innermost are what channel lanes want: each accumulator vector is stored
+    straight to its channels (no tile between; 20 channels in blocks of 24 lanes: the
+    lanes past the last masked), the input's channels are broadcast from consecutive
+    addresses, no copy.  (The oracle tests above check the values.)"""
     spec = ConvSpec((2, 16, 9, 13), (24, 16, 3, 3), padding=1, layout="channels_last")
-    plans = compiler.compilation(spec, "x86-64-v3").plans
+    compiled = compiler.compilation(spec, "x86-64-v3")
     for name, lane in (("forward", "i_o"), ("grad_input", "i_c")):
-        ((_, chosen),) = plans[name]
+        ((_, chosen),) = compiled.plans[name]
         assert isinstance(chosen, schedule.ChannelLanes) and chosen.chunking is None
         assert (str(chosen.lane), str(chosen.block)) == (lane, "i_i1" if name == "forward"
                                                          else "i_j1")
         assert not any(c.axis is not None for c in chosen.copies)
+        text = compiled.source.text.split(f"_{name}(const")[1].split("\n}\n")[0]
+        assert "sc_tile" not in text and "_mm256_storeu_ps(a_" in text
+    twenty = replace(spec, input_shape=(2, 20, 9, 13), weight_shape=(20, 20, 3, 3))
+    text = compiler.compilation(twenty, "x86-64-v3").source.text
+    assert "_mm256_maskstore_ps(a_output + " in text.split("_forward(const")[1]
 
 
 def test_channels_last_results_are_bit_identical_for_every_thread_count(compile_spec, rng):
