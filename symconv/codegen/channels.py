@@ -630,8 +630,8 @@ def _emit_vector_store(e: _Emission, accs, added: Sequence[_Nest]) -> None:
     if extent(lane) % span:
         for v in range(len(accs[0])):
             masks[v] = f"sc_valid{v}"
-            out.line(f"const {simd.mask} sc_valid{v} = "
-                     f"{simd.nonnegative(f'{extent(lane) - 1} - sc_lb * {span} - {v * width}', -1)};")
+            last = f"{extent(lane) - 1} - sc_lb * {span} - {v * width}"
+            out.line(f"const {simd.mask} sc_valid{v} = {simd.nonnegative(last, -1)};")
     for r, row in enumerate(accs):
         at = c_affine(sympy.expand(offset.xreplace({lane: 0, block: block + r})))
         for v, acc in enumerate(row):
