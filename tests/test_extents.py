@@ -20,11 +20,12 @@ HUGE = ConvSpec(input_shape=(1, 1, 2 ** 31 + 9), weight_shape=(1, 1, 3), stride=
                 padding=1, bias=False)
 
 
+@pytest.mark.parametrize("merged", [False, True])
 @pytest.mark.parametrize("width, wide", [(8, 1), (8, 3), (16, 2)])
-def test_lane_runs_cover_every_lane_once_and_unmasked_only_inside(width, wide):
+def test_lane_runs_cover_every_lane_once_and_unmasked_only_inside(width, wide, merged):
     for extent, low, high in itertools.product(range(1, 40), range(-2, 42, 3), range(-2, 42, 5)):
         high = min(high, extent - 1)            # the interior lies inside the lanes
-        runs = _lane_runs(extent, width, wide, (low, high))
+        runs = _lane_runs(extent, width, wide, (low, high), merged)
         lanes = []
         for start, count, vectors, masked in runs:
             for block in range(count):
