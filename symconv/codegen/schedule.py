@@ -848,9 +848,7 @@ def _channel_lanes(piece: Piece, width: int, registers: int, most_vectors: int |
     candidates = []
     fewest = width if min_use >= MIN_LANE_USE else 2     # lanes: a whole vector, or a pair
     for lane in piece.indices:
-        size = extent(lane)
-        vectors = ceil_div(size, width)
-        if lane in in_bounds or size < fewest or size < min_use * vectors * width:
+        if lane in in_bounds or extent(lane) < fewest or lane_use(lane, width) < min_use:
             continue
         used = any(lane in c for _, _, coefficients in reads for c in coefficients)
         if used and all(_packable(nest, read_list, coefficients, lane)
