@@ -172,3 +172,26 @@ def test_fuzz_cases_under_address_and_undefined_behaviour_sanitizers(cache_dir):
                          (isa, "implicit GEMM"), (isa, "summation steps at a time"),
                          (isa, "omp parallel"), (isa, "zero halo"), (isa, "innermost")}
     assert expected <= plans, sorted(expected - plans)
+
+
+def test_ring_copies_skip_rows_past_the_edge_of_their_array(tmp_path, monkeypatch):
+    """A stride-2 3-D input gradient whose odd phases read grad_output rows j and j + 1:
+    made to copy grad_output into per-thread rings a row of the phase index at a time (a
+    copy share and a window budget no default gives this layer), the last phase row's
+    second row lies past the array.  The ring copies only the rows that exist (it read one
+    row past the array's end before); the kernels still match the oracle."""
+    from symconv.codegen import schedule
+    from symconv.compiler import compilation
+    if "x86-64-v3" not in fuzzing.available_targets():
+        pytest.skip("needs AVX2")
+    monkeypatch.setattr(schedule, "MAX_COPY_SHARE", 4.0)
+    monkeypatch.setattr(schedule, "WINDOW_ELEMENTS", 3000)
+    spec = ConvSpec((1, 8, 16, 16, 16), (16, 8, 3, 3, 3), stride=2, padding=1)
+    odd = compilation(spec, "x86-64-v3").plans["grad_input"][-1][1]
+    (copy,) = odd.copies
+    assert str(odd.window.index) == "sc_i_j0_phase" and copy.ring.span == 2
+    jobs = sanitize.build_cases([("ring rows", fuzzing.Case(spec, "x86-64-v3", 9))],
+                                tmp_path, workers=1)
+    report = sanitize.run_jobs(jobs, timeout=300)
+    assert not report.failures, report.failures
+    assert report.passed == ["ring rows"]

@@ -458,8 +458,9 @@ def _emit_ring_range(e: _Emission, copy: schedule.Copy) -> None:
     """Copy a block window's rows, the task's first ``sc_lo_<array>`` on, all at once."""
     ring, shape = copy.ring, _shapes(e)[copy.array]
     first, stop = f"sc_lo_{copy.array}", f"sc_hi_{copy.array}"
-    e.out.line(f"const int64_t {first} = {ring.step} * sc_w0 + {ring.low}, "
-               f"{stop} = sc_min({first} + {ring.rows}, {copy.shape(shape)[ring.axis]});")
+    e.out.line(f"const int64_t {first} = sc_max({ring.step} * sc_w0 + {ring.low}, 0), "
+               f"{stop} = sc_min({ring.step} * sc_w0 + {ring.low} + {ring.rows}, "
+               f"{copy.shape(shape)[ring.axis]});")
     e.out.open()
     emit_copy(e.out, copy, shape, e.simd.transpose,
               CopyPart(_slab_rows(e, copy), _ring(copy), (first, stop)))
@@ -468,12 +469,14 @@ def _emit_ring_range(e: _Emission, copy: schedule.Copy) -> None:
 
 def _emit_ring_rows(e: _Emission, copy: schedule.Copy) -> None:
     """Copy into the ring the rows the window index's current value reads that it does not
-    hold yet."""
+    hold yet: those of the copy (a tap's row past the array's edge is a row no bound lets
+    the products read)."""
     out, ring = e.out, copy.ring
     shape = _shapes(e)[copy.array]
     row = {**_slab_rows(e, copy), ring.axis: "sc_row"}
     first = c_affine(ring.step * e.chosen.window.index + ring.low)
-    out.open(f"for (int64_t sc_row = {first}; sc_row < {first} + {ring.span}; ++sc_row)")
+    out.open(f"for (int64_t sc_row = sc_max({first}, 0); "
+             f"sc_row < sc_min({first} + {ring.span}, {copy.shape(shape)[ring.axis]}); ++sc_row)")
     out.line(f"const int64_t sc_slot = sc_row % {ring.rows};")
     out.open(f"if (sc_held_{copy.array}[sc_slot] != sc_row)")
     out.line(f"sc_held_{copy.array}[sc_slot] = sc_row;")
