@@ -680,7 +680,8 @@ def test_stride_phases_run_inside_shared_loops(compile_spec, rng):
         for threads in (2, 3):
             np.testing.assert_array_equal(
                 kernel.backward(None, w, gy, wrt=("input",), threads=threads)[0], one)
-    # dense phases (channel lanes) keep their own loops
+    # phases over rows of different lengths (an odd size: 5 even rows, 4 odd) keep their
+    # own loops
     dense = compiler.compilation(ConvSpec((2, 16, 9, 12), (16, 16, 3, 3), stride=2),
                                  "x86-64-v4").plans["grad_input"]
     assert shared_loops(dense) == ()
@@ -688,6 +689,53 @@ def test_stride_phases_run_inside_shared_loops(compile_spec, rng):
     few = compiler.compilation(ConvSpec((1, 4, 33, 30), (4, 1, 3, 3), stride=2, padding=1,
                                         groups=4), "x86-64-v4").plans["grad_input"]
     assert all(isinstance(c, schedule.OutputLanes) for _, c in few) and shared_loops(few) == ()
+
+
+@pytest.mark.parametrize("spec, loops", [
+    (ConvSpec((1, 8, 12, 12, 12), (16, 8, 3, 3, 3), stride=2, padding=1),
+     ["i_n", "sc_i_j0_phase", "sc_i_j1_phase"]),
+    (ConvSpec((4, 40, 12, 14), (16, 40, 3, 3), stride=2, padding=1),
+     ["i_n", "sc_i_j0_phase"]),
+], ids=["3d-8-channels", "2d-partial-lane-block"])
+def test_channel_lane_phases_run_inside_shared_loops(spec, loops, compile_spec, rng):
+    """A stride-2 input gradient's phases, channel lanes each, run one after another inside
+    one threaded loop over the batch and the leading phase rows, each phase's lane blocks
+    inside it (40 channels: the last lane block partly empty); against the oracle and
+    bit-identical on 1-3 threads, over a run-time batch too (its phases reading the panels
+    the batch function packs); a weight holding NaN or infinity runs the whole plain sum."""
+    from symconv.codegen.schedule import shared_loops
+    for target in ("x86-64-v4", "x86-64-v3"):
+        plans = compiler.compilation(spec, target).plans["grad_input"]
+        assert len(plans) == 2 ** spec.rank
+        assert all(isinstance(c, schedule.ChannelLanes) and c.lanes_inside for _, c in plans)
+        assert [str(i) for i in shared_loops(plans)] == loops
+    kernel = compile_spec(spec)
+    text = _function_text(kernel, "grad_input")
+    # one threaded loop for the phases, the others the plain nest's (for a packed value
+    # that is not finite)
+    assert text.count("#pragma omp parallel") == 1 + text.count("sc_acc = 0;")
+    assert text.count("/* phase ") == 2 ** spec.rank
+    x, w, b, gy = random_arrays(spec, rng)
+    expected = conv_backward(x, w, gy, *oracle_args(spec))[0]
+    opened = compile_spec(spec.with_batch(None))
+    for kernel, batch_open in [(k, False) for k in runnable_variants(kernel)] + \
+            [(k, True) for k in runnable_variants(opened)]:
+        label = f"{kernel.variant.target}{' batch-open' if batch_open else ''}"
+        one = kernel.backward(None, w, gy, wrt=("input",), threads=1)[0]
+        assert_close(one, expected, spec.dtype, label)
+        for threads in (2, 3):
+            np.testing.assert_array_equal(
+                kernel.backward(None, w, gy, wrt=("input",), threads=threads)[0], one)
+    bad = w.copy()
+    bad[1, 3, 0, 1] = np.nan
+    bad[0, 2, 1, 1] = np.inf
+    expected = conv_backward(x, bad, gy, *oracle_args(spec))[0]
+    for kernel in runnable_variants(compile_spec(spec)):
+        got = kernel.backward(None, bad, gy, wrt=("input",))[0]
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
+        finite = np.isfinite(expected)
+        assert_close(np.where(finite, got, 0), np.where(finite, expected, 0), spec.dtype,
+                     kernel.variant.target)
 
 
 def test_large_outputs_stage_each_task_and_stream_it():

@@ -27,7 +27,7 @@ from ..symbolic.lowering import LoopNest, nest_box
 from . import schedule
 from .c import (C_TYPES, MOVE_COST, BodyPrinter, CopyPart, Writer, bound_text, c_affine,
                 c_nonnegative, condition_text, emit_copy, emit_finite_scan, emit_scalar_piece,
-                flat_offset, omp_parallel, omp_schedule, output_offset, threaded, work)
+                flat_offset, omp_parallel, omp_schedule, output_offset, parallel, threaded, work)
 from .isa import Simd
 from .schedule import copy_name, extent, in_range_exprs
 from .vector import block_runs, depends, interior, number_text, over_lanes
@@ -47,10 +47,12 @@ class _Nest:
     broadcast: tuple[sympy.Indexed, ...]
     hoisted: dict[int, tuple[sympy.Expr, ...]]
     row_exprs: tuple[sympy.Expr, ...]
+    tag: str = ""
 
     @property
     def panel(self) -> str:
-        return f"sc_panel{self.number}"
+        """Its panel's C name (``tag`` tells apart the panels of pieces in one scope)."""
+        return f"sc_panel{self.tag}{self.number}"
 
     @property
     def per_lane(self) -> bool:
@@ -74,7 +76,7 @@ class _Nest:
         return sympy.expand(offset)
 
 
-def _nests(piece: schedule.Piece, chosen: schedule.ChannelLanes) -> list[_Nest]:
+def _nests(piece: schedule.Piece, chosen: schedule.ChannelLanes, tag: str = "") -> list[_Nest]:
     lane, block = chosen.lane, chosen.block
     found = []
     for number, nest in enumerate(chosen.nests):
@@ -107,7 +109,7 @@ def _nests(piece: schedule.Piece, chosen: schedule.ChannelLanes) -> list[_Nest]:
             row_exprs += [b.den * loop.index - b.num for b in loop.lower if depends(b.num, block)]
             row_exprs += [b.num - b.den * loop.index for b in loop.upper if depends(b.num, block)]
         found.append(_Nest(number, nest, packed, constant, dims, broadcast,
-                           {k: tuple(v) for k, v in hoisted.items()}, tuple(row_exprs)))
+                           {k: tuple(v) for k, v in hoisted.items()}, tuple(row_exprs), tag))
     return found
 
 
@@ -185,16 +187,10 @@ def emit_channel_lanes(out: Writer, fn: IndexSum, piece: schedule.Piece,
     if chosen.chunking is not None:
         _emit_chunked(e)
         return
-    packed = [n for n in e.nests if n.packed is not None]
-    given = [n for n in packed
-             if shared is not None and str(n.packed.base.label) not in shared.batched]
-    for n in given:
-        slot = shared.index(n.panel, e.lane_blocks * n.panel_size(e.span), _pack_lines(e, n))
-        out.line(f"{e.ctype} *const {n.panel} = sc_panels[{slot}];")
-    own = [n for n in packed if n not in given]
+    own, given = _panels(e, shared)
     buffers = [(n.panel, f"{e.lane_blocks * n.panel_size(e.span)}") for n in own] + \
         _copy_buffers(e)
-    _allocate(e, buffers, given=[n.panel for n in given])
+    _allocate(e, buffers, given)
     if own or any(c.ring is None for c in chosen.copies):
         out.open("if (!sc_bad)")
         for n in own:
@@ -206,6 +202,63 @@ def emit_channel_lanes(out: Writer, fn: IndexSum, piece: schedule.Piece,
     out.close()
     _emit_fallback(e)
     _release(e, buffers)
+
+
+def emit_channel_phases(out: Writer, fn: IndexSum, plans, simd: Simd,
+                        loops: Sequence[sympy.Idx], shared: SharedPanels | None = None) -> None:
+    """Stride phases that all run channel lanes, inside the ``loops`` they share (see
+    schedule.shared_loops): every phase's panels packed first, then for each value of the
+    loops each phase's lane blocks and register blocks in turn, so that the phases fill the
+    output's lines (every other element each) while they are in cache.  Where a panel
+    cannot be allocated or holds a value that is not finite, the plain nest of the whole
+    sum runs instead (see _emit_fallback)."""
+    emissions = [_Emission(out, fn, piece, chosen, simd, tuple(_nests(piece, chosen, f"{k}_")))
+                 for k, (piece, chosen) in enumerate(plans)]
+    out.open()
+    owns, buffers, given = [], [], []
+    for e in emissions:
+        own, names = _panels(e, shared)
+        owns.append(own)
+        buffers += [(n.panel, f"{e.lane_blocks * n.panel_size(e.span)}") for n in own]
+        given += names
+    _allocate(emissions[0], buffers, given)
+    if buffers:
+        out.open("if (!sc_bad)")
+        for e, own in zip(emissions, owns):
+            for n in own:
+                _emit_pack(e, n)
+        out.close()
+    out.open("if (!sc_bad)")
+    parallel(out, loops, sum(work(c.nests, p.indices) for p, c in plans))
+    for index in loops:
+        out.open("for (int64_t {0} = {1}; {0} <= {2}; ++{0})".format(*_full_range(index)))
+    for e in emissions:
+        out.open()
+        out.line(f"/* {schedule.describe(e.piece, e.chosen).replace('*/', '* /')} */")
+        rest = [i for i in e.piece.indices
+                if i not in (e.chosen.lane, e.chosen.block, *loops)]
+        _emit_lane_blocks(e, [_full_range(i) for i in rest], inside=True)
+        out.close()
+    for _ in loops:
+        out.close()
+    out.close()
+    out.open("if (sc_bad)")
+    emit_scalar_piece(out, fn, schedule.whole_piece(fn), simd.dtype)
+    out.close()
+    _release(emissions[0], buffers)
+    out.close()
+
+
+def _panels(e: _Emission, shared: SharedPanels | None) -> tuple[list[_Nest], list[str]]:
+    """The nests whose panels the piece packs itself, and the names of the panels it takes
+    from the batch function's ``shared`` ones (declared here)."""
+    packed = [n for n in e.nests if n.packed is not None]
+    given = [n for n in packed
+             if shared is not None and str(n.packed.base.label) not in shared.batched]
+    for n in given:
+        slot = shared.index(n.panel, e.lane_blocks * n.panel_size(e.span), _pack_lines(e, n))
+        e.out.line(f"{e.ctype} *const {n.panel} = sc_panels[{slot}];")
+    return [n for n in packed if n not in given], [n.panel for n in given]
 
 
 def _pack_lines(e: _Emission, n: _Nest) -> tuple[str, ...]:

@@ -14,8 +14,8 @@ from . import schedule
 from .c import (C_TYPES, PARALLEL_WORK, PRELUDE, CFunction, CSource, Writer, c_namespace,
                 emit_finite_scan, emit_scalar_piece, parallel, work)
 from .isa import SIMD_PRELUDE, Simd
-from .channels import (BATCH_PREFIX, SharedPanels, emit_channel_lanes, emit_shared_panels,
-                       release_shared_panels, sums_batch_itself)
+from .channels import (BATCH_PREFIX, SharedPanels, emit_channel_lanes, emit_channel_phases,
+                       emit_shared_panels, release_shared_panels, sums_batch_itself)
 from .vector import close_stage, emit_output_lanes, emit_reduction_lanes, open_stage
 
 def emit_function(function: SumFunction, dtype: str, isa: str | None = None,
@@ -131,11 +131,15 @@ def emit_pieces(out: Writer, fn, dtype: str, vector: Simd | None,
     plans = schedule.staged([(piece, schedule.plan(piece, vector.width if vector else None,
                                                    vector.registers if vector else 0, choice))
                              for piece in schedule.pieces(fn)], fn.output.shape, choice)
+    plans = schedule.run_together(plans)
+    shared = schedule.shared_loops(plans)
+    if shared and isinstance(plans[0][1], schedule.ChannelLanes):
+        emit_channel_phases(out, fn, plans, vector, shared, panels)
+        return plans
     finite = sorted({a for _, c in plans if isinstance(c, schedule.OutputLanes)
                      for a in c.finite})
     if finite:
         _open_finite_check(out, fn, finite, dtype)
-    shared = schedule.shared_loops(plans)
     stage = plans[0][1].stage if shared else None     # else each piece stages its own
     if shared:
         parallel(out, shared, sum(work(c.nests, p.indices) for p, c in plans))

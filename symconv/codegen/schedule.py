@@ -1510,25 +1510,52 @@ def _reduction_lanes(piece: Piece, width: int, budget: int) -> ReductionLanes | 
 
 def shared_loops(plans) -> tuple:
     """The leading indices over which every piece of a sum loops outside its register
-    blocks, where the pieces are stride phases that all run output lanes (no copies): the
-    phases then run one after another for each value of them.  A stride-2 depthwise input
-    gradient's four phases each write every other element of the same rows; run whole one
-    after another, each phase brought every line of the output from memory again
-    (mbv2-dw-s2 in the bench, its arrays out of cache: 2.9 -> 1.6 ms at 1 thread)."""
-    if len(plans) < 2 or not all(isinstance(c, OutputLanes) and not c.copies
-                                 for _, c in plans):
+    blocks, where the pieces are stride phases that all run output lanes or all run channel
+    lanes (without copies): the phases then run one after another for each value of them.
+    Run whole one after another, each phase brought every line of the output from memory
+    again, each filling only every other element of it:
+    - a stride-2 depthwise input gradient's four phases, output lanes (mbv2-dw-s2 in the
+      bench, its arrays out of cache: 2.9 -> 1.6 ms at 1 thread);
+    - a stride-2 3-D input gradient's eight phases, channel lanes (3d-64-s2, 8 channels,
+      each phase reading the 2 MB output gradient again: 1.3-1.5x faster at 1 thread and
+      1.3-1.8x at 2 on a loaded machine, even at 1 thread on a quiet one; its channels-last
+      layout and the stem's 1.05-1.2x, 2d-32-s2's channels-last 0.98-1.1x; interleaved A/B).
+    Channel lanes' lane blocks run inside the shared loops (ChannelLanes.lanes_inside)."""
+    if len(plans) < 2:
+        return ()
+    if all(isinstance(c, OutputLanes) and not c.copies for _, c in plans):
+        skipped = set()
+    elif all(_channel_lanes_alone(c) and c.lane == plans[0][1].lane for _, c in plans):
+        skipped = {plans[0][1].lane}
+    else:
         return ()
     shared = []
-    for column in zip(*(p.indices for p, _ in plans)):
+    own = [[i for i in p.indices if i not in skipped] for p, _ in plans]
+    for column in zip(*own):
         if any(i != column[0] for i in column) or \
                 any(column[0] in (c.lane, c.block) for _, c in plans):
             break
         shared.append(column[0])
-    # too few tasks to thread (3d-64-s2's input gradient shares its batch of 1 alone: at 2
-    # threads 2.8 ms shared, 1.44 ms with each phase threading its own loops)
+    # too few tasks to thread (3d-64-s2's input gradient in output lanes shares its batch of
+    # 1 alone: at 2 threads 2.8 ms shared, 1.44 ms with each phase threading its own loops)
     if math.prod(extent(i) for i in shared) < GEMM_TASKS:
         return ()
     return tuple(shared)
+
+
+def _channel_lanes_alone(chosen: Plan) -> bool:
+    """A channel-lane plan that packs its panels and nothing else: no copies, no window of
+    them, no chunks of the summation (what can run inside another piece's loops)."""
+    return isinstance(chosen, ChannelLanes) and not chosen.copies and chosen.window is None \
+        and chosen.chunking is None
+
+
+def run_together(plans) -> list:
+    """The plans of a sum's pieces as they run: channel-lane phases inside the loops they
+    share (shared_loops) run their lane blocks inside them (ChannelLanes.lanes_inside)."""
+    if not shared_loops(plans) or not isinstance(plans[0][1], ChannelLanes):
+        return plans
+    return [(p, replace(c, lanes_inside=True)) for p, c in plans]
 
 
 STAGE_ELEMENTS = 4096       # a task's output staged in L1 at most: 16 KiB of float32
