@@ -738,6 +738,30 @@ def test_channel_lane_phases_run_inside_shared_loops(spec, loops, compile_spec, 
                      kernel.variant.target)
 
 
+def test_phases_drop_their_copies_to_share_loops(compile_spec, monkeypatch, rng):
+    """2d-32-s2's input gradient at a batch of 1 (AVX2): alone, its odd-odd phase (four
+    taps, the most products) would read grad_output from a copy with the channels
+    innermost, and the phases could not share their loops; run together, that phase
+    drops the copy (its reads keep their bounds: a phase's copy has no halo) and all four
+    share them.  Against the oracle."""
+    from symconv.codegen.schedule import shared_loops
+    spec = ConvSpec((1, 32, 32, 32), (64, 32, 3, 3), stride=2, padding=1)
+    plans = compiler.compilation(spec, "x86-64-v3").plans["grad_input"]
+    assert all(not c.copies and c.lanes_inside for _, c in plans)
+    assert [str(i) for i in shared_loops(plans)] == ["i_n", "sc_i_j0_phase"]
+    with monkeypatch.context() as patched:
+        patched.setattr(schedule, "run_together", lambda plans: plans)
+        alone = compiler.compilation(spec, "x86-64-v3").plans["grad_input"]
+    assert [len(c.copies) for _, c in alone] == [0, 0, 0, 1]
+    assert all(c.halo is None for _, p in alone for c in p.copies)
+    assert shared_loops(alone) == ()
+    x, w, b, gy = random_arrays(spec, rng)
+    expected = conv_backward(x, w, gy, *oracle_args(spec))[0]
+    for kernel in runnable_variants(compile_spec(spec)):
+        assert_close(kernel.backward(None, w, gy, wrt=("input",))[0], expected, spec.dtype,
+                     kernel.variant.target)
+
+
 def test_large_outputs_stage_each_task_and_stream_it():
     """A stride-2 depthwise input gradient the size of MobileNetV2's (8 x 144 x 56 x 56) stages
     each task's plane (its four phases, every other element each) in L1 and streams it out;
