@@ -696,7 +696,9 @@ def test_stride_phases_run_inside_shared_loops(compile_spec, rng):
      ["i_n", "sc_i_j0_phase", "sc_i_j1_phase"]),
     (ConvSpec((4, 40, 12, 14), (16, 40, 3, 3), stride=2, padding=1),
      ["i_n", "sc_i_j0_phase"]),
-], ids=["3d-8-channels", "2d-partial-lane-block"])
+    (ConvSpec((1, 16, 32, 32), (36, 16, 4, 4), stride=2, padding=1),
+     ["i_n", "sc_i_j0_phase"]),
+], ids=["3d-8-channels", "2d-partial-lane-block", "2d-task-copy"])
 def test_channel_lane_phases_run_inside_shared_loops(spec, loops, compile_spec, rng):
     """A stride-2 input gradient's phases, channel lanes each, run one after another inside
     one threaded loop over the batch and the leading phase rows, each phase's lane blocks
@@ -736,6 +738,33 @@ def test_channel_lane_phases_run_inside_shared_loops(spec, loops, compile_spec, 
         finite = np.isfinite(expected)
         assert_close(np.where(finite, got, 0), np.where(finite, expected, 0), spec.dtype,
                      kernel.variant.target)
+
+
+def test_phases_read_crowded_planes_from_a_task_copy(compile_spec):
+    """An input gradient whose 36 grad_output planes lie 1 KiB apart (16 x 16 positions),
+    so the summation's steps over them crowd four L1 sets: each task of its phases copies
+    the rows they read, every plane's rows j - 1 .. j + 1 of phase row j (a 4-tap kernel
+    reads the row before it too; at j = 0 there is none), and the phases broadcast from
+    the copy.  The results against the oracle are checked by
+    test_channel_lane_phases_run_inside_shared_loops[2d-task-copy]."""
+    spec = ConvSpec((1, 16, 32, 32), (36, 16, 4, 4), stride=2, padding=1)
+    for target in ("x86-64-v3", "x86-64-v4"):
+        plans = compiler.compilation(spec, target).plans["grad_input"]
+        (copy,) = {c.task_copy for _, c in plans}
+        assert copy.array == "a_grad_output" and copy.pad == 0
+        assert [(str(i), low, count) for i, low, count in copy.axes] == \
+            [("i_n", 0, 1), ("None", 0, 36), ("sc_i_j0_phase", -1, 3), ("None", 0, 16)]
+        assert copy.shape == (1, 36, 3, 16)
+    # where the planes do not crowd a set (12 x 12 positions), the phases read grad_output
+    plain = ConvSpec((1, 16, 24, 24), (36, 16, 4, 4), stride=2, padding=1)
+    plans = compiler.compilation(plain, "x86-64-v3").plans["grad_input"]
+    assert all(c.lanes_inside and c.task_copy is None for _, c in plans)
+    for kernel in runnable_variants(compile_spec(spec)):
+        text = _function_text(kernel, "grad_input")
+        assert "sc_tasks_a_grad_output" in text
+        threaded = text.split("#pragma omp parallel")[1].split("if (sc_bad)")[0]
+        assert " a_grad_output[" not in threaded and "(a_grad_output[" not in threaded
+        assert "sc_copy_a_grad_output[" in threaded
 
 
 def test_phases_drop_their_copies_to_share_loops(compile_spec, monkeypatch, rng):

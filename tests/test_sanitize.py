@@ -133,11 +133,15 @@ def _fuzz_cases():
     # output channels make enough products to pay for them): the forward's input and, with
     # AVX2, the input gradient's grad_output, read instead of bounding the taps
     halo = ConvSpec((1, 16, 10, 12), (64, 16, 3, 3), padding=1)
+    # stride phases inside shared loops, reading grad_output from a copy of each task's rows
+    # (36 planes 1 KiB apart crowd L1 sets), the row before the first left out
+    task_copy = ConvSpec((1, 16, 32, 32), (36, 16, 4, 4), stride=2, padding=1)
     for target in targets:
         found.append((f"threaded on {target}", fuzzing.Case(threaded, target, 3)))
         found.append((f"channel lanes on {target}", fuzzing.Case(channels, target, 4, True)))
         if target != "x86-64":
             found.append((f"halo copies on {target}", fuzzing.Case(halo, target, 5, True)))
+            found.append((f"task copies on {target}", fuzzing.Case(task_copy, target, 6)))
     return found
 
 
@@ -161,7 +165,7 @@ def test_fuzz_cases_under_address_and_undefined_behaviour_sanitizers(cache_dir):
         plans |= {(isa, plan) for plan in ("implicit GEMM", "summation steps at a time",
                                            "vector lanes along", "partial sums in lanes",
                                            "scalar loops", "omp parallel", "zero halo",
-                                           "innermost") if plan in source}
+                                           "innermost", "sc_tasks_") if plan in source}
         plans |= {(isa, "output lanes") for line in source.splitlines()
                   if "vector lanes along" in line and "implicit GEMM" not in line}
     expected = {("c", "scalar loops"), ("c", "omp parallel")}
@@ -170,7 +174,8 @@ def test_fuzz_cases_under_address_and_undefined_behaviour_sanitizers(cache_dir):
                for job in jobs):
             expected |= {(isa, "output lanes"), (isa, "partial sums in lanes"),
                          (isa, "implicit GEMM"), (isa, "summation steps at a time"),
-                         (isa, "omp parallel"), (isa, "zero halo"), (isa, "innermost")}
+                         (isa, "omp parallel"), (isa, "zero halo"), (isa, "innermost"),
+                         (isa, "sc_tasks_")}
     assert expected <= plans, sorted(expected - plans)
 
 

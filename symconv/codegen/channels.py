@@ -221,6 +221,9 @@ def emit_channel_phases(out: Writer, fn: IndexSum, plans, simd: Simd,
         owns.append(own)
         buffers += [(n.panel, f"{e.lane_blocks * n.panel_size(e.span)}") for n in own]
         given += names
+    task_copy = plans[0][1].task_copy
+    if task_copy is not None:
+        buffers.append((_task_copies(task_copy), _per_thread(math.prod(task_copy.shape))))
     _allocate(emissions[0], buffers, given)
     if buffers:
         out.open("if (!sc_bad)")
@@ -232,6 +235,8 @@ def emit_channel_phases(out: Writer, fn: IndexSum, plans, simd: Simd,
     parallel(out, loops, sum(work(c.nests, p.indices) for p, c in plans))
     for index in loops:
         out.open("for (int64_t {0} = {1}; {0} <= {2}; ++{0})".format(*_full_range(index)))
+    if task_copy is not None:
+        _emit_task_copy(emissions[0], task_copy)
     for e in emissions:
         out.open()
         out.line(f"/* {schedule.describe(e.piece, e.chosen).replace('*/', '* /')} */")
@@ -246,6 +251,49 @@ def emit_channel_phases(out: Writer, fn: IndexSum, plans, simd: Simd,
     emit_scalar_piece(out, fn, schedule.whole_piece(fn), simd.dtype)
     out.close()
     _release(emissions[0], buffers)
+    out.close()
+
+
+def _task_copies(copy: schedule.TaskCopy) -> str:
+    """The C name of every thread's copy of its task's part of an array."""
+    return f"sc_tasks_{copy.array}"
+
+
+def _emit_task_copy(e: _Emission, copy: schedule.TaskCopy) -> None:
+    """The part of the array the task reads into this thread's copy (see
+    schedule.TaskCopy), a row of its last axis at a time; rows past the array's edges,
+    which no phase's bounds let it read, are left out."""
+    out, simd = e.out, e.simd
+    shape = _shapes(e)[copy.array]
+    size = math.prod(copy.shape)
+    out.line(f"{e.ctype} *const {copy_name(copy.array)} = {_task_copies(copy)} + "
+             f"(size_t)omp_get_thread_num() * {size};")
+    out.open()
+    *outer, (_, first, count) = copy.axes
+    tests = []
+    for a, (index, low, number) in enumerate(outer):
+        out.open(f"for (int64_t sc_t{a} = 0; sc_t{a} < {number}; ++sc_t{a})")
+        at = f"{index.label} + {low} + sc_t{a}" if index is not None else f"{low} + sc_t{a}"
+        out.line(f"const int64_t sc_x{a} = {at};")
+        if index is not None:
+            tests.append(f"sc_x{a} >= 0 && sc_x{a} < {shape[a]}")
+    if tests:
+        out.open(f"if ({' && '.join(tests)})")
+    source = " + ".join(f"{math.prod(shape[a + 1:])}*sc_x{a}" for a in range(len(outer)))
+    target = " + ".join(f"{math.prod(copy.shape[a + 1:])}*sc_t{a}" for a in range(len(outer)))
+    out.line(f"const {e.ctype} *const sc_from = {copy.array} + {source} + {first};")
+    out.line(f"{e.ctype} *const sc_to = {copy_name(copy.array)} + {target};")
+    whole = count // simd.width * simd.width
+    out.line("#pragma GCC unroll 4")
+    out.open(f"for (int64_t sc_e = 0; sc_e < {whole}; sc_e += {simd.width})")
+    out.line(simd.store("sc_to + sc_e", simd.load("sc_from + sc_e", 1, None), None))
+    out.close()
+    if whole < count:
+        out.line(f"for (int64_t sc_e = {whole}; sc_e < {count}; ++sc_e) sc_to[sc_e] = sc_from[sc_e];")
+    if tests:
+        out.close()
+    for _ in outer:
+        out.close()
     out.close()
 
 
@@ -617,7 +665,8 @@ def _emit_products(e: _Emission, n: _Nest, accs, rows: int, guarded: bool, at: s
         # its accumulators, the panel's vectors and one broadcast
         if per_row or r == 0:
             here = {block: block + r}
-            factors = [_read_text(read.xreplace(here), copies) for read in n.broadcast]
+            factors = [_read_text(read.xreplace(here), copies, chosen.task_copy)
+                       for read in n.broadcast]
             if n.packed is None and n.constant != 1:
                 factors.append(number_text(n.constant, ctype))
             value = "*".join(factors) if factors else f"(({ctype})1)"
@@ -632,10 +681,13 @@ def _emit_products(e: _Emission, n: _Nest, accs, rows: int, guarded: bool, at: s
                      f"{simd.fma(scalar, weights[v], acc) if weights else simd.add(acc, scalar)};")
 
 
-def _read_text(read: sympy.Indexed, copies: dict[str, schedule.Copy]) -> str:
+def _read_text(read: sympy.Indexed, copies: dict[str, schedule.Copy],
+               task_copy: schedule.TaskCopy | None = None) -> str:
     """A broadcast read, from its copy if the plan made one (from its ring's slot, if the
-    copy is a ring)."""
+    copy is a ring; from the thread's copy of the task's part, if a task copy)."""
     name = str(read.base.label)
+    if task_copy is not None and task_copy.array == name:
+        return f"{copy_name(name)}[{flat_offset(schedule.in_task_copy(read, task_copy))}]"
     copy = copies.get(name)
     if copy is None:
         return f"{name}[{flat_offset(read)}]"

@@ -147,6 +147,26 @@ class ChannelLanes:
     transposed: bool = False
     window: Window | None = None
     lanes_inside: bool = False
+    task_copy: TaskCopy | None = None
+
+
+@dataclass(frozen=True)
+class TaskCopy:
+    """The part of a broadcast array that one task of stride phases run together reads
+    (see run_together), copied per thread at the start of the task, where the array's
+    planes crowd one L1 set and L2 set: along each axis ``(index, low, count)``, the
+    positions ``index + low`` .. ``+ count - 1`` (``index`` one of the shared loops), or
+    ``low`` .. on (``index`` None); the copy's last axis ``pad`` elements longer where its
+    own planes would crowd a set too."""
+
+    array: str
+    axes: tuple[tuple[sympy.Idx | None, int, int], ...]
+    pad: int = 0
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        *outer, (_, _, last) = self.axes
+        return (*(count for _, _, count in outer), last + self.pad)
 
 
 @dataclass(frozen=True)
@@ -1557,13 +1577,86 @@ def run_together(plans) -> list:
     a phase's copy only moves the channels innermost (no halo: the reads keep their
     bounds), against crowded L1 sets, and the shared loops keep the lines in cache anyway
     (2d-32-s2's input gradient, whose odd-odd phase copied grad_output: 1.03 -> 0.97 ms at
-    1 thread, 0.74 -> 0.69 at 2)."""
+    1 thread, 0.74 -> 0.69 at 2).  Where an array's planes crowd a cache set, each task
+    reads the part it needs from a copy instead (see _task_copy)."""
     bare = [(p, replace(c, copies=(), window=None))
             if isinstance(c, ChannelLanes) and c.chunking is None and
             all(k.halo is None for k in c.copies) else (p, c) for p, c in plans]
-    if not shared_loops(bare) or not isinstance(bare[0][1], ChannelLanes):
+    shared = shared_loops(bare)
+    if not shared or not isinstance(bare[0][1], ChannelLanes):
         return plans
-    return [(p, replace(c, lanes_inside=True)) for p, c in bare]
+    copy = _task_copy(bare, shared)
+    return [(p, replace(c, lanes_inside=True, task_copy=copy)) for p, c in bare]
+
+
+TASK_COPY_ELEMENTS = 4096   # a task's part of an array copied per task: 16 KiB of float32
+
+
+def _task_copy(plans, shared) -> TaskCopy | None:
+    """The copy per task (TaskCopy) of the broadcast array whose summation steps crowd one
+    cache set in every phase.  A channels-first output gradient of 32³ positions has its
+    channel planes 128 KiB apart: the 16 that each step of a 3d-64-s2 input gradient
+    reads share one L1 set and one L2 set, so every block fetched them again; in the copy
+    they lie 512 bytes apart (that pass 7.4 -> 5.0 ms at 1 thread, 3.9 -> 2.7 at 2;
+    2d-32-s2's, 64 planes 1 KiB apart, 0.9-1.1x; interleaved A/B, best times).  None
+    where a position along an axis is one shared index plus something other than loop
+    offsets, or two shared indices, or the part exceeds TASK_COPY_ELEMENTS."""
+    lane, names, reads = plans[0][1].lane, None, []
+    for _, chosen in plans:
+        mine = _broadcast_reads(chosen.nests, lane)
+        crowded = {name for name, pairs in mine.items() if _steps_crowd(pairs)}
+        names = crowded if names is None else names & crowded
+        reads.append(mine)
+    if len(names) != 1:
+        return None
+    (name,) = names
+    pairs = [pair for mine in reads for pair in mine[name]]
+    shape = [int(d) for d in pairs[0][1].base.shape]
+    axes = []
+    for a, size in enumerate(shape):
+        found = {s for _, read in pairs for s in shared
+                 if s in sympy.sympify(read.indices[a]).free_symbols}
+        if not found:
+            axes.append((None, 0, size))
+            continue
+        if len(found) > 1 or a == len(shape) - 1:      # (rows copy whole)
+            return None
+        (index,) = found
+        ranges = []
+        for nest, read in pairs:
+            rest = sympy.expand(read.indices[a] - index)
+            if not rest.free_symbols <= {loop.index for loop in nest.loops}:
+                return None
+            ranges.append(value_range(rest, nest_box(nest, ())))
+        low = min(lo for lo, _ in ranges)
+        axes.append((index, low, max(hi for _, hi in ranges) - low + 1))
+    copy = TaskCopy(name, tuple(axes))
+    if _steps_crowd([(nest, in_task_copy(read, copy)) for nest, read in pairs]):
+        copy = replace(copy, pad=LINE_BYTES // 4)
+    if math.prod(copy.shape) > TASK_COPY_ELEMENTS:
+        return None
+    return copy
+
+
+def in_task_copy(read: sympy.Indexed, copy: TaskCopy) -> sympy.Indexed:
+    """``read`` as a read of the task's copy: positions from its axes' origins."""
+    base = sympy.IndexedBase(copy_name(copy.array), shape=copy.shape)
+    return base[tuple(sympy.expand(p - (index or 0) - low)
+                      for p, (index, low, _) in zip(read.indices, copy.axes))]
+
+
+def _steps_crowd(pairs) -> bool:
+    """Whether the steps of a nest's loop read an array's elements a multiple of 4 KiB
+    apart, more than one L1 set holds (see _crowded), in any of the (nest, read) pairs."""
+    for nest, read in pairs:
+        strides = [math.prod(int(d) for d in read.base.shape[a + 1:])
+                   for a in range(len(read.indices))]
+        for loop in nest.loops:
+            step = sum(linear_parts(sympy.expand(p))[0].get(loop.index, 0) * stride
+                       for p, stride in zip(read.indices, strides))
+            if _crowded(abs(int(step)), extent(loop.index)):
+                return True
+    return False
 
 
 STAGE_ELEMENTS = 4096       # a task's output staged in L1 at most: 16 KiB of float32
@@ -1710,6 +1803,9 @@ def describe(piece: Piece, chosen: Plan) -> str:
         window = chosen.window
         if chosen.lanes_inside:
             extra += "; every lane block in each task"
+        if chosen.task_copy is not None:
+            extra += (f"; each task's part of {chosen.task_copy.array} "
+                      f"({' x '.join(map(str, chosen.task_copy.shape))}) copied first")
         if window is not None:
             extra += (f"; tasks of {window.chunk} {window.index.label}, rows copied "
                       + (f"as each {window.index.label} comes" if window.lanes_inside
