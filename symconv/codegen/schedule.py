@@ -156,17 +156,16 @@ class TaskCopy:
     (see run_together), copied per thread at the start of the task, where the array's
     planes crowd one L1 set and L2 set: along each axis ``(index, low, count)``, the
     positions ``index + low`` .. ``+ count - 1`` (``index`` one of the shared loops), or
-    ``low`` .. on (``index`` None); the copy's last axis ``pad`` elements longer where its
-    own planes would crowd a set too."""
+    ``low`` .. on (``index`` None).  (Its own planes cannot crowd a set: at most
+    TASK_COPY_ELEMENTS, more than 8 of them in one set would lie 4 KiB apart, 8 KiB in
+    all.)"""
 
     array: str
     axes: tuple[tuple[sympy.Idx | None, int, int], ...]
-    pad: int = 0
 
     @property
     def shape(self) -> tuple[int, ...]:
-        *outer, (_, _, last) = self.axes
-        return (*(count for _, _, count in outer), last + self.pad)
+        return tuple(count for _, _, count in self.axes)
 
 
 @dataclass(frozen=True)
@@ -1631,11 +1630,7 @@ def _task_copy(plans, shared) -> TaskCopy | None:
         low = min(lo for lo, _ in ranges)
         axes.append((index, low, max(hi for _, hi in ranges) - low + 1))
     copy = TaskCopy(name, tuple(axes))
-    if _steps_crowd([(nest, in_task_copy(read, copy)) for nest, read in pairs]):
-        copy = replace(copy, pad=LINE_BYTES // 4)
-    if math.prod(copy.shape) > TASK_COPY_ELEMENTS:
-        return None
-    return copy
+    return copy if math.prod(copy.shape) <= TASK_COPY_ELEMENTS else None
 
 
 def in_task_copy(read: sympy.Indexed, copy: TaskCopy) -> sympy.Indexed:
