@@ -160,6 +160,13 @@ def _check_non_finite_weight_gradient(spec, kernel, x, w, gy):
         assert_close(got[finite], expected[finite], spec.dtype, variant.variant.target)
 
 
+def _assert_close_where_finite(got, expected, dtype: str, what: str) -> None:
+    """Not finite where the oracle is not (a NaN or infinity in an input), close elsewhere."""
+    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(expected))
+    finite = np.isfinite(expected)
+    assert_close(np.where(finite, got, 0), np.where(finite, expected, 0), dtype, what)
+
+
 def _function_text(kernel, name: str, item: str = "") -> str:
     """The C of one function of the variant a kernel runs (with ``item``, its item over a
     run-time batch: "sc_item_", "sc_item_..._add" by its suffix)."""
@@ -648,11 +655,8 @@ def test_depthwise_input_gradient_rows_skip_the_taps_outside(stride, compile_spe
     w[5, 0, 2, 1] = np.nan           # ... and the bottom row
     expected = conv_backward(x, w, gy, *oracle_args(spec))[0]
     for kernel in runnable_variants(compile_spec(spec)):
-        got = kernel.backward(None, w, gy, wrt=("input",))[0]
-        np.testing.assert_array_equal(np.isfinite(got), np.isfinite(expected))
-        finite = np.isfinite(expected)
-        assert_close(np.where(finite, got, 0), np.where(finite, expected, 0), spec.dtype,
-                     kernel.variant.target)
+        _assert_close_where_finite(kernel.backward(None, w, gy, wrt=("input",))[0], expected,
+                                   spec.dtype, kernel.variant.target)
 
 
 def test_stride_phases_run_inside_shared_loops(compile_spec, rng):
@@ -735,9 +739,7 @@ def test_channel_lane_phases_run_inside_shared_loops(spec, loops, compile_spec, 
     for kernel in runnable_variants(compile_spec(spec)):
         got = kernel.backward(None, bad, gy, wrt=("input",))[0]
         np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
-        finite = np.isfinite(expected)
-        assert_close(np.where(finite, got, 0), np.where(finite, expected, 0), spec.dtype,
-                     kernel.variant.target)
+        _assert_close_where_finite(got, expected, spec.dtype, kernel.variant.target)
 
 
 def test_phases_read_crowded_planes_from_a_task_copy(compile_spec):
