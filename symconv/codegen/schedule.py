@@ -156,9 +156,9 @@ class TaskCopy:
     (see run_together), copied per thread at the start of the task, where the array's
     planes crowd one L1 set and L2 set: along each axis ``(index, low, count)``, the
     positions ``index + low`` .. ``+ count - 1`` (``index`` one of the shared loops), or
-    ``low`` .. on (``index`` None).  (Its own planes cannot crowd a set: at most
-    TASK_COPY_ELEMENTS, more than 8 of them in one set would lie 4 KiB apart, 8 KiB in
-    all.)"""
+    ``low`` .. on (``index`` None).  (Its own planes cannot crowd a set: lines of one L1
+    set lie 4 KiB apart, so more than 8 in one would span over 32 KiB, and the copy holds
+    at most TASK_COPY_ELEMENTS.)"""
 
     array: str
     axes: tuple[tuple[sympy.Idx | None, int, int], ...]
