@@ -21,7 +21,7 @@ from typing import Sequence
 
 import sympy
 
-from ..symbolic.affine import ceil_div, linear_parts
+from ..symbolic.affine import c_order_strides, ceil_div, linear_parts
 from ..symbolic.ir import IndexSum, index_range
 from ..symbolic.lowering import LoopNest, nest_box
 from . import schedule
@@ -279,8 +279,10 @@ def _emit_task_copy(e: _Emission, copy: schedule.TaskCopy) -> None:
             tests.append(f"sc_x{a} >= 0 && sc_x{a} < {shape[a]}")
     if tests:
         out.open(f"if ({' && '.join(tests)})")
-    source = " + ".join(f"{math.prod(shape[a + 1:])}*sc_x{a}" for a in range(len(outer)))
-    target = " + ".join(f"{math.prod(copy.shape[a + 1:])}*sc_t{a}" for a in range(len(outer)))
+    source = " + ".join(f"{stride}*sc_x{a}"
+                        for a, stride in enumerate(c_order_strides(shape)[:-1]))
+    target = " + ".join(f"{stride}*sc_t{a}"
+                        for a, stride in enumerate(c_order_strides(copy.shape)[:-1]))
     out.line(f"const {e.ctype} *const sc_from = {copy.array} + {source} + {first};")
     out.line(f"{e.ctype} *const sc_to = {copy_name(copy.array)} + {target};")
     whole = count // simd.width * simd.width
@@ -289,7 +291,8 @@ def _emit_task_copy(e: _Emission, copy: schedule.TaskCopy) -> None:
     out.line(simd.store("sc_to + sc_e", simd.load("sc_from + sc_e", 1, None), None))
     out.close()
     if whole < count:
-        out.line(f"for (int64_t sc_e = {whole}; sc_e < {count}; ++sc_e) sc_to[sc_e] = sc_from[sc_e];")
+        out.line(f"for (int64_t sc_e = {whole}; sc_e < {count}; ++sc_e) "
+                 "sc_to[sc_e] = sc_from[sc_e];")
     if tests:
         out.close()
     for _ in outer:

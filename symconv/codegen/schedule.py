@@ -1644,13 +1644,10 @@ def _steps_crowd(pairs) -> bool:
     """Whether the steps of a nest's loop read an array's elements a multiple of 4 KiB
     apart, more than one L1 set holds (see _crowded), in any of the (nest, read) pairs."""
     for nest, read in pairs:
-        strides = [math.prod(int(d) for d in read.base.shape[a + 1:])
-                   for a in range(len(read.indices))]
-        for loop in nest.loops:
-            step = sum(linear_parts(sympy.expand(p))[0].get(loop.index, 0) * stride
-                       for p, stride in zip(read.indices, strides))
-            if _crowded(abs(int(step)), extent(loop.index)):
-                return True
+        steps = flat_coefficients(read) or {}
+        if any(_crowded(abs(steps.get(loop.index, 0)), extent(loop.index))
+               for loop in nest.loops):
+            return True
     return False
 
 
