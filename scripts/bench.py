@@ -351,11 +351,10 @@ def run_case(case: Case, threads_list, repeat: int, torch, cache_dir: str, peaks
         for name, entry in row.items():
             passes = 3 if name == "sum" else 1
             entry["gflops"] = passes * spec.flops / entry["symconv"] / 1e9
-            entry["peak_percent"] = 100 * entry["gflops"] / peaks[threads]
-            entry["peak_percent_best"] = \
-                100 * passes * spec.flops / entry["symconv_best"] / 1e9 / peaks[threads]
-            entry["peak_percent_cl"] = \
-                100 * passes * spec.flops / entry["symconv_cl"] / 1e9 / peaks[threads]
+            for suffix, key in (("", "symconv"), ("_best", "symconv_best"),
+                                ("_cl", "symconv_cl")):
+                entry[f"peak_percent{suffix}"] = \
+                    100 * passes * spec.flops / entry[key] / 1e9 / peaks[threads]
         result["threads"][threads] = row
     return result
 
