@@ -47,29 +47,29 @@ def emit_function(function: SumFunction, dtype: str, isa: str | None = None,
         out.line(f" * {text}")
     out.line(" */")
     vector = Simd(isa, dtype) if isa else None
+    arrangement = arrange(fn, vector, choice)
+    plans = arrangement.plans
     if batch is None:
         out.open(f"void {symbol}({', '.join(params)})")
-        plans = emit_pieces(out, fn, dtype, vector, choice)
+        emit_pieces(out, fn, arrangement, dtype, vector)
         out.close()
         declaration = f"void {symbol}({', '.join(plain_params(named, ctype))}, int sc_threads);"
         return "\n".join(out.lines) + "\n", CFunction(name, symbol, function.args,
-                                                      function.sum.output, declaration,
-                                                      tuple(plans))
+                                                      function.sum.output, declaration, plans)
     item = f"sc_item_{symbol}"
     shared = SharedPanels(frozenset(f"a_{a}" for a in batch.arrays), ctype)
     params.append(f"{ctype} *const *sc_panels")
 
-    def copy(suffix: str = "", plan_choice: str | None = choice,
-             threads_from_caller: bool = False, accumulate: bool = False) -> list:
+    def copy(suffix: str = "", arranged: schedule.Arrangement = arrangement,
+             threads_from_caller: bool = False, accumulate: bool = False) -> None:
         """The item, or a copy of it named ``item + suffix``, written with those Writer
-        flags; its (piece, plan) list."""
+        flags."""
         out.threads_from_caller, out.accumulate = threads_from_caller, accumulate
         out.open(f"static void {item}{suffix}({', '.join(params)})")
-        plans = emit_pieces(out, fn, dtype, vector, plan_choice, shared)
+        emit_pieces(out, fn, arranged, dtype, vector, shared)
         out.close()
         out.threads_from_caller = out.accumulate = False
-        return plans
-    plans = copy()
+    copy()
     item_work = sum(work(p.nests, p.indices) for p, _ in plans)
     item_threaded = out.threaded
     maps = batch.maps(function.sum.output.name)
@@ -86,7 +86,7 @@ def emit_function(function: SumFunction, dtype: str, isa: str | None = None,
         def whole() -> None:
             out.batched = {a.name: math.prod(a.shape) for a in named.args
                            if a.name in shared.batched}
-            emit_pieces(out, fn, dtype, vector, choice)
+            emit_pieces(out, fn, arrangement, dtype, vector)
             out.batched = {}
     elif not maps and all(_adds(c) for _, c in plans):
         # the items after the first add their sums to the output, which through a scratch
@@ -98,7 +98,7 @@ def emit_function(function: SumFunction, dtype: str, isa: str | None = None,
         # a large batch makes the output too large for the cache, which one item is not: a
         # copy of the item that stages its output, for the batches that do (see emit_batch_map)
         staged_item = f"{item}_staged"
-        copy("_staged", "staged-output")
+        copy("_staged", arrange(fn, vector, "staged-output"))
     if maps:
         emit_batch_map(out, symbol, item, named, shared, item_work, item_threaded, staged_item)
     else:
@@ -107,7 +107,7 @@ def emit_function(function: SumFunction, dtype: str, isa: str | None = None,
     plain = plain_params(named, ctype) + ([] if maps else [f"{ctype} *sc_scratch"])
     declaration = f"void {symbol}({', '.join(plain)}, int64_t sc_batch, int sc_threads);"
     return "\n".join(out.lines) + "\n", CFunction(name, symbol, function.args,
-                                                  function.sum.output, declaration, tuple(plans))
+                                                  function.sum.output, declaration, plans)
 
 
 def _adds(chosen) -> bool:
@@ -122,20 +122,21 @@ def plain_params(function: SumFunction, ctype: str) -> list[str]:
         [f"{ctype} *{function.sum.output.name}"]
 
 
-def emit_pieces(out: Writer, fn, dtype: str, vector: Simd | None,
-                choice: str | None = None, panels: SharedPanels | None = None) -> list:
-    """Every piece of a sum's output by the plan its schedule chose (``choice`` where it
-    fits); the (piece, plan) list.  Pieces that share their outer loops (see
-    :func:`schedule.shared_loops`) run inside one set of them.  In the item of a run-time
-    batch, the panels the items read alike are ``panels`` (see channels.SharedPanels)."""
-    plans = schedule.staged([(piece, schedule.plan(piece, vector.width if vector else None,
-                                                   vector.registers if vector else 0, choice))
-                             for piece in schedule.pieces(fn)], fn.output.shape, choice)
-    plans = schedule.run_together(plans)
-    shared = schedule.shared_loops(plans)
+def arrange(fn, vector: Simd | None, choice: str | None = None) -> schedule.Arrangement:
+    """The schedule of a sum for this instruction set (``choice`` where it fits)."""
+    return schedule.arrange(fn, vector.width if vector else None,
+                            vector.registers if vector else 0, choice)
+
+
+def emit_pieces(out: Writer, fn, arrangement: schedule.Arrangement, dtype: str,
+                vector: Simd | None, panels: SharedPanels | None = None) -> None:
+    """Every piece of a sum's output by its plan in ``arrangement``; pieces that share outer
+    loops run inside one set of them.  In the item of a run-time batch, the panels the
+    items read alike are ``panels`` (see channels.SharedPanels)."""
+    plans, shared = list(arrangement.plans), arrangement.shared
     if shared and isinstance(plans[0][1], schedule.ChannelLanes):
         emit_channel_phases(out, fn, plans, vector, shared, panels)
-        return plans
+        return
     finite = sorted({a for _, c in plans if isinstance(c, schedule.OutputLanes)
                      for a in c.finite})
     if finite:
@@ -166,7 +167,6 @@ def emit_pieces(out: Writer, fn, dtype: str, vector: Simd | None,
         out.close()
     if finite:
         _close_finite_check(out, fn, dtype)
-    return plans
 
 
 def _open_finite_check(out: Writer, fn, arrays: Sequence[str], dtype: str) -> None:

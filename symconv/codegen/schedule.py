@@ -1527,6 +1527,27 @@ def _reduction_lanes(piece: Piece, width: int, budget: int) -> ReductionLanes | 
 
 # --- a function's pieces together -----------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Arrangement:
+    """How a sum's output is computed: its pieces in order, each with the plan it runs
+    (staged, run together: see arrange), and the outer loops they share, inside one set of
+    which they run one after another (empty: each piece runs its own loops)."""
+
+    plans: tuple[tuple[Piece, Plan], ...]
+    shared: tuple[sympy.Idx, ...] = ()
+
+
+def arrange(fn: IndexSum, width: int | None, registers: int = 16,
+            choice: str | None = None) -> Arrangement:
+    """Every piece of ``fn``'s output with its plan (see plan; ``choice`` where it fits),
+    the output staged where it pays (staged), the stride phases inside the loops they share
+    (run_together): all a C printer needs to decide."""
+    plans = staged([(piece, plan(piece, width, registers, choice)) for piece in pieces(fn)],
+                   fn.output.shape, choice)
+    plans = run_together(plans)
+    return Arrangement(tuple(plans), shared_loops(plans))
+
+
 def shared_loops(plans) -> tuple:
     """The leading indices over which every piece of a sum loops outside its register
     blocks, where the pieces are stride phases that all run output lanes or all run channel
