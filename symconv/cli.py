@@ -202,8 +202,8 @@ def _specs(args: argparse.Namespace) -> list:
 def _print_formulas(compilation, latex: bool, scatter: bool, out, plans: bool = False) -> None:
     """Each function's formula; with ``plans``, then how the C this machine runs computes
     each piece of its output (the schedule's plans)."""
-    from .codegen.schedule import describe
-    schedules = compilation.plans if plans else {}
+    from .codegen.schedule import describe, describe_shared
+    schedules = compilation.arrangements if plans else {}
     for name, entry in compilation.formulas().items():
         print(f"\n== {name} ==", file=out)
         if scatter and "scatter" in entry:
@@ -211,8 +211,13 @@ def _print_formulas(compilation, latex: bool, scatter: bool, out, plans: bool = 
             print(entry["scatter_latex" if latex else "scatter"], file=out)
             print("solved over the integers (gather form):", file=out)
         print(entry["latex"] if latex else entry["text"], file=out)
-        for piece, plan in schedules.get(name, ()):
+        arrangement = schedules.get(name)
+        if arrangement is None:
+            continue
+        for piece, plan in arrangement.plans:
             print(f"schedule: {describe(piece, plan)}", file=out)
+        if describe_shared(arrangement):
+            print(f"schedule: {describe_shared(arrangement)}", file=out)
 
 
 def _log_compile(spec, kernel: Kernel, seconds: float, hit: bool) -> None:

@@ -31,6 +31,7 @@ SPEC_TYPES = tuple(SPECS.values())
 
 if TYPE_CHECKING:  # only for annotations; importing them pulls in SymPy
     from .codegen.c import CSource
+    from .codegen.schedule import Arrangement
     from .symbolic.define import OpDefinition
     from .symbolic.derive import Derivation
     from .symbolic.ir import SumFunction
@@ -69,9 +70,14 @@ class Compilation:
         return self.sources[best_variant(self.variants).target]
 
     @property
+    def arrangements(self) -> dict[str, Arrangement]:
+        """Per function, the schedule of the C this machine would run."""
+        return {f.name: f.arrangement for f in self.source.functions}
+
+    @property
     def plans(self) -> dict[str, list]:
-        """Per function, the (piece, plan) schedule of the C this machine would run."""
-        return {f.name: list(f.plans) for f in self.source.functions}
+        """Per function, the (piece, plan) list of the C this machine would run."""
+        return {name: list(a.plans) for name, a in self.arrangements.items()}
 
     @property
     def cdef(self) -> str:

@@ -687,8 +687,9 @@ def test_stride_phases_run_inside_shared_loops(compile_spec, rng):
     # phases over rows of different lengths (an odd size: 5 even rows, 4 odd) keep their
     # own loops
     dense = compiler.compilation(ConvSpec((2, 16, 9, 12), (16, 16, 3, 3), stride=2),
-                                 "x86-64-v4").plans["grad_input"]
-    assert shared_loops(dense) == ()
+                                 "x86-64-v4").arrangements["grad_input"]
+    assert shared_loops(dense.plans) == () == dense.shared
+    assert schedule.describe_shared(dense) is None
     # ... and so do phases whose shared loops would be too few tasks to thread
     few = compiler.compilation(ConvSpec((1, 4, 33, 30), (4, 1, 3, 3), stride=2, padding=1,
                                         groups=4), "x86-64-v4").plans["grad_input"]
@@ -711,10 +712,14 @@ def test_channel_lane_phases_run_inside_shared_loops(spec, loops, compile_spec, 
     the batch function packs); a weight holding NaN or infinity runs the whole plain sum."""
     from symconv.codegen.schedule import shared_loops
     for target in ("x86-64-v4", "x86-64-v3"):
-        plans = compiler.compilation(spec, target).plans["grad_input"]
+        arrangement = compiler.compilation(spec, target).arrangements["grad_input"]
+        plans = list(arrangement.plans)
         assert len(plans) == 2 ** spec.rank
         assert all(isinstance(c, schedule.ChannelLanes) and c.lanes_inside for _, c in plans)
         assert [str(i) for i in shared_loops(plans)] == loops
+        assert [str(i) for i in arrangement.shared] == loops     # what the printer is given
+        assert f"share their loops over {', '.join(loops)}:" in \
+            schedule.describe_shared(arrangement)
     kernel = compile_spec(spec)
     text = _function_text(kernel, "grad_input")
     # one threaded loop for the phases, the others the plain nest's (for a packed value

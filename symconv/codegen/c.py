@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib.resources
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import sympy
@@ -37,14 +37,15 @@ PRELUDE = header("sc_scalar.h")
 @dataclass(frozen=True)
 class CFunction:
     """A generated C function: ``symbol(inputs..., output)``, all arrays of one dtype, with
-    the schedule it was emitted from (each piece of the output and the plan that runs it)."""
+    the schedule it was emitted from (each piece of the output and the plan that runs it,
+    and the loops they share)."""
 
     name: str
     symbol: str
     inputs: tuple[Array, ...]
     output: Array
     declaration: str
-    plans: tuple[tuple[schedule.Piece, schedule.Plan], ...] = ()
+    arrangement: schedule.Arrangement = field(default_factory=schedule.Arrangement)
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,8 @@ def emit_function(function: SumFunction, dtype: str, isa: str | None = None,
         out.close()
         declaration = f"void {symbol}({', '.join(plain_params(named, ctype))}, int sc_threads);"
         return "\n".join(out.lines) + "\n", CFunction(name, symbol, function.args,
-                                                      function.sum.output, declaration, plans)
+                                                      function.sum.output, declaration,
+                                                      arrangement)
     item = f"sc_item_{symbol}"
     shared = SharedPanels(frozenset(f"a_{a}" for a in batch.arrays), ctype)
     params.append(f"{ctype} *const *sc_panels")
@@ -107,7 +108,7 @@ def emit_function(function: SumFunction, dtype: str, isa: str | None = None,
     plain = plain_params(named, ctype) + ([] if maps else [f"{ctype} *sc_scratch"])
     declaration = f"void {symbol}({', '.join(plain)}, int64_t sc_batch, int sc_threads);"
     return "\n".join(out.lines) + "\n", CFunction(name, symbol, function.args,
-                                                  function.sum.output, declaration, plans)
+                                                  function.sum.output, declaration, arrangement)
 
 
 def _adds(chosen) -> bool:

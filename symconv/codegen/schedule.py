@@ -1533,7 +1533,7 @@ class Arrangement:
     (staged, run together: see arrange), and the outer loops they share, inside one set of
     which they run one after another (empty: each piece runs its own loops)."""
 
-    plans: tuple[tuple[Piece, Plan], ...]
+    plans: tuple[tuple[Piece, Plan], ...] = ()
     shared: tuple[sympy.Idx, ...] = ()
 
 
@@ -1843,3 +1843,12 @@ def describe(piece: Piece, chosen: Plan) -> str:
         rows = " x ".join(f"{rows} {u.label}" for u, rows in chosen.blocks)
         return f"{where}partial sums in lanes along {chosen.lane.label}, blocks of {rows}"
     return f"{where}scalar loops"
+
+
+def describe_shared(arrangement: Arrangement) -> str | None:
+    """One line for the loops a sum's pieces share (Arrangement.shared), None if none."""
+    if not arrangement.shared:
+        return None
+    loops = ", ".join(str(index.label) for index in arrangement.shared)
+    return (f"the {len(arrangement.plans)} phases share their loops over {loops}: each task "
+            f"(one value of them, the tasks threaded) runs every phase in turn")
