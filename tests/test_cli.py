@@ -115,6 +115,8 @@ def test_demo(tmp_path):
     (["explain", "--expr", "Y[i] = X[i", "--shape", "X=5"], "expression: cannot read"),
     (["explain", "--expr", "Y[i] = X[i + k]", "--shape", "X=5"], "cannot infer the range of"),
     ([], "choose a command"),
+    (["compile", "--input", "1,3,10000000000,10000000000", "--weight", "4,3,3,3"],
+     "input of shape (1, 3, 10000000000, 10000000000) would take 1.2e+21 bytes"),
 ])
 def test_bad_arguments_give_one_line_and_status_2(argv, fragment, capsys):
     assert main(argv) == 2

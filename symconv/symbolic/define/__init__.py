@@ -15,14 +15,21 @@ from .conv import avg_pool, conv, conv_transpose
 from .expression import expression
 from .gradient import gradient
 from ..batch import DEFINED_EXTENT
-from .op import OpDefinition, open_batch
+from .op import OpDefinition, check_addressable, open_batch
 
 BUILDERS = {ConvSpec: conv, AvgPoolSpec: avg_pool, ConvTransposeSpec: conv_transpose,
             ExprSpec: expression}
 
 
 def definition(spec) -> OpDefinition:
-    """The forward definition of any spec symconv compiles."""
+    """The forward definition of any spec symconv compiles (IRError where an array is too
+    large to index, see check_addressable)."""
+    op = _definition(spec)
+    check_addressable(op)
+    return op
+
+
+def _definition(spec) -> OpDefinition:
     if isinstance(spec, GradientSpec):
         return gradient(spec, definition(spec.parent))
     builder = BUILDERS.get(type(spec))

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Mapping
 
+from ...errors import IRError
 from ..batch import peel
 from ..ir import Array, Batch, IndexSum
 
@@ -40,6 +41,21 @@ class OpDefinition:
             if math.prod(shape) != math.prod(array.shape):
                 raise ValueError(f"{self.kind}: public shape {self.shapes[name]} of {name} does "
                                  f"not match its IR shape {array.shape}")
+
+
+ADDRESSABLE_BYTES = 2 ** 63    # the kernels' offsets are int64: an array past this wraps
+
+
+def check_addressable(op: OpDefinition) -> None:
+    """Refuse an op with an array (one item's, over a run-time batch) of 2**63 bytes or
+    more: no machine holds it, and the C's int64 offsets into it would wrap."""
+    itemsize = 4 if op.dtype == "float32" else 8
+    for array in (*op.inputs, op.forward.output):
+        size = math.prod(array.shape) * itemsize
+        if size >= ADDRESSABLE_BYTES:
+            raise IRError(f"{op.kind}: {array.name} of shape {op.shapes[array.name]} would "
+                          f"take {size:.3g} bytes{' per item' if op.batch else ''}; the "
+                          f"kernels index arrays of under 2**63 bytes")
 
 
 def spec_op(spec, forward: IndexSum, inputs, shapes, arguments=(), batch: Batch | None = None,
