@@ -202,8 +202,9 @@ def _specs(args: argparse.Namespace) -> list:
 def _print_formulas(compilation, latex: bool, scatter: bool, out, plans: bool = False) -> None:
     """Each function's formula; with ``plans``, then how the C this machine runs computes
     each piece of its output (the schedule's plans)."""
-    from .codegen.schedule import describe, describe_shared
+    from .codegen.schedule import describe, describe_batch, describe_shared
     schedules = compilation.arrangements if plans else {}
+    batches = compilation.batch_plans if plans else {}
     for name, entry in compilation.formulas().items():
         print(f"\n== {name} ==", file=out)
         if scatter and "scatter" in entry:
@@ -218,6 +219,8 @@ def _print_formulas(compilation, latex: bool, scatter: bool, out, plans: bool = 
             print(f"schedule: {describe(piece, plan)}", file=out)
         if describe_shared(arrangement):
             print(f"schedule: {describe_shared(arrangement)}", file=out)
+        if name in batches:
+            print(f"schedule: {describe_batch(batches[name])}", file=out)
 
 
 def _log_compile(spec, kernel: Kernel, seconds: float, hit: bool) -> None:

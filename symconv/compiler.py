@@ -31,7 +31,7 @@ SPEC_TYPES = tuple(SPECS.values())
 
 if TYPE_CHECKING:  # only for annotations; importing them pulls in SymPy
     from .codegen.c import CSource
-    from .codegen.schedule import Arrangement
+    from .codegen.schedule import Arrangement, BatchPlan
     from .symbolic.define import OpDefinition
     from .symbolic.derive import Derivation
     from .symbolic.ir import SumFunction
@@ -73,6 +73,11 @@ class Compilation:
     def arrangements(self) -> dict[str, Arrangement]:
         """Per function, the schedule of the C this machine would run."""
         return {f.name: f.arrangement for f in self.source.functions}
+
+    @property
+    def batch_plans(self) -> dict[str, BatchPlan]:
+        """Per function over a run-time batch, how the C this machine would run covers it."""
+        return {f.name: f.batch_plan for f in self.source.functions if f.batch_plan}
 
     @property
     def plans(self) -> dict[str, list]:

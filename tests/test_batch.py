@@ -325,3 +325,29 @@ def test_ahead_of_time_package_serves_batch_1_and_64_without_sympy(tmp_path):
         x = np.load(tmp_path / f"x{batch}.npy")
         expected = oracle.conv_forward(x, w, b, (1, 1), [(1, 1), (1, 1)], (1, 1), 1)
         _check(np.load(tmp_path / f"y{batch}.npy"), expected, "float64", f"AOT N={batch}")
+
+
+@pytest.mark.parametrize("spec, expected", [
+    (ConvSpec((None, 4, 48, 48), (8, 4, 5, 5), padding=2),
+     {"forward": "map", "grad_input": "map", "grad_weight": "whole", "grad_bias": "threaded"}),
+    (ConvSpec((None, 3, 224, 224), (64, 3, 7, 7), stride=2, padding=3),
+     {"forward": "map", "grad_weight": "adding", "grad_bias": "scratch"}),
+    (ConvSpec((None, 16, 32, 32), (16, 1, 3, 3), stride=2, padding=1, groups=16),
+     {"forward": "map staged", "grad_input": "map staged", "grad_weight": "threaded"}),
+], ids=["whole", "adding", "staged"])
+def test_each_function_over_a_run_time_batch_has_a_batch_plan(spec, expected):
+    """How each function covers its run-time batch is a plan the schedule makes
+    (schedule.batch_plan) and explain prints: items side by side, with a staged copy of
+    the item where its output can be staged; or summed in order, the small items threading
+    inside themselves, the chunks running over the whole batch, the items adding into the
+    output or through a scratch array.  (The C of each is checked in the tests above.)"""
+    from symconv.codegen import schedule
+    plans = compilation(spec, "x86-64-v3").batch_plans
+    assert set(plans) == {"forward", "grad_input", "grad_weight", "grad_bias"}
+    for name, kind in expected.items():
+        plan = plans[name]
+        assert (plan.summed or "map") + (" staged" if plan.staged else "") == kind, name
+        text = schedule.describe_batch(plan)
+        assert ("side by side" in text) == plan.maps and ("staging" in text) == bool(plan.staged)
+        assert plan.maps or schedule.BATCH_RUNS[plan.summed] in text
+    assert compilation(spec.with_batch(2), "x86-64-v3").batch_plans == {}

@@ -23,6 +23,7 @@ from ..symbolic.affine import c_order_strides, integer_form, linear_parts
 from ..symbolic.ir import Array, IndexSum, SumFunction, accesses, index_range
 from ..symbolic.lowering import Bound, Condition, LoopNest, nest_box, value_range
 from . import schedule
+from .schedule import PARALLEL_WORK, work
 
 C_TYPES = {"float32": "float", "float64": "double"}
 
@@ -46,6 +47,7 @@ class CFunction:
     output: Array
     declaration: str
     arrangement: schedule.Arrangement = field(default_factory=schedule.Arrangement)
+    batch_plan: schedule.BatchPlan | None = None     # over a run-time batch: how it runs
 
 
 @dataclass(frozen=True)
@@ -281,16 +283,7 @@ def _emit_nest(out: Writer, nest: LoopNest, body: str) -> None:
         out.close()
 
 
-PARALLEL_WORK = 1 << 19  # loop iterations below which threads cost more than they save
 PARALLEL_GRAIN = 64      # dynamic-schedule chunks per parallel loop, about
-
-
-def work(nests: Sequence[LoopNest], indices: Sequence[sympy.Idx]) -> int:
-    """Loop iterations of a piece, counting every loop over its full index range."""
-    per_element = sum(math.prod(hi - lo + 1 for lo, hi in
-                                (index_range(loop.index) for loop in nest.loops))
-                      for nest in nests)
-    return math.prod(hi - lo + 1 for lo, hi in map(index_range, indices)) * max(per_element, 1)
 
 
 def omp_schedule(iterations: int) -> str:

@@ -149,14 +149,6 @@ class _Emission:
 BATCH_PREFIX = "sc_batch_"   # a whole batch's array, in a function that sums over it itself
 
 
-def sums_batch_itself(plans) -> bool:
-    """Whether a sum over a run-time batch can run its pieces over the whole batch in one
-    call (Writer.batched): every plan chunked channel lanes without copies, whose chunks
-    then run over every item in turn."""
-    return all(isinstance(c, schedule.ChannelLanes) and c.chunking is not None and
-               not c.copies for _, c in plans)
-
-
 @dataclass
 class SharedPanels:
     """The panels every item of a run-time batch reads alike: packed reads of no array the

@@ -15,7 +15,7 @@ from .c import (C_TYPES, PARALLEL_WORK, PRELUDE, CFunction, CSource, Writer, c_n
                 emit_finite_scan, emit_scalar_piece, parallel, work)
 from .isa import SIMD_PRELUDE, Simd
 from .channels import (BATCH_PREFIX, SharedPanels, emit_channel_lanes, emit_channel_phases,
-                       emit_shared_panels, release_shared_panels, sums_batch_itself)
+                       emit_shared_panels, release_shared_panels)
 from .vector import close_stage, emit_output_lanes, emit_reduction_lanes, open_stage
 
 def emit_function(function: SumFunction, dtype: str, isa: str | None = None,
@@ -74,32 +74,25 @@ def emit_function(function: SumFunction, dtype: str, isa: str | None = None,
     item_work = sum(work(p.nests, p.indices) for p, _ in plans)
     item_threaded = out.threaded
     maps = batch.maps(function.sum.output.name)
+    runs = schedule.batch_plan(fn, arrangement, maps, *_unit(vector), choice)
     threaded_item = adding_item = staged_item = whole = None
-    if not maps and item_work < PARALLEL_WORK:
-        # a sum over the batch threads inside its items once the whole batch is work enough:
+    if runs.summed == "threaded":
         # a copy of the item whose parallel loops run when the caller asks for threads
         threaded_item = f"{item}_threads"
         copy("_threads", threads_from_caller=True)
-    elif not maps and sums_batch_itself(plans):
-        # the chunks run over every item in turn, each task's tile summing the whole batch
-        # before it is stored once (resnet-14's weight gradient, against its items adding
-        # theirs: 23.5 -> 20.2 ms); the items, through the scratch array, where it cannot
+    elif runs.summed == "whole":
+        # the items, through the scratch array, where the whole batch's panels cannot be had
         def whole() -> None:
             out.batched = {a.name: math.prod(a.shape) for a in named.args
                            if a.name in shared.batched}
             emit_pieces(out, fn, arrangement, dtype, vector)
             out.batched = {}
-    elif not maps and all(_adds(c) for _, c in plans):
-        # the items after the first add their sums to the output, which through a scratch
-        # array read and wrote resnet-14's 2.4 MB weight gradient twice more per item
+    elif runs.summed == "adding":
         adding_item = f"{item}_add"
         copy("_add", accumulate=True)
-    if maps and choice is None and \
-            "staged-output" in schedule.stage_options(plans, fn.output.shape):
-        # a large batch makes the output too large for the cache, which one item is not: a
-        # copy of the item that stages its output, for the batches that do (see emit_batch_map)
-        staged_item = f"{item}_staged"
-        copy("_staged", arrange(fn, vector, "staged-output"))
+    if runs.staged is not None:
+        staged_item = f"{item}_staged"          # for the batches that need it: emit_batch_map
+        copy("_staged", runs.staged)
     if maps:
         emit_batch_map(out, symbol, item, named, shared, item_work, item_threaded, staged_item)
     else:
@@ -108,13 +101,8 @@ def emit_function(function: SumFunction, dtype: str, isa: str | None = None,
     plain = plain_params(named, ctype) + ([] if maps else [f"{ctype} *sc_scratch"])
     declaration = f"void {symbol}({', '.join(plain)}, int64_t sc_batch, int sc_threads);"
     return "\n".join(out.lines) + "\n", CFunction(name, symbol, function.args,
-                                                  function.sum.output, declaration, arrangement)
-
-
-def _adds(chosen) -> bool:
-    """Whether a plan's emitter can add its sums to the output (Writer.accumulate)."""
-    return isinstance(chosen, schedule.Scalar) or \
-        isinstance(chosen, schedule.ChannelLanes) and chosen.chunking is not None
+                                                  function.sum.output, declaration, arrangement,
+                                                  runs)
 
 
 def plain_params(function: SumFunction, ctype: str) -> list[str]:
@@ -123,10 +111,14 @@ def plain_params(function: SumFunction, ctype: str) -> list[str]:
         [f"{ctype} *{function.sum.output.name}"]
 
 
+def _unit(vector: Simd | None) -> tuple[int | None, int]:
+    """The vector width and register count the schedule plans for (None, 0: plain C)."""
+    return (vector.width, vector.registers) if vector else (None, 0)
+
+
 def arrange(fn, vector: Simd | None, choice: str | None = None) -> schedule.Arrangement:
     """The schedule of a sum for this instruction set (``choice`` where it fits)."""
-    return schedule.arrange(fn, vector.width if vector else None,
-                            vector.registers if vector else 0, choice)
+    return schedule.arrange(fn, *_unit(vector), choice)
 
 
 def emit_pieces(out: Writer, fn, arrangement: schedule.Arrangement, dtype: str,
@@ -269,7 +261,7 @@ def emit_batch_sum(out: Writer, symbol: str, item: str, function: SumFunction,
     ``sc_scratch`` (an array of the output's size), added after it.  A small item runs as
     its copy ``threaded_item``, which threads inside itself, once the whole batch is work
     enough.  With ``whole`` (which emits the pieces over every item at once, see
-    channels.sums_batch_itself), the items run only where it could not (``sc_failed``).
+    schedule.sums_batch_itself), the items run only where it could not (``sc_failed``).
     The order of the sum does not depend on the thread count."""
     output, ctype = function.sum.output, shared.ctype
     size = math.prod(output.shape)
