@@ -156,6 +156,18 @@ def test_gradcheck_of_transposed_padded_and_gradient_ops(flags, tmp_path):
     assert len(checks) >= 2 and all(line.endswith("-> ok") for line in checks), out
 
 
+def test_explain_shows_how_each_function_covers_a_run_time_batch():
+    code, out = run(["explain", "--expr", CORRELATE, "--shape", "X=N,6", "--shape", "W=3",
+                     "--shape", "Y=N,6", "--zero-outside", "X", "--dtype", "float64"])
+    assert code == 0
+    forward, grad_x, grad_w = (out.split(f"== {name} ==")[1].split("==")[0]
+                               for name in ("forward", "grad_X", "grad_W"))
+    assert "schedule: over a run-time batch: the items side by side" in forward
+    assert "schedule: over a run-time batch: the items side by side" in grad_x
+    assert "schedule: over a run-time batch: the items summed in order" in grad_w
+    assert "(1 vector per register block)" in grad_w        # not "1 vectors"
+
+
 def test_explain_a_gradient_op_shows_second_derivatives():
     code, out = run(["explain", "--input", "1,2,9", "--weight", "2,2,3", "--no-bias",
                      "--gradient", "grad_input"])

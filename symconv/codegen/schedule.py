@@ -1886,10 +1886,12 @@ def describe(piece: Piece, chosen: Plan) -> str:
                       + (f"as each {window.index.label} comes" if window.lanes_inside
                          else "first"))
         return (f"{where}implicit GEMM: vector lanes along {chosen.lane.label} (panels of "
-                f"{chosen.vectors} vectors{packed}), {chosen.rows} rows of {chosen.block.label} "
+                f"{_count(chosen.vectors, 'vector')}{packed}), {_count(chosen.rows, 'row')} of "
+                f"{chosen.block.label} "
                 f"broadcast per register block{extra}")
     if isinstance(chosen, OutputLanes):
-        rows = f", {chosen.rows} rows of {chosen.block.label}" if chosen.block is not None else ""
+        rows = f", {_count(chosen.rows, 'row')} of {chosen.block.label}" \
+            if chosen.block is not None else ""
         if chosen.window is not None:
             rows += f" sharing their loads over {chosen.window.label}"
         copied = "".join(f"; {c.array} copied with axis {c.axis} innermost"
@@ -1899,7 +1901,8 @@ def describe(piece: Piece, chosen: Plan) -> str:
                        f"streamed out")
         if chosen.finite:
             copied += f"; {', '.join(chosen.finite)} checked finite, edge products fused"
-        return (f"{where}vector lanes along {chosen.lane.label} ({chosen.vectors} vectors"
+        return (f"{where}vector lanes along {chosen.lane.label} "
+                f"({_count(chosen.vectors, 'vector')}"
                 f"{rows} per register block{copied})")
     if isinstance(chosen, ReductionLanes):
         rows = " x ".join(f"{rows} {u.label}" for u, rows in chosen.blocks)
@@ -1912,6 +1915,11 @@ BATCH_RUNS = {
     "whole": "the chunks running over every item in turn, each tile summing the batch",
     "adding": "each item after the first adding its sums into the output",
     "scratch": "each item after the first through a scratch array, added after it"}
+
+
+def _count(number: int, noun: str) -> str:
+    """'1 vector', '2 vectors'."""
+    return f"{number} {noun}{'s' * (number != 1)}"
 
 
 def describe_batch(plan: BatchPlan) -> str:
