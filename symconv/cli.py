@@ -217,8 +217,9 @@ def _print_formulas(compilation, latex: bool, scatter: bool, out, plans: bool = 
             continue
         for piece, plan in arrangement.plans:
             print(f"schedule: {describe(piece, plan)}", file=out)
-        if describe_shared(arrangement):
-            print(f"schedule: {describe_shared(arrangement)}", file=out)
+        shared = describe_shared(arrangement)
+        if shared:
+            print(f"schedule: {shared}", file=out)
         if name in batches:
             print(f"schedule: {describe_batch(batches[name])}", file=out)
 

@@ -12,7 +12,7 @@ from ..symbolic.ir import SumFunction, index_range
 from ..symbolic.printing import to_text
 from . import schedule
 from .c import (C_TYPES, PARALLEL_WORK, PRELUDE, CFunction, CSource, Writer, c_namespace,
-                emit_finite_scan, emit_scalar_piece, parallel, work)
+                emit_finite_scan, emit_scalar_piece, parallel)
 from .isa import SIMD_PRELUDE, Simd
 from .channels import (BATCH_PREFIX, SharedPanels, emit_channel_lanes, emit_channel_phases,
                        emit_shared_panels, release_shared_panels)
@@ -48,7 +48,6 @@ def emit_function(function: SumFunction, dtype: str, isa: str | None = None,
     out.line(" */")
     vector = Simd(isa, dtype) if isa else None
     arrangement = arrange(fn, vector, choice)
-    plans = arrangement.plans
     if batch is None:
         out.open(f"void {symbol}({', '.join(params)})")
         emit_pieces(out, fn, arrangement, dtype, vector)
@@ -71,7 +70,7 @@ def emit_function(function: SumFunction, dtype: str, isa: str | None = None,
         out.close()
         out.threads_from_caller = out.accumulate = False
     copy()
-    item_work = sum(work(p.nests, p.indices) for p, _ in plans)
+    item_work = arrangement.work
     item_threaded = out.threaded
     maps = batch.maps(function.sum.output.name)
     runs = schedule.batch_plan(fn, arrangement, maps, *_unit(vector), choice)
@@ -136,7 +135,7 @@ def emit_pieces(out: Writer, fn, arrangement: schedule.Arrangement, dtype: str,
         _open_finite_check(out, fn, finite, dtype)
     stage = plans[0][1].stage if shared else None     # else each piece stages its own
     if shared:
-        parallel(out, shared, sum(work(c.nests, p.indices) for p, c in plans))
+        parallel(out, shared, arrangement.work)
         for idx in shared:
             lo, hi = index_range(idx)
             out.open(f"for (int64_t {idx.label} = {lo}; {idx.label} <= {hi}; ++{idx.label})")

@@ -1536,6 +1536,11 @@ class Arrangement:
     plans: tuple[tuple[Piece, Plan], ...] = ()
     shared: tuple[sympy.Idx, ...] = ()
 
+    @property
+    def work(self) -> int:
+        """Loop iterations of every piece together (see work)."""
+        return sum(work(p.nests, p.indices) for p, _ in self.plans)
+
 
 PARALLEL_WORK = 1 << 19  # loop iterations below which threads cost more than they save
 
@@ -1589,7 +1594,7 @@ def batch_plan(fn: IndexSum, arrangement: Arrangement, maps: bool, width: int | 
         staged = choice is None and "staged-output" in stage_options(plans, fn.output.shape)
         return BatchPlan(True, staged=arrange(fn, width, registers, "staged-output")
                          if staged else None)
-    if sum(work(p.nests, p.indices) for p, _ in plans) < PARALLEL_WORK:
+    if arrangement.work < PARALLEL_WORK:
         return BatchPlan(False, "threaded")
     if sums_batch_itself(plans):
         return BatchPlan(False, "whole")
