@@ -216,16 +216,14 @@ def test_specs_whose_arrays_no_machine_can_index_are_refused(tmp_path):
     from symconv.errors import IRError
     from symconv.symbolic.define import definition
     definition(ConvSpec((1, 1, 2**60), (1, 1, 3)))                  # 2**62 bytes
-    for spec, where in [(ConvSpec((2, 1, 2**60), (1, 1, 3)), "input of shape (2, 1, 2**60)"),
-                        (ConvSpec((1, 1, 2**60), (1, 1, 3), dtype="float64"),
-                         "input of shape (1, 1, 2**60)"),
+    for spec, shape in [(ConvSpec((2, 1, 2**60), (1, 1, 3)), (2, 1, 2**60)),
+                        (ConvSpec((1, 1, 2**60), (1, 1, 3), dtype="float64"), (1, 1, 2**60)),
                         (ConvSpec((None, 3, 10**10, 10**10), (4, 3, 3, 3)),
-                         "input of shape (None, 3, 10**10, 10**10)")]:
+                         (None, 3, 10**10, 10**10))]:
         with pytest.raises(IRError) as info:
             compile_conv(spec, cache_dir=tmp_path)
-        shape = where.split("shape ")[1]
-        expected = where.replace(shape, str(eval(shape)))       # the shape as printed
-        assert expected in str(info.value) and "under 2**63 bytes" in str(info.value)
+        assert f"input of shape {shape}" in str(info.value)
+        assert "under 2**63 bytes" in str(info.value)
         assert ("per item" in str(info.value)) == (spec.input_shape[0] is None)
     assert [p.parent.name for p in tmp_path.rglob("*") if p.is_file()] == [".locks"] * 3
 
