@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import math
 import random
 import re
 import subprocess
@@ -38,6 +39,60 @@ def test_same_spec_gives_byte_identical_c_across_processes():
                for seed in ("0", "7")}
     digests.add(hashlib.sha256(c_text(**SPEC).encode()).hexdigest())
     assert len(digests) == 1
+
+
+@pytest.mark.parametrize("fields, threads", [
+    (dict(input_shape=(4, 16, 40, 40), weight_shape=(32, 16, 3, 3), padding=1), True),
+    (dict(input_shape=(1, 8, 12, 12, 12), weight_shape=(16, 8, 3, 3, 3), stride=2, padding=1),
+     True),
+    (dict(input_shape=(1, 8, 16, 16), weight_shape=(8, 8, 3, 3), padding=1), False),
+], ids=["threaded", "shared-phase-loops", "too-small"])
+def test_each_function_threads_as_its_schedule_splits(fields, threads):
+    """Every plan carries its Split (a function's stride phases sharing loops: the
+    arrangement, its phases none): a parallel loop over its tasks, taken in the chunks it
+    says, only where its work pays for threads; explain's line says which."""
+    from symconv.codegen import schedule
+    compiled = compiler.compilation(ConvSpec(**fields), "x86-64-v3")
+    source = compiled.source.text
+    threaded = []
+    for name, arrangement in compiled.arrangements.items():
+        body = source.split(f"void symconv_{name}(")[1].split("\nvoid ")[0]
+        lines = [line.strip() for line in body.splitlines()]
+        directives = set()
+        for k, line in enumerate(lines):
+            found = re.match(r"#pragma omp (?:parallel )?for (?:collapse\((\d+)\) )?"
+                             r"schedule\(dynamic, (\d+)\)", line)
+            if found:
+                loops = int(found[1] or 1)      # a collapse covers loops nested perfectly
+                assert all(t.startswith("for (") for t in lines[k + 1:k + 1 + loops]), line
+                directives.add((str(loops), found[2]))
+        if arrangement.shared:
+            assert all(c.split is None for _, c in arrangement.plans)
+            assert [n for n, _ in arrangement.split.over] == \
+                [str(i.label) for i in arrangement.shared]
+            described = [(arrangement.split, schedule.describe_shared(arrangement))]
+        else:
+            assert arrangement.split is None
+            described = [(c.split, schedule.describe(p, c)) for p, c in arrangement.plans]
+        for split, line in described:
+            assert split.tasks == math.prod(count for _, count in split.over)
+            assert split.grain == max(1, split.tasks // 64)
+            said = line.split("; ")[-1]
+            threaded.append(split.threaded)
+            if not split.over:          # nothing outside the register blocks to split
+                assert not split.threaded and said == "one thread"
+                continue
+            if split.threaded:
+                assert (str(split.loops), str(split.grain)) in directives, name
+                assert said.startswith(f"threads take {split.tasks} tasks (")
+                counts = said.split("(", 1)[1].split(")")[0]
+            else:
+                assert said.startswith("one thread: too little work to split over ")
+                counts = said.split(" over ")[1]
+            assert [int(t.split()[0]) for t in counts.split(" x ")] == \
+                [count for _, count in split.over]
+    assert any(threaded) == threads
+    assert ("#pragma omp" in source) == threads
 
 
 def test_every_loop_bound_is_a_constant_or_an_outer_index():

@@ -23,7 +23,6 @@ from ..symbolic.affine import c_order_strides, integer_form, linear_parts
 from ..symbolic.ir import Array, IndexSum, SumFunction, accesses, index_range
 from ..symbolic.lowering import Bound, Condition, LoopNest, nest_box, value_range
 from . import schedule
-from .schedule import PARALLEL_WORK, work
 
 C_TYPES = {"float32": "float", "float64": "double"}
 
@@ -283,19 +282,10 @@ def _emit_nest(out: Writer, nest: LoopNest, body: str) -> None:
         out.close()
 
 
-PARALLEL_GRAIN = 64      # dynamic-schedule chunks per parallel loop, about
-
-
-def omp_schedule(iterations: int) -> str:
-    """Dynamic scheduling in about PARALLEL_GRAIN chunks: when another process holds a core,
-    the other thread takes over the remaining chunks instead of waiting for it.  Which thread
-    computes an element never changes its value."""
-    return f"schedule(dynamic, {max(1, iterations // PARALLEL_GRAIN)})"
-
-
-def threaded(out: Writer, work: int) -> bool:
-    """Whether a piece of ``work`` loop iterations gets a parallel loop."""
-    return work >= PARALLEL_WORK or out.threads_from_caller
+def threads(out: Writer, split: schedule.Split) -> bool:
+    """Whether the loops of ``split`` run on threads: where their work pays for them, or
+    where the caller chooses (Writer.threads_from_caller)."""
+    return (split.threaded or out.threads_from_caller) and split.loops > 0
 
 
 def omp_parallel(out: Writer, directive: str) -> None:
@@ -305,11 +295,18 @@ def omp_parallel(out: Writer, directive: str) -> None:
              + (" if(sc_threads > 1)" if out.threads_from_caller else ""))
 
 
-def parallel(out: Writer, loops: Sequence[sympy.Idx], work: int) -> None:
-    """Threads over ``loops``, the outermost loops of a piece."""
-    if threaded(out, work) and loops:
-        iterations = math.prod(index_range(i)[1] - index_range(i)[0] + 1 for i in loops)
-        omp_parallel(out, f"parallel for collapse({len(loops)}) {omp_schedule(iterations)}")
+def omp_for(split: schedule.Split) -> str:
+    """The clauses of a work-sharing loop over ``split``'s tasks."""
+    return f"collapse({split.loops}) schedule(dynamic, {split.grain})"
+
+
+def parallel(out: Writer, split: schedule.Split, clauses: str = "") -> bool:
+    """A parallel loop over ``split``'s loops (the next ones written), with ``clauses``, if
+    they run on threads (see threads); whether they do."""
+    if not threads(out, split):
+        return False
+    omp_parallel(out, f"parallel for {omp_for(split)}{clauses}")
+    return True
 
 
 def output_offset(fn: IndexSum, piece: schedule.Piece, axes: slice = slice(None)) -> sympy.Expr:
@@ -333,7 +330,7 @@ def emit_finite_scan(out: Writer, array: sympy.IndexedBase, dtype: str,
 
 def emit_scalar_piece(out: Writer, fn: IndexSum, piece: schedule.Piece, dtype: str) -> None:
     """The plain nest: one accumulator per output element, terms added in order."""
-    parallel(out, piece.indices, work(piece.nests, piece.indices))
+    parallel(out, schedule.task_split(piece, schedule.Scalar(), None))
     for idx in piece.indices:
         var = str(idx.label)
         lo, hi = index_range(idx)
@@ -385,9 +382,9 @@ def emit_copy(out: Writer, copy: schedule.Copy, shape: list[int],
     if tiled:
         order = order[:-1]
     loops = min(2, len(order))
-    if not row and threaded(out, MOVE_COST * math.prod(padded)) and loops:
-        tasks = math.prod(padded[a] for a in order[:loops])
-        omp_parallel(out, f"parallel for collapse({loops}) {omp_schedule(tasks)}")
+    if not row:
+        parallel(out, schedule.move_split([(f"sc_x{a}", padded[a]) for a in order[:loops]],
+                                          math.prod(padded)))
     for a in order:
         start, end = (first, stop) if a == last else (0, padded[a])
         out.open(f"for (int64_t sc_x{a} = {start}; sc_x{a} < {end}; ++sc_x{a})")
@@ -475,5 +472,4 @@ def _extreme_text(name: str, a: str, b: str) -> str:
     return fold([a, b], name)
 
 
-MOVE_COST = 8      # loop iterations an element moved into a panel or a copy costs, about
 COPY_TILE = 16     # elements of the last axis per tile of a copy: a 64-byte line of float32

@@ -25,9 +25,9 @@ from ..symbolic.affine import c_order_strides, ceil_div, linear_parts
 from ..symbolic.ir import IndexSum, index_range
 from ..symbolic.lowering import LoopNest, nest_box
 from . import schedule
-from .c import (C_TYPES, MOVE_COST, BodyPrinter, CopyPart, Writer, bound_text, c_affine,
-                c_nonnegative, condition_text, emit_copy, emit_finite_scan, emit_scalar_piece,
-                flat_offset, omp_parallel, omp_schedule, output_offset, parallel, threaded, work)
+from .c import (C_TYPES, BodyPrinter, CopyPart, Writer, bound_text, c_affine, c_nonnegative,
+                condition_text, emit_copy, emit_finite_scan, emit_scalar_piece, flat_offset,
+                output_offset, parallel)
 from .isa import Simd
 from .schedule import copy_name, extent, in_range_exprs
 from .vector import block_runs, depends, interior, number_text, over_lanes
@@ -196,14 +196,16 @@ def emit_channel_lanes(out: Writer, fn: IndexSum, piece: schedule.Piece,
     _release(e, buffers)
 
 
-def emit_channel_phases(out: Writer, fn: IndexSum, plans, simd: Simd,
-                        loops: Sequence[sympy.Idx], shared: SharedPanels | None = None) -> None:
-    """Stride phases that all run channel lanes, inside the ``loops`` they share (see
-    schedule.shared_loops): every phase's panels packed first, then for each value of the
-    loops each phase's lane blocks and register blocks in turn, so that the phases fill the
+def emit_channel_phases(out: Writer, fn: IndexSum, arrangement: schedule.Arrangement,
+                        simd: Simd, shared: SharedPanels | None = None) -> None:
+    """Stride phases that all run channel lanes, inside the loops they share (the
+    arrangement's, see schedule.shared_loops): every phase's panels packed first, then for
+    each value of the loops each phase's lane blocks and register blocks in turn, so that
+    the phases fill the
     output's lines (every other element each) while they are in cache.  Where a panel
     cannot be allocated or holds a value that is not finite, the plain nest of the whole
     sum runs instead (see _emit_fallback)."""
+    plans, loops = arrangement.plans, arrangement.shared
     emissions = [_Emission(out, fn, piece, chosen, simd, tuple(_nests(piece, chosen, f"{k}_")))
                  for k, (piece, chosen) in enumerate(plans)]
     out.open()
@@ -224,7 +226,7 @@ def emit_channel_phases(out: Writer, fn: IndexSum, plans, simd: Simd,
                 _emit_pack(e, n)
         out.close()
     out.open("if (!sc_bad)")
-    parallel(out, loops, sum(work(c.nests, p.indices) for p, c in plans))
+    parallel(out, arrangement.split)
     for index in loops:
         out.open("for (int64_t {0} = {1}; {0} <= {2}; ++{0})".format(*_full_range(index)))
     if task_copy is not None:
@@ -408,11 +410,9 @@ def _emit_pack(e: _Emission, n: _Nest) -> None:
     """panel[lane block][dims...][lane] = constant x the read (0 past the last lane), on
     threads over lane blocks and the first loop (a 256-channel 3x3 weight is 2.4 MB)."""
     out, lane, span, lane_blocks = e.out, e.chosen.lane, e.span, e.lane_blocks
-    if threaded(out, MOVE_COST * lane_blocks * n.panel_size(span)):
-        loops = min(2, 1 + len(n.dims))
-        tasks = lane_blocks * math.prod(extent(d) for d in n.dims[:loops - 1])
-        omp_parallel(out, f"parallel for collapse({loops}) {omp_schedule(tasks)} "
-                          f"reduction(|:sc_bad)")
+    over = [("sc_lb", lane_blocks)] + [(str(d.label), extent(d)) for d in n.dims[:1]]
+    parallel(out, schedule.move_split(over, lane_blocks * n.panel_size(span)),
+             " reduction(|:sc_bad)")
     out.open(f"for (int64_t sc_lb = 0; sc_lb < {lane_blocks}; ++sc_lb)")
     for d in n.dims:
         lo, hi = index_range(d)
@@ -444,11 +444,7 @@ def _emit_blocks(e: _Emission) -> None:
         _emit_window(e)
         return
     outer = [i for i in piece.indices if i not in (chosen.lane, chosen.block)]
-    if threaded(out, work(piece.nests, piece.indices)):
-        tasks = math.prod(extent(i) for i in outer) * (1 if chosen.lanes_inside else
-                                                       e.lane_blocks)
-        loops = len(outer) + (not chosen.lanes_inside)
-        omp_parallel(out, f"parallel for collapse({loops}) {omp_schedule(tasks)}")
+    parallel(out, chosen.split)
     _emit_lane_blocks(e, [_full_range(i) for i in outer], inside=chosen.lanes_inside)
 
 
@@ -499,15 +495,11 @@ def _emit_window(e: _Emission) -> None:
     rest = [_full_range(i) for i in outer[len(window.slab) + 1:]]
     lo, hi = index_range(window.index)
     chunks = ceil_div(extent(window.index), window.chunk)
-    parallel = threaded(out, work(piece.nests, piece.indices))
-    if parallel:
-        tasks = math.prod(extent(u) for u in window.slab) * chunks
-        omp_parallel(out, f"parallel for collapse({len(window.slab) + 1}) "
-                          f"{omp_schedule(tasks)}")
+    threaded = parallel(out, chosen.split)
     for u in window.slab:
         out.open("for (int64_t {0} = {1}; {0} <= {2}; ++{0})".format(*_full_range(u)))
     out.open(f"for (int64_t sc_wc = 0; sc_wc < {chunks}; ++sc_wc)")
-    worker = "(size_t)omp_get_thread_num()" if parallel else "0"
+    worker = "(size_t)omp_get_thread_num()" if threaded else "0"
     out.line(f"const int64_t sc_w0 = {lo} + sc_wc * {window.chunk}, "
              f"sc_w1 = sc_min(sc_w0 + {window.chunk - 1}, {hi});")
     ringed = [c for c in chosen.copies if c.ring is not None]
@@ -801,7 +793,6 @@ def _emit_chunked(e: _Emission) -> None:
     panel_size = chunking.rows * chunking.segment * span
     per_thread = panel_size + (tile_size if parts == 1 else 0)
     groups = ceil_div(extent(block), chunking.group)
-    parallel = threaded(out, work(piece.nests, piece.indices))
     copies = _copy_buffers(e)
     buffers = [("sc_work", _per_thread(per_thread))] + \
         ([("sc_tiles", f"{lane_blocks * groups * parts * tile_size}")] if parts > 1 else []) + \
@@ -814,13 +805,10 @@ def _emit_chunked(e: _Emission) -> None:
     if out.accumulate:
         _emit_finite_scan(e, n)
     out.open("if (!sc_bad)")
-    if parallel:
-        loops = 2 if parts == 1 else 3
-        omp_parallel(out, f"parallel for collapse({loops}) "
-                          f"{omp_schedule(lane_blocks * groups * parts)} reduction(|:sc_bad)")
+    threaded = parallel(out, chosen.split, " reduction(|:sc_bad)")
     out.open(f"for (int64_t sc_lb = 0; sc_lb < {lane_blocks}; ++sc_lb)")
     out.open(f"for (int64_t sc_g = 0; sc_g < {groups}; ++sc_g)")
-    worker = "(size_t)omp_get_thread_num()" if parallel else "0"
+    worker = "(size_t)omp_get_thread_num()" if threaded else "0"
     every = f"sc_batch * {chunks}" if out.batched else f"{chunks}"
     if parts == 1:
         out.line(f"{ctype} *const sc_tile = sc_work + {worker} * {per_thread};")
@@ -889,8 +877,7 @@ def _emit_chunked(e: _Emission) -> None:
     out.close()    # if (!sc_bad)
     if parts > 1:
         out.open("if (!sc_bad)")
-        if parallel:
-            omp_parallel(out, f"parallel for collapse(2) {omp_schedule(lane_blocks * groups)}")
+        parallel(out, replace(chosen.split, over=chosen.split.over[:2]))  # without the parts
         out.open(f"for (int64_t sc_lb = 0; sc_lb < {lane_blocks}; ++sc_lb)")
         out.open(f"for (int64_t sc_g = 0; sc_g < {groups}; ++sc_g)")
         out.line(f"{ctype} *const sc_tile = sc_tiles + (sc_lb * {groups} + sc_g) * "

@@ -11,7 +11,7 @@ from ..errors import IRError
 from ..symbolic.ir import SumFunction, index_range
 from ..symbolic.printing import to_text
 from . import schedule
-from .c import (C_TYPES, PARALLEL_WORK, PRELUDE, CFunction, CSource, Writer, c_namespace,
+from .c import (C_TYPES, PRELUDE, CFunction, CSource, Writer, c_namespace,
                 emit_finite_scan, emit_scalar_piece, parallel)
 from .isa import SIMD_PRELUDE, Simd
 from .channels import (BATCH_PREFIX, SharedPanels, emit_channel_lanes, emit_channel_phases,
@@ -127,7 +127,7 @@ def emit_pieces(out: Writer, fn, arrangement: schedule.Arrangement, dtype: str,
     items read alike are ``panels`` (see channels.SharedPanels)."""
     plans, shared = list(arrangement.plans), arrangement.shared
     if shared and isinstance(plans[0][1], schedule.ChannelLanes):
-        emit_channel_phases(out, fn, plans, vector, shared, panels)
+        emit_channel_phases(out, fn, arrangement, vector, panels)
         return
     finite = sorted({a for _, c in plans if isinstance(c, schedule.OutputLanes)
                      for a in c.finite})
@@ -135,7 +135,7 @@ def emit_pieces(out: Writer, fn, arrangement: schedule.Arrangement, dtype: str,
         _open_finite_check(out, fn, finite, dtype)
     stage = plans[0][1].stage if shared else None     # else each piece stages its own
     if shared:
-        parallel(out, shared, arrangement.work)
+        parallel(out, arrangement.split)
         for idx in shared:
             lo, hi = index_range(idx)
             out.open(f"for (int64_t {idx.label} = {lo}; {idx.label} <= {hi}; ++{idx.label})")
@@ -231,7 +231,7 @@ def emit_batch_map(out: Writer, symbol: str, item: str, function: SumFunction,
         out.close()
         emit_shared_panels(out, shared)
     target = f"{output.name} + sc_n * {math.prod(output.shape)}"
-    across = f"sc_threads > 1 && sc_batch * {item_work} >= {PARALLEL_WORK}"
+    across = f"sc_threads > 1 && sc_batch * {item_work} >= {schedule.PARALLEL_WORK}"
     if item_threaded:
         across += " && (sc_batch % sc_threads == 0 || sc_batch >= 4 * sc_threads)"
     out.open(f"if ({across})")
@@ -286,7 +286,7 @@ def emit_batch_sum(out: Writer, symbol: str, item: str, function: SumFunction,
     elif threaded_item is not None:
         first = later = "sc_run"
         out.line(f"void (*const sc_run)({_item_type(function, ctype)}) = sc_threads > 1 && "
-                 f"sc_batch * {item_work} >= {PARALLEL_WORK} ? {threaded_item} : {item};")
+                 f"sc_batch * {item_work} >= {schedule.PARALLEL_WORK} ? {threaded_item} : {item};")
     if shared.packs:
         emit_shared_panels(out, shared)
     out.line(_item_call(first, function, shared, "0", output.name, "sc_threads"))

@@ -32,7 +32,9 @@ compute them quickly.  Two steps, both plain rewrites of the IR:
 
 Every plan computes each output element completely, in one thread, in an
 order that does not depend on the thread count: results are bit-identical
-for any number of threads.  This module knows nothing about convolution.
+for any number of threads.  Which loops the threads split, into how many
+tasks, is the plan's too (:class:`Split`).  This module knows nothing about
+convolution.
 """
 
 from __future__ import annotations
@@ -67,7 +69,10 @@ class Piece:
 
 @dataclass(frozen=True)
 class Scalar:
-    """The loop nest as it is."""
+    """The loop nest as it is.  ``split``, in every plan: how it goes to threads (see
+    task_split; None inside loops its arrangement shares, or before arrange)."""
+
+    split: Split | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,7 @@ read from a copy with the lane's axis innermost (filled before the blocks run). 
     window: sympy.Idx | None = None
     stage: "Stage | None" = None
     finite: tuple[str, ...] = ()
+    split: Split | None = None
 
 
 @dataclass(frozen=True)
@@ -119,6 +125,7 @@ class ReductionLanes:
 
     lane: sympy.Idx
     blocks: tuple[tuple[sympy.Idx, int], ...]
+    split: Split | None = None
 
 
 @dataclass(frozen=True)
@@ -148,6 +155,7 @@ class ChannelLanes:
     window: Window | None = None
     lanes_inside: bool = False
     task_copy: TaskCopy | None = None
+    split: Split | None = None
 
 
 @dataclass(frozen=True)
@@ -1531,10 +1539,12 @@ def _reduction_lanes(piece: Piece, width: int, budget: int) -> ReductionLanes | 
 class Arrangement:
     """How a sum's output is computed: its pieces in order, each with the plan it runs
     (staged, run together: see arrange), and the outer loops they share, inside one set of
-    which they run one after another (empty: each piece runs its own loops)."""
+    which they run one after another, threaded by ``split`` (empty: each piece runs its own
+    loops, threaded by its plan's split)."""
 
     plans: tuple[tuple[Piece, Plan], ...] = ()
     shared: tuple[sympy.Idx, ...] = ()
+    split: Split | None = None
 
     @property
     def work(self) -> int:
@@ -1543,6 +1553,8 @@ class Arrangement:
 
 
 PARALLEL_WORK = 1 << 19  # loop iterations below which threads cost more than they save
+PARALLEL_GRAIN = 64      # dynamic-schedule chunks per parallel loop, about
+MOVE_COST = 8            # loop iterations an element moved into a panel or a copy costs, about
 
 
 def work(nests: Sequence[LoopNest], indices: Sequence[sympy.Idx]) -> int:
@@ -1551,6 +1563,81 @@ def work(nests: Sequence[LoopNest], indices: Sequence[sympy.Idx]) -> int:
                                 (index_range(loop.index) for loop in nest.loops))
                       for nest in nests)
     return math.prod(hi - lo + 1 for lo, hi in map(index_range, indices)) * max(per_element, 1)
+
+
+@dataclass(frozen=True)
+class Split:
+    """How a loop nest goes to threads: its outermost loops ``over`` ((name, extent) each,
+    outermost first), collapsed into one range of tasks that threads take dynamically,
+    ``grain`` at a time (about PARALLEL_GRAIN chunks: when another process holds a core, the
+    other thread takes over the remaining chunks instead of waiting for it); ``threaded``:
+    the nest's work pays for threads (PARALLEL_WORK), else it runs on the calling thread
+    (unless the caller threads a run-time batch's item, see BatchPlan).  Which thread runs a
+    task never changes a value."""
+
+    over: tuple[tuple[str, int], ...]
+    threaded: bool
+
+    @property
+    def loops(self) -> int:
+        return len(self.over)
+
+    @property
+    def tasks(self) -> int:
+        return math.prod(count for _, count in self.over)
+
+    @property
+    def grain(self) -> int:
+        return max(1, self.tasks // PARALLEL_GRAIN)
+
+
+def split(over: Sequence[tuple[str, int]], work: int) -> Split:
+    """The Split of loops ``over`` whose nest takes ``work`` loop iterations."""
+    return Split(tuple(over), work >= PARALLEL_WORK and len(over) > 0)
+
+
+def loops_split(indices: Sequence[sympy.Idx], work: int) -> Split:
+    """The Split over loops of these piece indices (a nest's outermost ones)."""
+    return split([(str(i.label), extent(i)) for i in indices], work)
+
+
+def move_split(over: Sequence[tuple[str, int]], elements: int) -> Split:
+    """The Split of a pack or a copy of ``elements`` elements over its loops ``over``."""
+    return split(over, MOVE_COST * elements)
+
+
+def task_split(piece: Piece, chosen: Plan, width: int | None) -> Split:
+    """How a piece's plan goes to threads where it runs its own loops: the tasks its
+    emitter's outermost loops make.  Channel lanes: a lane block (of ``width``-lane vectors)
+    times the other outer indices (or those alone, ``lanes_inside``); a window's slab and
+    chunks; a chunked summation's lane blocks, groups of rows and parts.  Output lanes: the
+    indices outside their blocks; reduction lanes: those and the blocks."""
+    if isinstance(chosen, OutputLanes):
+        return loops_split([i for i in piece.indices if i not in (chosen.lane, chosen.block)],
+                           work(chosen.nests, piece.indices))
+    total = work(piece.nests, piece.indices)
+    if isinstance(chosen, ReductionLanes):
+        blocked = dict(chosen.blocks)
+        return split([(str(i.label), extent(i)) for i in piece.indices if i not in blocked] +
+                     [(f"{u.label} block", ceil_div(index_range(u)[1] + 1, rows))
+                      for u, rows in chosen.blocks], total)
+    if not isinstance(chosen, ChannelLanes):
+        return loops_split(piece.indices, total)
+    lane_blocks = ("lane block", ceil_div(extent(chosen.lane), chosen.vectors * width))
+    if chosen.chunking is not None:
+        chunking = chosen.chunking
+        groups = (f"group of {chosen.block.label}", ceil_div(extent(chosen.block),
+                                                              chunking.group))
+        return split([lane_blocks, groups] + ([("part", chunking.parts)]
+                                              if chunking.parts > 1 else []), total)
+    if chosen.window is not None:
+        window = chosen.window
+        return split([(str(u.label), extent(u)) for u in window.slab] +
+                     [(f"chunk of {window.index.label}",
+                       ceil_div(extent(window.index), window.chunk))], total)
+    outer = [(str(i.label), extent(i)) for i in piece.indices
+             if i not in (chosen.lane, chosen.block)]
+    return split(([] if chosen.lanes_inside else [lane_blocks]) + outer, total)
 
 
 @dataclass(frozen=True)
@@ -1608,11 +1695,16 @@ def arrange(fn: IndexSum, width: int | None, registers: int = 16,
             choice: str | None = None) -> Arrangement:
     """Every piece of ``fn``'s output with its plan (see plan; ``choice`` where it fits),
     the output staged where it pays (staged), the stride phases inside the loops they share
-    (run_together): all a C printer needs to decide."""
+    (run_together), and how each goes to threads (Split): all a C printer needs to
+    decide."""
     plans = staged([(piece, plan(piece, width, registers, choice)) for piece in pieces(fn)],
                    fn.output.shape, choice)
     plans = run_together(plans)
-    return Arrangement(tuple(plans), shared_loops(plans))
+    shared = shared_loops(plans)
+    if shared:
+        together = Arrangement(tuple(plans), shared)
+        return replace(together, split=loops_split(shared, together.work))
+    return Arrangement(tuple((p, replace(c, split=task_split(p, c, width))) for p, c in plans))
 
 
 def shared_loops(plans) -> tuple:
@@ -1867,7 +1959,32 @@ def _block_cycles(piece: Piece, chosen: OutputLanes | ChannelLanes, width: int) 
 
 
 def describe(piece: Piece, chosen: Plan) -> str:
-    """One line for the C comment above a piece."""
+    """One line for the C comment above a piece (and explain): its plan, then its threads
+    where it runs its own loops."""
+    text = _describe_plan(piece, chosen)
+    return text if chosen.split is None else f"{text}; {describe_split(chosen.split)}"
+
+
+def describe_split(split: Split) -> str:
+    """How a Split's loops go to threads, in words."""
+    if not split.loops:
+        return "one thread"
+    tasks = " x ".join(_loop_count(name, count) for name, count in split.over)
+    if not split.threaded:
+        return f"one thread: too little work to split over {tasks}"
+    return f"threads take {split.tasks} tasks ({tasks}) {split.grain} at a time"
+
+
+def _loop_count(name: str, count: int) -> str:
+    """'8 i_n', '1 lane block', '4 groups of i_c': a count of a Split's loop values (an
+    index label, or a noun)."""
+    if count == 1 or "_" in name and " " not in name:
+        return f"{count} {name}"
+    noun, of, rest = name.partition(" of ")
+    return f"{count} {noun}s{of}{rest}"
+
+
+def _describe_plan(piece: Piece, chosen: Plan) -> str:
     where = f"phase {piece.note}: " if piece.note else ""
     if isinstance(chosen, ChannelLanes):
         chunks = chosen.chunking
@@ -1942,4 +2059,4 @@ def describe_shared(arrangement: Arrangement) -> str | None:
         return None
     loops = ", ".join(str(index.label) for index in arrangement.shared)
     return (f"the {len(arrangement.plans)} phases share their loops over {loops}: each task "
-            f"(one value of them, the tasks threaded) runs every phase in turn")
+            f"(one value of them) runs every phase in turn; {describe_split(arrangement.split)}")

@@ -16,7 +16,7 @@ from ..symbolic.lowering import Bound, LoopNest, nest_box, value_range
 from . import schedule
 from .schedule import in_range_exprs
 from .c import (C_TYPES, Writer, bound_text, c_affine, c_nonnegative, condition_text, emit_copy,
-                fold, omp_parallel, omp_schedule, output_offset, parallel, threaded, work)
+                fold, omp_parallel, output_offset, parallel, threads)
 from .isa import Simd
 
 def depends(expr, symbol) -> bool:
@@ -204,7 +204,7 @@ def emit_output_lanes(out: Writer, fn: IndexSum, piece: schedule.Piece,
         out.open()
         _emit_lane_copies(out, fn, chosen.copies, C_TYPES[simd.dtype])
     if not bound:
-        parallel(out, outer, work(chosen.nests, piece.indices))
+        parallel(out, chosen.split)
     for idx in outer:
         lo, hi = index_range(idx)
         out.open(f"for (int64_t {idx.label} = {lo}; "
@@ -712,8 +712,8 @@ def emit_reduction_lanes(out: Writer, fn: IndexSum, piece: schedule.Piece,
     block_indices = [u for u, _ in blocks]
     outer = [i for i in piece.indices if i not in block_indices]
     chunks = _reduction_chunks(nest, width)
-    parallel = threaded(out, work(piece.nests, piece.indices))
-    if parallel:
+    threaded = threads(out, chosen.split)
+    if threaded:
         omp_parallel(out, "parallel")
     out.open()
     out.open(f"for (int64_t sc_chunk = 0; sc_chunk < {chunks.count}; ++sc_chunk)")
@@ -721,12 +721,10 @@ def emit_reduction_lanes(out: Writer, fn: IndexSum, piece: schedule.Piece,
              f"sc_r1 = sc_min(sc_r0 + {chunks.rows}, {chunks.total_rows});")
     out.line(f"const int64_t sc_s0 = {chunks.lane_lo} + (sc_chunk % {chunks.segments}) * "
              f"{chunks.segment}, sc_s1 = sc_s0 + {chunks.segment - 1};")
-    if parallel:
-        loops = len(outer) + len(blocks)
-        tasks = math.prod(index_range(i)[1] - index_range(i)[0] + 1 for i in outer) * \
-            math.prod(ceil_div(index_range(u)[1] + 1, rows) for u, rows in blocks)
-        out.line(f"#pragma omp for{f' collapse({loops})' if loops > 1 else ''} "
-                 f"{omp_schedule(tasks)}")
+    if threaded:
+        split = chosen.split
+        out.line(f"#pragma omp for{f' collapse({split.loops})' if split.loops > 1 else ''} "
+                 f"schedule(dynamic, {split.grain})")
     for idx in outer:
         lo, hi = index_range(idx)
         out.open(f"for (int64_t {idx.label} = {lo}; "
