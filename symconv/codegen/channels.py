@@ -21,13 +21,13 @@ from typing import Sequence
 
 import sympy
 
-from ..symbolic.affine import c_order_strides, ceil_div, linear_parts
+from ..symbolic.affine import c_order_strides, ceil_div, integer_form, linear_parts
 from ..symbolic.ir import IndexSum, index_range
 from ..symbolic.lowering import LoopNest, nest_box
 from . import schedule
 from .c import (C_TYPES, BodyPrinter, CopyPart, Writer, bound_text, c_affine, c_nonnegative,
                 condition_text, emit_copy, emit_finite_scan, emit_scalar_piece, flat_offset,
-                output_offset, parallel)
+                moved_last_strides, output_offset, parallel)
 from .isa import Simd
 from .schedule import copy_name, extent, in_range_exprs
 from .vector import block_runs, depends, interior, number_text, over_lanes
@@ -594,14 +594,25 @@ def _emit_block(e: _Emission, rows: int, guarded: bool) -> None:
         if tests:
             out.open(f"if ({' && '.join(f'({t})' for t in tests)})")
             opened += 1
+        low, high = [], []
+        for loop in n.nest.loops:
+            low.append([b for b in loop.lower if not depends(b.num, block)])
+            high.append([b for b in loop.upper if not depends(b.num, block)])
+            if guarded:
+                low[-1] += over_lanes(loop.lower, block, None, rows, True)
+                high[-1] += over_lanes(loop.upper, block, None, rows, False)
+        fused = _fused_loops(e, n, low, high, guarded)
         for depth, loop in enumerate(n.nest.loops, start=1):
             var = str(loop.index.label)
-            low = [b for b in loop.lower if not depends(b.num, block)]
-            high = [b for b in loop.upper if not depends(b.num, block)]
-            if guarded:
-                low += over_lanes(loop.lower, block, None, rows, True)
-                high += over_lanes(loop.upper, block, None, rows, False)
-            start, stop = bound_text(low, True), bound_text(high, False)
+            start, stop = bound_text(low[depth - 1], True), bound_text(high[depth - 1], False)
+            if fused and depth == len(n.nest.loops) - 1:
+                out.open()          # the outer index at its first value, the inner over both
+                out.line(f"const int64_t {var} = {start};")
+                opened += 1
+                outer_count = int(stop) - int(start) + 1
+                continue
+            if fused and depth == len(n.nest.loops):
+                stop = str(int(start) + outer_count * (int(stop) - int(start) + 1) - 1)
             if depth == len(n.nest.loops):
                 # unrolled, GCC shares broadcasts between steps and runs out of registers
                 out.line("#pragma GCC unroll 1")
@@ -670,25 +681,84 @@ def _emit_products(e: _Emission, n: _Nest, accs, rows: int, guarded: bool, at: s
 
 def _read_text(read: sympy.Indexed, copies: dict[str, schedule.Copy],
                task_copy: schedule.TaskCopy | None = None) -> str:
-    """A broadcast read, from its copy if the plan made one (from its ring's slot, if the
-    copy is a ring; from the thread's copy of the task's part, if a task copy)."""
+    """A broadcast read, from its copy if the plan made one (see _read_place)."""
+    access, last, slot, _ = _read_place(read, copies, task_copy)
+    return f"{access.base.label}[{slot}{flat_offset(access, last)}]"
+
+
+def _read_place(read: sympy.Indexed, copies: dict[str, schedule.Copy],
+                task_copy: schedule.TaskCopy | None = None):
+    """Where a broadcast read reads: (the access in the array it reads, the axis that array
+    holds innermost (None: C order), C for the start of a ring's slot ("" but in a ring),
+    the position the slot depends on (0 but in a ring)).  The array is the read's own, its
+    copy if the plan made one, its ring's row if the copy is a ring, the thread's copy of
+    the task's part if a task copy."""
     name = str(read.base.label)
     if task_copy is not None and task_copy.array == name:
-        return f"{copy_name(name)}[{flat_offset(schedule.in_task_copy(read, task_copy))}]"
+        return schedule.in_task_copy(read, task_copy), None, "", 0
     copy = copies.get(name)
     if copy is None:
-        return f"{name}[{flat_offset(read)}]"
+        return read, None, "", 0
     shape = [int(d) for d in read.base.shape]
     at = [p + (copy.halo[a][0] if copy.halo else 0) for a, p in enumerate(read.indices)]
     if copy.ring is None:
         moved = sympy.IndexedBase(copy_name(name), shape=copy.shape(shape))[tuple(at)]
-        return f"{copy_name(name)}[{flat_offset(moved, copy.axis)}]"
+        return moved, copy.axis, "", 0
     ring, row_shape = copy.ring, copy.row_shape(shape)
     in_row = sympy.IndexedBase(_ring(copy), shape=row_shape)[
         tuple(0 if a <= ring.axis and a != copy.axis else p for a, p in enumerate(at))]
-    position = c_affine(sympy.expand(at[ring.axis]))
-    slot = f"({position} - sc_lo_{name})" if ring.ranged else f"(({position}) % {ring.rows})"
-    return f"{_ring(copy)}[{slot} * {math.prod(row_shape)} + {flat_offset(in_row, copy.axis)}]"
+    position = sympy.expand(at[ring.axis])
+    slot = f"({c_affine(position)} - sc_lo_{name})" if ring.ranged else \
+        f"(({c_affine(position)}) % {ring.rows})"
+    return in_row, copy.axis, f"{slot} * {math.prod(row_shape)} + ", position
+
+
+def _steps(e: _Emission, n: _Nest, indices) -> list[dict] | None:
+    """The element step of each address the products of a nest read (its panel's, each
+    broadcast's) along each of ``indices``; None where an address is not affine in them
+    (a quotient, a ring slot that moves with them)."""
+    found = [{i: n.panel_offset(e.span).coeff(i) for i in indices}] if n.packed is not None \
+        else []
+    copies = {c.array: c for c in e.chosen.copies}
+    for read in n.broadcast:
+        access, last, _, position = _read_place(read, copies, e.chosen.task_copy)
+        if any(depends(position, i) for i in indices):
+            return None
+        shape = [int(d) for d in access.base.shape]
+        strides = moved_last_strides(shape, last) if last is not None else \
+            c_order_strides(shape)
+        steps = dict.fromkeys(indices, 0)
+        for stride, place in zip(strides, access.indices):
+            num, den = integer_form(place)
+            if den != 1 and any(depends(place, i) for i in indices):
+                return None
+            for i in indices:
+                steps[i] += stride * linear_parts(num)[0].get(i, 0)
+        found.append(steps)
+    return found
+
+
+def _fused_loops(e: _Emission, n: _Nest, low, high, guarded: bool) -> bool:
+    """Whether a nest's two innermost loops (their bounds as the block runs them: ``low``,
+    ``high``; ``guarded``: its rows test their conditions) print as one loop over the inner
+    index: both run over constant ranges with no test on them inside, and every address the
+    products read steps across the outer index exactly
+    as far as across the whole inner range, so that the one loop reads the same addresses in
+    the same order, the same sums (4d-16's forward, 4 channels inside 3 taps: 6.7 -> 6.0 ms
+    at 1 thread; a short inner loop paid its exit and its addresses again at every tap)."""
+    loops = n.nest.loops
+    depth = len(loops)
+    if depth < 2 or n.hoisted.get(depth - 1) or n.hoisted.get(depth):
+        return False
+    if any(len(bounds) != 1 or not bounds[0].num.is_Integer or bounds[0].den != 1
+           for bounds in (*low[-2:], *high[-2:])):
+        return False
+    outer, inner = loops[-2].index, loops[-1].index
+    if guarded and any(depends(x, i) for x in n.row_exprs for i in (outer, inner)):
+        return False
+    count = int(high[-1][0].num) - int(low[-1][0].num) + 1
+    steps = _steps(e, n, (outer, inner))
+    return steps is not None and all(s[outer] == s[inner] * count for s in steps)
 
 
 def _emit_tile_store(e: _Emission, rows: int, tile: str, added: Sequence[_Nest] = ()) -> None:
