@@ -760,7 +760,7 @@ def test_a_tap_loop_and_a_channel_loop_that_step_evenly_run_as_one(compile_spec,
     assert re.search(r"for \(int64_t i_c = 0; i_c <= 11; \+\+i_c\)", forward)
     dilated = compiler.compilation(replace(spec, dilation=2, padding=2), "x86-64-v3")
     assert "const int64_t i_k2 = 0;" not in dilated.source.text
-    x, w, b, gy = random_arrays(spec, rng)
+    x, w, b, _ = random_arrays(spec, rng)
     expected = conv_forward(x, w, b, *oracle_args(spec))
     for kernel in runnable_variants(compile_spec(spec)):
         assert_close(kernel.forward(x, w, b), expected, spec.dtype, kernel.variant.target)

@@ -42,10 +42,10 @@ def test_same_spec_gives_byte_identical_c_across_processes():
 
 
 @pytest.mark.parametrize("fields, threads", [
-    (dict(input_shape=(4, 16, 40, 40), weight_shape=(32, 16, 3, 3), padding=1), True),
-    (dict(input_shape=(1, 8, 12, 12, 12), weight_shape=(16, 8, 3, 3, 3), stride=2, padding=1),
-     True),
-    (dict(input_shape=(1, 8, 16, 16), weight_shape=(8, 8, 3, 3), padding=1), False),
+    ({"input_shape": (4, 16, 40, 40), "weight_shape": (32, 16, 3, 3), "padding": 1}, True),
+    ({"input_shape": (1, 8, 12, 12, 12), "weight_shape": (16, 8, 3, 3, 3), "stride": 2,
+      "padding": 1}, True),
+    ({"input_shape": (1, 8, 16, 16), "weight_shape": (8, 8, 3, 3), "padding": 1}, False),
 ], ids=["threaded", "shared-phase-loops", "too-small"])
 def test_each_function_threads_as_its_schedule_splits(fields, threads):
     """Every plan carries its Split (a function's stride phases sharing loops: the

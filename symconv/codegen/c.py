@@ -295,17 +295,13 @@ def omp_parallel(out: Writer, directive: str) -> None:
              + (" if(sc_threads > 1)" if out.threads_from_caller else ""))
 
 
-def omp_for(split: schedule.Split) -> str:
-    """The clauses of a work-sharing loop over ``split``'s tasks."""
-    return f"collapse({split.loops}) schedule(dynamic, {split.grain})"
-
-
 def parallel(out: Writer, split: schedule.Split, clauses: str = "") -> bool:
     """A parallel loop over ``split``'s loops (the next ones written), with ``clauses``, if
     they run on threads (see threads); whether they do."""
     if not threads(out, split):
         return False
-    omp_parallel(out, f"parallel for {omp_for(split)}{clauses}")
+    omp_parallel(out, f"parallel for collapse({split.loops}) schedule(dynamic, {split.grain})"
+                      f"{clauses}")
     return True
 
 
