@@ -748,22 +748,23 @@ def test_channel_lane_phases_run_inside_shared_loops(spec, loops, compile_spec, 
         _assert_close_where_finite(got, expected, spec.dtype, kernel.variant.target)
 
 
-def test_a_tap_loop_and_a_channel_loop_that_step_evenly_run_as_one(compile_spec, rng):
-    """Channels innermost in the input's copy and in the weight's panel, the last tap's loop
-    and the channel loop inside it step through both evenly: the forward prints them as one
-    loop of 3 x 4 steps (the same addresses in the same order); a dilation breaks that
-    evenness, and the loops stay two.  Against the oracle, on every variant."""
-    spec = ConvSpec((1, 4, 5, 8, 16), (8, 4, 3, 3, 3), padding=1)  # 4 KiB planes: copied
-    text = compiler.compilation(spec, "x86-64-v3").source.text
-    forward = text.split("void symconv_forward(")[1].split("\nvoid ")[0]
-    assert "const int64_t i_k2 = 0;" in forward
-    assert re.search(r"for \(int64_t i_c = 0; i_c <= 11; \+\+i_c\)", forward)
-    dilated = compiler.compilation(replace(spec, dilation=2, padding=2), "x86-64-v3")
-    assert "const int64_t i_k2 = 0;" not in dilated.source.text
-    x, w, b, _ = random_arrays(spec, rng)
-    expected = conv_forward(x, w, b, *oracle_args(spec))
-    for kernel in runnable_variants(compile_spec(spec)):
-        assert_close(kernel.forward(x, w, b), expected, spec.dtype, kernel.variant.target)
+def test_a_tap_loop_and_a_channel_loop_that_step_evenly_run_as_one():
+    """Channels innermost in the input's copy and in the weight's panel: the last tap's loop
+    and the channel loop inside it step through both evenly, and the forward prints them as
+    one loop of 3 x 48 steps (the same addresses in the same order); a dilation breaks that
+    evenness, and the loops stay two.  Both specs run against the oracle in
+    test_channel_lanes_against_the_oracle."""
+    params = {p.id: p.values[0] for p in SPECS}
+
+    def forward(spec_id):
+        text = _compiled(params[spec_id]).source.text
+        return text.split("void symconv_forward(")[1].split("\nvoid ")[0]
+    fused = forward("2d-copy-halo-moved")
+    assert "const int64_t i_k1 = 0;" in fused
+    assert re.search(r"for \(int64_t i_c = 0; i_c <= 143; \+\+i_c\)", fused)
+    dilated = forward("2d-copy-halo-f64")
+    assert "const int64_t i_k1 = 0;" not in dilated
+    assert re.search(r"for \(int64_t i_c = 0; i_c <= 15; \+\+i_c\)", dilated)
 
 
 def test_phases_read_crowded_planes_from_a_task_copy(compile_spec):

@@ -97,6 +97,10 @@ def cases(cache_dir):
 
 NAMES = ["conv1d", "conv2d-groups", "conv3d", "conv-transpose2d", "avg-pool2d",
          "conv2d-reflect", "conv2d-replicate", "conv2d-circular", "op-strided", "op-nonlinear"]
+FIRST_ORDER_ONLY = {"conv2d-replicate", "conv2d-circular"}
+"""Padding modes whose second order JAX checks once, by reflect's (the binding's path is the
+same for each; test_torch_ops checks each mode's second order): their derived packages took
+a minute of the suite."""
 
 
 def close(got, expected, what):
@@ -120,7 +124,7 @@ def test_values_both_modes_and_second_order_match_jax(name, cache_dir):
         close(have, want, "grad")
     tangents = [jnp.asarray(rng.standard_normal(shape)) for shape in shapes]
     close(jax.jvp(ours, args, tangents)[1], jax.jvp(reference, args, tangents)[1], "jvp")
-    check_grads(ours, args, order=2, modes=("fwd", "rev"))
+    check_grads(ours, args, order=1 if name in FIRST_ORDER_ONLY else 2, modes=("fwd", "rev"))
 
 
 def test_four_dimensional_conv_against_the_numpy_oracle(cache_dir):
