@@ -600,7 +600,7 @@ def _emit_block(e: _Emission, rows: int, guarded: bool) -> None:
             if guarded:
                 low[-1] += over_lanes(loop.lower, block, None, rows, True)
                 high[-1] += over_lanes(loop.upper, block, None, rows, False)
-        fused = _fused_loops(e, n, low, high, guarded)
+        fused = _fused_steps(e, n, low, high, guarded)
         for depth, loop in enumerate(n.nest.loops, start=1):
             var = str(loop.index.label)
             start, stop = bound_text(low[depth - 1], True), bound_text(high[depth - 1], False)
@@ -608,10 +608,9 @@ def _emit_block(e: _Emission, rows: int, guarded: bool) -> None:
                 out.open()          # the outer index at its first value, the inner over both
                 out.line(f"const int64_t {var} = {start};")
                 opened += 1
-                outer_count = int(stop) - int(start) + 1
                 continue
             if fused and depth == len(n.nest.loops):
-                stop = str(int(start) + outer_count * (int(stop) - int(start) + 1) - 1)
+                stop = str(low[depth - 1][0].num + fused - 1)
             if depth == len(n.nest.loops):
                 # unrolled, GCC shares broadcasts between steps and runs out of registers
                 out.line("#pragma GCC unroll 1")
@@ -737,27 +736,31 @@ def _steps(e: _Emission, n: _Nest, indices) -> list[dict] | None:
     return found
 
 
-def _fused_loops(e: _Emission, n: _Nest, low, high, guarded: bool) -> bool:
-    """Whether a nest's two innermost loops (their bounds as the block runs them: ``low``,
-    ``high``; ``guarded``: its rows test their conditions) print as one loop over the inner
-    index: both run over constant ranges with no test on them inside, and every address the
-    products read steps across the outer index exactly as far as across the whole inner
-    range, so that the one loop reads the same addresses in the same order, the same sums
-    (4d-16's forward, 4 channels inside 3 taps: 8.3 -> 6.9 ms at 1 thread; a short inner
-    loop paid its exit and its address arithmetic again at every tap)."""
+def _fused_steps(e: _Emission, n: _Nest, low, high, guarded: bool) -> int | None:
+    """The steps of the one loop over the inner index that a nest's two innermost loops
+    (their bounds as the block runs them: ``low``, ``high``; ``guarded``: its rows test
+    their conditions) print as; None where they stay two.  They fuse where both run over
+    constant ranges with no test on them inside, and every address the products read steps
+    across the outer index exactly as far as across the whole inner range, so that the one
+    loop reads the same addresses in the same order, the same sums (4d-16's forward, 4
+    channels inside 3 taps: 8.3 -> 6.9 ms at 1 thread; a short inner loop paid its exit and
+    its address arithmetic again at every tap)."""
     loops = n.nest.loops
     depth = len(loops)
     if depth < 2 or n.hoisted.get(depth - 1) or n.hoisted.get(depth):
-        return False
+        return None
     if any(len(bounds) != 1 or not bounds[0].num.is_Integer or bounds[0].den != 1
            for bounds in (*low[-2:], *high[-2:])):
-        return False
+        return None
     outer, inner = loops[-2].index, loops[-1].index
     if guarded and any(depends(x, i) for x in n.row_exprs for i in (outer, inner)):
-        return False
-    count = int(high[-1][0].num) - int(low[-1][0].num) + 1
+        return None
+    outer_count, count = (int(h[0].num) - int(lo[0].num) + 1
+                          for lo, h in zip(low[-2:], high[-2:]))
     steps = _steps(e, n, (outer, inner))
-    return steps is not None and all(s[outer] == s[inner] * count for s in steps)
+    if steps is None or any(s[outer] != s[inner] * count for s in steps):
+        return None
+    return outer_count * count
 
 
 def _emit_tile_store(e: _Emission, rows: int, tile: str, added: Sequence[_Nest] = ()) -> None:

@@ -1978,10 +1978,10 @@ def describe_split(split: Split) -> str:
 def _loop_count(name: str, count: int) -> str:
     """'8 i_n', '1 lane block', '4 groups of i_c': a count of a Split's loop values (an
     index label, or a noun)."""
-    if count == 1 or "_" in name and " " not in name:
+    if "_" in name and " " not in name:
         return f"{count} {name}"
     noun, of, rest = name.partition(" of ")
-    return f"{count} {noun}s{of}{rest}"
+    return f"{_count(count, noun)}{of}{rest}"
 
 
 def _describe_plan(piece: Piece, chosen: Plan) -> str:
