@@ -295,3 +295,25 @@ def test_depthwise_channels_last_runs_lanes_along_the_channels():
     ((_, weight),) = plans["grad_weight"]
     assert isinstance(weight, schedule.OutputLanes) and not weight.copies
     assert (str(weight.lane), str(weight.block), weight.rows) == ("i_g", "i_k1", 3)
+
+
+def test_input_rows_that_crowd_l2_cut_the_weight_gradients_chunks(compile_spec, rng):
+    """The weight gradient broadcasts the input, one row of channels per summation step: 256
+    channels put the rows 1 KiB apart, in 64 of L2's sets, and 512 steps would fill more
+    than half their ways, so the chunks are cut to 256 steps (700 positions: three
+    segments, the last short); 128 channels (512 B apart) keep GEMM_CHUNK.  Against the
+    oracle, bit-identical on 1, 2 and 3 threads."""
+    spec = ConvSpec((1, 256, 700), (16, 256, 3), padding=1, layout="channels_last")
+    narrow = replace(spec, input_shape=(1, 128, 700), weight_shape=(16, 128, 3))
+    for case, steps in ((spec, 256), (narrow, schedule.GEMM_CHUNK)):
+        ((_, chosen),) = compiler.compilation(case, "x86-64-v3").plans["grad_weight"]
+        assert (chosen.chunking.segment, chosen.chunking.rows) == (steps, 1)
+    x, w, _, gy = random_arrays(spec, rng)
+    expected = conv_backward(x, w, gy, *oracle_args(spec))[1]
+    for kernel in runnable_variants(compile_spec(spec)):
+        got = kernel.backward(last(x), None, last(gy), wrt=("weight",))[1]
+        assert_close(got, expected, spec.dtype, kernel.variant.target)
+        for threads in (2, 3):
+            np.testing.assert_array_equal(
+                kernel.backward(last(x), None, last(gy), wrt=("weight",), threads=threads)[1],
+                got)

@@ -1232,6 +1232,7 @@ def extent(index) -> int:
 
 
 GEMM_CHUNK = 512    # summation steps packed at a time: the chunk's panel stays in L1
+MIN_CHUNK = 64      # ... and at least, where the broadcast reads crowd L2 (_chunk_steps)
 GEMM_TASKS = 8      # at least this many parallel tasks, where the rows allow
 PACK_TILE = 16      # steps a lane packs at a time where lanes crowd: a line of float32
 
@@ -1265,8 +1266,9 @@ def _chunked_channel_lanes(piece: Piece, reads, lane, vectors: int, span: int,
     block = max(options, key=lambda u: (extent(u), piece.indices.index(u)))   # ties: inner
     rows = balanced(extent(block), most_rows)
     inner = extent(nest.loops[-1].index)
-    segment = min(inner, GEMM_CHUNK)
-    chunk_rows = max(1, GEMM_CHUNK // inner) if inner < GEMM_CHUNK else 1
+    steps = _chunk_steps(coefficients, packed[0], nest.loops[-1].index)
+    segment = min(inner, steps)
+    chunk_rows = max(1, steps // inner) if inner < steps else 1
     blocks = ceil_div(extent(block), rows)
     lane_blocks = ceil_div(extent(lane), span)
     # more tasks than lane blocks: the summation split into parts (each task's tile added up
@@ -1289,6 +1291,22 @@ def _chunked_channel_lanes(piece: Piece, reads, lane, vectors: int, span: int,
     chunking = Chunking(chunk_rows, segment, group, parts, pack_tile, transposed)
     return ChannelLanes(lane, block, rows, vectors,
                         (_padding_as_bounds(nest, block, piece.indices),), chunking, copies)
+
+
+def _chunk_steps(coefficients, packed, index) -> int:
+    """Summation steps per chunk: GEMM_CHUNK, halved (down to MIN_CHUNK) while a broadcast
+    read's steps along ``index`` fill more than half the ways of the L2 sets they fall in:
+    every register block reads the chunk's lines of it again, and crowded out, from L3.  A
+    channels-last input of 512 channels at stride 2 (rows 4 KiB apart, in 16 sets) gets 64
+    steps: wav2vec-k3-s2's channels-last weight gradient took 0.70-0.88x the time at 1
+    thread, 0.70-0.79x at 2 (AVX2, Zen 3); resnet-14's (256 channels, 256 steps)
+    0.90-0.93x."""
+    steps = GEMM_CHUNK
+    for coefficient in (c.get(index, 0) for c in coefficients if c is not packed):
+        while steps > MIN_CHUNK and \
+                _crowded(abs(coefficient), steps, ways=L2_WAYS // 2, sets=L2_SETS):
+            steps //= 2
+    return steps
 
 
 def _l2_groups(coefficients, packed, block, width: int) -> int:
