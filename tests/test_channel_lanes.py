@@ -456,6 +456,20 @@ def test_the_chunked_weight_gradient_cuts_its_summation():
     assert chosen.chunking.group < 16          # more than one task
 
 
+def test_a_chunked_weight_gradient_cuts_its_rows_into_nearly_equal_blocks(cache_dir, rng):
+    """32 input channels in register blocks of at most 6 rows (AVX2): 6+6+5+5+5+5, not five
+    of 6 and one of 2, whose four accumulators would leave the FMA units half idle.  Against
+    the oracle, bit-identical on 1, 2 and 3 threads."""
+    spec = ConvSpec((2, 32, 2048), (16, 32, 3), padding=1)
+    compiled = _compiled(spec)
+    ((_, chosen),) = compiled.plans["grad_weight"]
+    assert chosen.rows == 6 and chosen.chunking.group >= 32     # one group: all the rows
+    text = compiled.source.text.split("_grad_weight(const")[1].split("\n}\n")[0]
+    assert re.findall(r"sc_k < (\d+); \+\+sc_k, i_c \+= (\d+)", text) == [("2", "6"), ("4", "5")]
+    kernel = compiler.compile_conv(spec, cache_dir=cache_dir, target="x86-64-v3")
+    _check_weight_gradient(spec, kernel, rng, threads=(2, 3))
+
+
 def test_a_weight_gradient_with_few_tasks_splits_its_summation(cache_dir, rng):
     """16 output channels make one lane block (AVX2): the summation over 7000 positions (14
     chunks) runs in eight parts of uneven length, their tiles added in order, rather than

@@ -927,14 +927,23 @@ def _emit_chunked(e: _Emission) -> None:
     tile_at = (f"(({c_affine(sympy.expand(other_at))}) * {chunking.group} + {block.label} - "
                f"sc_b0) * {span}")
     out.line(f"int64_t {block.label} = sc_b0;")
-    out.open(f"for (; {block.label} + {rows} <= sc_b1; {block.label} += {rows})")
-    _emit_chunk_block(e, rows, tile_at, panel_at)
-    out.close()
-    rest = extent(block) % rows
-    if rest:
-        out.open(f"if ({block.label} < sc_b1)")
-        _emit_chunk_block(e, rest, tile_at, panel_at)
+    if extent(block) % chunking.group and ceil_div(extent(block), chunking.group) > 1:
+        # the last group is shorter than the others: blocks of ``rows``, then the rest
+        out.open(f"for (; {block.label} + {rows} <= sc_b1; {block.label} += {rows})")
+        _emit_chunk_block(e, rows, tile_at, panel_at)
         out.close()
+        out.open(f"if ({block.label} < sc_b1)")
+        _emit_chunk_block(e, extent(block) % rows, tile_at, panel_at)
+        out.close()
+    else:
+        # every group alike: nearly equal blocks (32 rows: 6+6+5+5+5+5, not 6x5+2, whose
+        # four accumulators leave the FMA units half idle; unet3d-48's weight gradient,
+        # AVX2, 1 thread: 0.85-0.94x the time, best of 15)
+        alike = min(extent(block), chunking.group)
+        for _, count, size, _ in block_runs(alike, rows, (0, alike - 1)):
+            out.open(f"for (int64_t sc_k = 0; sc_k < {count}; ++sc_k, {block.label} += {size})")
+            _emit_chunk_block(e, size, tile_at, panel_at)
+            out.close()
     if tests:
         out.close()
     for _ in others:
