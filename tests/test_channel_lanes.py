@@ -41,10 +41,14 @@ SPECS = [
     # ... for its halo, in float64, dilated (12-wide rows)
     pytest.param(ConvSpec((1, 16, 12, 12), (16, 16, 3, 3), padding=2, dilation=2,
                           dtype="float64"), id="2d-copy-halo-f64"),
+    # ... and a stride's 8 channels, moved by register transposes (see the test below)
+    pytest.param(ConvSpec((1, 8, 32, 32, 32), (16, 8, 3, 3, 3), stride=2, padding=1),
+                 id="3d-stride2-copy-transposed"),
 ]
 COPIES = {"2d-copy-halo-moved": (1, ((0, 0), (0, 0), (1, 1), (1, 1))),
           "2d-copy-moved": (1, None),
-          "2d-copy-halo-f64": (1, ((0, 0), (0, 0), (2, 2), (2, 2)))}
+          "2d-copy-halo-f64": (1, ((0, 0), (0, 0), (2, 2), (2, 2))),
+          "3d-stride2-copy-transposed": (1, ((0, 0), (0, 0), (1, 0), (1, 0), (1, 0)))}
 
 
 def _compiled(spec):
@@ -70,6 +74,19 @@ def test_channel_lanes_against_the_oracle(spec, compile_spec, rng):
                                   expected):
             if got is not None:
                 assert_close(got, ref, spec.dtype, f"{where} grad_{name}")
+
+
+def test_a_copy_moved_by_transposes_may_hold_a_larger_share():
+    """The strided 3-D forward above reads its 8 channel planes 128 KiB apart; its input
+    copied is 0.18 of its vector products, past MAX_COPY_SHARE (element by element) but
+    within MAX_TRANSPOSED_COPY_SHARE: float32, whose 8 channels fill AVX2's 8x8 transposes,
+    copies it; float64, which has no transposes, reads the array itself."""
+    (spec,) = [p.values[0] for p in SPECS if p.id == "3d-stride2-copy-transposed"]
+    copy, products = 8 * 34 ** 3, 16 ** 3 * 2 * 216     # AVX2: 16 lanes in 2 vectors
+    assert schedule.MAX_COPY_SHARE < copy / products <= schedule.MAX_TRANSPOSED_COPY_SHARE
+    for dtype, copied in (("float32", True), ("float64", False)):
+        ((_, chosen),) = _compiled(replace(spec, dtype=dtype)).plans["forward"]
+        assert bool(chosen.copies) == copied, dtype
 
 
 @pytest.mark.parametrize("name", list(COPIES))
@@ -809,11 +826,11 @@ def test_phases_read_crowded_planes_from_a_task_copy(compile_spec):
 
 
 def test_phases_drop_their_copies_to_share_loops(compile_spec, monkeypatch, rng):
-    """2d-32-s2's input gradient at a batch of 1 (AVX2): alone, its odd-odd phase (four
-    taps, the most products) would read grad_output from a copy with the channels
-    innermost, and the phases could not share their loops; run together, that phase
-    drops the copy (its reads keep their bounds: a phase's copy has no halo) and all four
-    share them.  Against the oracle."""
+    """2d-32-s2's input gradient at a batch of 1 (AVX2): alone, every phase with more than
+    one tap (the odd-odd phase's four the most products) would read grad_output from a
+    copy with the channels innermost, moved by transposes, and the phases could not share
+    their loops; run together, they drop the copies (their reads keep their bounds: a
+    phase's copy has no halo) and all four share them.  Against the oracle."""
     from symconv.codegen.schedule import shared_loops
     spec = ConvSpec((1, 32, 32, 32), (64, 32, 3, 3), stride=2, padding=1)
     plans = compiler.compilation(spec, "x86-64-v3").plans["grad_input"]
@@ -822,7 +839,7 @@ def test_phases_drop_their_copies_to_share_loops(compile_spec, monkeypatch, rng)
     with monkeypatch.context() as patched:
         patched.setattr(schedule, "run_together", lambda plans: plans)
         alone = compiler.compilation(spec, "x86-64-v3").plans["grad_input"]
-    assert [len(c.copies) for _, c in alone] == [0, 0, 0, 1]
+    assert [len(c.copies) for _, c in alone] == [0, 1, 1, 1]
     assert all(c.halo is None for _, p in alone for c in p.copies)
     assert shared_loops(alone) == ()
     x, w, b, gy = random_arrays(spec, rng)
@@ -1010,15 +1027,19 @@ def test_a_weight_gradient_over_a_run_time_batch_sums_it_in_place(spec, form, co
 def test_lane_blocks_run_inside_the_tasks_where_the_input_leaves_the_cache(tmp_path,
                                                                           monkeypatch, rng):
     """A 1x1 layer 8 x 256 x 28² -> 64 would read its 6.4 MB input from memory once per
-    lane block: each task (one output row) runs every lane block instead; at a batch of 1
-    (0.8 MB) each lane block keeps its panel in cache over every row.  With the limit
+    lane block: each task (one output row) runs every lane block instead (AVX-512; AVX2
+    copies the input a window at a time, which orders the lane blocks itself); at a batch
+    of 1 (0.8 MB) each lane block keeps its panel in cache over every row.  With the limit
     lowered, a small layer's forward and input gradient run so, against the oracle and
     bit-identical on 1, 2 and 3 threads."""
     def inside(spec, target, name="forward"):
         return [c.lanes_inside for _, c in compiler.compilation(spec, target).plans[name]]
     large = ConvSpec((8, 256, 28, 28), (64, 256, 1, 1))
+    assert inside(large, "x86-64-v4") == [True]
+    ((_, copied),) = compiler.compilation(large, "x86-64-v3").plans["forward"]
+    assert copied.copies and copied.window is not None
     for target in ("x86-64-v4", "x86-64-v3"):
-        assert inside(large, target) == [True] and inside(large.with_batch(1), target) == [False]
+        assert inside(large.with_batch(1), target) == [False]
     monkeypatch.setattr(schedule, "LANES_INSIDE_ELEMENTS", 0)
     monkeypatch.setattr(schedule, "L1_SHARE", 1.0)    # no copies: a window orders its own
     spec = ConvSpec((2, 64, 5, 40), (64, 64, 3, 3), padding=1)

@@ -73,7 +73,8 @@ def emit_function(function: SumFunction, dtype: str, isa: str | None = None,
     item_work = arrangement.work
     item_threaded = out.threaded
     maps = batch.maps(function.sum.output.name)
-    runs = schedule.batch_plan(fn, arrangement, maps, *_unit(vector), choice)
+    runs = schedule.batch_plan(fn, arrangement, maps, *_unit(vector), choice,
+                               _transposes(vector))
     threaded_item = adding_item = staged_item = whole = None
     if runs.summed == "threaded":
         # a copy of the item whose parallel loops run when the caller asks for threads
@@ -115,9 +116,14 @@ def _unit(vector: Simd | None) -> tuple[int | None, int]:
     return (vector.width, vector.registers) if vector else (None, 0)
 
 
+def _transposes(vector: Simd | None) -> bool:
+    """Whether copies move their channels by the prelude's register transposes."""
+    return vector is not None and vector.transpose is not None
+
+
 def arrange(fn, vector: Simd | None, choice: str | None = None) -> schedule.Arrangement:
     """The schedule of a sum for this instruction set (``choice`` where it fits)."""
-    return schedule.arrange(fn, *_unit(vector), choice)
+    return schedule.arrange(fn, *_unit(vector), choice, _transposes(vector))
 
 
 def emit_pieces(out: Writer, fn, arrangement: schedule.Arrangement, dtype: str,
@@ -314,8 +320,10 @@ def plan_options(function: SumFunction, dtype: str, isa: str | None) -> list[str
     fn = c_namespace(function).sum
     found = set()
     for piece in schedule.pieces(fn):
-        found.update(schedule.options(piece, vector.width, vector.registers))
-    defaults = [(piece, schedule.plan(piece, vector.width, vector.registers))
+        found.update(schedule.options(piece, vector.width, vector.registers,
+                                      _transposes(vector)))
+    defaults = [(piece, schedule.plan(piece, vector.width, vector.registers,
+                                      transposes=_transposes(vector)))
                 for piece in schedule.pieces(fn)]
     found.update(schedule.stage_options(defaults, fn.output.shape))
     return [c for c in schedule.CHOICES if c in found]

@@ -516,14 +516,15 @@ def _bound_symbols(nest: LoopNest) -> set:
 
 
 def plan(piece: Piece, width: int | None, registers: int = 16,
-         choice: str | None = None) -> Plan:
+         choice: str | None = None, transposes: bool = False) -> Plan:
     """The plan for a piece, for vectors of ``width`` lanes (None: no vector unit) and a
     register file of ``registers`` vectors (accumulators get all but four of them): the
     first of PLAN_KINDS that fits, or the plan named ``choice`` (one of CHOICES) where it
-    fits (a tuned choice; elsewhere the default)."""
+    fits (a tuned choice; elsewhere the default).  ``transposes``: copies move whole
+    vectors of channels by in-register transposes (float32), which makes them cheaper."""
     if width is None or not piece.nests or not piece.indices:
         return Scalar()
-    makers = _makers(piece, width, registers)
+    makers = _makers(piece, width, registers, transposes)
     if choice is not None and choice not in STAGE_CHOICES:
         if choice not in makers:
             raise ValueError(f"unknown plan choice {choice!r}; expected one of {CHOICES}")
@@ -533,18 +534,19 @@ def plan(piece: Piece, width: int | None, registers: int = 16,
     return _first_fit(makers, piece, width, registers)
 
 
-def _makers(piece: Piece, width: int, registers: int) -> dict:
+def _makers(piece: Piece, width: int, registers: int, transposes: bool = False) -> dict:
     """Each named plan's maker: a function returning the plan, or None where it does not fit
     (each runs at most once: the default and a choice may name the same one)."""
     budget = registers - 4
+
+    def lanes(most_vectors=None, min_use=MIN_LANE_USE):
+        return _channel_lanes(piece, width, registers, most_vectors, min_use, transposes)
     return {name: functools.cache(maker) for name, maker in {
-        "channel-lanes": lambda: _channel_lanes(piece, width, registers),
-        "channel-lanes-1v": lambda: _channel_lanes(piece, width, registers, 1),
-        "channel-lanes-3v": lambda: _channel_lanes(piece, width, registers, 3),
-        "channel-lanes-partial": lambda: _channel_lanes(piece, width, registers,
-                                                        min_use=PARTIAL_LANE_USE),
-        "channel-lanes-reordered": lambda: _reordered(_channel_lanes(piece, width, registers),
-                                                      piece.indices, width),
+        "channel-lanes": lambda: lanes(),
+        "channel-lanes-1v": lambda: lanes(1),
+        "channel-lanes-3v": lambda: lanes(3),
+        "channel-lanes-partial": lambda: lanes(min_use=PARTIAL_LANE_USE),
+        "channel-lanes-reordered": lambda: _reordered(lanes(), piece.indices, width),
         "output-lanes": lambda: _output_lanes(piece, width, budget),
         "reduction-lanes": lambda: _reduction_lanes(piece, width, budget)}.items()}
 
@@ -603,11 +605,12 @@ def _shifted(piece: Piece, lane) -> bool:
     return False
 
 
-def options(piece: Piece, width: int | None, registers: int = 16) -> list[str]:
+def options(piece: Piece, width: int | None, registers: int = 16,
+            transposes: bool = False) -> list[str]:
     """The choices that give this piece a plan other than its default (what a tuner tries)."""
     if width is None or not piece.nests or not piece.indices:
         return []
-    makers = _makers(piece, width, registers)
+    makers = _makers(piece, width, registers, transposes)
     found, seen = [], [_first_fit(makers, piece, width, registers)]
     for name, maker in makers.items():
         chosen = maker()
@@ -852,7 +855,8 @@ WHOLE_PANEL_USES = 1024      # ... each of its values is used this often
 
 
 def _channel_lanes(piece: Piece, width: int, registers: int, most_vectors: int | None = None,
-                   min_use: float = MIN_LANE_USE) -> ChannelLanes | None:
+                   min_use: float = MIN_LANE_USE,
+                   transposes: bool = False) -> ChannelLanes | None:
     """Channel lanes when some free index is read by one array per nest (packed), by no
     other read (broadcast), by no bound or guard, and fills the vectors.  The register
     block's rows run along the last free index when the summation is short enough to pack
@@ -902,11 +906,12 @@ def _channel_lanes(piece: Piece, width: int, registers: int, most_vectors: int |
                       for n in piece.nests)
         fmas = outputs // extent(lane) * lane_vectors * steps
         rows = min(most_rows, extent(block))
-        copies = _copies(nests, piece.indices, lane, block, fmas, rows)
+        transposed = width if transposes else 0
+        copies = _copies(nests, piece.indices, lane, block, fmas, rows, transposed)
         unbounded = tuple(_bounds_as_padding(n, block, lane) for n in nests)
         # not for a stride's phases: each would copy the array again (measured 1.8x slower)
         if unbounded != nests and not piece.note:
-            haloed = _copies(unbounded, piece.indices, lane, block, fmas, rows)
+            haloed = _copies(unbounded, piece.indices, lane, block, fmas, rows, transposed)
             added = {a for n, m in zip(nests, unbounded)
                      for a in set(m.zero_outside) - set(n.zero_outside)}
             if added <= {c.array for c in haloed if c.halo}:
@@ -952,12 +957,19 @@ MAX_HALO_GROWTH = 2  # a copy's zeros may at most double its array
 # Measured again once copies moved their channels by register transposes (3d-64-s2's 8
 # channels fill none): 2d-32-s2's forward still ran faster without, 0.74 vs 0.79 ms.
 MAX_COPY_SHARE = 0.08
+# ... and where the copy moves whole vectors of channels by register transposes (AVX2
+# float32: 8 channels or more), at a fraction of that cost.  3d-64-s2's forward (0.154; its
+# 8 channel planes 1 MiB apart and the taps' rows 16 KiB apart crowd L1 and L2 sets) ran
+# in 0.52-0.65x the time with the copy at 1 and 2 threads, a 1x1 layer 8 x 256 x 28² -> 64
+# (0.125) in 0.84-0.98x; element by element, 2d-tiny's 3 channels (0.136) took 1.08x.
+MAX_TRANSPOSED_COPY_SHARE = 0.2
 
 
 def _copies(nests: Sequence[LoopNest], free, lane, block, fmas: int,
-            rows: int) -> tuple[Copy, ...]:
+            rows: int, transposed: int = 0) -> tuple[Copy, ...]:
     """The broadcast arrays read from a copy (see Copy), each at most MAX_COPY_SHARE of
-    the plan's ``fmas`` elements.  A zero-padded array whose padding guards the edge blocks
+    the plan's ``fmas`` elements, or MAX_TRANSPOSED_COPY_SHARE where the copy moves its
+    channels by transposes of ``transposed`` x ``transposed`` (0: none) and has that many.  A zero-padded array whose padding guards the edge blocks
     of rows of at most SHORT_ROWS (14 of a ResNet's 14x14 layer: 8 in guarded blocks) gets
     a halo, if every index is an integer affine expression.  The innermost loop's axis (the
     input channels) moves innermost when that loop's index runs along one axis, not the
@@ -976,7 +988,9 @@ def _copies(nests: Sequence[LoopNest], free, lane, block, fmas: int,
             lead = LINE_BYTES // 4 if axis is not None and \
                 _rows_crowd_copy(mine, shape, halo, axis, block) else 0
             copy = Copy(name, axis, halo, lead)
-            if math.prod(copy.shape(shape)) <= MAX_COPY_SHARE * fmas:
+            share = MAX_TRANSPOSED_COPY_SHARE if transposed and axis is not None and \
+                shape[axis] >= transposed else MAX_COPY_SHARE
+            if math.prod(copy.shape(shape)) <= share * fmas:
                 found.append(copy)
     return tuple(found)
 
@@ -1691,13 +1705,15 @@ def adds_into_output(chosen: Plan) -> bool:
 
 
 def batch_plan(fn: IndexSum, arrangement: Arrangement, maps: bool, width: int | None,
-               registers: int = 16, choice: str | None = None) -> BatchPlan:
+               registers: int = 16, choice: str | None = None,
+               transposes: bool = False) -> BatchPlan:
     """The BatchPlan of a function whose item sum ``fn`` runs by ``arrangement``."""
     plans = arrangement.plans
     if maps:
         # a large batch makes the output too large for the cache, which one item is not
         staged = choice is None and "staged-output" in stage_options(plans, fn.output.shape)
-        return BatchPlan(True, staged=arrange(fn, width, registers, "staged-output")
+        return BatchPlan(True, staged=arrange(fn, width, registers, "staged-output",
+                                              transposes)
                          if staged else None)
     if arrangement.work < PARALLEL_WORK:
         return BatchPlan(False, "threaded")
@@ -1710,13 +1726,13 @@ def batch_plan(fn: IndexSum, arrangement: Arrangement, maps: bool, width: int | 
 
 
 def arrange(fn: IndexSum, width: int | None, registers: int = 16,
-            choice: str | None = None) -> Arrangement:
+            choice: str | None = None, transposes: bool = False) -> Arrangement:
     """Every piece of ``fn``'s output with its plan (see plan; ``choice`` where it fits),
     the output staged where it pays (staged), the stride phases inside the loops they share
     (run_together), and how each goes to threads (Split): all a C printer needs to
     decide."""
-    plans = staged([(piece, plan(piece, width, registers, choice)) for piece in pieces(fn)],
-                   fn.output.shape, choice)
+    plans = staged([(piece, plan(piece, width, registers, choice, transposes))
+                    for piece in pieces(fn)], fn.output.shape, choice)
     plans = run_together(plans)
     shared = shared_loops(plans)
     if shared:
