@@ -969,9 +969,10 @@ def _copies(nests: Sequence[LoopNest], free, lane, block, fmas: int,
             rows: int, transposed: int = 0) -> tuple[Copy, ...]:
     """The broadcast arrays read from a copy (see Copy), each at most MAX_COPY_SHARE of
     the plan's ``fmas`` elements, or MAX_TRANSPOSED_COPY_SHARE where the copy moves its
-    channels by transposes of ``transposed`` x ``transposed`` (0: none) and has that many.  A zero-padded array whose padding guards the edge blocks
-    of rows of at most SHORT_ROWS (14 of a ResNet's 14x14 layer: 8 in guarded blocks) gets
-    a halo, if every index is an integer affine expression.  The innermost loop's axis (the
+    channels by transposes of ``transposed`` x ``transposed`` (0: none) and has at least
+    that many.  A zero-padded array whose padding guards the edge blocks of rows of at
+    most SHORT_ROWS (14 of a ResNet's 14x14 layer: 8 in guarded blocks) gets a halo, if
+    every index is an integer affine expression.  The innermost loop's axis (the
     input channels) moves innermost when that loop's index runs along one axis, not the
     last, with unit coefficient, and the array is copied for its halo or the steps crowd
     one L1 set (``_crowded``): a convolution's channel planes of 32³ or 48³ elements are a
