@@ -34,8 +34,13 @@ def close(got, expected, dtype):
     return float(np.abs(got - expected).max()) <= (2e-4 if dtype == "float32" else 1e-11) * scale
 
 
-@pytest.mark.parametrize("fields", SHAPES)
-@pytest.mark.parametrize("mode", MODES)
+# every mode in ranks 1-3; rank 4 by circular alone: each mode's index arithmetic is the
+# same on every axis, and the three 4-D float64 packages took over a minute of the suite
+CASES = [pytest.param(mode, shape.values[0], id=f"{mode}-{shape.id}")
+         for shape in SHAPES for mode in MODES if shape.id != "4d" or mode == "circular"]
+
+
+@pytest.mark.parametrize("mode, fields", CASES)
 def test_padding_mode_against_numpy_pad(mode, fields, compile_spec, rng):
     spec = ConvSpec(**fields, padding_mode=mode)
     kernel = compile_spec(spec)
