@@ -97,10 +97,12 @@ def cases(cache_dir):
 
 NAMES = ["conv1d", "conv2d-groups", "conv3d", "conv-transpose2d", "avg-pool2d",
          "conv2d-reflect", "conv2d-replicate", "conv2d-circular", "op-strided", "op-nonlinear"]
-FIRST_ORDER_ONLY = {"conv2d-replicate", "conv2d-circular"}
-"""Padding modes whose second order JAX checks once, by reflect's (the binding's path is the
-same for each; test_torch_ops checks each mode's second order): their derived packages took
-a minute of the suite."""
+FIRST_ORDER_ONLY = {"conv2d-replicate", "conv2d-circular", "op-nonlinear"}
+"""Cases whose second order JAX leaves to others: the padding modes but reflect (the
+binding's path is the same for each; test_torch_ops checks each mode's second order), and
+the nonlinear op (its binding's path is op-strided's; test_torch_ops' gradgradcheck and
+test_double_backward check its second derivatives).  Their derived packages took a minute
+and a half of the suite."""
 
 
 def close(got, expected, what):

@@ -3,7 +3,7 @@
 Hypothesis draws cases from the generator in tests/fuzzing.py (rank 1-4, sizes
 from 1, stride, dilation, asymmetric padding and padding modes, groups, bias,
 dtype, NaN/±Inf inputs, target x86-64 / x86-64-v3 / x86-64-v4) and shrinks a
-failure to a small one.  ``SYMCONV_FUZZ_EXAMPLES`` sets how many (default 40);
+failure to a small one.  ``SYMCONV_FUZZ_EXAMPLES`` sets how many (default 30);
 ``scripts/fuzz.py`` runs the same generator for as long as asked.  Every bug
 the fuzzers found is pinned in ``cases.REGRESSIONS`` and checked on every target.
 """
@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 import fuzzing
 from cases import REGRESSIONS, make_spec
 
-EXAMPLES = int(os.environ.get("SYMCONV_FUZZ_EXAMPLES", "40"))
+EXAMPLES = int(os.environ.get("SYMCONV_FUZZ_EXAMPLES", "30"))
 
 
 @st.composite
