@@ -483,6 +483,12 @@ def test_a_chunked_weight_gradient_cuts_its_rows_into_nearly_equal_blocks(cache_
     assert chosen.rows == 6 and chosen.chunking.group >= 32     # one group: all the rows
     text = compiled.source.text.split("_grad_weight(const")[1].split("\n}\n")[0]
     assert re.findall(r"sc_k < (\d+); \+\+sc_k, i_c \+= (\d+)", text) == [("2", "6"), ("4", "5")]
+    # 18 rows in groups of 12, the last group 6: blocks of 6, and no block for a rest of none
+    uneven = _compiled(ConvSpec((1, 18, 9, 10), (64, 18, 3, 3), padding=1))
+    ((_, chosen),) = uneven.plans["grad_weight"]
+    assert (chosen.rows, chosen.chunking.group) == (6, 12)
+    text = uneven.source.text.split("_grad_weight(const")[1].split("\n}\n")[0]
+    assert "i_c + 6 <= sc_b1" in text and "if (i_c < sc_b1)" not in text
     kernel = compiler.compile_conv(spec, cache_dir=cache_dir, target="x86-64-v3")
     _check_weight_gradient(spec, kernel, rng, threads=(2, 3))
 

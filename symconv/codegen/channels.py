@@ -932,9 +932,11 @@ def _emit_chunked(e: _Emission) -> None:
         out.open(f"for (; {block.label} + {rows} <= sc_b1; {block.label} += {rows})")
         _emit_chunk_block(e, rows, tile_at, panel_at)
         out.close()
-        out.open(f"if ({block.label} < sc_b1)")
-        _emit_chunk_block(e, extent(block) % rows, tile_at, panel_at)
-        out.close()
+        rest = extent(block) % rows
+        if rest:
+            out.open(f"if ({block.label} < sc_b1)")
+            _emit_chunk_block(e, rest, tile_at, panel_at)
+            out.close()
     else:
         # every group alike: nearly equal blocks (32 rows: 6+6+5+5+5+5, not 6x5+2, whose
         # four accumulators leave the FMA units half idle; unet3d-48's weight gradient,
