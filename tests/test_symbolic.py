@@ -241,6 +241,29 @@ def test_malformed_sums_name_the_problem(body, message):
         IndexSum(y, (i,), (Term((k,), body(x, i, k)),))
 
 
+@pytest.mark.parametrize("build", [
+    lambda i, j: i + 3,
+    lambda i, j: -i,
+    lambda i, j: 2 * i - 5 * j + 7,
+    lambda i, j: sympy.Rational(1, 2) * i - j / 3,
+    lambda i, j: 2 * (i + 3) - (j - 1) / 2,            # not expanded: expand reads it
+    lambda i, j: sympy.Mul(3, i + j, evaluate=False),
+    lambda i, j: sympy.Integer(4),
+])
+def test_affine_parts_agree_with_the_expression_at_integer_points(build):
+    """linear_parts reads expanded sums directly and expands the rest; either way the
+    parts must give the expression's value (and integer_form a multiple of it)."""
+    from symconv.symbolic.affine import integer_form, linear_parts
+    i, j = sympy.Idx("i", (0, 9)), sympy.Idx("j", (0, 9))
+    expr = build(i, j)
+    coefficients, constant = linear_parts(expr)
+    num, den = integer_form(expr)
+    for a, b in itertools.product(range(-3, 4), repeat=2):
+        value = expr.subs({i: a, j: b})
+        assert coefficients.get(i, 0) * a + coefficients.get(j, 0) * b + constant == value
+        assert num.subs({i: a, j: b}) == den * value
+
+
 def test_free_index_must_cover_the_output():
     x, y = Array("x", (4,)), Array("y", (3,))
     with pytest.raises(IRError, match="expected \\(0, 2\\)"):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib.resources
 import math
 from dataclasses import dataclass, field, replace
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import sympy
 from sympy.codegen.ast import float32, float64, real
@@ -102,11 +102,15 @@ def c_nonnegative(exprs, at: dict | None = None) -> list[str]:
 
 
 def _linear_text(expr) -> str:
-    """C for an affine expression with integer coefficients: its terms by index name, the
-    constant last, or first where the terms start negative (``1 - i``).  Printed directly:
-    SymPy's printer took most of the codegen time."""
-    coefficients, constant = linear_parts(expr)
-    terms = sorted((_index_name(index), int(c)) for index, c in coefficients.items())
+    """C for an affine expression with integer coefficients (see _terms_text)."""
+    return _terms_text(*linear_parts(expr))
+
+
+def _terms_text(coefficients: Mapping, constant) -> str:
+    """C for ``Σ coefficient·index + constant`` with integer coefficients: its terms by
+    index name, the constant last, or first where the terms start negative (``1 - i``).
+    Printed directly: SymPy's printer took most of the codegen time."""
+    terms = sorted((_index_name(index), int(c)) for index, c in coefficients.items() if c)
     if constant or not terms:
         at = 0 if terms and terms[0][1] < 0 < constant else len(terms)
         terms.insert(at, ("", int(constant)))
@@ -120,7 +124,9 @@ def _linear_text(expr) -> str:
 
 
 def _index_name(index) -> str:
-    return str(index.label) if isinstance(index, sympy.Idx) else str(index)
+    """An index's C name; a Symbol's name read directly (its printer is slow)."""
+    label = index.label if isinstance(index, sympy.Idx) else index
+    return label.name if isinstance(label, sympy.Symbol) else str(label)
 
 
 def flat_offset(access: sympy.Indexed, last: int | None = None) -> str:
@@ -128,15 +134,20 @@ def flat_offset(access: sympy.Indexed, last: int | None = None) -> str:
     with ``last``, the offset in a copy of the array with that axis moved innermost."""
     shape = [int(s) for s in access.base.shape]
     strides = moved_last_strides(shape, last) if last is not None else c_order_strides(shape)
-    whole, quotients = sympy.Integer(0), []
+    whole: dict = {}        # the integer parts, summed as integers (SymPy's sums were slow)
+    constant, quotients = 0, []
     for stride, position in zip(strides, access.indices):
         num, den = integer_form(position)
         if den == 1:
-            whole += stride * num
+            coefficients, offset = linear_parts(num)
+            for index, c in coefficients.items():
+                whole[index] = whole.get(index, 0) + stride * int(c)
+            constant += stride * int(offset)
         else:
             quotients.append(f"{stride}*({c_affine(position)})" if stride != 1 else
                              c_affine(position))
-    parts = [] if whole == 0 and quotients else [c_affine(sympy.expand(whole))]
+    empty = constant == 0 and not any(whole.values())
+    parts = [] if empty and quotients else [_terms_text(whole, constant)]
     return " + ".join(parts + quotients)
 
 

@@ -33,10 +33,14 @@ def linear_parts(expr) -> tuple[dict[sympy.Expr, sympy.Rational], sympy.Rational
 def _linear_parts(expr) -> tuple[dict[sympy.Expr, sympy.Rational], sympy.Rational]:
     """linear_parts, remembered: the passes ask for the same few thousand expressions'
     parts hundreds of thousands of times per package (the caller gets a copy of the dict)."""
-    expr = sympy.expand(sympy.sympify(expr))
+    expr = sympy.sympify(expr)
+    terms = _plain_terms(expr)
+    if terms is None:
+        expr = sympy.expand(expr)
+        terms = expr.as_coefficients_dict().items()
     coefficients: dict[sympy.Expr, sympy.Rational] = {}
     constant = sympy.Integer(0)
-    for factor, coefficient in expr.as_coefficients_dict().items():
+    for factor, coefficient in terms:
         if not coefficient.is_Rational:
             raise IRError(f"index expression {expr} has a non-rational coefficient {coefficient}")
         if factor == 1:
@@ -48,11 +52,32 @@ def _linear_parts(expr) -> tuple[dict[sympy.Expr, sympy.Rational], sympy.Rationa
     return {k: v for k, v in coefficients.items() if v != 0}, constant
 
 
+def _plain_terms(expr) -> list[tuple[sympy.Expr, sympy.Expr]] | None:
+    """``(factor, coefficient)`` of each term of a sum already in expanded form (numbers,
+    indices, number·index), read off directly; None for any other form, which
+    sympy.expand first brings to it (expand took most of the time of code generation)."""
+    terms = []
+    for term in expr.args if expr.is_Add else (expr,):
+        if term.is_Number:
+            terms.append((sympy.S.One, term))
+        elif isinstance(term, (sympy.Idx, sympy.Symbol)):
+            terms.append((term, sympy.S.One))
+        elif (term.is_Mul and len(term.args) == 2 and term.args[0].is_Number
+              and isinstance(term.args[1], (sympy.Idx, sympy.Symbol))):
+            terms.append((term.args[1], term.args[0]))
+        else:
+            return None
+    return terms
+
+
 @functools.lru_cache(maxsize=1 << 16)
 def integer_form(expr) -> tuple[sympy.Expr, int]:
     """``(numerator, denominator)``: numerator has integer coefficients, expr = num / den."""
     coefficients, constant = linear_parts(expr)
     den = reduce(math.lcm, (int(c.q) for c in (*coefficients.values(), constant)), 1)
+    expr = sympy.sympify(expr)
+    if den == 1 and _plain_terms(expr) is not None:
+        return expr, 1
     return sympy.expand(expr * den), den
 
 

@@ -27,6 +27,7 @@ and ``interpreter`` (both read the loop nest), ``derive`` (gradients) and
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import sympy
@@ -63,7 +64,14 @@ def index_range(idx: sympy.Idx) -> tuple[int, int]:
 
 def accesses(expr: sympy.Expr) -> list[sympy.Indexed]:
     """The distinct array accesses in an expression, in a deterministic order."""
-    return sorted(expr.atoms(sympy.Indexed), key=sympy.default_sort_key)
+    return list(_accesses(expr))
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def _accesses(expr: sympy.Expr) -> tuple[sympy.Indexed, ...]:
+    """accesses, remembered: the passes ask again for the same few bodies' reads, and
+    SymPy's sort key is slow."""
+    return tuple(sorted(expr.atoms(sympy.Indexed), key=sympy.default_sort_key))
 
 
 def rebased(expr, arrays: dict[str, Array]):
@@ -163,33 +171,42 @@ def check_index_sum(fn: IndexSum) -> None:
     if len(set(fn.indices)) != len(fn.indices):
         raise IRError(f"{fn.output.name}: repeated free index in {fn.indices}")
     for number, term in enumerate(fn.terms):
-        where = f"{fn.output.name}, term {number} ({term.body})"
-        bound = set(fn.indices) | set(term.indices)
-        if set(term.indices) & set(fn.indices):
-            raise IRError(f"{where}: a summation index is also a free index")
-        labels = {a.base.label for a in accesses(term.body)}
-        unbound = {s for s in term.body.free_symbols
-                   if isinstance(s, (sympy.Idx, sympy.Symbol)) and s not in labels} - bound
-        if unbound:
-            raise IRError(f"{where}: unbound index {', '.join(sorted(map(str, unbound)))}")
-        for access in accesses(term.body):
-            array = array_of(access)
-            if len(access.indices) != len(array.shape):
-                raise IRError(f"{where}: {access} has {len(access.indices)} indices for a "
-                              f"{len(array.shape)}-d array")
-            for position in access.indices:
-                try:
-                    linear_parts(position)
-                except IRError as error:
-                    raise IRError(f"{where}: in {access}: {error}") from None
-        read = {str(a.base.label) for a in accesses(term.body)}
-        if not set(term.zero_outside) <= read:
-            raise IRError(f"{where}: zero_outside names {sorted(set(term.zero_outside) - read)} "
-                          f"which the term does not read")
-        for expr in (*term.constraints, *(e for e, _ in term.congruences)):
-            if not sympy.sympify(expr).free_symbols <= bound:
-                raise IRError(f"{where}: condition {expr} uses an unbound index")
-            linear_parts(expr)
+        _check_term(fn, number, term)
+
+
+def _check_term(fn: IndexSum, number: int, term: Term) -> None:
+    """check_index_sum for one term (its text printed only into an error: printing every
+    term's body took a tenth of a package's code generation)."""
+    def where() -> str:
+        return f"{fn.output.name}, term {number} ({term.body})"
+
+    bound = set(fn.indices) | set(term.indices)
+    if set(term.indices) & set(fn.indices):
+        raise IRError(f"{where()}: a summation index is also a free index")
+    reads = term.body.atoms(sympy.Indexed)
+    labels = {a.base.label for a in reads}
+    unbound = {s for s in term.body.free_symbols
+               if isinstance(s, (sympy.Idx, sympy.Symbol)) and s not in labels} - bound
+    if unbound:
+        raise IRError(f"{where()}: unbound index {', '.join(sorted(map(str, unbound)))}")
+    for access in accesses(term.body):
+        array = array_of(access)
+        if len(access.indices) != len(array.shape):
+            raise IRError(f"{where()}: {access} has {len(access.indices)} indices for a "
+                          f"{len(array.shape)}-d array")
+        for position in access.indices:
+            try:
+                linear_parts(position)
+            except IRError as error:
+                raise IRError(f"{where()}: in {access}: {error}") from None
+    read = {str(label) for label in labels}
+    if not set(term.zero_outside) <= read:
+        raise IRError(f"{where()}: zero_outside names {sorted(set(term.zero_outside) - read)} "
+                      f"which the term does not read")
+    for expr in (*term.constraints, *(e for e, _ in term.congruences)):
+        if not sympy.sympify(expr).free_symbols <= bound:
+            raise IRError(f"{where()}: condition {expr} uses an unbound index")
+        linear_parts(expr)
 
 
 @dataclass(frozen=True)
