@@ -851,19 +851,20 @@ def _emit_chunked(e: _Emission) -> None:
     add every register block's products over the chunk into the task's tile.  With one part
     the tile goes to the output at the end of the task; with several, each task has a tile
     of its own, and a second pass adds each lane block and group's tiles in part order and
-    stores the sum.  Each thread has its own panel (and tile, with one part), allocated up
-    front."""
+    stores the sum.  Where Chunking.lanes > 1, a task takes that many lane blocks, and each
+    chunk runs them in turn, each into its own tile (the sums in the same order).  Each
+    thread has its own panel (and tiles, with one part), allocated up front."""
     out, piece, chosen, (n,) = e.out, e.piece, e.chosen, e.nests
-    lane, block, chunking, rows = chosen.lane, chosen.block, chosen.chunking, chosen.rows
-    ctype, span, lane_blocks, parts = e.ctype, e.span, e.lane_blocks, chunking.parts
+    lane, block, chunking = chosen.lane, chosen.block, chosen.chunking
+    ctype, lane_blocks, parts, lanes = e.ctype, e.lane_blocks, chunking.parts, chunking.lanes
     outer, inner = n.nest.loops[:-1], n.nest.loops[-1]
     total_rows = math.prod(extent(loop.index) for loop in outer)
     segments = ceil_div(extent(inner.index), chunking.segment)
     chunks = ceil_div(total_rows, chunking.rows) * segments
     others = [i for i in piece.indices if i not in (lane, block)]
-    tile_size = math.prod(extent(i) for i in others) * chunking.group * span
-    panel_size = chunking.rows * chunking.segment * span
-    per_thread = panel_size + (tile_size if parts == 1 else 0)
+    tile_size = math.prod(extent(i) for i in others) * chunking.group * e.span
+    panel_size = chunking.rows * chunking.segment * e.span
+    per_thread = panel_size + (lanes * tile_size if parts == 1 else 0)
     groups = ceil_div(extent(block), chunking.group)
     copies = _copy_buffers(e)
     buffers = [("sc_work", _per_thread(per_thread))] + \
@@ -878,24 +879,37 @@ def _emit_chunked(e: _Emission) -> None:
         _emit_finite_scan(e, n)
     out.open("if (!sc_bad)")
     threaded = parallel(out, chosen.split, " reduction(|:sc_bad)")
-    out.open(f"for (int64_t sc_lb = 0; sc_lb < {lane_blocks}; ++sc_lb)")
+    if lanes > 1:
+        out.open(f"for (int64_t sc_ls = 0; sc_ls < {ceil_div(lane_blocks, lanes)}; ++sc_ls)")
+        each_lane_block = (f"for (int64_t sc_lb = sc_ls * {lanes}; "
+                           f"sc_lb < sc_min(sc_ls * {lanes} + {lanes}, {lane_blocks}); ++sc_lb)")
+    else:
+        out.open(f"for (int64_t sc_lb = 0; sc_lb < {lane_blocks}; ++sc_lb)")
+        each_lane_block = None
     out.open(f"for (int64_t sc_g = 0; sc_g < {groups}; ++sc_g)")
     worker = "(size_t)omp_get_thread_num()" if threaded else "0"
     every = f"sc_batch * {chunks}" if out.batched else f"{chunks}"
     if parts == 1:
-        out.line(f"{ctype} *const sc_tile = sc_work + {worker} * {per_thread};")
-        out.line(f"{ctype} *const sc_p{n.number} = sc_tile + {tile_size};")
+        tiles = f"sc_work + {worker} * {per_thread}"
+        tile = tiles if lanes == 1 else f"{tiles} + (sc_lb - sc_ls * {lanes}) * {tile_size}"
+        panel = f"sc_tile + {tile_size}" if lanes == 1 else f"{tiles} + {lanes * tile_size}"
         first, last = "0", every
     else:
         out.open(f"for (int64_t sc_part = 0; sc_part < {parts}; ++sc_part)")
-        out.line(f"{ctype} *const sc_tile = sc_tiles + ((sc_lb * {groups} + sc_g) * {parts} + "
-                 f"sc_part) * {tile_size};")
-        out.line(f"{ctype} *const sc_p{n.number} = sc_work + {worker} * {per_thread};")
+        tile = f"sc_tiles + ((sc_lb * {groups} + sc_g) * {parts} + sc_part) * {tile_size}"
+        panel = f"sc_work + {worker} * {per_thread}"
         first, last = (f"sc_part * ({every}) / {parts}", f"(sc_part + 1) * ({every}) / {parts}")
+    if not each_lane_block:
+        out.line(f"{ctype} *const sc_tile = {tile};")
+    out.line(f"{ctype} *const sc_p{n.number} = {panel};")
     group_rows = (f"const int64_t sc_b0 = sc_g * {chunking.group}, "
                   f"sc_b1 = sc_min(sc_b0 + {chunking.group}, {extent(block)});")
     out.line(group_rows)
+    declare = f"{ctype} *const sc_tile = {tile};"
+    opened = _open_lane_blocks(out, each_lane_block, declare)
     out.line(f"for (int64_t sc_e = 0; sc_e < {tile_size}; ++sc_e) sc_tile[sc_e] = 0;")
+    if opened:
+        out.close()
     out.open(f"for (int64_t sc_chunk = {first}; sc_chunk < {last}; ++sc_chunk)")
     chunk = "sc_chunk"
     if out.batched:     # the item's arrays, under the names the item's code reads
@@ -909,9 +923,58 @@ def _emit_chunked(e: _Emission) -> None:
     lo, hi = index_range(inner.index)
     out.line(f"const int64_t sc_s0 = {lo} + ({chunk} % {segments}) * {chunking.segment}, "
              f"sc_s1 = sc_min(sc_s0 + {chunking.segment - 1}, {hi});")
-    panel_at = f"((sc_r - sc_r0) * {chunking.segment} + {inner.index.label} - sc_s0) * {span}"
+    opened = _open_lane_blocks(out, each_lane_block, declare)
+    tile_at = _emit_chunk_products(e, outer, inner, others)
+    if opened:
+        out.close()
+    out.close()    # chunks
+    if parts == 1:
+        opened = _open_lane_blocks(out, each_lane_block, declare)
+        _emit_chunked_store(e, others, tile_at)
+        if opened:
+            out.close()
+    else:
+        out.close()    # parts
+    out.close()    # groups
+    out.close()    # lane blocks
+    out.close()    # if (!sc_bad)
+    if parts > 1:
+        out.open("if (!sc_bad)")
+        # over every lane block and group, without the parts
+        parallel(out, replace(chosen.split, over=(("lane block", lane_blocks),
+                                                  chosen.split.over[1])))
+        out.open(f"for (int64_t sc_lb = 0; sc_lb < {lane_blocks}; ++sc_lb)")
+        out.open(f"for (int64_t sc_g = 0; sc_g < {groups}; ++sc_g)")
+        out.line(f"{ctype} *const sc_tile = sc_tiles + (sc_lb * {groups} + sc_g) * "
+                 f"{parts * tile_size};")
+        out.line(group_rows)
+        out.line(f"for (int64_t sc_part = 1; sc_part < {parts}; ++sc_part)")
+        out.line(f"    for (int64_t sc_e = 0; sc_e < {tile_size}; ++sc_e) "
+                 f"sc_tile[sc_e] += sc_tile[sc_part * {tile_size} + sc_e];")
+        _emit_chunked_store(e, others, tile_at)
+        out.close()
+        out.close()
+        out.close()
+    _emit_fallback(e)
+    _release(e, buffers)
+
+
+def _open_lane_blocks(out: Writer, each_lane_block: str | None, declare: str) -> bool:
+    """Where a chunked task has several lane blocks, open the loop over them and ``declare``
+    its tile inside; whether it opened."""
+    if each_lane_block:
+        out.open(each_lane_block)
+        out.line(declare)
+    return bool(each_lane_block)
+
+
+def _emit_chunk_products(e: _Emission, outer, inner, others) -> str:
+    """One lane block's work on a chunk: pack its panel, then add every register block of
+    the task's rows over the chunk into ``sc_tile``; C for a row's place in the tile."""
+    out, chosen, (n,) = e.out, e.chosen, e.nests
+    block, chunking, rows = chosen.block, chosen.chunking, chosen.rows
+    panel_at = f"((sc_r - sc_r0) * {chunking.segment} + {inner.index.label} - sc_s0) * {e.span}"
     _emit_chunk_pack(e, outer, inner, panel_at)
-    # every register block of the task over the chunk
     for idx in others:
         lo_, hi_ = index_range(idx)
         out.open(f"for (int64_t {idx.label} = {lo_}; {idx.label} <= {hi_}; ++{idx.label})")
@@ -925,7 +988,7 @@ def _emit_chunked(e: _Emission) -> None:
         other_at += (idx - index_range(idx)[0]) * stride
         stride *= extent(idx)
     tile_at = (f"(({c_affine(sympy.expand(other_at))}) * {chunking.group} + {block.label} - "
-               f"sc_b0) * {span}")
+               f"sc_b0) * {e.span}")
     out.line(f"int64_t {block.label} = sc_b0;")
     if extent(block) % chunking.group and ceil_div(extent(block), chunking.group) > 1:
         # the last group is shorter than the others: blocks of ``rows``, then the rest
@@ -950,31 +1013,7 @@ def _emit_chunked(e: _Emission) -> None:
         out.close()
     for _ in others:
         out.close()
-    out.close()    # chunks
-    if parts == 1:
-        _emit_chunked_store(e, others, tile_at)
-    else:
-        out.close()    # parts
-    out.close()    # groups
-    out.close()    # lane blocks
-    out.close()    # if (!sc_bad)
-    if parts > 1:
-        out.open("if (!sc_bad)")
-        parallel(out, replace(chosen.split, over=chosen.split.over[:2]))  # without the parts
-        out.open(f"for (int64_t sc_lb = 0; sc_lb < {lane_blocks}; ++sc_lb)")
-        out.open(f"for (int64_t sc_g = 0; sc_g < {groups}; ++sc_g)")
-        out.line(f"{ctype} *const sc_tile = sc_tiles + (sc_lb * {groups} + sc_g) * "
-                 f"{parts * tile_size};")
-        out.line(group_rows)
-        out.line(f"for (int64_t sc_part = 1; sc_part < {parts}; ++sc_part)")
-        out.line(f"    for (int64_t sc_e = 0; sc_e < {tile_size}; ++sc_e) "
-                 f"sc_tile[sc_e] += sc_tile[sc_part * {tile_size} + sc_e];")
-        _emit_chunked_store(e, others, tile_at)
-        out.close()
-        out.close()
-        out.close()
-    _emit_fallback(e)
-    _release(e, buffers)
+    return tile_at
 
 
 def _emit_finite_scan(e: _Emission, n: _Nest) -> None:

@@ -257,7 +257,9 @@ class Chunking:
     packed ``pack_tile`` steps at a time, each lane's steps innermost (0: lanes innermost).
     ``transposed``: the packed read's steps are neighbours and its lanes are not (a
     channels-first grad_output), so whole vectors of lanes are packed by the register
-    transposes, a vector's width of steps at a time (the rest as by ``pack_tile``)."""
+    transposes, a vector's width of steps at a time (the rest as by ``pack_tile``).
+    ``lanes``: lane blocks per task, each chunk running them in turn, each into a tile of
+    its own, where the broadcast rows' steps lie apart (see _lane_set)."""
 
     rows: int
     segment: int
@@ -265,6 +267,7 @@ class Chunking:
     parts: int = 1
     pack_tile: int = 0
     transposed: bool = False
+    lanes: int = 1
 
 
 Plan = Scalar | OutputLanes | ReductionLanes | ChannelLanes
@@ -1291,9 +1294,22 @@ def _chunked_channel_lanes(piece: Piece, reads, lane, vectors: int, span: int,
     # (2d-56's weight gradient, three groups -> four parts: 21.2 -> 17.8 ms at 1 thread)
     chunks = ceil_div(math.prod(extent(loop.index) for loop in nest.loops[:-1]), chunk_rows) \
         * ceil_div(inner, segment)
-    parts = max(1, min(ceil_div(GEMM_TASKS, lane_blocks), chunks))
-    groups = min(blocks, max(ceil_div(GEMM_TASKS, lane_blocks * parts),
-                             _l2_groups(coefficients, packed[0], block, span // vectors)))
+    l2_groups = _l2_groups(coefficients, packed[0], block, span // vectors)
+    broadcast = {str(r.base.label): math.prod(int(d) for d in r.base.shape)
+                 for r, c in zip(read_list, coefficients) if c is not packed[0]}
+    lanes = _lane_set(steps, lane_blocks, sum(broadcast.values()))
+    if lanes == 1:
+        parts = max(1, min(ceil_div(GEMM_TASKS, lane_blocks), chunks))
+        groups = min(blocks, max(ceil_div(GEMM_TASKS, lane_blocks * parts), l2_groups))
+    else:
+        # rows in groups whose tiles, one per lane block of the task, fit TILE_ELEMENTS;
+        # the summation in parts only where that leaves too few tasks
+        row_tile = lanes * span * math.prod(extent(u) for u in piece.indices
+                                            if u not in (lane, block))
+        most = max(rows, TILE_ELEMENTS // row_tile // rows * rows)
+        groups = min(blocks, max(ceil_div(extent(block), most), l2_groups))
+        sets = ceil_div(lane_blocks, lanes)
+        parts = max(1, min(ceil_div(GEMM_TASKS, sets * groups), chunks))
     group = rows * ceil_div(blocks, groups)
     # lanes innermost, a 3-D layer's grad_output lanes (channel planes 128 KiB apart) all
     # fell in one L1 set: a quarter of 3d-32's weight gradient went to packing
@@ -1303,7 +1319,7 @@ def _chunked_channel_lanes(piece: Piece, reads, lane, vectors: int, span: int,
     read = next(r for r, c in zip(read_list, coefficients) if c is packed[0])
     transposed = neighbours and lane_stride != 1 and factors(nest.body)[0] == 1 and \
         str(read.base.label) not in nest.zero_outside
-    chunking = Chunking(chunk_rows, segment, group, parts, pack_tile, transposed)
+    chunking = Chunking(chunk_rows, segment, group, parts, pack_tile, transposed, lanes)
     return ChannelLanes(lane, block, rows, vectors,
                         (_padding_as_bounds(nest, block, piece.indices),), chunking, copies)
 
@@ -1322,6 +1338,25 @@ def _chunk_steps(coefficients, packed, index) -> int:
                 _crowded(abs(coefficient), steps, ways=L2_WAYS // 2, sets=L2_SETS):
             steps //= 2
     return steps
+
+
+LANE_SET = 8                # lane blocks a task runs chunk by chunk (see _lane_set) ...
+TILE_ELEMENTS = 1 << 16     # ... their tiles at most: 256 KiB of float32 per thread
+L3_ELEMENTS = 1 << 20       # a core's share of L3 in float32 (Zen 3: 32 MiB for 8 cores)
+
+
+def _lane_set(steps: int, lane_blocks: int, broadcast_elements: int) -> int:
+    """Lane blocks per task of a chunked plan (Chunking.lanes).  Where a broadcast read's
+    steps crowd L2 (_chunk_steps cut the chunk) and its arrays outgrow a core's share of
+    L3, each lane-block task read every chunk's rows from memory again, lines 1-4 KiB
+    apart; LANE_SET lane blocks then share each chunk's rows while they are in L2.  AVX2,
+    Zen 3, by median of 11 with the caches emptied before each call (as the bench's other
+    kernels leave them), 1 and 2 threads: wav2vec-k3-s2's channels-last weight gradient (a
+    16 MB input, 32 lane blocks) 0.60-0.70x the time, 2d-pointwise's (6.4 MB) 0.52-0.82x;
+    resnet-14's (1.6 MB, which L3 holds) ran 1.06-1.13x, so keeps one."""
+    if steps >= GEMM_CHUNK or broadcast_elements <= L3_ELEMENTS:
+        return 1
+    return min(lane_blocks, LANE_SET)
 
 
 def _l2_groups(coefficients, packed, block, width: int) -> int:
@@ -1659,6 +1694,9 @@ def task_split(piece: Piece, chosen: Plan, width: int | None) -> Split:
     lane_blocks = ("lane block", ceil_div(extent(chosen.lane), chosen.vectors * width))
     if chosen.chunking is not None:
         chunking = chosen.chunking
+        if chunking.lanes > 1:
+            lane_blocks = (f"set of {chunking.lanes} lane blocks",
+                           ceil_div(lane_blocks[1], chunking.lanes))
         groups = (f"group of {chosen.block.label}", ceil_div(extent(chosen.block),
                                                               chunking.group))
         return split([lane_blocks, groups] + ([("part", chunking.parts)]
@@ -2025,7 +2063,8 @@ def _describe_plan(piece: Piece, chosen: Plan) -> str:
         chunks = chosen.chunking
         packed = "" if chunks is None else \
             f" packed {chunks.rows * chunks.segment} summation steps at a time" + \
-            (f", the summation in {chunks.parts} parts" if chunks.parts > 1 else "")
+            (f", the summation in {chunks.parts} parts" if chunks.parts > 1 else "") + \
+            (f", {chunks.lanes} lane blocks per task in turn" if chunks.lanes > 1 else "")
         extra = "".join(f"; {c.array} copied" + (f" with axis {c.axis} innermost"
                                                   if c.axis is not None else "")
                         + (" with a zero halo" if c.halo else "")
