@@ -1342,19 +1342,18 @@ def _chunk_steps(coefficients, packed, index) -> int:
 
 LANE_SET = 8                # lane blocks a task runs chunk by chunk (see _lane_set) ...
 TILE_ELEMENTS = 1 << 16     # ... their tiles at most: 256 KiB of float32 per thread
-L3_ELEMENTS = 1 << 20       # a core's share of L3 in float32 (Zen 3: 32 MiB for 8 cores)
 
 
 def _lane_set(steps: int, lane_blocks: int, broadcast_elements: int) -> int:
     """Lane blocks per task of a chunked plan (Chunking.lanes).  Where a broadcast read's
-    steps crowd L2 (_chunk_steps cut the chunk) and its arrays outgrow a core's share of
-    L3, each lane-block task read every chunk's rows from memory again, lines 1-4 KiB
-    apart; LANE_SET lane blocks then share each chunk's rows while they are in L2.  AVX2,
-    Zen 3, by median of 11 with the caches emptied before each call (as the bench's other
-    kernels leave them), 1 and 2 threads: wav2vec-k3-s2's channels-last weight gradient (a
-    16 MB input, 32 lane blocks) 0.60-0.70x the time, 2d-pointwise's (6.4 MB) 0.52-0.82x;
-    resnet-14's (1.6 MB, which L3 holds) ran 1.06-1.13x, so keeps one."""
-    if steps >= GEMM_CHUNK or broadcast_elements <= L3_ELEMENTS:
+    steps crowd L2 (_chunk_steps cut the chunk) and its arrays are too large to stay in
+    cache (LANES_INSIDE_ELEMENTS), each lane-block task read every chunk's rows from memory
+    again, lines 1-4 KiB apart; LANE_SET lane blocks then share each chunk's rows while they
+    are in L2.  AVX2, Zen 3, by median of 11 with the caches emptied before each call (as
+    the bench's other kernels leave them), 1 and 2 threads: wav2vec-k3-s2's channels-last
+    weight gradient (a 16 MB input, 32 lane blocks) 0.60-0.70x the time, 2d-pointwise's
+    (6.4 MB) 0.52-0.82x; resnet-14's (1.6 MB, which L3 holds) ran 1.06-1.13x."""
+    if steps >= GEMM_CHUNK or broadcast_elements < LANES_INSIDE_ELEMENTS:
         return 1
     return min(lane_blocks, LANE_SET)
 
