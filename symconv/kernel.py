@@ -584,9 +584,10 @@ class Function:
         dtype, ctype, buffer = self.dtype, self._ctype, self._buffer
         pointers = []
         for name, array, expect in zip(self.args, arrays, expected):
-            # the common case in one expression; anything else gets the detailed checks
+            # the common case (a C-contiguous, aligned, writeable array) in one expression;
+            # anything else, a read-only array too, gets the detailed checks
             if array.__class__ is not np.ndarray or array.dtype is not dtype or \
-                    array.shape != expect or not (array.flags.c_contiguous and array.flags.aligned):
+                    array.shape != expect or not array.flags.carray:
                 if self._batched:
                     self._batch_of(arrays)      # arrays that disagree on the batch: say so
                 self._checked(name, array, expect)
@@ -594,13 +595,13 @@ class Function:
         if out is None:
             out = np.empty(shape, dtype)
         else:
-            flags = out.flags if out.__class__ is np.ndarray else None
-            if flags is None or out.dtype is not dtype or out.shape != shape or \
-                    not (flags.c_contiguous and flags.aligned and flags.writeable):
+            if out.__class__ is not np.ndarray or out.dtype is not dtype or \
+                    out.shape != shape or not out.flags.carray:
                 self._checked(f"out ({self.output})", out, shape, True)
+            viewed = out.base is not None
             for name, array in zip(self.args, arrays):
                 # two arrays that each own their memory cannot overlap unless they are one
-                if (array is out or out.base is not None or array.base is not None) and \
+                if (viewed or array is out or array.base is not None) and \
                         np.may_share_memory(out, array):
                     raise ValueError(f"{self.name}: out overlaps the input {name}")
         if batch is None:
@@ -626,6 +627,8 @@ class Kernel:
         self.path = Path(directory).resolve()
         self.manifest, self.record = _verified(self.path)   # the file as JSON, and typed
         self.variant = choose_variant(self.record, variant)
+        # an optional array the op lacks (a bias-free convolution's bias): forward takes None
+        self._optional = len(self.record.arguments) != len(self.record.inputs)
         try:
             extension = _import_extension(self.path, self.record)
             self.functions = {
@@ -702,7 +705,7 @@ class Kernel:
                 threads: int | None = None) -> np.ndarray:
         """The op's output for ``inputs``, in the order of ``self.inputs`` or of
         ``self.arguments`` (None in the place of an absent optional array)."""
-        if len(inputs) == len(self.arguments) != len(self.inputs):
+        if self._optional and len(inputs) == len(self.arguments):
             absent = [(a, v) for a, v in zip(self.arguments, inputs) if a not in self.inputs]
             for name, value in absent:
                 if value is not None:
