@@ -892,20 +892,20 @@ def _emit_chunked(e: _Emission) -> None:
     if parts == 1:
         tiles = f"sc_work + {worker} * {per_thread}"
         tile = tiles if lanes == 1 else f"{tiles} + (sc_lb - sc_ls * {lanes}) * {tile_size}"
-        panel = f"sc_tile + {tile_size}" if lanes == 1 else f"{tiles} + {lanes * tile_size}"
+        panel = f"{tiles} + {lanes * tile_size}"
         first, last = "0", every
     else:
         out.open(f"for (int64_t sc_part = 0; sc_part < {parts}; ++sc_part)")
         tile = f"sc_tiles + ((sc_lb * {groups} + sc_g) * {parts} + sc_part) * {tile_size}"
         panel = f"sc_work + {worker} * {per_thread}"
         first, last = (f"sc_part * ({every}) / {parts}", f"(sc_part + 1) * ({every}) / {parts}")
-    if not each_lane_block:
-        out.line(f"{ctype} *const sc_tile = {tile};")
     out.line(f"{ctype} *const sc_p{n.number} = {panel};")
     group_rows = (f"const int64_t sc_b0 = sc_g * {chunking.group}, "
                   f"sc_b1 = sc_min(sc_b0 + {chunking.group}, {extent(block)});")
     out.line(group_rows)
     declare = f"{ctype} *const sc_tile = {tile};"
+    if not each_lane_block:
+        out.line(declare)
     opened = _open_lane_blocks(out, each_lane_block, declare)
     out.line(f"for (int64_t sc_e = 0; sc_e < {tile_size}; ++sc_e) sc_tile[sc_e] = 0;")
     if opened:

@@ -1062,8 +1062,7 @@ def _lanes_inside(chosen: ChannelLanes, indices, width: int) -> ChannelLanes:
     if not _lane_order_open(chosen, indices, width):
         return chosen
     outer = [i for i in indices if i not in (chosen.lane, chosen.block)]
-    broadcast = sum(math.prod(int(d) for d in reads[0][1].base.shape)
-                    for reads in _broadcast_reads(chosen.nests, chosen.lane).values())
+    broadcast = _broadcast_elements(chosen.nests, chosen.lane)
     rows = broadcast // math.prod(extent(i) for i in outer)
     panels = ceil_div(extent(chosen.lane), chosen.vectors * width) * chosen.vectors * width * \
         depth(chosen.nests)
@@ -1153,6 +1152,12 @@ def _broadcast_reads(nests: Sequence[LoopNest], lane) -> dict[str, list]:
             if not any(lane in p.free_symbols for p in read.indices):
                 found.setdefault(str(read.base.label), []).append((nest, read))
     return found
+
+
+def _broadcast_elements(nests: Sequence[LoopNest], lane) -> int:
+    """Elements of the arrays the nests broadcast (see _broadcast_reads), each array once."""
+    return sum(math.prod(int(d) for d in reads[0][1].base.shape)
+               for reads in _broadcast_reads(nests, lane).values())
 
 
 def _halo(reads, free, shape) -> tuple[tuple[int, int], ...] | None:
@@ -1295,9 +1300,7 @@ def _chunked_channel_lanes(piece: Piece, reads, lane, vectors: int, span: int,
     chunks = ceil_div(math.prod(extent(loop.index) for loop in nest.loops[:-1]), chunk_rows) \
         * ceil_div(inner, segment)
     l2_groups = _l2_groups(coefficients, packed[0], block, span // vectors)
-    broadcast = {str(r.base.label): math.prod(int(d) for d in r.base.shape)
-                 for r, c in zip(read_list, coefficients) if c is not packed[0]}
-    lanes = _lane_set(steps, lane_blocks, sum(broadcast.values()))
+    lanes = _lane_set(steps, lane_blocks, _broadcast_elements([nest], lane))
     if lanes == 1:
         parts = max(1, min(ceil_div(GEMM_TASKS, lane_blocks), chunks))
         groups = min(blocks, max(ceil_div(GEMM_TASKS, lane_blocks * parts), l2_groups))
