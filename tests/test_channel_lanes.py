@@ -367,6 +367,38 @@ def test_no_copy_larger_than_its_share_of_the_products(compile_spec, monkeypatch
     assert [(c.array, c.axis) for c in chosen.copies] == [("a_input", 1)]
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_rows_only_the_next_task_reads_are_prefetched(threads, compile_spec, rng):
+    """A channels-first 1x1 layer's forward reads each input channel's row a few lines per
+    task, the channels 1120 bytes apart, and no tap reaches the next task's rows: at each
+    summation step it prefetches where the next row of outputs (i0 + 1: 28 elements on)
+    will read, and its input gradient likewise in grad_output.  A 3x3 layer's taps read
+    the next rows themselves; channels-last, a step moves one element: no prefetch."""
+    spec = ConvSpec((2, 64, 10, 28), (32, 64, 1, 1))
+    compiled = compiler.compilation(spec, "x86-64-v4")
+    for name, index, array in (("forward", "i_i0", "a_input"),
+                               ("grad_input", "i_j0", "a_grad_output")):
+        ((_, chosen),) = compiled.plans[name]
+        assert (str(chosen.prefetch.index), chosen.prefetch.arrays) == (index, (array,))
+        text = compiled.sources["x86-64-v4"].text.split(f"void symconv_{name}(")[1]
+        text = text.split("\nvoid ")[0]
+        (ahead,) = set(re.findall(r"__builtin_prefetch\(&(\w+)\[(.*?)\]\);", text))
+        assert ahead[0] == array and ahead[1].endswith(" + 28"), ahead
+    for other in (replace(spec, layout="channels_last"),
+                  ConvSpec((1, 16, 56, 56), (16, 16, 3, 3), padding=1)):
+        plans = compiler.compilation(other, "x86-64-v4").plans
+        assert all(c.prefetch is None for f in ("forward", "grad_input") for _, c in plans[f])
+    x, w, b, gy = random_arrays(spec, rng)
+    expected_y = conv_forward(x, w, b, *oracle_args(spec))
+    expected_x = conv_backward(x, w, gy, *oracle_args(spec))[0]
+    for kernel in runnable_variants(compile_spec(spec)):
+        where = kernel.variant.target
+        assert_close(kernel.forward(x, w, b, threads=threads), expected_y, spec.dtype,
+                     f"{where} forward")
+        got = kernel.backward(x, w, gy, wrt=["input"], threads=threads)[0]
+        assert_close(got, expected_x, spec.dtype, f"{where} grad_input")
+
+
 def _ring_elements(plan, spec) -> int:
     """Elements of one thread's rings in a plan."""
     shapes = {"a_input": spec.array_shape("input"), "a_grad_output": spec.array_shape("output")}

@@ -656,6 +656,7 @@ def _emit_products(e: _Emission, n: _Nest, accs, rows: int, guarded: bool, at: s
         return
     copies = {c.array: c for c in chosen.copies}
     per_row = tested or any(depends(p, block) for read in n.broadcast for p in read.indices)
+    _emit_prefetches(e, n)
     for r in range(rows):
         # each row's broadcast just before its products: the block's live registers stay
         # its accumulators, the panel's vectors and one broadcast
@@ -675,6 +676,19 @@ def _emit_products(e: _Emission, n: _Nest, accs, rows: int, guarded: bool, at: s
             acc = accs[r][v]
             out.line(f"{acc} = "
                      f"{simd.fma(scalar, weights[v], acc) if weights else simd.add(acc, scalar)};")
+
+
+def _emit_prefetches(e: _Emission, n: _Nest) -> None:
+    """The plan's Prefetch: where the nest's broadcast reads of its arrays will read at the
+    next value of its index (a hint: an address past an array's end does not fault)."""
+    prefetch = e.chosen.prefetch
+    if prefetch is None:
+        return
+    following = {prefetch.index: prefetch.index + 1}
+    for read in dict.fromkeys(n.broadcast):
+        if str(read.base.label) in prefetch.arrays:
+            ahead = read.xreplace(following)
+            e.out.line(f"__builtin_prefetch(&{ahead.base.label}[{flat_offset(ahead, None)}]);")
 
 
 def _read_text(read: sympy.Indexed, copies: dict[str, schedule.Copy],

@@ -142,7 +142,8 @@ class ChannelLanes:
     ``window`` makes the copies a few rows at a time per thread (see Window).
     ``lanes_inside``: each task (one value of the outer indices) runs every lane block in
     turn, so the rows its broadcast reads use stay in cache for all of them; otherwise a
-    task is one lane block's, whose panel stays in cache (see _lanes_inside)."""
+    task is one lane block's, whose panel stays in cache (see _lanes_inside).  A
+    ``prefetch`` fetches the next task's broadcast rows ahead (see Prefetch)."""
 
     lane: sympy.Idx
     block: sympy.Idx
@@ -156,6 +157,18 @@ class ChannelLanes:
     lanes_inside: bool = False
     task_copy: TaskCopy | None = None
     split: Split | None = None
+    prefetch: Prefetch | None = None
+
+
+@dataclass(frozen=True)
+class Prefetch:
+    """At each summation step, a prefetch of where each of ``arrays``' broadcast reads
+    will read at the next value of ``index``, the loop around the register blocks: the
+    next task's rows.  For arrays read in place whose every summation step lands on
+    another cache line (see _prefetched), which the hardware prefetcher does not follow."""
+
+    index: sympy.Idx
+    arrays: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -923,6 +936,8 @@ def _channel_lanes(piece: Piece, width: int, registers: int, most_vectors: int |
                                                      copies=copies,
                                                      transposed=piece.position[-1] == block),
                                         piece.indices, width), piece.indices, width)
+        if whole.window is None:
+            whole = _prefetched(whole, _around_blocks(whole, piece.indices))
         # a weight (packs less than it writes), or rows long enough to fill register blocks,
         # over a panel that stays in cache or that each element of is used often: a ResNet
         # layer at 14x14 with 256 channels has a weight larger than its output (each value
@@ -1070,6 +1085,46 @@ def _lanes_inside(chosen: ChannelLanes, indices, width: int) -> ChannelLanes:
             4 * panels > PANELS_INSIDE_BYTES:
         return chosen
     return replace(chosen, lanes_inside=True)
+
+
+def _prefetched(chosen: ChannelLanes, around: sympy.Idx | None) -> ChannelLanes:
+    """``chosen`` with a Prefetch of the arrays it broadcasts in place (not from a copy)
+    whose reads move a cache line or more per step of their nest's innermost loop, and
+    along ``around`` (the loop around the register blocks; None: there is none) to rows no
+    summation index reaches: rows that only the next task reads.  A 1x1 layer over 8 x 256
+    x 28² channels-first images reads 256 rows 3 KiB apart per block, a few lines of each
+    a task: prefetching the next task's took its forward from 3.3 to 2.0 ms and its input
+    gradient from 3.7 to 2.7 ms (AVX-512, 1 thread, caches emptied between calls).  Where
+    a tap reaches the next task's rows (3x3 layers, strided or not, without a copy), the
+    task reads them itself: measured, the prefetch changed nothing there."""
+    if around is None or chosen.chunking is not None:
+        return replace(chosen, prefetch=None)
+    copied = {c.array for c in chosen.copies} | \
+        ({chosen.task_copy.array} if chosen.task_copy is not None else set())
+    arrays = []
+    for name, reads in _broadcast_reads(chosen.nests, chosen.lane).items():
+        if name not in copied and all(_rows_ahead(nest, read, around) for nest, read in reads):
+            arrays.append(name)
+    return replace(chosen, prefetch=Prefetch(around, tuple(arrays)) if arrays else None)
+
+
+def _rows_ahead(nest: LoopNest, read: sympy.Indexed, around: sympy.Idx) -> bool:
+    """Whether ``read`` steps a cache line or more per step of the nest's innermost loop
+    and moves with ``around`` along an axis no loop of the nest moves it along."""
+    coefficients = flat_coefficients(read)
+    if not nest.loops or not coefficients or not coefficients.get(around):
+        return False
+    summed = {loop.index for loop in nest.loops}
+    return 4 * abs(coefficients.get(nest.loops[-1].index, 0)) >= LINE_BYTES and \
+        not any(around in p.free_symbols and p.free_symbols & summed for p in read.indices)
+
+
+def _around_blocks(chosen: ChannelLanes, indices, shared=()) -> sympy.Idx | None:
+    """The loop directly around a plan's register blocks (see channels._emit_blocks): the
+    last free index but the lane and the block, after the ``shared`` loops of phases run
+    together (channels.emit_channel_phases); None where there is none."""
+    outer = [*shared, *(i for i in indices if i not in (chosen.lane, chosen.block, *shared))]
+    return outer[-1] if outer else None
 
 
 def _lane_order_open(chosen: ChannelLanes, indices, width: int) -> bool:
@@ -1840,7 +1895,8 @@ def run_together(plans) -> list:
     if not shared or not isinstance(bare[0][1], ChannelLanes):
         return plans
     copy = _task_copy(bare, shared)
-    return [(p, replace(c, lanes_inside=True, task_copy=copy)) for p, c in bare]
+    together = [(p, replace(c, lanes_inside=True, task_copy=copy)) for p, c in bare]
+    return [(p, _prefetched(c, _around_blocks(c, p.indices, shared))) for p, c in together]
 
 
 TASK_COPY_ELEMENTS = 4096   # a task's part of an array copied per task: 16 KiB of float32
@@ -2076,6 +2132,9 @@ def _describe_plan(piece: Piece, chosen: Plan) -> str:
         window = chosen.window
         if chosen.lanes_inside:
             extra += "; every lane block in each task"
+        if chosen.prefetch is not None:
+            extra += (f"; the next {chosen.prefetch.index.label}'s rows of "
+                      f"{', '.join(chosen.prefetch.arrays)} prefetched")
         if chosen.task_copy is not None:
             extra += (f"; each task's part of {chosen.task_copy.array} "
                       f"({' x '.join(map(str, chosen.task_copy.shape))}) copied first")
