@@ -372,22 +372,29 @@ def test_rows_only_the_next_task_reads_are_prefetched(threads, compile_spec, rng
     """A channels-first 1x1 layer's forward reads each input channel's row a few lines per
     task, the channels 1120 bytes apart, and no tap reaches the next task's rows: at each
     summation step it prefetches where the next row of outputs (i0 + 1: 28 elements on)
-    will read, and its input gradient likewise in grad_output.  A 3x3 layer's taps read
-    the next rows themselves; channels-last, a step moves one element: no prefetch."""
+    will read, and as each lane stores its 28 outputs, where it will store next (for
+    writing); its input gradient likewise in grad_output and grad_input.  A 3x3 layer's
+    taps read the next rows themselves; channels-last, a step moves one element; a stride's
+    phases run their next rows on the other thread as often as not: no prefetch."""
     spec = ConvSpec((2, 64, 10, 28), (32, 64, 1, 1))
     compiled = compiler.compilation(spec, "x86-64-v4")
-    for name, index, array in (("forward", "i_i0", "a_input"),
-                               ("grad_input", "i_j0", "a_grad_output")):
+    for name, index, array, output in (("forward", "i_i0", "a_input", "a_output"),
+                                       ("grad_input", "i_j0", "a_grad_output", "a_grad_input")):
         ((_, chosen),) = compiled.plans[name]
-        assert (str(chosen.prefetch.index), chosen.prefetch.arrays) == (index, (array,))
+        prefetch = chosen.prefetch
+        assert (str(prefetch.index), prefetch.arrays, prefetch.output) == (index, (array,), True)
         text = compiled.sources["x86-64-v4"].text.split(f"void symconv_{name}(")[1]
         text = text.split("\nvoid ")[0]
-        (ahead,) = set(re.findall(r"__builtin_prefetch\(&(\w+)\[(.*?)\]\);", text))
-        assert ahead[0] == array and ahead[1].endswith(" + 28"), ahead
-    for other in (replace(spec, layout="channels_last"),
-                  ConvSpec((1, 16, 56, 56), (16, 16, 3, 3), padding=1)):
+        ahead = set(re.findall(r"__builtin_prefetch\(&(\w+)\[.*? \+ 28\](, 1)?\);", text))
+        assert ahead == {(array, ""), (output, ", 1")}, ahead
+        assert text.count("__builtin_prefetch") == 2        # no edge blocks: no padding
+    for other, names in ((replace(spec, layout="channels_last"), ("forward", "grad_input")),
+                         (ConvSpec((1, 16, 56, 56), (16, 16, 3, 3), padding=1),
+                          ("forward", "grad_input")),
+                         (ConvSpec((2, 32, 16, 28), (64, 32, 3, 3), stride=2, padding=1),
+                          ("grad_input",))):
         plans = compiler.compilation(other, "x86-64-v4").plans
-        assert all(c.prefetch is None for f in ("forward", "grad_input") for _, c in plans[f])
+        assert all(getattr(c, "prefetch", None) is None for f in names for _, c in plans[f])
     x, w, b, gy = random_arrays(spec, rng)
     expected_y = conv_forward(x, w, b, *oracle_args(spec))
     expected_x = conv_backward(x, w, gy, *oracle_args(spec))[0]

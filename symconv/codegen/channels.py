@@ -691,6 +691,15 @@ def _emit_prefetches(e: _Emission, n: _Nest) -> None:
             e.out.line(f"__builtin_prefetch(&{ahead.base.label}[{flat_offset(ahead, None)}]);")
 
 
+def _emit_output_prefetch(e: _Emission, offset: sympy.Expr) -> None:
+    """Where the plan's Prefetch takes the output: in a lane's store, a prefetch for
+    writing of its first element at the next value of the Prefetch's index."""
+    prefetch = e.chosen.prefetch
+    if prefetch is not None and prefetch.output:
+        ahead = sympy.expand(offset.xreplace({prefetch.index: prefetch.index + 1}))
+        e.out.line(f"__builtin_prefetch(&{e.fn.output.name}[{c_affine(ahead)}], 1);")
+
+
 def _read_text(read: sympy.Indexed, copies: dict[str, schedule.Copy],
                task_copy: schedule.TaskCopy | None = None) -> str:
     """A broadcast read, from its copy if the plan made one (see _read_place)."""
@@ -786,6 +795,7 @@ def _emit_tile_store(e: _Emission, rows: int, tile: str, added: Sequence[_Nest] 
     out.open("for (int64_t sc_l = 0; sc_l < sc_lanes; ++sc_l)")
     out.line(f"const int64_t {lane.label} = sc_lb * {span} + sc_l;")
     offset = output_offset(fn, e.piece)
+    _emit_output_prefetch(e, offset)
     terms = "".join(f" + sc_p{n.number}[sc_l]" for n in added)
     for r in range(rows):
         at = c_affine(sympy.expand(offset.xreplace({block: block + r})))
@@ -850,6 +860,7 @@ def _emit_transposed_store(e: _Emission, accs, added: Sequence[_Nest]) -> None:
     if terms:
         out.line(f"const {simd.vec} sc_add = {simd.set1(terms)};")
     offset = output_offset(fn, e.piece)
+    _emit_output_prefetch(e, offset)
     for g in range(groups):
         value = simd.load(f"sc_lines + sc_l * {padded} + {g * width}", 1, None)
         if terms:

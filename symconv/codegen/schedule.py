@@ -164,11 +164,14 @@ class ChannelLanes:
 class Prefetch:
     """At each summation step, a prefetch of where each of ``arrays``' broadcast reads
     will read at the next value of ``index``, the loop around the register blocks: the
-    next task's rows.  For arrays read in place whose every summation step lands on
-    another cache line (see _prefetched), which the hardware prefetcher does not follow."""
+    next task's rows; with ``output``, as each lane stores its part of a block, a prefetch
+    for writing of where it will store at the next value.  For rows read in place whose
+    every summation step lands on another cache line, and lanes a line or more apart in
+    the output (see _prefetched): streams the hardware prefetcher does not follow."""
 
     index: sympy.Idx
     arrays: tuple[str, ...]
+    output: bool = False
 
 
 @dataclass(frozen=True)
@@ -936,8 +939,6 @@ def _channel_lanes(piece: Piece, width: int, registers: int, most_vectors: int |
                                                      copies=copies,
                                                      transposed=piece.position[-1] == block),
                                         piece.indices, width), piece.indices, width)
-        if whole.window is None:
-            whole = _prefetched(whole, _around_blocks(whole, piece.indices))
         # a weight (packs less than it writes), or rows long enough to fill register blocks,
         # over a panel that stays in cache or that each element of is used often: a ResNet
         # layer at 14x14 with 256 channels has a weight larger than its output (each value
@@ -1087,16 +1088,37 @@ def _lanes_inside(chosen: ChannelLanes, indices, width: int) -> ChannelLanes:
     return replace(chosen, lanes_inside=True)
 
 
-def _prefetched(chosen: ChannelLanes, around: sympy.Idx | None) -> ChannelLanes:
+SHORT_STORE_BYTES = 2 * LINE_BYTES   # a lane's stores per task that the hardware won't follow
+
+
+def prefetched(plans, shape: Sequence[int]) -> list:
+    """A function's (piece, plan) list, each channel-lane plan with the Prefetch
+    _prefetched finds for it (``shape``: the output's); but a window's, whose tasks copy
+    their rows, and a stride phase's, whose next task is often the other thread's:
+    2d-32-s2's input gradient took 1.02-1.04x (AVX-512) and 1.15x (AVX2) the time at 2
+    threads with its phases' next rows prefetched, 0.99-1.0x at 1."""
+    return [(p, _prefetched(c, _around_blocks(c, p.indices), p.position, shape))
+            if isinstance(c, ChannelLanes) and c.window is None and not p.note else (p, c)
+            for p, c in plans]
+
+
+def _prefetched(chosen: ChannelLanes, around: sympy.Idx | None, position,
+                shape: Sequence[int]) -> ChannelLanes:
     """``chosen`` with a Prefetch of the arrays it broadcasts in place (not from a copy)
     whose reads move a cache line or more per step of their nest's innermost loop, and
     along ``around`` (the loop around the register blocks; None: there is none) to rows no
-    summation index reaches: rows that only the next task reads.  A 1x1 layer over 8 x 256
-    x 28² channels-first images reads 256 rows 3 KiB apart per block, a few lines of each
-    a task: prefetching the next task's took its forward from 3.3 to 2.0 ms and its input
-    gradient from 3.7 to 2.7 ms (AVX-512, 1 thread, caches emptied between calls).  Where
-    a tap reaches the next task's rows (3x3 layers, strided or not, without a copy), the
-    task reads them itself: measured, the prefetch changed nothing there."""
+    summation index reaches: rows that only the next task reads; and of its output (of
+    ``shape``, at ``position``) where each lane stores a few lines of its own per task
+    (SHORT_STORE_BYTES).  A 1x1 layer over 8 x 256 x 28²
+    channels-first images reads 256 rows 3 KiB apart per block, a few lines of each a
+    task; its input gradient stores 32 such rows per block.  Prefetching the next task's
+    rows took its forward from 3.3 to 2.0 ms and its input gradient from 3.7 to 2.7 ms
+    (AVX-512, 1 thread, caches emptied between calls); its output's lines too, the input
+    gradient from 4.1 to 2.0 ms (that harness with the output dirty in memory, as in the
+    bench).  Where a tap reaches the next task's rows (3x3 layers, strided or not, without
+    a copy), the task reads them itself: measured, the prefetch changed nothing there.  A
+    stem's output rows (112 positions, 7 lines a lane) the hardware follows: prefetched,
+    its forward took 1.09x the time at 2 threads (the other thread's next rows)."""
     if around is None or chosen.chunking is not None:
         return replace(chosen, prefetch=None)
     copied = {c.array for c in chosen.copies} | \
@@ -1105,7 +1127,12 @@ def _prefetched(chosen: ChannelLanes, around: sympy.Idx | None) -> ChannelLanes:
     for name, reads in _broadcast_reads(chosen.nests, chosen.lane).items():
         if name not in copied and all(_rows_ahead(nest, read, around) for nest, read in reads):
             arrays.append(name)
-    return replace(chosen, prefetch=Prefetch(around, tuple(arrays)) if arrays else None)
+    stored = flat_coefficients(sympy.IndexedBase("out", shape=tuple(shape))[tuple(position)])
+    output = bool(stored and stored.get(around)) and \
+        4 * abs(stored.get(chosen.lane, 0)) >= LINE_BYTES and \
+        4 * extent(chosen.block) * abs(stored.get(chosen.block, 0)) <= SHORT_STORE_BYTES
+    return replace(chosen, prefetch=Prefetch(around, tuple(arrays), output)
+                   if arrays or output else None)
 
 
 def _rows_ahead(nest: LoopNest, read: sympy.Indexed, around: sympy.Idx) -> bool:
@@ -1119,11 +1146,10 @@ def _rows_ahead(nest: LoopNest, read: sympy.Indexed, around: sympy.Idx) -> bool:
         not any(around in p.free_symbols and p.free_symbols & summed for p in read.indices)
 
 
-def _around_blocks(chosen: ChannelLanes, indices, shared=()) -> sympy.Idx | None:
+def _around_blocks(chosen: ChannelLanes, indices) -> sympy.Idx | None:
     """The loop directly around a plan's register blocks (see channels._emit_blocks): the
-    last free index but the lane and the block, after the ``shared`` loops of phases run
-    together (channels.emit_channel_phases); None where there is none."""
-    outer = [*shared, *(i for i in indices if i not in (chosen.lane, chosen.block, *shared))]
+    last free index but the lane and the block; None where there is none."""
+    outer = [i for i in indices if i not in (chosen.lane, chosen.block)]
     return outer[-1] if outer else None
 
 
@@ -1825,11 +1851,11 @@ def arrange(fn: IndexSum, width: int | None, registers: int = 16,
             choice: str | None = None, transposes: bool = False) -> Arrangement:
     """Every piece of ``fn``'s output with its plan (see plan; ``choice`` where it fits),
     the output staged where it pays (staged), the stride phases inside the loops they share
-    (run_together), and how each goes to threads (Split): all a C printer needs to
-    decide."""
+    (run_together), the rows prefetched where the hardware would not (prefetched), and how
+    each goes to threads (Split): all a C printer needs to decide."""
     plans = staged([(piece, plan(piece, width, registers, choice, transposes))
                     for piece in pieces(fn)], fn.output.shape, choice)
-    plans = run_together(plans)
+    plans = prefetched(run_together(plans), fn.output.shape)
     shared = shared_loops(plans)
     if shared:
         together = Arrangement(tuple(plans), shared)
@@ -1895,8 +1921,7 @@ def run_together(plans) -> list:
     if not shared or not isinstance(bare[0][1], ChannelLanes):
         return plans
     copy = _task_copy(bare, shared)
-    together = [(p, replace(c, lanes_inside=True, task_copy=copy)) for p, c in bare]
-    return [(p, _prefetched(c, _around_blocks(c, p.indices, shared))) for p, c in together]
+    return [(p, replace(c, lanes_inside=True, task_copy=copy)) for p, c in bare]
 
 
 TASK_COPY_ELEMENTS = 4096   # a task's part of an array copied per task: 16 KiB of float32
@@ -2133,8 +2158,9 @@ def _describe_plan(piece: Piece, chosen: Plan) -> str:
         if chosen.lanes_inside:
             extra += "; every lane block in each task"
         if chosen.prefetch is not None:
+            ahead = [*chosen.prefetch.arrays, *(["the output"] * chosen.prefetch.output)]
             extra += (f"; the next {chosen.prefetch.index.label}'s rows of "
-                      f"{', '.join(chosen.prefetch.arrays)} prefetched")
+                      f"{' and '.join(ahead)} prefetched")
         if chosen.task_copy is not None:
             extra += (f"; each task's part of {chosen.task_copy.array} "
                       f"({' x '.join(map(str, chosen.task_copy.shape))}) copied first")
