@@ -373,9 +373,11 @@ def test_rows_only_the_next_task_reads_are_prefetched(threads, compile_spec, rng
     task, the channels 1120 bytes apart, and no tap reaches the next task's rows: at each
     summation step it prefetches where the next row of outputs (i0 + 1: 28 elements on)
     will read, and as each lane stores its 28 outputs, where it will store next (for
-    writing); its input gradient likewise in grad_output and grad_input.  A 3x3 layer's
-    taps read the next rows themselves; channels-last, a step moves one element; a stride's
-    phases run their next rows on the other thread as often as not: no prefetch."""
+    writing); its input gradient likewise in grad_output and grad_input; output lanes
+    prefetch the rows their vectors read.  A 3x3 layer's taps read the next rows
+    themselves; channels-last, a step moves one element; a stride's phases run their next
+    rows on the other thread as often as not; a depthwise layer's one output channel per
+    group is no loop: no prefetch."""
     spec = ConvSpec((2, 64, 10, 28), (32, 64, 1, 1))
     compiled = compiler.compilation(spec, "x86-64-v4")
     for name, index, array, output in (("forward", "i_i0", "a_input", "a_output"),
@@ -392,18 +394,31 @@ def test_rows_only_the_next_task_reads_are_prefetched(threads, compile_spec, rng
                          (ConvSpec((1, 16, 56, 56), (16, 16, 3, 3), padding=1),
                           ("forward", "grad_input")),
                          (ConvSpec((2, 32, 16, 28), (64, 32, 3, 3), stride=2, padding=1),
-                          ("grad_input",))):
+                          ("grad_input",)),
+                         (ConvSpec((2, 64, 10, 28), (64, 1, 3, 3), padding=1, groups=64,
+                                   layout="channels_last"), ("forward", "grad_bias"))):
         plans = compiler.compilation(other, "x86-64-v4").plans
         assert all(getattr(c, "prefetch", None) is None for f in names for _, c in plans[f])
-    x, w, b, gy = random_arrays(spec, rng)
-    expected_y = conv_forward(x, w, b, *oracle_args(spec))
-    expected_x = conv_backward(x, w, gy, *oracle_args(spec))[0]
-    for kernel in runnable_variants(compile_spec(spec)):
-        where = kernel.variant.target
-        assert_close(kernel.forward(x, w, b, threads=threads), expected_y, spec.dtype,
-                     f"{where} forward")
-        got = kernel.backward(x, w, gy, wrt=["input"], threads=threads)[0]
-        assert_close(got, expected_x, spec.dtype, f"{where} grad_input")
+    # 24 output channels: output lanes along the rows, whose vectors read 48 channels'
+    # rows in place; they prefetch those, not their output (a vector store per row)
+    lanes = ConvSpec((2, 48, 10, 28), (24, 48, 1, 1))
+    ((_, chosen),) = compiler.compilation(lanes, "x86-64-v4").plans["forward"]
+    assert isinstance(chosen, schedule.OutputLanes)
+    assert chosen.prefetch == schedule.Prefetch(chosen.prefetch.index, ("a_input",), False)
+    assert str(chosen.prefetch.index) == "i_i0"
+    text = compiler.compilation(lanes, "x86-64-v4").sources["x86-64-v4"].text
+    assert re.findall(r"__builtin_prefetch\(&a_input\[.*? \+ 28\]\);",
+                      text.split("void symconv_forward(")[1].split("\nvoid ")[0])
+    for checked in (spec, lanes):
+        x, w, b, gy = random_arrays(checked, rng)
+        expected_y = conv_forward(x, w, b, *oracle_args(checked))
+        expected_x = conv_backward(x, w, gy, *oracle_args(checked))[0]
+        for kernel in runnable_variants(compile_spec(checked)):
+            where = kernel.variant.target
+            assert_close(kernel.forward(x, w, b, threads=threads), expected_y, checked.dtype,
+                         f"{where} forward")
+            got = kernel.backward(x, w, gy, wrt=["input"], threads=threads)[0]
+            assert_close(got, expected_x, checked.dtype, f"{where} grad_input")
 
 
 def _ring_elements(plan, spec) -> int:

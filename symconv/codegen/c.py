@@ -129,6 +129,12 @@ def _index_name(index) -> str:
     return label.name if isinstance(label, sympy.Symbol) else str(label)
 
 
+def prefetch_line(array: str, offset: str, write: bool = False) -> str:
+    """A prefetch hint for ``array[offset]`` (for writing, with ``write``): an address past
+    the array's end does not fault."""
+    return f"__builtin_prefetch(&{array}[{offset}]{', 1' if write else ''});"
+
+
 def flat_offset(access: sympy.Indexed, last: int | None = None) -> str:
     """C-order offset of an access, its integer parts folded into one affine expression;
     with ``last``, the offset in a copy of the array with that axis moved innermost."""

@@ -27,7 +27,7 @@ from ..symbolic.lowering import LoopNest, nest_box
 from . import schedule
 from .c import (C_TYPES, BodyPrinter, CopyPart, Writer, bound_text, c_affine, c_nonnegative,
                 condition_text, emit_copy, emit_finite_scan, emit_scalar_piece, flat_offset,
-                moved_last_strides, output_offset, parallel)
+                moved_last_strides, output_offset, parallel, prefetch_line)
 from .isa import Simd
 from .schedule import copy_name, extent, in_range_exprs
 from .vector import block_runs, depends, interior, number_text, over_lanes
@@ -688,7 +688,7 @@ def _emit_prefetches(e: _Emission, n: _Nest) -> None:
     for read in dict.fromkeys(n.broadcast):
         if str(read.base.label) in prefetch.arrays:
             ahead = read.xreplace(following)
-            e.out.line(f"__builtin_prefetch(&{ahead.base.label}[{flat_offset(ahead, None)}]);")
+            e.out.line(prefetch_line(str(ahead.base.label), flat_offset(ahead)))
 
 
 def _emit_output_prefetch(e: _Emission, offset: sympy.Expr) -> None:
@@ -697,7 +697,7 @@ def _emit_output_prefetch(e: _Emission, offset: sympy.Expr) -> None:
     prefetch = e.chosen.prefetch
     if prefetch is not None and prefetch.output:
         ahead = sympy.expand(offset.xreplace({prefetch.index: prefetch.index + 1}))
-        e.out.line(f"__builtin_prefetch(&{e.fn.output.name}[{c_affine(ahead)}], 1);")
+        e.out.line(prefetch_line(e.fn.output.name, c_affine(ahead), write=True))
 
 
 def _read_text(read: sympy.Indexed, copies: dict[str, schedule.Copy],

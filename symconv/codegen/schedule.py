@@ -90,7 +90,8 @@ read from a copy with the lane's axis innermost (filled before the blocks run). 
     of each row loading its own for every tap.  A ``stage`` holds each task's output in L1
     until the task has written all of it (see Stage).  ``finite`` arrays are checked for
     NaN and infinity before the blocks run (where one holds any, the plain nests run
-    instead): see _finite_factors."""
+    instead): see _finite_factors.  A ``prefetch`` fetches the next task's rows of the
+    vector reads ahead (see Prefetch)."""
 
     lane: sympy.Idx
     block: sympy.Idx | None
@@ -103,6 +104,7 @@ read from a copy with the lane's axis innermost (filled before the blocks run). 
     stage: "Stage | None" = None
     finite: tuple[str, ...] = ()
     split: Split | None = None
+    prefetch: Prefetch | None = None
 
 
 @dataclass(frozen=True)
@@ -162,10 +164,11 @@ class ChannelLanes:
 
 @dataclass(frozen=True)
 class Prefetch:
-    """At each summation step, a prefetch of where each of ``arrays``' broadcast reads
-    will read at the next value of ``index``, the loop around the register blocks: the
-    next task's rows; with ``output``, as each lane stores its part of a block, a prefetch
-    for writing of where it will store at the next value.  For rows read in place whose
+    """At each summation step, a prefetch of where each of ``arrays``' reads (a channel-lane
+    plan's broadcasts, an output-lane plan's vectors) will read at the next value of
+    ``index``, the loop around the register blocks: the next task's rows; with ``output``
+    (channel lanes), as each lane stores its part of a block, a prefetch for writing of
+    where it will store at the next value.  For rows read in place whose
     every summation step lands on another cache line, and lanes a line or more apart in
     the output (see _prefetched): streams the hardware prefetcher does not follow."""
 
@@ -1092,47 +1095,66 @@ SHORT_STORE_BYTES = 2 * LINE_BYTES   # a lane's stores per task that the hardwar
 
 
 def prefetched(plans, shape: Sequence[int]) -> list:
-    """A function's (piece, plan) list, each channel-lane plan with the Prefetch
-    _prefetched finds for it (``shape``: the output's); but a window's, whose tasks copy
-    their rows, and a stride phase's, whose next task is often the other thread's:
-    2d-32-s2's input gradient took 1.02-1.04x (AVX-512) and 1.15x (AVX2) the time at 2
-    threads with its phases' next rows prefetched, 0.99-1.0x at 1."""
+    """A function's (piece, plan) list, each channel-lane and output-lane plan with the
+    Prefetch _prefetched finds for it (``shape``: the output's); but a channel-lane
+    window's, whose tasks copy their rows, and a stride phase's, whose next task is often
+    the other thread's: 2d-32-s2's input gradient took 1.02-1.04x (AVX-512) and 1.15x
+    (AVX2) the time at 2 threads with its phases' next rows prefetched, 0.99-1.0x at 1."""
     return [(p, _prefetched(c, _around_blocks(c, p.indices), p.position, shape))
-            if isinstance(c, ChannelLanes) and c.window is None and not p.note else (p, c)
+            if isinstance(c, (ChannelLanes, OutputLanes)) and not p.note and
+            getattr(c, "chunking", None) is None and c.window is None else (p, c)
             for p, c in plans]
 
 
-def _prefetched(chosen: ChannelLanes, around: sympy.Idx | None, position,
-                shape: Sequence[int]) -> ChannelLanes:
-    """``chosen`` with a Prefetch of the arrays it broadcasts in place (not from a copy)
-    whose reads move a cache line or more per step of their nest's innermost loop, and
-    along ``around`` (the loop around the register blocks; None: there is none) to rows no
-    summation index reaches: rows that only the next task reads; and of its output (of
-    ``shape``, at ``position``) where each lane stores a few lines of its own per task
-    (SHORT_STORE_BYTES).  A 1x1 layer over 8 x 256 x 28²
-    channels-first images reads 256 rows 3 KiB apart per block, a few lines of each a
-    task; its input gradient stores 32 such rows per block.  Prefetching the next task's
-    rows took its forward from 3.3 to 2.0 ms and its input gradient from 3.7 to 2.7 ms
-    (AVX-512, 1 thread, caches emptied between calls); its output's lines too, the input
-    gradient from 4.1 to 2.0 ms (that harness with the output dirty in memory, as in the
-    bench).  Where a tap reaches the next task's rows (3x3 layers, strided or not, without
-    a copy), the task reads them itself: measured, the prefetch changed nothing there.  A
-    stem's output rows (112 positions, 7 lines a lane) the hardware follows: prefetched,
-    its forward took 1.09x the time at 2 threads (the other thread's next rows)."""
-    if around is None or chosen.chunking is not None:
+def _prefetched(chosen: ChannelLanes | OutputLanes, around: sympy.Idx | None, position,
+                shape: Sequence[int]) -> ChannelLanes | OutputLanes:
+    """``chosen`` with a Prefetch of the arrays it reads in place (not from a copy), a
+    scalar per step (channel lanes) or a vector (output lanes), whose reads move a cache
+    line or more per step of their nest's innermost loop, and along ``around`` (the loop
+    around the register blocks; None: there is none) to rows no summation index reaches:
+    rows that only the next task reads.  Channel lanes prefetch their output (of
+    ``shape``, at ``position``) too where each lane stores a few lines of its own per
+    task (SHORT_STORE_BYTES).  A 1x1 layer over 8 x 256 x 28² channels-first images reads
+    256 rows 3 KiB apart per block, a few lines of each a task; its input gradient stores
+    32 such rows per block.  Prefetching the next task's rows took its forward from 3.3 to
+    2.0 ms and its input gradient from 3.7 to 2.7 ms (AVX-512, 1 thread, caches emptied
+    between calls); its output's lines too, the input gradient from 4.1 to 2.0 ms (that
+    harness with the output dirty in memory, as in the bench).  The output lanes of a 1x1
+    layer 144 -> 24 (28 positions a row): its forward from 1.13 to 0.55 ms, 0.60x at 2
+    threads; prefetching its output rows as well took 1.1x that.  Where a tap reaches the
+    next task's rows (3x3 layers, strided or not, without a copy), the task reads them
+    itself: measured, the prefetch changed nothing there.  A stem's output rows (112
+    positions, 7 lines a lane) the hardware follows: prefetched, its forward took 1.09x the
+    time at 2 threads (the other thread's next rows)."""
+    if around is None:
         return replace(chosen, prefetch=None)
-    copied = {c.array for c in chosen.copies} | \
-        ({chosen.task_copy.array} if chosen.task_copy is not None else set())
-    arrays = []
-    for name, reads in _broadcast_reads(chosen.nests, chosen.lane).items():
-        if name not in copied and all(_rows_ahead(nest, read, around) for nest, read in reads):
-            arrays.append(name)
+    copied = {name for c in chosen.copies for name in (c.array, copy_name(c.array))}
+    if isinstance(chosen, ChannelLanes):
+        if chosen.task_copy is not None:
+            copied.add(chosen.task_copy.array)
+        read = _broadcast_reads(chosen.nests, chosen.lane)
+    else:
+        read = {}
+        for nest in chosen.nests:
+            for access in accesses(nest.body):
+                if any(chosen.lane in p.free_symbols for p in access.indices):
+                    read.setdefault(str(access.base.label), []).append((nest, access))
+    arrays = tuple(name for name, reads in read.items() if name not in copied and
+                   all(_rows_ahead(nest, access, around) for nest, access in reads))
+    output = isinstance(chosen, ChannelLanes) and _short_stores(chosen, around, position, shape)
+    return replace(chosen, prefetch=Prefetch(around, arrays, output)
+                   if arrays or output else None)
+
+
+def _short_stores(chosen: ChannelLanes, around: sympy.Idx, position,
+                  shape: Sequence[int]) -> bool:
+    """Whether each lane of ``chosen`` stores its own lines of the output (of ``shape``, at
+    ``position``), at most SHORT_STORE_BYTES of them per task, and the next task's
+    elsewhere (along ``around``)."""
     stored = flat_coefficients(sympy.IndexedBase("out", shape=tuple(shape))[tuple(position)])
-    output = bool(stored and stored.get(around)) and \
+    return bool(stored and stored.get(around)) and \
         4 * abs(stored.get(chosen.lane, 0)) >= LINE_BYTES and \
         4 * extent(chosen.block) * abs(stored.get(chosen.block, 0)) <= SHORT_STORE_BYTES
-    return replace(chosen, prefetch=Prefetch(around, tuple(arrays), output)
-                   if arrays or output else None)
 
 
 def _rows_ahead(nest: LoopNest, read: sympy.Indexed, around: sympy.Idx) -> bool:
@@ -1146,10 +1168,11 @@ def _rows_ahead(nest: LoopNest, read: sympy.Indexed, around: sympy.Idx) -> bool:
         not any(around in p.free_symbols and p.free_symbols & summed for p in read.indices)
 
 
-def _around_blocks(chosen: ChannelLanes, indices) -> sympy.Idx | None:
-    """The loop directly around a plan's register blocks (see channels._emit_blocks): the
-    last free index but the lane and the block; None where there is none."""
-    outer = [i for i in indices if i not in (chosen.lane, chosen.block)]
+def _around_blocks(chosen: ChannelLanes | OutputLanes, indices) -> sympy.Idx | None:
+    """The innermost loop around a plan's register blocks with more than one value (see
+    channels._emit_blocks, vector.emit_output_lanes): the last such free index but the
+    lane and the block; None where there is none."""
+    outer = [i for i in indices if i not in (chosen.lane, chosen.block) and extent(i) > 1]
     return outer[-1] if outer else None
 
 
@@ -2157,10 +2180,7 @@ def _describe_plan(piece: Piece, chosen: Plan) -> str:
         window = chosen.window
         if chosen.lanes_inside:
             extra += "; every lane block in each task"
-        if chosen.prefetch is not None:
-            ahead = [*chosen.prefetch.arrays, *(["the output"] * chosen.prefetch.output)]
-            extra += (f"; the next {chosen.prefetch.index.label}'s rows of "
-                      f"{' and '.join(ahead)} prefetched")
+        extra += _describe_prefetch(chosen.prefetch)
         if chosen.task_copy is not None:
             extra += (f"; each task's part of {chosen.task_copy.array} "
                       f"({' x '.join(map(str, chosen.task_copy.shape))}) copied first")
@@ -2184,6 +2204,7 @@ def _describe_plan(piece: Piece, chosen: Plan) -> str:
                        f"streamed out")
         if chosen.finite:
             copied += f"; {', '.join(chosen.finite)} checked finite, edge products fused"
+        copied += _describe_prefetch(chosen.prefetch)
         return (f"{where}vector lanes along {chosen.lane.label} "
                 f"({_count(chosen.vectors, 'vector')}"
                 f"{rows} per register block{copied})")
@@ -2191,6 +2212,13 @@ def _describe_plan(piece: Piece, chosen: Plan) -> str:
         rows = " x ".join(f"{rows} {u.label}" for u, rows in chosen.blocks)
         return f"{where}partial sums in lanes along {chosen.lane.label}, blocks of {rows}"
     return f"{where}scalar loops"
+
+
+def _describe_prefetch(prefetch: Prefetch | None) -> str:
+    if prefetch is None:
+        return ""
+    ahead = [*prefetch.arrays, *(["the output"] * prefetch.output)]
+    return f"; the next {prefetch.index.label}'s rows of {' and '.join(ahead)} prefetched"
 
 
 BATCH_RUNS = {

@@ -16,7 +16,7 @@ from ..symbolic.lowering import Bound, LoopNest, nest_box, value_range
 from . import schedule
 from .schedule import in_range_exprs
 from .c import (C_TYPES, Writer, bound_text, c_affine, c_nonnegative, condition_text, emit_copy,
-                fold, omp_parallel, output_offset, parallel, threads)
+                fold, omp_parallel, output_offset, parallel, prefetch_line, threads)
 from .isa import Simd
 
 def depends(expr, symbol) -> bool:
@@ -586,6 +586,7 @@ def _accumulate_output_lanes(b: _Block, reads: _Reads, loads, domain, box) -> No
             # a read that depends on the rows loads its vectors per row (schedule: rows along
             # an index the lane reads use, a depthwise layer's channels)
             rowed = block is not None and depends(offset, block)
+            _emit_prefetch(b, name, offset.xreplace({block: row_vars[0]} if rowed else {}))
             for r in range(rows) if rowed else [None]:
                 here = {block: row_vars[r]} if r is not None else {}
                 test = " && ".join(c_nonnegative(scalar_checks, here))
@@ -614,6 +615,16 @@ def _accumulate_output_lanes(b: _Block, reads: _Reads, loads, domain, box) -> No
             if skips[r]:
                 total = f"({' && '.join(skips[r])}) ? {total} : {acc}"
             out.line(f"{acc} = {total};")
+
+
+def _emit_prefetch(b: _Block, name: str, offset: sympy.Expr) -> None:
+    """Where the plan's Prefetch takes array ``name``: a prefetch of where its read at
+    ``offset`` (the first vector's) will read at the next value of the Prefetch's index."""
+    prefetch = b.chosen.prefetch
+    if prefetch is not None and name in prefetch.arrays:
+        ahead = offset.xreplace({b.chosen.lane: b.lane_at[0],
+                                 prefetch.index: prefetch.index + 1})
+        b.out.line(prefetch_line(name, c_affine(sympy.expand(ahead))))
 
 
 def _accumulate_window(b: _Block, reads: _Reads, loads, domain, box) -> None:
