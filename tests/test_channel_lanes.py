@@ -278,25 +278,29 @@ def test_a_large_panel_is_packed_whole_only_where_its_values_are_used_often():
     assert plan(replace(stem, input_shape=(None, 3, 64, 64)), "grad_weight").chunking is None
 
 
-def test_a_short_summation_stores_along_the_rows(compile_spec, rng):
-    """A 1x1 layer 16 -> 96 channels: its input gradient sums 16 products per output, and
-    channel lanes would store each output through a tile, lane by lane; with AVX-512 it
-    runs output lanes (estimated cheaper, and its reads do not move with a tap), a 3x3
-    layer's keeps channel lanes; both against the oracle."""
-    pointwise = ConvSpec((2, 96, 12, 16), (16, 96, 1, 1))
-    kinds = {name: [type(c) for _, c in plans] for name, plans in
-             compiler.compilation(pointwise, "x86-64-v4").plans.items()}
-    assert kinds["grad_input"] == [schedule.OutputLanes], kinds
-    assert _compiled(pointwise).plans["grad_input"][0][1].__class__ is schedule.ChannelLanes
-    dense = ConvSpec((2, 96, 12, 16), (16, 96, 3, 3), padding=1)
-    ((_, chosen),) = compiler.compilation(dense, "x86-64-v4").plans["grad_input"]
-    assert isinstance(chosen, schedule.ChannelLanes)
+def test_output_lanes_replace_channel_lanes_that_leave_lanes_empty(compile_spec, rng):
+    """With AVX-512, a 1x1 layer's forward into 24 output channels would leave a quarter of
+    channel lanes' 32 empty and store each output lane by lane: it runs output lanes along
+    its rows (their reads do not move with a tap); its input gradient into 96 channels
+    fills them and keeps channel lanes, as does a 3x3 layer's forward (its taps move the
+    rows' reads) and AVX2's (24 channels: three whole vectors); all against the oracle."""
+    pointwise = ConvSpec((2, 96, 12, 16), (24, 96, 1, 1))
+    dense = replace(pointwise, weight_shape=(24, 96, 3, 3), padding=1)
+    for spec, target, kinds in (
+            (pointwise, "x86-64-v4", [schedule.OutputLanes, schedule.ChannelLanes]),
+            (pointwise, "x86-64-v3", [schedule.ChannelLanes, schedule.ChannelLanes]),
+            (dense, "x86-64-v4", [schedule.ChannelLanes, schedule.ChannelLanes])):
+        plans = compiler.compilation(spec, target).plans
+        assert [type(c) for f in ("forward", "grad_input") for _, c in plans[f]] == kinds
     for spec in (pointwise, dense):
         x, w, b, gy = random_arrays(spec, rng)
-        expected = conv_backward(x, w, gy, *oracle_args(spec))[0]
+        expected_y = conv_forward(x, w, b, *oracle_args(spec))
+        expected_x = conv_backward(x, w, gy, *oracle_args(spec))[0]
         for kernel in runnable_variants(compile_spec(spec)):
+            where = kernel.variant.target
+            assert_close(kernel.forward(x, w, b), expected_y, spec.dtype, f"{where} forward")
             got = kernel.backward(None, w, gy, wrt=("input",))[0]
-            assert_close(got, expected, spec.dtype, kernel.variant.target)
+            assert_close(got, expected_x, spec.dtype, f"{where} grad_input")
 
 
 @pytest.mark.parametrize("width", [5, 21])

@@ -576,11 +576,12 @@ def _makers(piece: Piece, width: int, registers: int, transposes: bool = False) 
 def _first_fit(makers, piece: Piece, width: int, registers: int) -> Plan:
     """The default plan: the first of PLAN_KINDS whose maker fits, else channel lanes over
     too few channels to fill a vector (still several products per instruction), else the
-    plain nest.  With AVX-512's register file (the estimate's fit), channel lanes give way
-    to the plan :func:`cycles` estimates cheaper: reduction lanes for a long summation (a
-    weight gradient: chunked channel lanes); output lanes, whose reads do not move with
-    the taps, where channel lanes would store their outputs lane by lane (a 1x1 layer's
-    forward and input gradient in channels-first layout).  Output lanes whose vectors are
+    plain nest.  With AVX-512's register file (the estimate's fit), chunked channel lanes
+    give way to reduction lanes where :func:`cycles` estimates those cheaper (a weight
+    gradient, a long summation); whole channel lanes to output lanes, whose reads do not
+    move with the taps, where channel lanes would store their outputs lane by lane and
+    leave many lanes empty (MIN_STORED_LANE_USE: a 1x1 layer's forward into 24 channels
+    in channels-first layout).  Output lanes whose vectors are
     partly empty give way to channel lanes over as full a share of their lanes: in AVX2 the
     implicit GEMM's broadcast rows beat output lanes' tested, masked ones on the six
     channels-last layers of 4-6 channels tried (4d-16's input gradient 21.4 -> 6.3 ms, a
@@ -605,10 +606,20 @@ def _first_fit(makers, piece: Piece, width: int, registers: int) -> Plan:
         else:
             other = makers["output-lanes"]() if OutputLanes in PLAN_KINDS and \
                 piece.position[-1] != chosen.lane else None
+            used = lane_use(chosen.lane, chosen.vectors * width)
             if other is not None and not _shifted(piece, other.lane) and \
-                    cycles(piece, other, width) < (1 - CLOSE_CALL) * cycles(piece, chosen, width):
+                    used < MIN_STORED_LANE_USE and lane_use(other.lane, width) > used:
                 return other
     return chosen
+
+
+# Output lanes replace whole channel lanes that store lane by lane only where those leave
+# more than this share of their lanes empty.  With their rows and stores prefetched
+# (Prefetch), channel lanes ran AVX-512's 1x1 input gradient 144 -> 24 (lanes 90% used) in
+# 0.41-0.53x output lanes' time, 2d-32-s2's one-tap input-gradient phases (100%) in
+# 0.79-0.82x, 2d-pointwise's forward (100%) in 0.78x; that 1x1 layer's forward (24
+# channels: 75%) in 1.0-1.11x (interleaved A/B, warm and with caches emptied).
+MIN_STORED_LANE_USE = 0.8
 
 
 def lane_use(lane, width: int) -> float:
@@ -2073,29 +2084,20 @@ STRIDED_LOAD = 6.0        # ... a stride-2 load: two loads and a permute, lines 
 SPLIT_LOAD = 1.75         # ... a load shifted off the vectors: most cross a line
 PACK_CYCLES = 1.0         # per element a chunked channel-lane plan packs (a scalar copy)
 HSUM_CYCLES = 8.0         # per output: a reduction-lane tile added up across its lanes
-STORE_CYCLES = 1.0        # per lane of a channel-lane block stored through its tile
-# ... and through register transposes (ChannelLanes.transposed): the stem's forward, 1.6M
-# outputs, 4.65 -> 4.32 ms, 0.75 cycles less an output (1 thread A/B)
-TRANSPOSED_STORE_CYCLES = 0.25
-# Output lanes replace whole channel lanes only where estimated this much cheaper: 3% apart,
-# wav2vec-k3-s2's even input-gradient phase ran 2% slower in output lanes (1 thread A/B).
-CLOSE_CALL = 0.05
 
 
 def cycles(piece: Piece, chosen: Plan, width: int) -> float:
-    """Estimated cycles of ``chosen`` on ``piece``.  Chunked channel lanes or reduction
+    """Estimated cycles of ``chosen`` on ``piece``, chunked channel lanes or reduction
     lanes (a single nest): the vector FMAs and the memory operations of the register
     blocks, plus the packing of channel lanes (each task packs its own chunks) or the final
-    lane sums of reduction lanes.  Whole channel lanes or output lanes, FMA-bound with
-    AVX-512's registers: the vector FMAs, empty lanes included, plus the tile through which
-    channel lanes store each output lane by lane where the lanes lie apart in the output."""
-    if isinstance(chosen, OutputLanes) or \
-            isinstance(chosen, ChannelLanes) and chosen.chunking is None:
-        return _block_cycles(piece, chosen, width)
+    lane sums of reduction lanes."""
+    chunked = isinstance(chosen, ChannelLanes) and chosen.chunking is not None
+    if not chunked and not isinstance(chosen, ReductionLanes):
+        raise TypeError(f"no cost estimate for {type(chosen).__name__}")
     (_, _, coefficients), = _reads(piece)
     outputs = math.prod(extent(u) for u in piece.indices)
     steps = depth(piece.nests)
-    if isinstance(chosen, ChannelLanes):
+    if chunked:
         span = chosen.vectors * width
         lane_blocks = ceil_div(extent(chosen.lane), span)
         fmas = outputs * steps / extent(chosen.lane) * lane_blocks * chosen.vectors
@@ -2103,14 +2105,12 @@ def cycles(piece: Piece, chosen: Plan, width: int) -> float:
         tasks = ceil_div(extent(chosen.block), chosen.chunking.group)
         return fmas * (1 + LOAD_CYCLES * per_fma) + \
             PACK_CYCLES * steps * span * lane_blocks * tasks
-    if isinstance(chosen, ReductionLanes):
-        fmas = outputs * steps / extent(chosen.lane) * ceil_div(extent(chosen.lane), width)
-        rows = dict(chosen.blocks)
-        loads = sum(_load_cycles(c, chosen.lane, width) * math.prod(rows.get(u, 1) for u in c)
-                    for c in coefficients)
-        per_fma = loads / math.prod(rows.values())
-        return fmas * (1 + LOAD_CYCLES * per_fma) + HSUM_CYCLES * outputs
-    raise TypeError(f"no cost estimate for {type(chosen).__name__}")
+    fmas = outputs * steps / extent(chosen.lane) * ceil_div(extent(chosen.lane), width)
+    rows = dict(chosen.blocks)
+    loads = sum(_load_cycles(c, chosen.lane, width) * math.prod(rows.get(u, 1) for u in c)
+                for c in coefficients)
+    per_fma = loads / math.prod(rows.values())
+    return fmas * (1 + LOAD_CYCLES * per_fma) + HSUM_CYCLES * outputs
 
 
 def _load_cycles(coefficients: dict, lane, width: int) -> float:
@@ -2123,18 +2123,6 @@ def _load_cycles(coefficients: dict, lane, width: int) -> float:
     if any(u != lane and c % width for u, c in coefficients.items()):
         return SPLIT_LOAD
     return 1.0
-
-
-def _block_cycles(piece: Piece, chosen: OutputLanes | ChannelLanes, width: int) -> float:
-    """cycles() of whole channel lanes or output lanes."""
-    lane = chosen.lane
-    lanes = ceil_div(extent(lane), chosen.vectors * width) * chosen.vectors * width \
-        if isinstance(chosen, ChannelLanes) else ceil_div(extent(lane), width) * width
-    per_lane = math.prod(extent(u) for u in piece.indices if u != lane) * lanes
-    stored = 0
-    if isinstance(chosen, ChannelLanes) and piece.position[-1] != lane:
-        stored = (TRANSPOSED_STORE_CYCLES if chosen.transposed else STORE_CYCLES) * per_lane
-    return per_lane * depth(piece.nests) / width + stored
 
 
 def describe(piece: Piece, chosen: Plan) -> str:
