@@ -168,9 +168,9 @@ class Prefetch:
     plan's broadcasts, an output-lane plan's vectors) will read at the next value of
     ``index``, the loop around the register blocks: the next task's rows; with ``output``
     (channel lanes), as each lane stores its part of a block, a prefetch for writing of
-    where it will store at the next value.  For rows read in place whose
-    every summation step lands on another cache line, and lanes a line or more apart in
-    the output (see _prefetched): streams the hardware prefetcher does not follow."""
+    where it will store at the next value.  For rows read in place whose every summation
+    step lands on another cache line, and lanes a line or more apart in the output (see
+    _prefetched): streams the hardware prefetcher does not follow."""
 
     index: sympy.Idx
     arrays: tuple[str, ...]
@@ -1107,9 +1107,9 @@ SHORT_STORE_BYTES = 2 * LINE_BYTES   # a lane's stores per task that the hardwar
 
 def prefetched(plans, shape: Sequence[int]) -> list:
     """A function's (piece, plan) list, each channel-lane and output-lane plan with the
-    Prefetch _prefetched finds for it (``shape``: the output's); but a channel-lane
-    window's, whose tasks copy their rows, and a stride phase's, whose next task is often
-    the other thread's: 2d-32-s2's input gradient took 1.02-1.04x (AVX-512) and 1.15x
+    Prefetch _prefetched finds for it (``shape``: the output's); but a window's (whose
+    tasks copy their rows, or load them once down the taps), a chunked one's (its tasks
+    pack theirs), and a stride phase's, whose next task is often the other thread's: 2d-32-s2's input gradient took 1.02-1.04x (AVX-512) and 1.15x
     (AVX2) the time at 2 threads with its phases' next rows prefetched, 0.99-1.0x at 1."""
     return [(p, _prefetched(c, _around_blocks(c, p.indices), p.position, shape))
             if isinstance(c, (ChannelLanes, OutputLanes)) and not p.note and
@@ -1138,7 +1138,7 @@ def _prefetched(chosen: ChannelLanes | OutputLanes, around: sympy.Idx | None, po
     positions, 7 lines a lane) the hardware follows: prefetched, its forward took 1.09x the
     time at 2 threads (the other thread's next rows)."""
     if around is None:
-        return replace(chosen, prefetch=None)
+        return chosen
     copied = {name for c in chosen.copies for name in (c.array, copy_name(c.array))}
     if isinstance(chosen, ChannelLanes):
         if chosen.task_copy is not None:
