@@ -293,14 +293,7 @@ def test_output_lanes_replace_channel_lanes_that_leave_lanes_empty(compile_spec,
         plans = compiler.compilation(spec, target).plans
         assert [type(c) for f in ("forward", "grad_input") for _, c in plans[f]] == kinds
     for spec in (pointwise, dense):
-        x, w, b, gy = random_arrays(spec, rng)
-        expected_y = conv_forward(x, w, b, *oracle_args(spec))
-        expected_x = conv_backward(x, w, gy, *oracle_args(spec))[0]
-        for kernel in runnable_variants(compile_spec(spec)):
-            where = kernel.variant.target
-            assert_close(kernel.forward(x, w, b), expected_y, spec.dtype, f"{where} forward")
-            got = kernel.backward(None, w, gy, wrt=("input",))[0]
-            assert_close(got, expected_x, spec.dtype, f"{where} grad_input")
+        _check_forward_and_input_gradient(spec, compile_spec(spec), *random_arrays(spec, rng))
 
 
 @pytest.mark.parametrize("width", [5, 21])
@@ -371,8 +364,7 @@ def test_no_copy_larger_than_its_share_of_the_products(compile_spec, monkeypatch
     assert [(c.array, c.axis) for c in chosen.copies] == [("a_input", 1)]
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_rows_only_the_next_task_reads_are_prefetched(threads, compile_spec, rng):
+def test_rows_only_the_next_task_reads_are_prefetched(compile_spec, rng):
     """A channels-first 1x1 layer's forward reads each input channel's row a few lines per
     task, the channels 1120 bytes apart, and no tap reaches the next task's rows: at each
     summation step it prefetches where the next row of outputs (i0 + 1: 28 elements on)
@@ -413,16 +405,9 @@ def test_rows_only_the_next_task_reads_are_prefetched(threads, compile_spec, rng
     text = compiler.compilation(lanes, "x86-64-v4").sources["x86-64-v4"].text
     assert re.findall(r"__builtin_prefetch\(&a_input\[.*? \+ 28\]\);",
                       text.split("void symconv_forward(")[1].split("\nvoid ")[0])
-    for checked in (spec, lanes):
-        x, w, b, gy = random_arrays(checked, rng)
-        expected_y = conv_forward(x, w, b, *oracle_args(checked))
-        expected_x = conv_backward(x, w, gy, *oracle_args(checked))[0]
-        for kernel in runnable_variants(compile_spec(checked)):
-            where = kernel.variant.target
-            assert_close(kernel.forward(x, w, b, threads=threads), expected_y, checked.dtype,
-                         f"{where} forward")
-            got = kernel.backward(x, w, gy, wrt=["input"], threads=threads)[0]
-            assert_close(got, expected_x, checked.dtype, f"{where} grad_input")
+    for checked in (spec, lanes):        # and bit-identical on 1, 2 and 3 threads
+        _check_forward_and_input_gradient(checked, compile_spec(checked),
+                                          *random_arrays(checked, rng))
 
 
 def _ring_elements(plan, spec) -> int:
