@@ -438,15 +438,18 @@ def _emit_transposed_rows(out: Writer, copy: schedule.Copy, shape, padded, name:
     """One row of a copy with its channels (axis ``copy.axis``) moved innermost, its
     positions ``span`` (C: first, past the last): where the row lies inside the array, its
     positions inside in blocks of ``width`` positions x ``width`` channels, each block
-    transposed in registers (the channels past the last whole block, and the lead, element
-    by element); the halo's positions, and rows outside, one position at a time, all
-    channels innermost."""
+    transposed in registers, a group of channels' blocks along the row one after another
+    (the channels past the last whole group, and the lead, element by element); the halo's
+    positions, and rows outside, one position at a time, all channels innermost.  Block by
+    block along the row, every group in turn (each block then reading all the channels'
+    rows at once), 2d-56's forward took 1.06x the time and 1d-audio's 1.10x (AVX-512, 1
+    and 2 threads; 3-D layers' short rows, the same)."""
     function, width = transpose
     axis, last = copy.axis, len(shape) - 1
     low, size = copy.halo[last][0] if copy.halo else 0, shape[last]
     whole = shape[axis] // width * width
     channel, position = sympy.Symbol(f"sc_x{axis}"), sympy.Symbol(f"sc_x{last}")
-    at = {channel: sympy.Symbol("sc_c"), position: sympy.Symbol("sc_w")}
+    at = {channel: sympy.Symbol("sc_c"), position: sympy.Symbol("sc_v")}
     src = flat_offset(source.xreplace(at))
     dst = flat_offset(place.xreplace(at), axis)
     src_stride = c_order_strides(shape)[axis]
@@ -466,14 +469,16 @@ def _emit_transposed_rows(out: Writer, copy: schedule.Copy, shape, padded, name:
     halo_stop = _extreme_text("sc_min", str(low), stop)
     columns("sc_w", halo_stop)
     out.line(f"sc_w = {_extreme_text('sc_max', 'sc_w', halo_stop)};")
-    out.open(f"for (; sc_w + {width} <= {_extreme_text('sc_min', str(low + size), stop)}; "
-             f"sc_w += {width})")
-    out.line(f"for (int64_t sc_c = 0; sc_c < {whole}; sc_c += {width}) "
-             f"{function}({copy.array} + {src}, {src_stride}, "
-             f"{name} + {dst}, {dst_stride});")
-    if whole < padded[axis]:
-        columns("sc_w", f"sc_w + {width}", whole)
+    inside = _extreme_text("sc_min", str(low + size), stop)
+    out.line(f"const int64_t sc_blocks = sc_w + sc_max(0, {inside} - sc_w) / {width} * {width};")
+    # a channel group's blocks one after another: each of its channels read as one run
+    out.open(f"for (int64_t sc_c = 0; sc_c < {whole}; sc_c += {width})")
+    out.line(f"for (int64_t sc_v = sc_w; sc_v < sc_blocks; sc_v += {width}) "
+             f"{function}({copy.array} + {src}, {src_stride}, {name} + {dst}, {dst_stride});")
     out.close()
+    if whole < padded[axis]:
+        columns("sc_w", "sc_blocks", whole)
+    out.line("sc_w = sc_blocks;")
     out.close()
     columns("sc_w", stop)
 
