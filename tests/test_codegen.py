@@ -76,7 +76,7 @@ def test_each_function_threads_as_its_schedule_splits(fields, threads):
             described = [(c.split, schedule.describe(p, c)) for p, c in arrangement.plans]
         for split, line in described:
             assert split.tasks == math.prod(count for _, count in split.over)
-            assert split.grain == max(1, split.tasks // 64)
+            assert split.grain == max(1, split.tasks // schedule.PARALLEL_GRAIN)
             said = line.split("; ")[-1]
             threaded.append(split.threaded)
             if not split.over:          # nothing outside the register blocks to split
