@@ -317,13 +317,15 @@ def test_input_rows_that_crowd_l2_cut_the_weight_gradients_chunks(compile_spec, 
             np.testing.assert_array_equal(
                 kernel.backward(last(x), None, last(gy), wrt=("weight",), threads=threads)[1],
                 got)
+
+
 def test_lane_blocks_share_the_chunks_of_an_input_too_large_for_the_cache(compile_spec, rng):
-    """An input too large to stay in cache (LANES_INSIDE_ELEMENTS) whose rows crowd L2 (256 or 768 channels,
-    1 or 3 KiB apart): each task of the weight gradient takes up to LANE_SET lane blocks and
-    runs them chunk by chunk (140 output channels: 9 lane blocks of 16, the last partial,
-    in a set of 8 and a set of 1), the summation in parts (256 channels: too few groups of
-    rows for the tasks) or not (768).  Against the oracle, bit-identical on 1, 2 and 3
-    threads, and with the batch left to run time."""
+    """An input too large to stay in cache (LANES_INSIDE_ELEMENTS) whose rows crowd L2 (256
+    or 768 channels, 1 or 3 KiB apart): each task of the weight gradient takes up to
+    LANE_SET lane blocks and runs them chunk by chunk (140 output channels: 9 lane blocks of
+    16, the last partial, in a set of 8 and a set of 1), the summation in parts (256
+    channels: too few groups of rows for the tasks) or not (768).  Against the oracle,
+    bit-identical on 1, 2 and 3 threads, and with the batch left to run time."""
     parted = ConvSpec((1, 256, 4200), (140, 256, 3), padding=1, layout="channels_last")
     whole = ConvSpec((1, 768, 1400), (140, 768, 3), padding=1, layout="channels_last")
     for spec, parts in ((parted, True), (whole, False)):
@@ -342,5 +344,3 @@ def test_lane_blocks_share_the_chunks_of_an_input_too_large_for_the_cache(compil
                     np.testing.assert_array_equal(
                         kernel.backward(last(x), None, last(gy), wrt=("weight",),
                                         threads=threads)[1], got)
-
-

@@ -15,6 +15,7 @@ allocated, or a packed value is not finite, the piece runs its plain loop nest i
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field, replace
 from typing import Sequence
@@ -931,10 +932,8 @@ def _emit_chunked(e: _Emission) -> None:
     declare = f"{ctype} *const sc_tile = {tile};"
     if not each_lane_block:
         out.line(declare)
-    opened = _open_lane_blocks(out, each_lane_block, declare)
-    out.line(f"for (int64_t sc_e = 0; sc_e < {tile_size}; ++sc_e) sc_tile[sc_e] = 0;")
-    if opened:
-        out.close()
+    with _task_lane_blocks(out, each_lane_block, declare):
+        out.line(f"for (int64_t sc_e = 0; sc_e < {tile_size}; ++sc_e) sc_tile[sc_e] = 0;")
     out.open(f"for (int64_t sc_chunk = {first}; sc_chunk < {last}; ++sc_chunk)")
     chunk = "sc_chunk"
     if out.batched:     # the item's arrays, under the names the item's code reads
@@ -948,16 +947,12 @@ def _emit_chunked(e: _Emission) -> None:
     lo, hi = index_range(inner.index)
     out.line(f"const int64_t sc_s0 = {lo} + ({chunk} % {segments}) * {chunking.segment}, "
              f"sc_s1 = sc_min(sc_s0 + {chunking.segment - 1}, {hi});")
-    opened = _open_lane_blocks(out, each_lane_block, declare)
-    tile_at = _emit_chunk_products(e, outer, inner, others)
-    if opened:
-        out.close()
+    with _task_lane_blocks(out, each_lane_block, declare):
+        tile_at = _emit_chunk_products(e, outer, inner, others)
     out.close()    # chunks
     if parts == 1:
-        opened = _open_lane_blocks(out, each_lane_block, declare)
-        _emit_chunked_store(e, others, tile_at)
-        if opened:
-            out.close()
+        with _task_lane_blocks(out, each_lane_block, declare):
+            _emit_chunked_store(e, others, tile_at)
     else:
         out.close()    # parts
     out.close()    # groups
@@ -984,13 +979,16 @@ def _emit_chunked(e: _Emission) -> None:
     _release(e, buffers)
 
 
-def _open_lane_blocks(out: Writer, each_lane_block: str | None, declare: str) -> bool:
-    """Where a chunked task has several lane blocks, open the loop over them and ``declare``
-    its tile inside; whether it opened."""
+@contextlib.contextmanager
+def _task_lane_blocks(out: Writer, each_lane_block: str | None, declare: str):
+    """Where a chunked task has several lane blocks, what is written inside runs in the loop
+    over them (``each_lane_block``), ``declare`` (its tile) first; else it runs once."""
     if each_lane_block:
         out.open(each_lane_block)
         out.line(declare)
-    return bool(each_lane_block)
+    yield
+    if each_lane_block:
+        out.close()
 
 
 def _emit_chunk_products(e: _Emission, outer, inner, others) -> str:

@@ -1109,12 +1109,15 @@ def prefetched(plans, shape: Sequence[int]) -> list:
     """A function's (piece, plan) list, each channel-lane and output-lane plan with the
     Prefetch _prefetched finds for it (``shape``: the output's); but a window's (whose
     tasks copy their rows, or load them once down the taps), a chunked one's (its tasks
-    pack theirs), and a stride phase's, whose next task is often the other thread's: 2d-32-s2's input gradient took 1.02-1.04x (AVX-512) and 1.15x
-    (AVX2) the time at 2 threads with its phases' next rows prefetched, 0.99-1.0x at 1."""
+    pack theirs), and a stride phase's, whose next task is often the other thread's:
+    2d-32-s2's input gradient took 1.02-1.04x (AVX-512) and 1.15x (AVX2) the time at 2
+    threads with its phases' next rows prefetched, 0.99-1.0x at 1."""
+    def takes(piece: Piece, chosen: Plan) -> bool:
+        chunked = isinstance(chosen, ChannelLanes) and chosen.chunking is not None
+        return isinstance(chosen, (ChannelLanes, OutputLanes)) and not piece.note and \
+            not chunked and chosen.window is None
     return [(p, _prefetched(c, _around_blocks(c, p.indices), p.position, shape))
-            if isinstance(c, (ChannelLanes, OutputLanes)) and not p.note and
-            getattr(c, "chunking", None) is None and c.window is None else (p, c)
-            for p, c in plans]
+            if takes(p, c) else (p, c) for p, c in plans]
 
 
 def _prefetched(chosen: ChannelLanes | OutputLanes, around: sympy.Idx | None, position,
@@ -1145,11 +1148,7 @@ def _prefetched(chosen: ChannelLanes | OutputLanes, around: sympy.Idx | None, po
             copied.add(chosen.task_copy.array)
         read = _broadcast_reads(chosen.nests, chosen.lane)
     else:
-        read = {}
-        for nest in chosen.nests:
-            for access in accesses(nest.body):
-                if any(chosen.lane in p.free_symbols for p in access.indices):
-                    read.setdefault(str(access.base.label), []).append((nest, access))
+        read = _vector_reads(chosen.nests, chosen.lane)
     arrays = tuple(name for name, reads in read.items() if name not in copied and
                    all(_rows_ahead(nest, access, around) for nest, access in reads))
     output = isinstance(chosen, ChannelLanes) and _short_stores(chosen, around, position, shape)
@@ -1265,6 +1264,17 @@ def _broadcast_reads(nests: Sequence[LoopNest], lane) -> dict[str, list]:
     for nest in nests:
         for read in factors(nest.body)[1]:
             if not any(lane in p.free_symbols for p in read.indices):
+                found.setdefault(str(read.base.label), []).append((nest, read))
+    return found
+
+
+def _vector_reads(nests: Sequence[LoopNest], lane) -> dict[str, list]:
+    """Per array, the (nest, read) pairs of the reads that use the lane (an output-lane
+    plan's vector loads; the other reads of _broadcast_reads)."""
+    found: dict[str, list] = {}
+    for nest in nests:
+        for read in accesses(nest.body):
+            if any(lane in p.free_symbols for p in read.indices):
                 found.setdefault(str(read.base.label), []).append((nest, read))
     return found
 

@@ -183,13 +183,13 @@ def _check_term(fn: IndexSum, number: int, term: Term) -> None:
     bound = set(fn.indices) | set(term.indices)
     if set(term.indices) & set(fn.indices):
         raise IRError(f"{where()}: a summation index is also a free index")
-    reads = term.body.atoms(sympy.Indexed)
+    reads = accesses(term.body)
     labels = {a.base.label for a in reads}
     unbound = {s for s in term.body.free_symbols
                if isinstance(s, (sympy.Idx, sympy.Symbol)) and s not in labels} - bound
     if unbound:
         raise IRError(f"{where()}: unbound index {', '.join(sorted(map(str, unbound)))}")
-    for access in accesses(term.body):
+    for access in reads:
         array = array_of(access)
         if len(access.indices) != len(array.shape):
             raise IRError(f"{where()}: {access} has {len(access.indices)} indices for a "
