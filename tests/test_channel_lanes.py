@@ -777,6 +777,34 @@ def test_stride_phases_run_inside_shared_loops(compile_spec, rng):
     assert all(isinstance(c, schedule.OutputLanes) for _, c in few) and shared_loops(few) == ()
 
 
+def test_output_lane_phases_run_their_rows_inside_shared_loops(compile_spec, rng):
+    """A dense stride-2 3-D input gradient over few channels runs output lanes in each of its
+    eight phases, a register block holding rows of every channel: the block of channels is
+    no shared loop, so the phases share the batch and the leading phase rows around it and
+    write each task's rows of grad_input while they are in cache; against the oracle and
+    bit-identical on 1-3 threads."""
+    from symconv.codegen.schedule import shared_loops
+    spec = ConvSpec((2, 4, 10, 10, 64), (8, 4, 3, 3, 3), stride=2, padding=1)
+    loops = ["i_n", "sc_i_j0_phase", "sc_i_j1_phase"]
+    for target in ("x86-64-v4", "x86-64-v3"):
+        arrangement = compiler.compilation(spec, target).arrangements["grad_input"]
+        plans = list(arrangement.plans)
+        assert len(plans) == 8 and all(isinstance(c, schedule.OutputLanes) and
+                                       str(c.block) == "i_c" for _, c in plans)
+        assert [str(i) for i in shared_loops(plans)] == loops
+        assert [str(i) for i in arrangement.shared] == loops
+    kernel = compile_spec(spec)
+    assert _function_text(kernel, "grad_input").count("#pragma omp parallel") == 2
+    x, w, _, gy = random_arrays(spec, rng)
+    expected = conv_backward(x, w, gy, *oracle_args(spec))[0]
+    for variant in runnable_variants(kernel):
+        one = variant.backward(None, w, gy, wrt=("input",), threads=1)[0]
+        assert_close(one, expected, spec.dtype, f"{variant.variant.target} grad_input")
+        for threads in (2, 3):
+            np.testing.assert_array_equal(
+                variant.backward(None, w, gy, wrt=("input",), threads=threads)[0], one)
+
+
 @pytest.mark.parametrize("spec, loops", [
     (ConvSpec((1, 8, 12, 12, 12), (16, 8, 3, 3, 3), stride=2, padding=1),
      ["i_n", "sc_i_j0_phase", "sc_i_j1_phase"]),

@@ -1925,12 +1925,17 @@ def shared_loops(plans) -> tuple:
     - a stride-2 3-D input gradient's eight phases, channel lanes (3d-64-s2, 8 channels,
       each phase reading the 2 MB output gradient again: 1.3-1.5x faster at 1 thread and
       1.3-1.8x at 2 on a loaded machine, even at 1 thread on a quiet one; its channels-last
-      layout and the stem's 1.05-1.2x, 2d-32-s2's channels-last 0.98-1.1x; interleaved A/B).
-    Channel lanes' lane blocks run inside the shared loops (ChannelLanes.lanes_inside)."""
+      layout and the stem's 1.05-1.2x, 2d-32-s2's channels-last 0.98-1.1x; interleaved A/B);
+    - the same gradient over AVX-512's output lanes (rows of the 8 channels in each register
+      block) and the stem's input gradient (rows of its 3 channels): 0.79-0.93x the time at
+      1 thread, 0.68-0.95x at 2, and the stem 0.91-0.98x (AVX2 0.85x, 0.74x) on a Zen 4.
+    Channel lanes' lane blocks, and output lanes' blocks of rows where every phase blocks
+    the same index, run inside the shared loops (ChannelLanes.lanes_inside)."""
     if len(plans) < 2:
         return ()
     if all(isinstance(c, OutputLanes) and not c.copies for _, c in plans):
-        skipped = set()
+        blocks = {c.block for _, c in plans}
+        skipped = blocks if len(blocks) == 1 else set()
     elif all(_channel_lanes_alone(c) and c.lane == plans[0][1].lane for _, c in plans):
         skipped = {plans[0][1].lane}
     else:
@@ -1942,8 +1947,8 @@ def shared_loops(plans) -> tuple:
                 any(column[0] in (c.lane, c.block) for _, c in plans):
             break
         shared.append(column[0])
-    # too few tasks to thread (3d-64-s2's input gradient in output lanes shares its batch of
-    # 1 alone: at 2 threads 2.8 ms shared, 1.44 ms with each phase threading its own loops)
+    # too few tasks to thread (3d-64-s2's input gradient in output lanes, when it shared its
+    # batch of 1 alone: at 2 threads 2.8 ms shared, 1.44 ms with each phase threading its own)
     if math.prod(extent(i) for i in shared) < GEMM_TASKS:
         return ()
     return tuple(shared)
