@@ -296,6 +296,20 @@ def test_output_lanes_replace_channel_lanes_that_leave_lanes_empty(compile_spec,
         _check_forward_and_input_gradient(spec, compile_spec(spec), *random_arrays(spec, rng))
 
 
+def test_output_lane_blocks_leave_registers_for_their_loads(compile_spec, rng):
+    """A stem's input gradient runs output lanes along each phase's 112 positions, rows of
+    its 3 channels: AVX-512's register block holds 5 of its 7 vectors (each loads its own,
+    with 3 accumulators: ROW_BLOCK_REGISTERS), so the row takes two blocks, both meeting an
+    edge of the 7 taps; AVX2's holds 4 of 14.  Against the oracle on every variant, on 1-3 threads."""
+    spec = ConvSpec((1, 3, 12, 224), (8, 3, 7, 7), stride=2, padding=3)
+    for target, vectors in (("x86-64-v4", 5), ("x86-64-v3", 4)):
+        plans = compiler.compilation(spec, target).plans["grad_input"]
+        assert len(plans) == 4
+        assert all(isinstance(c, schedule.OutputLanes) and str(c.block) == "i_c" and
+                   c.rows == 3 and c.vectors == vectors for _, c in plans), plans
+    _check_forward_and_input_gradient(spec, compile_spec(spec), *random_arrays(spec, rng))
+
+
 @pytest.mark.parametrize("width", [5, 21])
 def test_channels_first_blocks_store_through_transposes(width, compile_spec, rng):
     """A channels-first forward's block holds neighbouring positions of 40 channels: it

@@ -781,6 +781,10 @@ def _read_copies(nest: LoopNest, copies: Sequence[Copy]) -> LoopNest:
 
 LOADED_VECTORS = 4   # vectors per block of rows that load their own: 4 x 3 rows of accumulators
 MIN_LOADED_ROWS = 3  # ... and the fewest such rows: a 3-tap kernel axis shares the other read
+# registers a block of rows that broadcast holds at most: its accumulators and each vector's
+# load (the stem's input gradient, rows of its 3 channels along 112 positions: 7 vectors,
+# 28 registers, took 1.77x the time of 5 vectors on a Zen 4, 6 vectors 1.3x, 4 1.06x)
+ROW_BLOCK_REGISTERS = 20
 
 
 def _output_lanes_along(piece: Piece, reads, lane, width: int, budget: int,
@@ -837,7 +841,8 @@ def _output_lanes_along(piece: Piece, reads, lane, width: int, budget: int,
     if block is None:
         return OutputLanes(lane, None, 1, min(vectors_max, budget // 3), nests)
     rows = balanced(index_range(block)[1] + 1, 4 if vectors_max >= 3 else 6)
-    return OutputLanes(lane, block, rows, max(1, min(vectors_max, budget // rows)), nests)
+    vectors = min(vectors_max, budget // rows, ROW_BLOCK_REGISTERS // (rows + 1))
+    return OutputLanes(lane, block, rows, max(1, vectors), nests)
 
 
 def _window(nests: Sequence[LoopNest], lane, block) -> sympy.Idx | None:
