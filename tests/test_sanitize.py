@@ -136,12 +136,18 @@ def _fuzz_cases():
     # stride phases inside shared loops, reading grad_output from a copy of each task's rows
     # (36 planes 1 KiB apart crowd L1 sets), the row before the first left out
     task_copy = ConvSpec((1, 16, 32, 32), (36, 16, 4, 4), stride=2, padding=1)
+    # output lanes: stride phases sharing the loops around their blocks of channel rows
+    # (AVX-512: all 8 channels in a block), and a stem's 7 vectors of rows in two blocks
+    phases = ConvSpec((1, 8, 6, 6, 64), (8, 8, 3, 3, 3), stride=2, padding=1)
+    stem = ConvSpec((1, 3, 12, 224), (8, 3, 7, 7), stride=2, padding=3)
     for target in targets:
         found.append((f"threaded on {target}", fuzzing.Case(threaded, target, 3)))
         found.append((f"channel lanes on {target}", fuzzing.Case(channels, target, 4, True)))
         if target != "x86-64":
             found.append((f"halo copies on {target}", fuzzing.Case(halo, target, 5, True)))
             found.append((f"task copies on {target}", fuzzing.Case(task_copy, target, 6)))
+            found.append((f"output-lane phases on {target}", fuzzing.Case(phases, target, 7)))
+            found.append((f"stem rows on {target}", fuzzing.Case(stem, target, 8)))
     return found
 
 
