@@ -771,14 +771,7 @@ def test_stride_phases_run_inside_shared_loops(compile_spec, rng):
     # not finite (phases whose lanes meet the taps' bounds check it)
     assert text.count("#pragma omp parallel") == 1 + text.count("sc_acc = 0;")
     assert text.count("/* phase ") == 4
-    x, w, b, gy = random_arrays(spec, rng)
-    expected = conv_backward(x, w, gy, *oracle_args(spec))[0]
-    for kernel in runnable_variants(kernel):
-        one = kernel.backward(None, w, gy, wrt=("input",), threads=1)[0]
-        assert_close(one, expected, spec.dtype, f"{kernel.variant.target} grad_input")
-        for threads in (2, 3):
-            np.testing.assert_array_equal(
-                kernel.backward(None, w, gy, wrt=("input",), threads=threads)[0], one)
+    _check_forward_and_input_gradient(spec, kernel, *random_arrays(spec, rng))
     # phases over rows of different lengths (an odd size: 5 even rows, 4 odd) keep their
     # own loops
     dense = compiler.compilation(ConvSpec((2, 16, 9, 12), (16, 16, 3, 3), stride=2),
@@ -797,7 +790,7 @@ def test_output_lane_phases_run_their_rows_inside_shared_loops(compile_spec, rng
     32 registers, 4 in AVX2's 16): the block of channels is
     no shared loop, so the phases share the batch and the leading phase rows around it and
     write each task's rows of grad_input while they are in cache; against the oracle and
-    bit-identical on 1-3 threads."""
+    bit-identical on 1-3 threads (the forward too)."""
     from symconv.codegen.schedule import shared_loops
     spec = ConvSpec((2, 4, 10, 10, 64), (8, 4, 3, 3, 3), stride=2, padding=1)
     loops = ["i_n", "sc_i_j0_phase", "sc_i_j1_phase"]
@@ -815,14 +808,7 @@ def test_output_lane_phases_run_their_rows_inside_shared_loops(compile_spec, rng
                for _, c in wider.plans["grad_input"])
     kernel = compile_spec(spec)
     assert _function_text(kernel, "grad_input").count("#pragma omp parallel") == 2
-    x, w, _, gy = random_arrays(spec, rng)
-    expected = conv_backward(x, w, gy, *oracle_args(spec))[0]
-    for variant in runnable_variants(kernel):
-        one = variant.backward(None, w, gy, wrt=("input",), threads=1)[0]
-        assert_close(one, expected, spec.dtype, f"{variant.variant.target} grad_input")
-        for threads in (2, 3):
-            np.testing.assert_array_equal(
-                variant.backward(None, w, gy, wrt=("input",), threads=threads)[0], one)
+    _check_forward_and_input_gradient(spec, kernel, *random_arrays(spec, rng))
 
 
 @pytest.mark.parametrize("spec, loops", [
