@@ -783,7 +783,7 @@ LOADED_VECTORS = 4   # vectors per block of rows that load their own: 4 x 3 rows
 MIN_LOADED_ROWS = 3  # ... and the fewest such rows: a 3-tap kernel axis shares the other read
 # registers a block of rows that broadcast holds at most: its accumulators and each vector's
 # load (the stem's input gradient, rows of its 3 channels along 112 positions: 7 vectors,
-# 28 registers, took 1.77x the time of 5 vectors on a Zen 4, 6 vectors 1.3x, 4 1.06x)
+# 28 registers, took 1.77x the time of 5 vectors on a Zen 4, 6 vectors 1.37x, 4 1.06x)
 ROW_BLOCK_REGISTERS = 20
 
 
