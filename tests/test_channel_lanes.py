@@ -300,13 +300,18 @@ def test_output_lane_blocks_leave_registers_for_their_loads(compile_spec, rng):
     """A stem's input gradient runs output lanes along each phase's 112 positions, rows of
     its 3 channels: AVX-512's register block holds 5 of its 7 vectors (each loads its own,
     with 3 accumulators: ROW_BLOCK_REGISTERS), so the row takes two blocks, both meeting an
-    edge of the 7 taps; AVX2's holds 4 of 14.  Against the oracle on every variant, on 1-3 threads."""
+    edge of the 7 taps; AVX2's holds 4 of 14.  A block of 4 vectors keeps WIDE_BLOCK_ROWS
+    rows.  Against the oracle on every variant, on 1-3 threads."""
     spec = ConvSpec((1, 3, 12, 224), (8, 3, 7, 7), stride=2, padding=3)
     for target, vectors in (("x86-64-v4", 5), ("x86-64-v3", 4)):
         plans = compiler.compilation(spec, target).plans["grad_input"]
         assert len(plans) == 4
         assert all(isinstance(c, schedule.OutputLanes) and str(c.block) == "i_c" and
                    c.rows == 3 and c.vectors == vectors for _, c in plans), plans
+    # 8 channels over rows of 4 vectors: WIDE_BLOCK_ROWS rows of all 4, not 8 rows of 2
+    ((_, wide),) = compiler.compilation(ConvSpec((1, 8, 4, 64), (8, 8, 3, 3), padding=1),
+                                        "x86-64-v4").plans["grad_input"]
+    assert isinstance(wide, schedule.OutputLanes) and (wide.rows, wide.vectors) == (4, 4)
     _check_forward_and_input_gradient(spec, compile_spec(spec), *random_arrays(spec, rng))
 
 

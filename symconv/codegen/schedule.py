@@ -785,6 +785,10 @@ MIN_LOADED_ROWS = 3  # ... and the fewest such rows: a 3-tap kernel axis shares 
 # load (the stem's input gradient, rows of its 3 channels along 112 positions: 7 vectors,
 # 28 registers, took 1.77x the time of 5 vectors on a Zen 4, 6 vectors 1.37x, 4 1.06x)
 ROW_BLOCK_REGISTERS = 20
+# rows of a block whose lanes span three vectors or more: the vectors take the registers
+# (the unit-stride 3-D input gradient of 8 channels over rows of 64: 4 rows of 4 vectors ran
+# in 0.71-0.76x the time of 8 rows of 2 on AVX-512, Zen 4)
+WIDE_BLOCK_ROWS = 4
 
 
 def _output_lanes_along(piece: Piece, reads, lane, width: int, budget: int,
@@ -840,10 +844,11 @@ def _output_lanes_along(piece: Piece, reads, lane, width: int, budget: int,
     block = max(long or candidates, key=lambda u: index_range(u)[1], default=None)
     if block is None:
         return OutputLanes(lane, None, 1, min(vectors_max, budget // 3), nests)
-    # rows: half the registers for blocks of one or two vectors, a third for wider ones
-    # (AVX2: 6 and 4); a stride-2 3-D input gradient's 8 channels in one block of AVX-512's
-    # took 0.88-0.92x the time of two blocks of 4 (3d-64-s2, 1 and 2 threads, Zen 4)
-    rows = balanced(index_range(block)[1] + 1, budget // max(2, min(vectors_max, 3)))
+    # rows: half the registers for blocks of one or two vectors (AVX2: 6; a stride-2 3-D
+    # input gradient's 8 channels in one block of AVX-512's took 0.88-0.92x the time of two
+    # blocks of 4: 3d-64-s2, 1 and 2 threads, Zen 4), WIDE_BLOCK_ROWS for wider ones
+    rows = balanced(index_range(block)[1] + 1,
+                    budget // 2 if vectors_max <= 2 else WIDE_BLOCK_ROWS)
     vectors = min(vectors_max, budget // rows, ROW_BLOCK_REGISTERS // (rows + 1))
     return OutputLanes(lane, block, rows, max(1, vectors), nests)
 
