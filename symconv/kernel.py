@@ -604,16 +604,18 @@ class Function:
                 if (viewed or array is out or array.base is not None) and \
                         np.may_share_memory(out, array):
                     raise ValueError(f"{self.name}: out overlaps the input {name}")
+        # out is writable (fresh, or flags.carray or _checked said so): cffi's own check
+        # would take as long as the rest of a tiny call's pointers
+        written = buffer(ctype, out)
         if batch is None:
-            self._c(*pointers, buffer(ctype, out, require_writable=True), threads)
+            self._c(*pointers, written, threads)
         elif self._maps:                  # a map over the batch: one item per output row
             if batch:
-                self._c(*pointers, buffer(ctype, out, require_writable=True), batch, threads)
+                self._c(*pointers, written, batch, threads)
         else:                             # a sum over the batch, item by item
-            scratch = buffer(ctype, np.empty(shape, dtype), require_writable=True) \
-                if batch > 1 else self._null  # item 0 goes straight to out
-            self._c(*pointers, buffer(ctype, out, require_writable=True), scratch, batch,
-                    threads)
+            scratch = buffer(ctype, np.empty(shape, dtype)) if batch > 1 \
+                else self._null           # item 0 goes straight to out
+            self._c(*pointers, written, scratch, batch, threads)
         return out
 
 
