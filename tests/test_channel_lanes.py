@@ -791,11 +791,11 @@ def test_stride_phases_run_inside_shared_loops(compile_spec, rng):
 
 def test_output_lane_phases_run_their_rows_inside_shared_loops(compile_spec, rng):
     """A dense stride-2 3-D input gradient over few channels runs output lanes in each of its
-    eight phases, a register block holding rows of every channel (8 of them in AVX-512's
-    32 registers, 4 in AVX2's 16): the block of channels is
-    no shared loop, so the phases share the batch and the leading phase rows around it and
-    write each task's rows of grad_input while they are in cache; against the oracle and
-    bit-identical on 1-3 threads (the forward too)."""
+    eight phases, a register block holding rows of every channel (with AVX-512's 32
+    registers, all 8 of an 8-channel layer): the block of channels is no shared loop, so
+    the phases share the batch and the leading phase rows around it and write each task's
+    rows of grad_input while they are in cache; against the oracle and bit-identical on
+    1-3 threads (the forward too)."""
     from symconv.codegen.schedule import shared_loops
     spec = ConvSpec((2, 4, 10, 10, 64), (8, 4, 3, 3, 3), stride=2, padding=1)
     loops = ["i_n", "sc_i_j0_phase", "sc_i_j1_phase"]
