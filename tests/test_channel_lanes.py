@@ -417,11 +417,12 @@ def test_rows_only_the_next_task_reads_are_prefetched(compile_spec, rng):
     # 24 output channels: output lanes along the rows, whose vectors read 48 channels'
     # rows in place; they prefetch those, not their output (a vector store per row)
     lanes = ConvSpec((2, 48, 10, 28), (24, 48, 1, 1))
-    ((_, chosen),) = compiler.compilation(lanes, "x86-64-v4").plans["forward"]
+    compiled = compiler.compilation(lanes, "x86-64-v4")
+    ((_, chosen),) = compiled.plans["forward"]
     assert isinstance(chosen, schedule.OutputLanes)
     assert chosen.prefetch == schedule.Prefetch(chosen.prefetch.index, ("a_input",), False)
     assert str(chosen.prefetch.index) == "i_i0"
-    text = compiler.compilation(lanes, "x86-64-v4").sources["x86-64-v4"].text
+    text = compiled.sources["x86-64-v4"].text
     assert re.findall(r"__builtin_prefetch\(&a_input\[.*? \+ 28\]\);",
                       text.split("void symconv_forward(")[1].split("\nvoid ")[0])
     for checked in (spec, lanes):        # and bit-identical on 1, 2 and 3 threads

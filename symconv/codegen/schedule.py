@@ -604,12 +604,13 @@ def _first_fit(makers, piece: Piece, width: int, registers: int) -> Plan:
             if other is not None and cycles(piece, other, width) < cycles(piece, chosen, width):
                 return other
         else:
-            other = makers["output-lanes"]() if OutputLanes in PLAN_KINDS and \
-                piece.position[-1] != chosen.lane else None
             used = lane_use(chosen.lane, chosen.vectors * width)
-            if other is not None and not _shifted(piece, other.lane) and \
-                    used < MIN_STORED_LANE_USE and lane_use(other.lane, width) > used:
-                return other
+            if used < MIN_STORED_LANE_USE and OutputLanes in PLAN_KINDS and \
+                    piece.position[-1] != chosen.lane:
+                other = makers["output-lanes"]()
+                if other is not None and not _shifted(piece, other.lane) and \
+                        lane_use(other.lane, width) > used:
+                    return other
     return chosen
 
 
